@@ -1,0 +1,17 @@
+//! smtpstorm: a thread-per-core SMTP sink and load generator.
+//!
+//! A tour of the layers, top to bottom (data flows down, never back up):
+//!
+//! - `cli` / `config`: raw flags (clap) and the validated configuration built
+//!   from them; every cross-flag check lives in `config`.
+//! - `sink`, `blast`, `bench`, `probe`: the roles.
+//! - `net`: one pinned thread per CPU, each with its own mio event loop,
+//!   sockets built with socket2, rustls as a byte transform.
+//! - `smtp`: the protocol as sans-IO state machines (bytes and time in,
+//!   bytes, events and deadlines out).
+//! - `stats`: per-thread histograms and counters, merged once, reported as
+//!   text, JSON, .hgrm, .hlog and SVG.
+
+pub mod net;
+pub mod smtp;
+pub mod stats;

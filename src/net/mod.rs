@@ -1,0 +1,1 @@
+//! Threads, pinning, sockets and TLS glue shared by every role.

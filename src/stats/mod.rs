@@ -1,0 +1,1 @@
+//! Per-thread recorders, merge and reports.
