@@ -15,3 +15,12 @@
 pub mod net;
 pub mod smtp;
 pub mod stats;
+pub mod cli;
+pub mod digest;
+
+/// Run the command the flags name; returns the process exit code.
+pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        _ => anyhow::bail!("this command is not built yet"),
+    }
+}

@@ -1,1 +1,41 @@
-fn main(){}
+//! The `smtpstorm` binary: parse the flags, run the role, map the result to
+//! an exit code. Everything else lives in the library (`smtpstorm::run`), so
+//! tests can call it.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match smtpstorm::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    let _ = e.print();
+                    ExitCode::SUCCESS
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = e.print();
+                    ExitCode::from(2)
+                }
+                _ => {
+                    // One line naming the flag and the expected form; clap's
+                    // usage hint would make it three.
+                    let text = e.render().to_string();
+                    let first = text.lines().next().unwrap_or("error: bad arguments");
+                    eprintln!("smtpstorm: {}", first.trim_start_matches("error: "));
+                    ExitCode::from(2)
+                }
+            };
+        }
+    };
+    match smtpstorm::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("smtpstorm: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

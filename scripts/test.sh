@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs the real peers (Postfix
+# smtp-sink/smtp-source/smtpd, swaks, aiosmtpd, openssl), then runs unit,
+# property, pair and integration tests, then the bounded stable-toolchain
+# fuzz runs. Usage: scripts/test.sh   (env SMTPSTORM_FUZZ_SECS=N to change
+# the fuzz time per target, default 20)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-peers.sh
+
+# Integration tests start many short sessions; give them file descriptors.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
+
+export CARGO_TERM_COLOR=never
+cargo build --release --bin smtpstorm
+# SMTPSTORM_BIN lets the integration tests drive the optimized binary.
+export SMTPSTORM_BIN="$PWD/target/release/smtpstorm"
+cargo test --release --all-features -- --test-threads 2
+# Bounded fuzzing on the stable toolchain (each target runs SMTPSTORM_FUZZ_SECS).
+export SMTPSTORM_FUZZ_SECS="${SMTPSTORM_FUZZ_SECS:-20}"
+cargo test --release -- --ignored fuzz_ --test-threads 1

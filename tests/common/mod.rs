@@ -1,0 +1,289 @@
+//! Helpers shared by the integration tests: the binary under test, free
+//! loopback ports, child processes that are killed when a test ends (even on
+//! panic), waiting with bounds, and a private Postfix `smtpd` on loopback.
+//!
+//! Every wait here is bounded: a broken peer fails a test, it never hangs
+//! the suite. All traffic goes to 127.0.0.1 / ::1.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The smtpstorm binary: `SMTPSTORM_BIN` (the test script points it at the
+/// release build) or the one cargo built for this test run.
+pub fn bin() -> PathBuf {
+    match std::env::var_os("SMTPSTORM_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_smtpstorm")),
+    }
+}
+
+/// A loopback port free right now (bind to port 0, read it, release it).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().unwrap().port()
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+#[track_caller]
+pub fn wait_for_port(addr: SocketAddr, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("nothing listening on {addr} after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc { child: Some(child), name: name.to_string() }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Wait for exit within `within`; panics (after killing it) past that.
+    #[track_caller]
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{} did not exit within {within:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait and collect stdout/stderr (spawned with piped outputs).
+    #[track_caller]
+    pub fn wait_output(&mut self, within: Duration) -> Output {
+        let status = self.wait(within);
+        let child = self.child.as_mut().unwrap();
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_end(&mut stdout);
+        }
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_end(&mut stderr);
+        }
+        Output { status, stdout, stderr }
+    }
+
+    /// SIGTERM, so the process can write its report.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if c.try_wait().ok().flatten().is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Run a command to completion within `within`, capturing its output.
+#[track_caller]
+pub fn run(name: &str, cmd: &mut Command, within: Duration) -> Output {
+    let mut p = Proc::spawn(name, cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
+    // Drain pipes in threads so a chatty child cannot block on a full pipe.
+    let child = p.child.as_mut().unwrap();
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let status = p.wait(within);
+    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
+}
+
+/// Read a JSON file written by smtpstorm.
+#[track_caller]
+pub fn read_json(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad JSON in {}: {e}", path.display()))
+}
+
+/// `v[a][b]...` as u64, panicking with the path when missing.
+#[track_caller]
+pub fn get_u64(v: &serde_json::Value, path: &str) -> u64 {
+    let mut cur = v;
+    for k in path.split('.') {
+        cur = cur.get(k).unwrap_or_else(|| panic!("missing `{path}` in {v}"));
+    }
+    cur.as_u64().unwrap_or_else(|| panic!("`{path}` is not a u64: {cur}"))
+}
+
+/// The Python that has Debian's aiosmtpd (the machine's default python3 may
+/// be another installation).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
+pub const SMTP_SOURCE: &str = "/usr/sbin/smtp-source";
+
+/// A private Postfix `smtpd` on a loopback port that discards all mail,
+/// following shared/notes/postfix-smtpd-on-loopback.md. Stopped on drop.
+pub struct PostfixSmtpd {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl PostfixSmtpd {
+    pub fn start() -> PostfixSmtpd {
+        let dir = tempfile::Builder::new().prefix("smtpstorm-postfix").tempdir().unwrap();
+        let port = free_port();
+        let root = dir.path();
+        let etc = root.join("etc");
+        let data = root.join("data");
+        let queue = root.join("queue");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::create_dir_all(&queue).unwrap();
+        chmod(root, 0o755);
+        let status = Command::new("chown").args(["postfix"]).arg(&data).status().unwrap();
+        assert!(status.success(), "chown postfix {}", data.display());
+        let etc_s = etc.display().to_string();
+        // Postfix only accepts a config directory listed in the default main.cf.
+        let cur = Command::new("postconf")
+            .args(["-h", "alternate_config_directories"])
+            .output()
+            .expect("postconf");
+        let mut dirs = String::from_utf8_lossy(&cur.stdout).trim().to_string();
+        if !dirs.split([' ', ',']).any(|d| d == etc_s) {
+            if !dirs.is_empty() {
+                dirs.push(' ');
+            }
+            dirs.push_str(&etc_s);
+            let st = Command::new("postconf")
+                .arg("-e")
+                .arg(format!("alternate_config_directories = {dirs}"))
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        let main_cf = format!(
+            "compatibility_level = 3.6\n\
+             queue_directory = {q}\n\
+             data_directory = {d}\n\
+             maillog_file = {r}/maillog\n\
+             maillog_file_prefixes = {r}\n\
+             myhostname = postfix.smtpstorm.test\n\
+             mydestination =\n\
+             mynetworks = 127.0.0.0/8\n\
+             inet_interfaces = loopback-only\n\
+             inet_protocols = ipv4\n\
+             smtpd_peername_lookup = no\n\
+             smtp_dns_support_level = disabled\n\
+             smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination\n\
+             default_transport = discard\n\
+             relay_transport = discard\n\
+             local_transport = discard\n\
+             alias_maps =\n\
+             alias_database =\n\
+             smtpd_client_connection_rate_limit = 0\n\
+             smtpd_client_message_rate_limit = 0\n\
+             default_process_limit = 100\n",
+            q = queue.display(),
+            d = data.display(),
+            r = root.display()
+        );
+        std::fs::write(etc.join("main.cf"), main_cf).unwrap();
+        let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("read master.cf");
+        let mut out = String::new();
+        for line in master.lines() {
+            if line.starts_with("smtp ") && line.contains("inet") {
+                out.push_str(&format!("127.0.0.1:{port} inet n - n - - smtpd\n"));
+            } else {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        std::fs::write(etc.join("master.cf"), out).unwrap();
+        let st = Command::new("postfix").arg("-c").arg(&etc).arg("start").output().unwrap();
+        assert!(
+            st.status.success(),
+            "postfix start failed: {}{}",
+            String::from_utf8_lossy(&st.stdout),
+            String::from_utf8_lossy(&st.stderr)
+        );
+        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20));
+        PostfixSmtpd { dir, port }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Messages the discard transport reported as delivered so far.
+    pub fn delivered(&self) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
+        log.lines().filter(|l| l.contains("postfix/discard[") && l.contains("status=sent")).count()
+    }
+
+    /// Wait until `n` deliveries are logged (the queue works asynchronously).
+    pub fn wait_delivered(&self, n: usize, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let d = self.delivered();
+            if d >= n || Instant::now() > deadline {
+                return d;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for PostfixSmtpd {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix")
+            .arg("-c")
+            .arg(self.dir.path().join("etc"))
+            .arg("stop")
+            .output();
+    }
+}
+
+fn chmod(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
