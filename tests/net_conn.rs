@@ -28,8 +28,18 @@ impl Side {
     fn new(poll: &Poll, mut conn: Conn, token: usize) -> Side {
         let token = Token(token);
         let interest = conn.interest();
-        poll.registry().register(conn.stream_mut(), token, interest).unwrap();
-        Side { conn, token, registered: interest, rx: Vec::new(), eof: false, handshakes: 0, echo: false }
+        poll.registry()
+            .register(conn.stream_mut(), token, interest)
+            .unwrap();
+        Side {
+            conn,
+            token,
+            registered: interest,
+            rx: Vec::new(),
+            eof: false,
+            handshakes: 0,
+            echo: false,
+        }
     }
 
     /// Reads until WouldBlock/Eof, echoing if asked, then flushes and
@@ -58,7 +68,9 @@ impl Side {
     fn reregister(&mut self, poll: &Poll) {
         let interest = self.conn.interest();
         if interest != self.registered {
-            poll.registry().reregister(self.conn.stream_mut(), self.token, interest).unwrap();
+            poll.registry()
+                .reregister(self.conn.stream_mut(), self.token, interest)
+                .unwrap();
             self.registered = interest;
         }
     }
@@ -85,12 +97,20 @@ fn pair(poll: &Poll) -> (Side, Side) {
         assert!(started.elapsed() < DEADLINE, "connect timed out");
         std::thread::sleep(Duration::from_millis(1));
     }
-    (Side::new(poll, Conn::new(server_stream), 0), Side::new(poll, Conn::new(client_stream), 1))
+    (
+        Side::new(poll, Conn::new(server_stream), 0),
+        Side::new(poll, Conn::new(client_stream), 1),
+    )
 }
 
 /// Pumps both sides until `done` holds; panics after `DEADLINE`.
 #[track_caller]
-fn drive(poll: &mut Poll, server: &mut Side, client: &mut Side, mut done: impl FnMut(&Side, &Side) -> bool) {
+fn drive(
+    poll: &mut Poll,
+    server: &mut Side,
+    client: &mut Side,
+    mut done: impl FnMut(&Side, &Side) -> bool,
+) {
     let started = Instant::now();
     let mut events = Events::with_capacity(16);
     loop {
@@ -102,7 +122,8 @@ fn drive(poll: &mut Poll, server: &mut Side, client: &mut Side, mut done: impl F
             return;
         }
         assert!(started.elapsed() < DEADLINE, "test timed out");
-        poll.poll(&mut events, Some(Duration::from_millis(5))).unwrap();
+        poll.poll(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
     }
 }
 
@@ -117,7 +138,9 @@ fn one_megabyte_echoes_through_plaintext_conns() {
     server.echo = true;
     let data = pattern(1 << 20);
     client.conn.write(&data);
-    drive(&mut poll, &mut server, &mut client, |_, c| c.rx.len() >= data.len());
+    drive(&mut poll, &mut server, &mut client, |_, c| {
+        c.rx.len() >= data.len()
+    });
     assert_eq!(server.rx.len(), data.len());
     assert!(client.rx == data, "echoed bytes differ");
     assert_eq!(client.conn.bytes_tx(), data.len() as u64);
@@ -134,21 +157,38 @@ fn one_megabyte_echoes_through_implicit_tls() {
     let server_tls = tls::server_config(None).unwrap();
     assert!(server_tls.self_signed);
     let client_tls = tls::client_config(&tls::ClientVerify::Off, 0).unwrap();
-    server.conn.set_tls_implicit_server(server_tls.config).unwrap();
-    client.conn.set_tls_implicit_client(client_tls, tls::server_name("localhost").unwrap()).unwrap();
-    assert!(client.conn.has_pending_output(), "the ClientHello is queued");
+    server
+        .conn
+        .set_tls_implicit_server(server_tls.config)
+        .unwrap();
+    client
+        .conn
+        .set_tls_implicit_client(client_tls, tls::server_name("localhost").unwrap())
+        .unwrap();
+    assert!(
+        client.conn.has_pending_output(),
+        "the ClientHello is queued"
+    );
     server.echo = true;
     let data = pattern(1 << 20);
     client.conn.write(&data);
-    drive(&mut poll, &mut server, &mut client, |_, c| c.rx.len() >= data.len());
+    drive(&mut poll, &mut server, &mut client, |_, c| {
+        c.rx.len() >= data.len()
+    });
     assert!(client.rx == data, "echoed bytes differ");
     assert_eq!((server.handshakes, client.handshakes), (1, 1));
-    assert!(client.conn.bytes_tx() > data.len() as u64, "TLS adds record overhead");
+    assert!(
+        client.conn.bytes_tx() > data.len() as u64,
+        "TLS adds record overhead"
+    );
     let info = client.conn.tls_info().unwrap();
     assert_eq!(info.protocol, "TLSv1_3");
     assert!(!info.cipher_suite.is_empty());
     assert!(!info.resumed);
-    assert!(info.peer_subject.as_deref().unwrap_or("").contains("rcgen"), "{info:?}");
+    assert!(
+        info.peer_subject.as_deref().unwrap_or("").contains("rcgen"),
+        "{info:?}"
+    );
     assert!(info.peer_not_after_unix.is_some());
     // close_notify then FIN: the server sees a clean EOF.
     let _ = client.conn.shutdown().unwrap();
@@ -184,22 +224,39 @@ fn starttls_discards_pipelined_plaintext_and_sends_the_220_in_clear() {
         }
     }
     assert_eq!(seen, b"STARTTLS\r\nJUNK");
-    assert!(server.conn.plaintext().ends_with(b"JUNK"), "JUNK is still pending in the chunk");
+    assert!(
+        server.conn.plaintext().ends_with(b"JUNK"),
+        "JUNK is still pending in the chunk"
+    );
     server.conn.write(b"220 2.0.0 Ready to start TLS\r\n");
-    server.conn.start_tls_server(Arc::clone(&server_tls.config)).unwrap();
-    assert!(server.conn.plaintext().is_empty(), "pending plaintext is discarded at the switch");
+    server
+        .conn
+        .start_tls_server(Arc::clone(&server_tls.config))
+        .unwrap();
+    assert!(
+        server.conn.plaintext().is_empty(),
+        "pending plaintext is discarded at the switch"
+    );
     server.echo = true;
 
     // Client: the 220 must arrive in the clear, before any TLS record.
-    drive(&mut poll, &mut server, &mut client, |_, c| c.rx.ends_with(b"\r\n"));
+    drive(&mut poll, &mut server, &mut client, |_, c| {
+        c.rx.ends_with(b"\r\n")
+    });
     assert_eq!(client.rx, b"220 2.0.0 Ready to start TLS\r\n");
     client.rx.clear();
-    client.conn.start_tls_client(client_tls, tls::server_name("127.0.0.1").unwrap()).unwrap();
+    client
+        .conn
+        .start_tls_client(client_tls, tls::server_name("127.0.0.1").unwrap())
+        .unwrap();
     client.conn.write(b"EHLO secure\r\n");
 
     drive(&mut poll, &mut server, &mut client, |_, c| c.rx.len() >= 13);
     assert_eq!((server.handshakes, client.handshakes), (1, 1));
-    assert_eq!(server.rx, b"EHLO secure\r\n", "no JUNK reaches the TLS side");
+    assert_eq!(
+        server.rx, b"EHLO secure\r\n",
+        "no JUNK reaches the TLS side"
+    );
     assert_eq!(client.rx, b"EHLO secure\r\n");
     assert!(server.conn.tls_info().is_some());
     // A second switch is refused.
@@ -215,10 +272,16 @@ fn a_second_connection_with_the_same_client_config_resumes() {
     let mut kinds = Vec::new();
     for round in 0..2 {
         let (mut server, mut client) = pair(&poll);
-        server.conn.set_tls_implicit_server(Arc::clone(&server_tls.config)).unwrap();
+        server
+            .conn
+            .set_tls_implicit_server(Arc::clone(&server_tls.config))
+            .unwrap();
         client
             .conn
-            .set_tls_implicit_client(Arc::clone(&client_tls), tls::server_name("localhost").unwrap())
+            .set_tls_implicit_client(
+                Arc::clone(&client_tls),
+                tls::server_name("localhost").unwrap(),
+            )
             .unwrap();
         server.echo = true;
         // The echo round trip also delivers the TLS 1.3 session tickets.
@@ -226,8 +289,12 @@ fn a_second_connection_with_the_same_client_config_resumes() {
         drive(&mut poll, &mut server, &mut client, |_, c| c.rx.len() >= 4);
         kinds.push(client.conn.tls_info().unwrap().resumed);
         assert_eq!(server.conn.tls_info().unwrap().resumed, round == 1);
-        poll.registry().deregister(server.conn.stream_mut()).unwrap();
-        poll.registry().deregister(client.conn.stream_mut()).unwrap();
+        poll.registry()
+            .deregister(server.conn.stream_mut())
+            .unwrap();
+        poll.registry()
+            .deregister(client.conn.stream_mut())
+            .unwrap();
     }
     assert_eq!(kinds, vec![false, true]);
 }
@@ -239,17 +306,27 @@ fn resumption_can_be_disabled() {
     let client_tls = tls::client_config(&tls::ClientVerify::Off, 0).unwrap();
     for _ in 0..2 {
         let (mut server, mut client) = pair(&poll);
-        server.conn.set_tls_implicit_server(Arc::clone(&server_tls.config)).unwrap();
+        server
+            .conn
+            .set_tls_implicit_server(Arc::clone(&server_tls.config))
+            .unwrap();
         client
             .conn
-            .set_tls_implicit_client(Arc::clone(&client_tls), tls::server_name("localhost").unwrap())
+            .set_tls_implicit_client(
+                Arc::clone(&client_tls),
+                tls::server_name("localhost").unwrap(),
+            )
             .unwrap();
         server.echo = true;
         client.conn.write(b"ping");
         drive(&mut poll, &mut server, &mut client, |_, c| c.rx.len() >= 4);
         assert!(!client.conn.tls_info().unwrap().resumed);
-        poll.registry().deregister(server.conn.stream_mut()).unwrap();
-        poll.registry().deregister(client.conn.stream_mut()).unwrap();
+        poll.registry()
+            .deregister(server.conn.stream_mut())
+            .unwrap();
+        poll.registry()
+            .deregister(client.conn.stream_mut())
+            .unwrap();
     }
 }
 
@@ -264,8 +341,14 @@ fn a_verifying_client_rejects_a_self_signed_server_without_panicking() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, other.cert.pem()).unwrap();
     let client_tls = tls::client_config(&tls::ClientVerify::CaFile(ca), 0).unwrap();
-    server.conn.set_tls_implicit_server(server_tls.config).unwrap();
-    client.conn.set_tls_implicit_client(client_tls, tls::server_name("localhost").unwrap()).unwrap();
+    server
+        .conn
+        .set_tls_implicit_server(server_tls.config)
+        .unwrap();
+    client
+        .conn
+        .set_tls_implicit_client(client_tls, tls::server_name("localhost").unwrap())
+        .unwrap();
     let started = Instant::now();
     let mut events = Events::with_capacity(16);
     let err = loop {
@@ -273,8 +356,12 @@ fn a_verifying_client_rejects_a_self_signed_server_without_panicking() {
         if let Err(e) = client.pump(&poll) {
             break e;
         }
-        assert!(started.elapsed() < DEADLINE, "no TLS error within the deadline");
-        poll.poll(&mut events, Some(Duration::from_millis(5))).unwrap();
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no TLS error within the deadline"
+        );
+        poll.poll(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
     };
     assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
 }
@@ -284,7 +371,10 @@ fn garbage_instead_of_a_client_hello_is_an_error_not_a_panic() {
     let mut poll = Poll::new().unwrap();
     let (mut server, mut client) = pair(&poll);
     let server_tls = tls::server_config(None).unwrap();
-    server.conn.set_tls_implicit_server(server_tls.config).unwrap();
+    server
+        .conn
+        .set_tls_implicit_server(server_tls.config)
+        .unwrap();
     client.conn.write(b"EHLO plaintext\r\n");
     let started = Instant::now();
     let mut events = Events::with_capacity(16);
@@ -294,8 +384,12 @@ fn garbage_instead_of_a_client_hello_is_an_error_not_a_panic() {
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
             break;
         }
-        assert!(started.elapsed() < DEADLINE, "no TLS error within the deadline");
-        poll.poll(&mut events, Some(Duration::from_millis(5))).unwrap();
+        assert!(
+            started.elapsed() < DEADLINE,
+            "no TLS error within the deadline"
+        );
+        poll.poll(&mut events, Some(Duration::from_millis(5)))
+            .unwrap();
     }
 }
 
@@ -311,5 +405,8 @@ fn paused_conns_only_ask_for_writable_when_output_is_queued() {
     assert_eq!(server.conn.interest(), Interest::READABLE, "never empty");
     server.conn.set_paused(false);
     server.conn.write(b"x");
-    assert_eq!(server.conn.interest(), Interest::READABLE | Interest::WRITABLE);
+    assert_eq!(
+        server.conn.interest(),
+        Interest::READABLE | Interest::WRITABLE
+    );
 }

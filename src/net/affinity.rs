@@ -27,7 +27,10 @@ pub enum AffinityError {
 }
 
 fn invalid(input: &str, reason: impl Into<String>) -> AffinityError {
-    AffinityError::Invalid { input: input.to_string(), reason: reason.into() }
+    AffinityError::Invalid {
+        input: input.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_cpu(input: &str, item: &str) -> Result<usize, AffinityError> {
@@ -36,7 +39,10 @@ fn parse_cpu(input: &str, item: &str) -> Result<usize, AffinityError> {
         .parse()
         .map_err(|_| invalid(input, format!("`{item}` is not a CPU number")))?;
     if cpu > MAX_CPU_ID {
-        return Err(invalid(input, format!("CPU {cpu} is larger than {MAX_CPU_ID}")));
+        return Err(invalid(
+            input,
+            format!("CPU {cpu} is larger than {MAX_CPU_ID}"),
+        ));
     }
     Ok(cpu)
 }
@@ -102,7 +108,9 @@ mod tests {
 
     #[test]
     fn malformed_lists_are_rejected_with_the_expected_form() {
-        for bad in ["", " ", "a", "1,,2", "1-", "-1", "3-1", "1-2-3", "0x1", "99999999", ","] {
+        for bad in [
+            "", " ", "a", "1,,2", "1-", "-1", "3-1", "1-2-3", "0x1", "99999999", ",",
+        ] {
             let err = parse_cpu_list(bad).unwrap_err().to_string();
             assert!(err.contains("expected"), "{bad}: {err}");
             assert!(err.contains("0,2-3"), "{bad}: {err}");

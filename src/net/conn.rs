@@ -87,7 +87,10 @@ impl std::fmt::Debug for Conn {
             .field("tls", &self.tls.is_some())
             .field("bytes_rx", &self.bytes_rx)
             .field("bytes_tx", &self.bytes_tx)
-            .field("pending_write_bytes", &(self.write_queue.len() - self.write_pos))
+            .field(
+                "pending_write_bytes",
+                &(self.write_queue.len() - self.write_pos),
+            )
             .finish()
     }
 }
@@ -203,7 +206,8 @@ impl Conn {
     /// True if output is queued: cleartext not yet written, or TLS records
     /// rustls wants to send.
     pub fn has_pending_output(&self) -> bool {
-        self.write_pos < self.write_queue.len() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+        self.write_pos < self.write_queue.len()
+            || self.tls.as_ref().is_some_and(|t| t.wants_write())
     }
 
     /// The readiness to register for, computed from state. Never empty: when
@@ -226,7 +230,17 @@ impl Conn {
     /// the alert is queued (and written if the socket takes it).
     pub fn read(&mut self) -> io::Result<ReadResult> {
         self.plaintext_len = 0;
-        let Self { stream, tls, read_buf, plaintext_len, bytes_rx, bytes_tx, socket_eof, handshake_reported, .. } = self;
+        let Self {
+            stream,
+            tls,
+            read_buf,
+            plaintext_len,
+            bytes_rx,
+            bytes_tx,
+            socket_eof,
+            handshake_reported,
+            ..
+        } = self;
         let Some(tls) = tls else {
             if *socket_eof {
                 return Ok(ReadResult::Eof);
@@ -275,16 +289,24 @@ impl Conn {
             if *socket_eof {
                 return Ok(ReadResult::Eof);
             }
-            match tls.read_tls(&mut Counted { stream, count: bytes_rx }) {
+            match tls.read_tls(&mut Counted {
+                stream,
+                count: bytes_rx,
+            }) {
                 Ok(0) => *socket_eof = true,
                 Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadResult::WouldBlock),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(ReadResult::WouldBlock)
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
             if let Err(e) = tls.process_new_packets() {
                 // rustls queued an alert: try to deliver it, then give up.
-                let _ = tls.write_tls(&mut Counted { stream, count: bytes_tx });
+                let _ = tls.write_tls(&mut Counted {
+                    stream,
+                    count: bytes_tx,
+                });
                 return Err(tls_error(e));
             }
         }
@@ -335,7 +357,10 @@ impl Conn {
         self.write_pos = 0;
         if let Some(tls) = &mut self.tls {
             while tls.wants_write() {
-                match tls.write_tls(&mut Counted { stream: &mut self.stream, count: &mut self.bytes_tx }) {
+                match tls.write_tls(&mut Counted {
+                    stream: &mut self.stream,
+                    count: &mut self.bytes_tx,
+                }) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                     Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -371,7 +396,10 @@ impl Conn {
 
     fn attach_tls(&mut self, mut tls: Connection) -> io::Result<()> {
         if self.tls.is_some() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "TLS is already active on this connection"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TLS is already active on this connection",
+            ));
         }
         tls.set_buffer_limit(None);
         // CVE-2011-0411: whatever plaintext arrived before the switch is
@@ -392,7 +420,11 @@ impl Conn {
 
     /// Switches to TLS as the client (after reading the `220` to STARTTLS).
     /// Queues the ClientHello: flush and wait for readable.
-    pub fn start_tls_client(&mut self, config: Arc<ClientConfig>, name: ServerName<'static>) -> io::Result<()> {
+    pub fn start_tls_client(
+        &mut self,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<()> {
         let tls = ClientConnection::new(config, name).map_err(tls_error)?;
         self.attach_tls(Connection::Client(tls))
     }
@@ -403,7 +435,11 @@ impl Conn {
     }
 
     /// Implicit TLS (port 465) from the first byte, client side.
-    pub fn set_tls_implicit_client(&mut self, config: Arc<ClientConfig>, name: ServerName<'static>) -> io::Result<()> {
+    pub fn set_tls_implicit_client(
+        &mut self,
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> io::Result<()> {
         self.start_tls_client(config, name)
     }
 

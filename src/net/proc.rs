@@ -51,13 +51,19 @@ impl ProcUsage {
     /// Reads the usage of process `pid` from `/proc`.
     pub fn of_pid(pid: u32) -> Result<Self, ProcError> {
         let stat_path = format!("/proc/{pid}/stat");
-        let stat = std::fs::read_to_string(&stat_path)
-            .map_err(|source| ProcError::Read { path: stat_path.clone(), source })?;
-        let (utime_ticks, stime_ticks) = parse_stat_times(&stat)
-            .ok_or(ProcError::Parse { path: stat_path, reason: "no utime/stime fields" })?;
+        let stat = std::fs::read_to_string(&stat_path).map_err(|source| ProcError::Read {
+            path: stat_path.clone(),
+            source,
+        })?;
+        let (utime_ticks, stime_ticks) = parse_stat_times(&stat).ok_or(ProcError::Parse {
+            path: stat_path,
+            reason: "no utime/stime fields",
+        })?;
         let status_path = format!("/proc/{pid}/status");
-        let status = std::fs::read_to_string(&status_path)
-            .map_err(|source| ProcError::Read { path: status_path.clone(), source })?;
+        let status = std::fs::read_to_string(&status_path).map_err(|source| ProcError::Read {
+            path: status_path.clone(),
+            source,
+        })?;
         // A zombie has no VmRSS line: report 0 rather than fail.
         let rss_bytes = parse_status_rss_bytes(&status).unwrap_or(0);
         let tick_us = 1_000_000 / clock_ticks_per_sec();
@@ -130,7 +136,9 @@ pub fn self_rusage() -> std::io::Result<ProcUsage> {
     Ok(ProcUsage {
         cpu_user_us: timeval_us(usage.ru_utime),
         cpu_sys_us: timeval_us(usage.ru_stime),
-        rss_bytes: u64::try_from(usage.ru_maxrss).unwrap_or(0).saturating_mul(1024),
+        rss_bytes: u64::try_from(usage.ru_maxrss)
+            .unwrap_or(0)
+            .saturating_mul(1024),
     })
 }
 

@@ -81,12 +81,18 @@ impl Cpus {
         match self {
             Cpus::Count(0) => Err(RuntimeError::NoWorkers),
             Cpus::Count(n) if available.is_empty() => Ok(vec![None; *n]),
-            Cpus::Count(n) => Ok((0..*n).map(|i| Some(available[i % available.len()])).collect()),
+            Cpus::Count(n) => Ok((0..*n)
+                .map(|i| Some(available[i % available.len()]))
+                .collect()),
             Cpus::List(list) if list.is_empty() => Err(RuntimeError::NoWorkers),
             Cpus::List(list) => {
                 if !available.is_empty() {
                     if let Some(&cpu) = list.iter().find(|c| !available.contains(c)) {
-                        let available = available.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",");
+                        let available = available
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",");
                         return Err(RuntimeError::CpuUnavailable { cpu, available });
                     }
                 }
@@ -160,7 +166,12 @@ impl<T> Workers<T> {
 /// If a later thread fails to spawn, `stop` is set so the ones already
 /// running wind down, and the error is returned (the caller should not wait
 /// on them: they see the stop flag within one loop iteration).
-pub fn spawn_workers<T, F>(cpus: &Cpus, name: &str, stop: &StopSignal, f: F) -> Result<Workers<T>, RuntimeError>
+pub fn spawn_workers<T, F>(
+    cpus: &Cpus,
+    name: &str,
+    stop: &StopSignal,
+    f: F,
+) -> Result<Workers<T>, RuntimeError>
 where
     T: Send + 'static,
     F: Fn(WorkerCtx) -> T + Send + Sync + 'static,
@@ -172,10 +183,18 @@ where
     for (index, core) in plan.into_iter().enumerate() {
         let f = Arc::clone(&f);
         let stop_for_worker = stop.clone();
-        let spawned = std::thread::Builder::new().name(format!("{name}-{index}")).spawn(move || {
-            let pinned = core.is_some_and(affinity::pin_current);
-            f(WorkerCtx { index, count, core, pinned, stop: stop_for_worker })
-        });
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-{index}"))
+            .spawn(move || {
+                let pinned = core.is_some_and(affinity::pin_current);
+                f(WorkerCtx {
+                    index,
+                    count,
+                    core,
+                    pinned,
+                    stop: stop_for_worker,
+                })
+            });
         match spawned {
             Ok(h) => handles.push(h),
             Err(source) => {
@@ -271,7 +290,10 @@ mod tests {
         let stop = StopSignal::new();
         let workers = spawn_workers(&Cpus::Count(3), "t", &stop, |ctx| {
             assert_eq!(ctx.count, 3);
-            assert_eq!(std::thread::current().name(), Some(format!("t-{}", ctx.index).as_str()));
+            assert_eq!(
+                std::thread::current().name(),
+                Some(format!("t-{}", ctx.index).as_str())
+            );
             ctx.index * 10
         })
         .unwrap();
@@ -283,17 +305,25 @@ mod tests {
     fn workers_are_pinned_to_listed_cpus() {
         let first = affinity::available_cores().first().copied().unwrap_or(0);
         let stop = StopSignal::new();
-        let out = spawn_workers(&Cpus::List(vec![first]), "pin", &stop, |ctx| (ctx.core, ctx.pinned))
-            .unwrap()
-            .join()
-            .unwrap();
+        let out = spawn_workers(&Cpus::List(vec![first]), "pin", &stop, |ctx| {
+            (ctx.core, ctx.pinned)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
         assert_eq!(out[0].0, Some(first));
     }
 
     #[test]
     fn zero_workers_and_unknown_cpus_are_errors() {
-        assert!(matches!(Cpus::Count(0).plan(), Err(RuntimeError::NoWorkers)));
-        assert!(matches!(Cpus::List(vec![]).plan(), Err(RuntimeError::NoWorkers)));
+        assert!(matches!(
+            Cpus::Count(0).plan(),
+            Err(RuntimeError::NoWorkers)
+        ));
+        assert!(matches!(
+            Cpus::List(vec![]).plan(),
+            Err(RuntimeError::NoWorkers)
+        ));
         if !affinity::available_cores().is_empty() {
             let err = Cpus::List(vec![affinity::MAX_CPU_ID]).plan().unwrap_err();
             assert!(err.to_string().contains("not available"), "{err}");
@@ -325,7 +355,8 @@ mod tests {
             let mut events = mio::Events::with_capacity(8);
             let mut iterations = 0;
             while !ctx.stop.is_stopped() {
-                poll.poll(&mut events, Some(Duration::from_secs(10))).unwrap();
+                poll.poll(&mut events, Some(Duration::from_secs(10)))
+                    .unwrap();
                 iterations += 1;
             }
             iterations

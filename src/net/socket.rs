@@ -71,8 +71,16 @@ fn domain_of(addr: &SocketAddr) -> Domain {
 /// `reuse_port` sets `SO_REUSEPORT` so each worker thread can own a listener on
 /// the same port. `backlog` defaults to [`DEFAULT_BACKLOG`] (the kernel caps it
 /// at `net.core.somaxconn`).
-pub fn listen(addr: SocketAddr, reuse_port: bool, backlog: Option<i32>) -> io::Result<mio::net::TcpListener> {
-    let socket = Socket::new(domain_of(&addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+pub fn listen(
+    addr: SocketAddr,
+    reuse_port: bool,
+    backlog: Option<i32>,
+) -> io::Result<mio::net::TcpListener> {
+    let socket = Socket::new(
+        domain_of(&addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     if reuse_port {
         socket.set_reuse_port(true)?;
@@ -114,7 +122,10 @@ fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
 }
 
 fn addr_not_available(target: SocketAddr, source_ip: Option<IpAddr>) -> io::Error {
-    io::Error::new(io::ErrorKind::AddrNotAvailable, SocketError::AddrNotAvailable { target, source_ip })
+    io::Error::new(
+        io::ErrorKind::AddrNotAvailable,
+        SocketError::AddrNotAvailable { target, source_ip },
+    )
 }
 
 /// Starts a non-blocking connect to `target`.
@@ -126,8 +137,16 @@ fn addr_not_available(target: SocketAddr, source_ip: Option<IpAddr>) -> io::Erro
 /// return: register the stream for WRITABLE and call [`connect_finished`] on
 /// each writable event. `EADDRNOTAVAIL` comes back as an error for which
 /// [`is_addr_not_available`] is true and whose message explains the fix.
-pub fn connect(target: SocketAddr, source_ip: Option<IpAddr>, abort_close: bool) -> io::Result<mio::net::TcpStream> {
-    let socket = Socket::new(domain_of(&target), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+pub fn connect(
+    target: SocketAddr,
+    source_ip: Option<IpAddr>,
+    abort_close: bool,
+) -> io::Result<mio::net::TcpStream> {
+    let socket = Socket::new(
+        domain_of(&target),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_tcp_nodelay(true)?;
     if abort_close {
         socket.set_linger(Some(Duration::ZERO))?;
@@ -143,7 +162,11 @@ pub fn connect(target: SocketAddr, source_ip: Option<IpAddr>, abort_close: bool)
         // we only lose scale, not correctness.
         let _ = set_bind_address_no_port(&socket);
         if let Err(e) = socket.bind(&SockAddr::from(SocketAddr::new(ip, 0))) {
-            return Err(if is_addr_not_available(&e) { addr_not_available(target, source_ip) } else { e });
+            return Err(if is_addr_not_available(&e) {
+                addr_not_available(target, source_ip)
+            } else {
+                e
+            });
         }
     }
     match socket.connect(&SockAddr::from(target)) {
@@ -177,7 +200,10 @@ pub fn connect_finished(stream: &mio::net::TcpStream) -> io::Result<bool> {
 }
 
 fn range_error(input: &str, reason: impl Into<String>) -> SocketError {
-    SocketError::InvalidRange { input: input.to_string(), reason: reason.into() }
+    SocketError::InvalidRange {
+        input: input.to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Expands `127.0.0.2-127.0.0.40` (or a single address, or an IPv6 range such
@@ -190,8 +216,12 @@ pub fn parse_ip_range(input: &str) -> Result<Vec<IpAddr>, SocketError> {
     }
     let parse_one = |s: &str| -> Result<IpAddr, SocketError> {
         let s = s.trim();
-        let s = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(s);
-        s.parse::<IpAddr>().map_err(|_| range_error(input, format!("`{s}` is not an IP address")))
+        let s = s
+            .strip_prefix('[')
+            .and_then(|s| s.strip_suffix(']'))
+            .unwrap_or(s);
+        s.parse::<IpAddr>()
+            .map_err(|_| range_error(input, format!("`{s}` is not an IP address")))
     };
     let (lo, hi) = match text.split_once('-') {
         Some((a, b)) => (parse_one(a)?, parse_one(b)?),
@@ -203,13 +233,21 @@ pub fn parse_ip_range(input: &str) -> Result<Vec<IpAddr>, SocketError> {
     let (lo, hi, v4): (u128, u128, bool) = match (lo, hi) {
         (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a).into(), u32::from(b).into(), true),
         (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), false),
-        _ => return Err(range_error(input, "both ends must be of the same IP family")),
+        _ => {
+            return Err(range_error(
+                input,
+                "both ends must be of the same IP family",
+            ))
+        }
     };
     if lo > hi {
         return Err(range_error(input, "the range is reversed"));
     }
     if hi - lo >= MAX_IP_RANGE as u128 {
-        return Err(range_error(input, format!("more than {MAX_IP_RANGE} addresses")));
+        return Err(range_error(
+            input,
+            format!("more than {MAX_IP_RANGE} addresses"),
+        ));
     }
     Ok((lo..=hi)
         .map(|n| {
@@ -235,7 +273,10 @@ pub fn parse_port_range(text: &str) -> Result<(u16, u16), SocketError> {
     let mut parts = text.split_ascii_whitespace().map(str::parse::<u16>);
     match (parts.next(), parts.next()) {
         (Some(Ok(lo)), Some(Ok(hi))) if lo <= hi => Ok((lo, hi)),
-        _ => Err(SocketError::PortRange(format!("unexpected content `{}`", text.trim()))),
+        _ => Err(SocketError::PortRange(format!(
+            "unexpected content `{}`",
+            text.trim()
+        ))),
     }
 }
 
@@ -251,13 +292,23 @@ mod tests {
         assert_eq!(ips[38], "127.0.0.40".parse::<IpAddr>().unwrap());
         let across = parse_ip_range("10.0.0.255-10.0.1.1").unwrap();
         assert_eq!(across.len(), 3);
-        assert_eq!(parse_ip_range("127.0.0.9").unwrap(), vec!["127.0.0.9".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            parse_ip_range("127.0.0.9").unwrap(),
+            vec!["127.0.0.9".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]
     fn ipv6_ranges_expand_and_accept_brackets() {
         let ips = parse_ip_range("::1-::3").unwrap();
-        assert_eq!(ips, vec!["::1".parse::<IpAddr>().unwrap(), "::2".parse().unwrap(), "::3".parse().unwrap()]);
+        assert_eq!(
+            ips,
+            vec![
+                "::1".parse::<IpAddr>().unwrap(),
+                "::2".parse().unwrap(),
+                "::3".parse().unwrap()
+            ]
+        );
         assert_eq!(parse_ip_range("[fd00::1]-[fd00::2]").unwrap().len(), 2);
         // A low IPv6 address stays IPv6.
         assert!(parse_ip_range("::").unwrap()[0].is_ipv6());
@@ -265,7 +316,15 @@ mod tests {
 
     #[test]
     fn bad_ranges_name_the_expected_form() {
-        for bad in ["", "x", "127.0.0.1-", "127.0.0.5-127.0.0.1", "127.0.0.1-::1", "10.0.0.0-10.255.0.0", "1.2.3.4-5"] {
+        for bad in [
+            "",
+            "x",
+            "127.0.0.1-",
+            "127.0.0.5-127.0.0.1",
+            "127.0.0.1-::1",
+            "10.0.0.0-10.255.0.0",
+            "1.2.3.4-5",
+        ] {
             let err = parse_ip_range(bad).unwrap_err().to_string();
             assert!(err.contains("127.0.0.2-127.0.0.40"), "{bad}: {err}");
         }
@@ -282,7 +341,10 @@ mod tests {
 
     #[test]
     fn addr_not_available_error_says_what_to_do() {
-        let err = addr_not_available("127.0.0.1:25".parse().unwrap(), Some("127.0.0.2".parse().unwrap()));
+        let err = addr_not_available(
+            "127.0.0.1:25".parse().unwrap(),
+            Some("127.0.0.2".parse().unwrap()),
+        );
         assert!(is_addr_not_available(&err));
         let text = err.to_string();
         assert!(text.contains("--source-ip 127.0.0.2-127.0.0.40"), "{text}");
@@ -292,7 +354,12 @@ mod tests {
     #[test]
     fn binding_a_non_local_source_is_addr_not_available() {
         // 192.0.2.0/24 is TEST-NET-1: never a local address; nothing is sent.
-        let err = connect("127.0.0.1:9".parse().unwrap(), Some("192.0.2.1".parse().unwrap()), false).unwrap_err();
+        let err = connect(
+            "127.0.0.1:9".parse().unwrap(),
+            Some("192.0.2.1".parse().unwrap()),
+            false,
+        )
+        .unwrap_err();
         assert!(is_addr_not_available(&err), "{err}");
     }
 
@@ -305,7 +372,10 @@ mod tests {
         let stream = connect(addr, Some("127.0.0.1".parse().unwrap()), true).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while !connect_finished(&stream).unwrap() {
-            assert!(std::time::Instant::now() < deadline, "connect did not finish");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connect did not finish"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(stream.nodelay().unwrap());

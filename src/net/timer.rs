@@ -86,6 +86,7 @@ impl Timers {
     }
 
     /// The earliest live deadline (drops stale entries on the way).
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Instant> {
         while let Some(&Reverse((at, token, generation))) = self.heap.peek() {
             if self.is_live(token, generation) {
@@ -211,7 +212,11 @@ mod tests {
             timers.schedule((i % 10) as usize, t0 + Duration::from_micros(i));
         }
         assert_eq!(timers.len(), 10);
-        assert!(timers.heap.len() <= 4 * 10 + 65, "heap has {}", timers.heap.len());
+        assert!(
+            timers.heap.len() <= 4 * 10 + 65,
+            "heap has {}",
+            timers.heap.len()
+        );
         let fired: Vec<usize> = timers.expired(t0 + Duration::from_secs(1)).collect();
         assert_eq!(fired, (0..10).collect::<Vec<_>>());
     }
@@ -223,6 +228,9 @@ mod tests {
         assert_eq!(timers.timeout(t0), None);
         timers.schedule(0, t0 + Duration::from_millis(7));
         assert_eq!(timers.timeout(t0), Some(Duration::from_millis(7)));
-        assert_eq!(timers.timeout(t0 + Duration::from_secs(1)), Some(Duration::ZERO));
+        assert_eq!(
+            timers.timeout(t0 + Duration::from_secs(1)),
+            Some(Duration::ZERO)
+        );
     }
 }

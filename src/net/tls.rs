@@ -24,7 +24,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
 use thiserror::Error;
 
 /// Errors building TLS configurations.
@@ -73,8 +76,15 @@ pub struct ServerTls {
     pub self_signed: bool,
 }
 
-fn read_pem_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let err = |reason: String| TlsError::Pem { what, path: path.display().to_string(), reason };
+fn read_pem_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let err = |reason: String| TlsError::Pem {
+        what,
+        path: path.display().to_string(),
+        reason,
+    };
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| err(e.to_string()))?
         .collect::<Result<Vec<_>, _>>()
@@ -108,16 +118,27 @@ pub fn server_config(cert_key: Option<(&Path, &Path)>) -> Result<ServerTls, TlsE
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(chain, key)?;
-    Ok(ServerTls { config: Arc::new(config), self_signed })
+    Ok(ServerTls {
+        config: Arc::new(config),
+        self_signed,
+    })
 }
 
 /// A self-signed certificate (and its PKCS#8 key) for `localhost`,
 /// `127.0.0.1` and `::1`, generated in memory.
-pub fn self_signed_cert() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
-    let certified = rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::SelfSigned(e.to_string()))?;
+pub fn self_signed_cert() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError>
+{
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let certified = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
     let cert = certified.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der()));
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
     Ok((vec![cert], key))
 }
 
@@ -134,10 +155,14 @@ pub enum ClientVerify {
 /// Client config. `resumption_sessions = 0` disables session resumption;
 /// otherwise up to that many sessions are cached in memory and shared by every
 /// connection built from the returned config.
-pub fn client_config(verify: &ClientVerify, resumption_sessions: usize) -> Result<Arc<ClientConfig>, TlsError> {
+pub fn client_config(
+    verify: &ClientVerify,
+    resumption_sessions: usize,
+) -> Result<Arc<ClientConfig>, TlsError> {
     install_crypto_provider();
     let provider = provider();
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider)).with_safe_default_protocol_versions()?;
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
     let mut config = match verify {
         ClientVerify::Off => builder
             .dangerous()
@@ -161,7 +186,10 @@ pub fn client_config(verify: &ClientVerify, resumption_sessions: usize) -> Resul
 
 /// Parses a `--tls-sni`/target host into a rustls server name.
 pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
 }
 
@@ -194,7 +222,12 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -203,11 +236,18 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -238,11 +278,20 @@ impl TlsInfo {
         }
         let protocol = conn
             .protocol_version()
-            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| format!("{v:?}")))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{v:?}"))
+            })
             .unwrap_or_default();
         let cipher_suite = conn
             .negotiated_cipher_suite()
-            .map(|s| s.suite().as_str().map(str::to_string).unwrap_or_else(|| format!("{:?}", s.suite())))
+            .map(|s| {
+                s.suite()
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{:?}", s.suite()))
+            })
             .unwrap_or_default();
         let mut info = TlsInfo {
             protocol,
@@ -299,9 +348,16 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
         let missing = dir.path().join("missing.pem");
-        let err = server_config(Some((&missing, &missing))).unwrap_err().to_string();
-        assert!(err.contains("certificate chain") && err.contains("missing.pem"), "{err}");
-        let err = server_config(Some((&empty, &empty))).unwrap_err().to_string();
+        let err = server_config(Some((&missing, &missing)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("certificate chain") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let err = server_config(Some((&empty, &empty)))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no CERTIFICATE"), "{err}");
     }
 
@@ -310,7 +366,10 @@ mod tests {
         let (chain, _) = self_signed_cert().unwrap();
         let mut info = TlsInfo::default();
         info.set_peer_cert(chain[0].as_ref());
-        assert!(info.peer_subject.as_deref().unwrap().contains("rcgen"), "{info:?}");
+        assert!(
+            info.peer_subject.as_deref().unwrap().contains("rcgen"),
+            "{info:?}"
+        );
         assert!(info.peer_not_after_unix.unwrap() > 0);
         let mut garbage = TlsInfo::default();
         garbage.set_peer_cert(b"not a certificate");
