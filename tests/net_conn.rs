@@ -17,7 +17,6 @@ const DEADLINE: Duration = Duration::from_secs(20);
 struct Side {
     conn: Conn,
     token: Token,
-    registered: Interest,
     rx: Vec<u8>,
     eof: bool,
     handshakes: usize,
@@ -27,14 +26,10 @@ struct Side {
 impl Side {
     fn new(poll: &Poll, mut conn: Conn, token: usize) -> Side {
         let token = Token(token);
-        let interest = conn.interest();
-        poll.registry()
-            .register(conn.stream_mut(), token, interest)
-            .unwrap();
+        conn.register(poll.registry(), token).unwrap();
         Side {
             conn,
             token,
-            registered: interest,
             rx: Vec::new(),
             eof: false,
             handshakes: 0,
@@ -66,13 +61,9 @@ impl Side {
     }
 
     fn reregister(&mut self, poll: &Poll) {
-        let interest = self.conn.interest();
-        if interest != self.registered {
-            poll.registry()
-                .reregister(self.conn.stream_mut(), self.token, interest)
-                .unwrap();
-            self.registered = interest;
-        }
+        self.conn
+            .update_registration(poll.registry(), self.token)
+            .unwrap();
     }
 }
 
@@ -289,12 +280,8 @@ fn a_second_connection_with_the_same_client_config_resumes() {
         drive(&mut poll, &mut server, &mut client, |_, c| c.rx.len() >= 4);
         kinds.push(client.conn.tls_info().unwrap().resumed);
         assert_eq!(server.conn.tls_info().unwrap().resumed, round == 1);
-        poll.registry()
-            .deregister(server.conn.stream_mut())
-            .unwrap();
-        poll.registry()
-            .deregister(client.conn.stream_mut())
-            .unwrap();
+        server.conn.deregister(poll.registry()).unwrap();
+        client.conn.deregister(poll.registry()).unwrap();
     }
     assert_eq!(kinds, vec![false, true]);
 }
@@ -321,12 +308,8 @@ fn resumption_can_be_disabled() {
         client.conn.write(b"ping");
         drive(&mut poll, &mut server, &mut client, |_, c| c.rx.len() >= 4);
         assert!(!client.conn.tls_info().unwrap().resumed);
-        poll.registry()
-            .deregister(server.conn.stream_mut())
-            .unwrap();
-        poll.registry()
-            .deregister(client.conn.stream_mut())
-            .unwrap();
+        server.conn.deregister(poll.registry()).unwrap();
+        client.conn.deregister(poll.registry()).unwrap();
     }
 }
 

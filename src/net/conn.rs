@@ -10,8 +10,12 @@
 //!                           then conn.write(replies) / maybe conn.start_tls_*,
 //!                   TlsHandshakeDone => tell the session TLS is up,
 //!                   WouldBlock => break,   Eof => close } }
-//! then always:  conn.flush()?; reregister if conn.interest() changed
+//! then always:  conn.flush()?; conn.update_registration(registry, token)?
 //! ```
+//!
+//! A connect still in progress (see `socket::connect`) needs WRITABLE: register
+//! it with `Interest::WRITABLE` and wrap it in a `Conn` (or switch to
+//! [`Conn::register`]) once `socket::connect_finished` says it is connected.
 //!
 //! Invariants:
 //! - `plaintext()` is valid until the next `read()`; the `Conn` never holds
@@ -78,6 +82,8 @@ pub struct Conn {
     paused: bool,
     shutdown_requested: bool,
     write_shut: bool,
+    /// The interest last given to mio, to skip no-op `epoll_ctl` calls.
+    registered: Option<Interest>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -153,6 +159,7 @@ impl Conn {
             paused: false,
             shutdown_requested: false,
             write_shut: false,
+            registered: None,
         }
     }
 
@@ -220,6 +227,47 @@ impl Conn {
             (true, true) => Interest::READABLE | Interest::WRITABLE,
             (false, true) => Interest::WRITABLE,
         }
+    }
+
+    /// Registers the stream with `registry` for [`Conn::interest`]. If the
+    /// stream is already registered (e.g. for WRITABLE while connecting), this
+    /// re-registers it.
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        let interest = self.interest();
+        if self.registered.is_some() {
+            registry.reregister(&mut self.stream, token, interest)?;
+        } else {
+            registry.register(&mut self.stream, token, interest)?;
+        }
+        self.registered = Some(interest);
+        Ok(())
+    }
+
+    /// Marks the stream as registered with `interest` by someone else (e.g.
+    /// registered for WRITABLE before it was wrapped), so the next
+    /// [`Conn::update_registration`] re-registers instead of registering.
+    pub fn assume_registered(&mut self, interest: Interest) {
+        self.registered = Some(interest);
+    }
+
+    /// Re-registers the stream if [`Conn::interest`] changed since the last
+    /// registration (no syscall otherwise); registers it if it never was.
+    pub fn update_registration(
+        &mut self,
+        registry: &mio::Registry,
+        token: mio::Token,
+    ) -> io::Result<()> {
+        match self.registered {
+            Some(current) if current == self.interest() => Ok(()),
+            _ => self.register(registry, token),
+        }
+    }
+
+    /// Removes the stream from `registry` (before dropping the `Conn`, or to
+    /// hand the stream to another poll).
+    pub fn deregister(&mut self, registry: &mio::Registry) -> io::Result<()> {
+        self.registered = None;
+        registry.deregister(&mut self.stream)
     }
 
     /// One read step; see [`ReadResult`]. Loop until `WouldBlock` or `Eof`.

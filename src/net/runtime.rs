@@ -227,13 +227,18 @@ impl StopSignal {
     /// The process-wide flag, with SIGINT and SIGTERM handlers installed on
     /// first use. Every call returns a clone of the same flag.
     pub fn process() -> io::Result<StopSignal> {
-        static PROCESS: OnceLock<StopSignal> = OnceLock::new();
-        if let Some(s) = PROCESS.get() {
-            return Ok(s.clone());
-        }
-        let s = StopSignal::new();
-        s.install_signal_handlers()?;
-        Ok(PROCESS.get_or_init(|| s).clone())
+        // Handlers are installed inside the once-initialiser, so racing
+        // callers cannot register two flags; a failure is remembered.
+        static PROCESS: OnceLock<Result<StopSignal, String>> = OnceLock::new();
+        PROCESS
+            .get_or_init(|| {
+                let s = StopSignal::new();
+                s.install_signal_handlers()
+                    .map(|()| s)
+                    .map_err(|e| format!("cannot install SIGINT/SIGTERM handlers: {e}"))
+            })
+            .clone()
+            .map_err(io::Error::other)
     }
 
     /// Makes SIGINT and SIGTERM set this flag. A second SIGINT after the flag
@@ -328,6 +333,22 @@ mod tests {
             let err = Cpus::List(vec![affinity::MAX_CPU_ID]).plan().unwrap_err();
             assert!(err.to_string().contains("not available"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_process_signal_is_one_shared_flag() {
+        let a = StopSignal::process().unwrap();
+        let b = StopSignal::process().unwrap();
+        assert!(Arc::ptr_eq(a.flag(), b.flag()));
+    }
+
+    #[test]
+    fn sigterm_sets_the_flag() {
+        let s = StopSignal::new();
+        s.install_signal_handlers().unwrap();
+        assert!(!s.is_stopped());
+        signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
+        assert!(s.is_stopped());
     }
 
     #[test]
