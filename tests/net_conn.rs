@@ -69,6 +69,11 @@ impl Side {
 
 /// A connected (server, client) pair of plaintext `Conn`s on 127.0.0.1.
 fn pair(poll: &Poll) -> (Side, Side) {
+    pair_with_read_buf(poll, smtpstorm::net::conn::READ_BUF_BYTES)
+}
+
+/// Like `pair` with read buffers of `read_buf_bytes`.
+fn pair_with_read_buf(poll: &Poll, read_buf_bytes: usize) -> (Side, Side) {
     let listener = socket::listen("127.0.0.1:0".parse().unwrap(), false, None).unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     let client_stream = socket::connect(addr, None, false).unwrap();
@@ -89,8 +94,8 @@ fn pair(poll: &Poll) -> (Side, Side) {
         std::thread::sleep(Duration::from_millis(1));
     }
     (
-        Side::new(poll, Conn::new(server_stream), 0),
-        Side::new(poll, Conn::new(client_stream), 1),
+        Side::new(poll, Conn::with_read_buf(server_stream, read_buf_bytes), 0),
+        Side::new(poll, Conn::with_read_buf(client_stream, read_buf_bytes), 1),
     )
 }
 
@@ -392,4 +397,27 @@ fn paused_conns_only_ask_for_writable_when_output_is_queued() {
         server.conn.interest(),
         Interest::READABLE | Interest::WRITABLE
     );
+}
+
+#[test]
+fn tiny_read_buffers_still_echo_everything_through_tls() {
+    let mut poll = Poll::new().unwrap();
+    let (mut server, mut client) = pair_with_read_buf(&poll, 5);
+    let server_tls = tls::server_config(None).unwrap();
+    let client_tls = tls::client_config(&tls::ClientVerify::Off, 0).unwrap();
+    server
+        .conn
+        .set_tls_implicit_server(server_tls.config)
+        .unwrap();
+    client
+        .conn
+        .set_tls_implicit_client(client_tls, tls::server_name("localhost").unwrap())
+        .unwrap();
+    server.echo = true;
+    let data = pattern(100_000);
+    client.conn.write(&data);
+    drive(&mut poll, &mut server, &mut client, |_, c| {
+        c.rx.len() >= data.len()
+    });
+    assert!(client.rx == data, "echoed bytes differ");
 }

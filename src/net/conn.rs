@@ -47,6 +47,9 @@ use super::tls::TlsInfo;
 /// Default size of a connection's read buffer (the largest plaintext chunk).
 pub const READ_BUF_BYTES: usize = 32 * 1024;
 
+/// Smallest ciphertext buffer: one full TLS record (16 KiB + overhead).
+const TLS_IN_MIN_BYTES: usize = 16 * 1024 + 512;
+
 /// Once this many bytes of the write queue have been sent, the queue is
 /// compacted even if more is pending.
 const COMPACT_AFTER_BYTES: usize = 64 * 1024;
@@ -82,6 +85,11 @@ pub struct Conn {
     paused: bool,
     shutdown_requested: bool,
     write_shut: bool,
+    /// Ciphertext read from the socket but not yet taken by rustls (empty
+    /// until TLS is attached, so no pre-switch byte can ever land here).
+    tls_in: Box<[u8]>,
+    tls_in_pos: usize,
+    tls_in_len: usize,
     /// The interest last given to mio, to skip no-op `epoll_ctl` calls.
     registered: Option<Interest>,
 }
@@ -101,18 +109,10 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-/// Reads from / writes to the stream, counting bytes on the wire.
+/// Writes to the stream, counting bytes on the wire.
 struct Counted<'a> {
     stream: &'a mut TcpStream,
     count: &'a mut u64,
-}
-
-impl Read for Counted<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.stream.read(buf)?;
-        *self.count += n as u64;
-        Ok(n)
-    }
 }
 
 impl Write for Counted<'_> {
@@ -159,6 +159,9 @@ impl Conn {
             paused: false,
             shutdown_requested: false,
             write_shut: false,
+            tls_in: Box::default(),
+            tls_in_pos: 0,
+            tls_in_len: 0,
             registered: None,
         }
     }
@@ -287,6 +290,9 @@ impl Conn {
             bytes_tx,
             socket_eof,
             handshake_reported,
+            tls_in,
+            tls_in_pos,
+            tls_in_len,
             ..
         } = self;
         let Some(tls) = tls else {
@@ -334,20 +340,34 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(ReadResult::Eof),
                 Err(e) => return Err(e),
             }
-            if *socket_eof {
-                return Ok(ReadResult::Eof);
-            }
-            match tls.read_tls(&mut Counted {
-                stream,
-                count: bytes_rx,
-            }) {
-                Ok(0) => *socket_eof = true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(ReadResult::WouldBlock)
+            if *tls_in_pos == *tls_in_len {
+                if *socket_eof {
+                    return Ok(ReadResult::Eof);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
+                // One large read(2) instead of rustls' 4 KiB per read_tls.
+                match stream.read(tls_in) {
+                    // FIN: tell rustls (an empty read_tls marks EOF), so the
+                    // reader reports close_notify or truncation.
+                    Ok(0) => {
+                        *socket_eof = true;
+                        tls.read_tls(&mut io::empty())?;
+                    }
+                    Ok(n) => {
+                        *bytes_rx += n as u64;
+                        *tls_in_pos = 0;
+                        *tls_in_len = n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Ok(ReadResult::WouldBlock)
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if *tls_in_pos < *tls_in_len {
+                // Plaintext was fully drained above, so rustls has room; it
+                // takes what it can and the rest waits in `tls_in`.
+                *tls_in_pos += tls.read_tls(&mut &tls_in[*tls_in_pos..*tls_in_len])?;
             }
             if let Err(e) = tls.process_new_packets() {
                 // rustls queued an alert: try to deliver it, then give up.
@@ -454,6 +474,9 @@ impl Conn {
         // dropped; from now on every byte read from the socket goes to TLS.
         self.plaintext_len = 0;
         self.handshake_reported = false;
+        self.tls_in = vec![0; self.read_buf.len().max(TLS_IN_MIN_BYTES)].into_boxed_slice();
+        self.tls_in_pos = 0;
+        self.tls_in_len = 0;
         self.tls = Some(tls);
         Ok(())
     }
