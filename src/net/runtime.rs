@@ -1,0 +1,393 @@
+//! One pinned thread per CPU, and the process-wide stop signal.
+//!
+//! [`spawn_workers`] starts one OS thread per requested CPU, pins it, and runs
+//! the same closure on each with a [`WorkerCtx`] saying which worker it is.
+//! Workers share nothing on the hot path: each builds its own `mio::Poll`,
+//! listeners (with `SO_REUSEPORT`), connection table, timers and stats, and
+//! returns its per-thread result (e.g. its stats) through [`Workers::join`].
+//!
+//! [`StopSignal`] is an `Arc<AtomicBool>` set by SIGINT/SIGTERM (via
+//! signal-hook, async-signal-safe) or by [`StopSignal::stop`]. Event loops read
+//! it once per iteration (a relaxed load, not per message) and must therefore
+//! poll with a bounded timeout (see [`STOP_POLL_INTERVAL`]) so a signal is
+//! noticed promptly. A second SIGINT while stopping exits the process at once
+//! (status 130), so a wedged run can always be interrupted.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::affinity;
+
+/// The longest an event loop should block in `poll` so that a stop request
+/// (which cannot wake the poll from a signal handler) is seen promptly.
+pub const STOP_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Errors starting or joining workers.
+#[derive(Debug, Error)]
+pub enum RuntimeError {
+    /// `Cpus::Count(0)` or an empty CPU list.
+    #[error("at least one worker thread is needed")]
+    NoWorkers,
+    /// A CPU in the list is not one this process may run on.
+    #[error("CPU {cpu} is not available to this process (available: {available})")]
+    CpuUnavailable {
+        /// The CPU asked for.
+        cpu: usize,
+        /// The CPUs we may use, as a list.
+        available: String,
+    },
+    /// The OS refused to create a thread.
+    #[error("cannot spawn worker thread {index}: {source}")]
+    Spawn {
+        /// Worker index.
+        index: usize,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A worker panicked; the message is the panic payload if it was a string.
+    #[error("worker thread {index} panicked: {message}")]
+    Panicked {
+        /// Worker index.
+        index: usize,
+        /// The panic message.
+        message: String,
+    },
+}
+
+/// How many workers to run, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Cpus {
+    /// `n` workers pinned round-robin over the available CPUs.
+    Count(usize),
+    /// One worker per listed CPU, pinned to it (`--cpus 0,2-3`).
+    List(Vec<usize>),
+}
+
+impl Cpus {
+    /// One worker per available CPU (at least one).
+    pub fn all() -> Self {
+        Cpus::Count(affinity::available_cores().len().max(1))
+    }
+
+    /// The CPU each worker is pinned to (`None`: run unpinned, because the OS
+    /// does not report CPUs). Validates a list against the available CPUs.
+    pub fn plan(&self) -> Result<Vec<Option<usize>>, RuntimeError> {
+        let available = affinity::available_cores();
+        match self {
+            Cpus::Count(0) => Err(RuntimeError::NoWorkers),
+            Cpus::Count(n) if available.is_empty() => Ok(vec![None; *n]),
+            Cpus::Count(n) => Ok((0..*n)
+                .map(|i| Some(available[i % available.len()]))
+                .collect()),
+            Cpus::List(list) if list.is_empty() => Err(RuntimeError::NoWorkers),
+            Cpus::List(list) => {
+                if !available.is_empty() {
+                    if let Some(&cpu) = list.iter().find(|c| !available.contains(c)) {
+                        let available = available
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        return Err(RuntimeError::CpuUnavailable { cpu, available });
+                    }
+                }
+                Ok(list.iter().map(|&c| Some(c)).collect())
+            }
+        }
+    }
+}
+
+/// What a worker knows about itself.
+#[derive(Clone, Debug)]
+pub struct WorkerCtx {
+    /// 0-based worker index (use it to split work: connections, rate, ports).
+    pub index: usize,
+    /// Number of workers.
+    pub count: usize,
+    /// The CPU this worker was asked to run on (`None`: unpinned).
+    pub core: Option<usize>,
+    /// True if pinning to `core` succeeded.
+    pub pinned: bool,
+    /// The stop signal shared by all workers.
+    pub stop: StopSignal,
+}
+
+/// Handles of running workers.
+#[derive(Debug)]
+pub struct Workers<T> {
+    handles: Vec<JoinHandle<T>>,
+}
+
+impl<T> Workers<T> {
+    /// Number of workers.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// True if there are no workers (never, from [`spawn_workers`]).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Waits for every worker and returns their results in index order. If a
+    /// worker panicked, the remaining ones are still joined and the first
+    /// panic is returned as an error.
+    pub fn join(self) -> Result<Vec<T>, RuntimeError> {
+        let mut results = Vec::with_capacity(self.handles.len());
+        let mut first_error = None;
+        for (index, handle) in self.handles.into_iter().enumerate() {
+            match handle.join() {
+                Ok(value) => results.push(value),
+                Err(payload) => {
+                    let message = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "non-string panic payload".to_string());
+                    first_error.get_or_insert(RuntimeError::Panicked { index, message });
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
+    }
+}
+
+/// Starts one thread per planned CPU (see [`Cpus::plan`]), named
+/// `{name}-{index}`, pinned, each running `f(ctx)`.
+///
+/// If a later thread fails to spawn, `stop` is set so the ones already
+/// running wind down, and the error is returned (the caller should not wait
+/// on them: they see the stop flag within one loop iteration).
+pub fn spawn_workers<T, F>(
+    cpus: &Cpus,
+    name: &str,
+    stop: &StopSignal,
+    f: F,
+) -> Result<Workers<T>, RuntimeError>
+where
+    T: Send + 'static,
+    F: Fn(WorkerCtx) -> T + Send + Sync + 'static,
+{
+    let plan = cpus.plan()?;
+    let count = plan.len();
+    let f = Arc::new(f);
+    let mut handles = Vec::with_capacity(count);
+    for (index, core) in plan.into_iter().enumerate() {
+        let f = Arc::clone(&f);
+        let stop_for_worker = stop.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}-{index}"))
+            .spawn(move || {
+                let pinned = core.is_some_and(affinity::pin_current);
+                f(WorkerCtx {
+                    index,
+                    count,
+                    core,
+                    pinned,
+                    stop: stop_for_worker,
+                })
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(source) => {
+                stop.stop();
+                return Err(RuntimeError::Spawn { index, source });
+            }
+        }
+    }
+    Ok(Workers { handles })
+}
+
+/// A cloneable stop flag, set by a signal or by [`StopSignal::stop`].
+///
+/// Cheap to check: [`StopSignal::is_stopped`] is one relaxed atomic load.
+/// Wakers registered with [`StopSignal::add_waker`] are woken by a
+/// programmatic `stop()` (not by signals: a signal handler cannot safely take
+/// the lock), so loops blocked in `poll` return at once in that case.
+#[derive(Clone, Debug, Default)]
+pub struct StopSignal {
+    flag: Arc<AtomicBool>,
+    wakers: Arc<Mutex<Vec<Arc<mio::Waker>>>>,
+}
+
+impl StopSignal {
+    /// A new, unset flag with no signal handlers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The process-wide flag, with SIGINT and SIGTERM handlers installed on
+    /// first use. Every call returns a clone of the same flag.
+    pub fn process() -> io::Result<StopSignal> {
+        // Handlers are installed inside the once-initialiser, so racing
+        // callers cannot register two flags; a failure is remembered.
+        static PROCESS: OnceLock<Result<StopSignal, String>> = OnceLock::new();
+        PROCESS
+            .get_or_init(|| {
+                let s = StopSignal::new();
+                s.install_signal_handlers()
+                    .map(|()| s)
+                    .map_err(|e| format!("cannot install SIGINT/SIGTERM handlers: {e}"))
+            })
+            .clone()
+            .map_err(io::Error::other)
+    }
+
+    /// Makes SIGINT and SIGTERM set this flag. A second SIGINT after the flag
+    /// is set terminates the process with status 130.
+    pub fn install_signal_handlers(&self) -> io::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        // Order matters: the conditional shutdown must be registered first so
+        // that the first SIGINT only sets the flag.
+        signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&self.flag))?;
+        signal_hook::flag::register(SIGINT, Arc::clone(&self.flag))?;
+        signal_hook::flag::register(SIGTERM, Arc::clone(&self.flag))?;
+        Ok(())
+    }
+
+    /// True once a stop was requested. Check once per event-loop iteration.
+    #[inline]
+    pub fn is_stopped(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    /// Requests a stop and wakes every registered waker.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+        let wakers = match self.wakers.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for w in wakers.iter() {
+            // A failed wake only delays the stop to the next poll timeout.
+            let _ = w.wake();
+        }
+    }
+
+    /// Registers a worker's `mio::Waker` to be woken by [`StopSignal::stop`].
+    pub fn add_waker(&self, waker: Arc<mio::Waker>) {
+        match self.wakers.lock() {
+            Ok(mut w) => w.push(waker),
+            Err(poisoned) => poisoned.into_inner().push(waker),
+        }
+    }
+
+    /// The underlying flag (e.g. for signal-hook or another library).
+    pub fn flag(&self) -> &Arc<AtomicBool> {
+        &self.flag
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_get_distinct_indices_and_return_results_in_order() {
+        let stop = StopSignal::new();
+        let workers = spawn_workers(&Cpus::Count(3), "t", &stop, |ctx| {
+            assert_eq!(ctx.count, 3);
+            assert_eq!(
+                std::thread::current().name(),
+                Some(format!("t-{}", ctx.index).as_str())
+            );
+            ctx.index * 10
+        })
+        .unwrap();
+        assert_eq!(workers.len(), 3);
+        assert_eq!(workers.join().unwrap(), vec![0, 10, 20]);
+    }
+
+    #[test]
+    fn workers_are_pinned_to_listed_cpus() {
+        let first = affinity::available_cores().first().copied().unwrap_or(0);
+        let stop = StopSignal::new();
+        let out = spawn_workers(&Cpus::List(vec![first]), "pin", &stop, |ctx| {
+            (ctx.core, ctx.pinned)
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        assert_eq!(out[0].0, Some(first));
+    }
+
+    #[test]
+    fn zero_workers_and_unknown_cpus_are_errors() {
+        assert!(matches!(
+            Cpus::Count(0).plan(),
+            Err(RuntimeError::NoWorkers)
+        ));
+        assert!(matches!(
+            Cpus::List(vec![]).plan(),
+            Err(RuntimeError::NoWorkers)
+        ));
+        if !affinity::available_cores().is_empty() {
+            let err = Cpus::List(vec![affinity::MAX_CPU_ID]).plan().unwrap_err();
+            assert!(err.to_string().contains("not available"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_process_signal_is_one_shared_flag() {
+        let a = StopSignal::process().unwrap();
+        let b = StopSignal::process().unwrap();
+        assert!(Arc::ptr_eq(a.flag(), b.flag()));
+    }
+
+    #[test]
+    fn sigterm_sets_the_flag() {
+        let s = StopSignal::new();
+        s.install_signal_handlers().unwrap();
+        assert!(!s.is_stopped());
+        signal_hook::low_level::raise(signal_hook::consts::SIGTERM).unwrap();
+        assert!(s.is_stopped());
+    }
+
+    #[test]
+    fn a_panicking_worker_is_reported_by_join() {
+        let stop = StopSignal::new();
+        let workers = spawn_workers(&Cpus::Count(2), "p", &stop, |ctx| {
+            if ctx.index == 1 {
+                panic!("boom");
+            }
+        })
+        .unwrap();
+        let err = workers.join().unwrap_err().to_string();
+        assert!(err.contains("worker thread 1 panicked: boom"), "{err}");
+    }
+
+    #[test]
+    fn stop_wakes_a_worker_blocked_in_poll() {
+        let stop = StopSignal::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let workers = spawn_workers(&Cpus::Count(1), "w", &stop, move |ctx| {
+            let mut poll = mio::Poll::new().unwrap();
+            let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
+            ctx.stop.add_waker(waker);
+            tx.send(()).unwrap();
+            let mut events = mio::Events::with_capacity(8);
+            let mut iterations = 0;
+            while !ctx.stop.is_stopped() {
+                poll.poll(&mut events, Some(Duration::from_secs(10)))
+                    .unwrap();
+                iterations += 1;
+            }
+            iterations
+        })
+        .unwrap();
+        rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let started = std::time::Instant::now();
+        stop.stop();
+        let iterations = workers.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(iterations[0] <= 2);
+    }
+}
