@@ -582,30 +582,9 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
     Ok(v)
 }
 
-/// `0,2-3` → [0, 2, 3].
+/// `0,2-3` → [0, 2, 3] (the one parser lives in `net::affinity`).
 pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
-    let err = || format!("expected a CPU list like 0,2-3, got `{s}`");
-    let mut cpus = Vec::new();
-    for part in s.split(',') {
-        let part = part.trim();
-        if part.is_empty() {
-            return Err(err());
-        }
-        match part.split_once('-') {
-            Some((a, b)) => {
-                let a: usize = a.trim().parse().map_err(|_| err())?;
-                let b: usize = b.trim().parse().map_err(|_| err())?;
-                if a > b || b > 4095 {
-                    return Err(err());
-                }
-                cpus.extend(a..=b);
-            }
-            None => cpus.push(part.parse().map_err(|_| err())?),
-        }
-    }
-    cpus.sort_unstable();
-    cpus.dedup();
-    Ok(cpus)
+    crate::net::affinity::parse_cpu_list(s).map_err(|e| e.to_string())
 }
 
 /// `127.0.0.1:2525`, `[::1]:2525`, `:2525` (all IPv4), `2525` (loopback).
