@@ -402,7 +402,7 @@ mod tests {
         assert!((t.value.unwrap() - 100.0 / 1001.0).abs() < 1e-9);
         assert!(!eval("tempfailed == 0").ok);
         assert!(eval("accepted >= 1000").ok);
-        assert!(eval("p99.99(message) <= 1s").ok);
+        assert!(eval("p99.99(message) <= 1.01s").ok);
         let none = eval("p99(ehlo) < 1s");
         assert_eq!(none, AssertionResult { expr: "p99(ehlo) < 1s".into(), ok: false, value: None });
     }

@@ -12,7 +12,13 @@
 
 use std::io::{self, Write};
 
+use std::path::Path;
+
 use hdrhistogram::Histogram;
+
+use super::recorder::new_histogram;
+use super::report::Report;
+use crate::smtp::Phase;
 
 /// Reporting points per exponentially decreasing half-distance (Java's default).
 pub const TICKS_PER_HALF_DISTANCE: u32 = 5;
@@ -50,6 +56,23 @@ pub fn write_hgrm<W: Write>(h: &Histogram<u64>, scale: f64, out: &mut W) -> io::
     Ok(())
 }
 
+/// Writes the `.hgrm` of `phase` of `report` to `path` (values in ms),
+/// the file behind `blast --hgrm FILE` (with `Phase::Message`). A phase
+/// without data gives a file with the header and footer only.
+pub fn write_hgrm_file(report: &Report, phase: Phase, path: &Path) -> io::Result<()> {
+    let empty;
+    let h = match report.histogram(phase) {
+        Some(h) => h,
+        None => {
+            empty = new_histogram();
+            &empty
+        }
+    };
+    let mut out = io::BufWriter::new(std::fs::File::create(path)?);
+    write_hgrm(h, US_TO_MS, &mut out)?;
+    out.flush()
+}
+
 /// The distribution as a `String` (µs histogram printed in ms).
 pub fn hgrm_string(h: &Histogram<u64>) -> String {
     let mut buf = Vec::new();
@@ -60,7 +83,6 @@ pub fn hgrm_string(h: &Histogram<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::recorder::new_histogram;
 
     fn one_to_ten_thousand() -> Histogram<u64> {
         let mut h = new_histogram();
@@ -88,7 +110,9 @@ mod tests {
         assert!(rows.iter().any(|r| r.contains(" 0.500000000000 ") && r.ends_with("2.00")));
         let footer: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with('#')).collect();
         assert_eq!(footer.len(), 3);
-        assert!(footer[0].starts_with("#[Mean    =        5.000, StdDeviation   =        2.88"), "{}", footer[0]);
+        // Mean and deviation use each bucket's median-equivalent value, as in Java.
+        assert!(footer[0].starts_with("#[Mean    =        5.00"), "{}", footer[0]);
+        assert!(footer[0].contains(", StdDeviation   =        2.88"), "{}", footer[0]);
         assert_eq!(footer[1], "#[Max     =       10.007, Total count    =        10000]");
         assert!(footer[2].starts_with("#[Buckets = "), "{}", footer[2]);
         assert!(footer[2].ends_with("SubBuckets     =         2048]"), "{}", footer[2]);
@@ -105,6 +129,16 @@ mod tests {
             .collect();
         assert!(counts.windows(2).all(|w| w[0] <= w[1]));
         assert_eq!(*counts.last().unwrap(), 10_000);
+    }
+
+    #[test]
+    fn hgrm_file_of_a_report_phase_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.hgrm");
+        let r = crate::stats::report::tests::sample_blast_report();
+        write_hgrm_file(&r, Phase::Message, &path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("#[Max     =     1000.447, Total count    =         1000]"), "{text}");
     }
 
     #[test]

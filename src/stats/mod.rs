@@ -8,6 +8,20 @@
 //! encoded), which feeds [`write_hgrm`], [`write_summary`], [`write_svg`],
 //! assertions ([`Assertion`]), [`compare_baseline`] and [`merge_reports`].
 //!
+//! Typical use by a role:
+//!
+//! ```text
+//! worker thread:  rec.record(Phase::Message, latency_us); rec.count_outcome(outcome);
+//!                 every second: tx.send(rec.take_interval(start_offset, 1s))
+//!                 at the end:   tx.send(rec.take_interval(..)); send rec.finish().reply_codes
+//! main thread:    per tick, merge the N snapshots of that tick (IntervalSnapshot::merge),
+//!                 hlog.write_snapshot(&merged), merger.absorb(&merged)
+//!                 at the end: merger.absorb_reply_codes(..); let (m, timeline) = merger.into_parts();
+//!                 Report::build(ReportInput { measurements: m, timeline, .. })
+//!                 report.evaluate_assertions(&asserts); report.write_json(path);
+//!                 write_hgrm_file(&report, Phase::Message, path); write_summary(&report, &mut stderr)
+//! ```
+//!
 //! Invariants: every histogram has the same fixed bounds (1 µs .. 1 hour,
 //! 3 significant figures, see [`recorder::new_histogram`]), so histograms
 //! from any thread, instance or machine add up exactly; percentiles are
@@ -23,7 +37,7 @@ pub mod summary;
 pub mod svg;
 
 pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion, AssertionResult};
-pub use hgrm::{hgrm_string, write_hgrm};
+pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
 pub use recorder::{

@@ -294,6 +294,17 @@ pub struct IntervalSnapshot {
     pub measurements: Measurements,
 }
 
+impl IntervalSnapshot {
+    /// Adds another thread's snapshot of the same interval (for one
+    /// `.hlog` line per phase per interval); keeps the earliest start and
+    /// the longest duration.
+    pub fn merge(&mut self, other: &IntervalSnapshot) {
+        self.start_offset = self.start_offset.min(other.start_offset);
+        self.duration = self.duration.max(other.duration);
+        self.measurements.merge(&other.measurements);
+    }
+}
+
 /// The per-thread recorder. One per thread; no locks or atomics.
 ///
 /// Records go into the current interval; [`Recorder::take_interval`] folds

@@ -161,12 +161,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.svg");
         write_svg(&sample_blast_report(), &path).unwrap();
+        if let Ok(keep) = std::env::var("SMTPSTORM_KEEP_SVG") {
+            std::fs::copy(&path, keep).unwrap();
+        }
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..100]);
         assert!(svg.contains("Latency by percentile"));
         assert!(svg.contains("Throughput over time"));
-        assert!(svg.contains(">message<"));
-        assert!(svg.contains(">messages/s<"));
+        assert!(svg.contains(">message\n</text>") || svg.contains(">\nmessage\n</text>"));
+        assert!(svg.contains("messages/s\n</text>"));
         assert!(svg.contains("99.9%"));
         assert!(svg.matches("<polyline").count() >= 6, "3 phases + 3 throughput lines");
     }
