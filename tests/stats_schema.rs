@@ -14,13 +14,19 @@ fn schema(name: &str) -> jsonschema::Validator {
     let path = format!("{}/schemas/{name}.schema.json", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap();
     let schema: Value = serde_json::from_str(&text).unwrap();
-    assert!(jsonschema::meta::is_valid(&schema), "{path} is no valid JSON Schema");
+    assert!(
+        jsonschema::meta::is_valid(&schema),
+        "{path} is no valid JSON Schema"
+    );
     jsonschema::draft202012::new(&schema).unwrap()
 }
 
 #[track_caller]
 fn assert_valid(v: &jsonschema::Validator, doc: &Value) {
-    let errors: Vec<String> = v.iter_errors(doc).map(|e| format!("{} at {}", e, e.instance_path)).collect();
+    let errors: Vec<String> = v
+        .iter_errors(doc)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
     assert!(errors.is_empty(), "schema errors: {errors:#?}");
 }
 
@@ -43,7 +49,11 @@ fn blast_report() -> Report {
                 r.record(Phase::Session, 5000 + i);
                 r.record_uncorrected(Phase::Session, 4000 + i);
                 r.record_schedule_lag(i);
-                r.count_outcome(if i == 7 { Outcome::TempFailed } else { Outcome::Accepted });
+                r.count_outcome(if i == 7 {
+                    Outcome::TempFailed
+                } else {
+                    Outcome::Accepted
+                });
                 r.count_recipients(2);
                 r.count_bytes(4096);
                 r.count_reply(CommandKind::Mail, 250);
@@ -66,7 +76,13 @@ fn blast_report() -> Report {
         host: None,
     })
     .unwrap();
-    let asserts = parse_assertions(&["p99(message) < 5ms", "errors == 0", "tempfailed <= 1%", "p99(auth) < 1s"]).unwrap();
+    let asserts = parse_assertions(&[
+        "p99(message) < 5ms",
+        "errors == 0",
+        "tempfailed <= 1%",
+        "p99(auth) < 1s",
+    ])
+    .unwrap();
     report.evaluate_assertions(&asserts);
     report
 }
@@ -75,7 +91,11 @@ fn sink_report() -> Report {
     let mut r = Recorder::new();
     for i in 0..20 {
         r.count_session(false);
-        r.count_outcome(if i < 18 { Outcome::Accepted } else { Outcome::Rejected });
+        r.count_outcome(if i < 18 {
+            Outcome::Accepted
+        } else {
+            Outcome::Rejected
+        });
         r.count_recipients(1);
         r.count_bytes(1000);
         r.count_verify(i != 3);
@@ -96,6 +116,9 @@ fn sink_report() -> Report {
     .unwrap()
 }
 
+/// Damages a valid document in one way.
+type Breakage = Box<dyn Fn(&mut Value)>;
+
 fn to_value(r: &Report) -> Value {
     serde_json::from_str(&r.to_json()).unwrap()
 }
@@ -104,7 +127,11 @@ fn to_value(r: &Report) -> Value {
 fn blast_report_validates_against_its_schema() {
     let doc = to_value(&blast_report());
     assert_eq!(doc["counts"]["messages_attempted"], 300);
-    assert_eq!(doc["assertions"][3]["value"], Value::Null, "a phase without data has a null value");
+    assert_eq!(
+        doc["assertions"][3]["value"],
+        Value::Null,
+        "a phase without data has a null value"
+    );
     assert_valid(&schema("blast"), &doc);
 }
 
@@ -121,7 +148,8 @@ fn merged_and_invalid_runs_validate_too() {
     let mut b = blast_report();
     b.valid = false;
     b.invalid_reasons = vec!["schedule fell behind".into()];
-    let merged = merge_reports(&[a, b], &parse_assertions(&["rate(messages) > 1"]).unwrap()).unwrap();
+    let merged =
+        merge_reports(&[a, b], &parse_assertions(&["rate(messages) > 1"]).unwrap()).unwrap();
     assert!(!merged.valid);
     assert_valid(&schema("blast"), &to_value(&merged));
 }
@@ -130,22 +158,43 @@ fn merged_and_invalid_runs_validate_too() {
 fn documents_breaking_the_contract_are_rejected() {
     let blast = schema("blast");
     let good = to_value(&blast_report());
-    let breakages: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
-        ("missing counts.sessions", Box::new(|v| {
-            v["counts"].as_object_mut().unwrap().remove("sessions");
-        })),
-        ("negative count", Box::new(|v| v["counts"]["timeouts"] = (-1).into())),
-        ("p99 as a string", Box::new(|v| v["latency"]["message"]["p99_us"] = "5ms".into())),
-        ("unknown phase", Box::new(|v| v["latency"]["teleport"] = v["latency"]["message"].clone())),
-        ("wrong schema_version", Box::new(|v| v["schema_version"] = 2.into())),
+    let breakages: Vec<(&str, Breakage)> = vec![
+        (
+            "missing counts.sessions",
+            Box::new(|v| {
+                v["counts"].as_object_mut().unwrap().remove("sessions");
+            }),
+        ),
+        (
+            "negative count",
+            Box::new(|v| v["counts"]["timeouts"] = (-1).into()),
+        ),
+        (
+            "p99 as a string",
+            Box::new(|v| v["latency"]["message"]["p99_us"] = "5ms".into()),
+        ),
+        (
+            "unknown phase",
+            Box::new(|v| v["latency"]["teleport"] = v["latency"]["message"].clone()),
+        ),
+        (
+            "wrong schema_version",
+            Box::new(|v| v["schema_version"] = 2.into()),
+        ),
         ("wrong role", Box::new(|v| v["role"] = "sink".into())),
         ("valid not a bool", Box::new(|v| v["valid"] = "yes".into())),
-        ("misspelt key", Box::new(|v| {
-            let c = v["counts"].as_object_mut().unwrap();
-            let n = c.remove("messages_accepted").unwrap();
-            c.insert("messages_acepted".into(), n);
-        })),
-        ("hist not base64", Box::new(|v| v["latency"]["message"]["hist"] = "%%%".into())),
+        (
+            "misspelt key",
+            Box::new(|v| {
+                let c = v["counts"].as_object_mut().unwrap();
+                let n = c.remove("messages_accepted").unwrap();
+                c.insert("messages_acepted".into(), n);
+            }),
+        ),
+        (
+            "hist not base64",
+            Box::new(|v| v["latency"]["message"]["hist"] = "%%%".into()),
+        ),
     ];
     for (what, breakage) in breakages {
         let mut doc = good.clone();

@@ -131,8 +131,12 @@ impl std::str::FromStr for Assertion {
 
 /// Parses one assertion expression.
 pub fn parse(expr: &str) -> Result<Assertion, AssertError> {
-    let err = |reason: String| AssertError::Parse { expr: expr.to_string(), reason };
-    let (lhs, op, rhs) = split_op(expr).ok_or_else(|| err("no comparison operator (<, <=, >, >=, ==, !=)".into()))?;
+    let err = |reason: String| AssertError::Parse {
+        expr: expr.to_string(),
+        reason,
+    };
+    let (lhs, op, rhs) = split_op(expr)
+        .ok_or_else(|| err("no comparison operator (<, <=, >, >=, ==, !=)".into()))?;
     let lhs = lhs.trim();
     let rhs = rhs.trim();
     if lhs.is_empty() {
@@ -143,7 +147,13 @@ pub fn parse(expr: &str) -> Result<Assertion, AssertError> {
     }
     let metric = parse_metric(lhs).map_err(err)?;
     let (threshold, percent) = parse_threshold(&metric, rhs).map_err(err)?;
-    Ok(Assertion { expr: expr.trim().to_string(), metric, op, threshold, percent })
+    Ok(Assertion {
+        expr: expr.trim().to_string(),
+        metric,
+        op,
+        threshold,
+        percent,
+    })
 }
 
 /// Parses several expressions, stopping at the first error.
@@ -178,10 +188,13 @@ fn split_op(s: &str) -> Option<(&str, Op, &str)> {
 
 fn parse_phase(s: &str) -> Result<Phase, String> {
     let s = s.trim();
-    Phase::ALL.into_iter().find(|p| p.as_str() == s).ok_or_else(|| {
-        let names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
-        format!("unknown phase `{s}` (one of {})", names.join(", "))
-    })
+    Phase::ALL
+        .into_iter()
+        .find(|p| p.as_str() == s)
+        .ok_or_else(|| {
+            let names: Vec<_> = Phase::ALL.iter().map(|p| p.as_str()).collect();
+            format!("unknown phase `{s}` (one of {})", names.join(", "))
+        })
 }
 
 fn parse_metric(s: &str) -> Result<Metric, String> {
@@ -198,7 +211,11 @@ fn parse_metric(s: &str) -> Result<Metric, String> {
                     "messages" => RateKind::Messages,
                     "sessions" => RateKind::Sessions,
                     "bytes" => RateKind::Bytes,
-                    _ => return Err(format!("unknown rate `{arg}` (one of messages, sessions, bytes)")),
+                    _ => {
+                        return Err(format!(
+                            "unknown rate `{arg}` (one of messages, sessions, bytes)"
+                        ))
+                    }
                 }))
             }
             "min" => LatencyStat::Min,
@@ -208,15 +225,22 @@ fn parse_metric(s: &str) -> Result<Metric, String> {
                 let digits = name
                     .strip_prefix('p')
                     .filter(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit() || c == '.'))
-                    .ok_or_else(|| format!("unknown function `{name}` (pNN, pNN.N, min, max, mean, rate)"))?;
-                let pct: f64 = digits.parse().map_err(|_| format!("bad percentile `{name}`"))?;
+                    .ok_or_else(|| {
+                        format!("unknown function `{name}` (pNN, pNN.N, min, max, mean, rate)")
+                    })?;
+                let pct: f64 = digits
+                    .parse()
+                    .map_err(|_| format!("bad percentile `{name}`"))?;
                 if !(0.0..=100.0).contains(&pct) {
                     return Err(format!("percentile `{name}` is not within p0..p100"));
                 }
                 LatencyStat::Percentile(pct)
             }
         };
-        return Ok(Metric::Latency { stat, phase: parse_phase(arg)? });
+        return Ok(Metric::Latency {
+            stat,
+            phase: parse_phase(arg)?,
+        });
     }
     let kind = match s {
         "errors" => CountKind::Errors,
@@ -231,9 +255,9 @@ fn parse_metric(s: &str) -> Result<Metric, String> {
         "verify_corrupt" => CountKind::VerifyCorrupt,
         _ => {
             return Err(format!(
-                "unknown metric `{s}` (errors, accepted, tempfailed, rejected, timeouts, attempted, \
+            "unknown metric `{s}` (errors, accepted, tempfailed, rejected, timeouts, attempted, \
                  connection_errors, protocol_errors, sessions, verify_corrupt, or a function)"
-            ))
+        ))
         }
     };
     Ok(Metric::Count(kind))
@@ -257,7 +281,11 @@ fn parse_threshold(metric: &Metric, s: &str) -> Result<(f64, bool), String> {
                 "us" | "µs" => 1.0,
                 "ms" => 1e3,
                 "s" => 1e6,
-                "" => return Err(format!("latency threshold `{s}` needs a unit (us, ms or s)")),
+                "" => {
+                    return Err(format!(
+                        "latency threshold `{s}` needs a unit (us, ms or s)"
+                    ))
+                }
                 u => return Err(format!("unknown unit `{u}` (us, ms or s)")),
             };
             Ok((v * scale, false))
@@ -270,7 +298,10 @@ fn parse_threshold(metric: &Metric, s: &str) -> Result<(f64, bool), String> {
                 "M" => Ok((v * 1e6, false)),
                 "%" if is_count => Ok((v, true)),
                 "%" => Err("a rate cannot be a percentage".into()),
-                u => Err(format!("unknown suffix `{u}` (k, M{})", if is_count { " or %" } else { "" })),
+                u => Err(format!(
+                    "unknown suffix `{u}` (k, M{})",
+                    if is_count { " or %" } else { "" }
+                )),
             }
         }
     }
@@ -325,7 +356,11 @@ impl Assertion {
     pub fn evaluate(&self, report: &Report) -> AssertionResult {
         let value = self.value(report);
         let ok = value.is_some_and(|v| self.op.holds(v, self.threshold));
-        AssertionResult { expr: self.expr.clone(), ok, value }
+        AssertionResult {
+            expr: self.expr.clone(),
+            ok,
+            value,
+        }
     }
 }
 
@@ -337,30 +372,57 @@ mod tests {
     #[test]
     fn latency_assertions_parse_with_units() {
         let a = parse("p99(message) < 5ms").unwrap();
-        assert_eq!(a.metric, Metric::Latency { stat: LatencyStat::Percentile(99.0), phase: Phase::Message });
+        assert_eq!(
+            a.metric,
+            Metric::Latency {
+                stat: LatencyStat::Percentile(99.0),
+                phase: Phase::Message
+            }
+        );
         assert_eq!(a.op, Op::Lt);
         assert_eq!(a.threshold, 5000.0);
         assert_eq!(parse("p50(ehlo) <= 200us").unwrap().threshold, 200.0);
         assert_eq!(parse("max(session) < 1s").unwrap().threshold, 1e6);
-        assert_eq!(parse("p99.9(rcpt)<2.5ms").unwrap().metric, Metric::Latency {
-            stat: LatencyStat::Percentile(99.9),
-            phase: Phase::Rcpt
-        });
-        assert!(matches!(parse("mean(rcpt) < 2ms").unwrap().metric, Metric::Latency { stat: LatencyStat::Mean, .. }));
+        assert_eq!(
+            parse("p99.9(rcpt)<2.5ms").unwrap().metric,
+            Metric::Latency {
+                stat: LatencyStat::Percentile(99.9),
+                phase: Phase::Rcpt
+            }
+        );
+        assert!(matches!(
+            parse("mean(rcpt) < 2ms").unwrap().metric,
+            Metric::Latency {
+                stat: LatencyStat::Mean,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn rate_and_count_assertions_parse() {
-        assert_eq!(parse("rate(messages) >= 20000").unwrap().metric, Metric::Rate(RateKind::Messages));
+        assert_eq!(
+            parse("rate(messages) >= 20000").unwrap().metric,
+            Metric::Rate(RateKind::Messages)
+        );
         assert_eq!(parse("rate(sessions) > 10").unwrap().op, Op::Gt);
         assert_eq!(parse("rate(messages) >= 20k").unwrap().threshold, 20_000.0);
         let t = parse("tempfailed <= 1%").unwrap();
         assert!(t.percent);
         assert_eq!(t.threshold, 1.0);
-        assert_eq!(parse("errors == 0").unwrap().metric, Metric::Count(CountKind::Errors));
-        assert_eq!(parse("rejected < 5").unwrap().metric, Metric::Count(CountKind::Rejected));
+        assert_eq!(
+            parse("errors == 0").unwrap().metric,
+            Metric::Count(CountKind::Errors)
+        );
+        assert_eq!(
+            parse("rejected < 5").unwrap().metric,
+            Metric::Count(CountKind::Rejected)
+        );
         assert_eq!(parse("accepted >= 1000").unwrap().threshold, 1000.0);
-        assert_eq!(parse("timeouts == 0").unwrap().metric, Metric::Count(CountKind::Timeouts));
+        assert_eq!(
+            parse("timeouts == 0").unwrap().metric,
+            Metric::Count(CountKind::Timeouts)
+        );
     }
 
     #[test]
@@ -404,7 +466,14 @@ mod tests {
         assert!(eval("accepted >= 1000").ok);
         assert!(eval("p99.99(message) <= 1.01s").ok);
         let none = eval("p99(ehlo) < 1s");
-        assert_eq!(none, AssertionResult { expr: "p99(ehlo) < 1s".into(), ok: false, value: None });
+        assert_eq!(
+            none,
+            AssertionResult {
+                expr: "p99(ehlo) < 1s".into(),
+                ok: false,
+                value: None
+            }
+        );
     }
 
     #[test]

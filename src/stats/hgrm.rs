@@ -35,7 +35,11 @@ fn sub_bucket_count(sigfig: u8) -> u64 {
 /// (use [`US_TO_MS`] for our µs histograms).
 pub fn write_hgrm<W: Write>(h: &Histogram<u64>, scale: f64, out: &mut W) -> io::Result<()> {
     let digits = usize::from(h.sigfig());
-    write!(out, "{:>12} {:>14} {:>10} {:>14}\n\n", "Value", "Percentile", "TotalCount", "1/(1-Percentile)")?;
+    write!(
+        out,
+        "{:>12} {:>14} {:>10} {:>14}\n\n",
+        "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+    )?;
     if !h.is_empty() {
         let mut total = 0u64;
         for v in h.iter_quantiles(TICKS_PER_HALF_DISTANCE) {
@@ -43,16 +47,41 @@ pub fn write_hgrm<W: Write>(h: &Histogram<u64>, scale: f64, out: &mut W) -> io::
             let value = v.value_iterated_to() as f64 / scale;
             let q = v.quantile_iterated_to();
             if q < 1.0 {
-                writeln!(out, "{:12.digits$} {:2.12} {:10} {:14.2}", value, q, total, 1.0 / (1.0 - q))?;
+                writeln!(
+                    out,
+                    "{:12.digits$} {:2.12} {:10} {:14.2}",
+                    value,
+                    q,
+                    total,
+                    1.0 / (1.0 - q)
+                )?;
             } else {
                 writeln!(out, "{:12.digits$} {:2.12} {:10}", value, q, total)?;
             }
         }
     }
-    let (mean, stdev) = if h.is_empty() { (0.0, 0.0) } else { (h.mean() / scale, h.stdev() / scale) };
-    writeln!(out, "#[Mean    = {:12.digits$}, StdDeviation   = {:12.digits$}]", mean, stdev)?;
-    writeln!(out, "#[Max     = {:12.digits$}, Total count    = {:12}]", h.max() as f64 / scale, h.len())?;
-    writeln!(out, "#[Buckets = {:12}, SubBuckets     = {:12}]", h.buckets(), sub_bucket_count(h.sigfig()))?;
+    let (mean, stdev) = if h.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (h.mean() / scale, h.stdev() / scale)
+    };
+    writeln!(
+        out,
+        "#[Mean    = {:12.digits$}, StdDeviation   = {:12.digits$}]",
+        mean, stdev
+    )?;
+    writeln!(
+        out,
+        "#[Max     = {:12.digits$}, Total count    = {:12}]",
+        h.max() as f64 / scale,
+        h.len()
+    )?;
+    writeln!(
+        out,
+        "#[Buckets = {:12}, SubBuckets     = {:12}]",
+        h.buckets(),
+        sub_bucket_count(h.sigfig())
+    )?;
     Ok(())
 }
 
@@ -96,26 +125,57 @@ mod tests {
     fn header_rows_and_footer_follow_the_java_layout() {
         let text = hgrm_string(&one_to_ten_thousand());
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "       Value     Percentile TotalCount 1/(1-Percentile)");
+        assert_eq!(
+            lines[0],
+            "       Value     Percentile TotalCount 1/(1-Percentile)"
+        );
         assert_eq!(lines[1], "");
-        assert_eq!(lines[2], "       0.001 0.000000000000          1           1.00");
+        assert_eq!(
+            lines[2],
+            "       0.001 0.000000000000          1           1.00"
+        );
         // Every row: value, percentile with 12 decimals, cumulative count, 1/(1-p).
-        let rows: Vec<&str> = lines[2..].iter().copied().take_while(|l| !l.starts_with('#')).collect();
+        let rows: Vec<&str> = lines[2..]
+            .iter()
+            .copied()
+            .take_while(|l| !l.starts_with('#'))
+            .collect();
         assert!(rows.len() > 20);
         for r in &rows[..rows.len() - 1] {
             assert_eq!(r.len(), 12 + 1 + 14 + 1 + 10 + 1 + 14, "{r:?}");
         }
         let last = rows[rows.len() - 1];
         assert!(last.ends_with(" 1.000000000000      10000"), "{last:?}");
-        assert!(rows.iter().any(|r| r.contains(" 0.500000000000 ") && r.ends_with("2.00")));
-        let footer: Vec<&str> = lines.iter().copied().filter(|l| l.starts_with('#')).collect();
+        assert!(rows
+            .iter()
+            .any(|r| r.contains(" 0.500000000000 ") && r.ends_with("2.00")));
+        let footer: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with('#'))
+            .collect();
         assert_eq!(footer.len(), 3);
         // Mean and deviation use each bucket's median-equivalent value, as in Java.
-        assert!(footer[0].starts_with("#[Mean    =        5.00"), "{}", footer[0]);
-        assert!(footer[0].contains(", StdDeviation   =        2.88"), "{}", footer[0]);
-        assert_eq!(footer[1], "#[Max     =       10.007, Total count    =        10000]");
+        assert!(
+            footer[0].starts_with("#[Mean    =        5.00"),
+            "{}",
+            footer[0]
+        );
+        assert!(
+            footer[0].contains(", StdDeviation   =        2.88"),
+            "{}",
+            footer[0]
+        );
+        assert_eq!(
+            footer[1],
+            "#[Max     =       10.007, Total count    =        10000]"
+        );
         assert!(footer[2].starts_with("#[Buckets = "), "{}", footer[2]);
-        assert!(footer[2].ends_with("SubBuckets     =         2048]"), "{}", footer[2]);
+        assert!(
+            footer[2].ends_with("SubBuckets     =         2048]"),
+            "{}",
+            footer[2]
+        );
     }
 
     #[test]
@@ -138,7 +198,10 @@ mod tests {
         let r = crate::stats::report::tests::sample_blast_report();
         write_hgrm_file(&r, Phase::Message, &path).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("#[Max     =     1000.447, Total count    =         1000]"), "{text}");
+        assert!(
+            text.contains("#[Max     =     1000.447, Total count    =         1000]"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -14,7 +14,9 @@
 use std::io::{self, Write};
 use std::time::{Duration, SystemTime};
 
-use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, IntervalLogWriterError, Tag};
+use hdrhistogram::serialization::interval_log::{
+    IntervalLogWriterBuilder, IntervalLogWriterError, Tag,
+};
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
 
@@ -67,11 +69,13 @@ impl<W: Write> HlogWriter<W> {
         let tag = Tag::new(tag).ok_or_else(|| HlogError::Tag(tag.to_string()))?;
         // The builder writes nothing without comments or times: it is only
         // the way to reach a writer over our own stream and serializer.
-        let mut w = IntervalLogWriterBuilder::new().begin_log_with(&mut self.out, &mut self.serializer)?;
-        w.write_histogram(h, start_offset, duration, Some(tag)).map_err(|e| match e {
-            IntervalLogWriterError::IoError(e) => HlogError::Io(e),
-            IntervalLogWriterError::SerializeError(e) => HlogError::Serialize(format!("{e:?}")),
-        })
+        let mut w =
+            IntervalLogWriterBuilder::new().begin_log_with(&mut self.out, &mut self.serializer)?;
+        w.write_histogram(h, start_offset, duration, Some(tag))
+            .map_err(|e| match e {
+                IntervalLogWriterError::IoError(e) => HlogError::Io(e),
+                IntervalLogWriterError::SerializeError(e) => HlogError::Serialize(format!("{e:?}")),
+            })
     }
 
     /// Writes every non-empty histogram of one interval (the merge of all
@@ -86,7 +90,12 @@ impl<W: Write> HlogWriter<W> {
             self.write_histogram(phase.as_str(), start_offset, duration, h)?;
         }
         for (phase, h) in m.latency_uncorrected.iter() {
-            self.write_histogram(&format!("{}_uncorrected", phase.as_str()), start_offset, duration, h)?;
+            self.write_histogram(
+                &format!("{}_uncorrected", phase.as_str()),
+                start_offset,
+                duration,
+                h,
+            )?;
         }
         if let Some(h) = &m.schedule_lag {
             self.write_histogram("schedule_lag", start_offset, duration, h)?;
@@ -131,7 +140,10 @@ mod tests {
         }
         let bytes = w.finish().unwrap();
         let text = String::from_utf8(bytes.clone()).unwrap();
-        assert!(text.contains("#[Histogram log format version 1.3]\n"), "{text}");
+        assert!(
+            text.contains("#[Histogram log format version 1.3]\n"),
+            "{text}"
+        );
         assert!(text.contains("#[StartTime: 1700000000.000 (seconds since epoch)]\n"));
         assert!(text.contains("\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\"\n"));
         assert!(text.contains("\nTag=message,0.000,1.000,"), "{text}");
@@ -154,15 +166,23 @@ mod tests {
             }
         }
         assert!(saw_start);
-        assert_eq!(intervals.len(), 9, "3 intervals x (message, message_uncorrected, ehlo)");
+        assert_eq!(
+            intervals.len(),
+            9,
+            "3 intervals x (message, message_uncorrected, ehlo)"
+        );
         let (_, _, dur, b64) = intervals
             .iter()
             .find(|i| i.0 == "message" && i.1 == Duration::from_secs(1))
             .expect("the message histogram of the second interval");
         assert_eq!(*dur, Duration::from_secs(1));
         use base64::Engine as _;
-        let raw = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
-        let h: Histogram<u64> = Deserializer::new().deserialize(&mut raw.as_slice()).unwrap();
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let h: Histogram<u64> = Deserializer::new()
+            .deserialize(&mut raw.as_slice())
+            .unwrap();
         assert_eq!(h.len(), 100);
         assert!(h.equivalent(h.max(), 2000));
         assert!(intervals.iter().any(|i| i.0 == "message_uncorrected"));

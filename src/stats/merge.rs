@@ -28,8 +28,14 @@ pub enum MergeError {
 }
 
 /// Loads every file and merges them (see [`merge_reports`]).
-pub fn merge_files<P: AsRef<Path>>(paths: &[P], assertions: &[Assertion]) -> Result<Report, MergeError> {
-    let reports = paths.iter().map(|p| load_report(p.as_ref())).collect::<Result<Vec<_>, _>>()?;
+pub fn merge_files<P: AsRef<Path>>(
+    paths: &[P],
+    assertions: &[Assertion],
+) -> Result<Report, MergeError> {
+    let reports = paths
+        .iter()
+        .map(|p| load_report(p.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
     merge_reports(&reports, assertions)
 }
 
@@ -43,7 +49,10 @@ pub fn merge_reports(reports: &[Report], assertions: &[Assertion]) -> Result<Rep
     let mut cpu = CpuUsage::default();
     let mut reply_codes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     let mut invalid_reasons = Vec::new();
-    let started = reports.iter().map(|r| r.started_at_unix).fold(f64::INFINITY, f64::min);
+    let started = reports
+        .iter()
+        .map(|r| r.started_at_unix)
+        .fold(f64::INFINITY, f64::min);
     let duration = reports.iter().map(|r| r.duration_secs).fold(0.0, f64::max);
     let mut timeline: BTreeMap<u64, TimelinePoint> = BTreeMap::new();
     for (i, r) in reports.iter().enumerate() {
@@ -66,14 +75,21 @@ pub fn merge_reports(reports: &[Report], assertions: &[Assertion]) -> Result<Rep
         let shift = (r.started_at_unix - started).max(0.0).round() as u64;
         for p in &r.timeline {
             let t = p.t + shift;
-            let e = timeline.entry(t).or_insert(TimelinePoint { t, ..Default::default() });
+            let e = timeline.entry(t).or_insert(TimelinePoint {
+                t,
+                ..Default::default()
+            });
             e.messages += p.messages;
             e.sessions += p.sessions;
             e.errors += p.errors;
         }
         cpu.user_secs += r.cpu.user_secs;
         cpu.sys_secs += r.cpu.sys_secs;
-        invalid_reasons.extend(r.invalid_reasons.iter().map(|why| format!("input {}: {why}", i + 1)));
+        invalid_reasons.extend(
+            r.invalid_reasons
+                .iter()
+                .map(|why| format!("input {}: {why}", i + 1)),
+        );
     }
     let mut merged = Report::build(ReportInput {
         role: first.role,
@@ -119,10 +135,17 @@ impl std::fmt::Display for Regression {
 /// up by more than `max_regression_pct` percent, or `rate(messages)` down by
 /// more than that, are regressions. Metrics missing on either side are
 /// skipped.
-pub fn compare_baseline(current: &Report, baseline: &Report, max_regression_pct: f64) -> Vec<Regression> {
+pub fn compare_baseline(
+    current: &Report,
+    baseline: &Report,
+    max_regression_pct: f64,
+) -> Vec<Regression> {
     let mut out = Vec::new();
     for phase in [Phase::Message, Phase::Session] {
-        let (Some(b), Some(c)) = (baseline.latency.get(phase.as_str()), current.latency.get(phase.as_str())) else {
+        let (Some(b), Some(c)) = (
+            baseline.latency.get(phase.as_str()),
+            current.latency.get(phase.as_str()),
+        ) else {
             continue;
         };
         if b.count == 0 || c.count == 0 || b.p99_us == 0 {
@@ -131,14 +154,27 @@ pub fn compare_baseline(current: &Report, baseline: &Report, max_regression_pct:
         let (bv, cv) = (b.p99_us as f64, c.p99_us as f64);
         let change_pct = (cv - bv) / bv * 100.0;
         if change_pct > max_regression_pct {
-            out.push(Regression { metric: format!("p99({})", phase.as_str()), baseline: bv, current: cv, change_pct });
+            out.push(Regression {
+                metric: format!("p99({})", phase.as_str()),
+                baseline: bv,
+                current: cv,
+                change_pct,
+            });
         }
     }
-    let (bv, cv) = (baseline.rates.messages_per_sec, current.rates.messages_per_sec);
+    let (bv, cv) = (
+        baseline.rates.messages_per_sec,
+        current.rates.messages_per_sec,
+    );
     if bv > 0.0 {
         let change_pct = (bv - cv) / bv * 100.0;
         if change_pct > max_regression_pct {
-            out.push(Regression { metric: "rate(messages)".into(), baseline: bv, current: cv, change_pct });
+            out.push(Regression {
+                metric: "rate(messages)".into(),
+                baseline: bv,
+                current: cv,
+                change_pct,
+            });
         }
     }
     out
@@ -156,8 +192,15 @@ mod tests {
         let mut b = sample_blast_report();
         b.started_at_unix += 2.0;
         b.duration_secs = 12.0;
-        let merged = merge_reports(&[a.clone(), b.clone()], &[parse("accepted >= 2000").unwrap()]).unwrap();
-        assert_eq!(merged.counts.messages_accepted, a.counts.messages_accepted + b.counts.messages_accepted);
+        let merged = merge_reports(
+            &[a.clone(), b.clone()],
+            &[parse("accepted >= 2000").unwrap()],
+        )
+        .unwrap();
+        assert_eq!(
+            merged.counts.messages_accepted,
+            a.counts.messages_accepted + b.counts.messages_accepted
+        );
         assert_eq!(merged.counts.bytes, a.counts.bytes + b.counts.bytes);
         let ha = a.histogram(Phase::Message).unwrap().len();
         assert_eq!(merged.histogram(Phase::Message).unwrap().len(), 2 * ha);
@@ -180,13 +223,18 @@ mod tests {
     fn merged_percentiles_come_from_the_summed_histogram() {
         let a = sample_blast_report();
         let merged = merge_reports(&[a.clone(), a.clone()], &[]).unwrap();
-        assert_eq!(merged.latency["message"].p99_us, a.latency["message"].p99_us);
+        assert_eq!(
+            merged.latency["message"].p99_us,
+            a.latency["message"].p99_us
+        );
     }
 
     #[test]
     fn merging_files_round_trips_through_json() {
         let dir = tempfile::tempdir().unwrap();
-        let paths: Vec<_> = (0..3).map(|i| dir.path().join(format!("i{i}.json"))).collect();
+        let paths: Vec<_> = (0..3)
+            .map(|i| dir.path().join(format!("i{i}.json")))
+            .collect();
         for p in &paths {
             sample_blast_report().write_json(p).unwrap();
         }
@@ -201,7 +249,10 @@ mod tests {
         let a = sample_blast_report();
         let mut s = a.clone();
         s.role = crate::stats::report::Role::Sink;
-        assert!(matches!(merge_reports(&[a, s], &[]), Err(MergeError::MixedRoles(..))));
+        assert!(matches!(
+            merge_reports(&[a, s], &[]),
+            Err(MergeError::MixedRoles(..))
+        ));
     }
 
     #[test]
@@ -218,6 +269,8 @@ mod tests {
         cur.rates.messages_per_sec = base.rates.messages_per_sec * 0.5;
         let regs = compare_baseline(&cur, &base, 5.0);
         assert_eq!(regs.len(), 2);
-        assert!(regs[1].to_string().starts_with("rate(messages) regressed by 50.0%"));
+        assert!(regs[1]
+            .to_string()
+            .starts_with("rate(messages) regressed by 50.0%"));
     }
 }

@@ -36,14 +36,19 @@ pub mod report;
 pub mod summary;
 pub mod svg;
 
-pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion, AssertionResult};
+pub use assert::{
+    parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion,
+    AssertionResult,
+};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
 pub use recorder::{
-    new_histogram, Counts, IntervalMerger, IntervalSnapshot, Measurements, PhaseHistograms, Recorder,
-    ReplyCodes, TimelinePoint,
+    new_histogram, Counts, IntervalMerger, IntervalSnapshot, Measurements, PhaseHistograms,
+    Recorder, ReplyCodes, TimelinePoint,
 };
-pub use report::{load_report, CpuUsage, HostInfo, LatencySummary, Rates, Report, ReportError, ReportInput, Role};
+pub use report::{
+    load_report, CpuUsage, HostInfo, LatencySummary, Rates, Report, ReportError, ReportInput, Role,
+};
 pub use summary::write_summary;
 pub use svg::{write_svg, SvgError};

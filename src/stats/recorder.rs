@@ -142,7 +142,10 @@ impl PhaseHistograms {
         if h.is_empty() {
             return;
         }
-        add_histogram(self.slots[phase.index()].get_or_insert_with(new_histogram), h);
+        add_histogram(
+            self.slots[phase.index()].get_or_insert_with(new_histogram),
+            h,
+        );
     }
 
     /// Adds every phase of `other` into `self`.
@@ -157,7 +160,9 @@ impl PhaseHistograms {
     /// `(phase, histogram)` for every phase with a non-empty histogram, in
     /// `Phase::ALL` order.
     pub fn iter(&self) -> impl Iterator<Item = (Phase, &Histogram<u64>)> {
-        Phase::ALL.into_iter().filter_map(|p| self.get(p).map(|h| (p, h)))
+        Phase::ALL
+            .into_iter()
+            .filter_map(|p| self.get(p).map(|h| (p, h)))
     }
 
     /// Number of values recorded for `phase` (0 if none).
@@ -231,16 +236,20 @@ impl ReplyCodes {
     /// `(command, code as string, count)` for every non-zero tally; the
     /// out-of-range slot is named `"other"`.
     pub fn iter(&self) -> impl Iterator<Item = (CommandKind, String, u64)> + '_ {
-        self.tally.iter().enumerate().filter(|(_, n)| **n > 0).map(|(i, n)| {
-            let cmd = CommandKind::ALL[i / REPLY_SLOTS];
-            let slot = i % REPLY_SLOTS;
-            let code = if slot == REPLY_CODE_SPAN {
-                "other".to_string()
-            } else {
-                (slot as u16 + REPLY_CODE_MIN).to_string()
-            };
-            (cmd, code, *n)
-        })
+        self.tally
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| {
+                let cmd = CommandKind::ALL[i / REPLY_SLOTS];
+                let slot = i % REPLY_SLOTS;
+                let code = if slot == REPLY_CODE_SPAN {
+                    "other".to_string()
+                } else {
+                    (slot as u16 + REPLY_CODE_MIN).to_string()
+                };
+                (cmd, code, *n)
+            })
     }
 }
 
@@ -277,6 +286,22 @@ impl Measurements {
             add_histogram(self.schedule_lag.get_or_insert_with(new_histogram), h);
         }
         self.reply_codes.merge(&other.reply_codes);
+    }
+}
+
+impl Measurements {
+    /// Why an open-loop run must be marked invalid, if the schedule
+    /// slipped: the p99 of the schedule lag is above `max_p99_lag_us`.
+    /// `None` when the schedule held or no lag was recorded (closed loop).
+    pub fn schedule_slip_reason(&self, max_p99_lag_us: u64) -> Option<String> {
+        let h = self.schedule_lag.as_ref().filter(|h| !h.is_empty())?;
+        let p99 = h.value_at_quantile(0.99);
+        (p99 > max_p99_lag_us).then(|| {
+            format!(
+                "the blaster could not keep its schedule: p99 start lag {p99}µs > {max_p99_lag_us}µs (max {}µs)",
+                h.max()
+            )
+        })
     }
 }
 
@@ -414,10 +439,18 @@ impl Recorder {
     /// (counts delta and histograms of the interval). The next records
     /// start a new interval; each phase's histogram is allocated again on
     /// its first record (once per interval, never per record).
-    pub fn take_interval(&mut self, start_offset: Duration, duration: Duration) -> IntervalSnapshot {
+    pub fn take_interval(
+        &mut self,
+        start_offset: Duration,
+        duration: Duration,
+    ) -> IntervalSnapshot {
         let measurements = std::mem::take(&mut self.pending);
         self.total.merge(&measurements);
-        IntervalSnapshot { start_offset, duration, measurements }
+        IntervalSnapshot {
+            start_offset,
+            duration,
+            measurements,
+        }
     }
 
     /// Totals so far, including the pending interval.
@@ -470,7 +503,13 @@ impl IntervalMerger {
         let idx = match self.timeline.binary_search_by_key(&t, |p| p.t) {
             Ok(i) => i,
             Err(i) => {
-                self.timeline.insert(i, TimelinePoint { t, ..Default::default() });
+                self.timeline.insert(
+                    i,
+                    TimelinePoint {
+                        t,
+                        ..Default::default()
+                    },
+                );
                 i
             }
         };
@@ -538,6 +577,22 @@ mod tests {
     }
 
     #[test]
+    fn schedule_slip_is_reported_only_above_the_threshold() {
+        let mut r = Recorder::new();
+        assert_eq!(r.totals().schedule_slip_reason(1000), None);
+        for lag_us in 0..100 {
+            r.record_schedule_lag(lag_us * 100);
+        }
+        let m = r.finish();
+        assert_eq!(m.schedule_slip_reason(20_000), None);
+        let why = m.schedule_slip_reason(5_000).unwrap();
+        assert!(
+            why.starts_with("the blaster could not keep its schedule: p99 start lag 98"),
+            "{why}"
+        );
+    }
+
+    #[test]
     fn outcomes_add_up_to_attempted() {
         let mut r = Recorder::new();
         for o in [
@@ -597,8 +652,24 @@ mod tests {
         m.absorb(&b.take_interval(Duration::ZERO, Duration::from_secs(1)));
         let tl = m.timeline();
         assert_eq!(tl.len(), 2);
-        assert_eq!(tl[0], TimelinePoint { t: 0, messages: 0, sessions: 0, errors: 1 });
-        assert_eq!(tl[1], TimelinePoint { t: 1, messages: 2, sessions: 1, errors: 0 });
+        assert_eq!(
+            tl[0],
+            TimelinePoint {
+                t: 0,
+                messages: 0,
+                sessions: 0,
+                errors: 1
+            }
+        );
+        assert_eq!(
+            tl[1],
+            TimelinePoint {
+                t: 1,
+                messages: 2,
+                sessions: 1,
+                errors: 0
+            }
+        );
         assert_eq!(m.totals().counts.messages_attempted, 3);
     }
 

@@ -34,15 +34,28 @@ pub const TOOL: &str = "smtpstorm";
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: not a smtpstorm report: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("{path}: unsupported schema_version {found} (expected {SCHEMA_VERSION})")]
     SchemaVersion { path: String, found: u32 },
     #[error("{path}: histogram of `{key}` cannot be decoded: {reason}")]
-    Histogram { path: String, key: String, reason: String },
+    Histogram {
+        path: String,
+        key: String,
+        reason: String,
+    },
     #[error("cannot encode a histogram: {0}")]
     Encode(String),
 }
@@ -68,7 +81,11 @@ impl HostInfo {
     /// Reads `/proc/cpuinfo` and `/proc/sys/kernel/{osrelease,hostname}`
     /// (the same strings `uname` returns). Missing files give empty fields.
     pub fn detect() -> Self {
-        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
         let cpuinfo = read("/proc/cpuinfo");
         let cpu_model = cpuinfo
             .lines()
@@ -101,7 +118,11 @@ impl CpuUsage {
     /// the per-unit figures left at zero (see [`CpuUsage::with_work`]).
     pub fn now() -> Self {
         let (user_secs, sys_secs) = rusage_self_secs();
-        Self { user_secs, sys_secs, ..Default::default() }
+        Self {
+            user_secs,
+            sys_secs,
+            ..Default::default()
+        }
     }
 
     /// CPU used since `start` (an earlier [`CpuUsage::now`]).
@@ -117,8 +138,16 @@ impl CpuUsage {
     /// denominator is 0).
     pub fn with_work(mut self, sessions: u64, messages: u64) -> Self {
         let total_us = (self.user_secs + self.sys_secs) * 1e6;
-        self.cpu_us_per_session = if sessions > 0 { total_us / sessions as f64 } else { 0.0 };
-        self.cpu_us_per_message = if messages > 0 { total_us / messages as f64 } else { 0.0 };
+        self.cpu_us_per_session = if sessions > 0 {
+            total_us / sessions as f64
+        } else {
+            0.0
+        };
+        self.cpu_us_per_message = if messages > 0 {
+            total_us / messages as f64
+        } else {
+            0.0
+        };
         self
     }
 }
@@ -201,8 +230,17 @@ impl LatencySummary {
         if let Some(h) = &self.histogram {
             return Some(h.value_at_percentile(pct));
         }
-        let fields = [(50.0, self.p50_us), (90.0, self.p90_us), (99.0, self.p99_us), (99.9, self.p999_us), (100.0, self.max_us)];
-        fields.iter().find(|(p, _)| (p - pct).abs() < 1e-9).map(|(_, v)| *v)
+        let fields = [
+            (50.0, self.p50_us),
+            (90.0, self.p90_us),
+            (99.0, self.p99_us),
+            (99.9, self.p999_us),
+            (100.0, self.max_us),
+        ];
+        fields
+            .iter()
+            .find(|(p, _)| (p - pct).abs() < 1e-9)
+            .map(|(_, v)| *v)
     }
 }
 
@@ -308,7 +346,11 @@ impl Report {
         };
         let mut reply_codes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (cmd, code, n) in m.reply_codes.iter() {
-            *reply_codes.entry(cmd.as_str().to_string()).or_default().entry(code).or_default() += n;
+            *reply_codes
+                .entry(cmd.as_str().to_string())
+                .or_default()
+                .entry(code)
+                .or_default() += n;
         }
         Ok(Self {
             schema_version: SCHEMA_VERSION,
@@ -320,7 +362,9 @@ impl Report {
             started_at_unix: input.started_at_unix,
             duration_secs: input.duration_secs,
             rates: Rates::compute(&counts, input.duration_secs),
-            cpu: input.cpu.with_work(counts.sessions, counts.messages_accepted),
+            cpu: input
+                .cpu
+                .with_work(counts.sessions, counts.messages_accepted),
             counts,
             latency,
             latency_uncorrected,
@@ -352,7 +396,11 @@ impl Report {
 
     /// The latency histograms as a [`PhaseHistograms`] (for merging).
     pub fn phase_histograms(&self, uncorrected: bool) -> PhaseHistograms {
-        let map = if uncorrected { &self.latency_uncorrected } else { &self.latency };
+        let map = if uncorrected {
+            &self.latency_uncorrected
+        } else {
+            &self.latency
+        };
         let mut out = PhaseHistograms::default();
         for phase in Phase::ALL {
             if let Some(h) = map.get(phase.as_str()).and_then(|s| s.histogram.as_ref()) {
@@ -370,9 +418,15 @@ impl Report {
     /// Writes the report as pretty JSON to `path` (`-` is stdout).
     pub fn write_json(&self, path: &Path) -> Result<(), ReportError> {
         let text = self.to_json() + "\n";
-        let werr = |source| ReportError::Write { path: path.display().to_string(), source };
+        let werr = |source| ReportError::Write {
+            path: path.display().to_string(),
+            source,
+        };
         if path == Path::new("-") {
-            std::io::stdout().lock().write_all(text.as_bytes()).map_err(werr)
+            std::io::stdout()
+                .lock()
+                .write_all(text.as_bytes())
+                .map_err(werr)
         } else {
             std::fs::write(path, text).map_err(werr)
         }
@@ -383,16 +437,30 @@ impl Report {
     pub fn from_json(text: &str, origin: &str) -> Result<Self, ReportError> {
         let path = origin.to_string();
         let probe: serde_json::Value =
-            serde_json::from_str(text).map_err(|source| ReportError::Parse { path: path.clone(), source })?;
-        let found = probe.get("schema_version").and_then(|v| v.as_u64()).unwrap_or(0);
+            serde_json::from_str(text).map_err(|source| ReportError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        let found = probe
+            .get("schema_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
         if found != u64::from(SCHEMA_VERSION) {
-            return Err(ReportError::SchemaVersion { path, found: found.min(u32::MAX as u64) as u32 });
+            return Err(ReportError::SchemaVersion {
+                path,
+                found: found.min(u32::MAX as u64) as u32,
+            });
         }
-        let mut r: Report =
-            serde_json::from_value(probe).map_err(|source| ReportError::Parse { path: path.clone(), source })?;
+        let mut r: Report = serde_json::from_value(probe).map_err(|source| ReportError::Parse {
+            path: path.clone(),
+            source,
+        })?;
         let decode = |key: String, s: &mut LatencySummary| -> Result<(), ReportError> {
-            let h = decode_histogram(&s.hist)
-                .map_err(|reason| ReportError::Histogram { path: path.clone(), key, reason })?;
+            let h = decode_histogram(&s.hist).map_err(|reason| ReportError::Histogram {
+                path: path.clone(),
+                key,
+                reason,
+            })?;
             s.histogram = Some(h);
             Ok(())
         };
@@ -411,14 +479,21 @@ impl Report {
 
 /// Loads a report written by [`Report::write_json`], histograms decoded.
 pub fn load_report(path: &Path) -> Result<Report, ReportError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ReportError::Read { path: path.display().to_string(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ReportError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
     Report::from_json(&text, &path.display().to_string())
 }
 
 fn summarize(p: &PhaseHistograms) -> Result<BTreeMap<String, LatencySummary>, ReportError> {
     p.iter()
-        .map(|(phase, h)| Ok((phase.as_str().to_string(), LatencySummary::from_histogram(h)?)))
+        .map(|(phase, h)| {
+            Ok((
+                phase.as_str().to_string(),
+                LatencySummary::from_histogram(h)?,
+            ))
+        })
         .collect()
 }
 
@@ -455,9 +530,20 @@ pub(crate) mod tests {
             started_at_unix: 1_700_000_000.0,
             duration_secs: 10.0,
             measurements: m,
-            timeline: (0..10).map(|t| TimelinePoint { t, messages: 100, sessions: 10, errors: 0 }).collect(),
+            timeline: (0..10)
+                .map(|t| TimelinePoint {
+                    t,
+                    messages: 100,
+                    sessions: 10,
+                    errors: 0,
+                })
+                .collect(),
             invalid_reasons: vec![],
-            cpu: CpuUsage { user_secs: 1.0, sys_secs: 0.5, ..Default::default() },
+            cpu: CpuUsage {
+                user_secs: 1.0,
+                sys_secs: 0.5,
+                ..Default::default()
+            },
             host: None,
         })
         .unwrap()
@@ -476,7 +562,10 @@ pub(crate) mod tests {
         let p99 = v["latency"]["message"]["p99_us"].as_u64().unwrap();
         assert!((989_000..=991_000).contains(&p99), "p99 {p99}");
         assert_eq!(v["latency"]["message"]["count"], 1000);
-        assert!(v["latency"].get("ehlo").is_none(), "phases without data are left out");
+        assert!(
+            v["latency"].get("ehlo").is_none(),
+            "phases without data are left out"
+        );
         assert_eq!(v["latency_uncorrected"]["message"]["count"], 1000);
         assert_eq!(v["schedule_lag"]["count"], 1000);
         assert_eq!(v["reply_codes"]["mail"]["250"], 1000);
@@ -516,7 +605,10 @@ pub(crate) mod tests {
         let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         v["schema_version"] = 2.into();
         let e = Report::from_json(&v.to_string(), "x.json").unwrap_err();
-        assert!(e.to_string().contains("unsupported schema_version 2"), "{e}");
+        assert!(
+            e.to_string().contains("unsupported schema_version 2"),
+            "{e}"
+        );
         v["schema_version"] = 1.into();
         v["latency"]["message"]["hist"] = "not base64!".into();
         let e = Report::from_json(&v.to_string(), "x.json").unwrap_err();
@@ -558,7 +650,12 @@ pub(crate) mod tests {
         std::hint::black_box(x);
         let c = CpuUsage::now();
         assert!(c.user_secs + c.sys_secs > 0.0);
-        let w = CpuUsage { user_secs: 1.0, sys_secs: 1.0, ..Default::default() }.with_work(4, 0);
+        let w = CpuUsage {
+            user_secs: 1.0,
+            sys_secs: 1.0,
+            ..Default::default()
+        }
+        .with_work(4, 0);
         assert_eq!(w.cpu_us_per_session, 500_000.0);
         assert_eq!(w.cpu_us_per_message, 0.0);
     }

@@ -60,7 +60,11 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         Role::Blast => "blast",
         Role::Sink => "sink",
     };
-    writeln!(out, "smtpstorm {} {role}: {:.2}s on {} ({} cores)", report.version, report.duration_secs, report.host.hostname, report.host.cores)?;
+    writeln!(
+        out,
+        "smtpstorm {} {role}: {:.2}s on {} ({} cores)",
+        report.version, report.duration_secs, report.host.hostname, report.host.cores
+    )?;
     writeln!(
         out,
         "rates: {} msg/s, {} sessions/s, {}",
@@ -71,10 +75,19 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     writeln!(
         out,
         "cpu: user {:.2}s, sys {:.2}s, {:.1}µs/session, {:.1}µs/message",
-        report.cpu.user_secs, report.cpu.sys_secs, report.cpu.cpu_us_per_session, report.cpu.cpu_us_per_message
+        report.cpu.user_secs,
+        report.cpu.sys_secs,
+        report.cpu.cpu_us_per_session,
+        report.cpu.cpu_us_per_message
     )?;
     writeln!(out)?;
-    let pct = |n: u64| if c.messages_attempted > 0 { 100.0 * n as f64 / c.messages_attempted as f64 } else { 0.0 };
+    let pct = |n: u64| {
+        if c.messages_attempted > 0 {
+            100.0 * n as f64 / c.messages_attempted as f64
+        } else {
+            0.0
+        }
+    };
     writeln!(out, "{:<20} {:>12} {:>8}", "outcome", "count", "%")?;
     for (name, n) in [
         ("attempted", c.messages_attempted),
@@ -97,7 +110,11 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     }
     if !report.latency.is_empty() {
         writeln!(out)?;
-        writeln!(out, "{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}", "latency", "count", "p50", "p90", "p99", "p99.9", "max")?;
+        writeln!(
+            out,
+            "{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency", "count", "p50", "p90", "p99", "p99.9", "max"
+        )?;
         let mut rows: Vec<(String, &super::report::LatencySummary)> = Vec::new();
         for phase in Phase::ALL {
             if let Some(s) = report.latency.get(phase.as_str()) {
@@ -126,8 +143,15 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     if !report.assertions.is_empty() {
         writeln!(out)?;
         for a in &report.assertions {
-            let value = a.value.map_or_else(|| "no data".to_string(), |v| format!("{v:.3}"));
-            writeln!(out, "assert {:<4} {}  (value {value})", if a.ok { "ok" } else { "FAIL" }, a.expr)?;
+            let value = a
+                .value
+                .map_or_else(|| "no data".to_string(), |v| format!("{v:.3}"));
+            writeln!(
+                out,
+                "assert {:<4} {}  (value {value})",
+                if a.ok { "ok" } else { "FAIL" },
+                a.expr
+            )?;
         }
     }
     if !report.valid {
@@ -163,8 +187,14 @@ mod tests {
         let mut buf = Vec::new();
         write_summary(&r, &mut buf).unwrap();
         let text = String::from_utf8(buf).unwrap();
-        assert!(text.contains("rates: 100.0 msg/s, 10.0 sessions/s"), "{text}");
-        assert!(text.contains("accepted                     1000   99.90%"), "{text}");
+        assert!(
+            text.contains("rates: 100.0 msg/s, 10.0 sessions/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("accepted                     1000   99.90%"),
+            "{text}"
+        );
         let msg = text.lines().find(|l| l.starts_with("message ")).unwrap();
         assert!(msg.contains("1000") && msg.contains("ms"), "{msg}");
         assert!(text.contains("message (uncorrected)"));

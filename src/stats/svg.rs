@@ -4,20 +4,26 @@
 //! Invariants: drawn with plotters' SVG backend and its font-less text
 //! (the SVG viewer renders the text), so no font file is needed. The
 //! spectrum's x axis is `1/(1-percentile)` on a log scale (labelled 90%,
-//! 99%, 99.9%, ...), the standard HdrHistogram plot; latencies are in ms.
+//! 99%, 99.9%, ...), the standard HdrHistogram plot; the latency axis is
+//! logarithmic too (phases range from µs to s), labelled with units.
 //! A report without latency or timeline still yields a valid SVG with empty
 //! axes.
 
 use std::path::Path;
 
 use plotters::prelude::{
-    ChartBuilder, Color, IntoDrawingArea, IntoLogRange, LineSeries, Palette, Palette99, PathElement, SVGBackend,
-    SeriesLabelPosition, BLACK, WHITE,
+    ChartBuilder, Color, IntoDrawingArea, IntoLogRange, LineSeries, Palette, Palette99,
+    PathElement, SVGBackend, SeriesLabelPosition, BLACK, WHITE,
 };
 
 use super::hgrm::TICKS_PER_HALF_DISTANCE;
+use super::recorder::TimelinePoint;
 use super::report::{LatencySummary, Report};
+use super::summary::format_us;
 use crate::smtp::Phase;
+
+/// Picks one series out of a timeline point.
+type PointField = fn(&TimelinePoint) -> u64;
 
 /// Errors of drawing the charts.
 #[derive(Debug, thiserror::Error)]
@@ -35,10 +41,16 @@ fn spectrum(s: &LatencySummary) -> Vec<(f64, f64)> {
             .filter(|(q, _)| *q < 1.0)
             .map(|(q, v)| (1.0 / (1.0 - q), v as f64 / 1000.0))
             .collect(),
-        _ => [(0.0, s.min_us), (0.5, s.p50_us), (0.9, s.p90_us), (0.99, s.p99_us), (0.999, s.p999_us)]
-            .into_iter()
-            .map(|(q, v)| (1.0 / (1.0 - q), v as f64 / 1000.0))
-            .collect(),
+        _ => [
+            (0.0, s.min_us),
+            (0.5, s.p50_us),
+            (0.9, s.p90_us),
+            (0.99, s.p99_us),
+            (0.999, s.p999_us),
+        ]
+        .into_iter()
+        .map(|(q, v)| (1.0 / (1.0 - q), v as f64 / 1000.0))
+        .collect(),
     }
 }
 
@@ -52,7 +64,10 @@ fn nines_label(x: &f64) -> String {
 
 /// Draws both charts of `report` into an SVG file at `path`.
 pub fn write_svg(report: &Report, path: &Path) -> Result<(), SvgError> {
-    draw(report, path).map_err(|reason| SvgError::Draw { path: path.display().to_string(), reason })
+    draw(report, path).map_err(|reason| SvgError::Draw {
+        path: path.display().to_string(),
+        reason,
+    })
 }
 
 fn draw(report: &Report, path: &Path) -> Result<(), String> {
@@ -64,34 +79,57 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
     // Percentile spectrum.
     let series: Vec<(&str, Vec<(f64, f64)>)> = Phase::ALL
         .iter()
-        .filter_map(|p| report.latency.get(p.as_str()).map(|s| (p.as_str(), spectrum(s))))
+        .filter_map(|p| {
+            report
+                .latency
+                .get(p.as_str())
+                .map(|s| (p.as_str(), spectrum(s)))
+        })
         .filter(|(_, pts)| !pts.is_empty())
         .collect();
-    let x_max = series.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x)).fold(10.0_f64, f64::max);
+    let x_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
+        .fold(10.0_f64, f64::max);
     let x_max = 10f64.powf(x_max.log10().ceil());
-    let y_max = series.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y)).fold(0.0_f64, f64::max);
-    let y_max = if y_max > 0.0 { y_max * 1.05 } else { 1.0 };
+    // Latencies span µs to s across phases: a log y axis keeps every phase
+    // readable. Bounds are whole decades around the data, at least 1 µs.
+    let ys = || series.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y));
+    let y_lo = ys().filter(|y| *y > 0.0).fold(f64::INFINITY, f64::min);
+    let y_lo = if y_lo.is_finite() {
+        10f64.powf(y_lo.log10().floor()).max(0.001)
+    } else {
+        0.001
+    };
+    let y_hi = ys().fold(0.0_f64, f64::max).max(y_lo * 10.0);
+    let y_max = 10f64.powf(y_hi.log10().ceil());
     let mut chart = ChartBuilder::on(&upper)
         .caption("Latency by percentile", ("sans-serif", 22))
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((1.0_f64..x_max).log_scale(), 0.0_f64..y_max)
+        .build_cartesian_2d((1.0_f64..x_max).log_scale(), (y_lo..y_max).log_scale())
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
         .x_desc("percentile")
-        .y_desc("latency (ms)")
+        .y_desc("latency")
         .x_label_formatter(&nines_label)
+        .y_label_formatter(&|ms| format_us(ms * 1000.0))
         .draw()
         .map_err(|x| e(&x))?;
     for (i, (name, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                pts.iter().map(|&(x, y)| (x, y.max(y_lo))),
+                color.stroke_width(2),
+            ))
             .map_err(|x| e(&x))?
             .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     if !series.is_empty() {
         chart
@@ -106,7 +144,11 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
     // Throughput over time.
     let tl = &report.timeline;
     let t_max = tl.iter().map(|p| p.t + 1).max().unwrap_or(1).max(1) as f64;
-    let m_max = tl.iter().map(|p| p.messages.max(p.sessions)).max().unwrap_or(0) as f64;
+    let m_max = tl
+        .iter()
+        .map(|p| p.messages.max(p.sessions))
+        .max()
+        .unwrap_or(0) as f64;
     let m_max = if m_max > 0.0 { m_max * 1.1 } else { 1.0 };
     let mut chart = ChartBuilder::on(&lower)
         .caption("Throughput over time", ("sans-serif", 22))
@@ -122,15 +164,23 @@ fn draw(report: &Report, path: &Path) -> Result<(), String> {
         .draw()
         .map_err(|x| e(&x))?;
     if !tl.is_empty() {
-        let lines: [(&str, fn(&super::recorder::TimelinePoint) -> u64); 3] =
-            [("messages/s", |p| p.messages), ("sessions/s", |p| p.sessions), ("errors/s", |p| p.errors)];
+        let lines: [(&str, PointField); 3] = [
+            ("messages/s", |p| p.messages),
+            ("sessions/s", |p| p.sessions),
+            ("errors/s", |p| p.errors),
+        ];
         for (i, (name, f)) in lines.into_iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             chart
-                .draw_series(LineSeries::new(tl.iter().map(|p| (p.t as f64, f(p) as f64)), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    tl.iter().map(|p| (p.t as f64, f(p) as f64)),
+                    color.stroke_width(2),
+                ))
                 .map_err(|x| e(&x))?
                 .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -171,7 +221,10 @@ mod tests {
         assert!(svg.contains(">message\n</text>") || svg.contains(">\nmessage\n</text>"));
         assert!(svg.contains("messages/s\n</text>"));
         assert!(svg.contains("99.9%"));
-        assert!(svg.matches("<polyline").count() >= 6, "3 phases + 3 throughput lines");
+        assert!(
+            svg.matches("<polyline").count() >= 6,
+            "3 phases + 3 throughput lines"
+        );
     }
 
     #[test]
