@@ -476,6 +476,25 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_on_any_input(s in "\\PC{0,40}") {
+            if let Err(e) = parse(&s) {
+                proptest::prop_assert!(!e.to_string().contains('\n') || s.contains('\n'));
+            }
+        }
+
+        #[test]
+        fn parse_never_panics_on_near_misses(
+            f in "(p[0-9.]{0,5}|max|min|mean|rate|errors|tempfailed)",
+            a in "\\(?(message|mail|messages|x|)\\)?",
+            op in "(<|<=|>|>=|==|!=|=|!)",
+            n in "[0-9.]{0,6}(us|µs|ms|s|k|M|%|x)?",
+        ) {
+            let _ = parse(&format!("{f}{a} {op} {n}"));
+        }
+    }
+
     #[test]
     fn report_stores_assertion_results() {
         let mut r = sample_blast_report();

@@ -320,6 +320,35 @@ pub struct IntervalSnapshot {
 }
 
 impl IntervalSnapshot {
+    /// One line for the live display, e.g.
+    /// `[  12s] 20113 msg/s  310 sess/s  0 err/s  p50 1.20ms  p99 4.10ms (message)`:
+    /// rates over this interval's duration; percentiles of `message` (or of
+    /// `session` when no message completed).
+    pub fn live_line(&self) -> String {
+        let secs = self.duration.as_secs_f64().max(1e-9);
+        let c = &self.measurements.counts;
+        let mut line = format!(
+            "[{:>5}s] {:.0} msg/s  {:.0} sess/s  {:.0} err/s",
+            self.start_offset.as_secs() + 1,
+            c.messages_accepted as f64 / secs,
+            c.sessions as f64 / secs,
+            c.errors() as f64 / secs,
+        );
+        let lat = &self.measurements.latency;
+        let shown = [Phase::Message, Phase::Session]
+            .into_iter()
+            .find_map(|p| lat.get(p).map(|h| (p, h)));
+        if let Some((phase, h)) = shown {
+            line.push_str(&format!(
+                "  p50 {}  p99 {} ({})",
+                super::summary::format_us(h.value_at_quantile(0.5) as f64),
+                super::summary::format_us(h.value_at_quantile(0.99) as f64),
+                phase.as_str()
+            ));
+        }
+        line
+    }
+
     /// Adds another thread's snapshot of the same interval (for one
     /// `.hlog` line per phase per interval); keeps the earliest start and
     /// the longest duration.
@@ -636,6 +665,27 @@ mod tests {
         assert_eq!(t.counts.messages_accepted, 3);
         assert_eq!(t.latency.count(Phase::Message), 2);
         assert_eq!(t.reply_codes.get(CommandKind::Mail, 250), 1);
+    }
+
+    #[test]
+    fn live_line_shows_interval_rates_and_message_percentiles() {
+        let mut r = Recorder::new();
+        for _ in 0..200 {
+            r.count_outcome(Outcome::Accepted);
+            r.record(Phase::Message, 1500);
+        }
+        r.count_session(false);
+        let line = r
+            .take_interval(Duration::from_secs(11), Duration::from_millis(500))
+            .live_line();
+        assert_eq!(
+            line,
+            "[   12s] 400 msg/s  2 sess/s  0 err/s  p50 1.50ms  p99 1.50ms (message)"
+        );
+        let idle = r
+            .take_interval(Duration::from_secs(12), Duration::from_secs(1))
+            .live_line();
+        assert_eq!(idle, "[   13s] 0 msg/s  0 sess/s  0 err/s");
     }
 
     #[test]
