@@ -1,1 +1,54 @@
 //! Per-thread recorders, merge and reports.
+//!
+//! Data flow: each runtime thread owns a [`Recorder`] (no locks, no
+//! atomics) and once per second hands an [`IntervalSnapshot`] to the main
+//! thread, which absorbs them in an [`IntervalMerger`] (live line,
+//! throughput timeline) and an [`HlogWriter`] (`.hlog`). At the end the
+//! merged [`Measurements`] become a [`Report`] (JSON, with every histogram
+//! encoded), which feeds [`write_hgrm`], [`write_summary`], [`write_svg`],
+//! assertions ([`Assertion`]), [`compare_baseline`] and [`merge_reports`].
+//!
+//! Typical use by a role:
+//!
+//! ```text
+//! worker thread:  rec.record(Phase::Message, latency_us); rec.count_outcome(outcome);
+//!                 every second: tx.send(rec.take_interval(start_offset, 1s))
+//!                 at the end:   tx.send(rec.take_interval(..)); send rec.finish().reply_codes
+//! main thread:    per tick, merge the N snapshots of that tick (IntervalSnapshot::merge),
+//!                 hlog.write_snapshot(&merged), merger.absorb(&merged)
+//!                 at the end: merger.absorb_reply_codes(..); let (m, timeline) = merger.into_parts();
+//!                 Report::build(ReportInput { measurements: m, timeline, .. })
+//!                 report.evaluate_assertions(&asserts); report.write_json(path);
+//!                 write_hgrm_file(&report, Phase::Message, path); write_summary(&report, &mut stderr)
+//! ```
+//!
+//! Invariants: every histogram has the same fixed bounds (1 µs .. 1 hour,
+//! 3 significant figures, see [`recorder::new_histogram`]), so histograms
+//! from any thread, instance or machine add up exactly; percentiles are
+//! always computed from summed histograms, never averaged.
+
+pub mod assert;
+pub mod hgrm;
+pub mod hlog;
+pub mod merge;
+pub mod recorder;
+pub mod report;
+pub mod summary;
+pub mod svg;
+
+pub use assert::{
+    parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion,
+    AssertionResult,
+};
+pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
+pub use hlog::{HlogError, HlogWriter};
+pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
+pub use recorder::{
+    new_histogram, Counts, IntervalMerger, IntervalSnapshot, Measurements, PhaseHistograms,
+    Recorder, ReplyCodes, TimelinePoint,
+};
+pub use report::{
+    load_report, CpuUsage, HostInfo, LatencySummary, Rates, Report, ReportError, ReportInput, Role,
+};
+pub use summary::write_summary;
+pub use svg::{write_svg, SvgError};

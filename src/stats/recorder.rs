@@ -1,0 +1,752 @@
+//! Per-thread recorders: latency histograms per phase, outcome counters and
+//! reply-code tallies, plus the once-a-second interval snapshot.
+//!
+//! Invariants:
+//! - Every histogram in this crate is built by [`new_histogram`] with the
+//!   same fixed bounds (1 µs .. 1 hour, 3 significant figures), so any two
+//!   histograms from any thread, instance or machine can be added.
+//! - Recording never panics and never fails: values above the highest
+//!   trackable value are clamped (`saturating_record`), zero is recorded as
+//!   is (HdrHistogram tracks 0 in its first bucket).
+//! - A [`Recorder`] is owned by one thread: no locks, no atomics. After the
+//!   first record of a phase, recording does not allocate.
+//! - Counts add up: [`Recorder::count_outcome`] bumps `messages_attempted`
+//!   and exactly one outcome counter, so `messages_attempted` equals the sum
+//!   of the outcome counters of message-scoped outcomes.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::smtp::{CommandKind, Outcome, Phase};
+
+/// Lowest trackable latency, in microseconds.
+pub const HIST_LOW_US: u64 = 1;
+/// Highest trackable latency, in microseconds (one hour). Larger values are
+/// clamped to it.
+pub const HIST_HIGH_US: u64 = 3_600_000_000;
+/// Significant decimal digits kept by every histogram.
+pub const HIST_SIGFIG: u8 = 3;
+
+/// A latency histogram in microseconds with the crate-wide fixed bounds.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(HIST_LOW_US, HIST_HIGH_US, HIST_SIGFIG)
+        .expect("the fixed histogram bounds are valid")
+}
+
+/// Adds `src` into `dst`. Both come from [`new_histogram`] or from a
+/// decoded report; if `src` has other bounds (a foreign file), its values
+/// are re-recorded one bucket at a time, clamped to our range.
+pub fn add_histogram(dst: &mut Histogram<u64>, src: &Histogram<u64>) {
+    if dst.add(src).is_err() {
+        for v in src.iter_recorded() {
+            let value = v.value_iterated_to().min(HIST_HIGH_US);
+            dst.saturating_record_n(value, v.count_at_value());
+        }
+    }
+}
+
+/// Outcome and traffic counters. Field names are the JSON keys of `counts`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub sessions: u64,
+    pub tls_sessions: u64,
+    pub messages_attempted: u64,
+    pub messages_accepted: u64,
+    pub messages_tempfailed: u64,
+    pub messages_rejected: u64,
+    pub connection_errors: u64,
+    pub timeouts: u64,
+    pub protocol_errors: u64,
+    pub recipients: u64,
+    pub bytes: u64,
+    pub verify_ok: u64,
+    pub verify_corrupt: u64,
+}
+
+impl Counts {
+    /// `connection_errors + timeouts + protocol_errors` (the `errors` of
+    /// assertions).
+    pub fn errors(&self) -> u64 {
+        self.connection_errors
+            .saturating_add(self.timeouts)
+            .saturating_add(self.protocol_errors)
+    }
+
+    /// Field-wise saturating addition.
+    pub fn add(&mut self, o: &Counts) {
+        self.zip_with(o, u64::saturating_add);
+    }
+
+    /// Field-wise `self - earlier`, saturating at zero.
+    pub fn delta_since(&self, earlier: &Counts) -> Counts {
+        let mut d = *self;
+        d.zip_with(earlier, u64::saturating_sub);
+        d
+    }
+
+    fn zip_with(&mut self, o: &Counts, f: fn(u64, u64) -> u64) {
+        self.sessions = f(self.sessions, o.sessions);
+        self.tls_sessions = f(self.tls_sessions, o.tls_sessions);
+        self.messages_attempted = f(self.messages_attempted, o.messages_attempted);
+        self.messages_accepted = f(self.messages_accepted, o.messages_accepted);
+        self.messages_tempfailed = f(self.messages_tempfailed, o.messages_tempfailed);
+        self.messages_rejected = f(self.messages_rejected, o.messages_rejected);
+        self.connection_errors = f(self.connection_errors, o.connection_errors);
+        self.timeouts = f(self.timeouts, o.timeouts);
+        self.protocol_errors = f(self.protocol_errors, o.protocol_errors);
+        self.recipients = f(self.recipients, o.recipients);
+        self.bytes = f(self.bytes, o.bytes);
+        self.verify_ok = f(self.verify_ok, o.verify_ok);
+        self.verify_corrupt = f(self.verify_corrupt, o.verify_corrupt);
+    }
+
+    /// Bumps the counter of `outcome` only (not `messages_attempted`).
+    fn bump_outcome(&mut self, outcome: Outcome) {
+        let c = match outcome {
+            Outcome::Accepted => &mut self.messages_accepted,
+            Outcome::TempFailed => &mut self.messages_tempfailed,
+            Outcome::Rejected => &mut self.messages_rejected,
+            Outcome::ConnectionError => &mut self.connection_errors,
+            Outcome::Timeout => &mut self.timeouts,
+            Outcome::ProtocolError => &mut self.protocol_errors,
+        };
+        *c = c.saturating_add(1);
+    }
+}
+
+/// One lazily allocated histogram per [`Phase`], indexed by `Phase::index`.
+#[derive(Clone, Debug, Default)]
+pub struct PhaseHistograms {
+    slots: [Option<Histogram<u64>>; Phase::ALL.len()],
+}
+
+impl PhaseHistograms {
+    /// Records `latency_us` (clamped) for `phase`; allocates the phase's
+    /// histogram on its first record only.
+    #[inline]
+    pub fn record(&mut self, phase: Phase, latency_us: u64) {
+        self.slots[phase.index()]
+            .get_or_insert_with(new_histogram)
+            .saturating_record(latency_us.min(HIST_HIGH_US));
+    }
+
+    /// The histogram of `phase`, if anything was recorded (or added) there.
+    pub fn get(&self, phase: Phase) -> Option<&Histogram<u64>> {
+        self.slots[phase.index()].as_ref().filter(|h| !h.is_empty())
+    }
+
+    /// Adds `h` into the histogram of `phase`.
+    pub fn add(&mut self, phase: Phase, h: &Histogram<u64>) {
+        if h.is_empty() {
+            return;
+        }
+        add_histogram(
+            self.slots[phase.index()].get_or_insert_with(new_histogram),
+            h,
+        );
+    }
+
+    /// Adds every phase of `other` into `self`.
+    pub fn merge(&mut self, other: &PhaseHistograms) {
+        for phase in Phase::ALL {
+            if let Some(h) = other.get(phase) {
+                self.add(phase, h);
+            }
+        }
+    }
+
+    /// `(phase, histogram)` for every phase with a non-empty histogram, in
+    /// `Phase::ALL` order.
+    pub fn iter(&self) -> impl Iterator<Item = (Phase, &Histogram<u64>)> {
+        Phase::ALL
+            .into_iter()
+            .filter_map(|p| self.get(p).map(|h| (p, h)))
+    }
+
+    /// Number of values recorded for `phase` (0 if none).
+    pub fn count(&self, phase: Phase) -> u64 {
+        self.get(phase).map_or(0, |h| h.len())
+    }
+}
+
+/// Lowest reply code tallied individually.
+const REPLY_CODE_MIN: u16 = 100;
+/// Number of individually tallied codes (100..=599).
+const REPLY_CODE_SPAN: usize = 500;
+/// Slots per command: the 500 codes plus one for anything out of range.
+const REPLY_SLOTS: usize = REPLY_CODE_SPAN + 1;
+
+/// Reply-code tallies per [`CommandKind`]: a flat fixed array (allocated on
+/// the first tally, never again), codes 100..=599 individually, any other
+/// code under the key `"other"`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplyCodes {
+    tally: Vec<u64>,
+}
+
+impl ReplyCodes {
+    /// Counts one reply `code` to `cmd`.
+    #[inline]
+    pub fn count(&mut self, cmd: CommandKind, code: u16) {
+        self.count_n(cmd, code, 1);
+    }
+
+    /// Counts `n` replies `code` to `cmd`.
+    pub fn count_n(&mut self, cmd: CommandKind, code: u16, n: u64) {
+        if self.tally.is_empty() {
+            self.tally = vec![0; CommandKind::ALL.len() * REPLY_SLOTS];
+        }
+        let slot = match code.checked_sub(REPLY_CODE_MIN) {
+            Some(off) if (off as usize) < REPLY_CODE_SPAN => off as usize,
+            _ => REPLY_CODE_SPAN,
+        };
+        let i = cmd_index(cmd) * REPLY_SLOTS + slot;
+        self.tally[i] = self.tally[i].saturating_add(n);
+    }
+
+    /// How many replies `code` answered `cmd`.
+    pub fn get(&self, cmd: CommandKind, code: u16) -> u64 {
+        if self.tally.is_empty() {
+            return 0;
+        }
+        match code.checked_sub(REPLY_CODE_MIN) {
+            Some(off) if (off as usize) < REPLY_CODE_SPAN => {
+                self.tally[cmd_index(cmd) * REPLY_SLOTS + off as usize]
+            }
+            _ => self.tally[cmd_index(cmd) * REPLY_SLOTS + REPLY_CODE_SPAN],
+        }
+    }
+
+    /// Adds every tally of `other`.
+    pub fn merge(&mut self, other: &ReplyCodes) {
+        if other.tally.is_empty() {
+            return;
+        }
+        if self.tally.is_empty() {
+            self.tally = other.tally.clone();
+            return;
+        }
+        for (a, b) in self.tally.iter_mut().zip(&other.tally) {
+            *a = a.saturating_add(*b);
+        }
+    }
+
+    /// `(command, code as string, count)` for every non-zero tally; the
+    /// out-of-range slot is named `"other"`.
+    pub fn iter(&self) -> impl Iterator<Item = (CommandKind, String, u64)> + '_ {
+        self.tally
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| {
+                let cmd = CommandKind::ALL[i / REPLY_SLOTS];
+                let slot = i % REPLY_SLOTS;
+                let code = if slot == REPLY_CODE_SPAN {
+                    "other".to_string()
+                } else {
+                    (slot as u16 + REPLY_CODE_MIN).to_string()
+                };
+                (cmd, code, *n)
+            })
+    }
+}
+
+fn cmd_index(cmd: CommandKind) -> usize {
+    // `CommandKind::ALL` lists the variants in declaration order.
+    cmd as usize
+}
+
+/// Everything one recorder (or a merge of several) measured over some span
+/// of time: counters, latency histograms (corrected and uncorrected), the
+/// schedule lag and the reply-code tallies.
+#[derive(Clone, Debug, Default)]
+pub struct Measurements {
+    pub counts: Counts,
+    /// Latency per phase. For `message` and `session` in open-loop mode this
+    /// is measured from the intended start (coordinated-omission corrected).
+    pub latency: PhaseHistograms,
+    /// Latency of `message` and `session` from the actual start (open loop
+    /// only; empty in closed loop).
+    pub latency_uncorrected: PhaseHistograms,
+    /// How late each scheduled start was, in microseconds (open loop only).
+    pub schedule_lag: Option<Histogram<u64>>,
+    pub reply_codes: ReplyCodes,
+}
+
+impl Measurements {
+    /// Adds `other` into `self`: counters, histograms and tallies are summed
+    /// (percentiles are never averaged).
+    pub fn merge(&mut self, other: &Measurements) {
+        self.counts.add(&other.counts);
+        self.latency.merge(&other.latency);
+        self.latency_uncorrected.merge(&other.latency_uncorrected);
+        if let Some(h) = other.schedule_lag.as_ref().filter(|h| !h.is_empty()) {
+            add_histogram(self.schedule_lag.get_or_insert_with(new_histogram), h);
+        }
+        self.reply_codes.merge(&other.reply_codes);
+    }
+}
+
+impl Measurements {
+    /// Why an open-loop run must be marked invalid, if the schedule
+    /// slipped: the p99 of the schedule lag is above `max_p99_lag_us`.
+    /// `None` when the schedule held or no lag was recorded (closed loop).
+    pub fn schedule_slip_reason(&self, max_p99_lag_us: u64) -> Option<String> {
+        let h = self.schedule_lag.as_ref().filter(|h| !h.is_empty())?;
+        let p99 = h.value_at_quantile(0.99);
+        (p99 > max_p99_lag_us).then(|| {
+            format!(
+                "the blaster could not keep its schedule: p99 start lag {p99}µs > {max_p99_lag_us}µs (max {}µs)",
+                h.max()
+            )
+        })
+    }
+}
+
+/// What one thread measured during one interval (normally one second):
+/// send it to the main thread, which merges the snapshots of all threads
+/// for the live line, the throughput timeline and the `.hlog`.
+#[derive(Clone, Debug)]
+pub struct IntervalSnapshot {
+    /// Start of the interval, as an offset from the run start.
+    pub start_offset: Duration,
+    /// Length of the interval.
+    pub duration: Duration,
+    /// Counters, histograms of the interval only (reply codes are kept in
+    /// the totals only and are empty here).
+    pub measurements: Measurements,
+}
+
+impl IntervalSnapshot {
+    /// One line for the live display, e.g.
+    /// `[  12s] 20113 msg/s  310 sess/s  0 err/s  p50 1.20ms  p99 4.10ms (message)`:
+    /// rates over this interval's duration; percentiles of `message` (or of
+    /// `session` when no message completed).
+    pub fn live_line(&self) -> String {
+        let secs = self.duration.as_secs_f64().max(1e-9);
+        let c = &self.measurements.counts;
+        let mut line = format!(
+            "[{:>5}s] {:.0} msg/s  {:.0} sess/s  {:.0} err/s",
+            self.start_offset.as_secs() + 1,
+            c.messages_accepted as f64 / secs,
+            c.sessions as f64 / secs,
+            c.errors() as f64 / secs,
+        );
+        let lat = &self.measurements.latency;
+        let shown = [Phase::Message, Phase::Session]
+            .into_iter()
+            .find_map(|p| lat.get(p).map(|h| (p, h)));
+        if let Some((phase, h)) = shown {
+            line.push_str(&format!(
+                "  p50 {}  p99 {} ({})",
+                super::summary::format_us(h.value_at_quantile(0.5) as f64),
+                super::summary::format_us(h.value_at_quantile(0.99) as f64),
+                phase.as_str()
+            ));
+        }
+        line
+    }
+
+    /// Adds another thread's snapshot of the same interval (for one
+    /// `.hlog` line per phase per interval); keeps the earliest start and
+    /// the longest duration.
+    pub fn merge(&mut self, other: &IntervalSnapshot) {
+        self.start_offset = self.start_offset.min(other.start_offset);
+        self.duration = self.duration.max(other.duration);
+        self.measurements.merge(&other.measurements);
+    }
+}
+
+/// The per-thread recorder. One per thread; no locks or atomics.
+///
+/// Records go into the current interval; [`Recorder::take_interval`] folds
+/// the interval into the running totals and hands it out as a snapshot.
+/// [`Recorder::finish`] folds whatever is pending and returns the totals.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    total: Measurements,
+    pending: Measurements,
+}
+
+impl Recorder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a latency of `phase`. In open-loop mode pass the corrected
+    /// latency (from the intended start) for `message` and `session`.
+    #[inline]
+    pub fn record(&mut self, phase: Phase, latency_us: u64) {
+        self.pending.latency.record(phase, latency_us);
+    }
+
+    /// Records the uncorrected latency (from the actual start) of `phase`;
+    /// meaningful for `message` and `session` in open-loop mode.
+    #[inline]
+    pub fn record_uncorrected(&mut self, phase: Phase, latency_us: u64) {
+        self.pending.latency_uncorrected.record(phase, latency_us);
+    }
+
+    /// Records how late a scheduled start was (open loop).
+    #[inline]
+    pub fn record_schedule_lag(&mut self, lag_us: u64) {
+        self.pending
+            .schedule_lag
+            .get_or_insert_with(new_histogram)
+            .saturating_record(lag_us.min(HIST_HIGH_US));
+    }
+
+    /// Counts one attempted message ending in `outcome`: bumps
+    /// `messages_attempted` and the outcome's counter.
+    #[inline]
+    pub fn count_outcome(&mut self, outcome: Outcome) {
+        let c = &mut self.pending.counts;
+        c.messages_attempted = c.messages_attempted.saturating_add(1);
+        c.bump_outcome(outcome);
+    }
+
+    /// Counts an error that belongs to no message (e.g. a sink connection
+    /// reset between messages, a failed connect with no message planned):
+    /// bumps the error counter of `outcome` but not `messages_attempted`.
+    /// Accepted/TempFailed/Rejected are message outcomes: use
+    /// [`Recorder::count_outcome`] for them.
+    #[inline]
+    pub fn count_session_error(&mut self, outcome: Outcome) {
+        self.pending.counts.bump_outcome(outcome);
+    }
+
+    /// Counts one session (connection that reached the SMTP dialogue).
+    #[inline]
+    pub fn count_session(&mut self, tls: bool) {
+        let c = &mut self.pending.counts;
+        c.sessions = c.sessions.saturating_add(1);
+        if tls {
+            c.tls_sessions = c.tls_sessions.saturating_add(1);
+        }
+    }
+
+    /// Counts recipients sent (blaster) or accepted (sink).
+    #[inline]
+    pub fn count_recipients(&mut self, n: u64) {
+        let c = &mut self.pending.counts;
+        c.recipients = c.recipients.saturating_add(n);
+    }
+
+    /// Counts message bytes (DATA/BDAT payload).
+    #[inline]
+    pub fn count_bytes(&mut self, n: u64) {
+        let c = &mut self.pending.counts;
+        c.bytes = c.bytes.saturating_add(n);
+    }
+
+    /// Counts one verified message (`ok`) or a corrupt one.
+    #[inline]
+    pub fn count_verify(&mut self, ok: bool) {
+        let c = &mut self.pending.counts;
+        if ok {
+            c.verify_ok = c.verify_ok.saturating_add(1);
+        } else {
+            c.verify_corrupt = c.verify_corrupt.saturating_add(1);
+        }
+    }
+
+    /// Counts one reply `code` to `cmd` (kept in the totals only).
+    #[inline]
+    pub fn count_reply(&mut self, cmd: CommandKind, code: u16) {
+        self.total.reply_codes.count(cmd, code);
+    }
+
+    /// Direct access to the counters of the current interval, for anything
+    /// the helpers above do not cover.
+    pub fn counts_mut(&mut self) -> &mut Counts {
+        &mut self.pending.counts
+    }
+
+    /// Ends the current interval: folds it into the totals and returns it
+    /// (counts delta and histograms of the interval). The next records
+    /// start a new interval; each phase's histogram is allocated again on
+    /// its first record (once per interval, never per record).
+    pub fn take_interval(
+        &mut self,
+        start_offset: Duration,
+        duration: Duration,
+    ) -> IntervalSnapshot {
+        let measurements = std::mem::take(&mut self.pending);
+        self.total.merge(&measurements);
+        IntervalSnapshot {
+            start_offset,
+            duration,
+            measurements,
+        }
+    }
+
+    /// Totals so far, including the pending interval.
+    pub fn totals(&self) -> Measurements {
+        let mut t = self.total.clone();
+        t.merge(&self.pending);
+        t
+    }
+
+    /// Folds the pending interval and returns the totals of the run.
+    pub fn finish(mut self) -> Measurements {
+        let pending = std::mem::take(&mut self.pending);
+        self.total.merge(&pending);
+        self.total
+    }
+}
+
+/// One point of the throughput-over-time series (JSON `timeline`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    /// Seconds since the run start (start of the one-second bin).
+    pub t: u64,
+    /// Messages accepted in this second.
+    pub messages: u64,
+    /// Sessions started in this second.
+    pub sessions: u64,
+    /// Connection errors + timeouts + protocol errors in this second.
+    pub errors: u64,
+}
+
+/// Main-thread accumulator of interval snapshots from every thread: the
+/// run totals, the timeline (one point per second) and the merged
+/// measurements of the interval being assembled.
+#[derive(Debug, Default)]
+pub struct IntervalMerger {
+    total: Measurements,
+    timeline: Vec<TimelinePoint>,
+}
+
+impl IntervalMerger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one thread's snapshot to the totals and to the timeline bin of
+    /// its start second.
+    pub fn absorb(&mut self, snap: &IntervalSnapshot) {
+        self.total.merge(&snap.measurements);
+        let t = snap.start_offset.as_secs();
+        let idx = match self.timeline.binary_search_by_key(&t, |p| p.t) {
+            Ok(i) => i,
+            Err(i) => {
+                self.timeline.insert(
+                    i,
+                    TimelinePoint {
+                        t,
+                        ..Default::default()
+                    },
+                );
+                i
+            }
+        };
+        let c = &snap.measurements.counts;
+        let p = &mut self.timeline[idx];
+        p.messages = p.messages.saturating_add(c.messages_accepted);
+        p.sessions = p.sessions.saturating_add(c.sessions);
+        p.errors = p.errors.saturating_add(c.errors());
+    }
+
+    /// Adds reply tallies (e.g. from each thread's [`Recorder::finish`]),
+    /// which snapshots do not carry.
+    pub fn absorb_reply_codes(&mut self, r: &ReplyCodes) {
+        self.total.reply_codes.merge(r);
+    }
+
+    /// Totals of everything absorbed.
+    pub fn totals(&self) -> &Measurements {
+        &self.total
+    }
+
+    /// The timeline so far, sorted by `t`.
+    pub fn timeline(&self) -> &[TimelinePoint] {
+        &self.timeline
+    }
+
+    /// Consumes the merger: `(totals, timeline)`.
+    pub fn into_parts(self) -> (Measurements, Vec<TimelinePoint>) {
+        (self.total, self.timeline)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_one_to_ten_thousand_are_within_precision() {
+        let mut r = Recorder::new();
+        for v in 1..=10_000u64 {
+            r.record(Phase::Message, v);
+        }
+        let m = r.finish();
+        let h = m.latency.get(Phase::Message).unwrap();
+        assert_eq!(h.len(), 10_000);
+        assert_eq!(h.min(), 1);
+        let p50 = h.value_at_quantile(0.5) as f64;
+        let p99 = h.value_at_quantile(0.99) as f64;
+        assert!((p50 - 5000.0).abs() / 5000.0 < 0.001, "p50 {p50}");
+        assert!((p99 - 9900.0).abs() / 9900.0 < 0.001, "p99 {p99}");
+        assert!((h.max() as f64 - 10_000.0).abs() < 10.0);
+    }
+
+    #[test]
+    fn values_above_one_hour_are_clamped_not_panicking() {
+        let mut r = Recorder::new();
+        r.record(Phase::Session, u64::MAX);
+        r.record_schedule_lag(u64::MAX);
+        r.record(Phase::Session, 0);
+        let m = r.finish();
+        let h = m.latency.get(Phase::Session).unwrap();
+        assert_eq!(h.len(), 2);
+        assert!(h.equivalent(h.max(), HIST_HIGH_US));
+        assert_eq!(m.schedule_lag.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn schedule_slip_is_reported_only_above_the_threshold() {
+        let mut r = Recorder::new();
+        assert_eq!(r.totals().schedule_slip_reason(1000), None);
+        for lag_us in 0..100 {
+            r.record_schedule_lag(lag_us * 100);
+        }
+        let m = r.finish();
+        assert_eq!(m.schedule_slip_reason(20_000), None);
+        let why = m.schedule_slip_reason(5_000).unwrap();
+        assert!(
+            why.starts_with("the blaster could not keep its schedule: p99 start lag 98"),
+            "{why}"
+        );
+    }
+
+    #[test]
+    fn outcomes_add_up_to_attempted() {
+        let mut r = Recorder::new();
+        for o in [
+            Outcome::Accepted,
+            Outcome::Accepted,
+            Outcome::TempFailed,
+            Outcome::Rejected,
+            Outcome::ConnectionError,
+            Outcome::Timeout,
+            Outcome::ProtocolError,
+        ] {
+            r.count_outcome(o);
+        }
+        r.count_session_error(Outcome::ConnectionError);
+        let c = r.finish().counts;
+        assert_eq!(c.messages_attempted, 7);
+        assert_eq!(c.messages_accepted, 2);
+        assert_eq!(c.connection_errors, 2);
+        assert_eq!(c.errors(), 4);
+        assert_eq!(
+            c.messages_attempted,
+            c.messages_accepted + c.messages_tempfailed + c.messages_rejected + c.errors() - 1
+        );
+    }
+
+    #[test]
+    fn interval_snapshots_carry_deltas_and_totals_keep_everything() {
+        let mut r = Recorder::new();
+        r.count_outcome(Outcome::Accepted);
+        r.record(Phase::Message, 100);
+        let s1 = r.take_interval(Duration::ZERO, Duration::from_secs(1));
+        r.count_outcome(Outcome::Accepted);
+        r.count_outcome(Outcome::Accepted);
+        r.record(Phase::Message, 200);
+        r.count_reply(CommandKind::Mail, 250);
+        let s2 = r.take_interval(Duration::from_secs(1), Duration::from_secs(1));
+        assert_eq!(s1.measurements.counts.messages_accepted, 1);
+        assert_eq!(s2.measurements.counts.messages_accepted, 2);
+        assert_eq!(s2.measurements.latency.count(Phase::Message), 1);
+        let t = r.finish();
+        assert_eq!(t.counts.messages_accepted, 3);
+        assert_eq!(t.latency.count(Phase::Message), 2);
+        assert_eq!(t.reply_codes.get(CommandKind::Mail, 250), 1);
+    }
+
+    #[test]
+    fn live_line_shows_interval_rates_and_message_percentiles() {
+        let mut r = Recorder::new();
+        for _ in 0..200 {
+            r.count_outcome(Outcome::Accepted);
+            r.record(Phase::Message, 1500);
+        }
+        r.count_session(false);
+        let line = r
+            .take_interval(Duration::from_secs(11), Duration::from_millis(500))
+            .live_line();
+        assert_eq!(
+            line,
+            "[   12s] 400 msg/s  2 sess/s  0 err/s  p50 1.50ms  p99 1.50ms (message)"
+        );
+        let idle = r
+            .take_interval(Duration::from_secs(12), Duration::from_secs(1))
+            .live_line();
+        assert_eq!(idle, "[   13s] 0 msg/s  0 sess/s  0 err/s");
+    }
+
+    #[test]
+    fn merger_bins_snapshots_by_second_and_sums_threads() {
+        let mut a = Recorder::new();
+        let mut b = Recorder::new();
+        a.count_outcome(Outcome::Accepted);
+        b.count_outcome(Outcome::Accepted);
+        b.count_session(false);
+        let mut m = IntervalMerger::new();
+        m.absorb(&a.take_interval(Duration::from_secs(1), Duration::from_secs(1)));
+        m.absorb(&b.take_interval(Duration::from_millis(1001), Duration::from_secs(1)));
+        b.count_outcome(Outcome::Timeout);
+        m.absorb(&b.take_interval(Duration::ZERO, Duration::from_secs(1)));
+        let tl = m.timeline();
+        assert_eq!(tl.len(), 2);
+        assert_eq!(
+            tl[0],
+            TimelinePoint {
+                t: 0,
+                messages: 0,
+                sessions: 0,
+                errors: 1
+            }
+        );
+        assert_eq!(
+            tl[1],
+            TimelinePoint {
+                t: 1,
+                messages: 2,
+                sessions: 1,
+                errors: 0
+            }
+        );
+        assert_eq!(m.totals().counts.messages_attempted, 3);
+    }
+
+    #[test]
+    fn reply_codes_tally_per_command_and_out_of_range_codes_are_other() {
+        let mut r = ReplyCodes::default();
+        r.count(CommandKind::Rcpt, 250);
+        r.count(CommandKind::Rcpt, 250);
+        r.count(CommandKind::Rcpt, 451);
+        r.count(CommandKind::Quit, 999);
+        r.count(CommandKind::Quit, 0);
+        let mut other = ReplyCodes::default();
+        other.count(CommandKind::Rcpt, 250);
+        r.merge(&other);
+        assert_eq!(r.get(CommandKind::Rcpt, 250), 3);
+        let all: Vec<_> = r.iter().collect();
+        assert!(all.contains(&(CommandKind::Rcpt, "451".to_string(), 1)));
+        assert!(all.contains(&(CommandKind::Quit, "other".to_string(), 2)));
+    }
+
+    #[test]
+    fn histograms_with_other_bounds_are_still_added() {
+        let mut foreign = Histogram::<u64>::new_with_bounds(1, 10_000, 2).unwrap();
+        foreign.record(500).unwrap();
+        foreign.record(700).unwrap();
+        let mut h = new_histogram();
+        add_histogram(&mut h, &foreign);
+        assert_eq!(h.len(), 2);
+    }
+}

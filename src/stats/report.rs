@@ -1,0 +1,662 @@
+//! The JSON report of a run (blast or sink), its building from merged
+//! [`Measurements`], and its loading back with the histograms decoded.
+//!
+//! Invariants:
+//! - Key names are the contract of `DESIGN.md` and of `schemas/*.json`;
+//!   `schema_version` is [`SCHEMA_VERSION`] and changes whenever a key
+//!   changes meaning.
+//! - Every `latency.<phase>` carries the full histogram (`hist`, base64 of
+//!   the V2-deflate serialization), so reports can be merged by adding
+//!   histograms; the percentile fields are derived from it and are never
+//!   averaged.
+//! - A loaded report holds the decoded histograms, so merge, assertions and
+//!   baseline comparison see exactly what was recorded.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use super::assert::AssertionResult;
+use super::recorder::{Counts, Measurements, PhaseHistograms, TimelinePoint};
+use crate::smtp::Phase;
+
+/// Version of the JSON layout.
+pub const SCHEMA_VERSION: u32 = 1;
+/// Value of the `tool` key.
+pub const TOOL: &str = "smtpstorm";
+
+/// Errors of building, writing and loading reports.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a smtpstorm report: {source}")]
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("{path}: unsupported schema_version {found} (expected {SCHEMA_VERSION})")]
+    SchemaVersion { path: String, found: u32 },
+    #[error("{path}: histogram of `{key}` cannot be decoded: {reason}")]
+    Histogram {
+        path: String,
+        key: String,
+        reason: String,
+    },
+    #[error("cannot encode a histogram: {0}")]
+    Encode(String),
+}
+
+/// Which side wrote the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Blast,
+    Sink,
+}
+
+/// The machine a report was produced on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub cpu_model: String,
+    pub cores: u32,
+    pub kernel: String,
+    pub hostname: String,
+}
+
+impl HostInfo {
+    /// Reads `/proc/cpuinfo` and `/proc/sys/kernel/{osrelease,hostname}`
+    /// (the same strings `uname` returns). Missing files give empty fields.
+    pub fn detect() -> Self {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
+        };
+        let cpuinfo = read("/proc/cpuinfo");
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                (k.trim() == "model name" || k.trim() == "Model").then(|| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        Self {
+            cpu_model,
+            cores,
+            kernel: read("/proc/sys/kernel/osrelease"),
+            hostname: read("/proc/sys/kernel/hostname"),
+        }
+    }
+}
+
+/// CPU time used by the process and its cost per unit of work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuUsage {
+    pub user_secs: f64,
+    pub sys_secs: f64,
+    pub cpu_us_per_session: f64,
+    pub cpu_us_per_message: f64,
+}
+
+impl CpuUsage {
+    /// CPU time of this process so far (`getrusage(RUSAGE_SELF)`), with
+    /// the per-unit figures left at zero (see [`CpuUsage::with_work`]).
+    pub fn now() -> Self {
+        let (user_secs, sys_secs) = rusage_self_secs();
+        Self {
+            user_secs,
+            sys_secs,
+            ..Default::default()
+        }
+    }
+
+    /// CPU used since `start` (an earlier [`CpuUsage::now`]).
+    pub fn since(&self, start: &CpuUsage) -> Self {
+        Self {
+            user_secs: (self.user_secs - start.user_secs).max(0.0),
+            sys_secs: (self.sys_secs - start.sys_secs).max(0.0),
+            ..Default::default()
+        }
+    }
+
+    /// Fills `cpu_us_per_session` and `cpu_us_per_message` (0 when the
+    /// denominator is 0).
+    pub fn with_work(mut self, sessions: u64, messages: u64) -> Self {
+        let total_us = (self.user_secs + self.sys_secs) * 1e6;
+        self.cpu_us_per_session = if sessions > 0 {
+            total_us / sessions as f64
+        } else {
+            0.0
+        };
+        self.cpu_us_per_message = if messages > 0 {
+            total_us / messages as f64
+        } else {
+            0.0
+        };
+        self
+    }
+}
+
+/// `(user, system)` CPU seconds of this process from `getrusage`.
+pub fn rusage_self_secs() -> (f64, f64) {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `ru` points to writable memory of the size of `rusage`;
+    // getrusage(RUSAGE_SELF) only writes into it and has no other effect.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
+    if rc != 0 {
+        return (0.0, 0.0);
+    }
+    // SAFETY: zero-initialised, and fully written by a successful call.
+    let ru = unsafe { ru.assume_init() };
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (secs(ru.ru_utime), secs(ru.ru_stime))
+}
+
+/// Per-second rates over the run duration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub sessions_per_sec: f64,
+    /// Accepted messages per second.
+    pub messages_per_sec: f64,
+    pub bytes_per_sec: f64,
+}
+
+impl Rates {
+    pub fn compute(c: &Counts, duration_secs: f64) -> Self {
+        if duration_secs <= 0.0 {
+            return Self::default();
+        }
+        Self {
+            sessions_per_sec: c.sessions as f64 / duration_secs,
+            messages_per_sec: c.messages_accepted as f64 / duration_secs,
+            bytes_per_sec: c.bytes as f64 / duration_secs,
+        }
+    }
+}
+
+/// Summary of one latency histogram (microseconds), with the histogram.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub min_us: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+    /// Base64 of the V2-deflate serialization of the histogram.
+    pub hist: String,
+    /// The decoded histogram (filled when built or loaded; not in JSON).
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
+}
+
+impl LatencySummary {
+    /// Summarises `h` and encodes it.
+    pub fn from_histogram(h: &Histogram<u64>) -> Result<Self, ReportError> {
+        Ok(Self {
+            count: h.len(),
+            min_us: h.min(),
+            p50_us: h.value_at_quantile(0.50),
+            p90_us: h.value_at_quantile(0.90),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+            hist: encode_histogram(h)?,
+            histogram: Some(h.clone()),
+        })
+    }
+
+    /// Value at percentile `pct` (0..=100): exact from the histogram when
+    /// present, else the nearest stored field for the standard ones.
+    pub fn value_at_percentile(&self, pct: f64) -> Option<u64> {
+        if let Some(h) = &self.histogram {
+            return Some(h.value_at_percentile(pct));
+        }
+        let fields = [
+            (50.0, self.p50_us),
+            (90.0, self.p90_us),
+            (99.0, self.p99_us),
+            (99.9, self.p999_us),
+            (100.0, self.max_us),
+        ];
+        fields
+            .iter()
+            .find(|(p, _)| (p - pct).abs() < 1e-9)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// Base64 of the V2-deflate serialization of `h`.
+pub fn encode_histogram(h: &Histogram<u64>) -> Result<String, ReportError> {
+    let mut buf = Vec::new();
+    V2DeflateSerializer::new()
+        .serialize(h, &mut buf)
+        .map_err(|e| ReportError::Encode(format!("{e:?}")))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(buf))
+}
+
+/// Decodes what [`encode_histogram`] produced (V2 or V2-deflate).
+pub fn decode_histogram(b64: &str) -> Result<Histogram<u64>, String> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| format!("bad base64: {e}"))?;
+    Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// One report, blast or sink. Field names are the JSON keys.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub tool: String,
+    pub version: String,
+    pub role: Role,
+    pub host: HostInfo,
+    /// The configuration of the run, echoed as given by the caller.
+    pub config: serde_json::Value,
+    /// Start of the run, seconds since the Unix epoch.
+    pub started_at_unix: f64,
+    pub duration_secs: f64,
+    pub counts: Counts,
+    pub rates: Rates,
+    /// Per phase (`Phase::as_str`), phases with at least one value only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency: BTreeMap<String, LatencySummary>,
+    /// Uncorrected latencies (open loop: `message`, `session`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency_uncorrected: BTreeMap<String, LatencySummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_lag: Option<LatencySummary>,
+    /// `{"mail": {"250": n, ...}, ...}`.
+    #[serde(default)]
+    pub reply_codes: BTreeMap<String, BTreeMap<String, u64>>,
+    #[serde(default)]
+    pub timeline: Vec<TimelinePoint>,
+    pub valid: bool,
+    #[serde(default)]
+    pub invalid_reasons: Vec<String>,
+    #[serde(default)]
+    pub assertions: Vec<AssertionResult>,
+    pub cpu: CpuUsage,
+}
+
+/// What the roles pass to [`Report::build`].
+#[derive(Clone, Debug)]
+pub struct ReportInput {
+    pub role: Role,
+    /// The configuration to echo (any JSON).
+    pub config: serde_json::Value,
+    pub started_at_unix: f64,
+    pub duration_secs: f64,
+    /// Merged measurements of every thread.
+    pub measurements: Measurements,
+    pub timeline: Vec<TimelinePoint>,
+    /// Why the run is not valid (empty: valid). E.g. the blaster could not
+    /// keep its schedule.
+    pub invalid_reasons: Vec<String>,
+    /// CPU used by the run (`CpuUsage::now().since(&start)`); the per-unit
+    /// figures are filled by `build`.
+    pub cpu: CpuUsage,
+    /// Host description; `None` detects the current host.
+    pub host: Option<HostInfo>,
+}
+
+impl Report {
+    /// Builds the report of a run. Assertions are evaluated separately
+    /// ([`Report::evaluate_assertions`]). A sink report gets no latency.
+    pub fn build(input: ReportInput) -> Result<Self, ReportError> {
+        let m = &input.measurements;
+        let mut counts = m.counts;
+        if input.role == Role::Sink {
+            counts.messages_attempted = counts
+                .messages_accepted
+                .saturating_add(counts.messages_tempfailed)
+                .saturating_add(counts.messages_rejected);
+        }
+        let (latency, latency_uncorrected, schedule_lag) = if input.role == Role::Blast {
+            (
+                summarize(&m.latency)?,
+                summarize(&m.latency_uncorrected)?,
+                match m.schedule_lag.as_ref().filter(|h| !h.is_empty()) {
+                    Some(h) => Some(LatencySummary::from_histogram(h)?),
+                    None => None,
+                },
+            )
+        } else {
+            (BTreeMap::new(), BTreeMap::new(), None)
+        };
+        let mut reply_codes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (cmd, code, n) in m.reply_codes.iter() {
+            *reply_codes
+                .entry(cmd.as_str().to_string())
+                .or_default()
+                .entry(code)
+                .or_default() += n;
+        }
+        Ok(Self {
+            schema_version: SCHEMA_VERSION,
+            tool: TOOL.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            role: input.role,
+            host: input.host.unwrap_or_else(HostInfo::detect),
+            config: input.config,
+            started_at_unix: input.started_at_unix,
+            duration_secs: input.duration_secs,
+            rates: Rates::compute(&counts, input.duration_secs),
+            cpu: input
+                .cpu
+                .with_work(counts.sessions, counts.messages_accepted),
+            counts,
+            latency,
+            latency_uncorrected,
+            schedule_lag,
+            reply_codes,
+            timeline: input.timeline,
+            valid: input.invalid_reasons.is_empty(),
+            invalid_reasons: input.invalid_reasons,
+            assertions: Vec::new(),
+        })
+    }
+
+    /// Evaluates `assertions` against this report, stores the results in
+    /// `assertions` and returns whether all passed.
+    pub fn evaluate_assertions(&mut self, assertions: &[super::assert::Assertion]) -> bool {
+        self.assertions = assertions.iter().map(|a| a.evaluate(self)).collect();
+        self.assertions.iter().all(|r| r.ok)
+    }
+
+    /// True if any evaluated assertion failed (exit code 99).
+    pub fn assertions_failed(&self) -> bool {
+        self.assertions.iter().any(|r| !r.ok)
+    }
+
+    /// The decoded latency histogram of `phase`, if any.
+    pub fn histogram(&self, phase: Phase) -> Option<&Histogram<u64>> {
+        self.latency.get(phase.as_str())?.histogram.as_ref()
+    }
+
+    /// The latency histograms as a [`PhaseHistograms`] (for merging).
+    pub fn phase_histograms(&self, uncorrected: bool) -> PhaseHistograms {
+        let map = if uncorrected {
+            &self.latency_uncorrected
+        } else {
+            &self.latency
+        };
+        let mut out = PhaseHistograms::default();
+        for phase in Phase::ALL {
+            if let Some(h) = map.get(phase.as_str()).and_then(|s| s.histogram.as_ref()) {
+                out.add(phase, h);
+            }
+        }
+        out
+    }
+
+    /// Pretty JSON text of the report.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report always serializes")
+    }
+
+    /// Writes the report as pretty JSON to `path` (`-` is stdout).
+    pub fn write_json(&self, path: &Path) -> Result<(), ReportError> {
+        let text = self.to_json() + "\n";
+        let werr = |source| ReportError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        if path == Path::new("-") {
+            std::io::stdout()
+                .lock()
+                .write_all(text.as_bytes())
+                .map_err(werr)
+        } else {
+            std::fs::write(path, text).map_err(werr)
+        }
+    }
+
+    /// Parses a report from JSON text and decodes its histograms; `origin`
+    /// names the source in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self, ReportError> {
+        let path = origin.to_string();
+        let probe: serde_json::Value =
+            serde_json::from_str(text).map_err(|source| ReportError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        let found = probe
+            .get("schema_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
+        if found != u64::from(SCHEMA_VERSION) {
+            return Err(ReportError::SchemaVersion {
+                path,
+                found: found.min(u32::MAX as u64) as u32,
+            });
+        }
+        let mut r: Report = serde_json::from_value(probe).map_err(|source| ReportError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        let decode = |key: String, s: &mut LatencySummary| -> Result<(), ReportError> {
+            let h = decode_histogram(&s.hist).map_err(|reason| ReportError::Histogram {
+                path: path.clone(),
+                key,
+                reason,
+            })?;
+            s.histogram = Some(h);
+            Ok(())
+        };
+        for (k, s) in r.latency.iter_mut() {
+            decode(format!("latency.{k}"), s)?;
+        }
+        for (k, s) in r.latency_uncorrected.iter_mut() {
+            decode(format!("latency_uncorrected.{k}"), s)?;
+        }
+        if let Some(s) = r.schedule_lag.as_mut() {
+            decode("schedule_lag".to_string(), s)?;
+        }
+        Ok(r)
+    }
+}
+
+/// Loads a report written by [`Report::write_json`], histograms decoded.
+pub fn load_report(path: &Path) -> Result<Report, ReportError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ReportError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Report::from_json(&text, &path.display().to_string())
+}
+
+fn summarize(p: &PhaseHistograms) -> Result<BTreeMap<String, LatencySummary>, ReportError> {
+    p.iter()
+        .map(|(phase, h)| {
+            Ok((
+                phase.as_str().to_string(),
+                LatencySummary::from_histogram(h)?,
+            ))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::smtp::{CommandKind, Outcome};
+    use crate::stats::recorder::Recorder;
+
+    /// A blast report with known data: message latencies 1..=1000 ms
+    /// (in µs), 1000 accepted messages over 10 s.
+    pub(crate) fn sample_blast_report() -> Report {
+        let mut r = Recorder::new();
+        for i in 1..=1000u64 {
+            r.record(Phase::Message, i * 1000);
+            r.record_uncorrected(Phase::Message, i * 900);
+            r.record(Phase::Mail, 150 + i % 10);
+            r.record_schedule_lag(i);
+            r.count_outcome(Outcome::Accepted);
+            r.count_reply(CommandKind::Mail, 250);
+            r.count_recipients(1);
+            r.count_bytes(1000);
+        }
+        for _ in 0..100 {
+            r.count_session(true);
+            r.record(Phase::Session, 50_000);
+        }
+        r.count_outcome(Outcome::TempFailed);
+        r.count_reply(CommandKind::Rcpt, 451);
+        let m = r.finish();
+        Report::build(ReportInput {
+            role: Role::Blast,
+            config: serde_json::json!({"target": "127.0.0.1:2525", "rate": 100}),
+            started_at_unix: 1_700_000_000.0,
+            duration_secs: 10.0,
+            measurements: m,
+            timeline: (0..10)
+                .map(|t| TimelinePoint {
+                    t,
+                    messages: 100,
+                    sessions: 10,
+                    errors: 0,
+                })
+                .collect(),
+            invalid_reasons: vec![],
+            cpu: CpuUsage {
+                user_secs: 1.0,
+                sys_secs: 0.5,
+                ..Default::default()
+            },
+            host: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn blast_report_has_contract_keys_and_known_percentiles() {
+        let r = sample_blast_report();
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["schema_version"], 1);
+        assert_eq!(v["tool"], "smtpstorm");
+        assert_eq!(v["role"], "blast");
+        assert_eq!(v["counts"]["messages_attempted"], 1001);
+        assert_eq!(v["counts"]["messages_tempfailed"], 1);
+        assert_eq!(v["rates"]["messages_per_sec"], 100.0);
+        let p99 = v["latency"]["message"]["p99_us"].as_u64().unwrap();
+        assert!((989_000..=991_000).contains(&p99), "p99 {p99}");
+        assert_eq!(v["latency"]["message"]["count"], 1000);
+        assert!(
+            v["latency"].get("ehlo").is_none(),
+            "phases without data are left out"
+        );
+        assert_eq!(v["latency_uncorrected"]["message"]["count"], 1000);
+        assert_eq!(v["schedule_lag"]["count"], 1000);
+        assert_eq!(v["reply_codes"]["mail"]["250"], 1000);
+        assert_eq!(v["reply_codes"]["rcpt"]["451"], 1);
+        assert_eq!(v["cpu"]["cpu_us_per_message"], 1500.0);
+        assert_eq!(v["valid"], true);
+        assert!(v["host"]["cores"].as_u64().unwrap() >= 1);
+    }
+
+    #[test]
+    fn json_round_trip_gives_back_the_same_histograms() {
+        let r = sample_blast_report();
+        let back = Report::from_json(&r.to_json(), "mem").unwrap();
+        for phase in [Phase::Message, Phase::Mail, Phase::Session] {
+            assert_eq!(back.histogram(phase).unwrap(), r.histogram(phase).unwrap());
+        }
+        assert_eq!(back.counts, r.counts);
+        assert_eq!(
+            back.schedule_lag.unwrap().histogram.unwrap(),
+            r.schedule_lag.unwrap().histogram.unwrap()
+        );
+    }
+
+    #[test]
+    fn load_report_reads_a_written_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        let r = sample_blast_report();
+        r.write_json(&path).unwrap();
+        let back = load_report(&path).unwrap();
+        assert_eq!(back.histogram(Phase::Message).unwrap().len(), 1000);
+    }
+
+    #[test]
+    fn loading_rejects_other_schema_versions_and_bad_histograms() {
+        let r = sample_blast_report();
+        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        v["schema_version"] = 2.into();
+        let e = Report::from_json(&v.to_string(), "x.json").unwrap_err();
+        assert!(
+            e.to_string().contains("unsupported schema_version 2"),
+            "{e}"
+        );
+        v["schema_version"] = 1.into();
+        v["latency"]["message"]["hist"] = "not base64!".into();
+        let e = Report::from_json(&v.to_string(), "x.json").unwrap_err();
+        assert!(e.to_string().contains("latency.message"), "{e}");
+    }
+
+    #[test]
+    fn sink_report_has_no_latency_and_attempted_is_the_sum() {
+        let mut rec = Recorder::new();
+        rec.count_outcome(Outcome::Accepted);
+        rec.count_outcome(Outcome::Rejected);
+        rec.count_session_error(Outcome::ConnectionError);
+        rec.record(Phase::Message, 10);
+        let r = Report::build(ReportInput {
+            role: Role::Sink,
+            config: serde_json::json!({}),
+            started_at_unix: 0.0,
+            duration_secs: 1.0,
+            measurements: rec.finish(),
+            timeline: vec![],
+            invalid_reasons: vec![],
+            cpu: CpuUsage::default(),
+            host: Some(HostInfo::default()),
+        })
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(v["role"], "sink");
+        assert!(v.get("latency").is_none());
+        assert_eq!(v["counts"]["messages_attempted"], 2);
+        assert_eq!(v["counts"]["connection_errors"], 1);
+    }
+
+    #[test]
+    fn getrusage_reports_some_cpu_time() {
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        let c = CpuUsage::now();
+        assert!(c.user_secs + c.sys_secs > 0.0);
+        let w = CpuUsage {
+            user_secs: 1.0,
+            sys_secs: 1.0,
+            ..Default::default()
+        }
+        .with_work(4, 0);
+        assert_eq!(w.cpu_us_per_session, 500_000.0);
+        assert_eq!(w.cpu_us_per_message, 0.0);
+    }
+}

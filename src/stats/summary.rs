@@ -1,0 +1,205 @@
+//! The human summary printed at the end of a run: rates, the outcome
+//! table, the per-phase percentile table, assertions and validity.
+//!
+//! Invariants: durations are printed with a unit chosen per value (µs below
+//! 1 ms, ms below 1 s, s above) and three significant figures; the text is
+//! plain ASCII apart from `µ`, with no colour codes, so it can be logged.
+
+use std::io::{self, Write};
+
+use super::report::{Report, Role};
+use crate::smtp::Phase;
+
+/// Formats a latency in µs with a unit chosen for its size:
+/// `850µs`, `1.25ms`, `12.5ms`, `3.20s`.
+pub fn format_us(us: f64) -> String {
+    let (v, unit) = if us < 1_000.0 {
+        (us, "µs")
+    } else if us < 1_000_000.0 {
+        (us / 1e3, "ms")
+    } else {
+        (us / 1e6, "s")
+    };
+    let prec = if v >= 100.0 || unit == "µs" && v.fract() == 0.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{v:.prec$}{unit}")
+}
+
+/// Formats a count-per-second with a k/M suffix above 10 000.
+fn format_rate(v: f64) -> String {
+    if v >= 10_000_000.0 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 10_000.0 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Formats bytes per second in binary units.
+fn format_bytes_rate(v: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = v;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1}{}/s", UNITS[i])
+}
+
+/// Writes the summary of `report`.
+pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
+    let c = &report.counts;
+    let role = match report.role {
+        Role::Blast => "blast",
+        Role::Sink => "sink",
+    };
+    writeln!(
+        out,
+        "smtpstorm {} {role}: {:.2}s on {} ({} cores)",
+        report.version, report.duration_secs, report.host.hostname, report.host.cores
+    )?;
+    writeln!(
+        out,
+        "rates: {} msg/s, {} sessions/s, {}",
+        format_rate(report.rates.messages_per_sec),
+        format_rate(report.rates.sessions_per_sec),
+        format_bytes_rate(report.rates.bytes_per_sec)
+    )?;
+    writeln!(
+        out,
+        "cpu: user {:.2}s, sys {:.2}s, {:.1}µs/session, {:.1}µs/message",
+        report.cpu.user_secs,
+        report.cpu.sys_secs,
+        report.cpu.cpu_us_per_session,
+        report.cpu.cpu_us_per_message
+    )?;
+    writeln!(out)?;
+    let pct = |n: u64| {
+        if c.messages_attempted > 0 {
+            100.0 * n as f64 / c.messages_attempted as f64
+        } else {
+            0.0
+        }
+    };
+    writeln!(out, "{:<20} {:>12} {:>8}", "outcome", "count", "%")?;
+    for (name, n) in [
+        ("attempted", c.messages_attempted),
+        ("accepted", c.messages_accepted),
+        ("tempfailed", c.messages_tempfailed),
+        ("rejected", c.messages_rejected),
+        ("connection errors", c.connection_errors),
+        ("timeouts", c.timeouts),
+        ("protocol errors", c.protocol_errors),
+    ] {
+        writeln!(out, "{name:<20} {n:>12} {:>7.2}%", pct(n))?;
+    }
+    writeln!(out, "{:<20} {:>12}", "sessions", c.sessions)?;
+    writeln!(out, "{:<20} {:>12}", "tls sessions", c.tls_sessions)?;
+    writeln!(out, "{:<20} {:>12}", "recipients", c.recipients)?;
+    writeln!(out, "{:<20} {:>12}", "bytes", c.bytes)?;
+    if c.verify_ok + c.verify_corrupt > 0 {
+        writeln!(out, "{:<20} {:>12}", "verified ok", c.verify_ok)?;
+        writeln!(out, "{:<20} {:>12}", "verified corrupt", c.verify_corrupt)?;
+    }
+    if !report.latency.is_empty() {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "latency", "count", "p50", "p90", "p99", "p99.9", "max"
+        )?;
+        let mut rows: Vec<(String, &super::report::LatencySummary)> = Vec::new();
+        for phase in Phase::ALL {
+            if let Some(s) = report.latency.get(phase.as_str()) {
+                rows.push((phase.as_str().to_string(), s));
+            }
+            if let Some(s) = report.latency_uncorrected.get(phase.as_str()) {
+                rows.push((format!("{} (uncorrected)", phase.as_str()), s));
+            }
+        }
+        if let Some(s) = &report.schedule_lag {
+            rows.push(("schedule lag".to_string(), s));
+        }
+        for (name, s) in rows {
+            writeln!(
+                out,
+                "{name:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                s.count,
+                format_us(s.p50_us as f64),
+                format_us(s.p90_us as f64),
+                format_us(s.p99_us as f64),
+                format_us(s.p999_us as f64),
+                format_us(s.max_us as f64)
+            )?;
+        }
+    }
+    if !report.assertions.is_empty() {
+        writeln!(out)?;
+        for a in &report.assertions {
+            let value = a
+                .value
+                .map_or_else(|| "no data".to_string(), |v| format!("{v:.3}"));
+            writeln!(
+                out,
+                "assert {:<4} {}  (value {value})",
+                if a.ok { "ok" } else { "FAIL" },
+                a.expr
+            )?;
+        }
+    }
+    if !report.valid {
+        writeln!(out)?;
+        for why in &report.invalid_reasons {
+            writeln!(out, "INVALID RUN: {why}")?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::report::tests::sample_blast_report;
+
+    #[test]
+    fn units_are_chosen_per_value() {
+        assert_eq!(format_us(850.0), "850µs");
+        assert_eq!(format_us(1250.0), "1.25ms");
+        assert_eq!(format_us(12_500.0), "12.5ms");
+        assert_eq!(format_us(250_000.0), "250ms");
+        assert_eq!(format_us(3_200_000.0), "3.20s");
+        assert_eq!(format_us(0.0), "0µs");
+    }
+
+    #[test]
+    fn summary_lists_rates_outcomes_and_phases() {
+        let mut r = sample_blast_report();
+        r.evaluate_assertions(&[crate::stats::assert::parse("errors == 0").unwrap()]);
+        r.valid = false;
+        r.invalid_reasons = vec!["schedule fell behind by 2.0s".into()];
+        let mut buf = Vec::new();
+        write_summary(&r, &mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        assert!(
+            text.contains("rates: 100.0 msg/s, 10.0 sessions/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("accepted                     1000   99.90%"),
+            "{text}"
+        );
+        let msg = text.lines().find(|l| l.starts_with("message ")).unwrap();
+        assert!(msg.contains("1000") && msg.contains("ms"), "{msg}");
+        assert!(text.contains("message (uncorrected)"));
+        assert!(text.contains("schedule lag"));
+        assert!(text.contains("assert ok   errors == 0"));
+        assert!(text.contains("INVALID RUN: schedule fell behind"));
+    }
+}
