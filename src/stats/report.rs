@@ -152,19 +152,13 @@ impl CpuUsage {
     }
 }
 
-/// `(user, system)` CPU seconds of this process from `getrusage`.
+/// `(user, system)` CPU seconds of this process from `getrusage`
+/// (through `net::proc`, the one place that calls it).
 pub fn rusage_self_secs() -> (f64, f64) {
-    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: `ru` points to writable memory of the size of `rusage`;
-    // getrusage(RUSAGE_SELF) only writes into it and has no other effect.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr()) };
-    if rc != 0 {
-        return (0.0, 0.0);
+    match crate::net::proc::self_rusage() {
+        Ok(u) => (u.cpu_user_us as f64 / 1e6, u.cpu_sys_us as f64 / 1e6),
+        Err(_) => (0.0, 0.0),
     }
-    // SAFETY: zero-initialised, and fully written by a successful call.
-    let ru = unsafe { ru.assume_init() };
-    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
-    (secs(ru.ru_utime), secs(ru.ru_stime))
 }
 
 /// Per-second rates over the run duration.
