@@ -838,3 +838,277 @@ fn a_one_megabyte_body_is_sent_whole_and_stuffed() {
     expected.extend_from_slice(&body);
     assert_eq!(unstuff(&out[start..end]).unwrap(), expected);
 }
+
+// ---- a coherent random server ---------------------------------------------
+
+/// A small SMTP/LMTP server model that answers whatever the client sends
+/// with replies drawn from `choices`, behaves like a real server (503 after
+/// a failed MAIL, 554 to DATA without recipients, one final reply per
+/// accepted recipient in LMTP), and computes each message's outcome from
+/// its own side, to be compared with the client's.
+struct FakeServer {
+    inbuf: Vec<u8>,
+    mode: Mode,
+    choices: Vec<u8>,
+    next_choice: usize,
+    lmtp: bool,
+    advertise_pipelining: bool,
+    txn: Option<SrvTxn>,
+    mails_seen: usize,
+    expected: Vec<Option<(Outcome, u16, u32)>>,
+    out: Vec<u8>,
+}
+
+enum Mode {
+    Cmd,
+    Body,
+    Bdat { left: usize, last: bool },
+}
+
+#[derive(Default)]
+struct SrvTxn {
+    idx: usize,
+    mail_ok: bool,
+    rcpt_ok: u32,
+    temp: u16,
+    perm: u16,
+    chunk_failed: bool,
+}
+
+impl FakeServer {
+    fn pick(&mut self, codes: &[u16]) -> u16 {
+        let c = self.choices.get(self.next_choice).copied().unwrap_or(0);
+        self.next_choice += 1;
+        codes[c as usize % codes.len()]
+    }
+
+    fn reply(&mut self, code: u16) {
+        self.out.extend_from_slice(format!("{code} x\r\n").as_bytes());
+    }
+
+    fn decide(&mut self, outcome: Outcome, code: u16) {
+        if let Some(t) = &self.txn {
+            if self.expected[t.idx].is_none() {
+                self.expected[t.idx] = Some((outcome, code, t.rcpt_ok));
+            }
+        }
+    }
+
+    fn class_outcome(code: u16) -> Outcome {
+        match code / 100 {
+            2 => Outcome::Accepted,
+            4 => Outcome::TempFailed,
+            _ => Outcome::Rejected,
+        }
+    }
+
+    /// The transaction ends without data: decide from the RCPT codes.
+    fn end_txn(&mut self) {
+        if let Some(t) = &self.txn {
+            let (mail_ok, rcpt_ok, temp, perm) = (t.mail_ok, t.rcpt_ok, t.temp, t.perm);
+            if mail_ok && rcpt_ok == 0 && (temp | perm) != 0 {
+                self.decide(if temp != 0 { Outcome::TempFailed } else { Outcome::Rejected }, if temp != 0 { temp } else { perm });
+            }
+        }
+        self.txn = None;
+    }
+
+    /// Final replies after a complete body: one, or one per accepted RCPT.
+    fn final_replies(&mut self) {
+        let n = if self.lmtp { self.txn.as_ref().map_or(1, |t| t.rcpt_ok) } else { 1 };
+        let (mut ok, mut temp, mut perm) = (0, 0, 0);
+        for _ in 0..n {
+            let code = self.pick(&[250, 250, 451, 554]);
+            self.reply(code);
+            let slot = match code / 100 { 2 => &mut ok, 4 => &mut temp, _ => &mut perm };
+            if *slot == 0 { *slot = code; }
+        }
+        let (o, c) = if perm != 0 { (Outcome::Rejected, perm) } else if temp != 0 { (Outcome::TempFailed, temp) } else { (Outcome::Accepted, ok) };
+        self.decide(o, c);
+        self.txn = None;
+    }
+
+    /// DATA or BDAT arrives: Some(reply) if the transaction cannot take data.
+    fn refuse_data(&mut self) -> Option<u16> {
+        let (mail_ok, rcpt_ok, failed) = match &self.txn {
+            None => return Some(503),
+            Some(t) => (t.mail_ok, t.rcpt_ok, t.chunk_failed),
+        };
+        if !mail_ok || failed {
+            return Some(503);
+        }
+        if rcpt_ok == 0 {
+            let t = self.txn.as_ref().unwrap();
+            let (temp, perm) = (t.temp, t.perm);
+            if temp | perm == 0 {
+                self.decide(Outcome::Rejected, 554);
+            } else {
+                self.decide(if temp != 0 { Outcome::TempFailed } else { Outcome::Rejected }, if temp != 0 { temp } else { perm });
+            }
+            return Some(554);
+        }
+        None
+    }
+
+    fn feed(&mut self, bytes: &[u8]) {
+        self.inbuf.extend_from_slice(bytes);
+        loop {
+            match self.mode {
+                Mode::Bdat { left, last } => {
+                    let n = left.min(self.inbuf.len());
+                    self.inbuf.drain(..n);
+                    if n < left {
+                        self.mode = Mode::Bdat { left: left - n, last };
+                        return;
+                    }
+                    self.mode = Mode::Cmd;
+                    if let Some(code) = self.refuse_data() {
+                        self.reply(code);
+                        if last { self.txn = None; }
+                    } else if last {
+                        self.final_replies();
+                    } else {
+                        let code = self.pick(&[250, 250, 250, 452, 552]);
+                        self.reply(code);
+                        if code >= 400 {
+                            self.decide(Self::class_outcome(code), code);
+                            if let Some(t) = &mut self.txn { t.chunk_failed = true; }
+                        }
+                    }
+                }
+                Mode::Cmd | Mode::Body => {
+                    let Some(end) = self.inbuf.windows(2).position(|w| w == b"\r\n") else { return };
+                    let line: Vec<u8> = self.inbuf.drain(..end + 2).take(end).collect();
+                    if matches!(self.mode, Mode::Body) {
+                        if line == b"." {
+                            self.mode = Mode::Cmd;
+                            self.final_replies();
+                        }
+                        continue;
+                    }
+                    self.command(&String::from_utf8(line).unwrap());
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, line: &str) {
+        let verb = line.split(' ').next().unwrap_or("");
+        match verb {
+            "EHLO" | "LHLO" => {
+                let pipe = if self.advertise_pipelining { "250-PIPELINING\r\n" } else { "" };
+                self.out.extend_from_slice(format!("250-mx\r\n{pipe}250-CHUNKING\r\n250 8BITMIME\r\n").as_bytes());
+            }
+            "MAIL" => {
+                self.end_txn();
+                let idx = self.mails_seen;
+                self.mails_seen += 1;
+                let code = self.pick(&[250, 250, 250, 451, 550]);
+                self.txn = Some(SrvTxn { idx, mail_ok: code < 400, ..Default::default() });
+                if code >= 400 {
+                    self.decide(Self::class_outcome(code), code);
+                }
+                self.reply(code);
+            }
+            "RCPT" => {
+                let Some(t) = &self.txn else { return self.reply(503) };
+                if !t.mail_ok {
+                    return self.reply(503);
+                }
+                let code = self.pick(&[250, 250, 450, 550]);
+                let t = self.txn.as_mut().unwrap();
+                match code / 100 {
+                    2 => t.rcpt_ok += 1,
+                    4 if t.temp == 0 => t.temp = code,
+                    5 if t.perm == 0 => t.perm = code,
+                    _ => {}
+                }
+                self.reply(code);
+            }
+            "DATA" => {
+                if let Some(code) = self.refuse_data() {
+                    return self.reply(code);
+                }
+                let code = self.pick(&[354, 354, 354, 451, 554]);
+                if code == 354 {
+                    self.mode = Mode::Body;
+                } else {
+                    self.decide(Self::class_outcome(code), code);
+                }
+                self.reply(code);
+            }
+            "BDAT" => {
+                let mut words = line.split(' ').skip(1);
+                let left = words.next().unwrap().parse().unwrap();
+                let last = words.next() == Some("LAST");
+                self.mode = Mode::Bdat { left, last };
+            }
+            "RSET" => {
+                self.end_txn();
+                self.reply(250);
+            }
+            "QUIT" => {
+                self.end_txn();
+                self.reply(221);
+            }
+            _ => self.reply(500),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn outcomes_match_a_coherent_random_server(
+        lmtp in any::<bool>(),
+        bdat in any::<bool>(),
+        chunk in 0usize..3,
+        pipe in 0u8..3,
+        advertise_pipelining in any::<bool>(),
+        send_quit in any::<bool>(),
+        rcpts in proptest::collection::vec(0usize..4, 0..6),
+        choices in proptest::collection::vec(any::<u8>(), 0..64),
+        cuts in proptest::collection::vec(0usize..40, 64),
+    ) {
+        let cfg = ClientConfig {
+            lmtp,
+            bdat,
+            bdat_chunk_size: chunk * 9,
+            pipelining: [PipeliningMode::Auto, PipeliningMode::On, PipeliningMode::Off][pipe as usize],
+            send_quit,
+            ..ClientConfig::default()
+        };
+        let msgs: Vec<Message> = rcpts.iter().map(|&n| {
+            let names: Vec<String> = (0..n).map(|i| format!("r{i}@y")).collect();
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            msg(&refs, b"body\r\n.line\r\n")
+        }).collect();
+        let mut server = FakeServer {
+            inbuf: Vec::new(), mode: Mode::Cmd, choices, next_choice: 0, lmtp, advertise_pipelining,
+            txn: None, mails_seen: 0, expected: vec![None; msgs.len()], out: b"220 mx\r\n".to_vec(),
+        };
+        let t0 = Instant::now();
+        let mut s = ClientSession::new(Arc::new(cfg), msgs.clone(), t0);
+        let mut events = Vec::new();
+        let mut out = Vec::new();
+        for round in 0..10_000 {
+            let replies = std::mem::take(&mut server.out);
+            let cut = cuts[round % cuts.len()].min(replies.len());
+            s.handle_input(t0, &replies[..cut]);
+            s.handle_input(t0, &replies[cut..]);
+            s.poll_transmit(t0, &mut out);
+            while let Some(e) = s.poll_event() { events.push(e); }
+            if s.is_done() || (out.is_empty() && replies.is_empty()) { break; }
+            server.feed(&out);
+            out.clear();
+        }
+        prop_assert!(s.is_done(), "session stalled: {:?}", events);
+        server.end_txn(); // the connection closes: an open transaction ends
+
+        prop_assert!(errors(&events).is_empty(), "{:?}", events);
+        let got: Vec<(Outcome, u16, u32)> = outcomes(&events).into_iter().map(|(_, o, c, r)| (o, c, r)).collect();
+        let want: Vec<(Outcome, u16, u32)> = server.expected.iter().map(|e| e.expect("server decided every message")).collect();
+        prop_assert_eq!(got, want);
+    }
+}

@@ -652,12 +652,10 @@ impl ClientSession {
                 }
             }
             4 | 5 => {
-                let t = &mut self.txns[m];
-                let was_live = t.mail_ok && t.rcpt_ok > 0 && !t.chunk_failed;
-                t.chunk_failed = true;
-                if was_live {
-                    self.finish(m, outcome_of(class), code);
-                }
+                // The first refused chunk decides (a no-op if MAIL or every
+                // RCPT already did).
+                self.txns[m].chunk_failed = true;
+                self.finish(m, outcome_of(class), code);
                 if !self.pipelining {
                     self.rset_pending = self.txns[m].mail_ok;
                     self.next_txn(now);
