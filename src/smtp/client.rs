@@ -25,6 +25,24 @@
 //! write, and the next group after the final reply. Without pipelining every
 //! command waits for its reply.
 //!
+//! Endings: a 4xx/5xx greeting, EHLO/HELO, STARTTLS or AUTH reply fails
+//! every message (TempFailed / Rejected by class) and is followed by QUIT;
+//! so is a required STARTTLS or CHUNKING the server did not offer
+//! (Rejected, code 0, plus an [`ClientEvent::Error`]). A 421 to any command
+//! but QUIT TempFails every open message and ends at once (the server is
+//! closing). A malformed or out-of-place reply (ProtocolError), a timeout
+//! (Timeout) or a close (ConnectionError) ends at once too; a close after
+//! QUIT with every message decided is a normal end. A refused MAIL needs no
+//! RSET; a transaction whose MAIL was accepted but which ended without data
+//! (no recipient, DATA or a BDAT chunk refused) is followed by RSET.
+//!
+//! Latency: each phase event spans from the `now` of the call that produced
+//! the command to the `now` of the input that completed its reply; `ehlo`
+//! is reported for every hello reply (so an EHLO refused then HELO counts
+//! twice), `auth` from the first AUTH line to the final AUTH reply,
+//! `message` once per message at its last final reply (LMTP). The body is
+//! copied (dot-stuffed) into the output in one piece.
+//!
 //! LMTP (RFC 2033): after the end of data the server sends one reply per
 //! accepted recipient. The message is `Accepted` if every one of them is
 //! 2xx; otherwise the worst decides: any 5xx makes it `Rejected`, else any

@@ -294,8 +294,11 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// Replies (code and text lines) and the first error.
+    type Parsed = (Vec<(u16, Vec<Vec<u8>>)>, Option<ReplyError>);
+
     /// Parse a whole byte stream, returning codes and the first error.
-    fn parse_all(chunks: &[&[u8]]) -> (Vec<(u16, Vec<Vec<u8>>)>, Option<ReplyError>) {
+    fn parse_all(chunks: &[&[u8]]) -> Parsed {
         let mut p = ReplyParser::new();
         let mut out = Vec::new();
         for chunk in chunks {
