@@ -751,17 +751,9 @@ impl ServerSession {
                     let avail = (data.len() - pos) as u64;
                     let take = self.bdat_remaining.min(avail) as usize;
                     if take > 0 {
-                        let chunk = &data[pos..pos + take];
                         if self.bdat_error.is_none() {
-                            let max = self.config.max_message_size;
-                            if max > 0 && self.bdat_bytes + take as u64 > max {
-                                self.bdat_error =
-                                    Some((552, "5.3.4", "Message size exceeds fixed maximum"));
-                                self.bdat_error_ends_message = true;
-                            } else {
-                                hooks.on_body(chunk);
-                                self.bdat_bytes += take as u64;
-                            }
+                            hooks.on_body(&data[pos..pos + take]);
+                            self.bdat_bytes += take as u64;
                         }
                         pos += take;
                         self.bdat_remaining -= take as u64;
@@ -1240,6 +1232,19 @@ impl ServerSession {
             } else {
                 (554, "5.5.1", "No valid recipients")
             });
+        } else if self.config.max_message_size > 0
+            && self.bdat_bytes.saturating_add(size) > self.config.max_message_size
+        {
+            // Judged on the declared size, so the outcome never depends on
+            // how the chunk arrives; the chunk is still read and dropped.
+            error = Some((552, "5.3.4", "Message size exceeds fixed maximum"));
+            ends_message = true;
+            if !self.bdat_used {
+                self.bdat_used = true;
+                self.bdat_bytes = 0;
+                self.message_open = true;
+                hooks.on_message_start();
+            }
         } else {
             match self.verdict(hooks, kind, arg, None, None) {
                 Verdict::Proceed | Verdict::Reply(0..=399) => {}
@@ -1502,6 +1507,167 @@ impl ServerSession {
             self.events.push_back(ServerEvent::Authenticated);
         } else {
             self.reply(out, kind, 535, "5.7.8", "Authentication credentials invalid");
+        }
+    }
+}
+
+/// Invariant checks shared by the cargo-fuzz target (`fuzz/`) and the
+/// stable `fuzz_server_stable` test. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Tiny deterministic PRNG (xorshift64*).
+    #[derive(Clone, Debug)]
+    pub struct Rng(pub u64);
+    impl Rng {
+        pub fn next_u64(&mut self) -> u64 {
+            let mut x = self.0 | 1;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        pub fn below(&mut self, n: u64) -> u64 {
+            if n == 0 { 0 } else { self.next_u64() % n }
+        }
+    }
+
+    struct FuzzHooks {
+        rng: Rng,
+        faults: bool,
+        open: i32,
+    }
+
+    impl ServerHooks for FuzzHooks {
+        fn on_command(&mut self, _cmd: CommandKind, _info: &CommandInfo<'_>) -> Verdict {
+            if !self.faults {
+                return Verdict::Proceed;
+            }
+            match self.rng.below(16) {
+                0 => Verdict::Reply(451),
+                1 => Verdict::Reply(550),
+                2 => Verdict::Delay(Duration::from_millis(self.rng.below(500))),
+                3 => Verdict::Disconnect,
+                4 => Verdict::Disconnect421,
+                5 => Verdict::Reply(421),
+                _ => Verdict::Proceed,
+            }
+        }
+        fn check_auth(&mut self, _a: &[u8], user: &[u8], _p: &[u8]) -> bool {
+            user.first() != Some(&b'x')
+        }
+        fn on_message_start(&mut self) {
+            self.open += 1;
+            assert_eq!(self.open, 1, "on_message_start twice");
+        }
+        fn on_message_end(&mut self, _accepted: bool) {
+            self.open -= 1;
+            assert_eq!(self.open, 0, "on_message_end without start");
+        }
+    }
+
+    /// Maximum chunk size the fuzz driver feeds at once.
+    pub const MAX_CHUNK: usize = 4096;
+
+    fn config_from(sel: u8) -> ServerConfig {
+        ServerConfig {
+            hostname: "fuzz.example".into(),
+            lmtp: sel & 1 != 0,
+            bare_lf: match (sel >> 1) & 3 {
+                0 => BareLfPolicy::Reject,
+                1 => BareLfPolicy::Normalize,
+                _ => BareLfPolicy::Accept,
+            },
+            proxy_protocol: sel & 8 != 0,
+            auth_enabled: sel & 16 != 0,
+            starttls_available: sel & 32 != 0,
+            require_tls: sel & 64 != 0,
+            xclient: true,
+            max_message_size: if sel & 128 != 0 { 200 } else { 0 },
+            max_recipients: 3,
+            ..ServerConfig::default()
+        }
+    }
+
+    /// Output of one driven session (for comparing chunkings).
+    pub fn drive(input: &[u8], sel: u8, seed: u64, faults: bool, whole: bool) -> (Vec<u8>, Vec<ServerEvent>) {
+        let cfg = Arc::new(config_from(sel));
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut s = ServerSession::new(cfg, now);
+        let mut hooks = FuzzHooks { rng: Rng(seed ^ 0x9e37_79b9), faults, open: 0 };
+        let mut rng = Rng(seed);
+        let mut out = Vec::new();
+        let mut events = Vec::new();
+        s.start(now, &mut out, &mut hooks);
+        let mut pos = 0;
+        let mut fed = 0usize;
+        let check = |s: &ServerSession, out: &[u8], fed: usize, events: &mut Vec<ServerEvent>| {
+            assert!(s.buffered_bytes() <= MAX_PENDING_INPUT + input.len().min(MAX_CHUNK).max(2048) + 16);
+            assert!(out.len() <= 64 * fed + 8192, "output {} for input {}", out.len(), fed);
+            let _ = events;
+        };
+        while pos < input.len() && !s.is_closed() {
+            if !s.wants_read() || (s.poll_timeout().is_some_and(|t| t > now && faults) && rng.below(8) == 0) {
+                now += Duration::from_millis(600);
+                s.handle_timeout(now, &mut out, &mut hooks);
+            } else {
+                let n = if whole { input.len() - pos } else { 1 + rng.below(64) as usize };
+                let n = n.min(input.len() - pos).min(MAX_CHUNK);
+                s.handle_input(now, &input[pos..pos + n], &mut out, &mut hooks);
+                pos += n;
+                fed += n;
+            }
+            while let Some(e) = s.poll_event() {
+                if e == ServerEvent::StartTls {
+                    s.handle_tls_established(now);
+                }
+                events.push(e);
+            }
+            check(&s, &out, fed, &mut events);
+        }
+        // Run out the clock: the session must close.
+        for _ in 0..4 {
+            if s.is_closed() {
+                break;
+            }
+            match s.poll_timeout() {
+                Some(t) => now = t.max(now),
+                None => break,
+            }
+            s.handle_timeout(now, &mut out, &mut hooks);
+            while let Some(e) = s.poll_event() {
+                events.push(e);
+            }
+        }
+        check(&s, &out, fed, &mut events);
+        assert!(hooks.open == 0 || !s.is_closed(), "message left open at close");
+        for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            assert!(line.len() >= 4 && line[..3].iter().all(u8::is_ascii_digit), "bad reply line {line:?}");
+            assert!(line[3] == b' ' || line[3] == b'-');
+            assert_eq!(line.last(), Some(&b'\r'));
+        }
+        (out, events)
+    }
+
+    /// One fuzz case: the first byte selects the config, the next four seed
+    /// the chunking and fault PRNG; the rest is the client's byte stream.
+    pub fn fuzz_one(data: &[u8]) {
+        if data.len() < 5 {
+            return;
+        }
+        let sel = data[0];
+        let seed = u64::from(u32::from_le_bytes([data[1], data[2], data[3], data[4]]));
+        let input = &data[5..];
+        let faults = seed & 1 == 1;
+        let chunked = drive(input, sel, seed, faults, false);
+        // With faults, time moves differently per chunking; after STARTTLS
+        // the rest of the stream means something else per chunking.
+        if !faults && !chunked.1.contains(&ServerEvent::StartTls) {
+            let whole = drive(input, sel, seed, faults, true);
+            assert_eq!(chunked, whole, "chunking changed the result");
         }
     }
 }
