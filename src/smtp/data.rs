@@ -25,7 +25,7 @@
 //! line (the body is emitted as one slice per chunk unless a dot or a bare
 //! byte forces a cut).
 
-use memchr::memchr2;
+use memchr::{memchr, memchr2, memmem, memrchr};
 
 use super::{BareLfPolicy, MAX_TEXT_LINE};
 
@@ -66,7 +66,13 @@ pub struct DataScanner {
     bare_lf: bool,
     bare_cr: bool,
     long_line: bool,
+    /// Absolute offset before which the block fast path is not retried
+    /// (it failed on a region that reaches there).
+    fast_retry_at: u64,
 }
+
+/// Below this many bytes left in a chunk, the per-line path is used.
+const FAST_MIN: usize = 256;
 
 const CRLF: &[u8] = b"\r\n";
 const LF: &[u8] = b"\n";
@@ -93,6 +99,7 @@ impl DataScanner {
             bare_lf: false,
             bare_cr: false,
             long_line: false,
+            fast_retry_at: 0,
         }
     }
 
@@ -128,6 +135,55 @@ impl DataScanner {
         self.line_start = abs_after;
     }
 
+    /// Block fast path: from a position inside a line (previous byte not
+    /// CR), skip to just after the LF that precedes the next `\n.` (or the
+    /// last LF of `rest`) if everything up to there is clean CRLF text.
+    /// Returns the bytes skipped; the caller then is at a line start.
+    /// Checks: no bare CR/LF (for every adjacent pair, "is CR" equals "next
+    /// is LF", and `rest[0]` is not LF), and no line over the limit (one
+    /// `memrchr` per 1000 bytes).
+    fn fast_skip(&mut self, rest: &[u8], abs0: u64) -> Option<usize> {
+        let end = match memmem::find(rest, b"\n.") {
+            Some(d) => d + 1,
+            None => match memrchr(b'\n', rest) {
+                Some(k) => k + 1,
+                None => {
+                    self.fast_retry_at = abs0 + rest.len() as u64;
+                    return None;
+                }
+            },
+        };
+        let r = &rest[..end];
+        let clean = r.len() >= 2
+            && r[0] != b'\n'
+            && r[..end - 1]
+                .iter()
+                .zip(&r[1..])
+                .fold(0u8, |acc, (&x, &y)| acc | u8::from((x == b'\r') ^ (y == b'\n')))
+                == 0;
+        if !clean {
+            self.fast_retry_at = abs0 + end as u64;
+            return None;
+        }
+        let abs_end = abs0 + end as u64;
+        let mut ls = self.line_start;
+        while abs_end - ls > MAX_TEXT_LINE as u64 {
+            // The line starting at `ls` must end (LF) before `limit`.
+            let lo = (ls.max(abs0) - abs0) as usize;
+            let limit = ls + MAX_TEXT_LINE as u64;
+            let hi = if limit > abs0 { (limit - abs0) as usize } else { lo };
+            ls = match memrchr(b'\n', &r[lo..hi]) {
+                Some(k) => abs0 + (lo + k + 1) as u64,
+                None => {
+                    self.long_line = true;
+                    abs0 + (hi + memchr(b'\n', &r[hi..]).unwrap_or(end - 1 - hi) + 1) as u64
+                }
+            };
+        }
+        self.line_start = abs_end;
+        Some(end)
+    }
+
     /// Scan `chunk`, handing body bytes to `emit` in order. Stops right after
     /// the terminator if it is found (the rest of the chunk is not consumed).
     pub fn scan<F: FnMut(&[u8])>(&mut self, chunk: &[u8], mut emit: F) -> ScanOutcome {
@@ -141,6 +197,16 @@ impl DataScanner {
         let mut ended = false;
         while i < len {
             match self.state {
+                State::Mid if len - i >= FAST_MIN && base + i as u64 >= self.fast_retry_at => {
+                    match self.fast_skip(&chunk[i..], base + i as u64) {
+                        Some(n) => {
+                            i += n;
+                            self.state = State::Start { bare: false };
+                        }
+                        // Declined: the per-line arm below takes over.
+                        None => {}
+                    }
+                }
                 State::Mid => match memchr2(b'\r', b'\n', &chunk[i..]) {
                     None => i = len,
                     Some(k) => {
@@ -307,6 +373,56 @@ mod tests {
         input.extend_from_slice(b"\r\n.\r\n");
         let (_, _, s) = run(BareLfPolicy::Reject, &input);
         assert!(!s.saw_long_line());
+    }
+
+    /// Bodies long enough for the block fast path, with defects at various
+    /// places, scanned whole and split: same body, same flags as a
+    /// byte-at-a-time scan (which never takes the fast path).
+    #[test]
+    fn fast_path_agrees_with_the_per_line_path() {
+        let line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod t\r\n";
+        let mut base = Vec::new();
+        for k in 0..40 {
+            if k % 9 == 4 {
+                base.extend_from_slice(b"..stuffed\r\n");
+            }
+            base.extend_from_slice(line);
+        }
+        let mut cases: Vec<Vec<u8>> = vec![base.clone()];
+        for (at, ins) in [(300usize, &b"\n"[..]), (1500, b"\r"), (2000, b"\n.\n"), (777, &[b'x'; 1100][..]), (5, b"\r\r\n")] {
+            let mut v = base.clone();
+            v.splice(at..at, ins.iter().copied());
+            cases.push(v);
+        }
+        let mut long_first = vec![b'y'; 1500];
+        long_first.extend_from_slice(&base);
+        cases.push(long_first);
+        for mut c in cases {
+            c.extend_from_slice(b"\r\n.\r\n");
+            for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize, BareLfPolicy::Accept] {
+                let reference = {
+                    let mut s = DataScanner::new(policy);
+                    let mut body = Vec::new();
+                    let mut used = 0;
+                    for b in c.chunks(1) {
+                        let o = s.scan(b, |x| body.extend_from_slice(x));
+                        used += o.consumed;
+                        if o.ended {
+                            break;
+                        }
+                    }
+                    (body, used, s.saw_bare_lf(), s.saw_bare_cr(), s.saw_long_line())
+                };
+                for cut in (0..c.len()).step_by(97).chain([c.len()]) {
+                    let mut s = DataScanner::new(policy);
+                    let mut body = Vec::new();
+                    let o1 = s.scan(&c[..cut], |x| body.extend_from_slice(x));
+                    let used = if o1.ended { o1.consumed } else { cut + s.scan(&c[cut..], |x| body.extend_from_slice(x)).consumed };
+                    let got = (body, used, s.saw_bare_lf(), s.saw_bare_cr(), s.saw_long_line());
+                    assert_eq!(got, reference, "{policy:?} cut {cut}");
+                }
+            }
+        }
     }
 
     #[test]
