@@ -521,3 +521,77 @@ fn the_chunking_rng_is_deterministic() {
     let mut b = Rng(5);
     assert!((0..100).all(|_| a.range(1, 9) == b.range(1, 9)));
 }
+
+// ---- property: random server faults, both sides still agree ---------------
+
+/// A fault verdict for a command, drawn from a small menu.
+fn verdict_of(choice: u8) -> Verdict {
+    match choice {
+        0 => Verdict::Reply(421),
+        1 => Verdict::Reply(451),
+        2 => Verdict::Reply(452),
+        3 => Verdict::Reply(550),
+        4 => Verdict::Reply(554),
+        5 => Verdict::Delay(Duration::from_millis(250)),
+        6 => Verdict::Disconnect,
+        7 => Verdict::Disconnect421,
+        _ => Verdict::Proceed,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Whatever the server's faults, every message gets one outcome on the
+    /// client, the server accepted exactly the messages the client counts as
+    /// accepted, and those arrived byte-exact.
+    #[test]
+    fn random_faults_keep_both_sides_in_agreement(
+        msgs in messages(),
+        faults in prop::collection::vec((0usize..CommandKind::ALL.len(), 0u8..9, 1u32..4), 0..4),
+        seed in any::<u64>(),
+        mode in 0u8..4,
+    ) {
+        let bdat = mode & 2 != 0;
+        let client = ClientConfig {
+            pipelining: if mode & 1 == 0 { PipeliningMode::Auto } else { PipeliningMode::Off },
+            bdat,
+            bdat_chunk_size: if bdat { (seed % 40) as usize } else { 0 },
+            timeouts: ClientTimeouts::uniform(Duration::from_secs(60)),
+            ..ClientConfig::default()
+        };
+        // Fault i hits every `every`-th command of its kind.
+        let mut seen = [0u32; CommandKind::ALL.len()];
+        let plan = faults.clone();
+        let fault = move |kind: CommandKind, _: &smtpstorm::smtp::server::CommandInfo<'_>| {
+            let k = CommandKind::ALL.iter().position(|c| *c == kind).unwrap();
+            seen[k] += 1;
+            for &(fk, choice, every) in &plan {
+                if fk == k && seen[k] % every == 0 {
+                    return verdict_of(choice);
+                }
+            }
+            Verdict::Proceed
+        };
+        let mut p = Pair::new(ServerConfig::default(), client, msgs.clone())
+            .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() })
+            .with_chunking(seed, 1 + (seed % 97) as usize);
+        p.drive();
+        p.assert_client_invariants(msgs.len());
+        let client_ok: Vec<usize> = p.client_outcomes(msgs.len()).iter().enumerate()
+            .filter(|(_, o)| o.0 == Outcome::Accepted).map(|(i, _)| i).collect();
+        let server_ok = p.server_messages().iter().filter(|m| m.0 == MessageOutcome::Accepted).count();
+        prop_assert_eq!(client_ok.len(), server_ok, "accepted counts: {:?} vs {:?}", p.client_messages(), p.server_messages());
+        let want: Vec<Vec<u8>> = client_ok.iter()
+            .map(|&i| if bdat { expected_bdat_body(&msgs[i]) } else { expected_data_body(&msgs[i]) }).collect();
+        let got: Vec<Vec<u8>> = p.hooks.accepted_bodies().into_iter().map(<[u8]>::to_vec).collect();
+        prop_assert_eq!(got, want);
+        // Balanced hooks: every ended message was started.
+        prop_assert_eq!(p.hooks.ends.len(), p.hooks.bodies.len());
+        for (i, o, _, r) in p.client_messages() {
+            if o == Outcome::Accepted {
+                prop_assert!(r >= 1 && r as usize <= msgs[i].rcpt_to.len());
+            }
+        }
+    }
+}
