@@ -25,17 +25,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{message, Pair, Recorder, Rng};
-use smtpstorm::smtp::client::{AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, Message, PipeliningMode};
+use smtpstorm::smtp::client::{
+    AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, Message, PipeliningMode,
+};
 use smtpstorm::smtp::server::{ServerConfig, Verdict};
 use smtpstorm::smtp::{proxy, ClientTimeouts, CommandKind};
 
 fn budget() -> Duration {
-    let secs = std::env::var("SMTPSTORM_FUZZ_SECS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(20.0);
+    let secs = std::env::var("SMTPSTORM_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(20.0);
     Duration::from_secs_f64(secs.max(0.0))
 }
 
 fn seed() -> u64 {
-    std::env::var("SMTPSTORM_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5EED_CAFE)
+    std::env::var("SMTPSTORM_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5EED_CAFE)
 }
 
 /// A client configuration, its messages, and a server's reply stream to it.
@@ -59,17 +67,49 @@ fn msgs(rng: &mut Rng, n: usize) -> Vec<Message> {
 /// Record the server's replies in many whole-protocol sessions.
 fn transcripts(rng: &mut Rng) -> Vec<Transcript> {
     let mut out = Vec::new();
-    let auth = |mech| Some(ClientAuth { mech, user: "u".into(), pass: "p".into() });
+    let auth = |mech| {
+        Some(ClientAuth {
+            mech,
+            user: "u".into(),
+            pass: "p".into(),
+        })
+    };
     let clients = [
         ClientConfig::default(),
-        ClientConfig { pipelining: PipeliningMode::Off, ..ClientConfig::default() },
-        ClientConfig { bdat: true, ..ClientConfig::default() },
-        ClientConfig { bdat: true, bdat_chunk_size: 50, ..ClientConfig::default() },
-        ClientConfig { lmtp: true, ..ClientConfig::default() },
-        ClientConfig { auth: auth(AuthMech::Login), ..ClientConfig::default() },
-        ClientConfig { auth: auth(AuthMech::Plain), pipelining: PipeliningMode::Off, ..ClientConfig::default() },
-        ClientConfig { starttls: true, ..ClientConfig::default() },
-        ClientConfig { capture_text: true, ..ClientConfig::default() },
+        ClientConfig {
+            pipelining: PipeliningMode::Off,
+            ..ClientConfig::default()
+        },
+        ClientConfig {
+            bdat: true,
+            ..ClientConfig::default()
+        },
+        ClientConfig {
+            bdat: true,
+            bdat_chunk_size: 50,
+            ..ClientConfig::default()
+        },
+        ClientConfig {
+            lmtp: true,
+            ..ClientConfig::default()
+        },
+        ClientConfig {
+            auth: auth(AuthMech::Login),
+            ..ClientConfig::default()
+        },
+        ClientConfig {
+            auth: auth(AuthMech::Plain),
+            pipelining: PipeliningMode::Off,
+            ..ClientConfig::default()
+        },
+        ClientConfig {
+            starttls: true,
+            ..ClientConfig::default()
+        },
+        ClientConfig {
+            capture_text: true,
+            ..ClientConfig::default()
+        },
     ];
     for (ci, client) in clients.iter().enumerate() {
         for fault in 0..5 {
@@ -80,7 +120,10 @@ fn transcripts(rng: &mut Rng) -> Vec<Transcript> {
                 max_message_size: if fault == 4 { 200 } else { 0 },
                 ..ServerConfig::default()
             };
-            let client = ClientConfig { timeouts: ClientTimeouts::uniform(Duration::from_secs(10)), ..client.clone() };
+            let client = ClientConfig {
+                timeouts: ClientTimeouts::uniform(Duration::from_secs(10)),
+                ..client.clone()
+            };
             let messages = msgs(rng, 1 + (ci + fault) % 4);
             let mut n = 0u32;
             let f = move |kind: CommandKind, _: &smtpstorm::smtp::server::CommandInfo<'_>| {
@@ -89,15 +132,23 @@ fn transcripts(rng: &mut Rng) -> Vec<Transcript> {
                     (1, CommandKind::Rcpt) if n % 2 == 0 => Verdict::Reply(451),
                     (2, CommandKind::Dot | CommandKind::Bdat) => Verdict::Reply(554),
                     (3, CommandKind::Mail) if n % 3 == 0 => Verdict::Reply(550),
-                    (3, CommandKind::Ehlo | CommandKind::Lhlo) => Verdict::Delay(Duration::from_millis(5)),
+                    (3, CommandKind::Ehlo | CommandKind::Lhlo) => {
+                        Verdict::Delay(Duration::from_millis(5))
+                    }
                     _ => Verdict::Proceed,
                 }
             };
-            let mut p = Pair::new(server, client.clone(), messages.clone())
-                .with_hooks(Recorder { fault: Some(Box::new(f)), ..Recorder::default() });
+            let mut p = Pair::new(server, client.clone(), messages.clone()).with_hooks(Recorder {
+                fault: Some(Box::new(f)),
+                ..Recorder::default()
+            });
             p.drive();
             p.assert_client_invariants(messages.len());
-            out.push(Transcript { config: Arc::new(client), messages, replies: p.client_rx_plain });
+            out.push(Transcript {
+                config: Arc::new(client),
+                messages,
+                replies: p.client_rx_plain,
+            });
         }
     }
     out
@@ -150,13 +201,18 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
             }
             8 => {
                 // Change the class of one reply code.
-                if let Some(i) = v[at..].windows(2).position(|w| w[0] == b'\n' && w[1].is_ascii_digit()) {
+                if let Some(i) = v[at..]
+                    .windows(2)
+                    .position(|w| w[0] == b'\n' && w[1].is_ascii_digit())
+                {
                     v[at + i + 1] = b"12345"[rng.range(0, 4)];
                 }
             }
             9 => {
                 // Turn a last line into a continuation line or back.
-                if let Some(i) = v[at..].windows(4).position(|w| w[..3].iter().all(u8::is_ascii_digit) && (w[3] == b' ' || w[3] == b'-')) {
+                if let Some(i) = v[at..].windows(4).position(|w| {
+                    w[..3].iter().all(u8::is_ascii_digit) && (w[3] == b' ' || w[3] == b'-')
+                }) {
                     let j = at + i + 3;
                     v[j] = if v[j] == b' ' { b'-' } else { b' ' };
                 }
@@ -182,7 +238,12 @@ fn output_bound(cfg: &ClientConfig, messages: &[Message]) -> usize {
                 0 => 1,
                 c => data / c + 1,
             };
-            2 * data + 3 + 64 * chunks + 64 + m.mail_from.len() + m.mail_params.len()
+            2 * data
+                + 3
+                + 64 * chunks
+                + 64
+                + m.mail_from.len()
+                + m.mail_params.len()
                 + m.rcpt_to.iter().map(|r| r.len() + 16).sum::<usize>()
                 + 16 // RSET
         })
@@ -192,7 +253,12 @@ fn output_bound(cfg: &ClientConfig, messages: &[Message]) -> usize {
 
 /// Feed `input` to a fresh client in random chunks with random timeouts and
 /// closes; check every invariant. Returns a description of a violation.
-fn run_one(rng: &mut Rng, cfg: &Arc<ClientConfig>, messages: &[Message], input: &[u8]) -> Result<(), String> {
+fn run_one(
+    rng: &mut Rng,
+    cfg: &Arc<ClientConfig>,
+    messages: &[Message],
+    input: &[u8],
+) -> Result<(), String> {
     let t0 = Instant::now();
     let mut now = t0;
     let mut s = ClientSession::new(Arc::clone(cfg), messages.to_vec(), t0);
@@ -202,7 +268,10 @@ fn run_one(rng: &mut Rng, cfg: &Arc<ClientConfig>, messages: &[Message], input: 
     let mut tls_pending = false;
     let mut pos = 0;
     let bound = output_bound(cfg, messages);
-    let mut step = |s: &mut ClientSession, events: &mut Vec<ClientEvent>, now: Instant, tls_pending: &mut bool| {
+    let mut step = |s: &mut ClientSession,
+                    events: &mut Vec<ClientEvent>,
+                    now: Instant,
+                    tls_pending: &mut bool| {
         out.clear();
         s.poll_transmit(now, &mut out);
         written += out.len();
@@ -270,8 +339,12 @@ fn run_one(rng: &mut Rng, cfg: &Arc<ClientConfig>, messages: &[Message], input: 
     if !o.is_empty() {
         return Err("output after Done".into());
     }
-    let dones: Vec<usize> =
-        events.iter().enumerate().filter(|(_, e)| **e == ClientEvent::Done).map(|(i, _)| i).collect();
+    let dones: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| **e == ClientEvent::Done)
+        .map(|(i, _)| i)
+        .collect();
     if dones != vec![events.len() - 1] {
         return Err(format!("Done at {dones:?} of {} events", events.len()));
     }
@@ -284,7 +357,11 @@ fn run_one(rng: &mut Rng, cfg: &Arc<ClientConfig>, messages: &[Message], input: 
         }
     }
     if seen.len() != messages.len() {
-        return Err(format!("{} Message events for {} messages", seen.len(), messages.len()));
+        return Err(format!(
+            "{} Message events for {} messages",
+            seen.len(),
+            messages.len()
+        ));
     }
     Ok(())
 }
@@ -305,7 +382,9 @@ fn fuzz_client_replies_stable() {
         iters += 1;
         let t = &corpus[rng.range(0, corpus.len() - 1)];
         let input = match rng.range(0, 9) {
-            0 => (0..rng.range(0, 2000)).map(|_| rng.next_u64() as u8).collect(),
+            0 => (0..rng.range(0, 2000))
+                .map(|_| rng.next_u64() as u8)
+                .collect(),
             1 => {
                 // Random reply-shaped lines.
                 let mut v = Vec::new();
@@ -320,15 +399,24 @@ fn fuzz_client_replies_stable() {
             }
         };
         if let Err(e) = run_one(&mut rng, &t.config, &t.messages, &input) {
-            panic!("seed {seed} iteration {iters}: {e}\ninput: {:?}", String::from_utf8_lossy(&input));
+            panic!(
+                "seed {seed} iteration {iters}: {e}\ninput: {:?}",
+                String::from_utf8_lossy(&input)
+            );
         }
     }
-    eprintln!("fuzz_client_replies_stable: {iters} inputs, {} transcripts", corpus.len());
+    eprintln!(
+        "fuzz_client_replies_stable: {iters} inputs, {} transcripts",
+        corpus.len()
+    );
 }
 
 fn valid_headers(rng: &mut Rng) -> Vec<u8> {
-    let addrs: [(&str, &str); 3] =
-        [("10.1.2.3:4000", "10.9.9.9:25"), ("[2001:db8::7]:65535", "[::1]:587"), ("192.0.2.1:1", "[fe80::1]:2")];
+    let addrs: [(&str, &str); 3] = [
+        ("10.1.2.3:4000", "10.9.9.9:25"),
+        ("[2001:db8::7]:65535", "[::1]:587"),
+        ("192.0.2.1:1", "[fe80::1]:2"),
+    ];
     let (s, d) = addrs[rng.range(0, 2)];
     let mut v = Vec::new();
     match rng.range(0, 3) {
@@ -357,10 +445,17 @@ fn check_proxy(buf: &[u8]) {
                 let declared = usize::from(u16::from_be_bytes([buf[14], buf[15]]));
                 assert_eq!(n, 16 + declared, "v2 consumes exactly its declared length");
             } else {
-                assert!(n <= proxy::V1_MAX && buf[..n].ends_with(b"\r\n"), "v1 ends at its CRLF");
+                assert!(
+                    n <= proxy::V1_MAX && buf[..n].ends_with(b"\r\n"),
+                    "v1 ends at its CRLF"
+                );
             }
         }
-        Ok(None) => assert!(buf.len() < 16 + proxy::MAX_V2_PAYLOAD, "needs more after {} bytes", buf.len()),
+        Ok(None) => assert!(
+            buf.len() < 16 + proxy::MAX_V2_PAYLOAD,
+            "needs more after {} bytes",
+            buf.len()
+        ),
         Err(_) => {}
     }
 }
@@ -377,12 +472,19 @@ fn fuzz_proxy_parser_stable() {
         let mut buf = valid_headers(&mut rng);
         let is_v2 = buf.starts_with(&proxy::V2_SIG);
         match rng.range(0, 5) {
-            0 => buf = (0..rng.range(0, 300)).map(|_| rng.next_u64() as u8).collect(),
+            0 => {
+                buf = (0..rng.range(0, 300))
+                    .map(|_| rng.next_u64() as u8)
+                    .collect()
+            }
             1 => {
                 // Truncated anywhere: never a whole header.
                 let cut = rng.range(0, buf.len() - 1);
                 let r = proxy::parse(&buf[..cut]);
-                assert!(!matches!(r, Ok(Some(_))), "truncated header at {cut} parsed: {r:?}");
+                assert!(
+                    !matches!(r, Ok(Some(_))),
+                    "truncated header at {cut} parsed: {r:?}"
+                );
             }
             2 if is_v2 => {
                 // A v2 length that lies (longer than what follows).
@@ -392,7 +494,11 @@ fn fuzz_proxy_parser_stable() {
                 let extra = rng.range(0, lie.min(65535) - real - 1);
                 buf.extend((0..extra).map(|_| rng.next_u64() as u8));
                 let r = proxy::parse(&buf);
-                assert!(!matches!(r, Ok(Some(_))), "lying v2 length {lie} with {} bytes parsed: {r:?}", buf.len());
+                assert!(
+                    !matches!(r, Ok(Some(_))),
+                    "lying v2 length {lie} with {} bytes parsed: {r:?}",
+                    buf.len()
+                );
             }
             3 => {
                 for _ in 0..rng.range(1, 4) {

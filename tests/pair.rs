@@ -10,9 +10,13 @@ mod harness;
 use std::sync::Arc;
 use std::time::Duration;
 
-use harness::{contains, count, expected_bdat_body, expected_data_body, message, Pair, Recorder, Rng};
+use harness::{
+    contains, count, expected_bdat_body, expected_data_body, message, Pair, Recorder, Rng,
+};
 use proptest::prelude::*;
-use smtpstorm::smtp::client::{AuthMech, ClientAuth, ClientConfig, ClientEvent, Message, PipeliningMode};
+use smtpstorm::smtp::client::{
+    AuthMech, ClientAuth, ClientConfig, ClientEvent, Message, PipeliningMode,
+};
 use smtpstorm::smtp::server::{CloseReason, MessageOutcome, ServerConfig, ServerEvent, Verdict};
 use smtpstorm::smtp::{proxy, ClientTimeouts, CommandKind, Outcome, Phase};
 
@@ -23,12 +27,37 @@ fn sample_messages() -> Vec<Message> {
         l
     };
     vec![
-        message("a@example.com", &["b@example.com"], b"Subject: one\r\n\r\n", b"hello\r\n"),
-        message("", &["c@example.com", "d@example.com"], b"", b"no header, no final newline"),
-        message("e@example.com", &["f@example.com"], b"Subject: dots\r\n\r\n", b".\r\n..\r\n.x\r\n\r\n.\r\nend\r\n"),
-        message("g@example.com", &["h@example.com"], b"Subject: long\r\n\r\n", &long_line.repeat(40)),
+        message(
+            "a@example.com",
+            &["b@example.com"],
+            b"Subject: one\r\n\r\n",
+            b"hello\r\n",
+        ),
+        message(
+            "",
+            &["c@example.com", "d@example.com"],
+            b"",
+            b"no header, no final newline",
+        ),
+        message(
+            "e@example.com",
+            &["f@example.com"],
+            b"Subject: dots\r\n\r\n",
+            b".\r\n..\r\n.x\r\n\r\n.\r\nend\r\n",
+        ),
+        message(
+            "g@example.com",
+            &["h@example.com"],
+            b"Subject: long\r\n\r\n",
+            &long_line.repeat(40),
+        ),
         message("i@example.com", &["j@example.com"], b"", b""),
-        message("k@example.com", &["l@example.com"], b"X-8bit: \xc3\xa9\r\n\r\n", b"\x00\x01\xff\tbinary-ish\r\n"),
+        message(
+            "k@example.com",
+            &["l@example.com"],
+            b"X-8bit: \xc3\xa9\r\n\r\n",
+            b"\x00\x01\xff\tbinary-ish\r\n",
+        ),
     ]
 }
 
@@ -36,32 +65,69 @@ fn sample_messages() -> Vec<Message> {
 #[track_caller]
 fn assert_all_delivered(p: &Pair, msgs: &[Message], bdat: bool) {
     p.assert_client_invariants(msgs.len());
-    let expected: Vec<Vec<u8>> =
-        msgs.iter().map(|m| if bdat { expected_bdat_body(m) } else { expected_data_body(m) }).collect();
+    let expected: Vec<Vec<u8>> = msgs
+        .iter()
+        .map(|m| {
+            if bdat {
+                expected_bdat_body(m)
+            } else {
+                expected_data_body(m)
+            }
+        })
+        .collect();
     let client = p.client_outcomes(msgs.len());
     for (i, m) in msgs.iter().enumerate() {
-        assert_eq!(client[i], (Outcome::Accepted, 250, m.rcpt_to.len() as u32), "client outcome of message {i}");
+        assert_eq!(
+            client[i],
+            (Outcome::Accepted, 250, m.rcpt_to.len() as u32),
+            "client outcome of message {i}"
+        );
     }
     let server = p.server_messages();
     assert_eq!(server.len(), msgs.len(), "one server Message per message");
     for (i, m) in msgs.iter().enumerate() {
         assert_eq!(
             server[i],
-            (MessageOutcome::Accepted, 250, expected[i].len() as u64, m.rcpt_to.len() as u32),
+            (
+                MessageOutcome::Accepted,
+                250,
+                expected[i].len() as u64,
+                m.rcpt_to.len() as u32
+            ),
             "server outcome of message {i}"
         );
     }
     assert_eq!(p.hooks.ends, vec![true; msgs.len()]);
     for (i, body) in p.hooks.bodies.iter().enumerate() {
-        assert!(body == &expected[i], "body {i} differs:\n got {:?}\nwant {:?}", String::from_utf8_lossy(body), String::from_utf8_lossy(&expected[i]));
+        assert!(
+            body == &expected[i],
+            "body {i} differs:\n got {:?}\nwant {:?}",
+            String::from_utf8_lossy(body),
+            String::from_utf8_lossy(&expected[i])
+        );
     }
-    let rcpts: Vec<Vec<u8>> = msgs.iter().flat_map(|m| m.rcpt_to.iter().map(|r| r.as_bytes().to_vec())).collect();
+    let rcpts: Vec<Vec<u8>> = msgs
+        .iter()
+        .flat_map(|m| m.rcpt_to.iter().map(|r| r.as_bytes().to_vec()))
+        .collect();
     assert_eq!(p.hooks.rcpts, rcpts, "recipients as the server saw them");
-    assert_eq!(p.server_events.last(), Some(&ServerEvent::Close(CloseReason::Quit)));
-    assert!(p.client_errors().is_empty(), "client errors: {:?}", p.client_errors());
+    assert_eq!(
+        p.server_events.last(),
+        Some(&ServerEvent::Close(CloseReason::Quit))
+    );
+    assert!(
+        p.client_errors().is_empty(),
+        "client errors: {:?}",
+        p.client_errors()
+    );
 }
 
-fn run(server: ServerConfig, client: ClientConfig, msgs: &[Message], seed: Option<(u64, usize)>) -> Pair {
+fn run(
+    server: ServerConfig,
+    client: ClientConfig,
+    msgs: &[Message],
+    seed: Option<(u64, usize)>,
+) -> Pair {
     let mut p = Pair::new(server, client, msgs.to_vec());
     if let Some((seed, max)) = seed {
         p = p.with_chunking(seed, max);
@@ -73,15 +139,28 @@ fn run(server: ServerConfig, client: ClientConfig, msgs: &[Message], seed: Optio
 #[test]
 fn plain_session_delivers_every_message_byte_exact() {
     let msgs = sample_messages();
-    let p = run(ServerConfig::default(), ClientConfig::default(), &msgs, None);
+    let p = run(
+        ServerConfig::default(),
+        ClientConfig::default(),
+        &msgs,
+        None,
+    );
     assert_all_delivered(&p, &msgs, false);
     assert!(p.client.is_pipelining());
     // Nothing at all happened on the virtual clock: no deadline was reached.
     assert_eq!(p.elapsed, Duration::ZERO);
-    assert!(p.phase_latencies(Phase::Message).iter().all(|l| *l == Duration::ZERO));
+    assert!(p
+        .phase_latencies(Phase::Message)
+        .iter()
+        .all(|l| *l == Duration::ZERO));
     assert_eq!(p.phase_latencies(Phase::Message).len(), msgs.len());
     for seed in 1..40 {
-        let p = run(ServerConfig::default(), ClientConfig::default(), &msgs, Some((seed, 1 + seed as usize % 17)));
+        let p = run(
+            ServerConfig::default(),
+            ClientConfig::default(),
+            &msgs,
+            Some((seed, 1 + seed as usize % 17)),
+        );
         assert_all_delivered(&p, &msgs, false);
     }
 }
@@ -90,17 +169,38 @@ fn plain_session_delivers_every_message_byte_exact() {
 fn pipelined_session_with_many_recipients() {
     let rcpts: Vec<String> = (0..60).map(|i| format!("user{i}@example.net")).collect();
     let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
-    let msgs: Vec<Message> =
-        (0..3).map(|i| message("from@example.com", &refs, b"Subject: many\r\n\r\n", format!("body {i}\r\n").as_bytes())).collect();
-    let p = run(ServerConfig::default(), ClientConfig::default(), &msgs, Some((7, 64)));
+    let msgs: Vec<Message> = (0..3)
+        .map(|i| {
+            message(
+                "from@example.com",
+                &refs,
+                b"Subject: many\r\n\r\n",
+                format!("body {i}\r\n").as_bytes(),
+            )
+        })
+        .collect();
+    let p = run(
+        ServerConfig::default(),
+        ClientConfig::default(),
+        &msgs,
+        Some((7, 64)),
+    );
     assert_all_delivered(&p, &msgs, false);
     assert!(p.client.is_pipelining());
     // RFC 2920 grouping: MAIL, every RCPT and DATA leave in one write.
-    let group = p.client_writes.iter().find(|w| contains(w, b"MAIL FROM")).expect("a MAIL write");
+    let group = p
+        .client_writes
+        .iter()
+        .find(|w| contains(w, b"MAIL FROM"))
+        .expect("a MAIL write");
     assert_eq!(count(group, b"RCPT TO:<"), 60);
     assert!(group.ends_with(b"DATA\r\n"));
     // The body, the dot and the next MAIL group travel together too.
-    let joined = p.client_writes.iter().filter(|w| contains(w, b".\r\nMAIL FROM")).count();
+    let joined = p
+        .client_writes
+        .iter()
+        .filter(|w| contains(w, b".\r\nMAIL FROM"))
+        .count();
     assert_eq!(joined, 2);
     assert_eq!(p.server_replies(CommandKind::Rcpt), vec![250; 180]);
     assert_eq!(p.client_replies(CommandKind::Rcpt), vec![250; 180]);
@@ -109,8 +209,16 @@ fn pipelined_session_with_many_recipients() {
 #[test]
 fn unpipelined_session_same_result() {
     let msgs = sample_messages();
-    let piped = run(ServerConfig::default(), ClientConfig::default(), &msgs, None);
-    let client = ClientConfig { pipelining: PipeliningMode::Off, ..ClientConfig::default() };
+    let piped = run(
+        ServerConfig::default(),
+        ClientConfig::default(),
+        &msgs,
+        None,
+    );
+    let client = ClientConfig {
+        pipelining: PipeliningMode::Off,
+        ..ClientConfig::default()
+    };
     let unpiped = run(ServerConfig::default(), client, &msgs, Some((3, 5)));
     assert_all_delivered(&unpiped, &msgs, false);
     assert!(!unpiped.client.is_pipelining());
@@ -118,8 +226,17 @@ fn unpipelined_session_same_result() {
     assert_eq!(piped.server_messages(), unpiped.server_messages());
     assert_eq!(piped.hooks.bodies, unpiped.hooks.bodies);
     // Lock-step: every command write holds one command line.
-    for w in unpiped.client_writes.iter().filter(|w| !w.ends_with(b"\r\n.\r\n") && w.as_slice() != b".\r\n") {
-        assert_eq!(count(w, b"\r\n"), 1, "one command per write: {:?}", String::from_utf8_lossy(w));
+    for w in unpiped
+        .client_writes
+        .iter()
+        .filter(|w| !w.ends_with(b"\r\n.\r\n") && w.as_slice() != b".\r\n")
+    {
+        assert_eq!(
+            count(w, b"\r\n"),
+            1,
+            "one command per write: {:?}",
+            String::from_utf8_lossy(w)
+        );
     }
     // A server that does not advertise PIPELINING gets the same lock-step.
     let mut server = ServerConfig::default();
@@ -146,7 +263,11 @@ fn starttls_then_auth_plain_over_rustls() {
     for seed in [None, Some((11, 7)), Some((12, 300))] {
         let client = ClientConfig {
             starttls: true,
-            auth: Some(ClientAuth { mech: AuthMech::Plain, user: "alice".into(), pass: "s3cret".into() }),
+            auth: Some(ClientAuth {
+                mech: AuthMech::Plain,
+                user: "alice".into(),
+                pass: "s3cret".into(),
+            }),
             ..ClientConfig::default()
         };
         let mut p = Pair::new(tls_server(), client, msgs.clone()).with_hooks(Recorder {
@@ -173,18 +294,35 @@ fn starttls_then_auth_plain_over_rustls() {
         assert!(c_clear.ends_with(b"STARTTLS\r\n"));
         assert!(s_clear.ends_with(b"\r\n") && contains(s_clear, b"220 2.0.0"));
         assert!(!contains(c_clear, b"MAIL FROM") && !contains(c_clear, b"AUTH"));
-        for needle in [&b"MAIL FROM"[..], b"RCPT TO", b"AUTH", b"EHLO", b"hello", b"Subject"] {
-            assert!(!contains(c_secret, needle), "{:?} leaked on the wire", String::from_utf8_lossy(needle));
+        for needle in [
+            &b"MAIL FROM"[..],
+            b"RCPT TO",
+            b"AUTH",
+            b"EHLO",
+            b"hello",
+            b"Subject",
+        ] {
+            assert!(
+                !contains(c_secret, needle),
+                "{:?} leaked on the wire",
+                String::from_utf8_lossy(needle)
+            );
         }
         for needle in [&b"250"[..], b"235", b"354", b"221", b"PIPELINING"] {
-            assert!(!contains(s_secret, needle), "{:?} leaked on the wire", String::from_utf8_lossy(needle));
+            assert!(
+                !contains(s_secret, needle),
+                "{:?} leaked on the wire",
+                String::from_utf8_lossy(needle)
+            );
         }
         assert_eq!(c_secret[0], 0x16, "a TLS handshake record follows STARTTLS");
         // ...while the sessions did exchange those commands, through TLS.
         assert!(contains(&p.server_rx_plain, b"AUTH PLAIN "));
         assert_eq!(count(&p.server_rx_plain, b"MAIL FROM"), msgs.len());
         // The EHLO before TLS offered no AUTH (auth requires TLS), the one after did.
-        let (pre, post) = p.client_rx_plain.split_at(memchr::memmem::find(&p.client_rx_plain, b"220 2.0.0").unwrap());
+        let (pre, post) = p
+            .client_rx_plain
+            .split_at(memchr::memmem::find(&p.client_rx_plain, b"220 2.0.0").unwrap());
         assert!(!contains(pre, b"AUTH") && contains(pre, b"STARTTLS"));
         assert!(!contains(post, b"STARTTLS"));
     }
@@ -193,9 +331,16 @@ fn starttls_then_auth_plain_over_rustls() {
 #[test]
 fn auth_login_wrong_password_rejects_every_message() {
     let msgs = sample_messages();
-    let server = ServerConfig { auth_enabled: true, ..ServerConfig::default() };
+    let server = ServerConfig {
+        auth_enabled: true,
+        ..ServerConfig::default()
+    };
     let client = ClientConfig {
-        auth: Some(ClientAuth { mech: AuthMech::Login, user: "alice".into(), pass: "wrong".into() }),
+        auth: Some(ClientAuth {
+            mech: AuthMech::Login,
+            user: "alice".into(),
+            pass: "wrong".into(),
+        }),
         ..ClientConfig::default()
     };
     let mut p = Pair::new(server, client, msgs.clone()).with_hooks(Recorder {
@@ -204,23 +349,41 @@ fn auth_login_wrong_password_rejects_every_message() {
     });
     p.drive();
     p.assert_client_invariants(msgs.len());
-    assert_eq!(p.client_outcomes(msgs.len()), vec![(Outcome::Rejected, 535, 0); msgs.len()]);
+    assert_eq!(
+        p.client_outcomes(msgs.len()),
+        vec![(Outcome::Rejected, 535, 0); msgs.len()]
+    );
     assert_eq!(p.client_replies(CommandKind::Auth), vec![334, 334, 535]);
     assert_eq!(p.server_replies(CommandKind::Auth), vec![334, 334, 535]);
     assert_eq!(p.hooks.auth_attempts, 1);
     assert!(!p.server_events.contains(&ServerEvent::Authenticated));
     assert!(p.server_messages().is_empty());
     assert!(p.hooks.bodies.is_empty());
-    assert_eq!(p.hooks.count(CommandKind::Mail), 0, "no transaction after a failed AUTH");
-    assert_eq!(p.server_events.last(), Some(&ServerEvent::Close(CloseReason::Quit)));
+    assert_eq!(
+        p.hooks.count(CommandKind::Mail),
+        0,
+        "no transaction after a failed AUTH"
+    );
+    assert_eq!(
+        p.server_events.last(),
+        Some(&ServerEvent::Close(CloseReason::Quit))
+    );
 }
 
 #[test]
 fn bdat_session_delivers_exact_octets() {
     let mut msgs = sample_messages();
     // With BDAT anything goes: bare LF, bare CR, a lone dot line, no final CRLF.
-    msgs.push(message("m@example.com", &["n@example.com"], b"", b"a\nb\rc\r\n.\r\n\r\n.\r\nlast"));
-    let client = ClientConfig { bdat: true, ..ClientConfig::default() };
+    msgs.push(message(
+        "m@example.com",
+        &["n@example.com"],
+        b"",
+        b"a\nb\rc\r\n.\r\n\r\n.\r\nlast",
+    ));
+    let client = ClientConfig {
+        bdat: true,
+        ..ClientConfig::default()
+    };
     for seed in [None, Some((21, 3)), Some((22, 100))] {
         let p = run(ServerConfig::default(), client.clone(), &msgs, seed);
         assert_all_delivered(&p, &msgs, true);
@@ -236,10 +399,18 @@ fn bdat_session_delivers_exact_octets() {
 fn bdat_chunked_with_small_chunk_size() {
     let msgs = sample_messages();
     for pipelining in [PipeliningMode::Auto, PipeliningMode::Off] {
-        let client = ClientConfig { bdat: true, bdat_chunk_size: 7, pipelining, ..ClientConfig::default() };
+        let client = ClientConfig {
+            bdat: true,
+            bdat_chunk_size: 7,
+            pipelining,
+            ..ClientConfig::default()
+        };
         let p = run(ServerConfig::default(), client, &msgs, Some((31, 11)));
         assert_all_delivered(&p, &msgs, true);
-        let chunks: usize = msgs.iter().map(|m| (m.header.len() + m.body.len()).div_ceil(7).max(1)).sum();
+        let chunks: usize = msgs
+            .iter()
+            .map(|m| (m.header.len() + m.body.len()).div_ceil(7).max(1))
+            .sum();
         assert_eq!(p.server_replies(CommandKind::Bdat), vec![250; chunks]);
         assert_eq!(p.client_replies(CommandKind::Bdat), vec![250; chunks]);
         assert_eq!(count(&p.wire_c2s, b" LAST\r\n"), msgs.len());
@@ -253,8 +424,14 @@ fn lmtp_one_reply_per_recipient() {
         message("a@x", &["r4@y"], b"", b"two\r\n"),
         message("a@x", &["r5@y", "r6@y"], b".dot header\r\n", b"three\r\n"),
     ];
-    let server = ServerConfig { lmtp: true, ..ServerConfig::default() };
-    let client = ClientConfig { lmtp: true, ..ClientConfig::default() };
+    let server = ServerConfig {
+        lmtp: true,
+        ..ServerConfig::default()
+    };
+    let client = ClientConfig {
+        lmtp: true,
+        ..ClientConfig::default()
+    };
     let p = run(server, client, &msgs, Some((41, 13)));
     assert_all_delivered(&p, &msgs, false);
     assert!(contains(&p.wire_c2s, b"LHLO "));
@@ -263,7 +440,14 @@ fn lmtp_one_reply_per_recipient() {
     assert_eq!(p.server_replies(CommandKind::Dot), vec![250; 6]);
     assert_eq!(p.client_replies(CommandKind::Dot), vec![250; 6]);
     for r in ["r1@y", "r2@y", "r3@y", "r4@y", "r5@y", "r6@y"] {
-        assert_eq!(count(&p.client_rx_plain, format!("250 2.0.0 <{r}> Delivered\r\n").as_bytes()), 1, "{r}");
+        assert_eq!(
+            count(
+                &p.client_rx_plain,
+                format!("250 2.0.0 <{r}> Delivered\r\n").as_bytes()
+            ),
+            1,
+            "{r}"
+        );
     }
     assert_eq!(p.phase_latencies(Phase::Message).len(), 3);
 }
@@ -271,16 +455,34 @@ fn lmtp_one_reply_per_recipient() {
 #[test]
 fn server_fault_rcpt_451_tempfails_that_message_only() {
     let msgs: Vec<Message> = (0..4)
-        .map(|i| message("s@x", &[&format!("rcpt{i}@y"), &format!("cc{i}@y")], b"", format!("body {i}\r\n").as_bytes()))
+        .map(|i| {
+            message(
+                "s@x",
+                &[&format!("rcpt{i}@y"), &format!("cc{i}@y")],
+                b"",
+                format!("body {i}\r\n").as_bytes(),
+            )
+        })
         .collect();
     for pipelining in [PipeliningMode::Auto, PipeliningMode::Off] {
-        let fault = |kind: CommandKind, info: &smtpstorm::smtp::server::CommandInfo<'_>| match (kind, info.mail_from) {
-            (CommandKind::Rcpt, _) if info.rcpt_to.is_some_and(|r| r.ends_with(b"1@y")) => Verdict::Reply(451),
+        let fault = |kind: CommandKind, info: &smtpstorm::smtp::server::CommandInfo<'_>| match (
+            kind,
+            info.mail_from,
+        ) {
+            (CommandKind::Rcpt, _) if info.rcpt_to.is_some_and(|r| r.ends_with(b"1@y")) => {
+                Verdict::Reply(451)
+            }
             _ => Verdict::Proceed,
         };
-        let client = ClientConfig { pipelining, ..ClientConfig::default() };
+        let client = ClientConfig {
+            pipelining,
+            ..ClientConfig::default()
+        };
         let mut p = Pair::new(ServerConfig::default(), client, msgs.clone())
-            .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() })
+            .with_hooks(Recorder {
+                fault: Some(Box::new(fault)),
+                ..Recorder::default()
+            })
             .with_chunking(51, 19);
         p.drive();
         p.assert_client_invariants(4);
@@ -290,38 +492,67 @@ fn server_fault_rcpt_451_tempfails_that_message_only() {
         assert_eq!(out[2], (Outcome::Accepted, 250, 2));
         assert_eq!(out[3], (Outcome::Accepted, 250, 2));
         // The server delivered the other three, and nothing of message 1.
-        let bodies: Vec<Vec<u8>> = [0, 2, 3].iter().map(|&i| expected_data_body(&msgs[i])).collect();
+        let bodies: Vec<Vec<u8>> = [0, 2, 3]
+            .iter()
+            .map(|&i| expected_data_body(&msgs[i]))
+            .collect();
         assert_eq!(p.hooks.bodies, bodies);
         assert_eq!(p.hooks.ends, vec![true; 3]);
         let server = p.server_messages();
         assert_eq!(server.len(), 3);
-        assert!(server.iter().all(|m| m.0 == MessageOutcome::Accepted && m.3 == 2));
-        assert_eq!(p.server_replies(CommandKind::Rcpt).iter().filter(|&&c| c == 451).count(), 2);
-        assert_eq!(p.server_events.last(), Some(&ServerEvent::Close(CloseReason::Quit)));
+        assert!(server
+            .iter()
+            .all(|m| m.0 == MessageOutcome::Accepted && m.3 == 2));
+        assert_eq!(
+            p.server_replies(CommandKind::Rcpt)
+                .iter()
+                .filter(|&&c| c == 451)
+                .count(),
+            2
+        );
+        assert_eq!(
+            p.server_events.last(),
+            Some(&ServerEvent::Close(CloseReason::Quit))
+        );
     }
 }
 
 #[test]
 fn server_delay_fault_shows_in_latency() {
-    let msgs = vec![message("s@x", &["r@y"], b"", b"one\r\n"), message("s@x", &["r@y"], b"", b"two\r\n")];
+    let msgs = vec![
+        message("s@x", &["r@y"], b"", b"one\r\n"),
+        message("s@x", &["r@y"], b"", b"two\r\n"),
+    ];
     let delay = Duration::from_millis(200);
     let mut dots = 0;
     let fault = move |kind: CommandKind, _: &smtpstorm::smtp::server::CommandInfo<'_>| match kind {
         CommandKind::Rcpt => Verdict::Delay(delay),
         CommandKind::Dot => {
             dots += 1;
-            if dots == 2 { Verdict::Delay(Duration::from_millis(1500)) } else { Verdict::Proceed }
+            if dots == 2 {
+                Verdict::Delay(Duration::from_millis(1500))
+            } else {
+                Verdict::Proceed
+            }
         }
         _ => Verdict::Proceed,
     };
-    let client = ClientConfig { pipelining: PipeliningMode::Off, ..ClientConfig::default() };
-    let mut p = Pair::new(ServerConfig::default(), client, msgs.clone())
-        .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() });
+    let client = ClientConfig {
+        pipelining: PipeliningMode::Off,
+        ..ClientConfig::default()
+    };
+    let mut p = Pair::new(ServerConfig::default(), client, msgs.clone()).with_hooks(Recorder {
+        fault: Some(Box::new(fault)),
+        ..Recorder::default()
+    });
     p.drive();
     assert_all_delivered(&p, &msgs, false);
     // On the virtual clock the latencies are exactly the injected delays.
     assert_eq!(p.phase_latencies(Phase::Rcpt), vec![delay, delay]);
-    assert_eq!(p.phase_latencies(Phase::Message), vec![Duration::ZERO, Duration::from_millis(1500)]);
+    assert_eq!(
+        p.phase_latencies(Phase::Message),
+        vec![Duration::ZERO, Duration::from_millis(1500)]
+    );
     assert_eq!(p.phase_latencies(Phase::Mail), vec![Duration::ZERO; 2]);
     assert_eq!(p.elapsed, Duration::from_millis(1900));
 }
@@ -338,9 +569,15 @@ fn size_limit_rejects_big_message_then_next_one_passes() {
         with_size,
         message("s@x", &["r@y"], b"", b"small again\r\n"),
     ];
-    let server = ServerConfig { max_message_size: 1000, ..ServerConfig::default() };
+    let server = ServerConfig {
+        max_message_size: 1000,
+        ..ServerConfig::default()
+    };
     for bdat in [false, true] {
-        let client = ClientConfig { bdat, ..ClientConfig::default() };
+        let client = ClientConfig {
+            bdat,
+            ..ClientConfig::default()
+        };
         let p = run(server.clone(), client, &msgs, Some((61, 700)));
         p.assert_client_invariants(4);
         let out = p.client_outcomes(4);
@@ -348,22 +585,57 @@ fn size_limit_rejects_big_message_then_next_one_passes() {
         assert_eq!(out[1], (Outcome::Accepted, 250, 1));
         assert_eq!(out[2], (Outcome::Rejected, 552, 0), "SIZE= refused at MAIL");
         assert_eq!(out[3], (Outcome::Accepted, 250, 1));
-        assert_eq!(p.client_replies(CommandKind::Mail), vec![250, 250, 552, 250]);
-        let body = |m: &Message| if bdat { expected_bdat_body(m) } else { expected_data_body(m) };
-        assert_eq!(p.hooks.accepted_bodies(), vec![&body(&msgs[1])[..], &body(&msgs[3])[..]]);
+        assert_eq!(
+            p.client_replies(CommandKind::Mail),
+            vec![250, 250, 552, 250]
+        );
+        let body = |m: &Message| {
+            if bdat {
+                expected_bdat_body(m)
+            } else {
+                expected_data_body(m)
+            }
+        };
+        assert_eq!(
+            p.hooks.accepted_bodies(),
+            vec![&body(&msgs[1])[..], &body(&msgs[3])[..]]
+        );
         assert_eq!(p.hooks.ends, vec![false, true, true]);
         let server_msgs = p.server_messages();
         assert_eq!(server_msgs.len(), 3);
-        assert_eq!((server_msgs[0].0, server_msgs[0].1), (MessageOutcome::Rejected, 552));
-        assert_eq!(server_msgs[1], (MessageOutcome::Accepted, 250, body(&msgs[1]).len() as u64, 1));
-        assert_eq!(server_msgs[2], (MessageOutcome::Accepted, 250, body(&msgs[3]).len() as u64, 1));
+        assert_eq!(
+            (server_msgs[0].0, server_msgs[0].1),
+            (MessageOutcome::Rejected, 552)
+        );
+        assert_eq!(
+            server_msgs[1],
+            (
+                MessageOutcome::Accepted,
+                250,
+                body(&msgs[1]).len() as u64,
+                1
+            )
+        );
+        assert_eq!(
+            server_msgs[2],
+            (
+                MessageOutcome::Accepted,
+                250,
+                body(&msgs[3]).len() as u64,
+                1
+            )
+        );
     }
 }
 
 #[test]
 fn require_tls_without_starttls_rejects() {
     let msgs = sample_messages();
-    let server = ServerConfig { starttls_available: true, require_tls: true, ..ServerConfig::default() };
+    let server = ServerConfig {
+        starttls_available: true,
+        require_tls: true,
+        ..ServerConfig::default()
+    };
     let p = run(server, ClientConfig::default(), &msgs, None);
     p.assert_client_invariants(msgs.len());
     for (i, o) in p.client_outcomes(msgs.len()).into_iter().enumerate() {
@@ -372,26 +644,40 @@ fn require_tls_without_starttls_rejects() {
     assert!(p.server_messages().is_empty());
     assert!(p.hooks.bodies.is_empty());
     assert!(!p.server.tls_active());
-    assert!(p.server_replies(CommandKind::Mail).iter().all(|&c| c == 530));
+    assert!(p
+        .server_replies(CommandKind::Mail)
+        .iter()
+        .all(|&c| c == 530));
     assert!(p.tls_from_c2s.is_none());
 }
 
 #[test]
 fn client_timeout_when_server_delays_forever() {
-    let msgs = vec![message("s@x", &["r@y"], b"", b"one\r\n"), message("s@x", &["r@y"], b"", b"two\r\n")];
+    let msgs = vec![
+        message("s@x", &["r@y"], b"", b"one\r\n"),
+        message("s@x", &["r@y"], b"", b"two\r\n"),
+    ];
     let fault = |kind: CommandKind, _: &smtpstorm::smtp::server::CommandInfo<'_>| match kind {
         CommandKind::Dot => Verdict::Delay(Duration::from_secs(86_400)),
         _ => Verdict::Proceed,
     };
     let timeout = Duration::from_secs(30);
-    let client = ClientConfig { timeouts: ClientTimeouts::uniform(timeout), ..ClientConfig::default() };
-    let mut p = Pair::new(ServerConfig::default(), client, msgs)
-        .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() });
+    let client = ClientConfig {
+        timeouts: ClientTimeouts::uniform(timeout),
+        ..ClientConfig::default()
+    };
+    let mut p = Pair::new(ServerConfig::default(), client, msgs).with_hooks(Recorder {
+        fault: Some(Box::new(fault)),
+        ..Recorder::default()
+    });
     p.drive();
     p.assert_client_invariants(2);
     // Pipelining sent message 1's MAIL/RCPT/DATA behind the first dot; the
     // held dot holds them too, so message 1 never had a recipient accepted.
-    assert_eq!(p.client_outcomes(2), vec![(Outcome::Timeout, 0, 1), (Outcome::Timeout, 0, 0)]);
+    assert_eq!(
+        p.client_outcomes(2),
+        vec![(Outcome::Timeout, 0, 1), (Outcome::Timeout, 0, 0)]
+    );
     assert_eq!(p.elapsed, timeout, "the client gave up at its own deadline");
     assert_eq!(p.client_errors().len(), 1);
     // The server got the whole first body, and is still holding its reply.
@@ -412,15 +698,26 @@ fn dot_lines_survive_stuffing_and_unstuffing() {
         b"a\r\n.\r\n.\r\nb",
         b".",
     ];
-    let msgs: Vec<Message> = bodies.iter().map(|b| message("s@x", &["r@y"], b"", b)).collect();
+    let msgs: Vec<Message> = bodies
+        .iter()
+        .map(|b| message("s@x", &["r@y"], b"", b))
+        .collect();
     for seed in [None, Some((71, 1)), Some((72, 4))] {
-        let p = run(ServerConfig::default(), ClientConfig::default(), &msgs, seed);
+        let p = run(
+            ServerConfig::default(),
+            ClientConfig::default(),
+            &msgs,
+            seed,
+        );
         assert_all_delivered(&p, &msgs, false);
         // On the wire every line-leading dot was doubled.
         assert!(contains(&p.wire_c2s, b"DATA\r\n..\r\n.\r\n"));
         assert!(contains(&p.wire_c2s, b"DATA\r\n....\r\n..\r\n...\r\n.\r\n"));
         assert!(contains(&p.wire_c2s, b"DATA\r\n..\r\n.\r\n"));
-        assert!(contains(&p.wire_c2s, b"DATA\r\n..\r\n.\r\n") && contains(&p.wire_c2s, b"\r\n..\r\n\r\n.\r\n"));
+        assert!(
+            contains(&p.wire_c2s, b"DATA\r\n..\r\n.\r\n")
+                && contains(&p.wire_c2s, b"\r\n..\r\n\r\n.\r\n")
+        );
     }
 }
 
@@ -430,15 +727,34 @@ fn proxy_v2_header_reaches_server() {
     let src: std::net::SocketAddr = "203.0.113.7:40123".parse().unwrap();
     let dst: std::net::SocketAddr = "198.51.100.1:25".parse().unwrap();
     for (seed, v2) in [(81, true), (82, false), (83, true)] {
-        let server = ServerConfig { proxy_protocol: true, ..ServerConfig::default() };
+        let server = ServerConfig {
+            proxy_protocol: true,
+            ..ServerConfig::default()
+        };
         let mut p = Pair::new(server, ClientConfig::default(), msgs.clone()).with_chunking(seed, 5);
         let mut hdr = Vec::new();
-        if v2 { proxy::write_v2(src, dst, &mut hdr) } else { proxy::write_v1(src, dst, &mut hdr) }
+        if v2 {
+            proxy::write_v2(src, dst, &mut hdr)
+        } else {
+            proxy::write_v1(src, dst, &mut hdr)
+        }
         p.client_raw_write(&hdr);
         p.drive();
         assert_all_delivered(&p, &msgs, false);
-        assert_eq!(p.server_events[0], ServerEvent::Proxy(proxy::ProxyHeader { src: Some(src), dst: Some(dst) }));
-        assert!(p.hooks.commands.iter().all(|(_, _, peer)| *peer == Some(src)), "every command knows the real peer");
+        assert_eq!(
+            p.server_events[0],
+            ServerEvent::Proxy(proxy::ProxyHeader {
+                src: Some(src),
+                dst: Some(dst)
+            })
+        );
+        assert!(
+            p.hooks
+                .commands
+                .iter()
+                .all(|(_, _, peer)| *peer == Some(src)),
+            "every command knows the real peer"
+        );
         assert!(p.wire_c2s.starts_with(&hdr));
     }
 }

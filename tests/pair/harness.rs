@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 use rustls::{ClientConnection, ServerConnection};
 use smtpstorm::net::tls;
 use smtpstorm::smtp::client::{ClientConfig, ClientEvent, ClientSession, Message};
-use smtpstorm::smtp::server::{CommandInfo, ServerConfig, ServerEvent, ServerHooks, ServerSession, Verdict};
+use smtpstorm::smtp::server::{
+    CommandInfo, ServerConfig, ServerEvent, ServerHooks, ServerSession, Verdict,
+};
 use smtpstorm::smtp::{CommandKind, Outcome, Phase};
 
 /// splitmix64: small, seedable, good enough to pick chunk sizes and bodies.
@@ -54,6 +56,7 @@ impl Rng {
 pub type FaultFn = Box<dyn FnMut(CommandKind, &CommandInfo<'_>) -> Verdict>;
 
 /// Server hooks that record what the server delivered.
+#[derive(Default)]
 pub struct Recorder {
     /// The body of every message that ended, in order (unstuffed bytes).
     pub bodies: Vec<Vec<u8>>,
@@ -71,25 +74,15 @@ pub struct Recorder {
     pub fault: Option<FaultFn>,
 }
 
-impl Default for Recorder {
-    fn default() -> Self {
-        Self {
-            bodies: Vec::new(),
-            ends: Vec::new(),
-            open_body: None,
-            commands: Vec::new(),
-            rcpts: Vec::new(),
-            creds: None,
-            auth_attempts: 0,
-            fault: None,
-        }
-    }
-}
-
 impl Recorder {
     /// Bodies of the messages the server accepted.
     pub fn accepted_bodies(&self) -> Vec<&[u8]> {
-        self.bodies.iter().zip(&self.ends).filter(|(_, &ok)| ok).map(|(b, _)| &b[..]).collect()
+        self.bodies
+            .iter()
+            .zip(&self.ends)
+            .filter(|(_, &ok)| ok)
+            .map(|(b, _)| &b[..])
+            .collect()
     }
     pub fn count(&self, kind: CommandKind) -> usize {
         self.commands.iter().filter(|(k, _, _)| *k == kind).count()
@@ -119,7 +112,9 @@ impl ServerHooks for Recorder {
         self.open_body = Some(Vec::new());
     }
     fn on_body(&mut self, chunk: &[u8]) {
-        self.open_body.get_or_insert_with(Vec::new).extend_from_slice(chunk);
+        self.open_body
+            .get_or_insert_with(Vec::new)
+            .extend_from_slice(chunk);
     }
     fn on_message_end(&mut self, accepted: bool) {
         let body = self.open_body.take().expect("on_message_end without start");
@@ -248,10 +243,16 @@ impl Pair {
                 continue;
             }
             // Nothing moves: jump the clock to the earliest deadline.
-            let server_deadline = if self.server_closed { None } else { self.server.poll_timeout() };
+            let server_deadline = if self.server_closed {
+                None
+            } else {
+                self.server.poll_timeout()
+            };
             let next = match (self.client.poll_timeout(), server_deadline) {
                 (Some(a), Some(b)) => a.min(b),
-                (a, b) => a.or(b).unwrap_or_else(|| panic!("pair stalled with no deadline at {:?}", self.elapsed)),
+                (a, b) => a.or(b).unwrap_or_else(|| {
+                    panic!("pair stalled with no deadline at {:?}", self.elapsed)
+                }),
             };
             if next > self.now() {
                 self.elapsed = next - self.t0;
@@ -260,7 +261,8 @@ impl Pair {
             self.client.handle_timeout(now);
             self.after_client();
             if !self.server_closed {
-                self.server.handle_timeout(now, &mut self.srv_out, &mut self.hooks);
+                self.server
+                    .handle_timeout(now, &mut self.srv_out, &mut self.hooks);
                 self.after_server();
             }
         }
@@ -296,7 +298,11 @@ impl Pair {
             self.after_client();
             progressed = true;
         }
-        if self.server_closed && self.s2c.is_empty() && !self.close_delivered && !self.client.is_done() {
+        if self.server_closed
+            && self.s2c.is_empty()
+            && !self.close_delivered
+            && !self.client.is_done()
+        {
             self.close_delivered = true;
             self.client.handle_close(now);
             self.after_client();
@@ -315,7 +321,8 @@ impl Pair {
     fn server_receive(&mut self, now: Instant, bytes: &[u8]) {
         let Some(tls) = self.server_tls.as_mut() else {
             self.server_rx_plain.extend_from_slice(bytes);
-            self.server.handle_input(now, bytes, &mut self.srv_out, &mut self.hooks);
+            self.server
+                .handle_input(now, bytes, &mut self.srv_out, &mut self.hooks);
             return;
         };
         let mut rd: &[u8] = bytes;
@@ -328,9 +335,13 @@ impl Pair {
             }
             let plain = drain_plaintext(tls.reader());
             if !plain.is_empty() {
-                assert!(self.server_tls_up, "application data before the handshake ended");
+                assert!(
+                    self.server_tls_up,
+                    "application data before the handshake ended"
+                );
                 self.server_rx_plain.extend_from_slice(&plain);
-                self.server.handle_input(now, &plain, &mut self.srv_out, &mut self.hooks);
+                self.server
+                    .handle_input(now, &plain, &mut self.srv_out, &mut self.hooks);
             }
         }
     }
@@ -404,7 +415,10 @@ impl Pair {
             let out = std::mem::take(&mut self.srv_out);
             match self.server_tls.as_mut() {
                 Some(tls) => {
-                    assert!(self.server_tls_up, "server replied during the TLS handshake");
+                    assert!(
+                        self.server_tls_up,
+                        "server replied during the TLS handshake"
+                    );
                     tls.writer().write_all(&out).expect("server TLS write");
                 }
                 None if self.server_closed => {}
@@ -443,9 +457,12 @@ impl Pair {
         self.client_events
             .iter()
             .filter_map(|e| match *e {
-                ClientEvent::Message { index, outcome, code, recipients_accepted } => {
-                    Some((index, outcome, code, recipients_accepted))
-                }
+                ClientEvent::Message {
+                    index,
+                    outcome,
+                    code,
+                    recipients_accepted,
+                } => Some((index, outcome, code, recipients_accepted)),
                 _ => None,
             })
             .collect()
@@ -458,7 +475,10 @@ impl Pair {
             assert!(v[i].is_none(), "message {i} got two outcomes");
             v[i] = Some((o, c, r));
         }
-        v.into_iter().enumerate().map(|(i, o)| o.unwrap_or_else(|| panic!("message {i} has no outcome"))).collect()
+        v.into_iter()
+            .enumerate()
+            .map(|(i, o)| o.unwrap_or_else(|| panic!("message {i} has no outcome")))
+            .collect()
     }
 
     /// `(outcome, code, bytes, recipients)` of every server Message event.
@@ -466,7 +486,12 @@ impl Pair {
         self.server_events
             .iter()
             .filter_map(|e| match *e {
-                ServerEvent::Message { outcome, code, bytes, recipients } => Some((outcome, code, bytes, recipients)),
+                ServerEvent::Message {
+                    outcome,
+                    code,
+                    bytes,
+                    recipients,
+                } => Some((outcome, code, bytes, recipients)),
                 _ => None,
             })
             .collect()
@@ -513,7 +538,11 @@ impl Pair {
             .filter(|(_, e)| **e == ClientEvent::Done)
             .map(|(i, _)| i)
             .collect();
-        assert_eq!(done, vec![self.client_events.len() - 1], "Done exactly once and last");
+        assert_eq!(
+            done,
+            vec![self.client_events.len() - 1],
+            "Done exactly once and last"
+        );
         let _ = self.client_outcomes(n);
         assert_eq!(self.client_messages().len(), n);
     }
@@ -531,7 +560,11 @@ impl Pair {
 
 /// Move everything a rustls connection wants to write onto a wire; returns
 /// the number of bytes moved.
-fn pump_tls_out<D>(conn: &mut rustls::ConnectionCommon<D>, wire: &mut Vec<u8>, log: &mut Vec<u8>) -> usize {
+fn pump_tls_out<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    wire: &mut Vec<u8>,
+    log: &mut Vec<u8>,
+) -> usize {
     let mut total = 0;
     while conn.wants_write() {
         let mut buf: Vec<u8> = Vec::new();
