@@ -329,6 +329,51 @@ fn starttls_then_auth_plain_over_rustls() {
 }
 
 #[test]
+fn plaintext_injected_around_starttls_never_reaches_either_session() {
+    // CVE-2011-0411 in both directions: a man in the middle appends
+    // plaintext behind STARTTLS and behind its 220. Both must be dropped.
+    let msgs = sample_messages();
+    let client = ClientConfig {
+        starttls: true,
+        ..ClientConfig::default()
+    };
+    let mut p = Pair::new(tls_server(), client, msgs.clone());
+    p.inject_c2s = Some((
+        b"STARTTLS\r\n".to_vec(),
+        b"RSET\r\nMAIL FROM:<evil@x>\r\n".to_vec(),
+    ));
+    p.inject_s2c = Some((
+        b"Ready to start TLS\r\n".to_vec(),
+        b"250 evil\r\n554 evil\r\n".to_vec(),
+    ));
+    p.drive();
+    assert!(
+        p.inject_c2s.is_none() && p.inject_s2c.is_none(),
+        "both injections happened"
+    );
+    assert!(contains(
+        &p.wire_c2s,
+        b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@x>"
+    ));
+    assert!(contains(&p.wire_s2c, b"Ready to start TLS\r\n250 evil"));
+    assert_all_delivered(&p, &msgs, false);
+    assert!(p.server.tls_active());
+    // The server session was handed the injected line with STARTTLS and
+    // dropped it: no command with it ever reached the hooks.
+    assert_eq!(count(&p.server_rx_plain, b"MAIL FROM:<evil@x>"), 1);
+    assert!(
+        p.hooks
+            .commands
+            .iter()
+            .all(|(_, arg, _)| !contains(arg, b"evil")),
+        "injected command executed"
+    );
+    // The client likewise saw the fake replies in the 220's read and ignored them.
+    assert_eq!(count(&p.client_rx_plain, b"250 evil"), 1);
+    assert_eq!(p.client_replies(CommandKind::StartTls), vec![220]);
+}
+
+#[test]
 fn auth_login_wrong_password_rejects_every_message() {
     let msgs = sample_messages();
     let server = ServerConfig {

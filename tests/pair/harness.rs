@@ -149,6 +149,10 @@ pub struct Pair {
     /// Every plaintext byte fed to the server session / client session.
     pub server_rx_plain: Vec<u8>,
     pub client_rx_plain: Vec<u8>,
+    /// Man in the middle: after a plaintext write containing `.0`, put `.1`
+    /// on the same wire right behind it (once).
+    pub inject_c2s: Option<(Vec<u8>, Vec<u8>)>,
+    pub inject_s2c: Option<(Vec<u8>, Vec<u8>)>,
     srv_out: Vec<u8>,
     client_tls: Option<ClientConnection>,
     server_tls: Option<ServerConnection>,
@@ -192,6 +196,8 @@ impl Pair {
             client_writes: Vec::new(),
             server_rx_plain: Vec::new(),
             client_rx_plain: Vec::new(),
+            inject_c2s: None,
+            inject_s2c: None,
             srv_out: Vec::new(),
             client_tls: None,
             server_tls: None,
@@ -383,6 +389,14 @@ impl Pair {
                 None => {
                     self.c2s.extend_from_slice(&out);
                     self.wire_c2s.extend_from_slice(&out);
+                    if self
+                        .inject_c2s
+                        .as_ref()
+                        .is_some_and(|(t, _)| contains(&out, t))
+                    {
+                        let (_, payload) = self.inject_c2s.take().unwrap();
+                        self.client_raw_write(&payload);
+                    }
                 }
             }
         }
@@ -425,6 +439,15 @@ impl Pair {
                 None => {
                     self.s2c.extend_from_slice(&out);
                     self.wire_s2c.extend_from_slice(&out);
+                    if self
+                        .inject_s2c
+                        .as_ref()
+                        .is_some_and(|(t, _)| contains(&out, t))
+                    {
+                        let (_, payload) = self.inject_s2c.take().unwrap();
+                        self.s2c.extend_from_slice(&payload);
+                        self.wire_s2c.extend_from_slice(&payload);
+                    }
                 }
             }
         }
