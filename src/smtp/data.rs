@@ -144,6 +144,8 @@ impl DataScanner {
     /// lengths are then checked with one `memrchr` per 1000 bytes.
     fn fast_skip(&mut self, rest: &[u8], abs0: u64) -> Option<usize> {
         if rest.first() == Some(&b'\n') {
+            // A bare LF right here: the per-line path must take this byte.
+            self.fast_retry_at = abs0 + 1;
             return None;
         }
         let n = rest.len();
@@ -392,7 +394,7 @@ mod tests {
             base.extend_from_slice(line);
         }
         let mut cases: Vec<Vec<u8>> = vec![base.clone()];
-        for (at, ins) in [(300usize, &b"\n"[..]), (1500, b"\r"), (2000, b"\n.\n"), (777, &[b'x'; 1100][..]), (5, b"\r\r\n")] {
+        for (at, ins) in [(300usize, &b"\n"[..]), (76, b"\n\n"), (150, b"x\n"), (1500, b"\r"), (2000, b"\n.\n"), (777, &[b'x'; 1100][..]), (5, b"\r\r\n")] {
             let mut v = base.clone();
             v.splice(at..at, ins.iter().copied());
             cases.push(v);
