@@ -203,13 +203,10 @@ impl DataScanner {
         while i < len {
             match self.state {
                 State::Mid if len - i >= FAST_MIN && base + i as u64 >= self.fast_retry_at => {
-                    match self.fast_skip(&chunk[i..], base + i as u64) {
-                        Some(n) => {
-                            i += n;
-                            self.state = State::Start { bare: false };
-                        }
-                        // Declined: the per-line arm below takes over.
-                        None => {}
+                    // If declined, the per-line arm below takes over.
+                    if let Some(n) = self.fast_skip(&chunk[i..], base + i as u64) {
+                        i += n;
+                        self.state = State::Start { bare: false };
                     }
                 }
                 State::Mid => match memchr2(b'\r', b'\n', &chunk[i..]) {
