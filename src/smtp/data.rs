@@ -25,7 +25,7 @@
 //! line (the body is emitted as one slice per chunk unless a dot or a bare
 //! byte forces a cut).
 
-use memchr::{memchr, memchr2, memmem, memrchr};
+use memchr::{memchr, memchr2, memrchr};
 
 use super::{BareLfPolicy, MAX_TEXT_LINE};
 
@@ -136,35 +136,40 @@ impl DataScanner {
     }
 
     /// Block fast path: from a position inside a line (previous byte not
-    /// CR), skip to just after the LF that precedes the next `\n.` (or the
-    /// last LF of `rest`) if everything up to there is clean CRLF text.
-    /// Returns the bytes skipped; the caller then is at a line start.
-    /// Checks: no bare CR/LF (for every adjacent pair, "is CR" equals "next
-    /// is LF", and `rest[0]` is not LF), and no line over the limit (one
-    /// `memrchr` per 1000 bytes).
+    /// CR), skip whole 64-byte blocks of clean CRLF text, then back up to
+    /// the last LF. Returns the bytes skipped (the caller is then at a line
+    /// start), or None to let the per-line path run. One pass checks, for
+    /// every adjacent pair, that "is CR" equals "next is LF" (no bare CR or
+    /// LF) and that no LF is followed by `.` (no dot line to handle); line
+    /// lengths are then checked with one `memrchr` per 1000 bytes.
     fn fast_skip(&mut self, rest: &[u8], abs0: u64) -> Option<usize> {
-        let end = match memmem::find(rest, b"\n.") {
-            Some(d) => d + 1,
-            None => match memrchr(b'\n', rest) {
-                Some(k) => k + 1,
-                None => {
-                    self.fast_retry_at = abs0 + rest.len() as u64;
-                    return None;
-                }
-            },
-        };
-        let r = &rest[..end];
-        let clean = r.len() >= 2
-            && r[0] != b'\n'
-            && r[..end - 1]
-                .iter()
-                .zip(&r[1..])
-                .fold(0u8, |acc, (&x, &y)| acc | u8::from((x == b'\r') ^ (y == b'\n')))
-                == 0;
-        if !clean {
-            self.fast_retry_at = abs0 + end as u64;
+        if rest.first() == Some(&b'\n') {
+            // A bare LF right here: the per-line path must take this byte.
+            self.fast_retry_at = abs0 + 1;
             return None;
         }
+        let n = rest.len();
+        let mut k = 0usize;
+        while k + 65 <= n {
+            let (Ok(a), Ok(b)) =
+                (<&[u8; 64]>::try_from(&rest[k..k + 64]), <&[u8; 64]>::try_from(&rest[k + 1..k + 65]))
+            else {
+                break;
+            };
+            let mut flags = 0u8;
+            for j in 0..64 {
+                flags |= u8::from((a[j] == b'\r') ^ (b[j] == b'\n'))
+                    | u8::from((a[j] == b'\n') & (b[j] == b'.'));
+            }
+            if flags != 0 {
+                break;
+            }
+            k += 64;
+        }
+        // Do not retry before the block that stopped us has been passed.
+        self.fast_retry_at = abs0 + (k + 64).min(n) as u64;
+        let end = memrchr(b'\n', &rest[..k])? + 1;
+        let r = &rest[..end];
         let abs_end = abs0 + end as u64;
         let mut ls = self.line_start;
         while abs_end - ls > MAX_TEXT_LINE as u64 {
@@ -198,13 +203,10 @@ impl DataScanner {
         while i < len {
             match self.state {
                 State::Mid if len - i >= FAST_MIN && base + i as u64 >= self.fast_retry_at => {
-                    match self.fast_skip(&chunk[i..], base + i as u64) {
-                        Some(n) => {
-                            i += n;
-                            self.state = State::Start { bare: false };
-                        }
-                        // Declined: the per-line arm below takes over.
-                        None => {}
+                    // If declined, the per-line arm below takes over.
+                    if let Some(n) = self.fast_skip(&chunk[i..], base + i as u64) {
+                        i += n;
+                        self.state = State::Start { bare: false };
                     }
                 }
                 State::Mid => match memchr2(b'\r', b'\n', &chunk[i..]) {
@@ -389,7 +391,7 @@ mod tests {
             base.extend_from_slice(line);
         }
         let mut cases: Vec<Vec<u8>> = vec![base.clone()];
-        for (at, ins) in [(300usize, &b"\n"[..]), (1500, b"\r"), (2000, b"\n.\n"), (777, &[b'x'; 1100][..]), (5, b"\r\r\n")] {
+        for (at, ins) in [(300usize, &b"\n"[..]), (76, b"\n\n"), (150, b"x\n"), (1500, b"\r"), (2000, b"\n.\n"), (777, &[b'x'; 1100][..]), (5, b"\r\r\n")] {
             let mut v = base.clone();
             v.splice(at..at, ins.iter().copied());
             cases.push(v);
