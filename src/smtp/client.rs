@@ -54,7 +54,6 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use thiserror::Error;
 
 use super::reply::{Capabilities, Reply, ReplyError, ReplyParser};
@@ -485,11 +484,11 @@ impl ClientSession {
                     let auth = self.config.auth.clone();
                     let Some(auth) = auth else { return self.unexpected(exp, code) };
                     let (secret, next) = if exp.what == Await::AuthLoginUser {
-                        (auth.user.as_bytes(), Await::AuthLoginPass)
+                        (auth.user.as_str(), Await::AuthLoginPass)
                     } else {
-                        (auth.pass.as_bytes(), Await::AuthFinal)
+                        (auth.pass.as_str(), Await::AuthFinal)
                     };
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+                    let b64 = super::auth::encode_login_step(secret);
                     self.tx.extend_from_slice(b64.as_bytes());
                     self.tx.extend_from_slice(b"\r\n");
                     self.expect(next, 0, now);
@@ -767,12 +766,7 @@ impl ClientSession {
             self.auth_started = now;
             match auth.mech {
                 AuthMech::Plain => {
-                    let mut plain = Vec::with_capacity(auth.user.len() + auth.pass.len() + 2);
-                    plain.push(0);
-                    plain.extend_from_slice(auth.user.as_bytes());
-                    plain.push(0);
-                    plain.extend_from_slice(auth.pass.as_bytes());
-                    let b64 = base64::engine::general_purpose::STANDARD.encode(&plain);
+                    let b64 = super::auth::encode_plain(&auth.user, &auth.pass);
                     self.write_line(&[b"AUTH PLAIN ", b64.as_bytes()]);
                     self.expect(Await::AuthFinal, 0, now);
                 }
