@@ -313,7 +313,9 @@ impl Ctx {
         if c.st.io_error {
             return true;
         }
-        let flushed = match c.conn.flush() {
+        // A TLS session that ends gets a close_notify before the FIN.
+        let ended_tls = c.session.is_closed() && c.conn.is_tls() && !c.conn.is_handshaking();
+        let flushed = match if ended_tls { c.conn.shutdown() } else { c.conn.flush() } {
             Ok(done) => done,
             Err(_) => {
                 c.st.io_error = true;
