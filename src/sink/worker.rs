@@ -550,12 +550,14 @@ fn publish_limits(shared: &Shared, ctx: &mut Ctx) {
     }
 }
 
-fn close(conns: &mut Slab<Connection>, key: usize, ctx: &mut Ctx, poll: &Poll, timers: &mut Timers) {
-    if let Some(mut c) = conns.try_remove(key) {
+fn close(conns: &mut Slab<Connection>, key: usize, ctx: &mut Ctx, _poll: &Poll, timers: &mut Timers) {
+    if let Some(c) = conns.try_remove(key) {
         timers.cancel(key);
-        let _ = c.conn.deregister(poll.registry());
         ctx.count_end(&c);
-        // Dropping the Conn closes the socket.
+        // Dropping the Conn closes the socket, which also removes it from
+        // the epoll set (no other descriptor refers to it), so no explicit
+        // deregister: one syscall less per session.
+        drop(c);
     }
 }
 
