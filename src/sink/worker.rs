@@ -290,6 +290,14 @@ impl Ctx {
                     let mut hooks = self.hooks(&mut c.st, c.peer_ip, now);
                     c.session.handle_input(now, &read_buf[..n], out, &mut hooks);
                     self.after_session_call(c, out);
+                    // A short plaintext read emptied the socket's receive
+                    // queue: with edge-triggered readiness, anything that
+                    // arrives later raises a new event, so the read that
+                    // would only say EAGAIN is skipped (one syscall less per
+                    // command). TLS may hold decrypted data: keep reading.
+                    if n < read_buf.len() && !c.conn.is_tls() {
+                        return;
+                    }
                 }
                 Ok((ReadResult::TlsHandshakeDone, _)) => {
                     c.session.handle_tls_established(now);
