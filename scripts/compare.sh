@@ -47,8 +47,15 @@ else
     : "${ROUNDS:=3}"; N_SESS=10000; N_PERS=50000; N_LARGE=4000; N_IDLE=10000
 fi
 CLIENT_TIMEOUT=120
+# Both sinks run on one CPU (ours pinned with --cpus, smtp-sink with
+# taskset) and the client on another, so neither sink shares its core
+# with the client by the scheduler's whim.
+SINK_CPU=0
+CLIENT_CPU=$(( $(nproc) > 1 ? 1 : 0 ))
 TCK=$(getconf CLK_TCK)
-PORT_BASE=$((20000 + RANDOM % 20000))
+# Below the ephemeral range, so no client socket of an earlier scenario
+# (10k idle connections, TIME_WAIT) can hold the port.
+PORT_BASE=$((20000 + RANDOM % 10000))
 RAW=$(mktemp)
 PIDS=()
 
@@ -88,10 +95,10 @@ EOF
 start_sink() { # which port -> echoes PID
     local which=$1 port=$2
     if [ "$which" = ours ]; then
-        "$BIN" sink --listen "127.0.0.1:$port" --threads 1 --no-starttls --quiet \
+        "$BIN" sink --listen "127.0.0.1:$port" --cpus "$SINK_CPU" --no-starttls --quiet \
             --max-connections 100000 >/dev/null 2>&1 &
     else
-        "$PSINK" -u nobody -m 30000 "127.0.0.1:$port" 4096 >/dev/null 2>&1 &
+        taskset -c "$SINK_CPU" "$PSINK" -u nobody -m 30000 "127.0.0.1:$port" 4096 >/dev/null 2>&1 &
     fi
     echo $!
 }
@@ -104,7 +111,7 @@ run_client_scenario() {
     wait_port "$port"
     c0=$(cpu_ticks "$pid")
     t0=$(date +%s.%N)
-    timeout "$CLIENT_TIMEOUT" "$SOURCE" "$@" "127.0.0.1:$port" >/dev/null 2>&1 \
+    timeout "$CLIENT_TIMEOUT" taskset -c "$CLIENT_CPU" "$SOURCE" "$@" "127.0.0.1:$port" >/dev/null 2>&1 \
         || echo "compare.sh: smtp-source failed or timed out ($scen/$which)" >&2
     t1=$(date +%s.%N)
     sleep 0.2
@@ -117,43 +124,45 @@ print('\t'.join(map(str, ['$scen', '$which', c, c / $sess, c / $msgs, $msgs / w,
 }
 
 run_idle() {
-    local which=$1 port=$2 pid r0 r1 helper
+    local which=$1 port=$2 pid r0 r1 hpid ok=0
     pid=$(start_sink "$which" "$port"); PIDS+=("$pid")
     wait_port "$port"
     sleep 0.3
     r0=$(rss_kib "$pid")
-    helper=$(mktemp)
-    # Open N connections, read each greeting, report, then hold them open
-    # until told to stop (stdin closes).
-    coproc IDLE { python3 - "$port" "$N_IDLE" <<'EOF'
-import resource, socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
+    local ready stop
+    ready=$(mktemp -u); stop=$(mktemp -u)
+    # Open N connections, read each greeting, write how many greeted to
+    # $ready, then hold them open until $stop exists (at most 60 s).
+    python3 - "$port" "$N_IDLE" "$ready" "$stop" <<'EOF2' &
+import os, resource, socket, sys, time
+port, n, ready, stop = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1000), hard))
-socks = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    socks.append(s)
-ok = 0
-for s in socks:
-    try:
+socks, ok = [], 0
+try:
+    for i in range(n):
+        socks.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+    for s in socks:
         if s.recv(512).startswith(b"220"):
             ok += 1
-    except OSError:
-        pass
-print(ok, flush=True)
-sys.stdin.read()
-EOF
-    }
-    local ok=0
-    read -r -t 120 ok <&"${IDLE[0]}" || ok=0
+except OSError as e:
+    print("idle helper:", e, file=sys.stderr)
+with open(ready + ".tmp", "w") as f:
+    f.write(str(ok))
+os.rename(ready + ".tmp", ready)
+t0 = time.time()
+while not os.path.exists(stop) and time.time() - t0 < 60:
+    time.sleep(0.05)
+EOF2
+    hpid=$!; PIDS+=("$hpid")
+    for _ in $(seq 1 1200); do [ -f "$ready" ] && break; sleep 0.1; done
+    [ -f "$ready" ] && ok=$(cat "$ready")
     sleep 0.5
     r1=$(rss_kib "$pid")
-    exec {IDLE[1]}>&- || true
-    wait "$IDLE_PID" 2>/dev/null || true
+    touch "$stop"
+    wait "$hpid" 2>/dev/null || true
+    rm -f "$ready" "$stop"
     kill "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-    rm -f "$helper"
     python3 -c "
 per = ($r1 - $r0) * 1024 / max($ok, 1)
 print('\t'.join(map(str, ['idle', '$which', 0, 0, 0, 0, $ok, per])))" >>"$RAW"

@@ -218,6 +218,12 @@ mod tests {
     }
 
     #[test]
+    fn cpu_list_parses_into_one_worker_per_cpu() {
+        let c = SinkConfig::from_args(&args(&["--cpus", "0"])).unwrap();
+        assert_eq!(c.cpus, Cpus::List(vec![0]));
+    }
+
+    #[test]
     fn loopback_defaults_are_one_thread_on_port_zero() {
         let c = SinkConfig::loopback();
         assert_eq!(c.listen[0].port(), 0);
