@@ -34,8 +34,16 @@ impl Sink {
             .args(extra)
             .stdout(Stdio::null());
         let proc = Proc::spawn("smtpstorm sink", &mut cmd);
-        wait_for_port(format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(20));
-        Sink { proc, port, json, dir }
+        wait_for_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(20),
+        );
+        Sink {
+            proc,
+            port,
+            json,
+            dir,
+        }
     }
 
     #[track_caller]
@@ -86,7 +94,10 @@ s.quit()
 print(json.dumps({"ok": ok, "refused": refused}))
 "#,
     );
-    let (ok, refused) = (seen["ok"].as_u64().unwrap(), seen["refused"].as_u64().unwrap());
+    let (ok, refused) = (
+        seen["ok"].as_u64().unwrap(),
+        seen["refused"].as_u64().unwrap(),
+    );
     assert_eq!(ok + refused, 1000);
     // n = 1000, p = 0.2: mean 200, sigma = 12.6; allow 5 sigma.
     assert!((137..=263).contains(&refused), "{refused} refusals");
@@ -131,15 +142,27 @@ fn connect_rate_limit_answers_421_past_the_budget() {
         let json = dir.path().join("sink.json");
         let port = free_port();
         let mut cmd = Command::new(bin());
-        cmd.args(["sink", "--threads", "1", "--quiet", "--fault", "connect:ratelimit=5"])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--json")
-            .arg(&json)
-            .stdout(Stdio::null());
+        cmd.args([
+            "sink",
+            "--threads",
+            "1",
+            "--quiet",
+            "--fault",
+            "connect:ratelimit=5",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::null());
         let proc = Proc::spawn("smtpstorm sink", &mut cmd);
         // No probe connection here: it would spend a token.
         std::thread::sleep(Duration::from_millis(700));
-        Sink { proc, port, json, dir }
+        Sink {
+            proc,
+            port,
+            json,
+            dir,
+        }
     };
     let seen = python(
         dir_sink.port,
@@ -209,7 +232,10 @@ fn capture_files_are_byte_identical_to_the_unstuffed_messages() {
     let bodies = [
         "Subject: one\r\n\r\nhello\r\n".to_string(),
         "Subject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nx\r\n".to_string(),
-        format!("Subject: big\r\n\r\n{}", format!("{}\r\n", "0123456789".repeat(10)).repeat(300)),
+        format!(
+            "Subject: big\r\n\r\n{}",
+            format!("{}\r\n", "0123456789".repeat(10)).repeat(300)
+        ),
     ];
     let list = serde_json::to_string(&bodies).unwrap();
     python(

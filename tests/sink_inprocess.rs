@@ -35,7 +35,8 @@ fn session(addr: std::net::SocketAddr, messages: usize) {
     w.write_all(b"EHLO t\r\n").unwrap();
     assert!(reply(&mut r).contains("250 "));
     for _ in 0..messages {
-        w.write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n").unwrap();
+        w.write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n")
+            .unwrap();
         for _ in 0..4 {
             reply(&mut r);
         }
@@ -114,7 +115,11 @@ fn delay_fault_holds_the_reply_for_its_time() {
     let t0 = Instant::now();
     w.write_all(b"EHLO t\r\nNOOP\r\n").unwrap();
     assert!(reply(&mut r).contains("250 "));
-    assert!(t0.elapsed() >= Duration::from_millis(280), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(280),
+        "{:?}",
+        t0.elapsed()
+    );
     assert!(reply(&mut r).starts_with("250 "));
     s.stop();
     s.wait().unwrap();

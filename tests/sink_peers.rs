@@ -39,8 +39,17 @@ impl Sink {
             .args(extra)
             .stdout(Stdio::null());
         let proc = Proc::spawn("smtpstorm sink", &mut cmd);
-        wait_for_port(format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(20));
-        Sink { proc, port, tls_port, json, _dir: dir }
+        wait_for_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(20),
+        );
+        Sink {
+            proc,
+            port,
+            tls_port,
+            json,
+            _dir: dir,
+        }
     }
 
     fn addr(&self) -> String {
@@ -85,7 +94,10 @@ fn code(v: &Value, cmd: &str, code: &str) -> u64 {
 #[test]
 fn smtp_source_many_sessions_are_all_counted() {
     let sink = Sink::start(&["--exit-after-messages", "500"]);
-    run_ok("smtp-source", Command::new(SMTP_SOURCE).args(["-s", "10", "-m", "500", "-c", &sink.addr()]));
+    run_ok(
+        "smtp-source",
+        Command::new(SMTP_SOURCE).args(["-s", "10", "-m", "500", "-c", &sink.addr()]),
+    );
     let v = sink.report();
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 500);
     assert_eq!(get_u64(&v, "counts.messages_attempted"), 500);
@@ -101,7 +113,17 @@ fn smtp_source_several_messages_per_session_and_five_recipients() {
     // -d: several messages per session; 4 sessions of 50 messages.
     run_ok(
         "smtp-source",
-        Command::new(SMTP_SOURCE).args(["-d", "-s", "4", "-m", "200", "-r", "5", "-c", &sink.addr()]),
+        Command::new(SMTP_SOURCE).args([
+            "-d",
+            "-s",
+            "4",
+            "-m",
+            "200",
+            "-r",
+            "5",
+            "-c",
+            &sink.addr(),
+        ]),
     );
     let v = sink.report();
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 200);
@@ -126,7 +148,14 @@ fn smtp_source_large_messages_are_counted_byte_for_byte() {
 
 fn swaks(sink: &Sink, extra: &[&str]) -> Command {
     let mut c = Command::new("swaks");
-    c.args(["--to", "rcpt@example.com", "--from", "sender@example.com", "--timeout", "20"]);
+    c.args([
+        "--to",
+        "rcpt@example.com",
+        "--from",
+        "sender@example.com",
+        "--timeout",
+        "20",
+    ]);
     c.args(extra);
     if !extra.contains(&"-s") {
         c.args(["-s", &sink.addr()]);
@@ -140,7 +169,10 @@ fn swaks_starttls_implicit_tls_and_pipelining_are_accepted() {
     let t = run_ok("swaks --tls", &mut swaks(&sink, &["--tls"]));
     assert!(t.contains("250 2.0.0"), "{t}");
     let tls_addr = format!("127.0.0.1:{}", sink.tls_port);
-    run_ok("swaks --tlsc", &mut swaks(&sink, &["-s", &tls_addr, "--tlsc"]));
+    run_ok(
+        "swaks --tlsc",
+        &mut swaks(&sink, &["-s", &tls_addr, "--tlsc"]),
+    );
     run_ok("swaks --pipeline", &mut swaks(&sink, &["--pipeline"]));
     let v = sink.report();
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 3);
@@ -152,11 +184,25 @@ fn swaks_starttls_implicit_tls_and_pipelining_are_accepted() {
 #[test]
 fn swaks_auth_plain_and_login_right_and_wrong_password() {
     let sink = Sink::start(&["--auth", "bob:secret", "--exit-after-sessions", "5"]);
-    run_ok("plain ok", &mut swaks(&sink, &["-a", "PLAIN", "-au", "bob", "-ap", "secret"]));
-    run_ok("login ok", &mut swaks(&sink, &["-a", "LOGIN", "-au", "bob", "-ap", "secret"]));
-    let out = common::run("plain bad", &mut swaks(&sink, &["-a", "PLAIN", "-au", "bob", "-ap", "nope"]), WAIT);
+    run_ok(
+        "plain ok",
+        &mut swaks(&sink, &["-a", "PLAIN", "-au", "bob", "-ap", "secret"]),
+    );
+    run_ok(
+        "login ok",
+        &mut swaks(&sink, &["-a", "LOGIN", "-au", "bob", "-ap", "secret"]),
+    );
+    let out = common::run(
+        "plain bad",
+        &mut swaks(&sink, &["-a", "PLAIN", "-au", "bob", "-ap", "nope"]),
+        WAIT,
+    );
     assert!(!out.status.success());
-    let out = common::run("login bad", &mut swaks(&sink, &["-a", "LOGIN", "-au", "bob", "-ap", "nope"]), WAIT);
+    let out = common::run(
+        "login bad",
+        &mut swaks(&sink, &["-a", "LOGIN", "-au", "bob", "-ap", "nope"]),
+        WAIT,
+    );
     assert!(!out.status.success());
     let v = sink.report();
     assert_eq!(code(&v, "auth", "235"), 2);
@@ -202,7 +248,12 @@ print("ok")
     assert!(t.contains("ok"), "{t}");
     let v = sink.report();
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 1);
-    assert_eq!(code(&v, "mail", "552") + code(&v, "dot", "552"), 2, "{}", v["reply_codes"]);
+    assert_eq!(
+        code(&v, "mail", "552") + code(&v, "dot", "552"),
+        2,
+        "{}",
+        v["reply_codes"]
+    );
     assert_eq!(code(&v, "dot", "552"), 1);
 }
 
@@ -210,7 +261,14 @@ print("ok")
 fn openssl_s_client_starttls_handshake_then_ehlo_works() {
     let sink = Sink::start(&[]);
     let mut child = Command::new("openssl")
-        .args(["s_client", "-starttls", "smtp", "-connect", &sink.addr(), "-quiet"])
+        .args([
+            "s_client",
+            "-starttls",
+            "smtp",
+            "-connect",
+            &sink.addr(),
+            "-quiet",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -225,10 +283,16 @@ fn openssl_s_client_starttls_handshake_then_ehlo_works() {
         stdin.write_all(b"QUIT\r\n").unwrap();
         std::thread::sleep(Duration::from_millis(500));
     }
-    let mut p = Proc { child: Some(child), name: "openssl".into() };
+    let mut p = Proc {
+        child: Some(child),
+        name: "openssl".into(),
+    };
     let out = p.wait_output(Duration::from_secs(20));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("250-smtpstorm.localhost") || text.contains("250 "), "{text}");
+    assert!(
+        text.contains("250-smtpstorm.localhost") || text.contains("250 "),
+        "{text}"
+    );
     assert!(text.contains("221 "), "{text}");
     let v = sink.stop();
     assert_eq!(get_u64(&v, "counts.tls_sessions"), 1);
@@ -239,12 +303,18 @@ fn openssl_s_client_starttls_handshake_then_ehlo_works() {
 #[test]
 fn sink_json_report_validates_against_the_schema() {
     let sink = Sink::start(&["--exit-after-messages", "20"]);
-    run_ok("smtp-source", Command::new(SMTP_SOURCE).args(["-s", "2", "-m", "20", "-c", &sink.addr()]));
+    run_ok(
+        "smtp-source",
+        Command::new(SMTP_SOURCE).args(["-s", "2", "-m", "20", "-c", &sink.addr()]),
+    );
     let v = sink.report();
     let path = format!("{}/schemas/sink.schema.json", env!("CARGO_MANIFEST_DIR"));
     let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let validator = jsonschema::draft202012::new(&schema).unwrap();
-    let errors: Vec<String> = validator.iter_errors(&v).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    let errors: Vec<String> = validator
+        .iter_errors(&v)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
     assert!(errors.is_empty(), "{errors:#?}");
     assert_eq!(v["role"], "sink");
 }

@@ -24,8 +24,10 @@ pub enum CaptureError {
 pub fn prepare_dir(dir: &Path) -> Result<(), CaptureError> {
     for sub in ["tmp", "new", "cur"] {
         let p = dir.join(sub);
-        std::fs::create_dir_all(&p)
-            .map_err(|source| CaptureError::CreateDir { path: p.display().to_string(), source })?;
+        std::fs::create_dir_all(&p).map_err(|source| CaptureError::CreateDir {
+            path: p.display().to_string(),
+            source,
+        })?;
     }
     Ok(())
 }
@@ -46,7 +48,11 @@ impl Capture {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let prefix = format!("{secs}.{}_{thread}", std::process::id());
-        Self { dir, prefix, next: 0 }
+        Self {
+            dir,
+            prefix,
+            next: 0,
+        }
     }
 
     /// Writes one message; returns its final path.
@@ -55,7 +61,10 @@ impl Capture {
         let name = format!("{}_{}.smtpstorm", self.prefix, self.next);
         let tmp = self.dir.join("tmp").join(&name);
         let new = self.dir.join("new").join(format!("{name}.eml"));
-        let werr = |p: &Path, source| CaptureError::Write { path: p.display().to_string(), source };
+        let werr = |p: &Path, source| CaptureError::Write {
+            path: p.display().to_string(),
+            source,
+        };
         std::fs::write(&tmp, body).map_err(|e| werr(&tmp, e))?;
         std::fs::rename(&tmp, &new).map_err(|e| werr(&new, e))?;
         Ok(new)
@@ -76,6 +85,9 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(std::fs::read(&a).unwrap(), b"Subject: a\r\n\r\n.dot\r\n");
         assert!(a.starts_with(dir.path().join("new")));
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 }

@@ -198,7 +198,8 @@ mod tests {
 
     #[test]
     fn disable_turns_extensions_off() {
-        let c = SinkConfig::from_args(&args(&["--disable", "pipelining,chunking,starttls"])).unwrap();
+        let c =
+            SinkConfig::from_args(&args(&["--disable", "pipelining,chunking,starttls"])).unwrap();
         assert!(!c.server.ext.pipelining);
         assert!(!c.server.ext.chunking);
         assert!(c.server.ext.size);

@@ -58,7 +58,14 @@ pub struct Greylist {
 impl Greylist {
     /// True if this attempt must be tempfailed: the triple is new, or its
     /// first attempt is less than `window` ago.
-    pub fn defer(&self, from: &[u8], to: &[u8], ip: IpAddr, window: Duration, now: Instant) -> bool {
+    pub fn defer(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        ip: IpAddr,
+        window: Duration,
+        now: Instant,
+    ) -> bool {
         let mut map = match self.first_seen.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
@@ -87,7 +94,12 @@ pub struct TokenBucket {
 impl TokenBucket {
     pub fn new(rate_per_sec: f64) -> Self {
         let capacity = rate_per_sec.max(1.0);
-        Self { rate_per_sec, capacity, tokens: capacity, last: None }
+        Self {
+            rate_per_sec,
+            capacity,
+            tokens: capacity,
+            last: None,
+        }
     }
 
     /// Takes a token if there is one.
@@ -131,18 +143,31 @@ pub struct ThreadFaults {
 impl ThreadFaults {
     /// Rules for worker `index` of `threads`; the PRNG is seeded from `seed`
     /// and `index`.
-    pub fn new(rules: &[FaultSpec], seed: u64, index: usize, threads: usize, greylist: Arc<Greylist>) -> Self {
+    pub fn new(
+        rules: &[FaultSpec],
+        seed: u64,
+        index: usize,
+        threads: usize,
+        greylist: Arc<Greylist>,
+    ) -> Self {
         let threads = threads.max(1) as f64;
         let buckets = rules
             .iter()
             .map(|r| match r.action {
-                FaultAction::RateLimit { per_sec } => Some(TokenBucket::new(per_sec as f64 / threads)),
+                FaultAction::RateLimit { per_sec } => {
+                    Some(TokenBucket::new(per_sec as f64 / threads))
+                }
                 _ => None,
             })
             .collect();
         let mut mix = SplitMix64::new(seed ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
         let rng = SplitMix64::new(mix.next_u64());
-        Self { rules: rules.to_vec(), buckets, rng, greylist }
+        Self {
+            rules: rules.to_vec(),
+            buckets,
+            rng,
+            greylist,
+        }
     }
 
     /// True if no rule is configured.
@@ -151,7 +176,13 @@ impl ThreadFaults {
     }
 
     /// The verdict for `kind` from a client at `ip`.
-    pub fn verdict(&mut self, kind: CommandKind, info: &CommandInfo<'_>, ip: IpAddr, now: Instant) -> Verdict {
+    pub fn verdict(
+        &mut self,
+        kind: CommandKind,
+        info: &CommandInfo<'_>,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Verdict {
         if self.rules.is_empty() {
             return Verdict::Proceed;
         }
@@ -213,7 +244,12 @@ mod tests {
     const IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
     fn info<'a>(from: &'a [u8], to: &'a [u8]) -> CommandInfo<'a> {
-        CommandInfo { arg: b"", mail_from: Some(from), rcpt_to: Some(to), peer: None }
+        CommandInfo {
+            arg: b"",
+            mail_from: Some(from),
+            rcpt_to: Some(to),
+            peer: None,
+        }
     }
 
     fn faults(specs: &[&str], seed: u64) -> ThreadFaults {
@@ -225,7 +261,10 @@ mod tests {
     fn no_rules_always_proceed() {
         let mut f = faults(&[], 1);
         let now = Instant::now();
-        assert_eq!(f.verdict(CommandKind::Rcpt, &info(b"a", b"b"), IP, now), Verdict::Proceed);
+        assert_eq!(
+            f.verdict(CommandKind::Rcpt, &info(b"a", b"b"), IP, now),
+            Verdict::Proceed
+        );
     }
 
     #[test]
@@ -249,8 +288,14 @@ mod tests {
     fn faults_apply_only_to_their_point() {
         let mut f = faults(&["mail:550"], 1);
         let now = Instant::now();
-        assert_eq!(f.verdict(CommandKind::Rcpt, &info(b"a", b"b"), IP, now), Verdict::Proceed);
-        assert_eq!(f.verdict(CommandKind::Mail, &info(b"a", b"b"), IP, now), Verdict::Reply(550));
+        assert_eq!(
+            f.verdict(CommandKind::Rcpt, &info(b"a", b"b"), IP, now),
+            Verdict::Proceed
+        );
+        assert_eq!(
+            f.verdict(CommandKind::Mail, &info(b"a", b"b"), IP, now),
+            Verdict::Reply(550)
+        );
     }
 
     #[test]
@@ -259,7 +304,9 @@ mod tests {
         let now = Instant::now();
         for _ in 0..1000 {
             match f.verdict(CommandKind::Mail, &info(b"a", b"b"), IP, now) {
-                Verdict::Delay(d) => assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(50)),
+                Verdict::Delay(d) => {
+                    assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(50))
+                }
                 v => panic!("{v:?}"),
             }
         }
@@ -269,11 +316,22 @@ mod tests {
     fn greylist_defers_first_attempt_and_accepts_retry_after_window() {
         let mut f = faults(&["rcpt:greylist=1s"], 1);
         let t0 = Instant::now();
-        let v = |f: &mut ThreadFaults, to: &[u8], t| f.verdict(CommandKind::Rcpt, &info(b"s@x", to), IP, t);
+        let v = |f: &mut ThreadFaults, to: &[u8], t| {
+            f.verdict(CommandKind::Rcpt, &info(b"s@x", to), IP, t)
+        };
         assert_eq!(v(&mut f, b"r@x", t0), Verdict::Reply(451));
-        assert_eq!(v(&mut f, b"r@x", t0 + Duration::from_millis(500)), Verdict::Reply(451));
-        assert_eq!(v(&mut f, b"r@x", t0 + Duration::from_millis(1100)), Verdict::Proceed);
-        assert_eq!(v(&mut f, b"other@x", t0 + Duration::from_millis(1100)), Verdict::Reply(451));
+        assert_eq!(
+            v(&mut f, b"r@x", t0 + Duration::from_millis(500)),
+            Verdict::Reply(451)
+        );
+        assert_eq!(
+            v(&mut f, b"r@x", t0 + Duration::from_millis(1100)),
+            Verdict::Proceed
+        );
+        assert_eq!(
+            v(&mut f, b"other@x", t0 + Duration::from_millis(1100)),
+            Verdict::Reply(451)
+        );
     }
 
     #[test]
@@ -286,6 +344,14 @@ mod tests {
         assert_eq!(&got[..3], &[Verdict::Proceed; 3]);
         assert_eq!(&got[3..], &[Verdict::Reply(421); 2]);
         // One second later the bucket is full again.
-        assert_eq!(f.verdict(CommandKind::Connect, &info(b"", b""), IP, t0 + Duration::from_secs(1)), Verdict::Proceed);
+        assert_eq!(
+            f.verdict(
+                CommandKind::Connect,
+                &info(b"", b""),
+                IP,
+                t0 + Duration::from_secs(1)
+            ),
+            Verdict::Proceed
+        );
     }
 }

@@ -43,9 +43,15 @@ use worker::{Listeners, Shared, Tick, WorkerResult};
 #[derive(Debug, Error)]
 pub enum SinkError {
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("worker {index} failed: {source}")]
-    Worker { index: usize, source: std::io::Error },
+    Worker {
+        index: usize,
+        source: std::io::Error,
+    },
 }
 
 /// What a finished sink run produced.
@@ -106,13 +112,21 @@ pub fn start(cfg: SinkConfig) -> anyhow::Result<RunningSink> {
 
 /// Binds `addr` for every thread: the first socket resolves port 0, the
 /// others bind the resolved address with `SO_REUSEPORT`.
-fn bind_all(addr: SocketAddr, threads: usize) -> Result<(SocketAddr, Vec<mio::net::TcpListener>), SinkError> {
+fn bind_all(
+    addr: SocketAddr,
+    threads: usize,
+) -> Result<(SocketAddr, Vec<mio::net::TcpListener>), SinkError> {
     let err = |source| SinkError::Listen { addr, source };
     let first = socket::listen(addr, true, None).map_err(err)?;
     let resolved = first.local_addr().map_err(err)?;
     let mut all = vec![first];
     for _ in 1..threads {
-        all.push(socket::listen(resolved, true, None).map_err(|source| SinkError::Listen { addr: resolved, source })?);
+        all.push(
+            socket::listen(resolved, true, None).map_err(|source| SinkError::Listen {
+                addr: resolved,
+                source,
+            })?,
+        );
     }
     Ok((resolved, all))
 }
@@ -122,7 +136,10 @@ fn bind_all(addr: SocketAddr, threads: usize) -> Result<(SocketAddr, Vec<mio::ne
 pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<RunningSink> {
     let threads = cfg.cpus.plan()?.len();
     let tls_config = if cfg.needs_tls() {
-        let ck = cfg.tls_cert_key.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        let ck = cfg
+            .tls_cert_key
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
         let st = tls::server_config(ck).context("TLS configuration")?;
         if st.self_signed && !cfg.quiet {
             eprintln!("smtpstorm sink: no --tls-cert given; using a self-signed certificate made in memory");
@@ -137,7 +154,10 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
     let mut per_thread: Vec<Listeners> = (0..threads).map(|_| Vec::new()).collect();
     let mut plain = Vec::new();
     let mut tls_addrs = Vec::new();
-    for (addrs, implicit, resolved_out) in [(&cfg.listen, false, &mut plain), (&cfg.tls_listen, true, &mut tls_addrs)] {
+    for (addrs, implicit, resolved_out) in [
+        (&cfg.listen, false, &mut plain),
+        (&cfg.tls_listen, true, &mut tls_addrs),
+    ] {
         for &addr in addrs {
             let (resolved, ls) = bind_all(addr, threads)?;
             resolved_out.push(resolved);
@@ -157,7 +177,8 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         seed: cfg.seed,
         capture: cfg.capture.clone(),
         verify: cfg.verify,
-        max_conns_per_thread: usize::try_from(cfg.max_connections.div_ceil(threads as u64)).unwrap_or(usize::MAX),
+        max_conns_per_thread: usize::try_from(cfg.max_connections.div_ceil(threads as u64))
+            .unwrap_or(usize::MAX),
         exit_after_messages: cfg.exit_after_messages,
         exit_after_sessions: cfg.exit_after_sessions,
         messages_done: AtomicU64::new(0),
@@ -199,7 +220,10 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         open_by_thread: vec![0; threads],
         echo: cfg.echo.clone(),
         started,
-        started_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+        started_at_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0),
         cpu_start: CpuUsage::now(),
         disconnected: false,
     })
@@ -281,7 +305,12 @@ impl RunningSink {
         while !self.disconnected {
             let _ = self.live(Duration::from_secs(1));
         }
-        let results = self.workers.take().map(|w| w.join()).transpose()?.unwrap_or_default();
+        let results = self
+            .workers
+            .take()
+            .map(|w| w.join())
+            .transpose()?
+            .unwrap_or_default();
         let mut m = Measurements::default();
         let mut verify_missing = 0;
         let mut capture_errors = 0;
@@ -309,7 +338,11 @@ impl RunningSink {
             cpu: CpuUsage::now().since(&self.cpu_start),
             host: None,
         })?;
-        Ok(SinkSummary { report, verify_missing, capture_errors })
+        Ok(SinkSummary {
+            report,
+            verify_missing,
+            capture_errors,
+        })
     }
 }
 
@@ -351,10 +384,16 @@ pub fn run(args: &SinkArgs) -> anyhow::Result<u8> {
         let mut out = std::io::stdout().lock();
         crate::stats::write_summary(&summary.report, &mut out)?;
         if summary.verify_missing > 0 {
-            println!("verify: {} accepted messages had no digest header", summary.verify_missing);
+            println!(
+                "verify: {} accepted messages had no digest header",
+                summary.verify_missing
+            );
         }
         if summary.capture_errors > 0 {
-            println!("capture: {} messages could not be written", summary.capture_errors);
+            println!(
+                "capture: {} messages could not be written",
+                summary.capture_errors
+            );
         }
     }
     if let Some(p) = json {

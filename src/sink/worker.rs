@@ -164,7 +164,9 @@ impl ServerHooks for Hooks<'_> {
     fn check_auth(&mut self, _authzid: &[u8], user: &[u8], pass: &[u8]) -> bool {
         match self.auth {
             None | Some(AuthPolicy::Any) => true,
-            Some(AuthPolicy::Only { user: u, pass: p }) => u.as_bytes() == user && p.as_bytes() == pass,
+            Some(AuthPolicy::Only { user: u, pass: p }) => {
+                u.as_bytes() == user && p.as_bytes() == pass
+            }
         }
     }
 
@@ -241,7 +243,12 @@ impl Ctx {
         while let Some(ev) = c.session.poll_event() {
             match ev {
                 ServerEvent::Reply { command, code } => self.rec.count_reply(command, code),
-                ServerEvent::Message { outcome, bytes, recipients, .. } => {
+                ServerEvent::Message {
+                    outcome,
+                    bytes,
+                    recipients,
+                    ..
+                } => {
                     self.rec.count_bytes(bytes);
                     let o = match outcome {
                         MessageOutcome::Accepted => {
@@ -273,7 +280,13 @@ impl Ctx {
 
     /// Reads and feeds the session until `WouldBlock`, EOF, an error, or the
     /// session stops wanting input.
-    fn read_loop(&mut self, c: &mut Connection, read_buf: &mut [u8], out: &mut Vec<u8>, now: Instant) {
+    fn read_loop(
+        &mut self,
+        c: &mut Connection,
+        read_buf: &mut [u8],
+        out: &mut Vec<u8>,
+        now: Instant,
+    ) {
         loop {
             if c.st.io_error || c.st.eof || c.session.is_closed() {
                 return;
@@ -317,13 +330,24 @@ impl Ctx {
 
     /// Flushes, decides whether the connection ends now, and otherwise
     /// updates its registration and timer. Returns true to drop it.
-    fn settle(&mut self, c: &mut Connection, key: usize, poll: &Poll, timers: &mut Timers, now: Instant) -> bool {
+    fn settle(
+        &mut self,
+        c: &mut Connection,
+        key: usize,
+        poll: &Poll,
+        timers: &mut Timers,
+        now: Instant,
+    ) -> bool {
         if c.st.io_error {
             return true;
         }
         // A TLS session that ends gets a close_notify before the FIN.
         let ended_tls = c.session.is_closed() && c.conn.is_tls() && !c.conn.is_handshaking();
-        let flushed = match if ended_tls { c.conn.shutdown() } else { c.conn.flush() } {
+        let flushed = match if ended_tls {
+            c.conn.shutdown()
+        } else {
+            c.conn.flush()
+        } {
             Ok(done) => done,
             Err(_) => {
                 c.st.io_error = true;
@@ -348,7 +372,10 @@ impl Ctx {
                 c.timer_at = Some(at);
             }
         }
-        if c.conn.update_registration(poll.registry(), Token(key)).is_err() {
+        if c.conn
+            .update_registration(poll.registry(), Token(key))
+            .is_err()
+        {
             c.st.io_error = true;
             return true;
         }
@@ -373,20 +400,37 @@ impl Ctx {
 }
 
 /// The worker loop: runs until stopped and drained (or the grace ends).
-pub fn run(ctx_w: WorkerCtx, shared: Arc<Shared>, listeners: Listeners, ticks: Sender<Tick>) -> io::Result<WorkerResult> {
+pub fn run(
+    ctx_w: WorkerCtx,
+    shared: Arc<Shared>,
+    listeners: Listeners,
+    ticks: Sender<Tick>,
+) -> io::Result<WorkerResult> {
     let mut poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     shared.stop.add_waker(Arc::clone(&waker));
-    let mut listeners: Vec<(Option<TcpListener>, bool)> =
-        listeners.into_iter().map(|(l, tls)| (Some(l), tls)).collect();
+    let mut listeners: Vec<(Option<TcpListener>, bool)> = listeners
+        .into_iter()
+        .map(|(l, tls)| (Some(l), tls))
+        .collect();
     for (i, (l, _)) in listeners.iter_mut().enumerate() {
         if let Some(l) = l {
-            poll.registry().register(l, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            poll.registry()
+                .register(l, Token(LISTENER_BASE - i), Interest::READABLE)?;
         }
     }
-    let capture = shared.capture.clone().map(|dir| Capture::new(dir, ctx_w.index));
+    let capture = shared
+        .capture
+        .clone()
+        .map(|dir| Capture::new(dir, ctx_w.index));
     let mut ctx = Ctx {
-        faults: ThreadFaults::new(&shared.faults, shared.seed, ctx_w.index, ctx_w.count, Arc::clone(&shared.greylist)),
+        faults: ThreadFaults::new(
+            &shared.faults,
+            shared.seed,
+            ctx_w.index,
+            ctx_w.count,
+            Arc::clone(&shared.greylist),
+        ),
         rec: Recorder::new(),
         capture,
         verify_missing: 0,
@@ -442,7 +486,11 @@ pub fn run(ctx_w: WorkerCtx, shared: Arc<Shared>, listeners: Listeners, ticks: S
                 tick_start.saturating_duration_since(started),
                 now.saturating_duration_since(tick_start),
             );
-            let _ = ticks.send(Tick { thread: ctx_w.index, snapshot: snap, open_connections: conns.len() });
+            let _ = ticks.send(Tick {
+                thread: ctx_w.index,
+                snapshot: snap,
+                open_connections: conns.len(),
+            });
             tick_start = now;
             next_tick = now + TICK;
         }
@@ -451,7 +499,11 @@ pub fn run(ctx_w: WorkerCtx, shared: Arc<Shared>, listeners: Listeners, ticks: S
                 accept_paused_until = None;
                 for (i, (l, _)) in listeners.iter_mut().enumerate() {
                     if let Some(l) = l {
-                        let _ = poll.registry().register(l, Token(LISTENER_BASE - i), Interest::READABLE);
+                        let _ = poll.registry().register(
+                            l,
+                            Token(LISTENER_BASE - i),
+                            Interest::READABLE,
+                        );
                     }
                 }
             }
@@ -479,7 +531,15 @@ pub fn run(ctx_w: WorkerCtx, shared: Arc<Shared>, listeners: Listeners, ticks: S
             if token.0 > LISTENER_BASE - listeners.len() && token.0 <= LISTENER_BASE {
                 let i = LISTENER_BASE - token.0;
                 let paused = accept_loop(
-                    &mut listeners, i, &mut conns, max_conns, &mut ctx, &poll, &mut timers, &mut out, now,
+                    &mut listeners,
+                    i,
+                    &mut conns,
+                    max_conns,
+                    &mut ctx,
+                    &poll,
+                    &mut timers,
+                    &mut out,
+                    now,
                 );
                 if paused {
                     accept_paused_until = Some(now + ACCEPT_PAUSE);
@@ -500,7 +560,9 @@ pub fn run(ctx_w: WorkerCtx, shared: Arc<Shared>, listeners: Listeners, ticks: S
         expired.clear();
         expired.extend(timers.expired(now));
         for &key in &expired {
-            let Some(c) = conns.get_mut(key) else { continue };
+            let Some(c) = conns.get_mut(key) else {
+                continue;
+            };
             c.timer_at = None;
             if c.st.close_deadline.is_some_and(|d| now >= d) {
                 to_drop.push(key);
@@ -535,7 +597,11 @@ pub fn run(ctx_w: WorkerCtx, shared: Arc<Shared>, listeners: Listeners, ticks: S
         tick_start.saturating_duration_since(started),
         now.saturating_duration_since(tick_start),
     );
-    let _ = ticks.send(Tick { thread: ctx_w.index, snapshot: snap, open_connections: 0 });
+    let _ = ticks.send(Tick {
+        thread: ctx_w.index,
+        snapshot: snap,
+        open_connections: 0,
+    });
     Ok(WorkerResult {
         totals: ctx.rec.finish(),
         verify_missing: ctx.verify_missing,
@@ -558,7 +624,13 @@ fn publish_limits(shared: &Shared, ctx: &mut Ctx) {
     }
 }
 
-fn close(conns: &mut Slab<Connection>, key: usize, ctx: &mut Ctx, _poll: &Poll, timers: &mut Timers) {
+fn close(
+    conns: &mut Slab<Connection>,
+    key: usize,
+    ctx: &mut Ctx,
+    _poll: &Poll,
+    timers: &mut Timers,
+) {
     if let Some(c) = conns.try_remove(key) {
         timers.cancel(key);
         ctx.count_end(&c);
@@ -570,7 +642,10 @@ fn close(conns: &mut Slab<Connection>, key: usize, ctx: &mut Ctx, _poll: &Poll, 
 }
 
 fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 /// Accepts until `WouldBlock`. Returns true if accepting must pause (out
@@ -598,7 +673,17 @@ fn accept_loop(
                     refuse(stream, ctx);
                     continue;
                 }
-                open(stream, peer, implicit_tls, conns, ctx, poll, timers, out, now);
+                open(
+                    stream,
+                    peer,
+                    implicit_tls,
+                    conns,
+                    ctx,
+                    poll,
+                    timers,
+                    out,
+                    now,
+                );
             }
             // The backlog is empty.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
@@ -653,7 +738,13 @@ fn open(
         verifier: ctx.shared.verify.then(|| Box::new(Verifier::new())),
         ..ConnState::default()
     };
-    let key = conns.insert(Connection { conn, session, peer_ip: peer.ip(), timer_at: None, st });
+    let key = conns.insert(Connection {
+        conn,
+        session,
+        peer_ip: peer.ip(),
+        timer_at: None,
+        st,
+    });
     let c = &mut conns[key];
     {
         let mut hooks = ctx.hooks(&mut c.st, c.peer_ip, now);
