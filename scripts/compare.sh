@@ -9,7 +9,7 @@
 # Usage: scripts/compare.sh [--quick] [--bin PATH] [--out DIR] [--rounds N]
 #   --quick   smaller runs, about 2 minutes in all (default: about 6 minutes)
 #   --bin     the smtpstorm binary (default: target/release/smtpstorm)
-#   --out     where to write sink-compare.{json,md} (default: results/)
+#   --out     where to write sink-compare[-quick].{json,md} (default: results/)
 #
 # Needs: /usr/sbin/smtp-source, /usr/sbin/smtp-sink (Debian package
 # postfix), python3. Run as root (smtp-sink is started with -u nobody).
@@ -234,7 +234,8 @@ for scen, (metric, target) in targets.items():
     lines.append(f"| {scen} | {metric} | {fmt(ours)} | {fmt(theirs)} | {'n/a' if ratio is None else f'{ratio:.2f}'} | {tgt} | {'-' if met is None else 'yes' if met else 'NO'} |")
     if scen != "idle":
         lines.append(f"| {scen} | messages_per_sec | {fmt(s.get('ours', {}).get('messages_per_sec'))} | {fmt(s.get('theirs', {}).get('messages_per_sec'))} | | | |")
-json.dump(result, open(os.path.join(out, "sink-compare.json"), "w"), indent=2)
-open(os.path.join(out, "sink-compare.md"), "w").write("\n".join(lines) + "\n")
+name = "sink-compare-quick" if quick else "sink-compare"
+json.dump(result, open(os.path.join(out, name + ".json"), "w"), indent=2)
+open(os.path.join(out, name + ".md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -318,3 +318,50 @@ fn sink_json_report_validates_against_the_schema() {
     assert!(errors.is_empty(), "{errors:#?}");
     assert_eq!(v["role"], "sink");
 }
+
+/// utime + stime of `pid` in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn out_of_file_descriptors_does_not_spin_and_serving_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("sink.json");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 48 && exec \"$0\" \"$@\""])
+        .arg(bin())
+        .args(["sink", "--threads", "1", "--quiet", "--no-starttls", "--listen", &addr])
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::null());
+    let mut proc = Proc::spawn("smtpstorm sink (ulimit -n 48)", &mut cmd);
+    wait_for_port(addr.parse().unwrap(), Duration::from_secs(20));
+    // More connections than descriptors: the kernel completes them into
+    // the backlog, accept(2) fails with EMFILE.
+    let held: Vec<_> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(proc.pid());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(proc.pid()) - t0;
+    assert!(used < 30, "sink used {used} ticks in 1 s while out of descriptors");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(500));
+    let t = run_ok("swaks after EMFILE", &mut {
+        let mut c = Command::new("swaks");
+        c.args(["--to", "r@example.com", "--timeout", "20", "-s", &addr]);
+        c
+    });
+    assert!(t.contains("250 2.0.0"), "{t}");
+    proc.terminate();
+    assert!(proc.wait(WAIT).success());
+    let v = read_json(&json);
+    assert_eq!(get_u64(&v, "counts.messages_accepted"), 1);
+}

@@ -459,7 +459,7 @@ pub fn run(
     loop {
         let now = Instant::now();
         if let Some(d) = shared.duration {
-            if now.saturating_duration_since(started) >= d {
+            if now.saturating_duration_since(started) >= d && !shared.stop.is_stopped() {
                 shared.stop.stop();
             }
         }
