@@ -136,3 +136,41 @@ fn exit_after_messages_stops_the_sink_by_itself() {
     assert!(t0.elapsed() < Duration::from_secs(5));
     assert_eq!(sum.report.counts.messages_accepted, 2);
 }
+
+#[test]
+fn proxy_header_comes_before_the_greeting() {
+    let mut cfg = SinkConfig::loopback();
+    cfg.server.proxy_protocol = true;
+    let s = sink::start(cfg).unwrap();
+    let (mut r, mut w) = connect(s.plain_addrs()[0]);
+    w.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 25\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("220 "));
+    w.write_all(b"QUIT\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("221 "));
+    s.stop();
+    assert_eq!(s.wait().unwrap().report.counts.sessions, 1);
+}
+
+#[test]
+fn lmtp_answers_once_per_recipient_after_data() {
+    let mut cfg = SinkConfig::loopback();
+    cfg.server.lmtp = true;
+    let s = sink::start(cfg).unwrap();
+    let (mut r, mut w) = connect(s.plain_addrs()[0]);
+    assert!(reply(&mut r).starts_with("220 "));
+    w.write_all(b"LHLO t\r\n").unwrap();
+    assert!(reply(&mut r).contains("250 "));
+    w.write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n").unwrap();
+    for _ in 0..4 {
+        reply(&mut r);
+    }
+    w.write_all(b"Subject: t\r\n\r\nx\r\n.\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("250 "));
+    assert!(reply(&mut r).starts_with("250 "));
+    w.write_all(b"QUIT\r\n").unwrap();
+    assert!(reply(&mut r).starts_with("221 "));
+    s.stop();
+    let c = s.wait().unwrap().report.counts;
+    assert_eq!(c.messages_accepted, 1);
+    assert_eq!(c.recipients, 2);
+}
