@@ -55,7 +55,9 @@ pub struct ThreadArgs {
     pub threads: Option<usize>,
     /// CPUs to run on, one pinned thread each (e.g. `0,2-3`).
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
-    pub cpus: Option<Vec<usize>>,
+    // `std::vec::Vec` (not `Vec`) so clap stores the parsed list as one value
+    // instead of treating the flag as repeatable usize values.
+    pub cpus: Option<std::vec::Vec<usize>>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -296,10 +298,10 @@ pub struct BenchArgs {
     pub sink_threads: Option<usize>,
     /// CPUs for the sink.
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
-    pub sink_cpus: Option<Vec<usize>>,
+    pub sink_cpus: Option<std::vec::Vec<usize>>,
     /// CPUs for the blaster.
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
-    pub blast_cpus: Option<Vec<usize>>,
+    pub blast_cpus: Option<std::vec::Vec<usize>>,
     /// Faults for the embedded sink (same forms as `sink --fault`).
     #[arg(long = "sink-fault", value_name = "SPEC", value_parser = parse_fault)]
     pub sink_faults: Vec<FaultSpec>,

@@ -17,10 +17,12 @@ pub mod smtp;
 pub mod stats;
 pub mod cli;
 pub mod digest;
+pub mod sink;
 
 /// Run the command the flags name; returns the process exit code.
 pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
+        cli::Command::Sink(a) => sink::run(&a),
         _ => anyhow::bail!("this command is not built yet"),
     }
 }

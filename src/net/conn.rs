@@ -143,12 +143,13 @@ impl Conn {
         Self::with_read_buf(stream, READ_BUF_BYTES)
     }
 
-    /// Like [`Conn::new`] with a read buffer of `read_buf_bytes` (at least 1).
+    /// Like [`Conn::new`] with a read buffer of `read_buf_bytes`; 0 means no
+    /// owned buffer: read with [`Conn::read_into`] only (`read()` then fails).
     pub fn with_read_buf(stream: TcpStream, read_buf_bytes: usize) -> Self {
         Self {
             stream,
             tls: None,
-            read_buf: vec![0; read_buf_bytes.max(1)].into_boxed_slice(),
+            read_buf: vec![0; read_buf_bytes].into_boxed_slice(),
             plaintext_len: 0,
             write_queue: Vec::new(),
             write_pos: 0,
@@ -280,12 +281,37 @@ impl Conn {
     /// processes them. A TLS protocol error is returned as `InvalidData` after
     /// the alert is queued (and written if the socket takes it).
     pub fn read(&mut self) -> io::Result<ReadResult> {
+        // Taking the box out (an empty box does not allocate) lets the same
+        // code read into the owned buffer or a caller's one.
+        let mut buf = std::mem::take(&mut self.read_buf);
+        let result = self.read_into(&mut buf);
+        self.read_buf = buf;
+        let (result, n) = result?;
+        self.plaintext_len = n;
+        Ok(result)
+    }
+
+    /// Like [`Conn::read`], but the plaintext goes to `buf[..n]` (returned
+    /// with the result; `n > 0` only for `Data`) instead of the connection's
+    /// own buffer, and `plaintext()` stays empty. An event loop with many
+    /// mostly idle connections uses one buffer per thread this way and
+    /// creates its `Conn`s with `with_read_buf(stream, 0)`.
+    pub fn read_into(&mut self, buf: &mut [u8]) -> io::Result<(ReadResult, usize)> {
         self.plaintext_len = 0;
+        if buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read buffer is empty",
+            ));
+        }
+        let mut n = 0usize;
+        self.read_step(buf, &mut n).map(|r| (r, n))
+    }
+
+    fn read_step(&mut self, read_buf: &mut [u8], plaintext_len: &mut usize) -> io::Result<ReadResult> {
         let Self {
             stream,
             tls,
-            read_buf,
-            plaintext_len,
             bytes_rx,
             bytes_tx,
             socket_eof,

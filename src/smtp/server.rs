@@ -924,6 +924,17 @@ impl ServerSession {
                         return Flow::Done;
                     }
                 }
+                if matches!(v, Verdict::Disconnect | Verdict::Disconnect421 | Verdict::Reply(421)) {
+                    // The DATA refused by a closing fault still ends its
+                    // transaction with one Message (code 0 = no reply).
+                    let code = if v == Verdict::Disconnect { 0 } else { 421 };
+                    self.events.push_back(ServerEvent::Message {
+                        outcome: MessageOutcome::TempFailed,
+                        code,
+                        bytes: 0,
+                        recipients: self.rcpt_ends.len() as u32,
+                    });
+                }
                 match self.apply(v, kind, now, out, hooks) {
                     Flow::Go => {}
                     f => return f,

@@ -1,0 +1,357 @@
+//! Fault injection for the sink: `--fault SPEC` rules turned into
+//! [`Verdict`]s for the protocol engine.
+//!
+//! Each worker thread owns a [`ThreadFaults`] with its own PRNG (splitmix64
+//! seeded from `--seed` and the thread index), so a run is deterministic
+//! for a given seed, thread count and per-thread command order, and the hot
+//! path takes no lock. Two pieces are shared on purpose, off the default
+//! path: the greylist table (a `Mutex<HashMap>`, touched only when a
+//! greylist rule exists, once per RCPT) and nothing else — the connect rate
+//! limit is a per-thread token bucket holding `N / threads` tokens per
+//! second.
+//!
+//! Invariants: with no rules, [`ThreadFaults::verdict`] returns `Proceed`
+//! without drawing a random number; the first rule of a point that fires
+//! decides the verdict (rules are tried in the order given).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::cli::{FaultAction, FaultPoint, FaultSpec};
+use crate::smtp::server::{CommandInfo, Verdict};
+use crate::smtp::CommandKind;
+
+/// A tiny, fast, deterministic PRNG (splitmix64).
+#[derive(Clone, Debug)]
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Key of the greylist table: (sender, recipient, client IP).
+type Triple = (Vec<u8>, Vec<u8>, IpAddr);
+
+/// The greylist table shared by every thread: when each triple was first seen.
+#[derive(Debug, Default)]
+pub struct Greylist {
+    first_seen: Mutex<HashMap<Triple, Instant>>,
+}
+
+impl Greylist {
+    /// True if this attempt must be tempfailed: the triple is new, or its
+    /// first attempt is less than `window` ago.
+    pub fn defer(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        ip: IpAddr,
+        window: Duration,
+        now: Instant,
+    ) -> bool {
+        let mut map = match self.first_seen.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let key = (from.to_ascii_lowercase(), to.to_ascii_lowercase(), ip);
+        match map.get(&key) {
+            Some(&first) => now.saturating_duration_since(first) < window,
+            None => {
+                map.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+/// A token bucket refilled at `rate_per_sec`, holding at most one second's
+/// worth (at least one token).
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    rate_per_sec: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    pub fn new(rate_per_sec: f64) -> Self {
+        let capacity = rate_per_sec.max(1.0);
+        Self {
+            rate_per_sec,
+            capacity,
+            tokens: capacity,
+            last: None,
+        }
+    }
+
+    /// Takes a token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let dt = now.saturating_duration_since(last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate_per_sec).min(self.capacity);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn point_of(kind: CommandKind) -> Option<FaultPoint> {
+    Some(match kind {
+        CommandKind::Connect => FaultPoint::Connect,
+        CommandKind::Helo | CommandKind::Ehlo | CommandKind::Lhlo => FaultPoint::Ehlo,
+        CommandKind::Mail => FaultPoint::Mail,
+        CommandKind::Rcpt => FaultPoint::Rcpt,
+        CommandKind::Data => FaultPoint::Data,
+        CommandKind::Dot => FaultPoint::Dot,
+        CommandKind::Quit => FaultPoint::Quit,
+        _ => return None,
+    })
+}
+
+/// One worker's fault state.
+#[derive(Debug)]
+pub struct ThreadFaults {
+    rules: Vec<FaultSpec>,
+    buckets: Vec<Option<TokenBucket>>,
+    rng: SplitMix64,
+    greylist: Arc<Greylist>,
+}
+
+impl ThreadFaults {
+    /// Rules for worker `index` of `threads`; the PRNG is seeded from `seed`
+    /// and `index`.
+    pub fn new(
+        rules: &[FaultSpec],
+        seed: u64,
+        index: usize,
+        threads: usize,
+        greylist: Arc<Greylist>,
+    ) -> Self {
+        let threads = threads.max(1) as f64;
+        let buckets = rules
+            .iter()
+            .map(|r| match r.action {
+                FaultAction::RateLimit { per_sec } => {
+                    Some(TokenBucket::new(per_sec as f64 / threads))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut mix = SplitMix64::new(seed ^ (index as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let rng = SplitMix64::new(mix.next_u64());
+        Self {
+            rules: rules.to_vec(),
+            buckets,
+            rng,
+            greylist,
+        }
+    }
+
+    /// True if no rule is configured.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The verdict for `kind` from a client at `ip`.
+    pub fn verdict(
+        &mut self,
+        kind: CommandKind,
+        info: &CommandInfo<'_>,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Verdict {
+        if self.rules.is_empty() {
+            return Verdict::Proceed;
+        }
+        let Some(point) = point_of(kind) else {
+            return Verdict::Proceed;
+        };
+        for i in 0..self.rules.len() {
+            let rule = self.rules[i];
+            if rule.point != point {
+                continue;
+            }
+            if rule.probability < 1.0 && self.rng.next_f64() >= rule.probability {
+                continue;
+            }
+            let v = match rule.action {
+                FaultAction::Reply(code) => Verdict::Reply(code),
+                FaultAction::Delay { min, max } => {
+                    let span = max.saturating_sub(min);
+                    let extra = if span.is_zero() {
+                        Duration::ZERO
+                    } else {
+                        span.mul_f64(self.rng.next_f64())
+                    };
+                    Verdict::Delay(min + extra)
+                }
+                FaultAction::Disconnect => Verdict::Disconnect,
+                FaultAction::Disconnect421 => Verdict::Disconnect421,
+                FaultAction::Greylist { window } => {
+                    let from = info.mail_from.unwrap_or_default();
+                    let to = info.rcpt_to.unwrap_or_default();
+                    let ip = info.peer.map_or(ip, |p| p.ip());
+                    if self.greylist.defer(from, to, ip, window, now) {
+                        Verdict::Reply(451)
+                    } else {
+                        continue;
+                    }
+                }
+                FaultAction::RateLimit { .. } => {
+                    let limited = self.buckets[i].as_mut().is_some_and(|b| !b.try_take(now));
+                    if limited {
+                        Verdict::Reply(421)
+                    } else {
+                        continue;
+                    }
+                }
+            };
+            return v;
+        }
+        Verdict::Proceed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::parse_fault;
+    use std::net::Ipv4Addr;
+
+    const IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    fn info<'a>(from: &'a [u8], to: &'a [u8]) -> CommandInfo<'a> {
+        CommandInfo {
+            arg: b"",
+            mail_from: Some(from),
+            rcpt_to: Some(to),
+            peer: None,
+        }
+    }
+
+    fn faults(specs: &[&str], seed: u64) -> ThreadFaults {
+        let rules: Vec<_> = specs.iter().map(|s| parse_fault(s).unwrap()).collect();
+        ThreadFaults::new(&rules, seed, 0, 1, Arc::default())
+    }
+
+    #[test]
+    fn no_rules_always_proceed() {
+        let mut f = faults(&[], 1);
+        let now = Instant::now();
+        assert_eq!(
+            f.verdict(CommandKind::Rcpt, &info(b"a", b"b"), IP, now),
+            Verdict::Proceed
+        );
+    }
+
+    #[test]
+    fn same_seed_gives_same_verdicts_and_rate_is_near_probability() {
+        let now = Instant::now();
+        let run = |seed| {
+            let mut f = faults(&["rcpt:451:20%"], seed);
+            (0..10_000)
+                .map(|_| f.verdict(CommandKind::Rcpt, &info(b"a", b"b"), IP, now))
+                .collect::<Vec<_>>()
+        };
+        let a = run(7);
+        assert_eq!(a, run(7));
+        let hits = a.iter().filter(|v| **v == Verdict::Reply(451)).count();
+        // 10k draws at p = 0.2: sigma = 40; allow 5 sigma.
+        assert!((1800..=2200).contains(&hits), "{hits}");
+        assert_ne!(a, run(8));
+    }
+
+    #[test]
+    fn faults_apply_only_to_their_point() {
+        let mut f = faults(&["mail:550"], 1);
+        let now = Instant::now();
+        assert_eq!(
+            f.verdict(CommandKind::Rcpt, &info(b"a", b"b"), IP, now),
+            Verdict::Proceed
+        );
+        assert_eq!(
+            f.verdict(CommandKind::Mail, &info(b"a", b"b"), IP, now),
+            Verdict::Reply(550)
+        );
+    }
+
+    #[test]
+    fn delay_range_stays_within_bounds() {
+        let mut f = faults(&["mail:delay=10ms..50ms"], 3);
+        let now = Instant::now();
+        for _ in 0..1000 {
+            match f.verdict(CommandKind::Mail, &info(b"a", b"b"), IP, now) {
+                Verdict::Delay(d) => {
+                    assert!(d >= Duration::from_millis(10) && d <= Duration::from_millis(50))
+                }
+                v => panic!("{v:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn greylist_defers_first_attempt_and_accepts_retry_after_window() {
+        let mut f = faults(&["rcpt:greylist=1s"], 1);
+        let t0 = Instant::now();
+        let v = |f: &mut ThreadFaults, to: &[u8], t| {
+            f.verdict(CommandKind::Rcpt, &info(b"s@x", to), IP, t)
+        };
+        assert_eq!(v(&mut f, b"r@x", t0), Verdict::Reply(451));
+        assert_eq!(
+            v(&mut f, b"r@x", t0 + Duration::from_millis(500)),
+            Verdict::Reply(451)
+        );
+        assert_eq!(
+            v(&mut f, b"r@x", t0 + Duration::from_millis(1100)),
+            Verdict::Proceed
+        );
+        assert_eq!(
+            v(&mut f, b"other@x", t0 + Duration::from_millis(1100)),
+            Verdict::Reply(451)
+        );
+    }
+
+    #[test]
+    fn rate_limit_answers_421_past_the_bucket() {
+        let mut f = faults(&["connect:ratelimit=3"], 1);
+        let t0 = Instant::now();
+        let got: Vec<_> = (0..5)
+            .map(|_| f.verdict(CommandKind::Connect, &info(b"", b""), IP, t0))
+            .collect();
+        assert_eq!(&got[..3], &[Verdict::Proceed; 3]);
+        assert_eq!(&got[3..], &[Verdict::Reply(421); 2]);
+        // One second later the bucket is full again.
+        assert_eq!(
+            f.verdict(
+                CommandKind::Connect,
+                &info(b"", b""),
+                IP,
+                t0 + Duration::from_secs(1)
+            ),
+            Verdict::Proceed
+        );
+    }
+}
