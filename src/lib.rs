@@ -12,6 +12,7 @@
 //! - `stats`: per-thread histograms and counters, merged once, reported as
 //!   text, JSON, .hgrm, .hlog and SVG.
 
+pub mod blast;
 pub mod net;
 pub mod smtp;
 pub mod stats;
@@ -21,6 +22,8 @@ pub mod digest;
 /// Run the command the flags name; returns the process exit code.
 pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
+        cli::Command::Blast(a) => blast::run(&a),
+        cli::Command::Probe(a) => blast::probe::run(&a),
         _ => anyhow::bail!("this command is not built yet"),
     }
 }
