@@ -237,7 +237,10 @@ impl Worker {
             let starting = !past_end && self.budget_left();
             if starting {
                 self.start_due(now);
-            } else if grace_until.is_none() {
+            } else if past_end && grace_until.is_none() {
+                // Past --duration: in-flight sessions get a bounded grace.
+                // A spent --messages/--sessions budget waits for them (each
+                // phase is bounded by --timeout anyway).
                 grace_until = Some(now + self.cfg.timeout.min(MAX_GRACE));
             }
             if self.result.fatal.is_some() {
@@ -295,9 +298,15 @@ impl Worker {
         // Whatever is still in flight was aborted by the stop: dropped
         // uncounted (see the module doc).
         self.slots.clear();
-        if let (Some(s), Some(end)) = (&self.schedule, self.clock.end) {
-            let last = Instant::now().min(end);
-            self.result.scheduled_due = s.due_between(self.clock.measure_start, last);
+        if let Some(s) = &self.schedule {
+            self.result.scheduled_due = if self.budget_left() {
+                // Stopped by the end of --duration or by Ctrl-C.
+                let last = self.clock.end.map_or(Instant::now(), |e| e.min(Instant::now()));
+                s.due_between(self.clock.measure_start, last)
+            } else {
+                // The --messages/--sessions budget ended the schedule early.
+                self.result.scheduled_started
+            };
         }
         if measuring {
             let start_offset = Duration::from_secs(tick_index);
