@@ -22,6 +22,8 @@ port, cert, key, delay, countfile, mode = int(sys.argv[1]), sys.argv[2], sys.arg
 class Handler:
     def __init__(self):
         self.n = 0
+    async def handle_PROXY(self, server, session, envelope, proxy_data):
+        return proxy_data is not None and proxy_data.valid
     async def handle_DATA(self, server, session, envelope):
         if delay > 0:
             await asyncio.sleep(delay)
@@ -39,6 +41,8 @@ ctx.load_cert_chain(cert, key)
 kw = dict(authenticator=authenticator, auth_require_tls=False)
 if mode == "starttls":
     kw["tls_context"] = ctx
+elif mode == "proxy":
+    kw["proxy_protocol_timeout"] = 5
 elif mode == "implicit":
     kw["ssl_context"] = ctx
 c = Controller(Handler(), hostname="127.0.0.1", port=port, ready_timeout=20, **kw)
@@ -196,4 +200,16 @@ fn probe_reports_banner_capabilities_tls_and_auth() {
     assert!(v["auth_mechanisms"].as_array().unwrap().iter().any(|m| m == "PLAIN"), "{v}");
     assert!(v["phases_ms"]["starttls"].as_f64().is_some(), "{v}");
     assert!(text.contains("subject") && text.contains("banner"), "{text}");
+}
+
+#[test]
+fn proxy_headers_v1_and_v2_are_understood_by_aiosmtpd() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = aiosmtpd(dir.path(), "proxy", 0.0);
+    for v in ["v1", "v2"] {
+        let (code, j, err) = blast(dir.path(), &[&srv.addr, "--proxy", v, "-n", "10", "-c", "2", "--threads", "1"]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(get_u64(&j, "counts.messages_accepted"), 10, "{v}: {}", j["counts"]);
+    }
+    assert_eq!(srv.delivered(), 20);
 }

@@ -178,4 +178,58 @@ fn postfix_smtpd_delivers_every_message_we_count_as_accepted() {
     assert_eq!(accepted, 500, "{}", v["counts"]);
     let delivered = pf.wait_delivered(500, Duration::from_secs(60));
     assert_eq!(delivered as u64, accepted);
+    // BDAT (CHUNKING), which Postfix offers.
+    let (code, v, err) = blast(dir.path(), &[&pf.addr(), "--bdat", "-n", "40", "-c", "4", "-k", "2", "--threads", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(get_u64(&v, "counts.messages_accepted"), 40, "{}", v["counts"]);
+    assert_eq!(get_u64(&v, "reply_codes.bdat.250"), 40);
+    assert_eq!(pf.wait_delivered(540, Duration::from_secs(60)), 540);
+}
+
+#[test]
+fn source_addresses_hgrm_and_hlog_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = smtp_sink(&[]);
+    let hgrm = dir.path().join("m.hgrm");
+    let hlog = dir.path().join("m.hlog");
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &addr, "-d", "2s", "-c", "4", "--threads", "2", "--source-ip", "127.0.0.2-127.0.0.5", "--abort-close",
+            "--hgrm", hgrm.to_str().unwrap(), "--hlog", hlog.to_str().unwrap(), "--warmup", "500ms",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(get_u64(&v, "counts.messages_accepted") > 10);
+    assert_outcomes_add_up(&v);
+    assert!((v["duration_secs"].as_f64().unwrap() - 2.0).abs() < 0.01, "{}", v["duration_secs"]);
+    assert!(v["timeline"].as_array().unwrap().len() >= 2);
+    let h = std::fs::read_to_string(&hgrm).unwrap();
+    assert!(h.contains("Value") && h.contains("Percentile"), "{h}");
+    let l = std::fs::read_to_string(&hlog).unwrap();
+    assert!(l.contains("Tag=message,"), "{l}");
+}
+
+#[test]
+fn ctrl_c_reports_what_was_measured_so_far() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = smtp_sink(&[]);
+    let json = dir.path().join("int.json");
+    let mut p = Proc::spawn(
+        "smtpstorm blast",
+        Command::new(bin())
+            .args(["blast", &addr, "-d", "60s", "-c", "4", "--threads", "1", "--quiet", "--json"])
+            .arg(&json)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill").arg("-INT").arg(p.pid().to_string()).status();
+    let out = p.wait_output(Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    let v = read_json(&json);
+    assert!(get_u64(&v, "counts.messages_accepted") > 0);
+    assert!(v["duration_secs"].as_f64().unwrap() < 10.0);
+    assert_outcomes_add_up(&v);
 }
