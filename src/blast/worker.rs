@@ -290,7 +290,10 @@ impl Worker {
                 if token == WAKER {
                     continue;
                 }
-                self.drive(token.0, now);
+                // Only a readable (or closed/error) edge is worth a read(2);
+                // a writable edge only needs the queued output flushed.
+                let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
+                self.drive(token.0, now, readable);
             }
             let expired: Vec<usize> = self.timers.expired(now).collect();
             for key in expired {
@@ -427,12 +430,19 @@ impl Worker {
     }
 
     /// A readiness event (or a call right after connecting) for `key`.
-    fn drive(&mut self, key: usize, now: Instant) {
+    fn drive(&mut self, key: usize, now: Instant, readable: bool) {
         let Some(slot) = self.slots.get_mut(key) else { return };
         if let Io::Connecting(stream) = &slot.io {
-            match socket::connect_finished(stream) {
-                Ok(true) => {}
-                Ok(false) => return,
+            // The first event of a connecting socket means the connect
+            // ended: SO_ERROR tells how (no getpeername(2) per session; were
+            // it still in progress, the first read would fail and count as a
+            // connection error).
+            let done = match stream.take_error() {
+                Ok(None) => Ok(true),
+                Ok(Some(e)) | Err(e) => Err(e),
+            };
+            match done {
+                Ok(_) => {}
                 Err(e) => {
                     let planned = slot.planned;
                     self.note_error(format!("connect: {e}"));
@@ -475,7 +485,11 @@ impl Worker {
             }
             slot.io = Io::Ready(conn);
         }
-        self.pump(key, now);
+        if readable {
+            self.pump(key, now);
+        } else {
+            self.flush(key, now);
+        }
     }
 
     /// Reads, feeds the session, writes, re-registers; closes when done.
