@@ -126,12 +126,28 @@ def med(tool, wl, key):
     if key == "rate":
         return statistics.median(r["units"] / r["wall_s"] for r in v)
     return statistics.median(r["cpu_s"] * 1e6 / r["units"] for r in v)
+def paired(wl, key):
+    # Ratio within each round (the two tools ran back to back), then the
+    # median over rounds: robust to load drifting between rounds.
+    out = []
+    for rnd in sorted({r["round"] for r in rows}):
+        a = [r for r in rows if r["round"] == rnd and r["workload"] == wl and r["tool"] == "smtpstorm" and r["exit"] == 0]
+        b = [r for r in rows if r["round"] == rnd and r["workload"] == wl and r["tool"] == "smtp-source" and r["exit"] == 0]
+        if a and b:
+            a, b = a[0], b[0]
+            if key == "rate":
+                out.append((a["units"] / a["wall_s"]) / (b["units"] / b["wall_s"]))
+            elif b["cpu_s"] > 0:
+                out.append((a["cpu_s"] / a["units"]) / (b["cpu_s"] / b["units"]))
+    return (statistics.median(out) if out else None), out
 summary = {}
 for wl in ("new", "persistent"):
     s = {t: {"rate_per_sec": med(t, wl, "rate"), "cpu_us_per_unit": med(t, wl, "cpu")} for t in ("smtpstorm", "smtp-source")}
     a, b = s["smtpstorm"], s["smtp-source"]
-    s["rate_ratio"] = a["rate_per_sec"] / b["rate_per_sec"] if a["rate_per_sec"] and b["rate_per_sec"] else None
-    s["cpu_ratio"] = a["cpu_us_per_unit"] / b["cpu_us_per_unit"] if a["cpu_us_per_unit"] and b["cpu_us_per_unit"] else None
+    s["rate_ratio_of_medians"] = a["rate_per_sec"] / b["rate_per_sec"] if a["rate_per_sec"] and b["rate_per_sec"] else None
+    s["cpu_ratio_of_medians"] = a["cpu_us_per_unit"] / b["cpu_us_per_unit"] if a["cpu_us_per_unit"] and b["cpu_us_per_unit"] else None
+    s["rate_ratio"], s["rate_ratio_per_round"] = paired(wl, "rate")
+    s["cpu_ratio"], s["cpu_ratio_per_round"] = paired(wl, "cpu")
     summary[wl] = s
 targets = {"new": {"rate_ratio": ">= 1.8", "cpu_ratio": "<= 0.6"}, "persistent": {"rate_ratio": ">= 1.5"}}
 met = {
@@ -154,10 +170,16 @@ with open(out + ".md", "w") as f:
         for t in ("smtpstorm", "smtp-source"):
             s = summary[wl][t]
             f.write(f"| {wl} ({unit}) | {t} | {s['rate_per_sec'] or 0:.0f} | {s['cpu_us_per_unit'] or 0:.1f} |\n")
-    f.write("\n| ratio (smtpstorm / smtp-source) | measured | target | met |\n|---|---:|---:|---|\n")
-    f.write(f"| new sessions/s | {summary['new']['rate_ratio'] or 0:.2f} | ≥ 1.8 | {met['new_rate']} |\n")
-    f.write(f"| new CPU/session | {summary['new']['cpu_ratio'] or 0:.2f} | ≤ 0.6 | {met['new_cpu']} |\n")
-    f.write(f"| persistent messages/s | {summary['persistent']['rate_ratio'] or 0:.2f} | ≥ 1.5 | {met['persistent_rate']} |\n")
-    f.write(f"| persistent CPU/message | {summary['persistent']['cpu_ratio'] or 0:.2f} | – | – |\n")
+    f.write("\n| ratio (smtpstorm / smtp-source) | median of per-round ratios | ratio of medians | per round | target | met |\n|---|---:|---:|---|---:|---|\n")
+    def row(name, wl, key, target, ok):
+        s = summary[wl]
+        per = " ".join(f"{x:.2f}" for x in s[key + "_per_round"])
+        f.write(f"| {name} | {s[key] or 0:.2f} | {s[key + '_of_medians'] or 0:.2f} | {per} | {target} | {ok} |\n")
+    row("new sessions/s", "new", "rate_ratio", "≥ 1.8", met["new_rate"])
+    row("new CPU/session", "new", "cpu_ratio", "≤ 0.6", met["new_cpu"])
+    row("persistent messages/s", "persistent", "rate_ratio", "≥ 1.5", met["persistent_rate"])
+    row("persistent CPU/message", "persistent", "cpu_ratio", "–", "–")
+    f.write("\nThe sink's own CPU time per run is in the JSON (`sink_cpu_s`): with a single-process "
+            "smtp-sink on a shared 2-core machine, the new-session workload is largely bound by the sink.\n")
 print(open(out + ".md").read())
 PY
