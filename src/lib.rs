@@ -12,17 +12,24 @@
 //! - `stats`: per-thread histograms and counters, merged once, reported as
 //!   text, JSON, .hgrm, .hlog and SVG.
 
-pub mod net;
-pub mod smtp;
-pub mod stats;
+pub mod bench;
+pub mod blast;
 pub mod cli;
 pub mod digest;
+pub mod net;
+pub mod offline;
 pub mod sink;
+pub mod smtp;
+pub mod stats;
 
 /// Run the command the flags name; returns the process exit code.
 pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
         cli::Command::Sink(a) => sink::run(&a),
-        _ => anyhow::bail!("this command is not built yet"),
+        cli::Command::Blast(a) => blast::run(&a),
+        cli::Command::Probe(a) => blast::probe::run(&a),
+        cli::Command::Bench(a) => bench::run(&a),
+        cli::Command::Merge(a) => offline::merge(&a),
+        cli::Command::Report(a) => offline::report(&a),
     }
 }

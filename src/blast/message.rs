@@ -1,0 +1,450 @@
+//! Building the messages the blaster sends: address templates, headers,
+//! bodies.
+//!
+//! A [`MessageBuilder`] (one per worker thread) turns a global sequence
+//! number into a [`Message`]: envelope from the `--from`/`--to` templates,
+//! a realistic header block (From, To, Date, Message-ID unique per message,
+//! Subject, MIME-Version, Content-Type, the digest header of the body) and a
+//! body of 78-column text lines ending CRLF, some starting with `.` so
+//! dot-stuffing is exercised. The header is padded so that header + body is
+//! exactly the requested size whenever that size leaves room for a header.
+//!
+//! Invariants: bodies are cached per size as `Arc<[u8]>` (built and hashed
+//! once per size, the cache is bounded); every choice (sizes, body text,
+//! `{rand}`) comes from a [`Rng`] seeded by `--seed` and the thread index, so
+//! runs are deterministic; `{n}` values never repeat across threads and
+//! instances (`n = (k · threads + thread) · instances + instance`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::cli::SizeRange;
+use crate::smtp::client::Message;
+
+/// A small, fast, deterministic PRNG (SplitMix64).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            return lo;
+        }
+        let span = hi - lo;
+        if span == u64::MAX {
+            return self.next_u64();
+        }
+        lo + self.next_u64() % (span + 1)
+    }
+}
+
+/// One piece of a compiled address template.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Lit(String),
+    N,
+    Thread,
+    Rand,
+    Instance,
+    R,
+}
+
+/// A compiled `--from`/`--to` template: `{n}`, `{thread}`, `{rand}`,
+/// `{instance}`, `{r}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Template {
+    pieces: Vec<Piece>,
+}
+
+/// Values substituted into a template.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Vars {
+    pub n: u64,
+    pub thread: usize,
+    pub rand: u64,
+    pub instance: u32,
+    pub r: u64,
+}
+
+impl Template {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut lit = String::new();
+        let mut rest = s;
+        while let Some(i) = rest.find('{') {
+            lit.push_str(&rest[..i]);
+            let after = &rest[i + 1..];
+            let j = after.find('}').ok_or_else(|| format!("unclosed `{{` in `{s}`"))?;
+            let piece = match &after[..j] {
+                "n" => Piece::N,
+                "thread" => Piece::Thread,
+                "rand" => Piece::Rand,
+                "instance" => Piece::Instance,
+                "r" => Piece::R,
+                other => {
+                    return Err(format!(
+                        "unknown placeholder `{{{other}}}` in `{s}` (known: {{n}}, {{thread}}, {{rand}}, {{instance}}, {{r}})"
+                    ))
+                }
+            };
+            if !lit.is_empty() {
+                pieces.push(Piece::Lit(std::mem::take(&mut lit)));
+            }
+            pieces.push(piece);
+            rest = &after[j + 1..];
+        }
+        lit.push_str(rest);
+        if !lit.is_empty() {
+            pieces.push(Piece::Lit(lit));
+        }
+        if s.chars().any(|c| c == '<' || c == '>' || c.is_whitespace() || c.is_control()) {
+            return Err(format!("`{s}` must not contain spaces, control characters or angle brackets"));
+        }
+        Ok(Template { pieces })
+    }
+
+    pub fn uses_rand(&self) -> bool {
+        self.pieces.contains(&Piece::Rand)
+    }
+
+    /// Appends the expansion to `out`.
+    pub fn expand_into(&self, v: &Vars, out: &mut String) {
+        use std::fmt::Write as _;
+        for p in &self.pieces {
+            // Writing into a String cannot fail.
+            let _ = match p {
+                Piece::Lit(s) => {
+                    out.push_str(s);
+                    Ok(())
+                }
+                Piece::N => write!(out, "{}", v.n),
+                Piece::Thread => write!(out, "{}", v.thread),
+                Piece::Rand => write!(out, "{:016x}", v.rand),
+                Piece::Instance => write!(out, "{}", v.instance),
+                Piece::R => write!(out, "{}", v.r),
+            };
+        }
+    }
+
+    pub fn expand(&self, v: &Vars) -> String {
+        let mut s = String::with_capacity(48);
+        self.expand_into(v, &mut s);
+        s
+    }
+}
+
+/// Characters of one body line, CRLF excluded.
+pub const BODY_LINE_CHARS: usize = 78;
+/// Bodies cached per thread (one per distinct size).
+const BODY_CACHE_MAX: usize = 4096;
+/// Every this many lines of a body, a line starts with `.`.
+const DOT_LINE_EVERY: usize = 7;
+
+/// A body of exactly `len` bytes (at least 2: `CRLF`) of 78-column lines
+/// ending CRLF; every 7th line starts with `.`. Deterministic in `seed`.
+pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "storm", "mail", "relay", "queue", "latency", "honest", "sink", "blast", "envelope",
+        "header", "body", "thread", "core", "socket", "message", "percentile",
+    ];
+    let len = len.max(2);
+    let mut rng = Rng::new(seed ^ len as u64);
+    let mut out = Vec::with_capacity(len);
+    let mut line_no = 0usize;
+    while out.len() < len {
+        let left = len - out.len();
+        // A line of up to 78 characters plus CRLF; the last one takes what is
+        // left (never leaving a lone byte that cannot hold CRLF).
+        let take = if left <= BODY_LINE_CHARS + 2 { left } else if left - (BODY_LINE_CHARS + 2) < 2 { left - 2 } else { BODY_LINE_CHARS + 2 };
+        let chars = take - 2;
+        let start = out.len();
+        if line_no % DOT_LINE_EVERY == DOT_LINE_EVERY - 1 && chars > 0 {
+            out.push(b'.');
+        }
+        while out.len() - start < chars {
+            let w = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize].as_bytes();
+            let room = chars - (out.len() - start);
+            let w = &w[..w.len().min(room)];
+            out.extend_from_slice(w);
+            if out.len() - start < chars {
+                out.push(b' ');
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        line_no += 1;
+    }
+    debug_assert_eq!(out.len(), len);
+    out
+}
+
+/// RFC 5322 date (`Sun, 22 Nov 2026 17:36:25 +0000`) of a UNIX time.
+pub fn rfc5322_date(unix_secs: u64) -> String {
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let days = unix_secs / 86_400;
+    let secs = unix_secs % 86_400;
+    // Civil-from-days (H. Hinnant).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
+        DAYS[(days % 7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// Per-thread message factory (see the module doc).
+pub struct MessageBuilder {
+    from: Template,
+    to: Template,
+    recipients: u64,
+    size: SizeRange,
+    body_file: Option<Arc<[u8]>>,
+    thread: usize,
+    threads: u64,
+    instance: u32,
+    instances: u64,
+    seed: u64,
+    rng: Rng,
+    /// Messages built so far by this thread (`k`).
+    built: u64,
+    /// size → (body, digest header line).
+    bodies: HashMap<usize, (Arc<[u8]>, String)>,
+    /// Header length aimed at, so that header + body = size.
+    header_target: usize,
+    date_secs: u64,
+    date: String,
+}
+
+impl MessageBuilder {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        from: Template,
+        to: Template,
+        recipients: u64,
+        size: SizeRange,
+        body_file: Option<Arc<[u8]>>,
+        seed: u64,
+        thread: usize,
+        threads: usize,
+        instance: (u32, u32),
+    ) -> Self {
+        let mut b = MessageBuilder {
+            from,
+            to,
+            recipients: recipients.max(1),
+            size,
+            body_file,
+            thread,
+            threads: threads.max(1) as u64,
+            instance: instance.0,
+            instances: u64::from(instance.1.max(1)),
+            seed,
+            rng: Rng::new(seed.wrapping_mul(0x100_0000_01B3).wrapping_add(thread as u64 + 1)),
+            built: 0,
+            bodies: HashMap::new(),
+            header_target: 0,
+            date_secs: u64::MAX,
+            date: String::new(),
+        };
+        // Aim at the length of a header for a large sequence number plus
+        // room, so that nearly every header can be padded up to it.
+        let probe = b.header_for(u64::MAX / 4, u64::MAX, &"x".repeat(64));
+        b.header_target = probe.len() + 32;
+        b
+    }
+
+    /// The `{n}` of the `k`-th message of this thread.
+    pub fn global_n(&self, k: u64) -> u64 {
+        (k.wrapping_mul(self.threads).wrapping_add(self.thread as u64))
+            .wrapping_mul(self.instances)
+            .wrapping_add(u64::from(self.instance))
+    }
+
+    fn header_for(&mut self, n: u64, rand: u64, digest_line: &str) -> Vec<u8> {
+        let vars = Vars { n, thread: self.thread, rand, instance: self.instance, r: 0 };
+        let from = self.from.expand(&vars);
+        let to = self.to.expand(&vars);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        if now != self.date_secs {
+            self.date_secs = now;
+            self.date = rfc5322_date(now);
+        }
+        let mut h = String::with_capacity(512);
+        h.push_str("From: <");
+        h.push_str(&from);
+        h.push_str(">\r\nTo: <");
+        h.push_str(&to);
+        h.push_str(">\r\nDate: ");
+        h.push_str(&self.date);
+        h.push_str("\r\nMessage-ID: <");
+        use std::fmt::Write as _;
+        let _ = write!(h, "{n}.{rand:016x}.{}.{}@smtpstorm.test", self.thread, self.instance);
+        h.push_str(">\r\nSubject: smtpstorm load test message ");
+        let _ = write!(h, "{n}");
+        h.push_str("\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n");
+        h.push_str(digest_line);
+        h.into_bytes()
+    }
+
+    fn body(&mut self, len: usize) -> (Arc<[u8]>, String) {
+        if let Some((b, d)) = self.bodies.get(&len) {
+            return (Arc::clone(b), d.clone());
+        }
+        if self.bodies.len() >= BODY_CACHE_MAX {
+            self.bodies.clear();
+        }
+        let body: Arc<[u8]> = Arc::from(make_body(len, self.seed));
+        let line = crate::digest::header_line(&body);
+        self.bodies.insert(len, (Arc::clone(&body), line.clone()));
+        (body, line)
+    }
+
+    /// The next message of this thread.
+    pub fn next_message(&mut self) -> Message {
+        let k = self.built;
+        self.built += 1;
+        let n = self.global_n(k);
+        let rand = self.rng.next_u64();
+        let mut rcpt_to = Vec::with_capacity(self.recipients as usize);
+        for r in 0..self.recipients {
+            let vars = Vars { n, thread: self.thread, rand, instance: self.instance, r };
+            rcpt_to.push(self.to.expand(&vars));
+        }
+        let mail_from = self.from.expand(&Vars { n, thread: self.thread, rand, instance: self.instance, r: 0 });
+        if let Some(body) = &self.body_file {
+            return Message { mail_from, mail_params: String::new(), rcpt_to, header: Vec::new(), body: Arc::clone(body) };
+        }
+        let total = self.rng.range(self.size.min, self.size.max) as usize;
+        let body_len = total.saturating_sub(self.header_target + 2).max(2);
+        let (body, digest_line) = self.body(body_len);
+        let mut header = self.header_for(n, rand, &digest_line);
+        // Pad to the target so header + blank line + body = total.
+        let want = total.saturating_sub(body_len + 2);
+        const PAD: &[u8] = b"X-Smtpstorm-Pad: ";
+        if want >= header.len() + PAD.len() + 3 {
+            let fill = want - header.len() - PAD.len() - 2;
+            header.extend_from_slice(PAD);
+            header.extend(std::iter::repeat_n(b'x', fill));
+            header.extend_from_slice(b"\r\n");
+        }
+        header.extend_from_slice(b"\r\n");
+        Message { mail_from, mail_params: String::new(), rcpt_to, header, body }
+    }
+
+    /// Messages built so far.
+    pub fn built(&self) -> u64 {
+        self.built
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builder(size: u64, thread: usize, threads: usize, instance: (u32, u32)) -> MessageBuilder {
+        MessageBuilder::new(
+            Template::parse("s{n}@x.test").unwrap(),
+            Template::parse("r{n}.{r}@x.test").unwrap(),
+            2,
+            SizeRange { min: size, max: size },
+            None,
+            7,
+            thread,
+            threads,
+            instance,
+        )
+    }
+
+    #[test]
+    fn templates_expand_every_placeholder() {
+        let t = Template::parse("a{n}-{thread}-{instance}-{r}-{rand}@b").unwrap();
+        let s = t.expand(&Vars { n: 5, thread: 1, rand: 255, instance: 2, r: 3 });
+        assert_eq!(s, "a5-1-2-3-00000000000000ff@b");
+        assert!(Template::parse("a{nope}@b").unwrap_err().contains("unknown placeholder"));
+        assert!(Template::parse("a{n@b").is_err());
+        assert!(Template::parse("a b@c").is_err());
+    }
+
+    #[test]
+    fn sequence_numbers_are_unique_across_threads_and_instances() {
+        let mut seen = std::collections::HashSet::new();
+        for inst in 0..3 {
+            for t in 0..4 {
+                let b = builder(1024, t, 4, (inst, 3));
+                for k in 0..50 {
+                    assert!(seen.insert(b.global_n(k)));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn messages_have_the_requested_size_and_a_valid_digest() {
+        for size in [1024u64, 4000, 100_000, 700] {
+            let mut b = builder(size, 0, 1, (0, 1));
+            let m = b.next_message();
+            assert_eq!((m.header.len() + m.body.len()) as u64, size, "size {size}");
+            let mut v = crate::digest::Verifier::new();
+            v.feed(&m.header);
+            v.feed(&m.body);
+            assert_eq!(v.finish(), crate::digest::Verdict::Ok);
+            assert!(m.body.ends_with(b"\r\n"));
+            assert!(m.body.split(|&c| c == b'\n').any(|l| l.starts_with(b".")) || size < 1000);
+            assert!(m.body.split(|&c| c == b'\n').all(|l| l.len() <= BODY_LINE_CHARS + 1));
+            assert_eq!(m.rcpt_to.len(), 2);
+        }
+    }
+
+    #[test]
+    fn bodies_are_cached_and_deterministic() {
+        let mut a = builder(2048, 0, 1, (0, 1));
+        let mut b = builder(2048, 0, 1, (0, 1));
+        let (m1, m2, m3) = (a.next_message(), a.next_message(), b.next_message());
+        assert!(Arc::ptr_eq(&m1.body, &m2.body));
+        assert_eq!(m1.body, m3.body);
+        assert_ne!(m1.header, m2.header, "Message-ID differs");
+    }
+
+    #[test]
+    fn bodies_of_any_length_end_with_crlf() {
+        for len in 0..400 {
+            let b = make_body(len, 1);
+            assert_eq!(b.len(), len.max(2));
+            assert!(b.ends_with(b"\r\n"));
+            assert!(!b[..b.len() - 2].contains(&b'\n'.to_owned()) || b.windows(2).filter(|w| w == b"\r\n").count() == b.iter().filter(|&&c| c == b'\n').count());
+        }
+    }
+
+    #[test]
+    fn dates_are_rfc5322() {
+        assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(1_795_368_985), "Sun, 22 Nov 2026 17:36:25 +0000");
+    }
+}

@@ -1,0 +1,289 @@
+//! The blaster role: `smtpstorm blast TARGET` (and `probe`).
+//!
+//! [`run`] validates the flags into a [`BlastConfig`], [`execute`]s the run
+//! and hands the result to [`finish`], which writes the outputs and turns
+//! assertions, baseline regressions and validity into the exit code. `bench`
+//! calls [`execute`] and [`finish`] directly with its own config.
+//!
+//! [`execute`] spawns one pinned worker per CPU ([`worker`]), each owning its
+//! connections, timers and [`crate::stats::Recorder`]. Once a second every
+//! worker sends its interval snapshot; the main thread merges the snapshots
+//! of each second (live line on a terminal, `.hlog`, timeline). At the end
+//! the per-thread totals are merged once into the report.
+//!
+//! Invariants: the main thread never touches a worker's state; an
+//! open-loop run that missed its schedule (starts short by more than 5%, or
+//! p99 start lag above `max(10 ms, 10/rate)`) is marked invalid and says so
+//! on stderr; Ctrl-C ends the run early and everything measured so far is
+//! still reported.
+
+pub mod config;
+pub mod message;
+pub mod probe;
+pub mod schedule;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+
+use crate::cli::BlastArgs;
+use crate::net::runtime::{spawn_workers, StopSignal};
+use crate::stats::{
+    compare_baseline, load_report, write_hgrm_file, write_summary, CpuUsage, HlogWriter, IntervalMerger,
+    IntervalSnapshot, Measurements, Report, ReportInput, Role,
+};
+
+pub use config::{BlastConfig, LoadModel, OutputConfig};
+use worker::{run_worker, RunClock, Tick};
+
+/// Exit code: a failed `--assert` or `--baseline` regression.
+pub const EXIT_ASSERT: u8 = 99;
+/// Exit code: the run could not keep its schedule (without `--allow-invalid`).
+pub const EXIT_INVALID: u8 = 3;
+
+/// What [`execute`] measured.
+#[derive(Debug)]
+pub struct BlastRun {
+    pub report: Report,
+    /// The first few distinct session errors (for the summary).
+    pub errors: Vec<String>,
+    /// The run was cut short by Ctrl-C / SIGTERM.
+    pub interrupted: bool,
+}
+
+/// `smtpstorm blast`: the exit code (0, 3 invalid, 99 failed assertion).
+pub fn run(args: &BlastArgs) -> anyhow::Result<u8> {
+    let cfg = BlastConfig::from_args(&args.target, &args.load)?;
+    let output = cfg.output.clone();
+    let run = execute(cfg)?;
+    finish(run, &output)
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Sleeps until `at` (UNIX seconds), or until a stop is requested.
+fn sleep_until_unix(at: f64, stop: &StopSignal) {
+    loop {
+        let left = at - unix_now();
+        if left <= 0.0 || stop.is_stopped() {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs_f64(left.min(0.05)));
+    }
+}
+
+/// Runs the load described by `cfg` and returns the report (assertions not
+/// yet evaluated; see [`finish`]). Errors: workers that cannot start, a
+/// fatal condition such as running out of ephemeral ports, an unwritable
+/// `--hlog`.
+pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
+    let stop = StopSignal::process().context("installing the Ctrl-C handler")?;
+    if let Some(at) = cfg.start_at_unix {
+        sleep_until_unix(at, &stop);
+    }
+    let threads = cfg.cpus.plan().context("planning worker threads")?.len();
+    let mut hlog = match &cfg.output.hlog {
+        None => None,
+        Some(p) => {
+            let f = std::fs::File::create(p).with_context(|| format!("cannot create --hlog {}", p.display()))?;
+            Some(HlogWriter::new(std::io::BufWriter::new(f), SystemTime::now() + cfg.warmup)?)
+        }
+    };
+    let start = Instant::now();
+    let measure_start = start + cfg.warmup;
+    let clock = RunClock { start, measure_start, end: cfg.duration.map(|d| measure_start + d) };
+    let started_at_unix = unix_now() + cfg.warmup.as_secs_f64();
+    let cpu_start = CpuUsage::now();
+    let live = !cfg.output.quiet && std::io::stderr().is_terminal();
+    let cfg = Arc::new(cfg);
+    let (tx, rx) = mpsc::channel::<Tick>();
+    let workers = {
+        let cfg = Arc::clone(&cfg);
+        let clock = clock.clone();
+        spawn_workers(&cfg.cpus.clone(), "blast", &stop, move |ctx| {
+            run_worker(ctx, Arc::clone(&cfg), clock.clone(), tx.clone())
+        })?
+    };
+    // Merge each second's snapshots once every thread has sent its own.
+    let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
+    let mut merger = IntervalMerger::new();
+    let mut absorb = |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<_>>| -> anyhow::Result<()> {
+        merger.absorb(snap);
+        if let Some(h) = hlog {
+            h.write_snapshot(snap)?;
+        }
+        if live {
+            eprint!("\r\x1b[2K{}", snap.live_line());
+            let _ = std::io::stderr().flush();
+        }
+        Ok(())
+    };
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(tick) => {
+                let _ = tick.thread;
+                let entry = pending.entry(tick.index).or_insert_with(|| (0, tick.snapshot.clone()));
+                if entry.0 > 0 {
+                    entry.1.merge(&tick.snapshot);
+                }
+                entry.0 += 1;
+                if entry.0 == threads {
+                    let (_, snap) = pending.remove(&tick.index).unwrap_or((0, tick.snapshot));
+                    absorb(&snap, &mut hlog)?;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for (_, (_, snap)) in std::mem::take(&mut pending) {
+        absorb(&snap, &mut hlog)?;
+    }
+    if live {
+        eprintln!();
+    }
+    let results = workers.join()?;
+    let ended = Instant::now();
+    if let Some(h) = hlog {
+        h.finish()?;
+    }
+    let cpu = CpuUsage::now().since(&cpu_start);
+    let mut m = Measurements::default();
+    let mut errors = Vec::new();
+    let mut interrupted = false;
+    let (mut due, mut started_sched) = (0u64, 0u64);
+    let mut fatal = None;
+    for r in &results {
+        m.merge(&r.measurements);
+        for e in &r.errors {
+            if errors.len() < 5 && !errors.contains(e) {
+                errors.push(e.clone());
+            }
+        }
+        interrupted |= r.interrupted;
+        due += r.scheduled_due;
+        started_sched += r.scheduled_started;
+        if fatal.is_none() {
+            fatal = r.fatal.clone();
+        }
+    }
+    if let Some(f) = fatal {
+        anyhow::bail!(f);
+    }
+    debug_assert_eq!(
+        m.counts.messages_attempted,
+        m.counts.messages_accepted
+            + m.counts.messages_tempfailed
+            + m.counts.messages_rejected
+            + m.counts.connection_errors
+            + m.counts.timeouts
+            + m.counts.protocol_errors,
+        "every attempted message has exactly one outcome"
+    );
+    // The measured time: the configured duration when the run ran to it,
+    // else the time until it stopped.
+    let elapsed = ended.saturating_duration_since(measure_start);
+    let duration_secs = match (cfg.duration, clock.end) {
+        (Some(d), Some(end)) if !interrupted && ended >= end => d.as_secs_f64(),
+        _ => elapsed.as_secs_f64(),
+    };
+    let mut invalid_reasons = Vec::new();
+    if interrupted {
+        eprintln!("smtpstorm: interrupted; reporting what was measured so far");
+    }
+    if let LoadModel::Open { sessions_per_sec } = cfg.model {
+        if due > 0 && (started_sched as f64) < 0.95 * due as f64 {
+            invalid_reasons.push(format!(
+                "the blaster could not keep its schedule: started {started_sched} of {due} sessions due ({:.1}% short, target {:.1} sessions/s)",
+                (1.0 - started_sched as f64 / due as f64) * 100.0,
+                sessions_per_sec
+            ));
+        }
+        if let Some(bound) = cfg.max_lag_p99() {
+            if let Some(r) = m.schedule_slip_reason(bound.as_micros() as u64) {
+                invalid_reasons.push(r);
+            }
+        }
+    }
+    for r in &invalid_reasons {
+        eprintln!("smtpstorm: invalid run: {r}");
+    }
+    let (_, timeline) = merger.into_parts();
+    let report = Report::build(ReportInput {
+        role: Role::Blast,
+        config: cfg.echo.clone(),
+        started_at_unix,
+        duration_secs,
+        measurements: m,
+        timeline,
+        invalid_reasons,
+        cpu,
+        host: None,
+    })?;
+    Ok(BlastRun { report, errors, interrupted })
+}
+
+/// Evaluates assertions and the baseline, writes `--json`, `--hgrm` and the
+/// human summary (stdout, or stderr when the JSON goes to stdout), and
+/// returns the exit code: 99 failed assertion or regression, 3 invalid run
+/// (unless allowed), else 0.
+pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
+    let mut report = run.report;
+    report.evaluate_assertions(&out.asserts);
+    let mut failures: Vec<String> = report
+        .assertions
+        .iter()
+        .filter(|a| !a.ok)
+        .map(|a| {
+            let v = a.value.map(|v| format!("{v:.3}")).unwrap_or_else(|| "no data".into());
+            format!("  FAIL  {:<32} measured {v}", a.expr)
+        })
+        .collect();
+    if let Some(b) = &out.baseline {
+        let base = load_report(b)?;
+        for r in compare_baseline(&report, &base, out.max_regression_pct) {
+            failures.push(format!("  FAIL  {r}"));
+        }
+    }
+    if let Some(p) = &out.json {
+        report.write_json(p)?;
+    }
+    if let (Some(p), Some(phase)) = (&out.hgrm, out.hgrm_phase) {
+        write_hgrm_file(&report, phase, p).with_context(|| format!("cannot write --hgrm {}", p.display()))?;
+    }
+    let json_on_stdout = out.json.as_deref() == Some(std::path::Path::new("-"));
+    let summary = {
+        let mut v = Vec::new();
+        write_summary(&report, &mut v)?;
+        if !run.errors.is_empty() {
+            let _ = writeln!(v, "errors seen (first {}):", run.errors.len());
+            for e in &run.errors {
+                let _ = writeln!(v, "  {e}");
+            }
+        }
+        v
+    };
+    if json_on_stdout {
+        let _ = std::io::stderr().write_all(&summary);
+    } else {
+        let _ = std::io::stdout().write_all(&summary);
+    }
+    if !failures.is_empty() {
+        eprintln!("smtpstorm: {} check(s) failed:", failures.len());
+        for f in &failures {
+            eprintln!("{f}");
+        }
+        return Ok(EXIT_ASSERT);
+    }
+    if !report.valid && !out.allow_invalid {
+        return Ok(EXIT_INVALID);
+    }
+    Ok(0)
+}

@@ -1,0 +1,40 @@
+//! The roles that read reports instead of the network: `merge` adds blast
+//! reports from several instances (histograms and counts, never averaged
+//! percentiles) and re-evaluates assertions; `report` prints a report and
+//! draws it as SVG. Exit codes follow `blast` (99 failed assertion, 3 an
+//! invalid input run unless `--allow-invalid`).
+
+use anyhow::Context;
+
+use crate::blast::{self, BlastRun, OutputConfig};
+use crate::cli::{MergeArgs, ReportArgs};
+use crate::stats;
+
+/// `smtpstorm merge FILE... [--json OUT] [--assert EXPR]...`
+pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
+    let asserts = stats::parse_assertions(&args.asserts)?;
+    let report = stats::merge_files(&args.files, &[])?;
+    let out = OutputConfig {
+        json: args.json.clone(),
+        asserts,
+        allow_invalid: args.allow_invalid,
+        ..OutputConfig::default()
+    };
+    blast::finish(BlastRun { report, errors: Vec::new(), interrupted: false }, &out)
+}
+
+/// `smtpstorm report FILE.json [--svg OUT]`
+pub fn report(args: &ReportArgs) -> anyhow::Result<u8> {
+    let report = stats::load_report(&args.file)?;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = stats::write_summary(&report, &mut out) {
+        // A closed pipe (`| head`) is not an error.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
+    }
+    if let Some(svg) = &args.svg {
+        stats::write_svg(&report, svg).with_context(|| format!("drawing {}", svg.display()))?;
+    }
+    Ok(0)
+}
