@@ -106,6 +106,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
             String::new()
         }
     );
+    println!("(sink and blaster share this process: the cpu line below covers both)");
     if let Some(p) = &output.json {
         if p.as_os_str() != "-" {
             let sink_json = sink_json_path(p);
