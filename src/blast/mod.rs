@@ -194,6 +194,11 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         (Some(d), Some(end)) if !interrupted && ended >= end => d.as_secs_f64(),
         _ => elapsed.as_secs_f64(),
     };
+    if cfg.target.port() == 25 && m.counts.timeouts > 0 && m.counts.messages_accepted == 0 {
+        if let Some(hint) = probe::port25_hint(25) {
+            eprintln!("smtpstorm: every session timed out on port 25: {hint}");
+        }
+    }
     let mut invalid_reasons = Vec::new();
     if interrupted {
         eprintln!("smtpstorm: interrupted; reporting what was measured so far");
