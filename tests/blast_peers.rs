@@ -233,3 +233,33 @@ fn ctrl_c_reports_what_was_measured_so_far() {
     assert!(v["duration_secs"].as_f64().unwrap() < 10.0);
     assert_outcomes_add_up(&v);
 }
+
+#[test]
+fn an_open_loop_that_cannot_keep_its_schedule_is_invalid_and_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    // smtp-sink waits 2 s before answering DATA: at 800 sessions/s the cap
+    // of 1000 sessions in flight is reached after 1.25 s, and starts slip.
+    let (_sink, addr) = smtp_sink(&["-w", "2", "-m", "2000"]);
+    let (code, v, err) = blast(dir.path(), &[&addr, "--rate", "800", "-d", "3s", "--threads", "1", "--timeout", "10s"]);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(v["valid"], serde_json::Value::Bool(false));
+    assert!(!v["invalid_reasons"].as_array().unwrap().is_empty());
+    assert!(err.contains("invalid run"), "{err}");
+    assert_outcomes_add_up(&v);
+}
+
+#[test]
+fn instances_split_the_work_and_the_sequence_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = smtp_sink(&[]);
+    let mut total = 0;
+    for i in 0..2 {
+        let inst = format!("{i}/2");
+        let (code, v, err) = blast(dir.path(), &[&addr, "-n", "101", "-c", "4", "--threads", "1", "--instance", &inst]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(v["config"]["instance"], serde_json::Value::String(inst));
+        total += get_u64(&v, "counts.messages_accepted");
+    }
+    assert_eq!(total, 101);
+}
+
