@@ -445,3 +445,20 @@ fn instances_split_the_work_and_the_sequence_space() {
     }
     assert_eq!(total, 101);
 }
+
+#[test]
+fn a_regression_against_the_baseline_exits_99() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = smtp_sink(&[]);
+    let (code, mut v, err) = blast(dir.path(), &[&addr, "-n", "50", "-c", "2", "--threads", "1"]);
+    assert_eq!(code, 0, "{err}");
+    // A baseline a thousand times faster than anything this run can do.
+    let rate = v["rates"]["messages_per_sec"].as_f64().unwrap();
+    v["rates"]["messages_per_sec"] = serde_json::json!(rate * 1000.0);
+    let base = dir.path().join("baseline.json");
+    std::fs::write(&base, serde_json::to_string(&v).unwrap()).unwrap();
+    let (code, _, err) =
+        blast(dir.path(), &[&addr, "-n", "50", "-c", "2", "--threads", "1", "--baseline", base.to_str().unwrap()]);
+    assert_eq!(code, 99, "{err}");
+    assert!(err.contains("rate(messages) regressed"), "{err}");
+}

@@ -393,6 +393,66 @@ impl BlastConfig {
 mod tests {
     use super::*;
 
+    fn config(args: &[&str]) -> BlastConfig {
+        use clap::Parser;
+        let mut argv = vec!["smtpstorm", "blast", "127.0.0.1:2525"];
+        argv.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(argv).unwrap();
+        let crate::cli::Command::Blast(b) = cli.command else {
+            unreachable!()
+        };
+        BlastConfig::from_args(&b.target, &b.load).unwrap()
+    }
+
+    #[test]
+    fn rate_units_instances_and_default_stop() {
+        let c = config(&["--rate", "100", "-k", "5"]);
+        assert_eq!(
+            c.model,
+            LoadModel::Open {
+                sessions_per_sec: 20.0
+            }
+        );
+        assert_eq!(c.duration, Some(Duration::from_secs(10)));
+        assert_eq!(c.connections, 1000, "a generous cap in open loop");
+        let c = config(&["--rate", "100", "-k", "5", "--rate-unit", "sessions"]);
+        assert_eq!(
+            c.model,
+            LoadModel::Open {
+                sessions_per_sec: 100.0
+            }
+        );
+        let c = config(&["--rate", "100", "--instance", "1/2", "-n", "11", "-c", "5"]);
+        assert_eq!(
+            c.model,
+            LoadModel::Open {
+                sessions_per_sec: 50.0
+            }
+        );
+        assert_eq!((c.max_messages, c.duration), (Some(5), None));
+        let c = config(&[
+            "-c",
+            "5",
+            "--instance",
+            "0/2",
+            "--source-ip",
+            "127.0.0.2-127.0.0.5",
+        ]);
+        assert_eq!(c.connections, 3);
+        assert_eq!(
+            c.source_ips,
+            vec![
+                "127.0.0.2".parse::<IpAddr>().unwrap(),
+                "127.0.0.4".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.max_lag_p99(), None);
+        assert_eq!(
+            config(&["--rate", "2"]).max_lag_p99(),
+            Some(Duration::from_secs(5))
+        );
+    }
+
     #[test]
     fn shares_add_up_to_the_total() {
         for n in 1..7 {
