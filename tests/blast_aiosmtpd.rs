@@ -60,7 +60,10 @@ struct Aiosmtpd {
 
 impl Aiosmtpd {
     fn delivered(&self) -> u64 {
-        std::fs::read_to_string(&self.countfile).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+        std::fs::read_to_string(&self.countfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -69,14 +72,28 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     let out = run(
         "openssl req",
         Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=mx.smtpstorm.test"])
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=mx.smtpstorm.test",
+            ])
             .arg("-keyout")
             .arg(&key)
             .arg("-out")
             .arg(&cert),
         Duration::from_secs(30),
     );
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (cert, key)
 }
 
@@ -100,7 +117,11 @@ fn aiosmtpd(dir: &Path, mode: &str, delay_secs: f64) -> Aiosmtpd {
     );
     let addr = format!("127.0.0.1:{port}");
     wait_for_port(addr.parse().unwrap(), Duration::from_secs(20));
-    Aiosmtpd { _proc: proc, addr, countfile }
+    Aiosmtpd {
+        _proc: proc,
+        addr,
+        countfile,
+    }
 }
 
 #[track_caller]
@@ -108,7 +129,12 @@ fn blast(dir: &Path, args: &[&str]) -> (i32, Value, String) {
     let json = dir.join(format!("blast-{}.json", free_port()));
     let out = run(
         "smtpstorm blast",
-        Command::new(bin()).arg("blast").args(args).arg("--quiet").arg("--json").arg(&json),
+        Command::new(bin())
+            .arg("blast")
+            .args(args)
+            .arg("--quiet")
+            .arg("--json")
+            .arg(&json),
         Duration::from_secs(60),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -123,10 +149,28 @@ fn starttls_and_auth_plain_against_aiosmtpd() {
     let srv = aiosmtpd(dir.path(), "starttls", 0.0);
     let (code, v, err) = blast(
         dir.path(),
-        &[&srv.addr, "--starttls", "--auth", "user:secret", "-n", "60", "-c", "3", "-k", "3", "--threads", "1"],
+        &[
+            &srv.addr,
+            "--starttls",
+            "--auth",
+            "user:secret",
+            "-n",
+            "60",
+            "-c",
+            "3",
+            "-k",
+            "3",
+            "--threads",
+            "1",
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(get_u64(&v, "counts.messages_accepted"), 60, "{}", v["counts"]);
+    assert_eq!(
+        get_u64(&v, "counts.messages_accepted"),
+        60,
+        "{}",
+        v["counts"]
+    );
     assert_eq!(get_u64(&v, "counts.tls_sessions"), 20);
     assert_eq!(get_u64(&v, "latency.starttls.count"), 20);
     assert_eq!(get_u64(&v, "latency.auth.count"), 20);
@@ -140,10 +184,30 @@ fn auth_login_after_starttls_against_aiosmtpd() {
     let srv = aiosmtpd(dir.path(), "starttls", 0.0);
     let (code, v, err) = blast(
         dir.path(),
-        &[&srv.addr, "--starttls", "--auth", "user:secret", "--auth-mech", "login", "-n", "6", "-c", "2", "-k", "2", "--threads", "1"],
+        &[
+            &srv.addr,
+            "--starttls",
+            "--auth",
+            "user:secret",
+            "--auth-mech",
+            "login",
+            "-n",
+            "6",
+            "-c",
+            "2",
+            "-k",
+            "2",
+            "--threads",
+            "1",
+        ],
     );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(get_u64(&v, "counts.messages_accepted"), 6, "{}", v["counts"]);
+    assert_eq!(
+        get_u64(&v, "counts.messages_accepted"),
+        6,
+        "{}",
+        v["counts"]
+    );
     assert_eq!(get_u64(&v, "reply_codes.auth.235"), 3);
     assert_eq!(get_u64(&v, "reply_codes.auth.334"), 6);
     assert_eq!(srv.delivered(), 6);
@@ -153,10 +217,27 @@ fn auth_login_after_starttls_against_aiosmtpd() {
 fn implicit_tls_with_session_resumption_against_aiosmtpd() {
     let dir = tempfile::tempdir().unwrap();
     let srv = aiosmtpd(dir.path(), "implicit", 0.0);
-    let (code, v, err) =
-        blast(dir.path(), &[&srv.addr, "--tls", "--tls-resume", "-n", "20", "-c", "2", "--threads", "1"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &srv.addr,
+            "--tls",
+            "--tls-resume",
+            "-n",
+            "20",
+            "-c",
+            "2",
+            "--threads",
+            "1",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(get_u64(&v, "counts.messages_accepted"), 20, "{}", v["counts"]);
+    assert_eq!(
+        get_u64(&v, "counts.messages_accepted"),
+        20,
+        "{}",
+        v["counts"]
+    );
     assert_eq!(get_u64(&v, "counts.tls_sessions"), 20);
     assert_eq!(srv.delivered(), 20);
 }
@@ -165,13 +246,33 @@ fn implicit_tls_with_session_resumption_against_aiosmtpd() {
 fn open_loop_keeps_its_rate_and_corrected_latency_shows_the_delay() {
     let dir = tempfile::tempdir().unwrap();
     let srv = aiosmtpd(dir.path(), "plain", 0.02);
-    let (code, v, err) = blast(dir.path(), &[&srv.addr, "--rate", "200", "-d", "5s", "-k", "5", "--threads", "2"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &srv.addr,
+            "--rate",
+            "200",
+            "-d",
+            "5s",
+            "-k",
+            "5",
+            "--threads",
+            "2",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     let rate = v["rates"]["messages_per_sec"].as_f64().unwrap();
-    assert!((rate - 200.0).abs() <= 4.0, "achieved {rate}/s, target 200/s: {}", v["counts"]);
+    assert!(
+        (rate - 200.0).abs() <= 4.0,
+        "achieved {rate}/s, target 200/s: {}",
+        v["counts"]
+    );
     assert_eq!(v["valid"], Value::Bool(true), "{}", v["invalid_reasons"]);
     let p50 = get_u64(&v, "latency.message.p50_us");
-    assert!((20_000..500_000).contains(&p50), "message p50 {p50}µs should reflect the 20 ms delay");
+    assert!(
+        (20_000..500_000).contains(&p50),
+        "message p50 {p50}µs should reflect the 20 ms delay"
+    );
     let p50_raw = get_u64(&v, "latency_uncorrected.message.p50_us");
     assert!(p50 >= p50_raw, "corrected {p50} >= uncorrected {p50_raw}");
     assert!(v["schedule_lag"]["count"].as_u64().unwrap() >= 190);
@@ -185,21 +286,53 @@ fn probe_reports_banner_capabilities_tls_and_auth() {
     let json = dir.path().join("probe.json");
     let out = run(
         "smtpstorm probe",
-        Command::new(bin()).args(["probe", &srv.addr, "--starttls", "--auth", "user:secret", "--json"]).arg(&json),
+        Command::new(bin())
+            .args([
+                "probe",
+                &srv.addr,
+                "--starttls",
+                "--auth",
+                "user:secret",
+                "--json",
+            ])
+            .arg(&json),
         Duration::from_secs(30),
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v = read_json(&json);
     assert!(v["banner"].as_str().unwrap().len() > 3, "{v}");
     assert_eq!(v["starttls_offered"], Value::Bool(true));
-    assert!(v["tls"]["protocol"].as_str().unwrap().starts_with("TLS"), "{v}");
-    assert!(v["tls"]["peer_subject"].as_str().unwrap().contains("mx.smtpstorm.test"), "{v}");
+    assert!(
+        v["tls"]["protocol"].as_str().unwrap().starts_with("TLS"),
+        "{v}"
+    );
+    assert!(
+        v["tls"]["peer_subject"]
+            .as_str()
+            .unwrap()
+            .contains("mx.smtpstorm.test"),
+        "{v}"
+    );
     assert!(v["tls"]["peer_not_after"].is_string());
     assert_eq!(v["auth_code"], 235);
-    assert!(v["auth_mechanisms"].as_array().unwrap().iter().any(|m| m == "PLAIN"), "{v}");
+    assert!(
+        v["auth_mechanisms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m == "PLAIN"),
+        "{v}"
+    );
     assert!(v["phases_ms"]["starttls"].as_f64().is_some(), "{v}");
-    assert!(text.contains("subject") && text.contains("banner"), "{text}");
+    assert!(
+        text.contains("subject") && text.contains("banner"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -207,9 +340,27 @@ fn proxy_headers_v1_and_v2_are_understood_by_aiosmtpd() {
     let dir = tempfile::tempdir().unwrap();
     let srv = aiosmtpd(dir.path(), "proxy", 0.0);
     for v in ["v1", "v2"] {
-        let (code, j, err) = blast(dir.path(), &[&srv.addr, "--proxy", v, "-n", "10", "-c", "2", "--threads", "1"]);
+        let (code, j, err) = blast(
+            dir.path(),
+            &[
+                &srv.addr,
+                "--proxy",
+                v,
+                "-n",
+                "10",
+                "-c",
+                "2",
+                "--threads",
+                "1",
+            ],
+        );
         assert_eq!(code, 0, "{err}");
-        assert_eq!(get_u64(&j, "counts.messages_accepted"), 10, "{v}: {}", j["counts"]);
+        assert_eq!(
+            get_u64(&j, "counts.messages_accepted"),
+            10,
+            "{v}: {}",
+            j["counts"]
+        );
     }
     assert_eq!(srv.delivered(), 20);
 }

@@ -22,7 +22,10 @@ fn schema() -> jsonschema::Validator {
 #[track_caller]
 fn assert_schema_valid(doc: &Value) {
     let v = schema();
-    let errors: Vec<String> = v.iter_errors(doc).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    let errors: Vec<String> = v
+        .iter_errors(doc)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
     assert!(errors.is_empty(), "schema errors: {errors:#?}");
 }
 
@@ -32,7 +35,12 @@ fn blast(dir: &Path, args: &[&str]) -> (i32, Value, String) {
     let json = dir.join(format!("blast-{}.json", free_port()));
     let out = run(
         "smtpstorm blast",
-        Command::new(bin()).arg("blast").args(args).arg("--quiet").arg("--json").arg(&json),
+        Command::new(bin())
+            .arg("blast")
+            .args(args)
+            .arg("--quiet")
+            .arg("--json")
+            .arg(&json),
         Duration::from_secs(60),
     );
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
@@ -62,7 +70,11 @@ fn smtp_sink(extra: &[&str]) -> (Proc, String) {
     let addr = format!("127.0.0.1:{port}");
     let p = Proc::spawn(
         "smtp-sink",
-        Command::new(SMTP_SINK).args(["-u", "nobody"]).args(extra).arg(&addr).arg("1000"),
+        Command::new(SMTP_SINK)
+            .args(["-u", "nobody"])
+            .args(extra)
+            .arg(&addr)
+            .arg("1000"),
     );
     wait_for_port(addr.parse().unwrap(), Duration::from_secs(10));
     (p, addr)
@@ -72,7 +84,22 @@ fn smtp_sink(extra: &[&str]) -> (Proc, String) {
 fn smtp_sink_accepts_exactly_what_was_sent() {
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&[]);
-    let (code, v, err) = blast(dir.path(), &[&addr, "-n", "300", "-c", "6", "-k", "3", "--recipients", "2", "--threads", "2"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &addr,
+            "-n",
+            "300",
+            "-c",
+            "6",
+            "-k",
+            "3",
+            "--recipients",
+            "2",
+            "--threads",
+            "2",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert_schema_valid(&v);
     assert_outcomes_add_up(&v);
@@ -92,8 +119,23 @@ fn smtp_sink_accepts_exactly_what_was_sent() {
 fn smtp_sink_in_lmtp_mode_accepts_every_recipient() {
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&["-L"]);
-    let (code, v, err) =
-        blast(dir.path(), &[&addr, "--lmtp", "-n", "100", "-c", "4", "-k", "2", "--recipients", "3", "--threads", "1"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &addr,
+            "--lmtp",
+            "-n",
+            "100",
+            "-c",
+            "4",
+            "-k",
+            "2",
+            "--recipients",
+            "3",
+            "--threads",
+            "1",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert_outcomes_add_up(&v);
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 100);
@@ -106,7 +148,10 @@ fn smtp_sink_in_lmtp_mode_accepts_every_recipient() {
 fn smtp_sink_soft_rejections_are_tempfailed_with_their_code() {
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&["-r", "RCPT", "-b", "451 4.7.1 Try again later"]);
-    let (code, v, err) = blast(dir.path(), &[&addr, "-n", "40", "-c", "4", "-k", "2", "--threads", "1"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[&addr, "-n", "40", "-c", "4", "-k", "2", "--threads", "1"],
+    );
     assert_eq!(code, 0, "{err}");
     assert_outcomes_add_up(&v);
     assert_eq!(get_u64(&v, "counts.messages_attempted"), 40);
@@ -119,7 +164,10 @@ fn smtp_sink_soft_rejections_are_tempfailed_with_their_code() {
 fn smtp_sink_hard_rejections_of_the_dot_are_rejected_with_their_code() {
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&["-f", ".", "-B", "554 5.7.1 No thanks"]);
-    let (code, v, err) = blast(dir.path(), &[&addr, "-n", "30", "-c", "3", "-k", "3", "--threads", "1"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[&addr, "-n", "30", "-c", "3", "-k", "3", "--threads", "1"],
+    );
     assert_eq!(code, 0, "{err}");
     assert_outcomes_add_up(&v);
     assert_eq!(get_u64(&v, "counts.messages_rejected"), 30);
@@ -130,8 +178,24 @@ fn smtp_sink_hard_rejections_of_the_dot_are_rejected_with_their_code() {
 fn pipelining_off_with_mixed_sizes_is_accepted_by_smtp_sink() {
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&[]);
-    let (code, v, err) =
-        blast(dir.path(), &[&addr, "-n", "50", "-c", "2", "-k", "5", "--pipelining", "off", "--size", "200..9000", "--threads", "1"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &addr,
+            "-n",
+            "50",
+            "-c",
+            "2",
+            "-k",
+            "5",
+            "--pipelining",
+            "off",
+            "--size",
+            "200..9000",
+            "--threads",
+            "1",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 50);
 }
@@ -140,7 +204,10 @@ fn pipelining_off_with_mixed_sizes_is_accepted_by_smtp_sink() {
 fn a_refused_connection_counts_every_planned_message_as_a_connection_error() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let (code, v, err) = blast(dir.path(), &[&addr, "-n", "20", "-c", "2", "-k", "2", "--threads", "1"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[&addr, "-n", "20", "-c", "2", "-k", "2", "--threads", "1"],
+    );
     assert_eq!(code, 0, "{err}");
     assert_outcomes_add_up(&v);
     assert_eq!(get_u64(&v, "counts.messages_attempted"), 20);
@@ -151,16 +218,37 @@ fn a_refused_connection_counts_every_planned_message_as_a_connection_error() {
 fn a_failed_assertion_exits_99_with_a_table() {
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&[]);
-    let (code, v, err) =
-        blast(dir.path(), &[&addr, "-n", "20", "-c", "2", "--threads", "1", "--assert", "accepted >= 1000000", "--assert", "errors == 0"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &addr,
+            "-n",
+            "20",
+            "-c",
+            "2",
+            "--threads",
+            "1",
+            "--assert",
+            "accepted >= 1000000",
+            "--assert",
+            "errors == 0",
+        ],
+    );
     assert_eq!(code, 99, "{err}");
-    assert!(err.contains("FAIL") && err.contains("accepted >= 1000000"), "{err}");
+    assert!(
+        err.contains("FAIL") && err.contains("accepted >= 1000000"),
+        "{err}"
+    );
     assert_eq!(v["assertions"].as_array().unwrap().len(), 2);
 }
 
 #[test]
 fn a_bad_flag_prints_one_line_naming_it() {
-    let out = run("smtpstorm", Command::new(bin()).args(["blast", "127.0.0.1:1", "--size", "huge"]), Duration::from_secs(10));
+    let out = run(
+        "smtpstorm",
+        Command::new(bin()).args(["blast", "127.0.0.1:1", "--size", "huge"]),
+        Duration::from_secs(10),
+    );
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -171,7 +259,20 @@ fn a_bad_flag_prints_one_line_naming_it() {
 fn postfix_smtpd_delivers_every_message_we_count_as_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let pf = PostfixSmtpd::start();
-    let (code, v, err) = blast(dir.path(), &[&pf.addr(), "-n", "500", "-c", "10", "-k", "5", "--threads", "2"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &pf.addr(),
+            "-n",
+            "500",
+            "-c",
+            "10",
+            "-k",
+            "5",
+            "--threads",
+            "2",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert_outcomes_add_up(&v);
     let accepted = get_u64(&v, "counts.messages_accepted");
@@ -179,9 +280,28 @@ fn postfix_smtpd_delivers_every_message_we_count_as_accepted() {
     let delivered = pf.wait_delivered(500, Duration::from_secs(60));
     assert_eq!(delivered as u64, accepted);
     // BDAT (CHUNKING), which Postfix offers.
-    let (code, v, err) = blast(dir.path(), &[&pf.addr(), "--bdat", "-n", "40", "-c", "4", "-k", "2", "--threads", "1"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &pf.addr(),
+            "--bdat",
+            "-n",
+            "40",
+            "-c",
+            "4",
+            "-k",
+            "2",
+            "--threads",
+            "1",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(get_u64(&v, "counts.messages_accepted"), 40, "{}", v["counts"]);
+    assert_eq!(
+        get_u64(&v, "counts.messages_accepted"),
+        40,
+        "{}",
+        v["counts"]
+    );
     assert_eq!(get_u64(&v, "reply_codes.bdat.250"), 40);
     assert_eq!(pf.wait_delivered(540, Duration::from_secs(60)), 540);
 }
@@ -195,14 +315,32 @@ fn source_addresses_hgrm_and_hlog_are_written() {
     let (code, v, err) = blast(
         dir.path(),
         &[
-            &addr, "-d", "2s", "-c", "4", "--threads", "2", "--source-ip", "127.0.0.2-127.0.0.5", "--abort-close",
-            "--hgrm", hgrm.to_str().unwrap(), "--hlog", hlog.to_str().unwrap(), "--warmup", "500ms",
+            &addr,
+            "-d",
+            "2s",
+            "-c",
+            "4",
+            "--threads",
+            "2",
+            "--source-ip",
+            "127.0.0.2-127.0.0.5",
+            "--abort-close",
+            "--hgrm",
+            hgrm.to_str().unwrap(),
+            "--hlog",
+            hlog.to_str().unwrap(),
+            "--warmup",
+            "500ms",
         ],
     );
     assert_eq!(code, 0, "{err}");
     assert!(get_u64(&v, "counts.messages_accepted") > 10);
     assert_outcomes_add_up(&v);
-    assert!((v["duration_secs"].as_f64().unwrap() - 2.0).abs() < 0.01, "{}", v["duration_secs"]);
+    assert!(
+        (v["duration_secs"].as_f64().unwrap() - 2.0).abs() < 0.01,
+        "{}",
+        v["duration_secs"]
+    );
     assert!(v["timeline"].as_array().unwrap().len() >= 2);
     let h = std::fs::read_to_string(&hgrm).unwrap();
     assert!(h.contains("Value") && h.contains("Percentile"), "{h}");
@@ -218,18 +356,109 @@ fn ctrl_c_reports_what_was_measured_so_far() {
     let mut p = Proc::spawn(
         "smtpstorm blast",
         Command::new(bin())
-            .args(["blast", &addr, "-d", "60s", "-c", "4", "--threads", "1", "--quiet", "--json"])
+            .args([
+                "blast",
+                &addr,
+                "-d",
+                "60s",
+                "-c",
+                "4",
+                "--threads",
+                "1",
+                "--quiet",
+                "--json",
+            ])
             .arg(&json)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped()),
     );
     std::thread::sleep(Duration::from_millis(1500));
-    let _ = Command::new("kill").arg("-INT").arg(p.pid().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-INT")
+        .arg(p.pid().to_string())
+        .status();
     let out = p.wait_output(Duration::from_secs(20));
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
     let v = read_json(&json);
     assert!(get_u64(&v, "counts.messages_accepted") > 0);
     assert!(v["duration_secs"].as_f64().unwrap() < 10.0);
     assert_outcomes_add_up(&v);
+}
+
+#[test]
+fn an_open_loop_that_cannot_keep_its_schedule_is_invalid_and_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    // smtp-sink waits 2 s before answering DATA: at 800 sessions/s the cap
+    // of 1000 sessions in flight is reached after 1.25 s, and starts slip.
+    let (_sink, addr) = smtp_sink(&["-w", "2", "-m", "2000"]);
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &addr,
+            "--rate",
+            "800",
+            "-d",
+            "3s",
+            "--threads",
+            "1",
+            "--timeout",
+            "10s",
+        ],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(v["valid"], serde_json::Value::Bool(false));
+    assert!(!v["invalid_reasons"].as_array().unwrap().is_empty());
+    assert!(err.contains("invalid run"), "{err}");
+    assert_outcomes_add_up(&v);
+}
+
+#[test]
+fn instances_split_the_work_and_the_sequence_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = smtp_sink(&[]);
+    let mut total = 0;
+    for i in 0..2 {
+        let inst = format!("{i}/2");
+        let (code, v, err) = blast(
+            dir.path(),
+            &[
+                &addr,
+                "-n",
+                "101",
+                "-c",
+                "4",
+                "--threads",
+                "1",
+                "--instance",
+                &inst,
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(v["config"]["instance"], serde_json::Value::String(inst));
+        total += get_u64(&v, "counts.messages_accepted");
+    }
+    assert_eq!(total, 101);
+}
+
+#[test]
+fn a_regression_against_the_baseline_exits_99() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_sink, addr) = smtp_sink(&[]);
+    let (code, mut v, err) = blast(dir.path(), &[&addr, "-n", "50", "-c", "2", "--threads", "1"]);
+    assert_eq!(code, 0, "{err}");
+    // A baseline a thousand times faster than anything this run can do.
+    let rate = v["rates"]["messages_per_sec"].as_f64().unwrap();
+    v["rates"]["messages_per_sec"] = serde_json::json!(rate * 1000.0);
+    let base = dir.path().join("baseline.json");
+    std::fs::write(&base, serde_json::to_string(&v).unwrap()).unwrap();
+    let (code, _, err) =
+        blast(dir.path(), &[&addr, "-n", "50", "-c", "2", "--threads", "1", "--baseline", base.to_str().unwrap()]);
+    assert_eq!(code, 99, "{err}");
+    assert!(err.contains("rate(messages) regressed"), "{err}");
 }

@@ -33,7 +33,9 @@ pub enum ConfigError {
     Resolve(String, String),
     #[error("invalid --source-ip: {0}")]
     SourceIp(String),
-    #[error("--instance {0}/{1}: --source-ip has only {2} addresses, fewer than the {1} instances")]
+    #[error(
+        "--instance {0}/{1}: --source-ip has only {2} addresses, fewer than the {1} instances"
+    )]
     SourceSplit(u32, u32, usize),
     #[error("cannot read --body {0}: {1}")]
     Body(String, std::io::Error),
@@ -127,7 +129,11 @@ pub fn resolve_target(target: &str) -> Result<(SocketAddr, String), ConfigError>
         return Ok((SocketAddr::new(ip, 25), ip.to_string()));
     }
     let (host, port) = match target.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => (h, p.parse::<u16>().map_err(|_| err(format!("bad port `{p}`")))?),
+        Some((h, p)) if !h.contains(':') => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| err(format!("bad port `{p}`")))?,
+        ),
         _ => (target, 25),
     };
     if host.is_empty() {
@@ -171,7 +177,11 @@ impl BlastConfig {
     }
 
     /// Validates `load` for an already resolved target (used by `bench`).
-    pub fn build(target: SocketAddr, target_host: String, load: &LoadArgs) -> Result<Self, ConfigError> {
+    pub fn build(
+        target: SocketAddr,
+        target_host: String,
+        load: &LoadArgs,
+    ) -> Result<Self, ConfigError> {
         let (inst, ninst) = load.instance.unwrap_or((0, 1));
         let cpus = match (&load.threads.cpus, load.threads.threads) {
             (Some(list), _) => Cpus::List(list.clone()),
@@ -190,18 +200,25 @@ impl BlastConfig {
                     RateUnit::Messages => load.messages_per_session as f64,
                     RateUnit::Sessions => 1.0,
                 };
-                LoadModel::Open { sessions_per_sec: r / per_session }
+                LoadModel::Open {
+                    sessions_per_sec: r / per_session,
+                }
             }
         };
         let duration = match (load.duration, load.messages, load.sessions) {
             (None, None, None) => Some(Duration::from_secs(10)),
             (d, _, _) => d,
         };
-        let max_messages = load.messages.map(|n| share(n, u64::from(inst), u64::from(ninst)));
-        let max_sessions = load.sessions.map(|n| share(n, u64::from(inst), u64::from(ninst)));
+        let max_messages = load
+            .messages
+            .map(|n| share(n, u64::from(inst), u64::from(ninst)));
+        let max_sessions = load
+            .sessions
+            .map(|n| share(n, u64::from(inst), u64::from(ninst)));
         let mut source_ips = match &load.source_ip {
             None => Vec::new(),
-            Some(r) => crate::net::socket::parse_ip_range(r).map_err(|e| ConfigError::SourceIp(e.to_string()))?,
+            Some(r) => crate::net::socket::parse_ip_range(r)
+                .map_err(|e| ConfigError::SourceIp(e.to_string()))?,
         };
         if ninst > 1 && !source_ips.is_empty() {
             let all = source_ips.len();
@@ -215,13 +232,19 @@ impl BlastConfig {
                 return Err(ConfigError::SourceSplit(inst, ninst, all));
             }
         }
-        if let Some(ip) = source_ips.iter().find(|ip| ip.is_ipv4() != target.is_ipv4()) {
-            return Err(ConfigError::SourceIp(format!("{ip} and target {target} are of different IP families")));
+        if let Some(ip) = source_ips
+            .iter()
+            .find(|ip| ip.is_ipv4() != target.is_ipv4())
+        {
+            return Err(ConfigError::SourceIp(format!(
+                "{ip} and target {target} are of different IP families"
+            )));
         }
         let body_file = match &load.body {
             None => None,
             Some(p) => {
-                let raw = std::fs::read(p).map_err(|e| ConfigError::Body(p.display().to_string(), e))?;
+                let raw =
+                    std::fs::read(p).map_err(|e| ConfigError::Body(p.display().to_string(), e))?;
                 Some(Arc::from(normalize_crlf(&raw)))
             }
         };
@@ -236,8 +259,8 @@ impl BlastConfig {
                     .ok_or_else(|| ConfigError::HgrmPhase(load.hgrm_phase.clone()))?,
             ),
         };
-        let asserts =
-            crate::stats::parse_assertions(&load.asserts).map_err(|e| ConfigError::Assertion(format!("--assert: {e}")))?;
+        let asserts = crate::stats::parse_assertions(&load.asserts)
+            .map_err(|e| ConfigError::Assertion(format!("--assert: {e}")))?;
         if let Some(t) = load.start_at {
             if !(t.is_finite() && t >= 0.0) {
                 return Err(ConfigError::StartAt(t));
@@ -316,7 +339,13 @@ impl BlastConfig {
             client: Arc::new(client),
             implicit_tls: load.tls,
             starttls: load.starttls,
-            tls_ca: if load.tls_verify { load.tls_ca.clone().or_else(|| Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt"))) } else { None },
+            tls_ca: if load.tls_verify {
+                load.tls_ca
+                    .clone()
+                    .or_else(|| Some(PathBuf::from("/etc/ssl/certs/ca-certificates.crt")))
+            } else {
+                None
+            },
             tls_resume: load.tls_resume,
             proxy: load.proxy,
             source_ips,
@@ -353,9 +382,9 @@ impl BlastConfig {
     pub fn max_lag_p99(&self) -> Option<Duration> {
         match self.model {
             LoadModel::Closed => None,
-            LoadModel::Open { sessions_per_sec } => {
-                Some(Duration::from_millis(10).max(Duration::from_secs_f64(10.0 / sessions_per_sec)))
-            }
+            LoadModel::Open { sessions_per_sec } => Some(
+                Duration::from_millis(10).max(Duration::from_secs_f64(10.0 / sessions_per_sec)),
+            ),
         }
     }
 }
@@ -363,6 +392,66 @@ impl BlastConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(args: &[&str]) -> BlastConfig {
+        use clap::Parser;
+        let mut argv = vec!["smtpstorm", "blast", "127.0.0.1:2525"];
+        argv.extend_from_slice(args);
+        let cli = crate::cli::Cli::try_parse_from(argv).unwrap();
+        let crate::cli::Command::Blast(b) = cli.command else {
+            unreachable!()
+        };
+        BlastConfig::from_args(&b.target, &b.load).unwrap()
+    }
+
+    #[test]
+    fn rate_units_instances_and_default_stop() {
+        let c = config(&["--rate", "100", "-k", "5"]);
+        assert_eq!(
+            c.model,
+            LoadModel::Open {
+                sessions_per_sec: 20.0
+            }
+        );
+        assert_eq!(c.duration, Some(Duration::from_secs(10)));
+        assert_eq!(c.connections, 1000, "a generous cap in open loop");
+        let c = config(&["--rate", "100", "-k", "5", "--rate-unit", "sessions"]);
+        assert_eq!(
+            c.model,
+            LoadModel::Open {
+                sessions_per_sec: 100.0
+            }
+        );
+        let c = config(&["--rate", "100", "--instance", "1/2", "-n", "11", "-c", "5"]);
+        assert_eq!(
+            c.model,
+            LoadModel::Open {
+                sessions_per_sec: 50.0
+            }
+        );
+        assert_eq!((c.max_messages, c.duration), (Some(5), None));
+        let c = config(&[
+            "-c",
+            "5",
+            "--instance",
+            "0/2",
+            "--source-ip",
+            "127.0.0.2-127.0.0.5",
+        ]);
+        assert_eq!(c.connections, 3);
+        assert_eq!(
+            c.source_ips,
+            vec![
+                "127.0.0.2".parse::<IpAddr>().unwrap(),
+                "127.0.0.4".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.max_lag_p99(), None);
+        assert_eq!(
+            config(&["--rate", "2"]).max_lag_p99(),
+            Some(Duration::from_secs(5))
+        );
+    }
 
     #[test]
     fn shares_add_up_to_the_total() {
@@ -381,9 +470,18 @@ mod tests {
 
     #[test]
     fn targets_default_to_port_25() {
-        assert_eq!(resolve_target("127.0.0.1").unwrap().0, "127.0.0.1:25".parse().unwrap());
-        assert_eq!(resolve_target("127.0.0.1:2525").unwrap().0, "127.0.0.1:2525".parse().unwrap());
-        assert_eq!(resolve_target("[::1]:26").unwrap().0, "[::1]:26".parse().unwrap());
+        assert_eq!(
+            resolve_target("127.0.0.1").unwrap().0,
+            "127.0.0.1:25".parse().unwrap()
+        );
+        assert_eq!(
+            resolve_target("127.0.0.1:2525").unwrap().0,
+            "127.0.0.1:2525".parse().unwrap()
+        );
+        assert_eq!(
+            resolve_target("[::1]:26").unwrap().0,
+            "[::1]:26".parse().unwrap()
+        );
         assert_eq!(resolve_target("localhost:26").unwrap().0.port(), 26);
         assert!(resolve_target("127.0.0.1:notaport").is_err());
     }

@@ -88,7 +88,9 @@ impl Template {
         while let Some(i) = rest.find('{') {
             lit.push_str(&rest[..i]);
             let after = &rest[i + 1..];
-            let j = after.find('}').ok_or_else(|| format!("unclosed `{{` in `{s}`"))?;
+            let j = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed `{{` in `{s}`"))?;
             let piece = match &after[..j] {
                 "n" => Piece::N,
                 "thread" => Piece::Thread,
@@ -111,8 +113,12 @@ impl Template {
         if !lit.is_empty() {
             pieces.push(Piece::Lit(lit));
         }
-        if s.chars().any(|c| c == '<' || c == '>' || c.is_whitespace() || c.is_control()) {
-            return Err(format!("`{s}` must not contain spaces, control characters or angle brackets"));
+        if s.chars()
+            .any(|c| c == '<' || c == '>' || c.is_whitespace() || c.is_control())
+        {
+            return Err(format!(
+                "`{s}` must not contain spaces, control characters or angle brackets"
+            ));
         }
         Ok(Template { pieces })
     }
@@ -158,8 +164,22 @@ const DOT_LINE_EVERY: usize = 7;
 /// ending CRLF; every 7th line starts with `.`. Deterministic in `seed`.
 pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
     const WORDS: [&str; 16] = [
-        "storm", "mail", "relay", "queue", "latency", "honest", "sink", "blast", "envelope",
-        "header", "body", "thread", "core", "socket", "message", "percentile",
+        "storm",
+        "mail",
+        "relay",
+        "queue",
+        "latency",
+        "honest",
+        "sink",
+        "blast",
+        "envelope",
+        "header",
+        "body",
+        "thread",
+        "core",
+        "socket",
+        "message",
+        "percentile",
     ];
     let len = len.max(2);
     let mut rng = Rng::new(seed ^ len as u64);
@@ -169,7 +189,13 @@ pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
         let left = len - out.len();
         // A line of up to 78 characters plus CRLF; the last one takes what is
         // left (never leaving a lone byte that cannot hold CRLF).
-        let take = if left <= BODY_LINE_CHARS + 2 { left } else if left - (BODY_LINE_CHARS + 2) < 2 { left - 2 } else { BODY_LINE_CHARS + 2 };
+        let take = if left <= BODY_LINE_CHARS + 2 {
+            left
+        } else if left - (BODY_LINE_CHARS + 2) < 2 {
+            left - 2
+        } else {
+            BODY_LINE_CHARS + 2
+        };
         let chars = take - 2;
         let start = out.len();
         if line_no % DOT_LINE_EVERY == DOT_LINE_EVERY - 1 && chars > 0 {
@@ -194,7 +220,9 @@ pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
 /// RFC 5322 date (`Sun, 22 Nov 2026 17:36:25 +0000`) of a UNIX time.
 pub fn rfc5322_date(unix_secs: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let days = unix_secs / 86_400;
     let secs = unix_secs % 86_400;
     // Civil-from-days (H. Hinnant).
@@ -266,7 +294,10 @@ impl MessageBuilder {
             instance: instance.0,
             instances: u64::from(instance.1.max(1)),
             seed,
-            rng: Rng::new(seed.wrapping_mul(0x100_0000_01B3).wrapping_add(thread as u64 + 1)),
+            rng: Rng::new(
+                seed.wrapping_mul(0x100_0000_01B3)
+                    .wrapping_add(thread as u64 + 1),
+            ),
             built: 0,
             bodies: HashMap::new(),
             header_target: 0,
@@ -282,16 +313,26 @@ impl MessageBuilder {
 
     /// The `{n}` of the `k`-th message of this thread.
     pub fn global_n(&self, k: u64) -> u64 {
-        (k.wrapping_mul(self.threads).wrapping_add(self.thread as u64))
-            .wrapping_mul(self.instances)
-            .wrapping_add(u64::from(self.instance))
+        (k.wrapping_mul(self.threads)
+            .wrapping_add(self.thread as u64))
+        .wrapping_mul(self.instances)
+        .wrapping_add(u64::from(self.instance))
     }
 
     fn header_for(&mut self, n: u64, rand: u64, digest_line: &str) -> Vec<u8> {
-        let vars = Vars { n, thread: self.thread, rand, instance: self.instance, r: 0 };
+        let vars = Vars {
+            n,
+            thread: self.thread,
+            rand,
+            instance: self.instance,
+            r: 0,
+        };
         let from = self.from.expand(&vars);
         let to = self.to.expand(&vars);
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         if now != self.date_secs {
             self.date_secs = now;
             self.date = rfc5322_date(now);
@@ -305,7 +346,11 @@ impl MessageBuilder {
         h.push_str(&self.date);
         h.push_str("\r\nMessage-ID: <");
         use std::fmt::Write as _;
-        let _ = write!(h, "{n}.{rand:016x}.{}.{}@smtpstorm.test", self.thread, self.instance);
+        let _ = write!(
+            h,
+            "{n}.{rand:016x}.{}.{}@smtpstorm.test",
+            self.thread, self.instance
+        );
         h.push_str(">\r\nSubject: smtpstorm load test message ");
         let _ = write!(h, "{n}");
         h.push_str("\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n");
@@ -334,12 +379,30 @@ impl MessageBuilder {
         let rand = self.rng.next_u64();
         let mut rcpt_to = Vec::with_capacity(self.recipients as usize);
         for r in 0..self.recipients {
-            let vars = Vars { n, thread: self.thread, rand, instance: self.instance, r };
+            let vars = Vars {
+                n,
+                thread: self.thread,
+                rand,
+                instance: self.instance,
+                r,
+            };
             rcpt_to.push(self.to.expand(&vars));
         }
-        let mail_from = self.from.expand(&Vars { n, thread: self.thread, rand, instance: self.instance, r: 0 });
+        let mail_from = self.from.expand(&Vars {
+            n,
+            thread: self.thread,
+            rand,
+            instance: self.instance,
+            r: 0,
+        });
         if let Some(body) = &self.body_file {
-            return Message { mail_from, mail_params: String::new(), rcpt_to, header: Vec::new(), body: Arc::clone(body) };
+            return Message {
+                mail_from,
+                mail_params: String::new(),
+                rcpt_to,
+                header: Vec::new(),
+                body: Arc::clone(body),
+            };
         }
         let total = self.rng.range(self.size.min, self.size.max) as usize;
         let body_len = total.saturating_sub(self.header_target + 2).max(2);
@@ -355,7 +418,13 @@ impl MessageBuilder {
             header.extend_from_slice(b"\r\n");
         }
         header.extend_from_slice(b"\r\n");
-        Message { mail_from, mail_params: String::new(), rcpt_to, header, body }
+        Message {
+            mail_from,
+            mail_params: String::new(),
+            rcpt_to,
+            header,
+            body,
+        }
     }
 
     /// Messages built so far.
@@ -373,7 +442,10 @@ mod tests {
             Template::parse("s{n}@x.test").unwrap(),
             Template::parse("r{n}.{r}@x.test").unwrap(),
             2,
-            SizeRange { min: size, max: size },
+            SizeRange {
+                min: size,
+                max: size,
+            },
             None,
             7,
             thread,
@@ -385,9 +457,17 @@ mod tests {
     #[test]
     fn templates_expand_every_placeholder() {
         let t = Template::parse("a{n}-{thread}-{instance}-{r}-{rand}@b").unwrap();
-        let s = t.expand(&Vars { n: 5, thread: 1, rand: 255, instance: 2, r: 3 });
+        let s = t.expand(&Vars {
+            n: 5,
+            thread: 1,
+            rand: 255,
+            instance: 2,
+            r: 3,
+        });
         assert_eq!(s, "a5-1-2-3-00000000000000ff@b");
-        assert!(Template::parse("a{nope}@b").unwrap_err().contains("unknown placeholder"));
+        assert!(Template::parse("a{nope}@b")
+            .unwrap_err()
+            .contains("unknown placeholder"));
         assert!(Template::parse("a{n@b").is_err());
         assert!(Template::parse("a b@c").is_err());
     }
@@ -417,7 +497,10 @@ mod tests {
             assert_eq!(v.finish(), crate::digest::Verdict::Ok);
             assert!(m.body.ends_with(b"\r\n"));
             assert!(m.body.split(|&c| c == b'\n').any(|l| l.starts_with(b".")) || size < 1000);
-            assert!(m.body.split(|&c| c == b'\n').all(|l| l.len() <= BODY_LINE_CHARS + 1));
+            assert!(m
+                .body
+                .split(|&c| c == b'\n')
+                .all(|l| l.len() <= BODY_LINE_CHARS + 1));
             assert_eq!(m.rcpt_to.len(), 2);
         }
     }
@@ -438,13 +521,20 @@ mod tests {
             let b = make_body(len, 1);
             assert_eq!(b.len(), len.max(2));
             assert!(b.ends_with(b"\r\n"));
-            assert!(!b[..b.len() - 2].contains(&b'\n'.to_owned()) || b.windows(2).filter(|w| w == b"\r\n").count() == b.iter().filter(|&&c| c == b'\n').count());
+            assert!(
+                !b[..b.len() - 2].contains(&b'\n'.to_owned())
+                    || b.windows(2).filter(|w| w == b"\r\n").count()
+                        == b.iter().filter(|&&c| c == b'\n').count()
+            );
         }
     }
 
     #[test]
     fn dates_are_rfc5322() {
         assert_eq!(rfc5322_date(0), "Thu, 01 Jan 1970 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_795_368_985), "Sun, 22 Nov 2026 17:36:25 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_368_985),
+            "Sun, 22 Nov 2026 17:36:25 +0000"
+        );
     }
 }

@@ -34,8 +34,8 @@ use anyhow::Context as _;
 use crate::cli::BlastArgs;
 use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
-    compare_baseline, load_report, write_hgrm_file, write_summary, CpuUsage, HlogWriter, IntervalMerger,
-    IntervalSnapshot, Measurements, Report, ReportInput, Role,
+    compare_baseline, load_report, write_hgrm_file, write_summary, CpuUsage, HlogWriter,
+    IntervalMerger, IntervalSnapshot, Measurements, Report, ReportInput, Role,
 };
 
 pub use config::{BlastConfig, LoadModel, OutputConfig};
@@ -65,7 +65,10 @@ pub fn run(args: &BlastArgs) -> anyhow::Result<u8> {
 }
 
 fn unix_now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Sleeps until `at` (UNIX seconds), or until a stop is requested.
@@ -92,13 +95,21 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     let mut hlog = match &cfg.output.hlog {
         None => None,
         Some(p) => {
-            let f = std::fs::File::create(p).with_context(|| format!("cannot create --hlog {}", p.display()))?;
-            Some(HlogWriter::new(std::io::BufWriter::new(f), SystemTime::now() + cfg.warmup)?)
+            let f = std::fs::File::create(p)
+                .with_context(|| format!("cannot create --hlog {}", p.display()))?;
+            Some(HlogWriter::new(
+                std::io::BufWriter::new(f),
+                SystemTime::now() + cfg.warmup,
+            )?)
         }
     };
     let start = Instant::now();
     let measure_start = start + cfg.warmup;
-    let clock = RunClock { start, measure_start, end: cfg.duration.map(|d| measure_start + d) };
+    let clock = RunClock {
+        start,
+        measure_start,
+        end: cfg.duration.map(|d| measure_start + d),
+    };
     let started_at_unix = unix_now() + cfg.warmup.as_secs_f64();
     let cpu_start = CpuUsage::now();
     let live = !cfg.output.quiet && std::io::stderr().is_terminal();
@@ -114,22 +125,25 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     // Merge each second's snapshots once every thread has sent its own.
     let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
     let mut merger = IntervalMerger::new();
-    let mut absorb = |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<_>>| -> anyhow::Result<()> {
-        merger.absorb(snap);
-        if let Some(h) = hlog {
-            h.write_snapshot(snap)?;
-        }
-        if live {
-            eprint!("\r\x1b[2K{}", snap.live_line());
-            let _ = std::io::stderr().flush();
-        }
-        Ok(())
-    };
+    let mut absorb =
+        |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<_>>| -> anyhow::Result<()> {
+            merger.absorb(snap);
+            if let Some(h) = hlog {
+                h.write_snapshot(snap)?;
+            }
+            if live {
+                eprint!("\r\x1b[2K{}", snap.live_line());
+                let _ = std::io::stderr().flush();
+            }
+            Ok(())
+        };
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(tick) => {
                 let _ = tick.thread;
-                let entry = pending.entry(tick.index).or_insert_with(|| (0, tick.snapshot.clone()));
+                let entry = pending
+                    .entry(tick.index)
+                    .or_insert_with(|| (0, tick.snapshot.clone()));
                 if entry.0 > 0 {
                     entry.1.merge(&tick.snapshot);
                 }
@@ -194,6 +208,11 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         (Some(d), Some(end)) if !interrupted && ended >= end => d.as_secs_f64(),
         _ => elapsed.as_secs_f64(),
     };
+    if cfg.target.port() == 25 && m.counts.timeouts > 0 && m.counts.messages_accepted == 0 {
+        if let Some(hint) = probe::port25_hint(25) {
+            eprintln!("smtpstorm: every session timed out on port 25: {hint}");
+        }
+    }
     let mut invalid_reasons = Vec::new();
     if interrupted {
         eprintln!("smtpstorm: interrupted; reporting what was measured so far");
@@ -227,7 +246,11 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         cpu,
         host: None,
     })?;
-    Ok(BlastRun { report, errors, interrupted })
+    Ok(BlastRun {
+        report,
+        errors,
+        interrupted,
+    })
 }
 
 /// Evaluates assertions and the baseline, writes `--json`, `--hgrm` and the
@@ -242,7 +265,10 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
         .iter()
         .filter(|a| !a.ok)
         .map(|a| {
-            let v = a.value.map(|v| format!("{v:.3}")).unwrap_or_else(|| "no data".into());
+            let v = a
+                .value
+                .map(|v| format!("{v:.3}"))
+                .unwrap_or_else(|| "no data".into());
             format!("  FAIL  {:<32} measured {v}", a.expr)
         })
         .collect();
@@ -256,7 +282,8 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
         report.write_json(p)?;
     }
     if let (Some(p), Some(phase)) = (&out.hgrm, out.hgrm_phase) {
-        write_hgrm_file(&report, phase, p).with_context(|| format!("cannot write --hgrm {}", p.display()))?;
+        write_hgrm_file(&report, phase, p)
+            .with_context(|| format!("cannot write --hgrm {}", p.display()))?;
     }
     let json_on_stdout = out.json.as_deref() == Some(std::path::Path::new("-"));
     let summary = {

@@ -22,9 +22,11 @@ use thiserror::Error;
 
 use crate::cli::{AuthMechArg, ProbeArgs};
 use crate::net::conn::{Conn, ReadResult};
-use crate::net::tls::{self, TlsInfo};
 use crate::net::socket;
-use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, PipeliningMode};
+use crate::net::tls::{self, TlsInfo};
+use crate::smtp::client::{
+    AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, PipeliningMode,
+};
 use crate::smtp::{ClientTimeouts, CommandKind, Phase};
 
 use super::config::resolve_target;
@@ -123,10 +125,22 @@ pub fn print_report<W: io::Write>(r: &ProbeReport, out: &mut W) -> io::Result<()
         writeln!(out, "banner        {}", b.replace('\n', "\n              "))?;
     }
     if !r.capabilities.is_empty() {
-        writeln!(out, "capabilities  {}", r.capabilities.join("\n              "))?;
+        writeln!(
+            out,
+            "capabilities  {}",
+            r.capabilities.join("\n              ")
+        )?;
     }
     if r.starttls_offered || r.tls.is_some() {
-        writeln!(out, "starttls      {}", if r.starttls_offered { "offered" } else { "not offered" })?;
+        writeln!(
+            out,
+            "starttls      {}",
+            if r.starttls_offered {
+                "offered"
+            } else {
+                "not offered"
+            }
+        )?;
     }
     if let Some(t) = &r.tls {
         writeln!(out, "tls           {} {}", t.protocol, t.cipher_suite)?;
@@ -141,12 +155,20 @@ pub fn print_report<W: io::Write>(r: &ProbeReport, out: &mut W) -> io::Result<()
         }
     }
     if !r.capabilities_tls.is_empty() {
-        writeln!(out, "after tls     {}", r.capabilities_tls.join("\n              "))?;
+        writeln!(
+            out,
+            "after tls     {}",
+            r.capabilities_tls.join("\n              ")
+        )?;
     }
     writeln!(
         out,
         "auth          {}",
-        if r.auth_mechanisms.is_empty() { "not offered".to_string() } else { r.auth_mechanisms.join(" ") }
+        if r.auth_mechanisms.is_empty() {
+            "not offered".to_string()
+        } else {
+            r.auth_mechanisms.join(" ")
+        }
     )?;
     if let Some(c) = r.auth_code {
         writeln!(out, "auth result   {c}")?;
@@ -166,7 +188,9 @@ pub fn print_report<W: io::Write>(r: &ProbeReport, out: &mut W) -> io::Result<()
 fn auth_mechs(lines: &[String]) -> Vec<String> {
     for l in lines {
         let up = l.to_ascii_uppercase();
-        let rest = up.strip_prefix("AUTH ").or_else(|| up.strip_prefix("AUTH="));
+        let rest = up
+            .strip_prefix("AUTH ")
+            .or_else(|| up.strip_prefix("AUTH="));
         if let Some(rest) = rest {
             return rest.split_whitespace().map(str::to_string).collect();
         }
@@ -177,10 +201,16 @@ fn auth_mechs(lines: &[String]) -> Vec<String> {
 /// Runs one probe session.
 pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
     let (addr, host) = resolve_target(&args.target)?;
-    let mut r = ProbeReport { target: addr.to_string(), ..Default::default() };
+    let mut r = ProbeReport {
+        target: addr.to_string(),
+        ..Default::default()
+    };
     let timeout = args.timeout;
     let tls_cfg = if args.tls || args.starttls {
-        Some((tls::client_config(&tls::ClientVerify::Off, 0)?, tls::server_name(&host)?))
+        Some((
+            tls::client_config(&tls::ClientVerify::Off, 0)?,
+            tls::server_name(&host)?,
+        ))
     } else {
         None
     };
@@ -205,7 +235,8 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
     let mut events = Events::with_capacity(16);
     let t0 = Instant::now();
     let mut stream = socket::connect(addr, None, false)?;
-    poll.registry().register(&mut stream, TOKEN, Interest::READABLE | Interest::WRITABLE)?;
+    poll.registry()
+        .register(&mut stream, TOKEN, Interest::READABLE | Interest::WRITABLE)?;
     // Connect, bounded by --timeout.
     let deadline = t0 + timeout;
     loop {
@@ -237,7 +268,11 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
             tls_started = Some(connected);
         }
     } else {
-        session = Some(ClientSession::new(Arc::clone(&config), Vec::new(), connected));
+        session = Some(ClientSession::new(
+            Arc::clone(&config),
+            Vec::new(),
+            connected,
+        ));
     }
     let mut out = Vec::new();
     let mut saw_tls = false;
@@ -294,16 +329,25 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
                         if saw_tls || args.tls {
                             r.capabilities_tls = c;
                         } else {
-                            r.starttls_offered = c.iter().any(|l| l.eq_ignore_ascii_case("STARTTLS"));
+                            r.starttls_offered =
+                                c.iter().any(|l| l.eq_ignore_ascii_case("STARTTLS"));
                             r.capabilities = c;
                         }
-                        let mechs = auth_mechs(if r.capabilities_tls.is_empty() { &r.capabilities } else { &r.capabilities_tls });
+                        let mechs = auth_mechs(if r.capabilities_tls.is_empty() {
+                            &r.capabilities
+                        } else {
+                            &r.capabilities_tls
+                        });
                         if !mechs.is_empty() {
                             r.auth_mechanisms = mechs;
                         }
                     }
                     ClientEvent::Phase { phase, latency } => {
-                        let name = if phase == Phase::StartTls { "starttls" } else { phase.as_str() };
+                        let name = if phase == Phase::StartTls {
+                            "starttls"
+                        } else {
+                            phase.as_str()
+                        };
                         r.phases_ms.insert(name.into(), ms(latency));
                     }
                     ClientEvent::Reply { command, code } => {
@@ -334,7 +378,10 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
                 conn.write(&out);
             }
         }
-        if let Err(e) = conn.flush().and_then(|_| conn.update_registration(poll.registry(), TOKEN)) {
+        if let Err(e) = conn
+            .flush()
+            .and_then(|_| conn.update_registration(poll.registry(), TOKEN))
+        {
             r.error.get_or_insert(format!("I/O error: {e}"));
             break;
         }
@@ -349,12 +396,23 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
             r.error.get_or_insert("timed out".into());
             break;
         }
-        let wake = session.as_ref().and_then(|s| s.poll_timeout()).unwrap_or(hard_deadline).min(hard_deadline);
-        poll.poll(&mut events, Some(wake.saturating_duration_since(now).max(Duration::from_millis(1))))?;
+        let wake = session
+            .as_ref()
+            .and_then(|s| s.poll_timeout())
+            .unwrap_or(hard_deadline)
+            .min(hard_deadline);
+        poll.poll(
+            &mut events,
+            Some(
+                wake.saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+            ),
+        )?;
     }
     r.phases_ms.insert("total".into(), ms(t0.elapsed()));
     if args.auth.is_some() && r.auth_code.is_some_and(|c| c / 100 != 2) {
-        r.error.get_or_insert(format!("AUTH refused ({})", r.auth_code.unwrap_or(0)));
+        r.error
+            .get_or_insert(format!("AUTH refused ({})", r.auth_code.unwrap_or(0)));
     }
     r.ok = r.error.is_none();
     Ok(r)
@@ -377,7 +435,11 @@ mod tests {
 
     #[test]
     fn auth_mechanisms_are_read_from_ehlo_lines() {
-        let lines = vec!["mx.example".to_string(), "PIPELINING".into(), "AUTH PLAIN LOGIN".into()];
+        let lines = vec![
+            "mx.example".to_string(),
+            "PIPELINING".into(),
+            "AUTH PLAIN LOGIN".into(),
+        ];
         assert_eq!(auth_mechs(&lines), vec!["PLAIN", "LOGIN"]);
         assert!(auth_mechs(&["SIZE 10".to_string()]).is_empty());
     }

@@ -104,7 +104,10 @@ mod tests {
         assert_eq!(s.due_between(origin, origin + Duration::from_millis(11)), 1);
         let mut total = 0;
         for t in 0..2 {
-            total += Schedule::new(origin, 100.0, t, 2).due_between(origin + Duration::from_secs(1), origin + Duration::from_secs(3));
+            total += Schedule::new(origin, 100.0, t, 2).due_between(
+                origin + Duration::from_secs(1),
+                origin + Duration::from_secs(3),
+            );
         }
         assert_eq!(total, 200);
     }

@@ -89,6 +89,9 @@ pub struct WorkerResult {
     pub intervals: u64,
 }
 
+// Slots live in a slab reused from session to session, so the large
+// `Conn` variant costs no allocation; boxing it would cost one per session.
+#[allow(clippy::large_enum_variant)]
 enum Io {
     Connecting(TcpStream),
     Ready(Conn),
@@ -134,7 +137,12 @@ struct Worker {
 }
 
 /// Runs one worker to the end of the run.
-pub fn run_worker(ctx: WorkerCtx, cfg: Arc<BlastConfig>, clock: RunClock, ticks: Sender<Tick>) -> WorkerResult {
+pub fn run_worker(
+    ctx: WorkerCtx,
+    cfg: Arc<BlastConfig>,
+    clock: RunClock,
+    ticks: Sender<Tick>,
+) -> WorkerResult {
     match Worker::new(&ctx, cfg, clock) {
         Ok(mut w) => {
             w.run(&ticks);
@@ -142,7 +150,10 @@ pub fn run_worker(ctx: WorkerCtx, cfg: Arc<BlastConfig>, clock: RunClock, ticks:
         }
         Err(e) => {
             ctx.stop.stop();
-            WorkerResult { fatal: Some(format!("worker {}: {e}", ctx.index)), ..Default::default() }
+            WorkerResult {
+                fatal: Some(format!("worker {}: {e}", ctx.index)),
+                ..Default::default()
+            }
         }
     }
 }
@@ -172,7 +183,12 @@ impl Worker {
         };
         let schedule = match cfg.model {
             LoadModel::Closed => None,
-            LoadModel::Open { sessions_per_sec } => Some(Schedule::new(clock.start, sessions_per_sec, ctx.index, ctx.count)),
+            LoadModel::Open { sessions_per_sec } => Some(Schedule::new(
+                clock.start,
+                sessions_per_sec,
+                ctx.index,
+                ctx.count,
+            )),
         };
         let builder = MessageBuilder::new(
             cfg.from.clone(),
@@ -226,8 +242,14 @@ impl Worker {
                 self.rec = Recorder::new();
             }
             while measuring && now >= next_tick {
-                let snap = self.rec.take_interval(Duration::from_secs(tick_index), Duration::from_secs(1));
-                let _ = ticks.send(Tick { thread: self.index, index: tick_index, snapshot: snap });
+                let snap = self
+                    .rec
+                    .take_interval(Duration::from_secs(tick_index), Duration::from_secs(1));
+                let _ = ticks.send(Tick {
+                    thread: self.index,
+                    index: tick_index,
+                    snapshot: snap,
+                });
                 tick_index += 1;
                 next_tick += Duration::from_secs(1);
             }
@@ -306,7 +328,10 @@ impl Worker {
         if let Some(s) = &self.schedule {
             self.result.scheduled_due = if self.budget_left() {
                 // Stopped by the end of --duration or by Ctrl-C.
-                let last = self.clock.end.map_or(Instant::now(), |e| e.min(Instant::now()));
+                let last = self
+                    .clock
+                    .end
+                    .map_or(Instant::now(), |e| e.min(Instant::now()));
                 s.due_between(self.clock.measure_start, last)
             } else {
                 // The --messages/--sessions budget ended the schedule early.
@@ -315,9 +340,16 @@ impl Worker {
         }
         if measuring {
             let start_offset = Duration::from_secs(tick_index);
-            let partial = Instant::now().saturating_duration_since(next_tick - Duration::from_secs(1));
-            let snap = self.rec.take_interval(start_offset, partial.min(Duration::from_secs(1)));
-            let _ = ticks.send(Tick { thread: self.index, index: tick_index, snapshot: snap });
+            let partial =
+                Instant::now().saturating_duration_since(next_tick - Duration::from_secs(1));
+            let snap = self
+                .rec
+                .take_interval(start_offset, partial.min(Duration::from_secs(1)));
+            let _ = ticks.send(Tick {
+                thread: self.index,
+                index: tick_index,
+                snapshot: snap,
+            });
             self.result.intervals = tick_index + 1;
         }
         self.result.measurements = std::mem::take(&mut self.rec).finish();
@@ -386,7 +418,11 @@ impl Worker {
             Ok(mut stream) => {
                 let entry = self.slots.vacant_entry();
                 let key = entry.key();
-                if let Err(e) = self.poll.registry().register(&mut stream, Token(key), Interest::READABLE | Interest::WRITABLE) {
+                if let Err(e) = self.poll.registry().register(
+                    &mut stream,
+                    Token(key),
+                    Interest::READABLE | Interest::WRITABLE,
+                ) {
                     self.note_error(format!("register: {e}"));
                     self.count_all(planned, Outcome::ConnectionError);
                     return;
@@ -431,7 +467,9 @@ impl Worker {
 
     /// A readiness event (or a call right after connecting) for `key`.
     fn drive(&mut self, key: usize, now: Instant, readable: bool) {
-        let Some(slot) = self.slots.get_mut(key) else { return };
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
         if let Io::Connecting(stream) = &slot.io {
             // The first event of a connecting socket means the connect
             // ended: SO_ERROR tells how (no getpeername(2) per session; were
@@ -450,7 +488,10 @@ impl Worker {
                     return;
                 }
             }
-            self.rec.record(Phase::Connect, us(now.saturating_duration_since(slot.started)));
+            self.rec.record(
+                Phase::Connect,
+                us(now.saturating_duration_since(slot.started)),
+            );
             let Io::Connecting(stream) = std::mem::replace(&mut slot.io, Io::Moving) else {
                 return;
             };
@@ -459,11 +500,18 @@ impl Worker {
             let mut conn = Conn::with_read_buf(stream, READ_BUF_BYTES);
             conn.assume_registered(Interest::READABLE | Interest::WRITABLE);
             if let Some(v) = self.cfg.proxy {
-                let src = conn.stream().local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let src = conn
+                    .stream()
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                 self.out.clear();
                 match v {
-                    ProxyVersion::V1 => crate::smtp::proxy::write_v1(src, self.cfg.target, &mut self.out),
-                    ProxyVersion::V2 => crate::smtp::proxy::write_v2(src, self.cfg.target, &mut self.out),
+                    ProxyVersion::V1 => {
+                        crate::smtp::proxy::write_v1(src, self.cfg.target, &mut self.out)
+                    }
+                    ProxyVersion::V2 => {
+                        crate::smtp::proxy::write_v2(src, self.cfg.target, &mut self.out)
+                    }
                 }
                 conn.write(&self.out);
             }
@@ -497,8 +545,12 @@ impl Worker {
         // An error before the session exists (implicit TLS) fails the slot.
         let mut failure: Option<String> = None;
         loop {
-            let Some(slot) = self.slots.get_mut(key) else { return };
-            let Io::Ready(conn) = &mut slot.io else { return };
+            let Some(slot) = self.slots.get_mut(key) else {
+                return;
+            };
+            let Io::Ready(conn) = &mut slot.io else {
+                return;
+            };
             let mut error = None;
             let mut stop = false;
             match conn.read() {
@@ -515,9 +567,11 @@ impl Worker {
                     if let Some(s) = &mut slot.session {
                         s.handle_tls_established(now);
                     } else if let Some(t0) = slot.tls_started {
-                        self.rec.record(Phase::StartTls, us(now.saturating_duration_since(t0)));
+                        self.rec
+                            .record(Phase::StartTls, us(now.saturating_duration_since(t0)));
                         let msgs = std::mem::take(&mut slot.pending);
-                        slot.session = Some(ClientSession::new(Arc::clone(&self.cfg.client), msgs, now));
+                        slot.session =
+                            Some(ClientSession::new(Arc::clone(&self.cfg.client), msgs, now));
                     }
                 }
                 Ok(ReadResult::WouldBlock) => stop = true,
@@ -560,9 +614,15 @@ impl Worker {
 
     /// Drains session events and output; true if the slot was closed.
     fn process_events(&mut self, key: usize, now: Instant) -> bool {
-        let Some(slot) = self.slots.get_mut(key) else { return true };
-        let Some(session) = &mut slot.session else { return false };
-        let Io::Ready(conn) = &mut slot.io else { return false };
+        let Some(slot) = self.slots.get_mut(key) else {
+            return true;
+        };
+        let Some(session) = &mut slot.session else {
+            return false;
+        };
+        let Io::Ready(conn) = &mut slot.io else {
+            return false;
+        };
         let mut done = false;
         while let Some(ev) = session.poll_event() {
             match ev {
@@ -582,7 +642,9 @@ impl Worker {
                     session.poll_transmit(now, &mut self.out);
                     conn.write(&self.out);
                     let started = match &self.tls {
-                        Some((config, name)) => conn.start_tls_client(Arc::clone(config), name.clone()),
+                        Some((config, name)) => {
+                            conn.start_tls_client(Arc::clone(config), name.clone())
+                        }
                         None => Err(io::Error::other("no TLS configuration")),
                     };
                     if let Err(e) = started {
@@ -592,12 +654,18 @@ impl Worker {
                         session.handle_close(now);
                     }
                 }
-                ClientEvent::Message { index, outcome, recipients_accepted, .. } => {
+                ClientEvent::Message {
+                    index,
+                    outcome,
+                    recipients_accepted,
+                    ..
+                } => {
                     slot.outcomes += 1;
                     self.rec.count_outcome(outcome);
                     self.rec.count_recipients(u64::from(recipients_accepted));
                     if outcome == Outcome::Accepted {
-                        self.rec.count_bytes(u64::from(slot.sizes.get(index).copied().unwrap_or(0)));
+                        self.rec
+                            .count_bytes(u64::from(slot.sizes.get(index).copied().unwrap_or(0)));
                     }
                 }
                 ClientEvent::Error(e) => {
@@ -610,7 +678,10 @@ impl Worker {
             }
         }
         if done {
-            debug_assert_eq!(slot.outcomes, slot.planned, "every planned message has one outcome");
+            debug_assert_eq!(
+                slot.outcomes, slot.planned,
+                "every planned message has one outcome"
+            );
             self.close(key, now, None);
             return true;
         }
@@ -618,8 +689,12 @@ impl Worker {
     }
 
     fn flush(&mut self, key: usize, now: Instant) {
-        let Some(slot) = self.slots.get_mut(key) else { return };
-        let Io::Ready(conn) = &mut slot.io else { return };
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let Io::Ready(conn) = &mut slot.io else {
+            return;
+        };
         if let Some(session) = &mut slot.session {
             self.out.clear();
             session.poll_transmit(now, &mut self.out);
@@ -634,7 +709,9 @@ impl Worker {
         let flushed = conn.flush();
         if let Err(e) = flushed {
             self.note_error(format!("I/O: {e}"));
-            let Some(slot) = self.slots.get_mut(key) else { return };
+            let Some(slot) = self.slots.get_mut(key) else {
+                return;
+            };
             match &mut slot.session {
                 Some(s) => {
                     s.handle_close(now);
@@ -647,7 +724,9 @@ impl Worker {
             }
             return;
         }
-        let Some(slot) = self.slots.get(key) else { return };
+        let Some(slot) = self.slots.get(key) else {
+            return;
+        };
         let deadline = match &slot.session {
             Some(s) => s.poll_timeout(),
             None => slot.tls_started.map(|t| t + self.cfg.timeout),
@@ -659,7 +738,9 @@ impl Worker {
     }
 
     fn on_timeout(&mut self, key: usize, now: Instant) {
-        let Some(slot) = self.slots.get_mut(key) else { return };
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
         match &mut slot.session {
             Some(s) => {
                 s.handle_timeout(now);
@@ -669,7 +750,11 @@ impl Worker {
             }
             None => {
                 let planned = slot.planned;
-                let what = if matches!(slot.io, Io::Connecting(_)) { "connect" } else { "TLS handshake" };
+                let what = if matches!(slot.io, Io::Connecting(_)) {
+                    "connect"
+                } else {
+                    "TLS handshake"
+                };
                 self.note_error(format!("timeout waiting for the {what}"));
                 self.close(key, now, Some((planned, Outcome::Timeout)));
             }
@@ -696,14 +781,22 @@ impl Worker {
             let tls = matches!(&slot.io, Io::Ready(c) if c.is_tls());
             self.rec.count_session(tls);
             if self.open {
-                self.rec.record(Phase::Session, us(now.saturating_duration_since(slot.intended)));
-                self.rec.record_uncorrected(Phase::Session, us(now.saturating_duration_since(slot.started)));
+                self.rec.record(
+                    Phase::Session,
+                    us(now.saturating_duration_since(slot.intended)),
+                );
+                self.rec.record_uncorrected(
+                    Phase::Session,
+                    us(now.saturating_duration_since(slot.started)),
+                );
             } else {
-                self.rec.record(Phase::Session, us(now.saturating_duration_since(slot.started)));
+                self.rec.record(
+                    Phase::Session,
+                    us(now.saturating_duration_since(slot.started)),
+                );
             }
         }
         // Dropping the stream closes it (RST with --abort-close); the kernel
         // removes it from the epoll set.
     }
 }
-
