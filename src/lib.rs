@@ -18,6 +18,7 @@ pub mod cli;
 pub mod digest;
 pub mod net;
 pub mod offline;
+pub mod rng;
 pub mod sink;
 pub mod smtp;
 pub mod stats;

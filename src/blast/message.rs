@@ -22,33 +22,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::cli::SizeRange;
 use crate::smtp::client::Message;
 
-/// A small, fast, deterministic PRNG (SplitMix64).
+/// The crate's PRNG, seeded the way message generation always was.
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct Rng(crate::rng::SplitMix64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+        Rng(crate::rng::SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15))
     }
-
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
-
     /// Uniform in `lo..=hi`.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        if hi <= lo {
-            return lo;
-        }
-        let span = hi - lo;
-        if span == u64::MAX {
-            return self.next_u64();
-        }
-        lo + self.next_u64() % (span + 1)
+        self.0.range(lo, hi)
     }
 }
 

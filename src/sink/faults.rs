@@ -23,28 +23,7 @@ use crate::cli::{FaultAction, FaultPoint, FaultSpec};
 use crate::smtp::server::{CommandInfo, Verdict};
 use crate::smtp::CommandKind;
 
-/// A tiny, fast, deterministic PRNG (splitmix64).
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+pub use crate::rng::SplitMix64;
 
 /// Key of the greylist table: (sender, recipient, client IP).
 type Triple = (Vec<u8>, Vec<u8>, IpAddr);
