@@ -133,12 +133,16 @@ pub fn self_signed_cert() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer
         "127.0.0.1".to_string(),
         "::1".to_string(),
     ];
-    let certified = rcgen::generate_simple_self_signed(names)
-        .map_err(|e| TlsError::SelfSigned(e.to_string()))?;
-    let cert = certified.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        certified.signing_key.serialize_der(),
-    ));
+    let err = |e: rcgen::Error| TlsError::SelfSigned(e.to_string());
+    let signing_key = rcgen::KeyPair::generate().map_err(err)?;
+    let mut params = rcgen::CertificateParams::new(names).map_err(err)?;
+    // Say what it is: `probe` and `openssl s_client` print the subject.
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "smtpstorm self-signed (localhost)");
+    let cert = params.self_signed(&signing_key).map_err(err)?.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signing_key.serialize_der()));
     Ok((vec![cert], key))
 }
 
@@ -367,7 +371,7 @@ mod tests {
         let mut info = TlsInfo::default();
         info.set_peer_cert(chain[0].as_ref());
         assert!(
-            info.peer_subject.as_deref().unwrap().contains("rcgen"),
+            info.peer_subject.as_deref().unwrap().contains("smtpstorm self-signed"),
             "{info:?}"
         );
         assert!(info.peer_not_after_unix.unwrap() > 0);
