@@ -13,6 +13,33 @@ use common::{bin, free_port, get_u64, read_json, run, wait_for_port, Proc};
 
 #[test]
 fn every_accepted_message_is_verified_by_the_sink_under_faults() {
+    check(
+        &["rcpt:451:10%", "data:disconnect:5%", "mail:delay=1ms..5ms:20%"],
+        &[],
+        true,
+    );
+}
+
+#[test]
+fn bdat_messages_with_disconnects_after_the_body_are_never_lost_or_doubled() {
+    check(
+        &["dot:disconnect421:10%", "data:disconnect:5%", "rcpt:451:5%"],
+        &["--bdat", "--size", "100..4KiB"],
+        false,
+    );
+}
+
+#[test]
+fn pipelined_sessions_with_disconnects_never_lose_an_accepted_message() {
+    check(
+        &["dot:disconnect421:15%", "mail:550:5%"],
+        &["--pipelining", "on", "--size", "100..4KiB"],
+        false,
+    );
+}
+
+#[track_caller]
+fn check(faults: &[&str], blast_extra: &[&str], expect_conn_errors: bool) {
     let dir = tempfile::tempdir().unwrap();
     let sink_json = dir.path().join("sink.json");
     let blast_json = dir.path().join("blast.json");
@@ -23,9 +50,7 @@ fn every_accepted_message_is_verified_by_the_sink_under_faults() {
         Command::new(bin())
             .args(["sink", "--threads", "2", "--quiet", "--verify", "--grace", "2s"])
             .args(["--listen", &addr, "--seed", "7"])
-            .args(["--fault", "rcpt:451:10%"])
-            .args(["--fault", "data:disconnect:5%"])
-            .args(["--fault", "mail:delay=1ms..5ms:20%"])
+            .args(faults.iter().flat_map(|f| ["--fault", f]))
             .arg("--json")
             .arg(&sink_json)
             .stdout(Stdio::null()),
@@ -36,6 +61,7 @@ fn every_accepted_message_is_verified_by_the_sink_under_faults() {
         Command::new(bin())
             .args(["blast", &addr, "--messages", "2000", "-k", "5", "-c", "8"])
             .args(["--threads", "1", "--timeout", "2s", "--quiet"])
+            .args(blast_extra)
             .arg("--json")
             .arg(&blast_json),
         Duration::from_secs(20),
@@ -64,8 +90,14 @@ fn every_accepted_message_is_verified_by_the_sink_under_faults() {
     .sum();
     assert_eq!(get_u64(&b, "counts.messages_attempted"), 2000);
     assert_eq!(outcomes, 2000, "blast outcomes do not add up: {}", b["counts"]);
-    assert!(get_u64(&b, "counts.messages_tempfailed") > 0, "the 451 fault never fired");
-    assert!(get_u64(&b, "counts.connection_errors") > 0, "the disconnect fault never fired");
+    assert!(
+        get_u64(&b, "counts.messages_tempfailed") + get_u64(&b, "counts.messages_rejected") > 0,
+        "no fault fired: {}",
+        b["counts"]
+    );
+    if expect_conn_errors {
+        assert!(get_u64(&b, "counts.connection_errors") > 0, "no disconnect: {}", b["counts"]);
+    }
     assert_eq!(get_u64(&s, "counts.verify_corrupt"), 0);
     assert_eq!(b_acc, get_u64(&s, "counts.verify_ok"), "sink {} blast {}", s["counts"], b["counts"]);
     assert_eq!(b_acc, get_u64(&s, "counts.messages_accepted"));
