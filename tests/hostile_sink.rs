@@ -344,20 +344,27 @@ fn smuggle(mode: &str, seq: &[u8]) -> u64 {
 const PROBES: [&[u8]; 5] = [b"\n.\n", b"\n.\r\n", b"\r.\r", b"\r\n.\n", b"\r\r\n"];
 
 #[test]
-fn smuggling_probes_never_make_two_messages_under_reject_or_normalize() {
-    for mode in ["reject", "normalize"] {
-        for seq in PROBES {
-            let n = smuggle(mode, seq);
-            assert!(n <= 1, "mode {mode}, probe {seq:?}: {n} messages from one DATA");
-        }
+fn smuggling_probes_under_reject_are_refused_whole() {
+    for seq in PROBES {
+        let n = smuggle("reject", seq);
+        assert_eq!(n, 0, "reject mode, probe {seq:?}: {n} messages accepted");
     }
 }
 
 #[test]
-fn smuggling_probes_under_accept_split_only_on_lf_dot_sequences() {
+fn smuggling_probes_under_normalize_are_one_message() {
+    for seq in PROBES {
+        let n = smuggle("normalize", seq);
+        assert_eq!(n, 1, "normalize mode, probe {seq:?}: {n} messages from one DATA");
+    }
+}
+
+#[test]
+fn smuggling_probes_under_accept_split_only_on_lf_dot_lf_and_lf_dot_crlf() {
     for seq in PROBES {
         let n = smuggle("accept", seq);
-        assert!(n <= 2, "probe {seq:?}: {n} messages");
+        let splits = seq == b"\n.\n" || seq == b"\n.\r\n";
+        assert_eq!(n, if splits { 2 } else { 1 }, "accept mode, probe {seq:?}");
     }
 }
 
