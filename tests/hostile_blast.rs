@@ -87,7 +87,14 @@ fn blast(port: u16, messages: u64, extra: &[&str]) -> Value {
         "blast",
         Command::new(bin())
             .args(["blast", &format!("127.0.0.1:{port}")])
-            .args(["--messages", &messages.to_string(), "-c", "1", "--threads", "1"])
+            .args([
+                "--messages",
+                &messages.to_string(),
+                "-c",
+                "1",
+                "--threads",
+                "1",
+            ])
             .args(["--timeout", "1s", "--quiet", "--pipelining", "off"])
             .args(extra)
             .arg("--json")
@@ -101,10 +108,21 @@ fn blast(port: u16, messages: u64, extra: &[&str]) -> Value {
         "blast exit: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(took < Duration::from_secs(8), "blast took {took:?} with --timeout 1s");
+    assert!(
+        took < Duration::from_secs(8),
+        "blast took {took:?} with --timeout 1s"
+    );
     let v = read_json(&json);
-    let sum: u64 = OUTCOMES.iter().map(|k| get_u64(&v, &format!("counts.{k}"))).sum();
-    assert_eq!(get_u64(&v, "counts.messages_attempted"), messages, "{}", v["counts"]);
+    let sum: u64 = OUTCOMES
+        .iter()
+        .map(|k| get_u64(&v, &format!("counts.{k}")))
+        .sum();
+    assert_eq!(
+        get_u64(&v, "counts.messages_attempted"),
+        messages,
+        "{}",
+        v["counts"]
+    );
     assert_eq!(sum, messages, "outcomes do not add up: {}", v["counts"]);
     v
 }

@@ -41,12 +41,16 @@ impl Sink {
             .args(extra)
             .stdout(Stdio::null());
         let proc = Proc::spawn("smtpstorm sink", &mut cmd);
-        wait_for_port(format!("127.0.0.1:{port}").parse().unwrap(), Duration::from_secs(10));
-        Sink { proc, port, json, _dir: dir }
-    }
-
-    fn client(&self) -> Client {
-        Client::connect(self.port)
+        wait_for_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(10),
+        );
+        Sink {
+            proc,
+            port,
+            json,
+            _dir: dir,
+        }
     }
 
     #[track_caller]
@@ -96,8 +100,9 @@ impl Client {
             match self.s.read(&mut tmp) {
                 Ok(0) => return out + "EOF",
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut =>
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
                 {
                     return out + "TIMEOUT"
                 }
@@ -126,13 +131,16 @@ impl Client {
     fn closed_within(&mut self, within: Duration) -> Option<Duration> {
         let t0 = Instant::now();
         let mut tmp = [0u8; 4096];
-        self.s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        self.s
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
         while t0.elapsed() < within {
             match self.s.read(&mut tmp) {
                 Ok(0) => return Some(t0.elapsed()),
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(_) => return Some(t0.elapsed()),
             }
         }
@@ -173,8 +181,13 @@ fn silent_client_is_closed_at_the_command_timeout_while_a_normal_session_complet
     let mut silent = Client::greeted(sink.port);
     let t0 = Instant::now();
     normal_session(sink.port);
-    let took = silent.closed_within(Duration::from_secs(5)).expect("silent client never closed");
-    assert!(t0.elapsed() >= Duration::from_millis(800), "closed too early: {took:?}");
+    let took = silent
+        .closed_within(Duration::from_secs(5))
+        .expect("silent client never closed");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "closed too early: {took:?}"
+    );
     sink.stop();
 }
 
@@ -197,8 +210,16 @@ fn slowloris_sending_a_byte_at_a_time_is_closed_near_the_timeout() {
             break;
         }
     }
-    assert!(closed, "a slowloris client was kept open for {:?}", t0.elapsed());
-    assert!(t0.elapsed() < Duration::from_secs(5), "closed only after {:?}", t0.elapsed());
+    assert!(
+        closed,
+        "a slowloris client was kept open for {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "closed only after {:?}",
+        t0.elapsed()
+    );
     sink.stop();
 }
 
@@ -265,7 +286,10 @@ fn over_long_text_line_in_data_gets_a_final_reply_and_the_session_continues() {
     body.extend_from_slice(b"\r\n.\r\n");
     c.send(&body);
     let code = c.code();
-    assert!(code == 250 || code == 500 || code == 552, "2000-byte text line got {code}");
+    assert!(
+        code == 250 || code == 500 || code == 552,
+        "2000-byte text line got {code}"
+    );
     c.expect(b"NOOP\r\n", 250);
     sink.stop();
 }
@@ -289,7 +313,8 @@ fn oversized_message_is_552_and_the_sink_memory_stays_flat() {
             chunk.extend_from_slice(&line);
             chunk.extend_from_slice(b"\r\n");
         }
-        c.s.write_all(&chunk).expect("sink stopped reading the oversized body");
+        c.s.write_all(&chunk)
+            .expect("sink stopped reading the oversized body");
         sent += chunk.len();
     }
     let during = proc_status_kib(pid, "VmRSS:");
@@ -355,7 +380,10 @@ fn smuggling_probes_under_reject_are_refused_whole() {
 fn smuggling_probes_under_normalize_are_one_message() {
     for seq in PROBES {
         let n = smuggle("normalize", seq);
-        assert_eq!(n, 1, "normalize mode, probe {seq:?}: {n} messages from one DATA");
+        assert_eq!(
+            n, 1,
+            "normalize mode, probe {seq:?}: {n} messages from one DATA"
+        );
     }
 }
 
@@ -377,9 +405,15 @@ fn starttls_drops_pipelined_plaintext() {
     let r = c.reply();
     // RFC 3207: either the server refuses the pipelined STARTTLS or it
     // answers 220 and discards the plaintext behind it.
-    assert!(r.starts_with("220") || r.starts_with("5"), "STARTTLS got {r:?}");
+    assert!(
+        r.starts_with("220") || r.starts_with("5"),
+        "STARTTLS got {r:?}"
+    );
     let next = c.reply();
-    assert!(!next.contains("250"), "plaintext after STARTTLS was executed: {next:?}");
+    assert!(
+        !next.contains("250"),
+        "plaintext after STARTTLS was executed: {next:?}"
+    );
     sink.stop();
 }
 
@@ -391,7 +425,10 @@ fn tls_garbage_after_starttls_closes_the_session_and_service_continues() {
     c.expect(b"STARTTLS\r\n", 220);
     c.send(&[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00]);
     c.send(b"garbage garbage garbage\r\n");
-    assert!(c.closed_within(Duration::from_secs(4)).is_some(), "TLS garbage not closed");
+    assert!(
+        c.closed_within(Duration::from_secs(4)).is_some(),
+        "TLS garbage not closed"
+    );
     normal_session(sink.port);
     sink.stop();
 }
@@ -419,22 +456,34 @@ fn proxy_headers_that_lie_about_lengths_are_closed_without_a_session() {
     v2.extend_from_slice(&[0x21, 0x11, 0xff, 0xff, 1, 2, 3, 4]);
     c.send(&v2);
     let r = c.reply();
-    assert!(!r.starts_with("220"), "lying v2 header got a greeting: {r:?}");
-    assert!(c.closed_within(Duration::from_secs(4)).is_some(), "lying v2 header not closed");
+    assert!(
+        !r.starts_with("220"),
+        "lying v2 header got a greeting: {r:?}"
+    );
+    assert!(
+        c.closed_within(Duration::from_secs(4)).is_some(),
+        "lying v2 header not closed"
+    );
     // v2 header announcing fewer bytes than an IPv4 address block needs.
     let mut c = Client::connect(sink.port);
     let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     v2.extend_from_slice(&[0x21, 0x11, 0x00, 0x02, 1, 2]);
     c.send(&v2);
     let r = c.reply();
-    assert!(!r.starts_with("220"), "short v2 header got a greeting: {r:?}");
+    assert!(
+        !r.starts_with("220"),
+        "short v2 header got a greeting: {r:?}"
+    );
     // v1 line longer than 107 bytes without CRLF.
     let mut c = Client::connect(sink.port);
     let mut v1 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2".to_vec();
     v1.extend(std::iter::repeat(b' ').take(200));
     c.send(&v1);
     let r = c.reply();
-    assert!(!r.starts_with("220"), "over-long v1 header got a greeting: {r:?}");
+    assert!(
+        !r.starts_with("220"),
+        "over-long v1 header got a greeting: {r:?}"
+    );
     // A good header still works.
     let mut c = Client::connect(sink.port);
     c.send(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\n");
@@ -496,9 +545,64 @@ fn connection_flood_past_max_connections_is_421_without_busy_looping_and_recover
     std::thread::sleep(Duration::from_secs(1));
     let used = cpu_ticks(pid) - t0;
     // CLK_TCK is 100 on Linux: 20 ticks = 20% of a core over one second.
-    assert!(used < 20, "sink used {used} ticks/s holding 50 idle connections");
+    assert!(
+        used < 20,
+        "sink used {used} ticks/s holding 50 idle connections"
+    );
     held.clear();
     std::thread::sleep(Duration::from_millis(300));
     normal_session(sink.port);
     sink.stop();
+}
+
+#[test]
+fn fd_exhaustion_does_not_busy_loop_and_service_resumes_when_connections_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("sink.json");
+    let port = free_port();
+    let script = format!(
+        "ulimit -n 32 && exec {} sink --threads 1 --quiet --grace 1s --command-timeout 30s \
+         --listen 127.0.0.1:{port} --json {}",
+        bin().display(),
+        json.display()
+    );
+    let mut proc = Proc::spawn(
+        "sink (ulimit -n 32)",
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdout(Stdio::null()),
+    );
+    wait_for_port(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(10),
+    );
+    let pid = proc.pid();
+    // More connections than descriptors: some are served, the rest wait in
+    // the backlog or are refused.
+    let mut held = Vec::new();
+    for _ in 0..48 {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            held.push(s);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - t0;
+    assert!(used < 20, "sink used {used} ticks/s out of descriptors");
+    held.clear();
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    let mut c = Client::connect(port);
+    c.s.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    assert_eq!(
+        c.code(),
+        220,
+        "no greeting {:?} after descriptors were freed",
+        t0.elapsed()
+    );
+    c.expect(b"QUIT\r\n", 221);
+    normal_session(port);
+    proc.terminate();
+    assert!(proc.wait(Duration::from_secs(10)).success());
 }

@@ -14,7 +14,11 @@ use common::{bin, free_port, get_u64, read_json, run, wait_for_port, Proc};
 #[test]
 fn every_accepted_message_is_verified_by_the_sink_under_faults() {
     check(
-        &["rcpt:451:10%", "data:disconnect:5%", "mail:delay=1ms..5ms:20%"],
+        &[
+            "rcpt:451:10%",
+            "data:disconnect:5%",
+            "mail:delay=1ms..5ms:20%",
+        ],
         &[],
         true,
     );
@@ -48,7 +52,15 @@ fn check(faults: &[&str], blast_extra: &[&str], expect_conn_errors: bool) {
     let mut sink = Proc::spawn(
         "sink",
         Command::new(bin())
-            .args(["sink", "--threads", "2", "--quiet", "--verify", "--grace", "2s"])
+            .args([
+                "sink",
+                "--threads",
+                "2",
+                "--quiet",
+                "--verify",
+                "--grace",
+                "2s",
+            ])
             .args(["--listen", &addr, "--seed", "7"])
             .args(faults.iter().flat_map(|f| ["--fault", f]))
             .arg("--json")
@@ -89,16 +101,30 @@ fn check(faults: &[&str], blast_extra: &[&str], expect_conn_errors: bool) {
     .map(|k| get_u64(&b, &format!("counts.{k}")))
     .sum();
     assert_eq!(get_u64(&b, "counts.messages_attempted"), 2000);
-    assert_eq!(outcomes, 2000, "blast outcomes do not add up: {}", b["counts"]);
+    assert_eq!(
+        outcomes, 2000,
+        "blast outcomes do not add up: {}",
+        b["counts"]
+    );
     assert!(
         get_u64(&b, "counts.messages_tempfailed") + get_u64(&b, "counts.messages_rejected") > 0,
         "no fault fired: {}",
         b["counts"]
     );
     if expect_conn_errors {
-        assert!(get_u64(&b, "counts.connection_errors") > 0, "no disconnect: {}", b["counts"]);
+        assert!(
+            get_u64(&b, "counts.connection_errors") > 0,
+            "no disconnect: {}",
+            b["counts"]
+        );
     }
     assert_eq!(get_u64(&s, "counts.verify_corrupt"), 0);
-    assert_eq!(b_acc, get_u64(&s, "counts.verify_ok"), "sink {} blast {}", s["counts"], b["counts"]);
+    assert_eq!(
+        b_acc,
+        get_u64(&s, "counts.verify_ok"),
+        "sink {} blast {}",
+        s["counts"],
+        b["counts"]
+    );
     assert_eq!(b_acc, get_u64(&s, "counts.messages_accepted"));
 }
