@@ -315,7 +315,10 @@ impl Worker {
                 // Only a readable (or closed/error) edge is worth a read(2);
                 // a writable edge only needs the queued output flushed.
                 let readable = ev.is_readable() || ev.is_read_closed() || ev.is_error();
-                self.drive(token.0, now, readable);
+                // Data and FIN arriving together raise one edge: the short
+                // read must not end the pump before it reads the EOF.
+                let read_closed = ev.is_read_closed() || ev.is_error();
+                self.drive(token.0, now, readable, read_closed);
             }
             let expired: Vec<usize> = self.timers.expired(now).collect();
             for key in expired {
@@ -466,7 +469,7 @@ impl Worker {
     }
 
     /// A readiness event (or a call right after connecting) for `key`.
-    fn drive(&mut self, key: usize, now: Instant, readable: bool) {
+    fn drive(&mut self, key: usize, now: Instant, readable: bool, read_closed: bool) {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
         };
@@ -534,14 +537,14 @@ impl Worker {
             slot.io = Io::Ready(conn);
         }
         if readable {
-            self.pump(key, now);
+            self.pump(key, now, read_closed);
         } else {
             self.flush(key, now);
         }
     }
 
     /// Reads, feeds the session, writes, re-registers; closes when done.
-    fn pump(&mut self, key: usize, now: Instant) {
+    fn pump(&mut self, key: usize, now: Instant, read_closed: bool) {
         // An error before the session exists (implicit TLS) fails the slot.
         let mut failure: Option<String> = None;
         loop {
@@ -558,7 +561,9 @@ impl Worker {
                     // A short plaintext read(2) drained the socket: anything
                     // arriving later raises a new edge, so skip the read that
                     // would only return EAGAIN (one syscall per reply).
-                    stop = !conn.is_tls() && conn.plaintext().len() < READ_BUF_BYTES;
+                    stop = !read_closed
+                        && !conn.is_tls()
+                        && conn.plaintext().len() < READ_BUF_BYTES;
                     if let Some(s) = &mut slot.session {
                         s.handle_input(now, conn.plaintext());
                     }

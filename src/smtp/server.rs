@@ -415,6 +415,7 @@ impl ServerSession {
             Phase::Closed | Phase::TlsHandshake => return,
             _ => {}
         }
+        let (out_before, phase_before) = (out.len(), self.phase);
         if self.inbuf.is_empty() && self.delay_until.is_none() && self.runnable() {
             let n = self.process(now, input, out, hooks);
             if self.keeps_input() {
@@ -424,7 +425,14 @@ impl ServerSession {
             self.inbuf.extend_from_slice(input);
             self.run_buffered(now, out, hooks);
         }
-        if self.delay_until.is_none() {
+        // The command timeout runs from the last complete command, not the
+        // last byte: a client trickling a line a byte at a time (slowloris)
+        // is closed at the timeout. Body bytes (DATA/BDAT) do count as
+        // progress (RFC 5321 4.5.3.2.6: a timeout per data block).
+        let progressed = out.len() != out_before
+            || self.phase != phase_before
+            || matches!(self.phase, Phase::Data | Phase::Bdat);
+        if self.delay_until.is_none() && progressed {
             self.touch(now);
         }
     }
