@@ -227,7 +227,12 @@ fn hgrm_is_readable() {
     assert!(text.contains("#[Mean    ="), "{text}");
     assert!(text.contains("#[Max     ="), "{text}");
     assert!(text.contains("#[Buckets ="), "{text}");
-    assert!(text.contains("Total count    =         500]"), "{text}");
+    let total = text
+        .lines()
+        .find(|l| l.starts_with("#[Max"))
+        .and_then(|l| l.split("Total count").nth(1))
+        .map(|t| t.trim_matches(|c: char| c == '=' || c == ']' || c.is_whitespace()));
+    assert_eq!(total, Some("500"), "{text}");
     let rows: Vec<Vec<&str>> = lines
         .iter()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -299,15 +304,18 @@ fn baseline_regression_exits_99() {
     let dir = tempfile::tempdir().unwrap();
     let fast = dir.path().join("fast.json");
     let slow = dir.path().join("slow.json");
-    let shape = ["--messages", "200", "-c", "4", "--quiet"];
+    // 40 messages over 4 connections; with the fault every end of data waits
+    // 200 ms, far beyond the noise of a loaded machine (tens of ms), so
+    // both directions of the comparison are robust.
+    let shape = ["--messages", "40", "-c", "4", "--quiet"];
     let (code, _, err) = smtpstorm(&[&["bench"][..], &shape, &["--json", p(&fast)]].concat());
     assert_eq!(code, 0, "{err}");
-    // Every MAIL waits 20 ms: p99(message) and the rate get far worse.
+    // p99(message) and the rate get far worse.
     let (code, _, err) = smtpstorm(
         &[
             &["bench"][..],
             &shape,
-            &["--sink-fault", "mail:delay=20ms", "--json", p(&slow)],
+            &["--sink-fault", "dot:delay=200ms", "--json", p(&slow)],
             &["--baseline", p(&fast), "--max-regression", "10%"],
         ]
         .concat(),
