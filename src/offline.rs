@@ -20,7 +20,14 @@ pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
         allow_invalid: args.allow_invalid,
         ..OutputConfig::default()
     };
-    blast::finish(BlastRun { report, errors: Vec::new(), interrupted: false }, &out)
+    blast::finish(
+        BlastRun {
+            report,
+            errors: Vec::new(),
+            interrupted: false,
+        },
+        &out,
+    )
 }
 
 /// `smtpstorm report FILE.json [--svg OUT]`

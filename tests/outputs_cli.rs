@@ -25,8 +25,10 @@ fn assert_schema_valid(doc: &Value) {
     let path = format!("{}/schemas/blast.schema.json", env!("CARGO_MANIFEST_DIR"));
     let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let v = jsonschema::draft202012::new(&schema).unwrap();
-    let errors: Vec<String> =
-        v.iter_errors(doc).map(|e| format!("{e} at {}", e.instance_path)).collect();
+    let errors: Vec<String> = v
+        .iter_errors(doc)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
     assert!(errors.is_empty(), "schema errors: {errors:#?}");
 }
 
@@ -65,7 +67,9 @@ fn p(path: &Path) -> &str {
 /// hdrhistogram crate (as any HdrHistogram library would).
 fn histogram_count(encoded: &str) -> u64 {
     use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).unwrap();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .unwrap();
     let h: hdrhistogram::Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
         .deserialize(&mut &bytes[..])
         .unwrap();
@@ -86,10 +90,18 @@ fn bench_runs_and_reports() {
     assert_eq!(get_u64(&v, "counts.messages_attempted"), 2000);
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 2000);
     assert_eq!(get_u64(&v, "latency.message.count"), 2000);
-    assert_eq!(histogram_count(v["latency"]["message"]["hist"].as_str().unwrap()), 2000);
+    assert_eq!(
+        histogram_count(v["latency"]["message"]["hist"].as_str().unwrap()),
+        2000
+    );
     assert_eq!(v["valid"], Value::Bool(true));
     let sink = read_json(&dir.path().join("bench.sink.json"));
-    assert_eq!(get_u64(&sink, "counts.messages_accepted"), 2000, "{}", sink["counts"]);
+    assert_eq!(
+        get_u64(&sink, "counts.messages_accepted"),
+        2000,
+        "{}",
+        sink["counts"]
+    );
 }
 
 #[test]
@@ -107,10 +119,16 @@ fn bench_failed_assertion_exits_99() {
     assert_eq!(code, 99, "{err}");
     let fails: Vec<&str> = err.lines().filter(|l| l.contains("FAIL")).collect();
     assert_eq!(fails.len(), 1, "only the failed check is listed: {err}");
-    assert!(fails[0].contains("p50(message) < 1us") && fails[0].contains("measured"), "{err}");
+    assert!(
+        fails[0].contains("p50(message) < 1us") && fails[0].contains("measured"),
+        "{err}"
+    );
     // The measured value is there, with a unit a reader can use (`1.92ms`).
     let measured = fails[0].split("measured ").nth(1).unwrap_or("").trim();
-    assert!(measured.ends_with('s') && measured.parse::<f64>().is_err(), "{err}");
+    assert!(
+        measured.ends_with('s') && measured.parse::<f64>().is_err(),
+        "{err}"
+    );
 }
 
 #[test]
@@ -133,7 +151,16 @@ fn merge_of_instances_equals_their_sum() {
     let mut sink = Proc::spawn(
         "smtpstorm sink",
         Command::new(bin())
-            .args(["sink", "--listen", &addr, "--threads", "1", "--quiet", "--duration", "60s"])
+            .args([
+                "sink",
+                "--listen",
+                &addr,
+                "--threads",
+                "1",
+                "--quiet",
+                "--duration",
+                "60s",
+            ])
             .arg("--capture")
             .arg(&cap)
             .arg("--json")
@@ -144,10 +171,15 @@ fn merge_of_instances_equals_their_sum() {
     // The instances run concurrently, aligned on one start time.
     let start_at = format!(
         "{:.3}",
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
             + 1.0
     );
-    let files: Vec<PathBuf> = (0..N).map(|i| dir.path().join(format!("{i}.json"))).collect();
+    let files: Vec<PathBuf> = (0..N)
+        .map(|i| dir.path().join(format!("{i}.json")))
+        .collect();
     let handles: Vec<_> = (0..N)
         .map(|i| {
             let (addr, file, start_at) = (addr.clone(), files[i].clone(), start_at.clone());
@@ -155,8 +187,21 @@ fn merge_of_instances_equals_their_sum() {
                 let inst = format!("{i}/{N}");
                 let m = M.to_string();
                 smtpstorm(&[
-                    "blast", &addr, "--instance", &inst, "--messages", &m, "-c", "4",
-                    "--threads", "1", "--start-at", &start_at, "--quiet", "--json", p(&file),
+                    "blast",
+                    &addr,
+                    "--instance",
+                    &inst,
+                    "--messages",
+                    &m,
+                    "-c",
+                    "4",
+                    "--threads",
+                    "1",
+                    "--start-at",
+                    &start_at,
+                    "--quiet",
+                    "--json",
+                    p(&file),
                 ])
             })
         })
@@ -168,7 +213,12 @@ fn merge_of_instances_equals_their_sum() {
     let merged = dir.path().join("merged.json");
     let mut args = vec!["merge".to_string()];
     args.extend(files.iter().map(|f| p(f).to_string()));
-    args.extend(["--json".into(), p(&merged).into(), "--assert".into(), "errors == 0".into()]);
+    args.extend([
+        "--json".into(),
+        p(&merged).into(),
+        "--assert".into(),
+        "errors == 0".into(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, _, err) = smtpstorm(&args);
     assert_eq!(code, 0, "{err}");
@@ -184,7 +234,10 @@ fn merge_of_instances_equals_their_sum() {
         "bytes",
         "connection_errors",
     ] {
-        let sum: u64 = parts.iter().map(|v| get_u64(v, &format!("counts.{key}"))).sum();
+        let sum: u64 = parts
+            .iter()
+            .map(|v| get_u64(v, &format!("counts.{key}")))
+            .sum();
         assert_eq!(get_u64(&m, &format!("counts.{key}")), sum, "counts.{key}");
     }
     assert_eq!(get_u64(&m, "counts.messages_accepted"), M);
@@ -193,21 +246,43 @@ fn merge_of_instances_equals_their_sum() {
             .iter()
             .map(|v| histogram_count(v["latency"][phase]["hist"].as_str().unwrap()))
             .sum();
-        assert_eq!(histogram_count(m["latency"][phase]["hist"].as_str().unwrap()), sum, "{phase}");
-        assert_eq!(get_u64(&m, &format!("latency.{phase}.count")), sum, "{phase}");
+        assert_eq!(
+            histogram_count(m["latency"][phase]["hist"].as_str().unwrap()),
+            sum,
+            "{phase}"
+        );
+        assert_eq!(
+            get_u64(&m, &format!("latency.{phase}.count")),
+            sum,
+            "{phase}"
+        );
     }
-    assert_eq!(m["assertions"][0]["ok"], Value::Bool(true), "{}", m["assertions"]);
+    assert_eq!(
+        m["assertions"][0]["ok"],
+        Value::Bool(true),
+        "{}",
+        m["assertions"]
+    );
 
     sink.terminate();
     assert!(sink.wait(Duration::from_secs(20)).success());
     let s = read_json(&sink_json);
-    assert_eq!(get_u64(&s, "counts.messages_accepted"), M, "{}", s["counts"]);
+    assert_eq!(
+        get_u64(&s, "counts.messages_accepted"),
+        M,
+        "{}",
+        s["counts"]
+    );
     // The {n} spaces of the instances did not overlap: every captured
     // message has its own recipient (the default `rcpt{n}.{r}` template).
     let mut rcpts = HashSet::new();
     for entry in std::fs::read_dir(cap.join("new")).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
-        let to = text.lines().find(|l| l.starts_with("To: ")).expect("To: header").to_string();
+        let to = text
+            .lines()
+            .find(|l| l.starts_with("To: "))
+            .expect("To: header")
+            .to_string();
         assert!(rcpts.insert(to.clone()), "two messages with {to}");
     }
     assert_eq!(rcpts.len() as u64, M);
@@ -217,13 +292,16 @@ fn merge_of_instances_equals_their_sum() {
 fn hgrm_is_readable() {
     let dir = tempfile::tempdir().unwrap();
     let hgrm = dir.path().join("m.hgrm");
-    let (code, _, err) =
-        smtpstorm(&["bench", "--messages", "500", "--quiet", "--hgrm", p(&hgrm)]);
+    let (code, _, err) = smtpstorm(&["bench", "--messages", "500", "--quiet", "--hgrm", p(&hgrm)]);
     assert_eq!(code, 0, "{err}");
     let text = std::fs::read_to_string(&hgrm).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let header: Vec<&str> = lines[0].split_whitespace().collect();
-    assert_eq!(header, ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"], "{text}");
+    assert_eq!(
+        header,
+        ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"],
+        "{text}"
+    );
     assert!(text.contains("#[Mean    ="), "{text}");
     assert!(text.contains("#[Max     ="), "{text}");
     assert!(text.contains("#[Buckets ="), "{text}");
@@ -251,7 +329,16 @@ fn hlog_is_readable() {
     let hlog = dir.path().join("m.hlog");
     let json = dir.path().join("m.json");
     let (code, _, err) = smtpstorm(&[
-        "bench", "--duration", "2s", "-c", "4", "--quiet", "--hlog", p(&hlog), "--json", p(&json),
+        "bench",
+        "--duration",
+        "2s",
+        "-c",
+        "4",
+        "--quiet",
+        "--hlog",
+        p(&hlog),
+        "--json",
+        p(&json),
     ]);
     assert_eq!(code, 0, "{err}");
     let count = get_u64(&read_json(&json), "latency.message.count");
@@ -281,15 +368,26 @@ fn report_svg_draws_both_charts() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("r.json");
     let svg = dir.path().join("r.svg");
-    let (code, _, err) =
-        smtpstorm(&["bench", "--duration", "2s", "-c", "4", "--quiet", "--json", p(&json)]);
+    let (code, _, err) = smtpstorm(&[
+        "bench",
+        "--duration",
+        "2s",
+        "-c",
+        "4",
+        "--quiet",
+        "--json",
+        p(&json),
+    ]);
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = smtpstorm(&["report", p(&json), "--svg", p(&svg)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("p99.9"), "the summary is printed: {out}");
     let s = std::fs::read_to_string(&svg).unwrap();
     assert!(s.starts_with("<svg"), "{}", &s[..s.len().min(200)]);
-    assert!(s.contains("Latency by percentile"), "latency spectrum chart");
+    assert!(
+        s.contains("Latency by percentile"),
+        "latency spectrum chart"
+    );
     assert!(s.contains("Throughput over time"), "throughput chart");
     // The committed example is a real report that still draws.
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("results/example/bench.json");
@@ -325,7 +423,12 @@ fn baseline_regression_exits_99() {
     assert!(slow.exists(), "the JSON is still written");
     // The other way round it is an improvement, which passes.
     let (code, _, err) = smtpstorm(
-        &[&["bench"][..], &shape, &["--baseline", p(&slow), "--max-regression", "10%"]].concat(),
+        &[
+            &["bench"][..],
+            &shape,
+            &["--baseline", p(&slow), "--max-regression", "10%"],
+        ]
+        .concat(),
     );
     assert_eq!(code, 0, "{err}");
 }
@@ -334,8 +437,18 @@ fn baseline_regression_exits_99() {
 fn invalid_run_exits_3() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("inv.json");
-    let shape =
-        ["bench", "--rate", "50k", "-c", "5", "--sink-fault", "ehlo:delay=50ms", "-d", "2s", "--quiet"];
+    let shape = [
+        "bench",
+        "--rate",
+        "50k",
+        "-c",
+        "5",
+        "--sink-fault",
+        "ehlo:delay=50ms",
+        "-d",
+        "2s",
+        "--quiet",
+    ];
     let (code, _, err) = smtpstorm(&[&shape[..], &["--json", p(&json)]].concat());
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("invalid run"), "{err}");
@@ -354,9 +467,15 @@ fn without_a_terminal_progress_is_one_plain_line_per_second() {
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("progress ")).collect();
     assert!((2..=4).contains(&lines.len()), "{err}");
-    assert!(!err.contains('\r') && !err.contains('\x1b'), "no terminal codes: {err:?}");
+    assert!(
+        !err.contains('\r') && !err.contains('\x1b'),
+        "no terminal codes: {err:?}"
+    );
     for l in &lines {
-        assert!(l.contains("/2s") && l.contains("msg/s") && l.contains("err"), "{l}");
+        assert!(
+            l.contains("/2s") && l.contains("msg/s") && l.contains("err"),
+            "{l}"
+        );
     }
     assert!(!out.contains("progress "), "progress stays off stdout");
     let (code, _, err) = smtpstorm(&["bench", "--duration", "2s", "-c", "2", "--quiet"]);

@@ -16,6 +16,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::config::BlastConfig;
 use crate::stats::IntervalSnapshot;
 
+/// The bar when the run has a known end, and the spinner when it has none
+/// (`wide_msg` is cut to the terminal width, so the line never wraps).
+const BAR_TEMPLATE: &str = "{prefix} [{bar:24}] {wide_msg}";
+const SPINNER_TEMPLATE: &str = "{spinner} {prefix} {wide_msg}";
+
 /// What ends the run, for `elapsed/total`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Total {
@@ -62,11 +67,15 @@ impl Progress {
                 Total::Messages(n) | Total::Sessions(n) => n.max(1),
                 Total::Unbounded => 0,
             };
-            let bar = if len == 0 { ProgressBar::no_length() } else { ProgressBar::new(len) };
-            let template = if len == 0 {
-                "{spinner} {prefix} {msg}"
+            let bar = if len == 0 {
+                ProgressBar::no_length()
             } else {
-                "{prefix} [{bar:24}] {msg}"
+                ProgressBar::new(len)
+            };
+            let template = if len == 0 {
+                SPINNER_TEMPLATE
+            } else {
+                BAR_TEMPLATE
             };
             if let Ok(style) = ProgressStyle::with_template(template) {
                 bar.set_style(style.progress_chars("=> "));
@@ -96,7 +105,10 @@ impl Progress {
         // `[   12s] 400 msg/s ...`: the rates and percentiles, without the clock.
         let rates = live.split_once("] ").map_or(live.as_str(), |(_, r)| r);
         let done = self.done();
-        let msg = format!("{rates}  total {} msg, {} errors", self.messages_done, self.errors);
+        let msg = format!(
+            "{rates}  total {} msg, {} errors",
+            self.messages_done, self.errors
+        );
         match &self.mode {
             Mode::Off => {}
             Mode::Plain => eprintln!("progress [{done}] {msg}"),
@@ -145,6 +157,12 @@ mod tests {
             errors: 0,
             elapsed: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn bar_templates_are_valid() {
+        assert!(ProgressStyle::with_template(BAR_TEMPLATE).is_ok());
+        assert!(ProgressStyle::with_template(SPINNER_TEMPLATE).is_ok());
     }
 
     #[test]
