@@ -104,7 +104,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
 
     let s = &summary.report.counts;
     let b = &run.report.counts;
-    println!(
+    let sink_line = format!(
         "sink: {} sessions, {} messages accepted, {} tempfailed, {} rejected, {} bytes{}",
         s.sessions,
         s.messages_accepted,
@@ -120,7 +120,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
             String::new()
         }
     );
-    println!("(sink and blaster share this process: the cpu line below covers both)");
+    let note = "(sink and blaster share this process: the cpu line below covers both)";
+    // With `--json -` stdout carries only the JSON; the text goes to stderr
+    // like the blaster's summary.
+    if json_on_stdout(&output) {
+        eprintln!("{sink_line}\n{note}");
+    } else {
+        println!("{sink_line}\n{note}");
+    }
     if let Some(p) = &output.json {
         if p.as_os_str() != "-" {
             let sink_json = sink_json_path(p);
@@ -139,6 +146,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         bail!("the sink found {} corrupt messages", s.verify_corrupt);
     }
     Ok(code)
+}
+
+/// `--json -`: the report goes to stdout.
+fn json_on_stdout(output: &blast::OutputConfig) -> bool {
+    output.json.as_deref() == Some(std::path::Path::new("-"))
 }
 
 /// `bench.json` → `bench.sink.json`.

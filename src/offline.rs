@@ -14,6 +14,9 @@ use crate::stats;
 pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
     let asserts = stats::parse_assertions(&args.asserts)?;
     let report = stats::merge_files(&args.files, &[])?;
+    for r in &report.invalid_reasons {
+        eprintln!("smtpstorm: invalid run: {r}");
+    }
     let out = OutputConfig {
         json: args.json.clone(),
         asserts,

@@ -482,3 +482,35 @@ fn without_a_terminal_progress_is_one_plain_line_per_second() {
     assert_eq!(code, 0, "{err}");
     assert!(!err.contains("progress "), "{err}");
 }
+
+#[test]
+fn bench_json_on_stdout_is_only_json() {
+    let (code, out, err) = smtpstorm(&["bench", "--messages", "50", "--quiet", "--json", "-"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(get_u64(&v, "counts.messages_accepted"), 50);
+    assert!(
+        err.contains("sink: 50 sessions") && err.contains("p99.9"),
+        "{err}"
+    );
+}
+
+#[test]
+fn merging_an_invalid_run_exits_3_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("good.json"), dir.path().join("bad.json"));
+    let (code, _, err) = smtpstorm(&["bench", "--messages", "50", "--quiet", "--json", p(&good)]);
+    assert_eq!(code, 0, "{err}");
+    let mut v = read_json(&good);
+    v["valid"] = Value::Bool(false);
+    v["invalid_reasons"] = serde_json::json!(["the blaster could not keep its schedule"]);
+    std::fs::write(&bad, serde_json::to_string(&v).unwrap()).unwrap();
+    let (code, _, err) = smtpstorm(&["merge", p(&good), p(&bad)]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("invalid run: input 2: the blaster could not keep its schedule"),
+        "{err}"
+    );
+    let (code, _, err) = smtpstorm(&["merge", p(&good), p(&bad), "--allow-invalid"]);
+    assert_eq!(code, 0, "{err}");
+}
