@@ -37,8 +37,9 @@ fn split_cores(cores: &[usize], sink_threads: Option<usize>) -> (Vec<usize>, Vec
 /// blaster will speak.
 fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig> {
     let load = &args.load;
-    let mut argv: Vec<String> =
-        ["smtpstorm", "sink", "--listen", "127.0.0.1:0", "--quiet"].map(String::from).to_vec();
+    let mut argv: Vec<String> = ["smtpstorm", "sink", "--listen", "127.0.0.1:0", "--quiet"]
+        .map(String::from)
+        .to_vec();
     if load.tls {
         argv.extend(["--tls-listen".into(), "127.0.0.1:0".into()]);
     }
@@ -68,14 +69,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     let cores = available_cores();
     let (auto_sink, auto_blast) = split_cores(&cores, args.sink_threads);
     let sink_cpus = args.sink_cpus.clone().unwrap_or(auto_sink);
-    let blast_cpus = match (&args.blast_cpus, &args.load.threads.cpus, args.load.threads.threads) {
+    let blast_cpus = match (
+        &args.blast_cpus,
+        &args.load.threads.cpus,
+        args.load.threads.threads,
+    ) {
         (Some(l), _, _) | (None, Some(l), _) => l.clone(),
         (None, None, Some(n)) => auto_blast.iter().copied().cycle().take(n).collect(),
         (None, None, None) => auto_blast,
     };
     let scfg = sink_config(args, sink_cpus.clone())?;
     let sink = sink::start(scfg).context("starting the embedded sink")?;
-    let target = if args.load.tls { sink.tls_addrs()[0] } else { sink.plain_addrs()[0] };
+    let target = if args.load.tls {
+        sink.tls_addrs()[0]
+    } else {
+        sink.plain_addrs()[0]
+    };
     if !args.load.quiet {
         eprintln!(
             "smtpstorm bench: sink on {target} (CPUs {sink_cpus:?}), blaster on CPUs {blast_cpus:?}"
@@ -88,12 +97,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     let output = bcfg.output.clone();
     let run = blast::execute(bcfg);
     sink.stop();
-    let summary = sink.wait().context("collecting the embedded sink's figures")?;
+    let summary = sink
+        .wait()
+        .context("collecting the embedded sink's figures")?;
     let run = run?;
 
     let s = &summary.report.counts;
     let b = &run.report.counts;
-    println!(
+    let sink_line = format!(
         "sink: {} sessions, {} messages accepted, {} tempfailed, {} rejected, {} bytes{}",
         s.sessions,
         s.messages_accepted,
@@ -101,12 +112,22 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         s.messages_rejected,
         s.bytes,
         if args.verify {
-            format!(", verified {} ok / {} corrupt", s.verify_ok, s.verify_corrupt)
+            format!(
+                ", verified {} ok / {} corrupt",
+                s.verify_ok, s.verify_corrupt
+            )
         } else {
             String::new()
         }
     );
-    println!("(sink and blaster share this process: the cpu line below covers both)");
+    let note = "(sink and blaster share this process: the cpu line below covers both)";
+    // With `--json -` stdout carries only the JSON; the text goes to stderr
+    // like the blaster's summary.
+    if json_on_stdout(&output) {
+        eprintln!("{sink_line}\n{note}");
+    } else {
+        println!("{sink_line}\n{note}");
+    }
     if let Some(p) = &output.json {
         if p.as_os_str() != "-" {
             let sink_json = sink_json_path(p);
@@ -127,9 +148,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
     Ok(code)
 }
 
+/// `--json -`: the report goes to stdout.
+fn json_on_stdout(output: &blast::OutputConfig) -> bool {
+    output.json.as_deref() == Some(std::path::Path::new("-"))
+}
+
 /// `bench.json` → `bench.sink.json`.
 fn sink_json_path(p: &std::path::Path) -> PathBuf {
-    let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     p.with_file_name(format!("{stem}.sink.json"))
 }
 
@@ -141,13 +170,22 @@ mod tests {
     fn cores_are_split_between_sink_and_blaster() {
         assert_eq!(split_cores(&[0, 1], None), (vec![0], vec![1]));
         assert_eq!(split_cores(&[0, 1, 2, 3], None), (vec![0, 1], vec![2, 3]));
-        assert_eq!(split_cores(&[0, 1, 2, 3], Some(3)), (vec![0, 1, 2], vec![3]));
-        assert_eq!(split_cores(&[0, 1, 2, 3], Some(9)), (vec![0, 1, 2], vec![3]));
+        assert_eq!(
+            split_cores(&[0, 1, 2, 3], Some(3)),
+            (vec![0, 1, 2], vec![3])
+        );
+        assert_eq!(
+            split_cores(&[0, 1, 2, 3], Some(9)),
+            (vec![0, 1, 2], vec![3])
+        );
         assert_eq!(split_cores(&[5], None), (vec![5], vec![5]));
     }
 
     #[test]
     fn sink_report_goes_beside_the_blast_report() {
-        assert_eq!(sink_json_path(std::path::Path::new("/tmp/run.json")), PathBuf::from("/tmp/run.sink.json"));
+        assert_eq!(
+            sink_json_path(std::path::Path::new("/tmp/run.json")),
+            PathBuf::from("/tmp/run.sink.json")
+        );
     }
 }

@@ -14,13 +14,23 @@ use crate::stats;
 pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
     let asserts = stats::parse_assertions(&args.asserts)?;
     let report = stats::merge_files(&args.files, &[])?;
+    for r in &report.invalid_reasons {
+        eprintln!("smtpstorm: invalid run: {r}");
+    }
     let out = OutputConfig {
         json: args.json.clone(),
         asserts,
         allow_invalid: args.allow_invalid,
         ..OutputConfig::default()
     };
-    blast::finish(BlastRun { report, errors: Vec::new(), interrupted: false }, &out)
+    blast::finish(
+        BlastRun {
+            report,
+            errors: Vec::new(),
+            interrupted: false,
+        },
+        &out,
+    )
 }
 
 /// `smtpstorm report FILE.json [--svg OUT]`

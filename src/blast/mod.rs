@@ -8,7 +8,7 @@
 //! [`execute`] spawns one pinned worker per CPU ([`worker`]), each owning its
 //! connections, timers and [`crate::stats::Recorder`]. Once a second every
 //! worker sends its interval snapshot; the main thread merges the snapshots
-//! of each second (live line on a terminal, `.hlog`, timeline). At the end
+//! of each second ([`progress`] display, `.hlog`, timeline). At the end
 //! the per-thread totals are merged once into the report.
 //!
 //! Invariants: the main thread never touches a worker's state; an
@@ -20,11 +20,12 @@
 pub mod config;
 pub mod message;
 pub mod probe;
+pub mod progress;
 pub mod schedule;
 pub mod worker;
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -112,7 +113,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     };
     let started_at_unix = unix_now() + cfg.warmup.as_secs_f64();
     let cpu_start = CpuUsage::now();
-    let live = !cfg.output.quiet && std::io::stderr().is_terminal();
+    let mut progress = progress::Progress::new(&cfg);
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<Tick>();
     let workers = {
@@ -131,10 +132,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
             if let Some(h) = hlog {
                 h.write_snapshot(snap)?;
             }
-            if live {
-                eprint!("\r\x1b[2K{}", snap.live_line());
-                let _ = std::io::stderr().flush();
-            }
+            progress.interval(snap);
             Ok(())
         };
     loop {
@@ -160,9 +158,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     for (_, (_, snap)) in std::mem::take(&mut pending) {
         absorb(&snap, &mut hlog)?;
     }
-    if live {
-        eprintln!();
-    }
+    progress.finish();
     let results = workers.join()?;
     let ended = Instant::now();
     if let Some(h) = hlog {
@@ -263,13 +259,14 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
     let mut failures: Vec<String> = report
         .assertions
         .iter()
-        .filter(|a| !a.ok)
-        .map(|a| {
-            let v = a
+        .zip(&out.asserts)
+        .filter(|(r, _)| !r.ok)
+        .map(|(r, a)| {
+            let v = r
                 .value
-                .map(|v| format!("{v:.3}"))
+                .map(|v| a.format_value(v))
                 .unwrap_or_else(|| "no data".into());
-            format!("  FAIL  {:<32} measured {v}", a.expr)
+            format!("  FAIL  {:<32} measured {v}", r.expr)
         })
         .collect();
     if let Some(b) = &out.baseline {

@@ -352,6 +352,17 @@ impl Assertion {
         }
     }
 
+    /// A measured value of this metric for people: latencies with a unit
+    /// (`1.92ms`), rates per second, counts as integers or percentages.
+    pub fn format_value(&self, v: f64) -> String {
+        match self.metric {
+            Metric::Latency { .. } => super::summary::format_us(v),
+            Metric::Rate(_) => format!("{v:.1}/s"),
+            Metric::Count(_) if self.percent => format!("{v:.2}%"),
+            Metric::Count(_) => format!("{v:.0}"),
+        }
+    }
+
     /// Evaluates the assertion: `{expr, ok, value}`.
     pub fn evaluate(&self, report: &Report) -> AssertionResult {
         let value = self.value(report);
@@ -368,6 +379,14 @@ impl Assertion {
 mod tests {
     use super::*;
     use crate::stats::report::tests::sample_blast_report;
+
+    #[test]
+    fn measured_values_are_formatted_in_the_metric_unit() {
+        assert_eq!(parse("p50(message) < 1us").unwrap().format_value(1924.0), "1.92ms");
+        assert_eq!(parse("rate(messages) >= 5").unwrap().format_value(12.345), "12.3/s");
+        assert_eq!(parse("tempfailed <= 1%").unwrap().format_value(0.5), "0.50%");
+        assert_eq!(parse("errors == 0").unwrap().format_value(3.0), "3");
+    }
 
     #[test]
     fn latency_assertions_parse_with_units() {
