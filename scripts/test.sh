@@ -13,10 +13,11 @@ bash scripts/install-peers.sh
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" || true
 
 export CARGO_TERM_COLOR=never
-cargo build --release --bin smtpstorm
+# Profile `ci` (Cargo.toml): optimized, no LTO, so every test binary links fast.
+cargo build --profile ci --bin smtpstorm
 # SMTPSTORM_BIN lets the integration tests drive the optimized binary.
-export SMTPSTORM_BIN="$PWD/target/release/smtpstorm"
-cargo test --release --all-features -- --test-threads 2
+export SMTPSTORM_BIN="$PWD/target/ci/smtpstorm"
+cargo test --profile ci -- --test-threads 2
 # Bounded fuzzing on the stable toolchain (each target runs SMTPSTORM_FUZZ_SECS).
 export SMTPSTORM_FUZZ_SECS="${SMTPSTORM_FUZZ_SECS:-20}"
-cargo test --release -- --ignored fuzz_ --test-threads 1
+cargo test --profile ci -- --ignored fuzz_ --test-threads 1
