@@ -138,18 +138,22 @@ def svg(doc):
                      / idle["smtp-sink"]["rss_bytes_per_connection"], 16384 / idle["smtp-sink"]["rss_bytes_per_connection"], False))
     w, left, bar, gap, top = 760, 300, 22, 12, 50
     h = top + len(rows) * (bar + gap) + 40
-    xmax = max([3.0] + [r[1] * 1.1 for r in rows])
-    sx = lambda v: left + (w - left - 40) * v / xmax
+    # Log scale from 0.01x to 20x, bars grow from the 1.0 line: left means
+    # smtpstorm uses less, right means it does more.
+    import math
+    lo, hi = math.log10(0.01), math.log10(20)
+    sx = lambda v: left + (w - left - 50) * (math.log10(min(max(v, 0.01), 20)) - lo) / (hi - lo)
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
          f'<rect width="{w}" height="{h}" fill="white"/>',
          '<text x="10" y="20" font-size="15" font-weight="bold">smtpstorm / Postfix tool (ratio; bar colour: target met or not)</text>',
-         '<text x="10" y="38" fill="#555">lower is better for CPU and memory, higher for rates; black tick = target</text>']
+         '<text x="10" y="38" fill="#555">log scale; lower is better for CPU and memory, higher for rates; black tick = target</text>']
     for i, (name, v, lim, higher) in enumerate(rows):
         y = top + i * (bar + gap)
         ok = v >= lim if higher else v <= lim
         o.append(f'<text x="{left - 8}" y="{y + bar * 0.7}" text-anchor="end">{name}</text>')
-        o.append(f'<rect x="{left}" y="{y}" width="{sx(v) - left:.1f}" height="{bar}" fill="{"#3a7" if ok else "#d54"}"/>')
-        o.append(f'<text x="{sx(v) + 4:.1f}" y="{y + bar * 0.7}">{v:.2f}x</text>')
+        x0, x1 = sorted((sx(1), sx(v)))
+        o.append(f'<rect x="{x0:.1f}" y="{y}" width="{max(x1 - x0, 1):.1f}" height="{bar}" fill="{"#3a7" if ok else "#d54"}"/>')
+        o.append(f'<text x="{max(sx(v), sx(1)) + 4:.1f}" y="{y + bar * 0.7}">{v:.2f}x</text>')
         o.append(f'<line x1="{sx(lim):.1f}" x2="{sx(lim):.1f}" y1="{y - 3}" y2="{y + bar + 3}" stroke="black" stroke-width="2"/>')
     y1 = top + len(rows) * (bar + gap)
     o.append(f'<line x1="{sx(1):.1f}" x2="{sx(1):.1f}" y1="{top - 5}" y2="{y1}" stroke="#888" stroke-dasharray="4 3"/>')
@@ -171,6 +175,8 @@ def readme(doc):
          f"- Sizes: {json.dumps(doc['sizes'])}",
          "- The machine is shared (2 cores, other engineers compiling): rounds interleave the tools "
          "(rotated order each round) and every figure is a median; per-round ratios in the JSON show the spread.",
+         f"- CPU times come in clock ticks of {1000 // os.sysconf('SC_CLK_TCK')} ms, so a run's CPU figure is "
+         "exact only to about one tick; run sizes keep each figure at tens of ticks or more.",
          "", "## Targets (issue 6 / sink and blaster issues)", "",
          "Ratio = smtpstorm / Postfix tool. The main column is the pairing the target names "
          "(sinks driven by smtp-source; generators driving smtpstorm sink); the other peer is beside it "
@@ -206,6 +212,8 @@ def readme(doc):
                     continue
                 L.append(f"| {pairing} | {shape} | {k} | {fmt(v, 2)} |")
     L += ["", "## Idle connections (memory)", "",
+          "Growth of the sink's RSS (/proc/PID/status VmRSS) while a helper holds the connections open after "
+          "reading the greeting, divided by the connections; kernel socket memory is not counted for either sink.", "",
           "| sink | connections held | RSS bytes per connection |", "|---|---:|---:|"]
     for s, v in doc["idle"].items():
         L.append(f"| {s} | {fmt(v['connections'], 0)} | {fmt(v['rss_bytes_per_connection'], 0)} |")
@@ -217,7 +225,8 @@ def readme(doc):
         L.append(f"| {s['sink_threads']} | {fmt(s['sessions_per_s'], 0)} | {fmt(s['sink_cpu_us_per_session'])} |")
     L += ["", "## TLS (STARTTLS), smtpstorm blast -> smtpstorm sink", "",
           "Postfix has no TLS load tool (smtp-source and smtp-sink do not speak STARTTLS), so TLS is "
-          "compared with our own plaintext only.", "",
+          "compared with our own plaintext only. The blast report counts TLS sessions but not which of "
+          "them were resumed, so resumption shows only as the lower CPU per session.", "",
           "| mode | sessions/s | sink µs/session | client µs/session |", "|---|---:|---:|---:|"]
     for mode, v in doc["tls"].items():
         L.append(f"| {mode} | {fmt(v['sessions_per_s'], 0)} | {fmt(v['sink_cpu_us_per_session'])} | {fmt(v['client_cpu_us_per_session'])} |")
