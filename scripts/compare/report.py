@@ -11,6 +11,7 @@ Standard library only; the SVG is drawn by hand.
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 
@@ -226,7 +227,9 @@ def readme(doc):
     L += ["", "## TLS (STARTTLS), smtpstorm blast -> smtpstorm sink", "",
           "Postfix has no TLS load tool (smtp-source and smtp-sink do not speak STARTTLS), so TLS is "
           "compared with our own plaintext only. The blast report counts TLS sessions but not which of "
-          "them were resumed, so resumption shows only as the lower CPU per session.", "",
+          "them were resumed, so resumption could only show as lower CPU per session. TLS 1.3 resumption "
+          "still does an ECDHE exchange, so it saves only the certificate signature and verification: "
+          "expect a small difference, easily inside the noise of a shared machine. Per-round values are in the JSON.", "",
           "| mode | sessions/s | sink µs/session | client µs/session |", "|---|---:|---:|---:|"]
     for mode, v in doc["tls"].items():
         L.append(f"| {mode} | {fmt(v['sessions_per_s'], 0)} | {fmt(v['sink_cpu_us_per_session'])} | {fmt(v['client_cpu_us_per_session'])} |")
@@ -234,12 +237,18 @@ def readme(doc):
     seen = set()
     for r in doc["runs"]:
         key = (r["kind"], r.get("shape"), r.get("client"), r.get("sink"), r.get("mode"), r.get("sink_threads"))
-        if "command" in r and key not in seen:
-            seen.add(key)
-            cmds.append(r["command"])
+        if "command" in r:
+            c = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", r["command"])
+            c = re.sub(r"--json \S+", "--json FILE", c)
+            c = re.sub(r"^\S*/smtpstorm ", "smtpstorm ", c)
+            if c not in seen:
+                seen.add(c)
+                cmds.append(c)
     L += ["", "## Exact commands", "", "```", f"{doc['tool']}",
           "# sinks (ports vary per run):",
           "smtpstorm sink --listen 127.0.0.1:PORT --quiet --max-connections 100000 --cpus 0 --no-starttls",
+          "smtpstorm sink --listen 127.0.0.1:PORT --quiet --max-connections 100000 --threads N  # scaling",
+          "smtpstorm sink --listen 127.0.0.1:PORT --quiet --max-connections 100000 --cpus 0  # TLS (STARTTLS offered)",
           "taskset -c 0 /usr/sbin/smtp-sink -u nobody -m 30000 127.0.0.1:PORT 4096",
           "# clients:"] + cmds + [
           "# idle: scripts/compare/idle.py PORT 10000 READY STOP against a fresh sink; RSS from /proc/PID/status",

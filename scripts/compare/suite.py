@@ -322,7 +322,7 @@ def main():
         a.n_new, a.n_persistent, a.n_large, a.n_idle, a.n_tls = 1000, 3000, 300, 10000, 200
         a.idle_rounds, a.side_rounds, a.budget_s, a.client_timeout_s = 1, 1, 100, 20
     else:
-        a.rounds = a.rounds or 5
+        a.rounds = a.rounds or 6
         a.n_new, a.n_persistent, a.n_large, a.n_idle, a.n_tls = 4000, 20000, 1500, 10000, 1000
         a.idle_rounds, a.side_rounds, a.budget_s, a.client_timeout_s = 3, 3, 540, 60
     # Rounds of the matrix stop when less than this is left for the rest.
