@@ -187,6 +187,21 @@ def readme(doc):
         nd = 0 if "idle" in t["name"] else 2
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
         L.append(f"| {t['name']} | {fmt(t['ratio'], nd)} | {fmt(t['ratio_other_peer'], nd)} | {t['target']} | {met} |")
+    R = doc["ratios"]
+    per_round = paired_ratio([r for r in doc["runs"] if r["kind"] == "matrix" and good(r)], "new",
+                             ("smtp-source", "smtpstorm"), ("smtp-source", "smtp-sink"), "sink_cpu_us_per_session")[1]
+    L += ["", "Reading the targets:", "",
+          "- A target whose median sits at its bound is met only at the edge: the per-round ratios of sink "
+          "CPU/session (new sessions, smtp-source client) were "
+          + ", ".join(f"{x:.2f}" for x in per_round) + "; rounds on this shared machine vary by tens of percent.",
+          "- Rates of new sessions are bound by the client as much as by the sink: smtp-source drives either "
+          f"sink at about the same rate (ratio {fmt(R['sinks (client smtp-source)']['new']['messages_per_s'], 2)}), "
+          "so sink comparisons are made on CPU per session or per message, not on rates.",
+          "- 100 KB messages: the blaster's CPU per message is close to smtp-source's "
+          f"({fmt(R['generators (sink smtpstorm)']['large']['client_cpu_us_per_message'], 2)}x): copying the body "
+          "dominates for both; there is no target for it.",
+          "- Persistent sessions: smtpstorm blast pipelines 100 messages per session; smtp-source -d does not, "
+          "so the persistent rate ratio measures pipelining as much as the implementation."]
     L += ["", "## All pairings (medians over rounds)", "",
           "Client and sink each run on one pinned CPU (sink on CPU 0, client on CPU 1). "
           "CPU µs are utime+stime from `/proc/PID/stat`. new = one 1 KB message per session, 20 in parallel; "
