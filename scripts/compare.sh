@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; BUILD=0; shift ;;
         --out) OUT=$2; shift ;;
         --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
