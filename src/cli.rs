@@ -156,9 +156,10 @@ pub struct SinkArgs {
 /// The load shape and measurement options shared by `blast` and `bench`.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Sessions in flight at once (closed loop), or the cap on them with --rate.
-    #[arg(short = 'c', long, value_name = "C", default_value = "16", value_parser = parse_count)]
-    pub connections: u64,
+    /// Sessions in flight at once (closed loop), or the cap on them with --rate
+    /// [default: 16; with --rate 1000].
+    #[arg(short = 'c', long, value_name = "C", value_parser = parse_count)]
+    pub connections: Option<u64>,
     /// Open loop: start messages (or sessions, --rate-unit) at this rate per second on a fixed schedule.
     #[arg(short = 'r', long, value_name = "R", value_parser = parse_rate)]
     pub rate: Option<f64>,

@@ -6,9 +6,10 @@
 //! get their default (10 s when none is given). Workers only ever see this
 //! type, so nothing on the hot path re-parses a flag.
 //!
-//! Invariants: `threads >= 1`; `connections >= 1`; with `--rate` the cap on
-//! sessions in flight is generous (`max(C, 1000)` unless `-c` was given
-//! explicitly, which clap cannot tell us, so the rule is `max(C, 1000)`);
+//! Invariants: `threads >= 1`; `connections >= 1`; without `-c` the closed
+//! loop keeps 16 sessions in flight and an open loop caps them at a
+//! generous 1000 (a default meant for the closed loop must not throttle
+//! it); an explicit `-c` is the number, or the cap, as given;
 //! `rate_per_sec`, `connections` and `source_ips` are already this
 //! instance's share.
 
@@ -189,13 +190,16 @@ impl BlastConfig {
             (None, None) => Cpus::all(),
         };
         let rate = load.rate.map(|r| r / f64::from(ninst));
-        let mut connections = share(load.connections, u64::from(inst), u64::from(ninst)).max(1);
+        let default_connections = if rate.is_some() { 1000 } else { 16 };
+        let connections = share(
+            load.connections.unwrap_or(default_connections),
+            u64::from(inst),
+            u64::from(ninst),
+        )
+        .max(1);
         let model = match rate {
             None => LoadModel::Closed,
             Some(r) => {
-                // A generous cap: an open loop must not be throttled by a
-                // default meant for the closed loop.
-                connections = connections.max(1000);
                 let per_session = match load.rate_unit {
                     RateUnit::Messages => load.messages_per_session as f64,
                     RateUnit::Sessions => 1.0,
@@ -415,6 +419,9 @@ mod tests {
         );
         assert_eq!(c.duration, Some(Duration::from_secs(10)));
         assert_eq!(c.connections, 1000, "a generous cap in open loop");
+        let c = config(&["--rate", "100", "-c", "7"]);
+        assert_eq!(c.connections, 7, "an explicit -c caps the open loop");
+        assert_eq!(config(&[]).connections, 16, "closed-loop default");
         let c = config(&["--rate", "100", "-k", "5", "--rate-unit", "sessions"]);
         assert_eq!(
             c.model,
