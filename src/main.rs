@@ -34,8 +34,22 @@ fn main() -> ExitCode {
     match smtpstorm::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("smtpstorm: {e:#}");
+            eprintln!("smtpstorm: {}", one_line(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: many error types
+/// already quote their source in their own message.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
