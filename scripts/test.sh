@@ -17,7 +17,18 @@ export CARGO_TERM_COLOR=never
 cargo build --profile ci --bin smtpstorm
 # SMTPSTORM_BIN lets the integration tests drive the optimized binary.
 export SMTPSTORM_BIN="$PWD/target/ci/smtpstorm"
-cargo test --profile ci -- --test-threads 2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 # Bounded fuzzing on the stable toolchain (each target runs SMTPSTORM_FUZZ_SECS).
 export SMTPSTORM_FUZZ_SECS="${SMTPSTORM_FUZZ_SECS:-20}"
-cargo test --profile ci -- --ignored fuzz_ --test-threads 1
+cargo test --profile ci --lib --bins --tests -- --ignored fuzz_ --test-threads 1 2>&1 | tee -a "$log"
+# Everything else: unit, byte-script, property, pair and integration tests.
+cargo test --profile ci --lib --bins --tests -- --test-threads 2 2>&1 | tee -a "$log"
+# One closing line for the whole suite.
+awk '/^test result:/ {
+       for (i = 1; i <= NF; i++) {
+         if ($(i) ~ /^passed;?$/) p += $(i-1)
+         if ($(i) ~ /^failed;?$/) f += $(i-1)
+       }
+     }
+     END { printf "suite: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
