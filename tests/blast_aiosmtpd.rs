@@ -124,25 +124,6 @@ fn aiosmtpd(dir: &Path, mode: &str, delay_secs: f64) -> Aiosmtpd {
     }
 }
 
-#[track_caller]
-fn blast(dir: &Path, args: &[&str]) -> (i32, Value, String) {
-    let json = dir.join(format!("blast-{}.json", free_port()));
-    let out = run(
-        "smtpstorm blast",
-        Command::new(bin())
-            .arg("blast")
-            .args(args)
-            .arg("--quiet")
-            .arg("--json")
-            .arg(&json),
-        Duration::from_secs(60),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(json.exists(), "no JSON written (exit {code}): {stderr}");
-    (code, read_json(&json), stderr)
-}
-
 #[test]
 fn starttls_and_auth_plain_against_aiosmtpd() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -27,26 +26,6 @@ fn assert_schema_valid(doc: &Value) {
         .map(|e| format!("{e} at {}", e.instance_path))
         .collect();
     assert!(errors.is_empty(), "schema errors: {errors:#?}");
-}
-
-/// Runs `smtpstorm blast ARGS --json FILE`; returns (exit code, JSON, stderr).
-#[track_caller]
-fn blast(dir: &Path, args: &[&str]) -> (i32, Value, String) {
-    let json = dir.join(format!("blast-{}.json", free_port()));
-    let out = run(
-        "smtpstorm blast",
-        Command::new(bin())
-            .arg("blast")
-            .args(args)
-            .arg("--quiet")
-            .arg("--json")
-            .arg(&json),
-        Duration::from_secs(60),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    let code = out.status.code().unwrap_or(-1);
-    assert!(json.exists(), "no JSON written (exit {code}): {stderr}");
-    (code, read_json(&json), stderr)
 }
 
 #[track_caller]

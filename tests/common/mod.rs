@@ -136,6 +136,26 @@ pub fn run(name: &str, cmd: &mut Command, within: Duration) -> Output {
     Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
 }
 
+/// Runs `smtpstorm blast ARGS --quiet --json FILE`; returns (exit code, JSON, stderr).
+#[track_caller]
+pub fn blast(dir: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
+    let json = dir.join(format!("blast-{}.json", free_port()));
+    let out = run(
+        "smtpstorm blast",
+        Command::new(bin())
+            .arg("blast")
+            .args(args)
+            .arg("--quiet")
+            .arg("--json")
+            .arg(&json),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let code = out.status.code().unwrap_or(-1);
+    assert!(json.exists(), "no JSON written (exit {code}): {stderr}");
+    (code, read_json(&json), stderr)
+}
+
 /// Read a JSON file written by smtpstorm.
 #[track_caller]
 pub fn read_json(path: &Path) -> serde_json::Value {
