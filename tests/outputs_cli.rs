@@ -32,22 +32,6 @@ fn assert_schema_valid(doc: &Value) {
     assert!(errors.is_empty(), "schema errors: {errors:#?}");
 }
 
-#[track_caller]
-fn assert_outcomes_add_up(v: &Value) {
-    let c = |k: &str| get_u64(v, &format!("counts.{k}"));
-    assert_eq!(
-        c("messages_attempted"),
-        c("messages_accepted")
-            + c("messages_tempfailed")
-            + c("messages_rejected")
-            + c("connection_errors")
-            + c("timeouts")
-            + c("protocol_errors"),
-        "outcomes add up: {}",
-        v["counts"]
-    );
-}
-
 /// Runs `smtpstorm ARGS`; returns (exit code, stdout, stderr).
 #[track_caller]
 fn smtpstorm(args: &[&str]) -> (i32, String, String) {

@@ -156,6 +156,23 @@ pub fn blast(dir: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
     (code, read_json(&json), stderr)
 }
 
+/// Every attempted message has exactly one outcome: the counts add up.
+#[track_caller]
+pub fn assert_outcomes_add_up(v: &serde_json::Value) {
+    let c = |k: &str| get_u64(v, &format!("counts.{k}"));
+    assert_eq!(
+        c("messages_attempted"),
+        c("messages_accepted")
+            + c("messages_tempfailed")
+            + c("messages_rejected")
+            + c("connection_errors")
+            + c("timeouts")
+            + c("protocol_errors"),
+        "outcomes add up: {}",
+        v["counts"]
+    );
+}
+
 /// Read a JSON file written by smtpstorm.
 #[track_caller]
 pub fn read_json(path: &Path) -> serde_json::Value {
