@@ -1,15 +1,32 @@
 #!/usr/bin/env bash
 # Installs the real SMTP peers the tests talk to (Debian packages), without
-# prompts. Idempotent: does nothing when everything is already there.
+# prompts, and everything each peer needs for what the tests use it for.
+# Idempotent: each check asks for a capability the tests use (a program, a
+# Perl or Python module), not only for a package name, so a peer installed
+# without its optional parts is completed. Prints what it installs.
 set -euo pipefail
 
 need=()
-command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
-command -v swaks >/dev/null 2>&1 || need+=(swaks)
-/usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || need+=(python3-aiosmtpd)
-command -v openssl >/dev/null 2>&1 || need+=(openssl)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v ss >/dev/null 2>&1 || need+=(iproute2)
+want() { need+=("$1"); }
+have_perl_module() { perl -M"$1" -e 1 >/dev/null 2>&1; }
+have_py_module() { /usr/bin/python3 -c "import $1" >/dev/null 2>&1; }
+
+# Postfix: smtp-sink, smtp-source (load peers) and smtpd, postconf (a real MTA).
+[ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] && command -v postconf >/dev/null 2>&1 ||
+  want postfix
+# swaks, and what its options need: --tls/--tlsc need Net::SSLeay (a
+# Recommends of swaks, so --no-install-recommends leaves it out: "TLS not
+# available: requires Net::SSLeay"); IPv6 targets need IO::Socket::INET6.
+command -v swaks >/dev/null 2>&1 || want swaks
+have_perl_module Net::SSLeay || want libnet-ssleay-perl
+have_perl_module IO::Socket::INET6 || want libio-socket-inet6-perl
+# Python: smtplib is in the standard library; aiosmtpd is a test server.
+[ -x /usr/bin/python3 ] || want python3
+have_py_module aiosmtpd || want python3-aiosmtpd
+command -v openssl >/dev/null 2>&1 || want openssl
+# ip (network namespaces), ss (socket states), tc (netem).
+command -v ip >/dev/null 2>&1 && command -v ss >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 ||
+  want iproute2
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -25,6 +42,20 @@ export DEBIAN_FRONTEND=noninteractive
 echo "postfix postfix/main_mailer_type select Internet Site" | debconf-set-selections
 echo "postfix postfix/mailname string smtpstorm.localhost" | debconf-set-selections
 apt-get update -qq
+# Each capability above names its package, so recommends are not needed.
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The package may try to start a system Postfix on port 25; the tests never use it.
 postfix stop >/dev/null 2>&1 || true
+
+# Check that what was installed now works, so a gap fails here and not in a test.
+missing=()
+[ -x /usr/sbin/smtp-sink ] || missing+=(smtp-sink)
+command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+have_perl_module Net::SSLeay || missing+=(perl:Net::SSLeay)
+have_perl_module IO::Socket::INET6 || missing+=(perl:IO::Socket::INET6)
+have_py_module aiosmtpd || missing+=(python3:aiosmtpd)
+command -v tc >/dev/null 2>&1 || missing+=(tc)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-peers: still missing after install: ${missing[*]}" >&2
+  exit 1
+fi
