@@ -160,10 +160,12 @@ pub struct LoadArgs {
     /// [default: 16; with --rate 1000].
     #[arg(short = 'c', long, value_name = "C", value_parser = parse_count)]
     pub connections: Option<u64>,
-    /// Open loop: start messages (or sessions, --rate-unit) at this rate per second on a fixed schedule.
+    /// Open loop: send R messages per second, message i intended at start + i/R
+    /// (across threads and instances), each on a free connection; sessions
+    /// carry up to -k messages and idle between them.
     #[arg(short = 'r', long, value_name = "R", value_parser = parse_rate)]
     pub rate: Option<f64>,
-    /// What --rate counts.
+    /// What --rate counts: messages, or sessions (then R × k messages per second).
     #[arg(long, value_name = "UNIT", default_value = "messages")]
     pub rate_unit: RateUnit,
     /// Stop after this long [default: 10s when no other stop is given].
@@ -172,7 +174,7 @@ pub struct LoadArgs {
     /// Stop after this many messages.
     #[arg(short = 'n', long, value_name = "N", value_parser = parse_count)]
     pub messages: Option<u64>,
-    /// Stop after this many sessions.
+    /// Stop after this many sessions (open loop: after N × k messages).
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub sessions: Option<u64>,
     /// Leading time excluded from the results.

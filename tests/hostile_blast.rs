@@ -102,17 +102,26 @@ fn blast(port: u16, messages: u64, extra: &[&str]) -> Value {
         Duration::from_secs(20),
     );
     let took = t0.elapsed();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "blast exit: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(
         took < Duration::from_secs(8),
         "blast took {took:?} with --timeout 1s"
     );
     let v = read_json(&json);
+    // A run in which nothing was accepted is a failed run (exit 4).
+    let want = if get_u64(&v, "counts.messages_accepted") == 0 { 4 } else { 0 };
+    assert_eq!(
+        out.status.code(),
+        Some(want),
+        "blast exit: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if want == 4 {
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("accepted none of"),
+            "stderr says why: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let sum: u64 = OUTCOMES
         .iter()
         .map(|k| get_u64(&v, &format!("counts.{k}")))

@@ -843,6 +843,7 @@ fn messages() -> impl Strategy<Value = Vec<Message>> {
                     rcpt_to: rcpts,
                     header: Vec::new(),
                     body: Arc::from(b),
+                    data: None,
                 }
             })
             .collect()

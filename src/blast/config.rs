@@ -6,12 +6,15 @@
 //! get their default (10 s when none is given). Workers only ever see this
 //! type, so nothing on the hot path re-parses a flag.
 //!
-//! Invariants: `threads >= 1`; `connections >= 1`; without `-c` the closed
-//! loop keeps 16 sessions in flight and an open loop caps them at a
-//! generous 1000 (a default meant for the closed loop must not throttle
-//! it); an explicit `-c` is the number, or the cap, as given;
-//! `rate_per_sec`, `connections` and `source_ips` are already this
-//! instance's share.
+//! Invariants: `1 <= threads <= connections` (a thread without a connection
+//! could carry no share of the load, so fewer connections than CPUs means
+//! fewer threads); `connections >= 1`; without `-c` the closed loop keeps
+//! 16 sessions in flight and an open loop caps them at a generous 1000 (a
+//! default meant for the closed loop must not throttle it); an explicit `-c`
+//! is the number, or the cap, as given; `rate_per_sec`, `connections` and
+//! `source_ips` are already this instance's share. The open loop's rate is
+//! always in messages per second (`--rate-unit sessions` multiplies by
+//! `-k`).
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -73,9 +76,11 @@ pub struct OutputConfig {
 pub enum LoadModel {
     /// `connections` sessions in flight, each starting the next when it ends.
     Closed,
-    /// Sessions start on a fixed schedule of `sessions_per_sec` (this
-    /// instance's share), at most `connections` in flight.
-    Open { sessions_per_sec: f64 },
+    /// Messages are due on a fixed schedule of `messages_per_sec` (this
+    /// instance's share), each sent at its intended time on a free
+    /// connection (at most `connections` open; sessions carry up to `-k`
+    /// messages and idle between them).
+    Open { messages_per_sec: f64 },
 }
 
 /// The validated configuration of one blaster run (this instance's share).
@@ -184,11 +189,6 @@ impl BlastConfig {
         load: &LoadArgs,
     ) -> Result<Self, ConfigError> {
         let (inst, ninst) = load.instance.unwrap_or((0, 1));
-        let cpus = match (&load.threads.cpus, load.threads.threads) {
-            (Some(list), _) => Cpus::List(list.clone()),
-            (None, Some(n)) => Cpus::Count(n),
-            (None, None) => Cpus::all(),
-        };
         let rate = load.rate.map(|r| r / f64::from(ninst));
         let default_connections = if rate.is_some() { 1000 } else { 16 };
         let connections = share(
@@ -197,15 +197,22 @@ impl BlastConfig {
             u64::from(ninst),
         )
         .max(1);
+        // A thread needs at least one connection to carry its share.
+        let cpus = match (&load.threads.cpus, load.threads.threads) {
+            (Some(list), _) => Cpus::List(list.clone()),
+            (None, Some(n)) => Cpus::Count(n),
+            (None, None) => Cpus::all(),
+        }
+        .at_most(connections as usize);
         let model = match rate {
             None => LoadModel::Closed,
             Some(r) => {
-                let per_session = match load.rate_unit {
-                    RateUnit::Messages => load.messages_per_session as f64,
-                    RateUnit::Sessions => 1.0,
+                let per_rate_unit = match load.rate_unit {
+                    RateUnit::Messages => 1.0,
+                    RateUnit::Sessions => load.messages_per_session as f64,
                 };
                 LoadModel::Open {
-                    sessions_per_sec: r / per_session,
+                    messages_per_sec: r * per_rate_unit,
                 }
             }
         };
@@ -297,6 +304,7 @@ impl BlastConfig {
         let echo = serde_json::json!({
             "target": target.to_string(),
             "connections": connections,
+            "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
             "rate": rate,
             "rate_unit": match load.rate_unit { RateUnit::Messages => "messages", RateUnit::Sessions => "sessions" },
             "duration_secs": duration.map(|d| d.as_secs_f64()),
@@ -373,6 +381,21 @@ impl BlastConfig {
         })
     }
 
+    /// The message builder of worker `thread` of `threads`.
+    pub fn message_builder(&self, thread: usize, threads: usize) -> super::message::MessageBuilder {
+        super::message::MessageBuilder::new(
+            self.from.clone(),
+            self.to.clone(),
+            self.recipients,
+            self.size,
+            self.body_file.clone(),
+            self.seed,
+            thread,
+            threads,
+            self.instance,
+        )
+    }
+
     /// Number of worker threads this config will run.
     pub fn thread_count(&self) -> usize {
         match &self.cpus {
@@ -381,13 +404,14 @@ impl BlastConfig {
         }
     }
 
-    /// The bound on p99 schedule lag above which an open-loop run is invalid:
-    /// `max(10 ms, 10 / rate)`.
+    /// The bound on the p99 lag of messages sent on a free connection above
+    /// which an open-loop run is invalid (the blaster itself fell behind):
+    /// `max(10 ms, 10 / rate)`, the rate being this instance's.
     pub fn max_lag_p99(&self) -> Option<Duration> {
         match self.model {
             LoadModel::Closed => None,
-            LoadModel::Open { sessions_per_sec } => Some(
-                Duration::from_millis(10).max(Duration::from_secs_f64(10.0 / sessions_per_sec)),
+            LoadModel::Open { messages_per_sec } => Some(
+                Duration::from_millis(10).max(Duration::from_secs_f64(10.0 / messages_per_sec)),
             ),
         }
     }
@@ -414,8 +438,9 @@ mod tests {
         assert_eq!(
             c.model,
             LoadModel::Open {
-                sessions_per_sec: 20.0
-            }
+                messages_per_sec: 100.0
+            },
+            "the rate is messages per second whatever -k is"
         );
         assert_eq!(c.duration, Some(Duration::from_secs(10)));
         assert_eq!(c.connections, 1000, "a generous cap in open loop");
@@ -426,14 +451,14 @@ mod tests {
         assert_eq!(
             c.model,
             LoadModel::Open {
-                sessions_per_sec: 100.0
+                messages_per_sec: 500.0
             }
         );
         let c = config(&["--rate", "100", "--instance", "1/2", "-n", "11", "-c", "5"]);
         assert_eq!(
             c.model,
             LoadModel::Open {
-                sessions_per_sec: 50.0
+                messages_per_sec: 50.0
             }
         );
         assert_eq!((c.max_messages, c.duration), (Some(5), None));
@@ -458,6 +483,15 @@ mod tests {
             config(&["--rate", "2"]).max_lag_p99(),
             Some(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn fewer_connections_than_threads_means_fewer_threads() {
+        let c = config(&["--rate", "1000", "-c", "1", "--threads", "2"]);
+        assert_eq!(c.thread_count(), 1);
+        assert_eq!(config(&["-c", "3", "--threads", "8"]).thread_count(), 3);
+        assert_eq!(config(&["-c", "1", "--cpus", "0,1"]).thread_count(), 1);
+        assert_eq!(config(&["-c", "8", "--threads", "2"]).thread_count(), 2);
     }
 
     #[test]

@@ -9,8 +9,12 @@
 //! dot-stuffing is exercised. The header is padded so that header + body is
 //! exactly the requested size whenever that size leaves room for a header.
 //!
-//! Invariants: bodies are cached per size as `Arc<[u8]>` (built and hashed
-//! once per size, the cache is bounded); every choice (sizes, body text,
+//! Invariants: a body is built, hashed and dot-stuffed once per size and
+//! shared ([`Body`]); a fixed `--size` or a `--body` file is built once per
+//! run before it starts ([`MessageBuilder::shared_body`]) and shared by every
+//! thread, so no body is ever built inside a timed phase; per message only
+//! the header is made and spliced in front; other sizes are cached per
+//! thread (bounded). Every choice (sizes, body text,
 //! `{rand}`) comes from a [`Rng`] seeded by `--seed` and the thread index, so
 //! runs are deterministic; `{n}` values never repeat across threads and
 //! instances (`n = (k · threads + thread) · instances + instance`).
@@ -142,8 +146,10 @@ impl Template {
 
 /// Characters of one body line, CRLF excluded.
 pub const BODY_LINE_CHARS: usize = 78;
-/// Bodies cached per thread (one per distinct size).
+/// Bodies cached per thread (one per distinct size), at most this many…
 const BODY_CACHE_MAX: usize = 4096;
+/// …and at most this many bytes (a body is held twice: as is and stuffed).
+const BODY_CACHE_MAX_BYTES: usize = 256 << 20;
 /// Every this many lines of a body, a line starts with `.`.
 const DOT_LINE_EVERY: usize = 7;
 
@@ -234,6 +240,45 @@ pub fn rfc5322_date(unix_secs: u64) -> String {
     )
 }
 
+/// A body built once and shared by every message of its size.
+#[derive(Debug)]
+pub struct Body {
+    /// The body as the recipient gets it (and BDAT sends it).
+    pub raw: Arc<[u8]>,
+    /// The DATA form: `raw` dot-stuffed, with the final `.CRLF`.
+    pub data: Arc<[u8]>,
+    /// `X-Smtpstorm-Digest: sha256=…CRLF` of `raw` (empty for `--body`).
+    pub digest_line: String,
+}
+
+impl Body {
+    /// A generated body of `len` bytes, its digest and its DATA form.
+    pub fn generated(len: usize, seed: u64) -> Arc<Body> {
+        let raw: Arc<[u8]> = Arc::from(make_body(len, seed));
+        let digest_line = crate::digest::header_line(&raw);
+        Arc::new(Body {
+            data: stuffed(&raw),
+            raw,
+            digest_line,
+        })
+    }
+
+    /// A `--body` file (already CRLF-normalized), sent as it is.
+    pub fn file(raw: Arc<[u8]>) -> Arc<Body> {
+        Arc::new(Body {
+            data: stuffed(&raw),
+            raw,
+            digest_line: String::new(),
+        })
+    }
+}
+
+fn stuffed(raw: &[u8]) -> Arc<[u8]> {
+    let mut out = Vec::with_capacity(raw.len() + raw.len() / 64 + 8);
+    crate::smtp::client::dot_stuff(&mut out, &[raw]);
+    Arc::from(out)
+}
+
 /// Per-thread message factory (see the module doc).
 pub struct MessageBuilder {
     from: Template,
@@ -249,8 +294,12 @@ pub struct MessageBuilder {
     rng: Rng,
     /// Messages built so far by this thread (`k`).
     built: u64,
-    /// size → (body, digest header line).
-    bodies: HashMap<usize, (Arc<[u8]>, String)>,
+    /// Body length → body (this thread's cache, for size ranges).
+    bodies: HashMap<usize, Arc<Body>>,
+    /// Bytes held by `bodies`.
+    bodies_bytes: usize,
+    /// The one body of a fixed size or `--body` file, shared by all threads.
+    shared: Option<Arc<Body>>,
     /// Header length aimed at, so that header + body = size.
     header_target: usize,
     date_secs: u64,
@@ -287,6 +336,8 @@ impl MessageBuilder {
             ),
             built: 0,
             bodies: HashMap::new(),
+            bodies_bytes: 0,
+            shared: None,
             header_target: 0,
             date_secs: u64::MAX,
             date: String::new(),
@@ -345,17 +396,43 @@ impl MessageBuilder {
         h.into_bytes()
     }
 
-    fn body(&mut self, len: usize) -> (Arc<[u8]>, String) {
-        if let Some((b, d)) = self.bodies.get(&len) {
-            return (Arc::clone(b), d.clone());
+    /// Body length for a message of `total` bytes.
+    fn body_len(&self, total: usize) -> usize {
+        total.saturating_sub(self.header_target + 2).max(2)
+    }
+
+    /// The body every message shares when there is only one (a fixed
+    /// `--size`, or a `--body` file): build it once before the run and give
+    /// it to every thread's builder with [`Self::use_shared_body`].
+    pub fn shared_body(&self) -> Option<Arc<Body>> {
+        if let Some(f) = &self.body_file {
+            return Some(Body::file(Arc::clone(f)));
         }
-        if self.bodies.len() >= BODY_CACHE_MAX {
+        (self.size.min == self.size.max)
+            .then(|| Body::generated(self.body_len(self.size.min as usize), self.seed))
+    }
+
+    /// Use `body` (from [`Self::shared_body`]) instead of building it.
+    pub fn use_shared_body(&mut self, body: Arc<Body>) {
+        self.shared = Some(body);
+    }
+
+    fn body(&mut self, len: usize) -> Arc<Body> {
+        if let Some(b) = self.shared.as_ref().filter(|b| b.raw.len() == len) {
+            return Arc::clone(b);
+        }
+        if let Some(b) = self.bodies.get(&len) {
+            return Arc::clone(b);
+        }
+        if self.bodies.len() >= BODY_CACHE_MAX || self.bodies_bytes + 2 * len > BODY_CACHE_MAX_BYTES
+        {
             self.bodies.clear();
+            self.bodies_bytes = 0;
         }
-        let body: Arc<[u8]> = Arc::from(make_body(len, self.seed));
-        let line = crate::digest::header_line(&body);
-        self.bodies.insert(len, (Arc::clone(&body), line.clone()));
-        (body, line)
+        let body = Body::generated(len, self.seed);
+        self.bodies_bytes += body.raw.len() + body.data.len();
+        self.bodies.insert(len, Arc::clone(&body));
+        body
     }
 
     /// The next message of this thread.
@@ -382,19 +459,28 @@ impl MessageBuilder {
             instance: self.instance,
             r: 0,
         });
-        if let Some(body) = &self.body_file {
+        if let Some(file) = &self.body_file {
+            let body = match &self.shared {
+                Some(b) => Arc::clone(b),
+                None => {
+                    let b = Body::file(Arc::clone(file));
+                    self.shared = Some(Arc::clone(&b));
+                    b
+                }
+            };
             return Message {
                 mail_from,
                 mail_params: String::new(),
                 rcpt_to,
                 header: Vec::new(),
-                body: Arc::clone(body),
+                body: Arc::clone(&body.raw),
+                data: Some(Arc::clone(&body.data)),
             };
         }
         let total = self.rng.range(self.size.min, self.size.max) as usize;
-        let body_len = total.saturating_sub(self.header_target + 2).max(2);
-        let (body, digest_line) = self.body(body_len);
-        let mut header = self.header_for(n, rand, &digest_line);
+        let body_len = self.body_len(total);
+        let body = self.body(body_len);
+        let mut header = self.header_for(n, rand, &body.digest_line);
         // Pad to the target so header + blank line + body = total.
         let want = total.saturating_sub(body_len + 2);
         const PAD: &[u8] = b"X-Smtpstorm-Pad: ";
@@ -410,7 +496,8 @@ impl MessageBuilder {
             mail_params: String::new(),
             rcpt_to,
             header,
-            body,
+            body: Arc::clone(&body.raw),
+            data: Some(Arc::clone(&body.data)),
         }
     }
 
@@ -490,6 +577,34 @@ mod tests {
                 .all(|l| l.len() <= BODY_LINE_CHARS + 1));
             assert_eq!(m.rcpt_to.len(), 2);
         }
+    }
+
+    #[test]
+    fn a_shared_body_is_used_as_is_and_its_data_form_is_the_stuffed_body() {
+        let mut a = builder(5000, 0, 2, (0, 1));
+        let shared = a.shared_body().expect("a fixed size has one body");
+        a.use_shared_body(Arc::clone(&shared));
+        let mut b = builder(5000, 1, 2, (0, 1));
+        b.use_shared_body(Arc::clone(&shared));
+        let (ma, mb) = (a.next_message(), b.next_message());
+        assert!(Arc::ptr_eq(&ma.body, &shared.raw) && Arc::ptr_eq(&mb.body, &shared.raw));
+        assert!(Arc::ptr_eq(ma.data.as_ref().unwrap(), &shared.data));
+        let mut want = Vec::new();
+        crate::smtp::client::dot_stuff(&mut want, &[&ma.header, &ma.body]);
+        let mut got = ma.header.clone();
+        got.extend_from_slice(&shared.data);
+        assert_eq!(got, want, "header ++ data is the DATA form of the message");
+        assert_eq!(ma.len(), 5000);
+        assert!(builder(1000, 0, 1, (0, 1)).shared_body().is_some());
+        let mut ranged = builder(1000, 0, 1, (0, 1));
+        ranged.size = SizeRange {
+            min: 500,
+            max: 2000,
+        };
+        assert!(
+            ranged.shared_body().is_none(),
+            "a size range has many bodies"
+        );
     }
 
     #[test]

@@ -342,7 +342,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
                             r.auth_mechanisms = mechs;
                         }
                     }
-                    ClientEvent::Phase { phase, latency } => {
+                    ClientEvent::Phase { phase, latency, .. } => {
                         let name = if phase == Phase::StartTls {
                             "starttls"
                         } else {

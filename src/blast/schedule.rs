@@ -1,14 +1,21 @@
-//! The open-loop schedule and the per-thread shares of the load.
+//! The open-loop schedule: the intended time of every message.
 //!
-//! An open-loop run starts sessions at fixed intended times: with a session
-//! rate λ (this instance's share) over T threads, thread `t` owns the starts
-//! `k·T + t` of the global sequence, intended at `origin + (k·T + t)/λ`.
-//! Starts of all threads interleave evenly, so the aggregate is exactly λ.
-//! The intended time of every start is computed from its index (never by
+//! `--rate R` is R messages per second over the whole run, all threads and
+//! instances together. The global sequence numbers messages `0, 1, 2, …`,
+//! message `i` intended at `origin + i/R`. Instance `I` of `N` owns the
+//! numbers `g·N + I` (`g` counts that instance's messages), so merged
+//! instances arrive evenly, never in bursts of N. Inside an instance with C
+//! connections over T threads, connection slot `j` (`0 ≤ j < C`) belongs to
+//! thread `j mod T`, and the instance's message `g` goes to the thread that
+//! owns slot `g mod C`: each thread's share of the messages is exactly its
+//! share of the connections, and the shares of all threads interleave.
+//! The intended time of every message is computed from its index (never by
 //! adding intervals), so rounding never accumulates.
 //!
-//! Invariants: `intended(k)` is strictly increasing in `k`; the shares of
-//! connections, messages and sessions over all threads add up to the totals.
+//! Invariants: `intended(k)` is strictly increasing in `k`; over all threads
+//! and instances the intended times are exactly `origin + i/R`, each once;
+//! [`Schedule::due_between`] counts exactly the `k` with `intended(k)` in the
+//! window.
 
 use std::time::{Duration, Instant};
 
@@ -16,60 +23,118 @@ use std::time::{Duration, Instant};
 #[derive(Clone, Debug)]
 pub struct Schedule {
     origin: Instant,
-    /// Seconds between this thread's starts (`T/λ`).
-    period_secs: f64,
-    /// This thread's phase (`t/λ`).
-    offset_secs: f64,
+    /// Seconds between two messages of the global sequence (`1/R`).
+    gap_secs: f64,
+    /// Connection slots of this instance (`C`): one round of its sequence.
+    round: u64,
+    /// The slots (`0 ≤ j < C`) this thread owns, ascending.
+    mine: Vec<u64>,
+    instance: u64,
+    instances: u64,
     next_k: u64,
 }
 
 impl Schedule {
-    /// `sessions_per_sec` is the total rate of all `threads`.
-    pub fn new(origin: Instant, sessions_per_sec: f64, thread: usize, threads: usize) -> Self {
-        let rate = sessions_per_sec.max(1e-9);
+    /// `rate_per_sec`: messages per second of **all** instances together;
+    /// `connections` and `threads`: this instance's; `thread` in
+    /// `0..threads`, `instance` in `0..instances`.
+    pub fn new(
+        origin: Instant,
+        rate_per_sec: f64,
+        connections: u64,
+        thread: usize,
+        threads: usize,
+        instance: (u32, u32),
+    ) -> Self {
+        let threads = threads.max(1) as u64;
+        let round = connections.max(1);
+        let mine: Vec<u64> = (0..round)
+            .filter(|j| j % threads == thread as u64)
+            .collect();
         Schedule {
             origin,
-            period_secs: threads.max(1) as f64 / rate,
-            offset_secs: thread as f64 / rate,
+            gap_secs: 1.0 / rate_per_sec.max(1e-9),
+            round,
+            mine,
+            instance: u64::from(instance.0),
+            instances: u64::from(instance.1.max(1)),
             next_k: 0,
         }
     }
 
-    /// The intended time of this thread's `k`-th start.
+    /// How many connection slots this thread owns (its connection cap).
+    pub fn slots(&self) -> u64 {
+        self.mine.len() as u64
+    }
+
+    /// The global sequence number of this thread's `k`-th message.
+    fn global(&self, k: u64) -> u64 {
+        let m = self.mine.len() as u64;
+        let g = (k / m) * self.round + self.mine[(k % m) as usize];
+        g * self.instances + self.instance
+    }
+
+    /// The intended time of this thread's `k`-th message.
     pub fn intended(&self, k: u64) -> Instant {
-        let secs = self.offset_secs + k as f64 * self.period_secs;
+        if self.mine.is_empty() {
+            return self.origin + Duration::from_secs(1_000_000_000);
+        }
+        let secs = self.global(k) as f64 * self.gap_secs;
         self.origin + Duration::from_secs_f64(secs.min(1e9))
     }
 
-    /// The next start not yet taken.
+    /// The next message not yet taken.
     pub fn peek(&self) -> Instant {
         self.intended(self.next_k)
     }
 
-    /// Takes the next start.
+    /// Takes the next message.
     pub fn take(&mut self) -> Instant {
         let t = self.peek();
         self.next_k += 1;
         t
     }
 
-    /// Starts taken so far.
+    /// Messages taken so far.
     pub fn taken(&self) -> u64 {
         self.next_k
     }
 
-    /// How many of this thread's starts are intended in `[from, to)`.
+    /// How many of this thread's messages are intended before `at`.
+    pub fn due_before(&self, at: Instant) -> u64 {
+        if self.mine.is_empty() || at <= self.origin {
+            return 0;
+        }
+        let secs = at.saturating_duration_since(self.origin).as_secs_f64();
+        // Global numbers i = g·N + I with i·gap < secs.
+        let i_bound = secs / self.gap_secs;
+        let g_bound = (i_bound - self.instance as f64) / self.instances as f64;
+        if g_bound <= 0.0 {
+            return 0;
+        }
+        // Instance-local numbers g < g_bound, i.e. g in 0..=ceil(g_bound)-1.
+        let g_count = g_bound.ceil() as u64;
+        // Numerical safety: trust the exact test on the edge.
+        let mut count = self.count_local_below(g_count);
+        while count > 0 && self.intended(count - 1) >= at {
+            count -= 1;
+        }
+        while self.intended(count) < at {
+            count += 1;
+        }
+        count
+    }
+
+    /// Messages of this thread with instance-local number `g < g_count`.
+    fn count_local_below(&self, g_count: u64) -> u64 {
+        let full = g_count / self.round;
+        let rest = g_count % self.round;
+        full * self.mine.len() as u64 + self.mine.iter().take_while(|&&j| j < rest).count() as u64
+    }
+
+    /// How many of this thread's messages are intended in `[from, to)`.
     pub fn due_between(&self, from: Instant, to: Instant) -> u64 {
-        let count_before = |at: Instant| -> u64 {
-            let secs = at.saturating_duration_since(self.origin).as_secs_f64() - self.offset_secs;
-            if secs <= 0.0 {
-                return 0;
-            }
-            // Starts k with offset + k·period < secs.
-            let k = (secs / self.period_secs).ceil();
-            k.max(0.0) as u64
-        };
-        count_before(to).saturating_sub(count_before(from))
+        self.due_before(to).saturating_sub(self.due_before(from))
     }
 }
 
@@ -77,38 +142,88 @@ impl Schedule {
 mod tests {
     use super::*;
 
-    #[test]
-    fn threads_interleave_to_the_total_rate() {
+    /// Every intended time of `threads` threads and `instances` instances
+    /// over `n` messages each, sorted, as seconds from the origin.
+    fn merged(rate: f64, connections: u64, threads: usize, instances: u32, n: u64) -> Vec<f64> {
         let origin = Instant::now();
-        let mut all: Vec<Duration> = Vec::new();
-        for t in 0..3 {
-            let mut s = Schedule::new(origin, 300.0, t, 3);
-            for _ in 0..100 {
-                all.push(s.take() - origin);
+        let mut all = Vec::new();
+        for i in 0..instances {
+            for t in 0..threads {
+                let mut s = Schedule::new(origin, rate, connections, t, threads, (i, instances));
+                for _ in 0..n {
+                    all.push((s.take() - origin).as_secs_f64());
+                }
             }
         }
-        all.sort();
-        for (i, d) in all.iter().enumerate() {
-            let want = i as f64 / 300.0;
-            assert!((d.as_secs_f64() - want).abs() < 1e-6, "{i}: {d:?}");
+        all.sort_by(f64::total_cmp);
+        all
+    }
+
+    #[test]
+    fn threads_and_instances_interleave_to_the_total_rate() {
+        for (conns, threads, instances) in
+            [(3, 3, 1), (4, 2, 3), (3, 2, 1), (1000, 2, 2), (5, 5, 4)]
+        {
+            let all = merged(300.0, conns, threads, instances, 60);
+            // The first messages of the merged sequence are exactly i/R; the
+            // tail may be ragged where one thread's n ran out before another's.
+            let check = all.len() / 2;
+            for (i, d) in all.iter().take(check).enumerate() {
+                let want = i as f64 / 300.0;
+                assert!(
+                    (d - want).abs() < 1e-6,
+                    "{conns}/{threads}/{instances} {i}: {d} vs {want}"
+                );
+            }
         }
     }
 
     #[test]
-    fn due_counts_starts_in_a_window() {
+    fn instances_are_offset_not_in_lockstep() {
+        // Three instances at 300/s in total: one message every 3.33 ms, never
+        // three at the same instant.
+        let all = merged(300.0, 4, 2, 3, 50);
+        for w in all.windows(2).take(100) {
+            let gap = w[1] - w[0];
+            assert!((gap - 1.0 / 300.0).abs() < 1e-6, "gap {gap}");
+        }
+    }
+
+    #[test]
+    fn a_thread_shares_messages_as_it_shares_connections() {
+        // 3 connections over 2 threads: thread 0 owns slots 0 and 2, so two
+        // thirds of the messages.
         let origin = Instant::now();
-        let s = Schedule::new(origin, 100.0, 1, 2);
-        // Thread 1 of 2 at 100/s: starts at 10ms, 30ms, 50ms, ...
+        let second = origin + Duration::from_secs(3);
+        let s0 = Schedule::new(origin, 300.0, 3, 0, 2, (0, 1));
+        let s1 = Schedule::new(origin, 300.0, 3, 1, 2, (0, 1));
+        assert_eq!((s0.slots(), s1.slots()), (2, 1));
+        assert_eq!(s0.due_before(second), 600);
+        assert_eq!(s1.due_before(second), 300);
+    }
+
+    #[test]
+    fn due_counts_exactly_the_messages_in_a_window() {
+        let origin = Instant::now();
+        for (conns, threads, inst) in [(2u64, 2usize, (1u32, 2u32)), (3, 2, (0, 1)), (7, 3, (2, 3))]
+        {
+            for t in 0..threads {
+                let s = Schedule::new(origin, 100.0, conns, t, threads, inst);
+                for ms in [0u64, 1, 9, 10, 11, 333, 1000, 2999] {
+                    let at = origin + Duration::from_millis(ms);
+                    let brute = (0..1000).filter(|&k| s.intended(k) < at).count() as u64;
+                    assert_eq!(
+                        s.due_before(at),
+                        brute,
+                        "{conns}/{threads}/{inst:?} t{t} {ms}ms"
+                    );
+                }
+            }
+        }
+        let s = Schedule::new(origin, 100.0, 2, 1, 2, (0, 1));
+        // Thread 1 of 2 at 100/s: messages at 10 ms, 30 ms, 50 ms, ...
         assert_eq!(s.due_between(origin, origin + Duration::from_secs(1)), 50);
         assert_eq!(s.due_between(origin, origin + Duration::from_millis(10)), 0);
         assert_eq!(s.due_between(origin, origin + Duration::from_millis(11)), 1);
-        let mut total = 0;
-        for t in 0..2 {
-            total += Schedule::new(origin, 100.0, t, 2).due_between(
-                origin + Duration::from_secs(1),
-                origin + Duration::from_secs(3),
-            );
-        }
-        assert_eq!(total, 200);
     }
 }

@@ -2,25 +2,42 @@
 //! builder and [`Recorder`]; it shares only the stop signal with the others.
 //!
 //! The loop, once per iteration: fold the warmup away when it ends, hand a
-//! snapshot to the main thread once a second, start the sessions that are
-//! due (closed loop: whenever fewer than C are in flight; open loop: each at
-//! its intended time, as soon as a slot is free), poll, drive the ready
-//! connections, then fire expired timers. Each connection is a [`Slot`]: a
-//! connecting socket, then a [`Conn`] (TLS or not) driving a sans-IO
-//! [`ClientSession`].
+//! snapshot to the main thread once a second, start what is due, poll,
+//! drive the ready connections, then fire expired timers. Each connection is
+//! a [`Slot`]: a connecting socket, then a [`Conn`] (TLS or not) driving a
+//! sans-IO [`ClientSession`].
+//!
+//! Closed loop: C sessions in flight, each with its `-k` messages given at
+//! once; a session that ends is replaced at once.
+//!
+//! Open loop (`--rate`): messages, not sessions, are scheduled
+//! ([`Schedule`]). A message due now goes to a connection that is free: an
+//! open session between messages (it idles there), else a new session if
+//! fewer than this thread's share of `-c` are open. When none is free it
+//! waits in a FIFO backlog, and the next session to become free takes it;
+//! the wait is part of its corrected latency. A session carries at most
+//! `-k` messages, then quits. When the run ends, idle sessions quit, and
+//! messages still waiting are reported as not sent.
+//!
+//! Who fell short is measured, not guessed: a message that found a free
+//! connection records its dispatch lag (how late the blaster itself was)
+//! in `schedule_lag`; one that had to wait for a connection counts as
+//! waiting on the target ([`OpenLoopCounts`]).
 //!
 //! Invariants:
-//! - Every message planned for a session gets exactly one outcome counted,
+//! - Every message given to a session gets exactly one outcome counted,
 //!   whether the connect fails, times out, or the session ends; messages of
 //!   sessions aborted by the stop (Ctrl-C, end of the grace period) are not
 //!   counted at all, so `messages_attempted` always equals the sum of the
 //!   outcome counters.
-//! - In open loop, `message` and `session` latencies are recorded from the
-//!   intended start (corrected: the session's start lag is added) and, as
-//!   uncorrected figures, from the actual start; the lag has its own
-//!   histogram.
+//! - Phases are timed by the session from bytes actually written (the
+//!   driver reports every flush with `handle_written`); in open loop each
+//!   phase is also recorded corrected, from the intended time.
+//! - Bodies are built before the run ([`MessageBuilder::shared_body`]) or
+//!   before the session that carries them starts; never inside a phase.
 //! - No hot-path lock or atomic beyond the relaxed stop-flag load.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::mpsc::Sender;
@@ -37,12 +54,12 @@ use crate::net::conn::{Conn, ReadResult};
 use crate::net::runtime::{StopSignal, WorkerCtx, STOP_POLL_INTERVAL};
 use crate::net::timer::Timers;
 use crate::net::{socket, tls};
-use crate::smtp::client::{ClientEvent, ClientSession};
+use crate::smtp::client::{ClientEvent, ClientSession, Message};
 use crate::smtp::{Outcome, Phase};
 use crate::stats::{IntervalSnapshot, Measurements, Recorder};
 
 use super::config::{share, BlastConfig, LoadModel};
-use super::message::MessageBuilder;
+use super::message::{Body, MessageBuilder};
 use super::schedule::Schedule;
 
 const WAKER: Token = Token(usize::MAX);
@@ -50,6 +67,9 @@ const WAKER: Token = Token(usize::MAX);
 const READ_BUF_BYTES: usize = 4096;
 /// Longest the stop waits for in-flight sessions after `--duration` ends.
 const MAX_GRACE: Duration = Duration::from_secs(10);
+/// Output taken from a session per write: a large body goes out in pieces,
+/// so it is never buffered whole per connection.
+const OUT_CHUNK_BYTES: usize = 256 * 1024;
 
 /// Times shared by all workers of one run.
 #[derive(Clone, Debug)]
@@ -58,7 +78,7 @@ pub struct RunClock {
     pub start: Instant,
     /// Results count from here (`start + warmup`).
     pub measure_start: Instant,
-    /// No session starts at or after this (`measure_start + duration`).
+    /// Nothing starts at or after this (`measure_start + duration`).
     pub end: Option<Instant>,
 }
 
@@ -71,6 +91,47 @@ pub struct Tick {
     pub snapshot: IntervalSnapshot,
 }
 
+/// What the open loop did with its messages (measured window only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenLoopCounts {
+    /// Messages intended inside the measured window (until the end, or the
+    /// stop).
+    pub due: u64,
+    /// Of those, messages given to a connection.
+    pub sent: u64,
+    /// Of those, messages that found no free connection and waited for one.
+    pub waited: u64,
+    /// Most messages waiting at once.
+    pub max_backlog: u64,
+    /// Time of the measured window this thread spent outside `epoll_wait`,
+    /// and the window's length: a thread busy nearly all the time is
+    /// saturated, and its own delays are in the figures.
+    pub busy: Duration,
+    pub window: Duration,
+}
+
+impl OpenLoopCounts {
+    pub fn add(&mut self, o: &OpenLoopCounts) {
+        self.due += o.due;
+        self.sent += o.sent;
+        self.waited += o.waited;
+        self.max_backlog = self.max_backlog.max(o.max_backlog);
+        // The busiest thread decides.
+        if o.busy_fraction() > self.busy_fraction() {
+            self.busy = o.busy;
+            self.window = o.window;
+        }
+    }
+
+    /// Share of the window the (busiest) thread was busy, 0..=1.
+    pub fn busy_fraction(&self) -> f64 {
+        if self.window.is_zero() {
+            return 0.0;
+        }
+        (self.busy.as_secs_f64() / self.window.as_secs_f64()).min(1.0)
+    }
+}
+
 /// What a worker hands back when it ends.
 #[derive(Debug, Default)]
 pub struct WorkerResult {
@@ -79,10 +140,8 @@ pub struct WorkerResult {
     pub fatal: Option<String>,
     /// The first few distinct session errors, for the summary.
     pub errors: Vec<String>,
-    /// Open loop: intended starts inside the measured window, and how many
-    /// of them were started before the run ended.
-    pub scheduled_due: u64,
-    pub scheduled_started: u64,
+    /// Closed loop: sessions due and started (unused); open loop: messages.
+    pub open_loop: OpenLoopCounts,
     /// Whether the stop came from the signal (Ctrl-C) rather than a limit.
     pub interrupted: bool,
     /// Intervals sent (the last one may be partial).
@@ -102,16 +161,32 @@ enum Io {
 struct Slot {
     io: Io,
     session: Option<ClientSession>,
-    /// Messages waiting for implicit TLS to come up before the session starts.
-    pending: Vec<crate::smtp::client::Message>,
-    /// Payload bytes of each message, counted when it is accepted.
-    sizes: Vec<u32>,
-    planned: usize,
+    /// Messages (and their intended times) waiting for the session to exist
+    /// (it starts when TCP, or implicit TLS, is up).
+    pending: Vec<(Message, Option<Instant>)>,
+    /// Messages given to this slot so far (outcomes are owed for each).
+    given: u64,
+    /// Open loop: an open session that takes messages one at a time.
+    open: bool,
+    /// The session's intended start (open loop), else its actual start.
     intended: Instant,
     started: Instant,
     tls_started: Option<Instant>,
-    lag_us: u64,
-    outcomes: usize,
+    /// Bytes the connection carried before the session's first byte (a
+    /// PROXY header): the session's write offsets start after them.
+    out_base: u64,
+    outcomes: u64,
+    /// Listed in `Worker::idle`.
+    idle_listed: bool,
+}
+
+/// What happened to a slot after its session's events were handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    Closed,
+    Busy,
+    /// An open session between messages.
+    Idle,
 }
 
 struct Worker {
@@ -133,17 +208,25 @@ struct Worker {
     connects: u64,
     out: Vec<u8>,
     result: WorkerResult,
-    open: bool,
+    /// Open loop: intended times of due messages waiting for a connection.
+    backlog: VecDeque<Instant>,
+    /// Open loop: slots whose session is between messages (may hold stale
+    /// keys; checked when taken).
+    idle: Vec<usize>,
+    /// No more messages will come (end of the run or budget spent).
+    draining: bool,
 }
 
-/// Runs one worker to the end of the run.
+/// Runs one worker to the end of the run. `body`: the body shared by every
+/// message, built before the run (see [`MessageBuilder::shared_body`]).
 pub fn run_worker(
     ctx: WorkerCtx,
     cfg: Arc<BlastConfig>,
     clock: RunClock,
+    body: Option<Arc<Body>>,
     ticks: Sender<Tick>,
 ) -> WorkerResult {
-    match Worker::new(&ctx, cfg, clock) {
+    match Worker::new(&ctx, cfg, clock, body) {
         Ok(mut w) => {
             w.run(&ticks);
             w.result
@@ -163,12 +246,16 @@ fn us(d: Duration) -> u64 {
 }
 
 impl Worker {
-    fn new(ctx: &WorkerCtx, cfg: Arc<BlastConfig>, clock: RunClock) -> io::Result<Self> {
+    fn new(
+        ctx: &WorkerCtx,
+        cfg: Arc<BlastConfig>,
+        clock: RunClock,
+        body: Option<Arc<Body>>,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         ctx.stop.add_waker(waker);
         let (i, n) = (ctx.index as u64, ctx.count as u64);
-        let cap = share(cfg.connections, i, n) as usize;
         let tls = if cfg.implicit_tls || cfg.starttls {
             let verify = match &cfg.tls_ca {
                 Some(p) => tls::ClientVerify::CaFile(p.clone()),
@@ -183,28 +270,35 @@ impl Worker {
         };
         let schedule = match cfg.model {
             LoadModel::Closed => None,
-            LoadModel::Open { sessions_per_sec } => Some(Schedule::new(
+            LoadModel::Open { messages_per_sec } => Some(Schedule::new(
                 clock.start,
-                sessions_per_sec,
+                messages_per_sec * f64::from(cfg.instance.1.max(1)),
+                cfg.connections,
                 ctx.index,
                 ctx.count,
+                cfg.instance,
             )),
         };
-        let builder = MessageBuilder::new(
-            cfg.from.clone(),
-            cfg.to.clone(),
-            cfg.recipients,
-            cfg.size,
-            cfg.body_file.clone(),
-            cfg.seed,
-            ctx.index,
-            ctx.count,
-            cfg.instance,
-        );
+        // The open loop's connection share follows its schedule's slots (the
+        // same split as `share`).
+        let cap = share(cfg.connections, i, n) as usize;
+        let mut builder = cfg.message_builder(ctx.index, ctx.count);
+        if let Some(b) = body {
+            builder.use_shared_body(b);
+        }
+        let mut messages_left = cfg.max_messages.map(|m| share(m, i, n));
+        let mut sessions_left = cfg.max_sessions.map(|s| share(s, i, n));
+        if schedule.is_some() {
+            // Open loop: messages are scheduled, so a session budget is a
+            // message budget of N × k.
+            if let Some(s) = sessions_left.take() {
+                let m = s.saturating_mul(cfg.messages_per_session);
+                messages_left = Some(messages_left.map_or(m, |l| l.min(m)));
+            }
+        }
         Ok(Worker {
-            messages_left: cfg.max_messages.map(|m| share(m, i, n)),
-            sessions_left: cfg.max_sessions.map(|s| share(s, i, n)),
-            open: schedule.is_some(),
+            messages_left,
+            sessions_left,
             cfg,
             clock,
             index: ctx.index,
@@ -221,7 +315,14 @@ impl Worker {
             connects: 0,
             out: Vec::with_capacity(4096),
             result: WorkerResult::default(),
+            backlog: VecDeque::new(),
+            idle: Vec::new(),
+            draining: false,
         })
+    }
+
+    fn open(&self) -> bool {
+        self.schedule.is_some()
     }
 
     fn budget_left(&self) -> bool {
@@ -234,6 +335,8 @@ impl Worker {
         let mut tick_index = 0u64;
         let mut next_tick = self.clock.measure_start + Duration::from_secs(1);
         let mut grace_until: Option<Instant> = None;
+        // Time spent waiting in epoll_wait during the measured window.
+        let mut idle = Duration::ZERO;
         loop {
             let now = Instant::now();
             if !measuring && now >= self.clock.measure_start {
@@ -260,8 +363,15 @@ impl Worker {
             let past_end = self.clock.end.is_some_and(|e| now >= e);
             let starting = !past_end && self.budget_left();
             if starting {
-                self.start_due(now);
-            } else if past_end && grace_until.is_none() {
+                if self.open() {
+                    self.take_due(now);
+                } else {
+                    self.start_closed(now);
+                }
+            } else if !self.draining {
+                self.begin_drain(now);
+            }
+            if past_end && grace_until.is_none() {
                 // Past --duration: in-flight sessions get a bounded grace.
                 // A spent --messages/--sessions budget waits for them (each
                 // phase is bounded by --timeout anyway).
@@ -270,18 +380,18 @@ impl Worker {
             if self.result.fatal.is_some() {
                 break;
             }
-            if !starting && self.slots.is_empty() {
+            if !starting && self.slots.is_empty() && self.backlog.is_empty() {
                 break;
             }
             if grace_until.is_some_and(|g| now >= g) {
                 break;
             }
-            // How long to sleep: the next timer, start, tick or stop check.
+            // How long to sleep: the next timer, message, tick or stop check.
             let mut wake = now + STOP_POLL_INTERVAL;
             if let Some(t) = self.timers.next() {
                 wake = wake.min(t);
             }
-            if starting && self.slots.len() < self.cap {
+            if starting {
                 if let Some(s) = &self.schedule {
                     wake = wake.min(s.peek());
                 }
@@ -299,7 +409,8 @@ impl Worker {
             if let Some(g) = grace_until {
                 wake = wake.min(g);
             }
-            let timeout = wake.saturating_duration_since(now);
+            let before_poll = Instant::now();
+            let timeout = wake.saturating_duration_since(before_poll);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     self.result.fatal = Some(format!("poll failed: {e}"));
@@ -307,6 +418,9 @@ impl Worker {
                 }
             }
             let now = Instant::now();
+            if measuring {
+                idle += now.saturating_duration_since(before_poll.max(self.clock.measure_start));
+            }
             for ev in events.iter() {
                 let token = ev.token();
                 if token == WAKER {
@@ -328,17 +442,24 @@ impl Worker {
         // Whatever is still in flight was aborted by the stop: dropped
         // uncounted (see the module doc).
         self.slots.clear();
+        let window_end = self
+            .clock
+            .end
+            .map_or(Instant::now(), |e| e.min(Instant::now()));
+        let window = window_end.saturating_duration_since(self.clock.measure_start);
+        self.result.open_loop.window = window;
+        self.result.open_loop.busy = window.saturating_sub(idle);
         if let Some(s) = &self.schedule {
-            self.result.scheduled_due = if self.budget_left() {
-                // Stopped by the end of --duration or by Ctrl-C.
-                let last = self
-                    .clock
-                    .end
-                    .map_or(Instant::now(), |e| e.min(Instant::now()));
+            // Due: the messages intended inside the window, until the end
+            // (or the stop, or until the --messages budget ended the schedule).
+            let last = self
+                .clock
+                .end
+                .map_or(Instant::now(), |e| e.min(Instant::now()));
+            self.result.open_loop.due = if self.budget_left() {
                 s.due_between(self.clock.measure_start, last)
             } else {
-                // The --messages/--sessions budget ended the schedule early.
-                self.result.scheduled_started
+                self.result.open_loop.sent + self.backlog.len() as u64
             };
         }
         if measuring {
@@ -358,56 +479,185 @@ impl Worker {
         self.result.measurements = std::mem::take(&mut self.rec).finish();
     }
 
-    /// Starts every session that is due now.
-    fn start_due(&mut self, now: Instant) {
-        while self.slots.len() < self.cap && self.budget_left() {
-            let intended = match &mut self.schedule {
-                None => now,
-                Some(s) => {
-                    if s.peek() > now {
-                        return;
-                    }
-                    s.take()
-                }
-            };
-            if self.open && intended >= self.clock.measure_start {
-                self.result.scheduled_started += 1;
+    /// The run ends (or its budget is spent): idle sessions quit, and no new
+    /// message will be scheduled. Messages already waiting keep their place
+    /// until the end of the grace period (a `--messages` run has no end).
+    fn begin_drain(&mut self, now: Instant) {
+        self.draining = true;
+        if self.clock.end.is_some_and(|e| now >= e) {
+            // A --duration run: what still waits was never sent.
+            self.backlog.clear();
+        }
+        self.serve_backlog(now);
+        for key in std::mem::take(&mut self.idle) {
+            self.quit_if_idle(key, now);
+        }
+    }
+
+    fn quit_if_idle(&mut self, key: usize, now: Instant) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        slot.idle_listed = false;
+        if let Some(s) = slot.session.as_mut().filter(|s| s.is_idle()) {
+            s.handle_no_more_messages(now);
+            if self.after_events(key, now) != After::Closed {
+                self.flush(key, now);
             }
-            self.start_session(intended, now);
+        }
+    }
+
+    // ---- closed loop --------------------------------------------------------
+
+    /// Starts sessions while fewer than the cap are in flight.
+    fn start_closed(&mut self, now: Instant) {
+        while self.slots.len() < self.cap && self.budget_left() {
+            let k = self.cfg.messages_per_session;
+            let n = match self.messages_left {
+                Some(left) => k.min(left),
+                None => k,
+            };
+            if let Some(left) = &mut self.messages_left {
+                *left -= n;
+            }
+            if let Some(left) = &mut self.sessions_left {
+                *left -= 1;
+            }
+            // Messages are made before the session's clock starts.
+            let pending = (0..n)
+                .map(|_| (self.builder.next_message(), None))
+                .collect();
+            self.connect(pending, false, now, Instant::now());
             if self.result.fatal.is_some() {
                 return;
             }
         }
     }
 
-    fn start_session(&mut self, intended: Instant, now: Instant) {
-        let k = self.cfg.messages_per_session;
-        let n = match self.messages_left {
-            Some(left) => k.min(left),
-            None => k,
-        };
-        if let Some(left) = &mut self.messages_left {
-            *left -= n;
-        }
-        if let Some(left) = &mut self.sessions_left {
-            *left -= 1;
-        }
-        let lag_us = if self.open {
-            let lag = us(now.saturating_duration_since(intended));
-            if intended >= self.clock.measure_start || now >= self.clock.measure_start {
-                self.rec.record_schedule_lag(lag);
+    // ---- open loop ----------------------------------------------------------
+
+    /// Takes every message due by `now` from the schedule and sends it, or
+    /// queues it when no connection is free.
+    fn take_due(&mut self, now: Instant) {
+        loop {
+            if !self.budget_left() {
+                return;
             }
-            lag
-        } else {
-            0
-        };
-        let mut pending = Vec::with_capacity(n as usize);
-        let mut sizes = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            let m = self.builder.next_message();
-            sizes.push((m.header.len() + m.body.len()).min(u32::MAX as usize) as u32);
-            pending.push(m);
+            let Some(s) = &mut self.schedule else { return };
+            let next = s.peek();
+            if next > now || self.clock.end.is_some_and(|e| next >= e) {
+                return;
+            }
+            let intended = s.take();
+            if let Some(left) = &mut self.messages_left {
+                *left -= 1;
+            }
+            let measured = intended >= self.clock.measure_start;
+            // FIFO: a message never overtakes one already waiting.
+            if self.backlog.is_empty() && self.dispatch(intended, now) {
+                if measured {
+                    self.rec
+                        .record_schedule_lag(us(now.saturating_duration_since(intended)));
+                }
+            } else {
+                if measured {
+                    self.result.open_loop.waited += 1;
+                }
+                self.backlog.push_back(intended);
+                let waiting = self.backlog.len() as u64;
+                let max = &mut self.result.open_loop.max_backlog;
+                *max = (*max).max(waiting);
+            }
+            if self.result.fatal.is_some() {
+                return;
+            }
         }
+    }
+
+    /// Gives waiting messages to free connections, oldest first.
+    fn serve_backlog(&mut self, now: Instant) {
+        while let Some(&intended) = self.backlog.front() {
+            if !self.dispatch(intended, now) {
+                return;
+            }
+            self.backlog.pop_front();
+        }
+    }
+
+    /// Sends the message intended at `intended` on a free connection: an
+    /// idle session, else a new one. False if none is free.
+    fn dispatch(&mut self, intended: Instant, now: Instant) -> bool {
+        while let Some(key) = self.idle.pop() {
+            let Some(slot) = self.slots.get_mut(key) else {
+                continue;
+            };
+            if !slot.idle_listed {
+                continue;
+            }
+            slot.idle_listed = false;
+            let Some(session) = slot.session.as_mut().filter(|s| s.is_idle()) else {
+                continue;
+            };
+            let msg = self.builder.next_message();
+            session.push_message(now, msg, Some(intended));
+            slot.given += 1;
+            if slot.given >= self.cfg.messages_per_session {
+                session.handle_no_more_messages(now);
+            }
+            self.count_sent(intended);
+            self.flush(key, now);
+            return true;
+        }
+        if self.slots.len() >= self.cap {
+            return false;
+        }
+        let msg = self.builder.next_message();
+        self.count_sent(intended);
+        self.connect(vec![(msg, Some(intended))], true, intended, now);
+        true
+    }
+
+    fn count_sent(&mut self, intended: Instant) {
+        if intended >= self.clock.measure_start {
+            self.result.open_loop.sent += 1;
+        }
+    }
+
+    /// An open session just became free: it takes the oldest waiting
+    /// message, or quits when it has carried `-k` or the run is ending, or
+    /// waits for the next message.
+    fn on_idle(&mut self, key: usize, now: Instant) {
+        if !self.backlog.is_empty() {
+            self.idle.push(key);
+            if let Some(slot) = self.slots.get_mut(key) {
+                slot.idle_listed = true;
+            }
+            self.serve_backlog(now);
+            return;
+        }
+        if self.draining {
+            self.quit_if_idle(key, now);
+            return;
+        }
+        if let Some(slot) = self.slots.get_mut(key) {
+            if !slot.idle_listed {
+                slot.idle_listed = true;
+                self.idle.push(key);
+            }
+        }
+    }
+
+    // ---- connections --------------------------------------------------------
+
+    /// Opens a connection for `pending`; `open`: an open-loop session;
+    /// `intended`: its intended start; `now`: its actual start.
+    fn connect(
+        &mut self,
+        pending: Vec<(Message, Option<Instant>)>,
+        open: bool,
+        intended: Instant,
+        now: Instant,
+    ) {
         let source_ip: Option<IpAddr> = if self.cfg.source_ips.is_empty() {
             None
         } else {
@@ -416,7 +666,7 @@ impl Worker {
             Some(self.cfg.source_ips[i as usize])
         };
         self.connects += 1;
-        let planned = pending.len();
+        let given = pending.len() as u64;
         match socket::connect(self.cfg.target, source_ip, self.cfg.abort_close) {
             Ok(mut stream) => {
                 let entry = self.slots.vacant_entry();
@@ -427,36 +677,37 @@ impl Worker {
                     Interest::READABLE | Interest::WRITABLE,
                 ) {
                     self.note_error(format!("register: {e}"));
-                    self.count_all(planned, Outcome::ConnectionError);
+                    self.count_all(given, Outcome::ConnectionError);
                     return;
                 }
                 entry.insert(Slot {
                     io: Io::Connecting(stream),
                     session: None,
                     pending,
-                    sizes,
-                    planned,
+                    given,
+                    open,
                     intended,
                     started: now,
                     tls_started: None,
-                    lag_us,
+                    out_base: 0,
                     outcomes: 0,
+                    idle_listed: false,
                 });
                 self.timers.schedule(key, now + self.cfg.timeout);
             }
             Err(e) if socket::is_addr_not_available(&e) => {
-                self.count_all(planned, Outcome::ConnectionError);
+                self.count_all(given, Outcome::ConnectionError);
                 self.result.fatal = Some(e.to_string());
                 self.stop.stop();
             }
             Err(e) => {
                 self.note_error(format!("connect: {e}"));
-                self.count_all(planned, Outcome::ConnectionError);
+                self.count_all(given, Outcome::ConnectionError);
             }
         }
     }
 
-    fn count_all(&mut self, n: usize, outcome: Outcome) {
+    fn count_all(&mut self, n: u64, outcome: Outcome) {
         for _ in 0..n {
             self.rec.count_outcome(outcome);
         }
@@ -466,6 +717,53 @@ impl Worker {
         if self.result.errors.len() < 5 && !self.result.errors.contains(&e) {
             self.result.errors.push(e);
         }
+    }
+
+    /// Records a session-level latency measured by the driver: corrected
+    /// (from the intended start) and uncorrected in open loop.
+    fn record_driver_phase(
+        &mut self,
+        phase: Phase,
+        open: bool,
+        intended: Instant,
+        started: Instant,
+        now: Instant,
+    ) {
+        if open {
+            self.rec
+                .record(phase, us(now.saturating_duration_since(intended)));
+            self.rec
+                .record_uncorrected(phase, us(now.saturating_duration_since(started)));
+        } else {
+            self.rec
+                .record(phase, us(now.saturating_duration_since(started)));
+        }
+    }
+
+    /// Creates the slot's session once the connection (and implicit TLS) is
+    /// up, and hands it the messages waiting for it.
+    fn start_session(&mut self, key: usize, now: Instant) {
+        let Some(slot) = self.slots.get_mut(key) else {
+            return;
+        };
+        let pending = std::mem::take(&mut slot.pending);
+        let client = Arc::clone(&self.cfg.client);
+        let session = if slot.open {
+            let mut s = ClientSession::open(client, now, Some(slot.intended));
+            for (m, intended) in pending {
+                s.push_message(now, m, intended);
+            }
+            if slot.given >= self.cfg.messages_per_session {
+                s.handle_no_more_messages(now);
+            }
+            s
+        } else {
+            ClientSession::new(client, pending.into_iter().map(|(m, _)| m).collect(), now)
+        };
+        if let Io::Ready(conn) = &slot.io {
+            slot.out_base = conn.app_bytes_in();
+        }
+        slot.session = Some(session);
     }
 
     /// A readiness event (or a call right after connecting) for `key`.
@@ -482,19 +780,13 @@ impl Worker {
                 Ok(None) => Ok(true),
                 Ok(Some(e)) | Err(e) => Err(e),
             };
-            match done {
-                Ok(_) => {}
-                Err(e) => {
-                    let planned = slot.planned;
-                    self.note_error(format!("connect: {e}"));
-                    self.close(key, now, Some((planned, Outcome::ConnectionError)));
-                    return;
-                }
+            if let Err(e) = done {
+                let given = slot.given;
+                self.note_error(format!("connect: {e}"));
+                self.close(key, now, Some((given, Outcome::ConnectionError)));
+                return;
             }
-            self.rec.record(
-                Phase::Connect,
-                us(now.saturating_duration_since(slot.started)),
-            );
+            let (open, intended, started) = (slot.open, slot.intended, slot.started);
             let Io::Connecting(stream) = std::mem::replace(&mut slot.io, Io::Moving) else {
                 return;
             };
@@ -518,23 +810,26 @@ impl Worker {
                 }
                 conn.write(&self.out);
             }
+            let mut tls_failed = None;
             if let Some((config, name)) = &self.tls {
                 if self.cfg.implicit_tls {
-                    if let Err(e) = conn.set_tls_implicit_client(Arc::clone(config), name.clone()) {
-                        slot.io = Io::Ready(conn);
-                        let planned = slot.planned;
-                        self.note_error(format!("TLS: {e}"));
-                        self.close(key, now, Some((planned, Outcome::ConnectionError)));
-                        return;
+                    match conn.set_tls_implicit_client(Arc::clone(config), name.clone()) {
+                        Ok(()) => slot.tls_started = Some(now),
+                        Err(e) => tls_failed = Some(e),
                     }
-                    slot.tls_started = Some(now);
                 }
             }
-            if slot.tls_started.is_none() {
-                let msgs = std::mem::take(&mut slot.pending);
-                slot.session = Some(ClientSession::new(Arc::clone(&self.cfg.client), msgs, now));
-            }
             slot.io = Io::Ready(conn);
+            self.record_driver_phase(Phase::Connect, open, intended, started, now);
+            if let Some(e) = tls_failed {
+                let given = self.slots.get(key).map_or(0, |s| s.given);
+                self.note_error(format!("TLS: {e}"));
+                self.close(key, now, Some((given, Outcome::ConnectionError)));
+                return;
+            }
+            if self.slots.get(key).is_some_and(|s| s.tls_started.is_none()) {
+                self.start_session(key, now);
+            }
         }
         if readable {
             self.pump(key, now, read_closed);
@@ -543,7 +838,7 @@ impl Worker {
         }
     }
 
-    /// Reads, feeds the session, writes, re-registers; closes when done.
+    /// Reads, feeds the session, writes; closes when done.
     fn pump(&mut self, key: usize, now: Instant, read_closed: bool) {
         // An error before the session exists (implicit TLS) fails the slot.
         let mut failure: Option<String> = None;
@@ -556,14 +851,14 @@ impl Worker {
             };
             let mut error = None;
             let mut stop = false;
+            let mut tls_up = false;
             match conn.read() {
                 Ok(ReadResult::Data) => {
                     // A short plaintext read(2) drained the socket: anything
                     // arriving later raises a new edge, so skip the read that
                     // would only return EAGAIN (one syscall per reply).
-                    stop = !read_closed
-                        && !conn.is_tls()
-                        && conn.plaintext().len() < READ_BUF_BYTES;
+                    stop =
+                        !read_closed && !conn.is_tls() && conn.plaintext().len() < READ_BUF_BYTES;
                     if let Some(s) = &mut slot.session {
                         s.handle_input(now, conn.plaintext());
                     }
@@ -571,12 +866,8 @@ impl Worker {
                 Ok(ReadResult::TlsHandshakeDone) => {
                     if let Some(s) = &mut slot.session {
                         s.handle_tls_established(now);
-                    } else if let Some(t0) = slot.tls_started {
-                        self.rec
-                            .record(Phase::StartTls, us(now.saturating_duration_since(t0)));
-                        let msgs = std::mem::take(&mut slot.pending);
-                        slot.session =
-                            Some(ClientSession::new(Arc::clone(&self.cfg.client), msgs, now));
+                    } else if slot.tls_started.is_some() {
+                        tls_up = true;
                     }
                 }
                 Ok(ReadResult::WouldBlock) => stop = true,
@@ -598,48 +889,81 @@ impl Worker {
                     stop = true;
                 }
             }
+            if tls_up {
+                // Implicit TLS is up: the handshake is this session's
+                // `starttls` phase, and the session starts now.
+                let (open, intended, t0) = (slot.open, slot.intended, slot.tls_started);
+                if let Some(t0) = t0 {
+                    self.record_driver_phase(Phase::StartTls, open, intended, t0, now);
+                }
+                self.start_session(key, now);
+            }
             if let Some(e) = error {
                 self.note_error(e);
             }
-            if failure.is_some() || self.process_events(key, now) {
+            if failure.is_some() {
                 break;
+            }
+            match self.after_events(key, now) {
+                After::Closed => return,
+                After::Busy | After::Idle => {}
             }
             if stop {
                 break;
             }
         }
         if let Some(f) = failure {
-            let planned = self.slots.get(key).map(|s| s.planned).unwrap_or(0);
+            let given = self.slots.get(key).map_or(0, |s| s.given);
             self.note_error(f);
-            self.close(key, now, Some((planned, Outcome::ConnectionError)));
+            self.close(key, now, Some((given, Outcome::ConnectionError)));
             return;
         }
         self.flush(key, now);
     }
 
-    /// Drains session events and output; true if the slot was closed.
-    fn process_events(&mut self, key: usize, now: Instant) -> bool {
+    /// Handles the session's events, then closes the slot (done) or tells
+    /// the open loop that it is free.
+    fn after_events(&mut self, key: usize, now: Instant) -> After {
+        let after = self.process_events(key, now);
+        match after {
+            After::Closed => {}
+            After::Idle => {
+                if !self.slots.get(key).is_some_and(|s| s.idle_listed) {
+                    self.flush(key, now);
+                    self.on_idle(key, now);
+                }
+            }
+            After::Busy => {}
+        }
+        after
+    }
+
+    /// Drains session events; closes the slot when the session is done.
+    fn process_events(&mut self, key: usize, now: Instant) -> After {
         let Some(slot) = self.slots.get_mut(key) else {
-            return true;
+            return After::Closed;
         };
         let Some(session) = &mut slot.session else {
-            return false;
+            return After::Busy;
         };
         let Io::Ready(conn) = &mut slot.io else {
-            return false;
+            return After::Busy;
         };
+        let open = slot.open;
         let mut done = false;
         while let Some(ev) = session.poll_event() {
             match ev {
-                ClientEvent::Phase { phase, latency } => {
-                    let l = us(latency);
-                    if phase == Phase::Message && self.open {
-                        self.rec.record(phase, l + slot.lag_us);
-                        self.rec.record_uncorrected(phase, l);
-                    } else {
-                        self.rec.record(phase, l);
+                ClientEvent::Phase {
+                    phase,
+                    latency,
+                    corrected,
+                } => match corrected {
+                    Some(c) if open => {
+                        self.rec.record(phase, us(c));
+                        self.rec.record_uncorrected(phase, us(latency));
                     }
-                }
+                    _ => self.rec.record(phase, us(latency)),
+                },
                 ClientEvent::Reply { command, code } => self.rec.count_reply(command, code),
                 ClientEvent::StartTls => {
                     // The 220 was read; no output is queued before the handshake.
@@ -660,17 +984,16 @@ impl Worker {
                     }
                 }
                 ClientEvent::Message {
-                    index,
                     outcome,
                     recipients_accepted,
+                    bytes,
                     ..
                 } => {
                     slot.outcomes += 1;
                     self.rec.count_outcome(outcome);
                     self.rec.count_recipients(u64::from(recipients_accepted));
                     if outcome == Outcome::Accepted {
-                        self.rec
-                            .count_bytes(u64::from(slot.sizes.get(index).copied().unwrap_or(0)));
+                        self.rec.count_bytes(bytes);
                     }
                 }
                 ClientEvent::Error(e) => {
@@ -684,15 +1007,21 @@ impl Worker {
         }
         if done {
             debug_assert_eq!(
-                slot.outcomes, slot.planned,
-                "every planned message has one outcome"
+                slot.outcomes, slot.given,
+                "every message given to a session has one outcome"
             );
             self.close(key, now, None);
-            return true;
+            return After::Closed;
         }
-        false
+        if session.is_idle() {
+            After::Idle
+        } else {
+            After::Busy
+        }
     }
 
+    /// Writes what the session has to send (in pieces of at most
+    /// `OUT_CHUNK_BYTES`), tells it what left, and re-arms its timer.
     fn flush(&mut self, key: usize, now: Instant) {
         let Some(slot) = self.slots.get_mut(key) else {
             return;
@@ -700,18 +1029,31 @@ impl Worker {
         let Io::Ready(conn) = &mut slot.io else {
             return;
         };
-        if let Some(session) = &mut slot.session {
-            self.out.clear();
-            session.poll_transmit(now, &mut self.out);
-            if !self.out.is_empty() {
-                conn.write(&self.out);
+        let flushed = loop {
+            if let Some(session) = &mut slot.session {
+                if !conn.has_pending_output() {
+                    self.out.clear();
+                    session.poll_transmit_max(now, &mut self.out, OUT_CHUNK_BYTES);
+                    if !self.out.is_empty() {
+                        conn.write(&self.out);
+                    }
+                }
             }
-        }
-        // The stream stays registered for READABLE | WRITABLE, edge-triggered,
-        // from connect to close: no epoll_ctl per state change. A partial
-        // flush set SOCK_NOSPACE, so the kernel reports the writable edge
-        // when room frees up; other wakeups are harmless.
-        let flushed = conn.flush();
+            // The stream stays registered for READABLE | WRITABLE,
+            // edge-triggered, from connect to close: no epoll_ctl per state
+            // change. A partial flush set SOCK_NOSPACE, so the kernel reports
+            // the writable edge when room frees up.
+            let flushed = conn.flush();
+            let Some(session) = &mut slot.session else {
+                break flushed;
+            };
+            // Stamp with the time the bytes actually left: writing a large
+            // body takes a while within one turn of the loop.
+            session.handle_written(Instant::now(), conn.app_bytes_sent() - slot.out_base);
+            if !matches!(flushed, Ok(true)) || !session.wants_transmit() {
+                break flushed;
+            }
+        };
         if let Err(e) = flushed {
             self.note_error(format!("I/O: {e}"));
             let Some(slot) = self.slots.get_mut(key) else {
@@ -720,11 +1062,11 @@ impl Worker {
             match &mut slot.session {
                 Some(s) => {
                     s.handle_close(now);
-                    let _ = self.process_events(key, now);
+                    let _ = self.after_events(key, now);
                 }
                 None => {
-                    let planned = slot.planned;
-                    self.close(key, now, Some((planned, Outcome::ConnectionError)));
+                    let given = slot.given;
+                    self.close(key, now, Some((given, Outcome::ConnectionError)));
                 }
             }
             return;
@@ -749,59 +1091,53 @@ impl Worker {
         match &mut slot.session {
             Some(s) => {
                 s.handle_timeout(now);
-                if !self.process_events(key, now) {
+                if self.after_events(key, now) != After::Closed {
                     self.flush(key, now);
                 }
             }
             None => {
-                let planned = slot.planned;
+                let given = slot.given;
                 let what = if matches!(slot.io, Io::Connecting(_)) {
                     "connect"
                 } else {
                     "TLS handshake"
                 };
                 self.note_error(format!("timeout waiting for the {what}"));
-                self.close(key, now, Some((planned, Outcome::Timeout)));
+                self.close(key, now, Some((given, Outcome::Timeout)));
             }
         }
     }
 
     /// Ends a slot. `fail`: count this many messages with this outcome (the
-    /// session never started).
-    fn close(&mut self, key: usize, now: Instant, fail: Option<(usize, Outcome)>) {
+    /// session never started). A freed connection serves the backlog.
+    fn close(&mut self, key: usize, now: Instant, fail: Option<(u64, Outcome)>) {
         if !self.slots.contains(key) {
             return;
         }
         let slot = self.slots.remove(key);
         self.timers.cancel(key);
-        if let Some((n, outcome)) = fail {
+        match (fail, &slot.session) {
             // Only for failures before the session existed (connect, TLS):
             // a session counts its own outcomes.
-            if slot.session.is_none() {
-                self.count_all(n, outcome);
-                return;
-            }
-        }
-        if slot.session.is_some() {
-            let tls = matches!(&slot.io, Io::Ready(c) if c.is_tls());
-            self.rec.count_session(tls);
-            if self.open {
-                self.rec.record(
+            (Some((n, outcome)), None) => self.count_all(n, outcome),
+            (_, Some(_)) => {
+                let tls = matches!(&slot.io, Io::Ready(c) if c.is_tls());
+                self.rec.count_session(tls);
+                self.record_driver_phase(
                     Phase::Session,
-                    us(now.saturating_duration_since(slot.intended)),
-                );
-                self.rec.record_uncorrected(
-                    Phase::Session,
-                    us(now.saturating_duration_since(slot.started)),
-                );
-            } else {
-                self.rec.record(
-                    Phase::Session,
-                    us(now.saturating_duration_since(slot.started)),
+                    slot.open,
+                    slot.intended,
+                    slot.started,
+                    now,
                 );
             }
+            (None, None) => {}
         }
         // Dropping the stream closes it (RST with --abort-close); the kernel
         // removes it from the epoll set.
+        drop(slot);
+        if !self.backlog.is_empty() {
+            self.serve_backlog(now);
+        }
     }
 }

@@ -80,6 +80,10 @@ pub struct Conn {
     write_pos: usize,
     bytes_rx: u64,
     bytes_tx: u64,
+    /// Application bytes given to `write()`, and how many of them are known
+    /// to have left the socket (see [`Conn::app_bytes_sent`]).
+    app_in: u64,
+    app_sent: u64,
     socket_eof: bool,
     handshake_reported: bool,
     paused: bool,
@@ -155,6 +159,8 @@ impl Conn {
             write_pos: 0,
             bytes_rx: 0,
             bytes_tx: 0,
+            app_in: 0,
+            app_sent: 0,
             socket_eof: false,
             handshake_reported: false,
             paused: false,
@@ -185,6 +191,31 @@ impl Conn {
     /// Bytes written to the socket (TLS records included).
     pub fn bytes_tx(&self) -> u64 {
         self.bytes_tx
+    }
+
+    /// Application bytes (plaintext given to [`Conn::write`]) known to have
+    /// left the socket: exact in plaintext; with TLS, everything written so
+    /// far once every record is flushed (the figure does not move while TLS
+    /// output is still queued). Phases are timed from this.
+    pub fn app_bytes_sent(&self) -> u64 {
+        self.app_sent
+    }
+
+    /// Application bytes given to [`Conn::write`] so far.
+    pub fn app_bytes_in(&self) -> u64 {
+        self.app_in
+    }
+
+    /// Updates `app_sent` after a flush step.
+    fn note_sent(&mut self) {
+        let queued = (self.write_queue.len() - self.write_pos) as u64;
+        match &self.tls {
+            None => self.app_sent = self.app_in - queued,
+            Some(t) if queued == 0 && !t.wants_write() && !t.is_handshaking() => {
+                self.app_sent = self.app_in
+            }
+            Some(_) => {}
+        }
     }
 
     /// True once a TLS session is attached (handshake done or not).
@@ -410,6 +441,7 @@ impl Conn {
     /// (before the handshake finishes, rustls holds it until it can). Nothing
     /// is written until [`Conn::flush`].
     pub fn write(&mut self, data: &[u8]) {
+        self.app_in += data.len() as u64;
         match &mut self.tls {
             None => {
                 if self.write_pos == self.write_queue.len() {
@@ -434,6 +466,12 @@ impl Conn {
     /// (`Ok(false)`: wait for writable). Cleartext queued before a TLS switch
     /// goes first, then TLS records. Completes a requested shutdown.
     pub fn flush(&mut self) -> io::Result<bool> {
+        let r = self.flush_inner();
+        self.note_sent();
+        r
+    }
+
+    fn flush_inner(&mut self) -> io::Result<bool> {
         while self.write_pos < self.write_queue.len() {
             match self.stream.write(&self.write_queue[self.write_pos..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

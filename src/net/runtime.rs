@@ -69,6 +69,18 @@ pub enum Cpus {
 }
 
 impl Cpus {
+    /// At most `n` workers (at least one): a list keeps its first `n` CPUs.
+    pub fn at_most(self, n: usize) -> Self {
+        let n = n.max(1);
+        match self {
+            Cpus::Count(c) => Cpus::Count(c.min(n)),
+            Cpus::List(mut l) => {
+                l.truncate(n);
+                Cpus::List(l)
+            }
+        }
+    }
+
     /// One worker per available CPU (at least one).
     pub fn all() -> Self {
         Cpus::Count(affinity::available_cores().len().max(1))

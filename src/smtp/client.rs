@@ -36,12 +36,32 @@
 //! RSET; a transaction whose MAIL was accepted but which ended without data
 //! (no recipient, DATA or a BDAT chunk refused) is followed by RSET.
 //!
-//! Latency: each phase event spans from the `now` of the call that produced
-//! the command to the `now` of the input that completed its reply; `ehlo`
-//! is reported for every hello reply (so an EHLO refused then HELO counts
-//! twice), `auth` from the first AUTH line to the final AUTH reply,
-//! `message` once per message at its last final reply (LMTP). The body is
-//! copied (dot-stuffed) into the output in one piece.
+//! Latency is defined by the bytes on the wire. The driver reports how much
+//! of the output has actually left (written to the socket, or for TLS: its
+//! records fully flushed) with [`ClientSession::handle_written`]; each
+//! command's reply is timed from the moment its last byte was written (a
+//! driver that never reports writes gets the time the command was produced).
+//! `ehlo` is reported for every hello reply (so an EHLO refused then HELO
+//! counts twice); `auth` runs from the first AUTH line written to the final
+//! AUTH reply; `body` from the 354 (or the first BDAT byte written) to the
+//! last byte of data written; `message` from that last byte (`.CRLF`, or the
+//! end of `BDAT … LAST`) to the final reply, once per message (LMTP: the
+//! last one). Pipelined commands written together share their start, so
+//! replies the server sends in one write give equal `mail`/`rcpt`/`data`.
+//! When the driver gives intended times (open loop), every phase event also
+//! carries the latency counted from the message's intended time (session
+//! phases: from the session's intended start).
+//!
+//! Output is a queue of command bytes and shared bodies: a body the builder
+//! pre-stuffed ([`Message::data`]) is never copied into the queue, and the
+//! driver takes output in bounded pieces ([`ClientSession::poll_transmit_max`]),
+//! so a large message is never buffered whole per connection.
+//!
+//! Open sessions ([`ClientSession::open`]): the driver hands messages in one
+//! at a time ([`ClientSession::push_message`]); between messages the session
+//! idles (no deadline, [`ClientSession::is_idle`]) instead of quitting, until
+//! [`ClientSession::handle_no_more_messages`]. A server that closes an idle
+//! session ends it normally.
 //!
 //! LMTP (RFC 2033): after the end of data the server sends one reply per
 //! accepted recipient. The message is `Accepted` if every one of them is
@@ -138,20 +158,40 @@ pub struct Message {
     pub rcpt_to: Vec<String>,
     pub header: Vec<u8>,
     pub body: Arc<[u8]>,
+    /// `body` already dot-stuffed and followed by `.CRLF`, built once by the
+    /// message builder and shared; used for DATA when `header` is empty or
+    /// ends with a line break. `None`: the session stuffs `body` itself.
+    pub data: Option<Arc<[u8]>>,
+}
+
+impl Message {
+    /// Bytes of the message (`header ++ body`), before dot-stuffing.
+    pub fn len(&self) -> usize {
+        self.header.len() + self.body.len()
+    }
+
+    /// True if the message has no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What the session tells its driver.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ClientEvent {
-    /// A phase ended; `latency` from its command being produced to its reply.
-    Phase { phase: Phase, latency: Duration },
+    /// A phase ended: `latency` from its start (see the module doc) to its
+    /// end; `corrected` from the intended time of its message (or of the
+    /// session, for session phases) when the driver gave one.
+    Phase { phase: Phase, latency: Duration, corrected: Option<Duration> },
     /// A reply arrived for `command`.
     Reply { command: CommandKind, code: u16 },
     /// STARTTLS got 220: flush output, start the TLS client handshake, then
     /// call [`ClientSession::handle_tls_established`].
     StartTls,
-    /// The one outcome of message `index`.
-    Message { index: usize, outcome: Outcome, code: u16, recipients_accepted: u32 },
+    /// The one outcome of message `index` (counted from 0 over the whole
+    /// session, pushed messages included); `bytes` is its size (`header ++
+    /// body`).
+    Message { index: usize, outcome: Outcome, code: u16, recipients_accepted: u32, bytes: u64 },
     /// The greeting's text lines joined by `\n` (only with `capture_text`).
     Banner(String),
     /// The EHLO/LHLO reply lines (only with `capture_text`).
@@ -226,6 +266,14 @@ enum Await {
     Quit,
 }
 
+impl Expect {
+    /// When the command's last byte was written (or, if the driver never
+    /// said, produced).
+    fn sent_time(&self) -> Instant {
+        self.written_at.unwrap_or(self.queued_at)
+    }
+}
+
 impl Await {
     fn command(self) -> CommandKind {
         match self {
@@ -262,7 +310,11 @@ struct Expect {
     /// Message index (0 when the command belongs to no message).
     msg: usize,
     /// `now` of the call that produced the command.
-    sent_at: Instant,
+    queued_at: Instant,
+    /// Output offset just past the command's last byte.
+    end: u64,
+    /// When that last byte was written (reported by the driver).
+    written_at: Option<Instant>,
     /// Replies still expected for this entry (LMTP end of data: one per
     /// accepted recipient); 0 = not yet known (set at the first reply).
     remaining: u32,
@@ -287,6 +339,120 @@ struct Txn {
     final_ok_code: u16,
     final_temp_code: u16,
     final_perm_code: u16,
+    /// The intended time of the message (open loop), for corrected latency.
+    intended: Option<Instant>,
+    /// Start of the `body` phase: the 354, or the first BDAT byte written.
+    body_started: Option<Instant>,
+    /// Output offset of the first BDAT command's first byte.
+    bdat_first: Option<u64>,
+    /// The `body` phase was reported.
+    body_reported: bool,
+}
+
+/// One piece of output: command bytes, or a slice of a shared body.
+#[derive(Debug)]
+enum Seg {
+    Bytes(Vec<u8>),
+    Shared { data: Arc<[u8]>, pos: usize, end: usize },
+}
+
+/// Shared bodies shorter than this are copied into the command bytes.
+const SHARE_MIN_BYTES: usize = 4096;
+
+/// The session's output queue: bytes in order, with stream offsets.
+#[derive(Debug, Default)]
+struct OutQueue {
+    segs: VecDeque<Seg>,
+    /// Offset just past the last byte ever queued.
+    queued: u64,
+    /// Offset of the next byte to hand out.
+    handed: u64,
+}
+
+impl OutQueue {
+    fn extend_from_slice(&mut self, b: &[u8]) {
+        if b.is_empty() {
+            return;
+        }
+        self.queued += b.len() as u64;
+        if let Some(Seg::Bytes(v)) = self.segs.back_mut() {
+            v.extend_from_slice(b);
+        } else {
+            let mut v = Vec::with_capacity(b.len().max(256));
+            v.extend_from_slice(b);
+            self.segs.push_back(Seg::Bytes(v));
+        }
+    }
+
+    fn push(&mut self, b: u8) {
+        self.extend_from_slice(&[b]);
+    }
+
+    /// Queues `data[range]` without copying it (small pieces are copied).
+    fn push_shared(&mut self, data: &Arc<[u8]>, pos: usize, end: usize) {
+        if end - pos < SHARE_MIN_BYTES {
+            self.extend_from_slice(&data[pos..end]);
+        } else {
+            self.queued += (end - pos) as u64;
+            self.segs.push_back(Seg::Shared { data: Arc::clone(data), pos, end });
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.handed == self.queued
+    }
+
+    fn clear(&mut self) {
+        self.segs.clear();
+        self.handed = self.queued;
+    }
+
+    /// Moves up to `limit` bytes to `out`.
+    fn drain_into(&mut self, out: &mut Vec<u8>, limit: usize) {
+        let mut room = limit;
+        while room > 0 {
+            let Some(front) = self.segs.front_mut() else { break };
+            let taken = match front {
+                Seg::Bytes(v) => {
+                    if v.len() <= room {
+                        let n = v.len();
+                        if out.is_empty() && n > 0 {
+                            std::mem::swap(out, v);
+                        } else {
+                            out.extend_from_slice(v);
+                        }
+                        self.segs.pop_front();
+                        n
+                    } else {
+                        out.extend_from_slice(&v[..room]);
+                        v.drain(..room);
+                        room
+                    }
+                }
+                Seg::Shared { data, pos, end } => {
+                    let n = (*end - *pos).min(room);
+                    out.extend_from_slice(&data[*pos..*pos + n]);
+                    *pos += n;
+                    if *pos == *end {
+                        self.segs.pop_front();
+                    }
+                    n
+                }
+            };
+            self.handed += taken as u64;
+            room -= taken;
+        }
+    }
+}
+
+impl std::io::Write for OutQueue {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One client SMTP session (see the module doc).
@@ -296,10 +462,21 @@ pub struct ClientSession {
     txns: Vec<Txn>,
     unfinished: usize,
     next_msg: usize,
+    /// Index (in events) of `messages[0]`: open sessions drop the messages
+    /// they finished.
+    msg_base: usize,
     state: State,
     expects: VecDeque<Expect>,
     parser: ReplyParser,
-    tx: Vec<u8>,
+    tx: OutQueue,
+    /// Output offset written so far, as reported by the driver.
+    written: u64,
+    /// Open session: wait for more messages instead of quitting.
+    keep_open: bool,
+    /// `next_txn` found no message to send (an open session between messages).
+    awaiting_message: bool,
+    /// The session's intended start (open loop), for corrected latency.
+    intended_start: Option<Instant>,
     events: VecDeque<ClientEvent>,
     caps: Capabilities,
     created: Instant,
@@ -307,11 +484,11 @@ pub struct ClientSession {
     tls_active: bool,
     authed: bool,
     rset_pending: bool,
-    /// Time of the last reply (or of session creation).
+    /// Time of the last reply or output written (or of session creation).
     last_progress: Instant,
     starttls_sent: Instant,
     tls_wait_since: Instant,
-    auth_started: Instant,
+    auth_started: Option<Instant>,
     deadline: Option<Instant>,
 }
 
@@ -327,10 +504,15 @@ impl ClientSession {
             messages,
             unfinished: n,
             next_msg: 0,
+            msg_base: 0,
             state: State::Greeting,
             expects: VecDeque::with_capacity(16),
             parser: ReplyParser::new(),
-            tx: Vec::with_capacity(1024),
+            tx: OutQueue::default(),
+            written: 0,
+            keep_open: false,
+            awaiting_message: false,
+            intended_start: None,
             events: VecDeque::with_capacity(16),
             caps: Capabilities::default(),
             created: now,
@@ -341,12 +523,113 @@ impl ClientSession {
             last_progress: now,
             starttls_sent: now,
             tls_wait_since: now,
-            auth_started: now,
+            auth_started: None,
             deadline: None,
         };
-        s.expects.push_back(Expect { what: Await::Greeting, msg: 0, sent_at: now, remaining: 1 });
+        s.expects.push_back(Expect { what: Await::Greeting, msg: 0, queued_at: now, end: 0, written_at: Some(now), remaining: 1 });
         s.update_deadline();
         s
+    }
+
+    /// An open session (see the module doc): no message yet, messages come
+    /// with [`Self::push_message`]; it idles between them and quits after
+    /// [`Self::handle_no_more_messages`]. `intended_start` (open loop) is the
+    /// session's intended start, from which its session phases are also
+    /// reported corrected.
+    pub fn open(config: Arc<ClientConfig>, now: Instant, intended_start: Option<Instant>) -> Self {
+        let mut s = Self::new(config, Vec::new(), now);
+        s.keep_open = true;
+        s.intended_start = intended_start;
+        s
+    }
+
+    /// Hands an open session its next message; `intended` (open loop) is the
+    /// time it was meant to be sent. It goes out at once if the session is
+    /// between messages (or pipelining after a DATA), else when the session
+    /// gets there. Ignored after `Done` (the driver sees `Done` first).
+    pub fn push_message(&mut self, now: Instant, msg: Message, intended: Option<Instant>) {
+        if self.state == State::Done {
+            return;
+        }
+        if self.unfinished == 0 && self.expects.is_empty() && self.next_msg == self.messages.len() {
+            // Everything before was decided: forget it (bounded memory for
+            // long sessions); indices in events keep counting.
+            self.msg_base += self.messages.len();
+            self.messages.clear();
+            self.txns.clear();
+            self.next_msg = 0;
+        }
+        self.messages.push(msg);
+        self.txns.push(Txn { intended, ..Txn::default() });
+        self.unfinished += 1;
+        if self.awaiting_message && (self.pipelining || self.expects.is_empty()) {
+            self.awaiting_message = false;
+            self.next_txn(now);
+            self.update_deadline();
+        }
+    }
+
+    /// An open session gets no more messages: it quits once the ones it has
+    /// are decided (at once if it is between messages).
+    pub fn handle_no_more_messages(&mut self, now: Instant) {
+        if !self.keep_open || self.state == State::Done {
+            return;
+        }
+        self.keep_open = false;
+        if self.awaiting_message {
+            self.awaiting_message = false;
+            self.quit(now);
+            if self.state == State::Closing && self.expects.is_empty() {
+                self.finish_session();
+            }
+            self.update_deadline();
+        }
+    }
+
+    /// An open session is between messages: every message it was given is
+    /// decided and nothing is outstanding.
+    pub fn is_idle(&self) -> bool {
+        self.keep_open
+            && self.awaiting_message
+            && self.unfinished == 0
+            && self.expects.is_empty()
+            && self.state == State::Transactions
+    }
+
+    /// Messages handed to this session so far (pushed or given to `new`).
+    pub fn messages_given(&self) -> usize {
+        self.msg_base + self.messages.len()
+    }
+
+    /// The driver wrote the session's output up to offset `written_total`
+    /// (bytes of [`Self::poll_transmit`] output, counted from the session's
+    /// first byte): commands whose last byte is now out are stamped `now`.
+    pub fn handle_written(&mut self, now: Instant, written_total: u64) {
+        if written_total <= self.written {
+            return;
+        }
+        self.written = written_total.min(self.tx.handed);
+        self.last_progress = now;
+        for i in 0..self.txns.len() {
+            let t = &mut self.txns[i];
+            if t.body_started.is_none() && t.bdat_first.is_some_and(|o| o < self.written) {
+                t.body_started = Some(now);
+            }
+        }
+        // Expects are in output order: stop at the first one not yet out.
+        for i in 0..self.expects.len() {
+            let e = self.expects[i];
+            if e.end > self.written {
+                break;
+            }
+            if e.written_at.is_none() {
+                self.expects[i].written_at = Some(now);
+                if matches!(e.what, Await::Dot { discard: false } | Await::Bdat { last: true }) {
+                    self.report_body(e.msg, now);
+                }
+            }
+        }
+        self.update_deadline();
     }
 
     /// Feed bytes received from the server (plaintext, after TLS if any).
@@ -368,16 +651,19 @@ impl ClientSession {
     }
 
     /// Append the bytes to send now to `out`.
-    pub fn poll_transmit(&mut self, _now: Instant, out: &mut Vec<u8>) {
-        if self.tx.is_empty() {
-            return;
-        }
-        if out.is_empty() {
-            std::mem::swap(out, &mut self.tx);
-        } else {
-            out.extend_from_slice(&self.tx);
-            self.tx.clear();
-        }
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) {
+        self.poll_transmit_max(now, out, usize::MAX);
+    }
+
+    /// Like [`Self::poll_transmit`], at most `limit` bytes; the rest stays
+    /// queued for the next call (a large body goes out in pieces).
+    pub fn poll_transmit_max(&mut self, _now: Instant, out: &mut Vec<u8>, limit: usize) {
+        self.tx.drain_into(out, limit);
+    }
+
+    /// True if output is waiting for [`Self::poll_transmit`].
+    pub fn wants_transmit(&self) -> bool {
+        !self.tx.is_empty()
     }
 
     /// The TLS handshake that followed [`ClientEvent::StartTls`] completed.
@@ -385,7 +671,7 @@ impl ClientSession {
         if self.state != State::TlsHandshake {
             return;
         }
-        self.push_phase(Phase::StartTls, self.starttls_sent, now);
+        self.push_phase(Phase::StartTls, self.starttls_sent, now, None);
         self.tls_active = true;
         self.caps = Capabilities::default();
         self.parser.reset();
@@ -414,7 +700,10 @@ impl ClientSession {
         if self.state == State::Done {
             return;
         }
-        if self.state == State::Closing && self.unfinished == 0 {
+        let idle = self.awaiting_message && self.unfinished == 0 && self.expects.is_empty();
+        if (self.state == State::Closing && self.unfinished == 0) || idle {
+            // After QUIT with everything decided, or a server closing an
+            // open session between messages: a normal end.
             self.finish_session();
         } else {
             let err = ClientError::Closed(self.waiting_for());
@@ -465,12 +754,17 @@ impl ClientSession {
         if !matches!(exp.what, Await::Dot { .. } | Await::Bdat { last: true }) {
             self.expects.pop_front();
         }
+        if matches!(exp.what, Await::AuthLoginUser | Await::AuthLoginPass | Await::AuthFinal) && self.auth_started.is_none() {
+            // The first AUTH line written starts the `auth` phase.
+            self.auth_started = Some(exp.sent_time());
+        }
+        let auth_started = self.auth_started.unwrap_or(now);
         match exp.what {
             Await::Greeting => self.on_greeting(now, code, class),
             Await::Ehlo | Await::Lhlo | Await::Helo => self.on_hello(now, exp, code, class),
             Await::StartTls => match class {
                 2 => {
-                    self.starttls_sent = exp.sent_at;
+                    self.starttls_sent = exp.sent_time();
                     self.tls_wait_since = now;
                     self.state = State::TlsHandshake;
                     self.parser.reset();
@@ -494,19 +788,19 @@ impl ClientSession {
                     self.expect(next, 0, now);
                 }
                 4 | 5 => {
-                    self.push_phase(Phase::Auth, self.auth_started, now);
+                    self.push_phase(Phase::Auth, auth_started, now, None);
                     self.give_up(now, code, ClientError::Refused { command: "AUTH", code });
                 }
                 _ => self.unexpected(exp, code),
             },
             Await::AuthFinal => match class {
                 2 => {
-                    self.push_phase(Phase::Auth, self.auth_started, now);
+                    self.push_phase(Phase::Auth, auth_started, now, None);
                     self.authed = true;
                     self.start_transactions(now);
                 }
                 4 | 5 => {
-                    self.push_phase(Phase::Auth, self.auth_started, now);
+                    self.push_phase(Phase::Auth, auth_started, now, None);
                     self.give_up(now, code, ClientError::Refused { command: "AUTH", code });
                 }
                 _ => self.unexpected(exp, code),
@@ -526,7 +820,7 @@ impl ClientSession {
                 _ => self.unexpected(exp, code),
             },
             Await::Quit => {
-                self.push_phase(Phase::Quit, exp.sent_at, now);
+                self.push_phase(Phase::Quit, exp.sent_time(), now, None);
             }
         }
         if self.state == State::Closing && self.expects.is_empty() {
@@ -535,7 +829,7 @@ impl ClientSession {
     }
 
     fn on_greeting(&mut self, now: Instant, code: u16, class: u16) {
-        self.push_phase(Phase::Banner, self.created, now);
+        self.push_phase(Phase::Banner, self.created, now, None);
         if self.config.capture_text {
             let text = self.joined_lines("\n");
             self.events.push_back(ClientEvent::Banner(text));
@@ -552,7 +846,7 @@ impl ClientSession {
     }
 
     fn on_hello(&mut self, now: Instant, exp: Expect, code: u16, class: u16) {
-        self.push_phase(Phase::Ehlo, exp.sent_at, now);
+        self.push_phase(Phase::Ehlo, exp.sent_time(), now, None);
         match class {
             2 => {
                 self.caps = if exp.what == Await::Helo {
@@ -580,7 +874,7 @@ impl ClientSession {
     }
 
     fn on_mail(&mut self, now: Instant, exp: Expect, code: u16, class: u16) {
-        self.push_phase(Phase::Mail, exp.sent_at, now);
+        self.push_phase(Phase::Mail, exp.sent_time(), now, Some(exp.msg));
         let m = exp.msg;
         match class {
             2 => {
@@ -600,7 +894,7 @@ impl ClientSession {
     }
 
     fn on_rcpt(&mut self, now: Instant, exp: Expect, code: u16, class: u16) {
-        self.push_phase(Phase::Rcpt, exp.sent_at, now);
+        self.push_phase(Phase::Rcpt, exp.sent_time(), now, Some(exp.msg));
         let m = exp.msg;
         let t = &mut self.txns[m];
         t.rcpt_replies += 1;
@@ -631,21 +925,39 @@ impl ClientSession {
     }
 
     fn on_data(&mut self, now: Instant, exp: Expect, code: u16, class: u16) {
-        self.push_phase(Phase::Data, exp.sent_at, now);
+        self.push_phase(Phase::Data, exp.sent_time(), now, Some(exp.msg));
         let m = exp.msg;
         let t = self.txns[m];
         match class {
             3 => {
                 if t.mail_ok && t.rcpt_ok > 0 && !t.finished {
+                    self.txns[m].body_started = Some(now);
                     let msg = &self.messages[m];
-                    dot_stuff(&mut self.tx, &[&msg.header, &msg.body]);
+                    let at_line_start = msg.header.is_empty() || msg.header.ends_with(b"\r\n");
+                    match &msg.data {
+                        // The builder stuffed the body once; only the small
+                        // per-message header is stuffed here.
+                        Some(data) if at_line_start => {
+                            let data = Arc::clone(data);
+                            let mut header = Vec::with_capacity(msg.header.len() + 8);
+                            stuff_lines(&mut header, &msg.header);
+                            self.tx.extend_from_slice(&header);
+                            self.tx.push_shared(&data, 0, data.len());
+                        }
+                        _ => {
+                            let mut stuffed = Vec::with_capacity(msg.len() + msg.len() / 64 + 8);
+                            dot_stuff(&mut stuffed, &[&msg.header, &msg.body]);
+                            let stuffed: Arc<[u8]> = Arc::from(stuffed);
+                            self.tx.push_shared(&stuffed, 0, stuffed.len());
+                        }
+                    }
                     let remaining = if self.config.lmtp { t.rcpt_ok } else { 1 };
-                    self.expects.push_back(Expect { what: Await::Dot { discard: false }, msg: m, sent_at: now, remaining });
+                    self.push_expect(Await::Dot { discard: false }, m, now, remaining);
                 } else {
                     // 354 although no recipient was accepted: end the empty
                     // DATA at once and ignore its reply.
                     self.tx.extend_from_slice(b".\r\n");
-                    self.expects.push_back(Expect { what: Await::Dot { discard: true }, msg: m, sent_at: now, remaining: 1 });
+                    self.push_expect(Await::Dot { discard: true }, m, now, 1);
                 }
                 if self.pipelining {
                     self.next_txn(now);
@@ -715,7 +1027,10 @@ impl ClientSession {
         }
         self.expects.pop_front();
         if live {
-            self.push_phase(Phase::Message, exp.sent_at, now);
+            // A driver that never reports writes: the body ends when its last
+            // byte was produced.
+            self.report_body(m, exp.sent_time());
+            self.push_phase(Phase::Message, exp.sent_time(), now, Some(m));
             let t = self.txns[m];
             let (outcome, code) = if t.final_perm_code != 0 {
                 (Outcome::Rejected, t.final_perm_code)
@@ -763,7 +1078,6 @@ impl ClientSession {
         }
         if let (Some(auth), false) = (self.config.auth.clone(), self.authed) {
             self.state = State::Auth;
-            self.auth_started = now;
             match auth.mech {
                 AuthMech::Plain => {
                     let b64 = super::auth::encode_plain(&auth.user, &auth.pass);
@@ -798,6 +1112,12 @@ impl ClientSession {
     /// when every message has been sent.
     fn next_txn(&mut self, now: Instant) {
         if self.next_msg >= self.messages.len() {
+            if self.keep_open {
+                // An open session between messages: wait for the next one
+                // (an owed RSET goes out with it).
+                self.awaiting_message = true;
+                return;
+            }
             self.rset_pending = false;
             self.quit(now);
             return;
@@ -872,21 +1192,26 @@ impl ClientSession {
             max => left.min(max),
         };
         let last = off + size == total;
-        // Writing into a Vec cannot fail.
-        let _ = write!(self.tx, "BDAT {size}{}\r\n", if last { " LAST" } else { "" });
-        let (header, body) = (&msg.header[..], &msg.body[..]);
-        let end = off + size;
-        if off < header.len() {
-            self.tx.extend_from_slice(&header[off..end.min(header.len())]);
+        if self.txns[m].bdat_first.is_none() {
+            self.txns[m].bdat_first = Some(self.tx.queued);
         }
-        if end > header.len() {
-            self.tx.extend_from_slice(&body[off.max(header.len()) - header.len()..end - header.len()]);
+        // Writing into the queue cannot fail.
+        let _ = write!(self.tx, "BDAT {size}{}\r\n", if last { " LAST" } else { "" });
+        let header_len = msg.header.len();
+        let end = off + size;
+        if off < header_len {
+            let header = &self.messages[m].header[off..end.min(header_len)];
+            self.tx.extend_from_slice(header);
+        }
+        if end > header_len {
+            let body = Arc::clone(&self.messages[m].body);
+            self.tx.push_shared(&body, off.max(header_len) - header_len, end - header_len);
         }
         self.txns[m].bdat_off = end;
         // For LAST the number of replies is known only when they come (LMTP:
         // one per accepted recipient), hence `remaining: 0`.
         let remaining = u32::from(!last);
-        self.expects.push_back(Expect { what: Await::Bdat { last }, msg: m, sent_at: now, remaining });
+        self.push_expect(Await::Bdat { last }, m, now, remaining);
         last
     }
 
@@ -910,7 +1235,8 @@ impl ClientSession {
         t.finished = true;
         self.unfinished -= 1;
         let recipients_accepted = t.rcpt_ok;
-        self.events.push_back(ClientEvent::Message { index: m, outcome, code, recipients_accepted });
+        let bytes = self.messages[m].len() as u64;
+        self.events.push_back(ClientEvent::Message { index: self.msg_base + m, outcome, code, recipients_accepted, bytes });
     }
 
     fn finish_all(&mut self, outcome: Outcome, code: u16) {
@@ -962,7 +1288,26 @@ impl ClientSession {
     // ---- helpers ------------------------------------------------------------
 
     fn expect(&mut self, what: Await, msg: usize, now: Instant) {
-        self.expects.push_back(Expect { what, msg, sent_at: now, remaining: 1 });
+        self.push_expect(what, msg, now, 1);
+    }
+
+    /// Expects the reply to the command just queued (it ends at the current
+    /// end of the output).
+    fn push_expect(&mut self, what: Await, msg: usize, now: Instant, remaining: u32) {
+        let end = self.tx.queued;
+        let written_at = (end <= self.written).then_some(now);
+        self.expects.push_back(Expect { what, msg, queued_at: now, end, written_at, remaining });
+    }
+
+    /// Reports message `m`'s `body` phase once, ending at `end`.
+    fn report_body(&mut self, m: usize, end: Instant) {
+        let t = &mut self.txns[m];
+        if t.body_reported {
+            return;
+        }
+        let Some(start) = t.body_started else { return };
+        t.body_reported = true;
+        self.push_phase(Phase::Body, start, end, Some(m));
     }
 
     fn write_line(&mut self, parts: &[&[u8]]) {
@@ -972,9 +1317,16 @@ impl ClientSession {
         self.tx.extend_from_slice(b"\r\n");
     }
 
-    fn push_phase(&mut self, phase: Phase, since: Instant, now: Instant) {
+    /// Reports a phase from `since` to `now`; `msg`: the message it belongs
+    /// to (corrected from its intended time), else the session's.
+    fn push_phase(&mut self, phase: Phase, since: Instant, now: Instant, msg: Option<usize>) {
         let latency = now.saturating_duration_since(since);
-        self.events.push_back(ClientEvent::Phase { phase, latency });
+        let intended = match msg {
+            Some(m) => self.txns.get(m).and_then(|t| t.intended),
+            None => self.intended_start,
+        };
+        let corrected = intended.map(|i| now.saturating_duration_since(i));
+        self.events.push_back(ClientEvent::Phase { phase, latency, corrected });
     }
 
     fn joined_lines(&self, sep: &str) -> String {
@@ -1000,7 +1352,7 @@ impl ClientSession {
         self.deadline = match (self.state, self.expects.front()) {
             (State::Done, _) => None,
             (State::TlsHandshake, _) => Some(self.tls_wait_since + self.config.timeouts.command),
-            (_, Some(e)) => Some(e.sent_at.max(self.last_progress) + e.what.timeout(&self.config.timeouts)),
+            (_, Some(e)) => Some(e.queued_at.max(self.last_progress) + e.what.timeout(&self.config.timeouts)),
             (_, None) => None,
         };
     }
@@ -1018,35 +1370,65 @@ fn outcome_of(class: u16) -> Outcome {
 /// every line (CRLF-delimited) starting with `.` gets one more `.`, a
 /// missing final CRLF is added, then the terminating `.CRLF`.
 pub fn dot_stuff(out: &mut Vec<u8>, parts: &[&[u8]]) {
-    let mut at_line_start = true;
-    let mut prev = 0u8;
+    let mut st = Stuffer::default();
     for part in parts {
+        st.feed(out, part);
+    }
+    st.finish(out);
+}
+
+/// Dot-stuffing state across pieces of one message.
+#[derive(Clone, Copy, Debug)]
+struct Stuffer {
+    at_line_start: bool,
+    prev: u8,
+}
+
+impl Default for Stuffer {
+    fn default() -> Self {
+        Self { at_line_start: true, prev: 0 }
+    }
+}
+
+impl Stuffer {
+    /// Appends `part` with every line that starts with `.` stuffed.
+    fn feed(&mut self, out: &mut Vec<u8>, part: &[u8]) {
         let mut rest: &[u8] = part;
         while let Some(&first) = rest.first() {
-            if at_line_start && first == b'.' {
+            if self.at_line_start && first == b'.' {
                 out.push(b'.');
             }
             match memchr::memchr(b'\n', rest) {
                 Some(i) => {
-                    let crlf = if i > 0 { rest[i - 1] == b'\r' } else { prev == b'\r' };
+                    let crlf = if i > 0 { rest[i - 1] == b'\r' } else { self.prev == b'\r' };
                     out.extend_from_slice(&rest[..=i]);
-                    at_line_start = crlf;
-                    prev = b'\n';
+                    self.at_line_start = crlf;
+                    self.prev = b'\n';
                     rest = &rest[i + 1..];
                 }
                 None => {
                     out.extend_from_slice(rest);
-                    at_line_start = false;
-                    prev = rest[rest.len() - 1];
+                    self.at_line_start = false;
+                    self.prev = rest[rest.len() - 1];
                     rest = &[];
                 }
             }
         }
     }
-    if !at_line_start {
-        out.extend_from_slice(b"\r\n");
+
+    /// Ends the data: the missing final CRLF, then `.CRLF`.
+    fn finish(self, out: &mut Vec<u8>) {
+        if !self.at_line_start {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
     }
-    out.extend_from_slice(b".\r\n");
+}
+
+/// Appends `lines` (ending with CRLF, or empty) dot-stuffed, unterminated:
+/// the header part in front of a body stuffed once by the builder.
+fn stuff_lines(out: &mut Vec<u8>, lines: &[u8]) {
+    Stuffer::default().feed(out, lines);
 }
 
 #[cfg(test)]

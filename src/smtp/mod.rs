@@ -131,9 +131,13 @@ pub enum Phase {
     Auth,
     Mail,
     Rcpt,
-    /// DATA command to its 354.
+    /// DATA written to its 354.
     Data,
-    /// End of data (or BDAT LAST) to the final reply.
+    /// Upload of the message: the 354 (or the first BDAT byte written) to the
+    /// last byte of data written.
+    Body,
+    /// Last byte of data (`.CRLF`, or the end of BDAT LAST) written to the
+    /// final reply.
     Message,
     Quit,
     /// Whole session, connect start to close (measured by the driver).
@@ -141,9 +145,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 11] = [
+    pub const ALL: [Phase; 12] = [
         Self::Connect, Self::Banner, Self::Ehlo, Self::StartTls, Self::Auth, Self::Mail,
-        Self::Rcpt, Self::Data, Self::Message, Self::Quit, Self::Session,
+        Self::Rcpt, Self::Data, Self::Body, Self::Message, Self::Quit, Self::Session,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -155,6 +159,7 @@ impl Phase {
             Self::Mail => "mail",
             Self::Rcpt => "rcpt",
             Self::Data => "data",
+            Self::Body => "body",
             Self::Message => "message",
             Self::Quit => "quit",
             Self::Session => "session",

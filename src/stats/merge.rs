@@ -106,6 +106,14 @@ pub fn merge_reports(reports: &[Report], assertions: &[Assertion]) -> Result<Rep
         host: Some(first.host.clone()),
     })?;
     merged.reply_codes = reply_codes;
+    for r in reports {
+        if let Some(o) = &r.open_loop {
+            merged
+                .open_loop
+                .get_or_insert_with(Default::default)
+                .merge(o, duration);
+        }
+    }
     merged.evaluate_assertions(assertions);
     Ok(merged)
 }

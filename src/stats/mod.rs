@@ -48,7 +48,8 @@ pub use recorder::{
     Recorder, ReplyCodes, TimelinePoint,
 };
 pub use report::{
-    load_report, CpuUsage, HostInfo, LatencySummary, Rates, Report, ReportError, ReportInput, Role,
+    load_report, Bottleneck, CpuUsage, HostInfo, LatencySummary, OpenLoopReport, Rates, Report,
+    ReportError, ReportInput, Role,
 };
 pub use summary::write_summary;
 pub use svg::{write_svg, SvgError};

@@ -298,7 +298,7 @@ impl Measurements {
         let p99 = h.value_at_quantile(0.99);
         (p99 > max_p99_lag_us).then(|| {
             format!(
-                "the blaster could not keep its schedule: p99 start lag {p99}µs > {max_p99_lag_us}µs (max {}µs)",
+                "the blaster could not keep its schedule: p99 lag of messages sent on a free connection {p99}µs > {max_p99_lag_us}µs (max {}µs)",
                 h.max()
             )
         })
@@ -616,7 +616,7 @@ mod tests {
         assert_eq!(m.schedule_slip_reason(20_000), None);
         let why = m.schedule_slip_reason(5_000).unwrap();
         assert!(
-            why.starts_with("the blaster could not keep its schedule: p99 start lag 98"),
+            why.starts_with("the blaster could not keep its schedule: p99 lag of messages sent on a free connection 98"),
             "{why}"
         );
     }

@@ -183,6 +183,74 @@ impl Rates {
     }
 }
 
+/// Who set the pace of an open-loop run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bottleneck {
+    /// Every message went out on time on a free connection.
+    #[default]
+    None,
+    /// Messages waited for a free connection: the target could not absorb
+    /// the rate (a valid answer: the corrected latencies include the wait).
+    Target,
+    /// The blaster itself fell behind its schedule (the run is invalid).
+    Blaster,
+}
+
+/// What an open-loop run did with its schedule (measured window).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpenLoopReport {
+    /// The rate asked for (`--rate`, this instance's share), messages/s.
+    pub requested_per_sec: f64,
+    /// Messages sent (given to a connection) per second of the window.
+    pub achieved_per_sec: f64,
+    /// Messages intended inside the window.
+    pub messages_due: u64,
+    /// Of those, messages given to a connection.
+    pub messages_sent: u64,
+    /// Due but never sent: still waiting for a connection when the run ended.
+    pub messages_unsent: u64,
+    /// Messages that found no free connection and waited for one.
+    pub messages_waited: u64,
+    /// Most messages waiting for a connection at once (the largest of any
+    /// thread).
+    pub max_backlog: u64,
+    /// Share of the window the busiest blaster thread was not waiting for
+    /// events, in percent (above 90: saturated, the run is invalid).
+    #[serde(default)]
+    pub blaster_busy_pct: f64,
+    pub bottleneck: Bottleneck,
+}
+
+impl OpenLoopReport {
+    /// Adds another instance's figures (rates recomputed over `duration_secs`).
+    pub fn merge(&mut self, o: &OpenLoopReport, duration_secs: f64) {
+        self.requested_per_sec += o.requested_per_sec;
+        self.messages_due += o.messages_due;
+        self.messages_sent += o.messages_sent;
+        self.messages_unsent += o.messages_unsent;
+        self.messages_waited += o.messages_waited;
+        self.max_backlog = self.max_backlog.max(o.max_backlog);
+        self.blaster_busy_pct = self.blaster_busy_pct.max(o.blaster_busy_pct);
+        self.bottleneck = self.bottleneck.max_by_severity(o.bottleneck);
+        self.achieved_per_sec = if duration_secs > 0.0 {
+            self.messages_sent as f64 / duration_secs
+        } else {
+            0.0
+        };
+    }
+}
+
+impl Bottleneck {
+    fn max_by_severity(self, o: Bottleneck) -> Bottleneck {
+        match (self, o) {
+            (Bottleneck::Blaster, _) | (_, Bottleneck::Blaster) => Bottleneck::Blaster,
+            (Bottleneck::Target, _) | (_, Bottleneck::Target) => Bottleneck::Target,
+            _ => Bottleneck::None,
+        }
+    }
+}
+
 /// Summary of one latency histogram (microseconds), with the histogram.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LatencySummary {
@@ -278,8 +346,13 @@ pub struct Report {
     /// Uncorrected latencies (open loop: `message`, `session`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub latency_uncorrected: BTreeMap<String, LatencySummary>,
+    /// Open loop: how late the blaster gave messages that found a free
+    /// connection to it (its own lag, not the target's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_lag: Option<LatencySummary>,
+    /// Open loop: the schedule's outcome (set by the blaster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_loop: Option<OpenLoopReport>,
     /// `{"mail": {"250": n, ...}, ...}`.
     #[serde(default)]
     pub reply_codes: BTreeMap<String, BTreeMap<String, u64>>,
@@ -363,6 +436,7 @@ impl Report {
             latency,
             latency_uncorrected,
             schedule_lag,
+            open_loop: None,
             reply_codes,
             timeline: input.timeline,
             valid: input.invalid_reasons.is_empty(),

@@ -72,6 +72,24 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         format_rate(report.rates.sessions_per_sec),
         format_bytes_rate(report.rates.bytes_per_sec)
     )?;
+    if let Some(o) = &report.open_loop {
+        let who = match o.bottleneck {
+            super::report::Bottleneck::None => "on schedule",
+            super::report::Bottleneck::Target => "the target was the bottleneck",
+            super::report::Bottleneck::Blaster => "the blaster fell behind",
+        };
+        writeln!(
+            out,
+            "open loop: asked {} msg/s, sent {} msg/s ({} of {} due; {} waited for a connection, at most {} at once; {} not sent): {who}",
+            format_rate(o.requested_per_sec),
+            format_rate(o.achieved_per_sec),
+            o.messages_sent,
+            o.messages_due,
+            o.messages_waited,
+            o.max_backlog,
+            o.messages_unsent,
+        )?;
+    }
     writeln!(
         out,
         "cpu: user {:.2}s, sys {:.2}s, {:.1}µs/session, {:.1}µs/message",

@@ -485,6 +485,7 @@ impl Pair {
                     outcome,
                     code,
                     recipients_accepted,
+                    ..
                 } => Some((index, outcome, code, recipients_accepted)),
                 _ => None,
             })
@@ -544,7 +545,7 @@ impl Pair {
         self.client_events
             .iter()
             .filter_map(|e| match *e {
-                ClientEvent::Phase { phase: p, latency } if p == phase => Some(latency),
+                ClientEvent::Phase { phase: p, latency, .. } if p == phase => Some(latency),
                 _ => None,
             })
             .collect()
@@ -643,6 +644,7 @@ pub fn message(from: &str, rcpts: &[&str], header: &[u8], body: &[u8]) -> Messag
         rcpt_to: rcpts.iter().map(|s| (*s).to_owned()).collect(),
         header: header.to_vec(),
         body: Arc::from(body),
+        data: None,
     }
 }
 
