@@ -1114,3 +1114,173 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+// ---- open sessions (the open loop): messages pushed one at a time ----------
+
+/// A step of an open session's script.
+#[derive(Debug)]
+enum Open {
+    /// Server bytes, then the bytes the client must have sent.
+    Bytes(&'static [u8], &'static [u8]),
+    /// Push a message; the bytes the client sends at once.
+    Push(&'static [u8]),
+    /// No more messages; the bytes the client sends at once.
+    NoMore(&'static [u8]),
+    /// The server closes.
+    Close,
+}
+
+/// Replays an open session whole, byte by byte and split in two at every
+/// point of every Bytes step; every replay must agree. Returns the events
+/// and whether the session was idle (with no deadline) before each step.
+#[track_caller]
+fn check_open(script: &[Open]) -> (Vec<ClientEvent>, Vec<bool>) {
+    let play = |split: &dyn Fn(usize, usize) -> Vec<usize>| {
+        let t0 = Instant::now();
+        let mut s = ClientSession::open(Arc::new(cfg()), t0, Some(t0));
+        let (mut events, mut idle, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, step) in script.iter().enumerate() {
+            let now = t0 + STEP * (i as u32 + 1);
+            idle.push(s.is_idle() && s.poll_timeout().is_none());
+            let expected: &[u8] = match step {
+                Open::Bytes(b, exp) => {
+                    let mut prev = 0;
+                    let mut cuts = split(i, b.len());
+                    cuts.push(b.len());
+                    for cut in cuts {
+                        s.handle_input(now, &b[prev..cut]);
+                        prev = cut;
+                    }
+                    exp
+                }
+                Open::Push(exp) => {
+                    s.push_message(now, msg(&["b@y"], b"hi\r\n"), Some(now));
+                    exp
+                }
+                Open::NoMore(exp) => {
+                    s.handle_no_more_messages(now);
+                    exp
+                }
+                Open::Close => {
+                    s.handle_close(now);
+                    b""
+                }
+            };
+            s.poll_transmit(now, &mut out);
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(expected), "after step {i} ({step:?})");
+            out.clear();
+            while let Some(e) = s.poll_event() {
+                events.push(e);
+            }
+        }
+        (events, idle, s.is_done())
+    };
+    let whole = play(&|_, _| vec![]);
+    assert_eq!(play(&|_, n| (1..n).collect()), whole, "byte-at-a-time replay differs");
+    for (step, s) in script.iter().enumerate() {
+        if let Open::Bytes(b, _) = s {
+            for k in 0..=b.len() {
+                assert_eq!(play(&|i, _| if i == step { vec![k] } else { vec![] }), whole, "split of step {step} at {k}");
+            }
+        }
+    }
+    (whole.0, whole.1)
+}
+
+#[test]
+fn an_open_session_idles_between_messages_without_a_deadline_then_quits() {
+    let (ev, idle) = check_open(&[
+        Open::Bytes(b"220 mx.test ESMTP\r\n", b"EHLO c.test\r\n"),
+        // No message yet: nothing is sent after EHLO.
+        Open::Bytes(EHLO_PIPE, b""),
+        Open::Push(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+        Open::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n"),
+        Open::Bytes(b"250 queued\r\n", b""),
+        Open::Push(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+        Open::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n"),
+        Open::Bytes(b"250 queued\r\n", b""),
+        Open::NoMore(b"QUIT\r\n"),
+        Open::Bytes(b"221 bye\r\n", b""),
+    ]);
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1), (1, Outcome::Accepted, 250, 1)]);
+    assert_eq!(ev.last(), Some(&ClientEvent::Done));
+    assert!(errors(&ev).is_empty(), "{ev:?}");
+    // Idle (and no deadline) exactly between the messages: before each push
+    // and before NoMore.
+    assert_eq!(idle, vec![false, false, true, false, false, true, false, false, true, false]);
+    // Corrected latencies count from the intended time given with the
+    // message (here the push itself), session phases from the session's.
+    for e in &ev {
+        if let ClientEvent::Phase { latency, corrected, .. } = e {
+            assert!(corrected.is_some_and(|c| c >= *latency), "{e:?}");
+        }
+    }
+}
+
+#[test]
+fn a_server_closing_an_idle_open_session_ends_it_normally() {
+    let (ev, _) = check_open(&[
+        Open::Bytes(b"220 mx.test ESMTP\r\n", b"EHLO c.test\r\n"),
+        Open::Bytes(EHLO_PIPE, b""),
+        Open::Push(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+        Open::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n"),
+        Open::Close,
+    ]);
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
+    assert!(errors(&ev).is_empty(), "an idle close is not an error: {ev:?}");
+    assert_eq!(ev.last(), Some(&ClientEvent::Done));
+}
+
+#[test]
+fn a_server_closing_an_open_session_mid_message_fails_that_message() {
+    let (ev, _) = check_open(&[
+        Open::Bytes(b"220 mx.test ESMTP\r\n", b"EHLO c.test\r\n"),
+        Open::Bytes(EHLO_PIPE, b""),
+        Open::Push(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+        Open::Bytes(b"250 ok\r\n", b""),
+        Open::Close,
+    ]);
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::ConnectionError, 0, 0)]);
+    assert_eq!(ev.last(), Some(&ClientEvent::Done));
+}
+
+#[test]
+fn a_message_pushed_before_the_greeting_waits_for_ehlo() {
+    let (ev, _) = check_open(&[
+        Open::Push(b""),
+        Open::Bytes(b"220 mx.test ESMTP\r\n", b"EHLO c.test\r\n"),
+        Open::Bytes(EHLO_PLAIN, b"MAIL FROM:<a@x>\r\n"),
+        Open::Bytes(b"250 ok\r\n", b"RCPT TO:<b@y>\r\n"),
+        Open::Bytes(b"250 ok\r\n", b"DATA\r\n"),
+        Open::Bytes(b"354 go\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n"),
+        Open::NoMore(b""),
+        Open::Bytes(b"250 queued\r\n", b"QUIT\r\n"),
+        Open::Bytes(b"221 bye\r\n", b""),
+    ]);
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
+    assert_eq!(ev.last(), Some(&ClientEvent::Done));
+}
+
+#[test]
+fn written_offsets_stamp_each_command_when_its_last_byte_leaves() {
+    // Without pipelining: EHLO queued at t0+10ms but written only at
+    // t0+15ms; its reply at t0+20ms is 5 ms after it left.
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let mut s = ClientSession::new(Arc::new(cfg()), vec![msg(&["b@y"], b"hi\r\n")], t0);
+    let mut out = Vec::new();
+    s.handle_input(t0 + ms(10), b"220 mx.test ESMTP\r\n");
+    s.poll_transmit_max(t0 + ms(10), &mut out, 4);
+    assert_eq!(out, b"EHLO");
+    s.handle_written(t0 + ms(12), 4);
+    s.poll_transmit(t0 + ms(15), &mut out);
+    s.handle_written(t0 + ms(15), out.len() as u64);
+    s.handle_input(t0 + ms(20), EHLO_PLAIN);
+    let ehlo: Vec<_> = std::iter::from_fn(|| s.poll_event())
+        .filter_map(|e| match e {
+            ClientEvent::Phase { phase: Phase::Ehlo, latency, .. } => Some(latency),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ehlo, vec![ms(5)], "from the last byte written, not the first or the queueing");
+}

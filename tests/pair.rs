@@ -602,6 +602,79 @@ fn server_delay_fault_shows_in_latency() {
     assert_eq!(p.elapsed, Duration::from_millis(1900));
 }
 
+/// Every phase's start and end, through a 16 KiB send buffer where each
+/// server read takes 1 ms, with the server holding the 354 for 5 ms and
+/// the end-of-data reply for 7 ms. The 64 KB body needs five buffers.
+///
+/// ```text
+/// t=0   greeting read; EHLO written        t=1   250 (read took 1 ms)
+/// t=1   MAIL RCPT DATA written together    t=2   250 250; 354 held to t=7
+/// t=7   body starts; buffers go out at 7, 8, 9, 10, 11 (the last one with
+///       the end of data and the pipelined QUIT)
+/// t=12  end of data read, its reply held to t=19; QUIT answered at t=19
+/// ```
+#[test]
+fn each_phase_runs_from_its_command_written_to_its_reply() {
+    let body = [vec![b'b'; 78], b"\r\n".to_vec()].concat().repeat(820);
+    let msgs = vec![message("s@x", &["r@y"], b"Subject: big\r\n\r\n", &body)];
+    let ms = Duration::from_millis;
+    let fault = move |kind: CommandKind, _: &smtpstorm::smtp::server::CommandInfo<'_>| match kind {
+        CommandKind::Data => Verdict::Delay(ms(5)),
+        CommandKind::Dot => Verdict::Delay(ms(7)),
+        _ => Verdict::Proceed,
+    };
+    let client = ClientConfig { pipelining: PipeliningMode::On, ..ClientConfig::default() };
+    let mut p = Pair::new(ServerConfig::default(), client, msgs.clone())
+        .with_link(16 * 1024, ms(1))
+        .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() });
+    p.drive();
+    assert_all_delivered(&p, &msgs, false);
+    let one = |phase| {
+        let v = p.phase_latencies(phase);
+        assert_eq!(v.len(), 1, "{phase:?}: {v:?}");
+        v[0]
+    };
+    assert_eq!(one(Phase::Banner), ms(0));
+    assert_eq!(one(Phase::Ehlo), ms(1));
+    // Written together, answered together: identical rows.
+    assert_eq!(one(Phase::Mail), ms(1));
+    assert_eq!(one(Phase::Rcpt), ms(1));
+    assert_eq!(one(Phase::Data), ms(6));
+    // The upload alone: 354 at t=7 to the last byte written at t=11.
+    assert_eq!(one(Phase::Body), ms(4));
+    // From the last byte of data written (t=11), not from the 354 (t=7):
+    // the last read (1 ms) and the server's 7 ms.
+    assert_eq!(one(Phase::Message), ms(8));
+    assert_eq!(one(Phase::Quit), ms(8));
+    assert_eq!(p.elapsed, ms(19));
+}
+
+/// With BDAT the body starts when its first byte is written, which is in
+/// the same write as MAIL and RCPT.
+#[test]
+fn bdat_body_runs_from_its_first_byte_written() {
+    let body = [vec![b'b'; 78], b"\r\n".to_vec()].concat().repeat(820);
+    let msgs = vec![message("s@x", &["r@y"], b"Subject: big\r\n\r\n", &body)];
+    let ms = Duration::from_millis;
+    let fault = move |kind: CommandKind, _: &smtpstorm::smtp::server::CommandInfo<'_>| match kind {
+        CommandKind::Dot => Verdict::Delay(ms(7)),
+        _ => Verdict::Proceed,
+    };
+    let client = ClientConfig { bdat: true, pipelining: PipeliningMode::On, ..ClientConfig::default() };
+    let mut p = Pair::new(ServerConfig::default(), client, msgs.clone())
+        .with_link(16 * 1024, ms(1))
+        .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() });
+    p.drive();
+    assert_all_delivered(&p, &msgs, true);
+    let lat = |phase| p.phase_latencies(phase);
+    // MAIL, RCPT and the first BDAT bytes leave at t=1; the rest of the
+    // 64 KB follows one buffer per ms: the last byte at t=5.
+    assert_eq!(lat(Phase::Body), vec![ms(4)]);
+    // Read at t=6, answered after 7 ms.
+    assert_eq!(lat(Phase::Message), vec![ms(8)]);
+    assert_eq!(lat(Phase::Mail), vec![ms(1)]);
+}
+
 #[test]
 fn size_limit_rejects_big_message_then_next_one_passes() {
     // 50 lines of 100 bytes: over the size limit, every line legal.

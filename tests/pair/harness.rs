@@ -16,6 +16,11 @@
 //!   the server's last bytes reached it, as a socket would.
 //! - The run ends when the client reports `Done`; a stall with no deadline
 //!   left, or a runaway loop, fails the test instead of hanging.
+//! - With a link model ([`Pair::with_link`]) the client's plaintext goes
+//!   through a socket send buffer of fixed size: the client hands over only
+//!   what fits and is told what was written (`handle_written`), and every
+//!   server read takes what is buffered and a fixed slice of virtual time.
+//!   So a body larger than the buffer takes several reads, as on a socket.
 #![allow(dead_code)]
 
 use std::io::{ErrorKind, Read, Write};
@@ -164,6 +169,10 @@ pub struct Pair {
     close_delivered: bool,
     started: bool,
     steps: u64,
+    /// `(send buffer bytes, virtual time per server read)`.
+    link: Option<(usize, Duration)>,
+    /// Client plaintext bytes written into the link so far.
+    client_written: u64,
 }
 
 impl Pair {
@@ -209,7 +218,16 @@ impl Pair {
             close_delivered: false,
             started: false,
             steps: 0,
+            link: None,
+            client_written: 0,
         }
+    }
+
+    /// The client writes through a send buffer of `send_buffer` bytes, and
+    /// each server read of it takes `per_read` (see the module doc).
+    pub fn with_link(mut self, send_buffer: usize, per_read: Duration) -> Self {
+        self.link = Some((send_buffer.max(1), per_read));
+        self
     }
 
     /// Deliver wire bytes in random chunks of `1..=max_chunk`.
@@ -289,14 +307,26 @@ impl Pair {
                 self.c2s.clear(); // the socket is gone
                 progressed = true;
             } else if self.server.wants_read() {
-                let n = self.chunk_len(self.c2s.len());
+                let n = match self.link {
+                    Some(_) => self.c2s.len(),
+                    None => self.chunk_len(self.c2s.len()),
+                };
                 let bytes: Vec<u8> = self.c2s.drain(..n).collect();
+                // The read completes after its transmission time.
+                let now = match self.link {
+                    Some((_, per_read)) => {
+                        self.elapsed += per_read;
+                        self.now()
+                    }
+                    None => now,
+                };
                 self.server_receive(now, &bytes);
                 self.after_server();
                 progressed = true;
             }
         }
-        // Server -> client.
+        // Server -> client (a link read above may have moved the clock).
+        let now = self.now();
         if !self.s2c.is_empty() && !self.client.is_done() {
             let n = self.chunk_len(self.s2c.len());
             let bytes: Vec<u8> = self.s2c.drain(..n).collect();
@@ -380,7 +410,17 @@ impl Pair {
         let now = self.now();
         let mut progressed = false;
         let mut out = Vec::new();
-        self.client.poll_transmit(now, &mut out);
+        match self.link {
+            Some((send_buffer, _)) if self.client_tls.is_none() => {
+                let room = send_buffer.saturating_sub(self.c2s.len());
+                self.client.poll_transmit_max(now, &mut out, room);
+                if !out.is_empty() {
+                    self.client_written += out.len() as u64;
+                    self.client.handle_written(now, self.client_written);
+                }
+            }
+            _ => self.client.poll_transmit(now, &mut out),
+        }
         if !out.is_empty() {
             progressed = true;
             self.client_writes.push(out.clone());
@@ -545,7 +585,9 @@ impl Pair {
         self.client_events
             .iter()
             .filter_map(|e| match *e {
-                ClientEvent::Phase { phase: p, latency, .. } if p == phase => Some(latency),
+                ClientEvent::Phase {
+                    phase: p, latency, ..
+                } if p == phase => Some(latency),
                 _ => None,
             })
             .collect()
