@@ -54,10 +54,7 @@ impl Proc {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc {
-            child: Some(child),
-            name: name.to_string(),
-        }
+        Proc { child: Some(child), name: name.to_string() }
     }
 
     pub fn pid(&self) -> u32 {
@@ -95,20 +92,13 @@ impl Proc {
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_end(&mut stderr);
         }
-        Output {
-            status,
-            stdout,
-            stderr,
-        }
+        Output { status, stdout, stderr }
     }
 
     /// SIGTERM, so the process can write its report.
     pub fn terminate(&self) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         }
     }
 }
@@ -143,11 +133,7 @@ pub fn run(name: &str, cmd: &mut Command, within: Duration) -> Output {
         v
     });
     let status = p.wait(within);
-    Output {
-        status,
-        stdout: t1.join().unwrap(),
-        stderr: t2.join().unwrap(),
-    }
+    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
 }
 
 /// Runs `smtpstorm blast ARGS --quiet --json FILE`; returns (exit code, JSON, stderr).
@@ -200,12 +186,9 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 pub fn get_u64(v: &serde_json::Value, path: &str) -> u64 {
     let mut cur = v;
     for k in path.split('.') {
-        cur = cur
-            .get(k)
-            .unwrap_or_else(|| panic!("missing `{path}` in {v}"));
+        cur = cur.get(k).unwrap_or_else(|| panic!("missing `{path}` in {v}"));
     }
-    cur.as_u64()
-        .unwrap_or_else(|| panic!("`{path}` is not a u64: {cur}"))
+    cur.as_u64().unwrap_or_else(|| panic!("`{path}` is not a u64: {cur}"))
 }
 
 /// The Python that has Debian's aiosmtpd (the machine's default python3 may
@@ -224,10 +207,7 @@ pub struct PostfixSmtpd {
 
 impl PostfixSmtpd {
     pub fn start() -> PostfixSmtpd {
-        let dir = tempfile::Builder::new()
-            .prefix("smtpstorm-postfix")
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("smtpstorm-postfix").tempdir().unwrap();
         let port = free_port();
         let root = dir.path();
         let etc = root.join("etc");
@@ -237,11 +217,7 @@ impl PostfixSmtpd {
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&queue).unwrap();
         chmod(root, 0o755);
-        let status = Command::new("chown")
-            .args(["postfix"])
-            .arg(&data)
-            .status()
-            .unwrap();
+        let status = Command::new("chown").args(["postfix"]).arg(&data).status().unwrap();
         assert!(status.success(), "chown postfix {}", data.display());
         let etc_s = etc.display().to_string();
         // Postfix only accepts a config directory listed in the default main.cf.
@@ -300,22 +276,14 @@ impl PostfixSmtpd {
             }
         }
         std::fs::write(etc.join("master.cf"), out).unwrap();
-        let st = Command::new("postfix")
-            .arg("-c")
-            .arg(&etc)
-            .arg("start")
-            .output()
-            .unwrap();
+        let st = Command::new("postfix").arg("-c").arg(&etc).arg("start").output().unwrap();
         assert!(
             st.status.success(),
             "postfix start failed: {}{}",
             String::from_utf8_lossy(&st.stdout),
             String::from_utf8_lossy(&st.stderr)
         );
-        wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(20),
-        );
+        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20));
         PostfixSmtpd { dir, port }
     }
 
@@ -326,9 +294,7 @@ impl PostfixSmtpd {
     /// Messages the discard transport reported as delivered so far.
     pub fn delivered(&self) -> usize {
         let log = std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
-        log.lines()
-            .filter(|l| l.contains("postfix/discard[") && l.contains("status=sent"))
-            .count()
+        log.lines().filter(|l| l.contains("postfix/discard[") && l.contains("status=sent")).count()
     }
 
     /// Wait until `n` deliveries are logged (the queue works asynchronously).
