@@ -367,6 +367,8 @@ struct OutQueue {
     queued: u64,
     /// Offset of the next byte to hand out.
     handed: u64,
+    /// An emptied command buffer kept for reuse (no allocation per command).
+    spare: Vec<u8>,
 }
 
 impl OutQueue {
@@ -378,7 +380,8 @@ impl OutQueue {
         if let Some(Seg::Bytes(v)) = self.segs.back_mut() {
             v.extend_from_slice(b);
         } else {
-            let mut v = Vec::with_capacity(b.len().max(256));
+            let mut v = std::mem::take(&mut self.spare);
+            v.reserve(b.len().max(256));
             v.extend_from_slice(b);
             self.segs.push_back(Seg::Bytes(v));
         }
@@ -417,11 +420,17 @@ impl OutQueue {
                     if v.len() <= room {
                         let n = v.len();
                         if out.is_empty() && n > 0 {
+                            // Hand the buffer over; keep the caller's for reuse.
                             std::mem::swap(out, v);
                         } else {
                             out.extend_from_slice(v);
                         }
-                        self.segs.pop_front();
+                        if let Some(Seg::Bytes(mut v)) = self.segs.pop_front() {
+                            if v.capacity() > self.spare.capacity() {
+                                v.clear();
+                                self.spare = v;
+                            }
+                        }
                         n
                     } else {
                         out.extend_from_slice(&v[..room]);
