@@ -93,6 +93,12 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         sleep_until_unix(at, &stop);
     }
     let threads = cfg.cpus.plan().context("planning worker threads")?.len();
+    // Before the clock starts: the TLS library's first random draw costs
+    // 40-90 ms once per process (see net::tls), which would otherwise delay
+    // the first sessions of the schedule.
+    if cfg.starttls || cfg.implicit_tls {
+        crate::net::tls::install_crypto_provider();
+    }
     let mut hlog = match &cfg.output.hlog {
         None => None,
         Some(p) => {
