@@ -305,8 +305,9 @@ fn certificate_fields(cert: &[u8]) -> Option<(u32, &[u8])> {
     let mut version = 1;
     if first.class() == Class::ContextSpecific && first.tag() == Tag(0) {
         let (v, _) = tlv(first.data).filter(|(v, _)| v.tag() == Tag::Integer)?;
+        // 0, 1, 2 for v1, v2, v3: one byte.
         version = match v.data {
-            [n] if *n < 8 => u32::from(*n) + 1,
+            [n] => u32::from(*n) + 1,
             _ => return None,
         };
         rest = after;
@@ -315,8 +316,7 @@ fn certificate_fields(cert: &[u8]) -> Option<(u32, &[u8])> {
     for _ in 0..5 {
         rest = tlv(rest)?.1;
     }
-    let (spki, after) = tlv(rest).filter(|(s, _)| s.tag() == Tag::Sequence)?;
-    let _ = spki;
+    let (_, after) = tlv(rest).filter(|(spki, _)| spki.tag() == Tag::Sequence)?;
     Some((version, &rest[..rest.len() - after.len()]))
 }
 
