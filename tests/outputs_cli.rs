@@ -461,10 +461,10 @@ fn without_a_terminal_progress_is_one_plain_line_per_second() {
         "no terminal codes: {err:?}"
     );
     for l in &lines {
-        assert!(
-            l.contains("/2s") && l.contains("msg/s") && l.contains("err"),
-            "{l}"
-        );
+        assert!(l.contains("/2s") && l.contains("err"), "{l}");
+        // Whole seconds show rates; the run's last fraction of a second
+        // says how long it was (and a few ms show counts, not rates).
+        assert!(l.contains("msg/s") || l.contains(" in the last "), "{l}");
     }
     assert!(!out.contains("progress "), "progress stays off stdout");
     let (code, _, err) = smtpstorm(&["bench", "--duration", "2s", "-c", "2", "--quiet"]);

@@ -106,9 +106,13 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         sleep_until_unix(at, &stop);
     }
     let threads = cfg.cpus.plan().context("planning worker threads")?.len();
-    // The body every message shares, built before the clock starts: never
-    // inside a phase, never late against the schedule.
+    // Before the clock starts, so nothing of it lands inside a phase or
+    // makes the schedule late: the body every message shares, and the TLS
+    // library's first random draw (40-90 ms once per process, see net::tls).
     let body = cfg.message_builder(0, threads).shared_body();
+    if cfg.starttls || cfg.implicit_tls {
+        crate::net::tls::install_crypto_provider();
+    }
     let mut hlog = match &cfg.output.hlog {
         None => None,
         Some(p) => {

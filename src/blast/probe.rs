@@ -10,7 +10,11 @@
 //! explains that many providers block outbound port 25.
 //!
 //! Invariants: every wait is bounded by `--timeout`; nothing is sent but
-//! EHLO/HELO, STARTTLS, AUTH and QUIT.
+//! EHLO/HELO, STARTTLS, AUTH and QUIT. Phase times are listed in the order
+//! they ended (connect, banner, ehlo, starttls, ehlo again, auth, quit,
+//! total); a connection that never opened prints its error alone. The TLS
+//! client config is built before the clock starts, so no one-time crypto
+//! setup is timed as a phase.
 
 use std::io;
 use std::sync::Arc;
@@ -68,6 +72,13 @@ impl From<TlsInfo> for ProbeTls {
     }
 }
 
+/// One timed phase.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProbePhase {
+    pub phase: String,
+    pub ms: f64,
+}
+
 /// Everything one probe found.
 #[derive(Debug, Default, Serialize)]
 pub struct ProbeReport {
@@ -83,7 +94,10 @@ pub struct ProbeReport {
     pub auth_mechanisms: Vec<String>,
     /// Reply to AUTH, if `--auth` was given.
     pub auth_code: Option<u16>,
-    /// Phase name → milliseconds.
+    /// Each phase in the order it ended (EHLO appears twice with STARTTLS).
+    pub phases: Vec<ProbePhase>,
+    /// Phase name → milliseconds (the last of each name: after STARTTLS,
+    /// `ehlo` is the EHLO sent over TLS).
     pub phases_ms: std::collections::BTreeMap<String, f64>,
     /// Replies in order: `command code`.
     pub replies: Vec<String>,
@@ -92,6 +106,22 @@ pub struct ProbeReport {
 }
 
 const TOKEN: Token = Token(0);
+
+impl ProbeReport {
+    /// Records a phase that just ended.
+    fn phase(&mut self, name: &str, ms: f64) {
+        self.phases.push(ProbePhase {
+            phase: name.to_string(),
+            ms,
+        });
+        self.phases_ms.insert(name.to_string(), ms);
+    }
+
+    /// True once the TCP connection was established.
+    fn connected(&self) -> bool {
+        self.phases.iter().any(|p| p.phase == "connect")
+    }
+}
 
 /// The explanation for a connect timeout to port 25.
 pub fn port25_hint(port: u16) -> Option<String> {
@@ -118,8 +148,12 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     Ok(if report.ok { 0 } else { 2 })
 }
 
-/// Human-readable findings.
+/// Human-readable findings. A connection that never opened prints its
+/// error (and hint) alone: there is nothing else to report.
 pub fn print_report<W: io::Write>(r: &ProbeReport, out: &mut W) -> io::Result<()> {
+    if !r.connected() {
+        return print_error(r, out);
+    }
     writeln!(out, "target        {}", r.target)?;
     if let Some(b) = &r.banner {
         writeln!(out, "banner        {}", b.replace('\n', "\n              "))?;
@@ -161,21 +195,28 @@ pub fn print_report<W: io::Write>(r: &ProbeReport, out: &mut W) -> io::Result<()
             r.capabilities_tls.join("\n              ")
         )?;
     }
-    writeln!(
-        out,
-        "auth          {}",
-        if r.auth_mechanisms.is_empty() {
-            "not offered".to_string()
-        } else {
-            r.auth_mechanisms.join(" ")
-        }
-    )?;
+    // Whether AUTH is offered is only known once EHLO was answered.
+    if !r.capabilities.is_empty() || !r.capabilities_tls.is_empty() {
+        writeln!(
+            out,
+            "auth          {}",
+            if r.auth_mechanisms.is_empty() {
+                "not offered".to_string()
+            } else {
+                r.auth_mechanisms.join(" ")
+            }
+        )?;
+    }
     if let Some(c) = r.auth_code {
         writeln!(out, "auth result   {c}")?;
     }
-    for (phase, ms) in &r.phases_ms {
-        writeln!(out, "time {phase:<9}{ms:>9.3} ms")?;
+    for p in &r.phases {
+        writeln!(out, "time {:<9}{:>9.3} ms", p.phase, p.ms)?;
     }
+    print_error(r, out)
+}
+
+fn print_error<W: io::Write>(r: &ProbeReport, out: &mut W) -> io::Result<()> {
     if let Some(e) = &r.error {
         writeln!(out, "error         {e}")?;
     }
@@ -257,10 +298,12 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         poll.poll(&mut events, Some(deadline - now))?;
     }
     let connected = Instant::now();
-    r.phases_ms.insert("connect".into(), ms(connected - t0));
+    r.phase("connect", ms(connected - t0));
     let mut conn = Conn::new(stream);
     conn.assume_registered(Interest::READABLE | Interest::WRITABLE);
     let mut session = None;
+    // Bytes the connection carried before the session's first byte.
+    let mut session_base = 0;
     let mut tls_started = None;
     if args.tls {
         if let Some((c, n)) = &tls_cfg {
@@ -293,8 +336,9 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
                     if let Some(s) = &mut session {
                         s.handle_tls_established(now);
                     } else if let Some(t) = tls_started {
-                        r.phases_ms.insert("tls".into(), ms(now - t));
+                        r.phase("tls", ms(now - t));
                         session = Some(ClientSession::new(Arc::clone(&config), Vec::new(), now));
+                        session_base = conn.app_bytes_in();
                     }
                 }
                 Ok(ReadResult::WouldBlock) => break,
@@ -348,7 +392,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
                         } else {
                             phase.as_str()
                         };
-                        r.phases_ms.insert(name.into(), ms(latency));
+                        r.phase(name, ms(latency));
                     }
                     ClientEvent::Reply { command, code } => {
                         r.replies.push(format!("{} {code}", command.as_str()));
@@ -378,10 +422,12 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
                 conn.write(&out);
             }
         }
-        if let Err(e) = conn
-            .flush()
-            .and_then(|_| conn.update_registration(poll.registry(), TOKEN))
-        {
+        let flushed = conn.flush();
+        if let Some(s) = &mut session {
+            // Phases run from the moment a command's last byte left.
+            s.handle_written(Instant::now(), conn.app_bytes_sent() - session_base);
+        }
+        if let Err(e) = flushed.and_then(|_| conn.update_registration(poll.registry(), TOKEN)) {
             r.error.get_or_insert(format!("I/O error: {e}"));
             break;
         }
@@ -409,7 +455,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
             ),
         )?;
     }
-    r.phases_ms.insert("total".into(), ms(t0.elapsed()));
+    r.phase("total", ms(t0.elapsed()));
     if args.auth.is_some() && r.auth_code.is_some_and(|c| c / 100 != 2) {
         r.error
             .get_or_insert(format!("AUTH refused ({})", r.auth_code.unwrap_or(0)));

@@ -138,7 +138,10 @@ impl Write for Counted<'_> {
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+    match super::tls::own_error_message(&e) {
+        Some(text) => io::Error::new(io::ErrorKind::InvalidData, text),
+        None => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
 }
 
 impl Conn {
@@ -339,7 +342,11 @@ impl Conn {
         self.read_step(buf, &mut n).map(|r| (r, n))
     }
 
-    fn read_step(&mut self, read_buf: &mut [u8], plaintext_len: &mut usize) -> io::Result<ReadResult> {
+    fn read_step(
+        &mut self,
+        read_buf: &mut [u8],
+        plaintext_len: &mut usize,
+    ) -> io::Result<ReadResult> {
         let Self {
             stream,
             tls,

@@ -7,9 +7,22 @@
 //!
 //! Client side: [`client_config`] builds a config that by default does **not
 //! verify** the server certificate ([`NoVerify`]: load-testing targets
-//! usually present self-signed certificates), or verifies against the CA
-//! certificates of a PEM file. Session resumption is on (an in-memory cache
-//! shared by every connection made from the same `Arc<ClientConfig>`) or off.
+//! usually present self-signed, expired or X.509 v1 certificates), or
+//! verifies against the CA certificates of a PEM file. Session resumption is
+//! on (an in-memory cache shared by every connection made from the same
+//! `Arc<ClientConfig>`) or off.
+//!
+//! Invariants:
+//! - Without verification, any certificate the handshake can use works: the
+//!   certificate is never parsed as a whole (webpki refuses v1), only its
+//!   SubjectPublicKeyInfo is taken out ([`certificate_spki`]), and the
+//!   handshake signature is still checked against that key, so the peer must
+//!   hold the key of the certificate it presented. The server side loads
+//!   its own certificate the same way (and checks that the key matches it).
+//! - Building any config seeds the crypto library's random generator
+//!   ([`install_crypto_provider`]): aws-lc gathers CPU-jitter entropy once per
+//!   process on its first random draw (40–90 ms of CPU), which must never
+//!   land inside a measured handshake.
 //!
 //! All configs use the aws-lc-rs provider, which [`install_crypto_provider`]
 //! also installs as the process default (idempotent). [`TlsInfo`] describes a
@@ -18,17 +31,23 @@
 //! empty.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
+    UnixTime,
+};
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
-    ClientConfig, DigitallySignedStruct, HandshakeKind, RootCertStore, ServerConfig,
-    SignatureScheme,
+    CertificateError, ClientConfig, DigitallySignedStruct, HandshakeKind, OtherError,
+    PeerMisbehaved, RootCertStore, ServerConfig, SignatureScheme,
 };
 use thiserror::Error;
+use x509_parser::asn1_rs::{Any, Class, FromBer, Tag};
 
 /// Errors building TLS configurations.
 #[derive(Debug, Error)]
@@ -52,6 +71,23 @@ pub enum TlsError {
     /// The server name is not a valid DNS name or IP address.
     #[error("invalid TLS server name `{0}`: expected a DNS name or an IP address")]
     ServerName(String),
+    /// The first certificate of a chain has no readable public key.
+    #[error("cannot read the public key of the certificate in {0}: not a DER X.509 certificate")]
+    Certificate(String),
+    /// The private key is not the one of the certificate.
+    #[error("the private key in {key} does not belong to the certificate in {cert}")]
+    KeyMismatch {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+    },
+    /// Verification (`--tls-verify`) met a certificate older than X.509 v3.
+    #[error(
+        "the server's certificate is X.509 version {0}, which verification cannot check \
+         (it needs version 3); without --tls-verify it is used unverified"
+    )]
+    UnverifiableVersion(u32),
 }
 
 /// The provider every config here uses.
@@ -59,12 +95,23 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Installs aws-lc-rs as the process-default crypto provider. Idempotent;
-/// losing a race to another installer is fine.
+/// Installs aws-lc-rs as the process-default crypto provider and seeds its
+/// random generator. Idempotent; losing a race to another installer is fine.
+///
+/// aws-lc seeds its generator on the first random draw of the process from
+/// CPU-jitter entropy, 40–90 ms of CPU: drawn here, while configs are
+/// built, it never stalls the first handshake (and every session of the
+/// event loop that makes it) inside a measured phase.
 pub fn install_crypto_provider() {
+    static SEEDED: Once = Once::new();
     if CryptoProvider::get_default().is_none() {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     }
+    SEEDED.call_once(|| {
+        let mut seed = [0u8; 32];
+        // A failure here would fail the first handshake too, with a message.
+        let _ = provider().secure_random.fill(&mut seed);
+    });
 }
 
 /// A server config and whether its certificate was generated in memory.
@@ -96,10 +143,11 @@ fn read_pem_certs(
 }
 
 /// Server config from PEM files (`cert_key = Some((chain, key))`) or, with
-/// `None`, from a fresh self-signed certificate for localhost.
+/// `None`, from a fresh self-signed certificate for localhost. Any X.509
+/// version works (v1 included); the key must be the certificate's.
 pub fn server_config(cert_key: Option<(&Path, &Path)>) -> Result<ServerTls, TlsError> {
     install_crypto_provider();
-    let (chain, key, self_signed) = match cert_key {
+    let (chain, key, self_signed, origin) = match cert_key {
         Some((cert_path, key_path)) => {
             let chain = read_pem_certs(cert_path, "certificate chain")?;
             let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::Pem {
@@ -107,21 +155,56 @@ pub fn server_config(cert_key: Option<(&Path, &Path)>) -> Result<ServerTls, TlsE
                 path: key_path.display().to_string(),
                 reason: e.to_string(),
             })?;
-            (chain, key, false)
+            let origin = (
+                cert_path.display().to_string(),
+                key_path.display().to_string(),
+            );
+            (chain, key, false, origin)
         }
         None => {
             let (chain, key) = self_signed_cert()?;
-            (chain, key, true)
+            let generated = "the generated self-signed certificate".to_string();
+            (chain, key, true, (generated.clone(), generated))
         }
     };
-    let config = ServerConfig::builder_with_provider(provider())
+    let provider = provider();
+    let certified = certified_key(chain, key, &provider, origin)?;
+    let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     Ok(ServerTls {
         config: Arc::new(config),
         self_signed,
     })
+}
+
+/// The chain and its key as rustls serves them. rustls' own constructor
+/// parses the certificate with webpki to compare keys, which refuses X.509
+/// v1; here the public key is taken out of the certificate directly and
+/// compared byte for byte with the one derived from the private key.
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    provider: &CryptoProvider,
+    (cert_origin, key_origin): (String, String),
+) -> Result<CertifiedKey, TlsError> {
+    let signing_key = provider.key_provider.load_private_key(key)?;
+    let cert_spki = chain
+        .first()
+        .and_then(|c| certificate_spki(c.as_ref()))
+        .ok_or_else(|| TlsError::Certificate(cert_origin.clone()))?;
+    // A provider that cannot derive the public key leaves the check to the
+    // first handshake (as rustls does).
+    if let Some(key_spki) = signing_key.public_key() {
+        if key_spki.as_ref() != cert_spki {
+            return Err(TlsError::KeyMismatch {
+                cert: cert_origin,
+                key: key_origin,
+            });
+        }
+    }
+    Ok(CertifiedKey::new(chain, signing_key))
 }
 
 /// A self-signed certificate (and its PKCS#8 key) for `localhost`,
@@ -138,9 +221,10 @@ pub fn self_signed_cert() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer
     let mut params = rcgen::CertificateParams::new(names).map_err(err)?;
     // Say what it is: `probe` and `openssl s_client` print the subject.
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "smtpstorm self-signed (localhost)");
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "smtpstorm self-signed (localhost)",
+    );
     let cert = params.self_signed(&signing_key).map_err(err)?.der().clone();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(signing_key.serialize_der()));
     Ok((vec![cert], key))
@@ -177,7 +261,13 @@ pub fn client_config(
             for cert in read_pem_certs(path, "CA certificates")? {
                 roots.add(cert).map_err(TlsError::Config)?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsError::Config(rustls::Error::General(e.to_string())))?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Verify { inner }))
+                .with_no_client_auth()
         }
     };
     config.resumption = if resumption_sessions == 0 {
@@ -197,12 +287,71 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
 }
 
+/// The outer TLV of `der` (BER rules, so odd but usable encodings pass):
+/// `(the element, what follows it)`.
+fn tlv(der: &[u8]) -> Option<(Any<'_>, &[u8])> {
+    Any::from_ber(der).ok().map(|(rest, any)| (any, rest))
+}
+
+/// The X.509 version (1, 2 or 3) and the SubjectPublicKeyInfo (DER, outer
+/// SEQUENCE included) of a DER certificate, read field by field without
+/// interpreting anything else (names, dates, extensions may be anything).
+fn certificate_fields(cert: &[u8]) -> Option<(u32, &[u8])> {
+    let (cert, _) = tlv(cert).filter(|(c, _)| c.tag() == Tag::Sequence)?;
+    let (tbs, _) = tlv(cert.data).filter(|(t, _)| t.tag() == Tag::Sequence)?;
+    let mut rest = tbs.data;
+    // version [0] EXPLICIT INTEGER DEFAULT v1(0)
+    let (first, after) = tlv(rest)?;
+    let mut version = 1;
+    if first.class() == Class::ContextSpecific && first.tag() == Tag(0) {
+        let (v, _) = tlv(first.data).filter(|(v, _)| v.tag() == Tag::Integer)?;
+        // 0, 1, 2 for v1, v2, v3: one byte.
+        version = match v.data {
+            [n] => u32::from(*n) + 1,
+            _ => return None,
+        };
+        rest = after;
+    }
+    // serialNumber, signature, issuer, validity, subject
+    for _ in 0..5 {
+        rest = tlv(rest)?.1;
+    }
+    let (_, after) = tlv(rest).filter(|(spki, _)| spki.tag() == Tag::Sequence)?;
+    Some((version, &rest[..rest.len() - after.len()]))
+}
+
+/// The SubjectPublicKeyInfo (DER, outer SEQUENCE included) of a DER X.509
+/// certificate of any version; `None` if it does not have the shape of one.
+pub fn certificate_spki(cert: &[u8]) -> Option<&[u8]> {
+    certificate_fields(cert).map(|(_, spki)| spki)
+}
+
+/// `(algorithm identifier contents, public key bits)` of a
+/// SubjectPublicKeyInfo, as signature algorithms compare and use them.
+fn spki_parts(spki: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (seq, _) = tlv(spki).filter(|(s, _)| s.tag() == Tag::Sequence)?;
+    let (alg, rest) = tlv(seq.data).filter(|(a, _)| a.tag() == Tag::Sequence)?;
+    let (bits, _) = tlv(rest).filter(|(b, _)| b.tag() == Tag::BitString)?;
+    match bits.data {
+        // No unused bits: keys are whole bytes.
+        [0, key @ ..] => Some((alg.data, key)),
+        _ => None,
+    }
+}
+
+fn spki_of<'a>(cert: &'a CertificateDer<'_>) -> Result<&'a [u8], rustls::Error> {
+    certificate_spki(cert.as_ref()).ok_or(rustls::Error::InvalidCertificate(
+        CertificateError::BadEncoding,
+    ))
+}
+
 /// A certificate verifier that accepts **any** server certificate.
 ///
-/// Meant for load-testing targets with self-signed certificates: it gives no
-/// protection against an active attacker. Handshake signatures are still
-/// checked (so the peer must hold the key of the certificate it presented);
-/// only the chain of trust and the name are skipped.
+/// Meant for load-testing targets with self-signed, expired or X.509 v1
+/// certificates: it gives no protection against an active attacker.
+/// Handshake signatures are still checked against the public key of the
+/// certificate presented (so the peer must hold its key); only the chain of
+/// trust, the name, the dates and the certificate's form are skipped.
 #[derive(Debug)]
 pub struct NoVerify {
     provider: Arc<CryptoProvider>,
@@ -211,12 +360,14 @@ pub struct NoVerify {
 impl ServerCertVerifier for NoVerify {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
+        end_entity: &CertificateDer<'_>,
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        // Only what the signature check will need: a public key.
+        spki_of(end_entity)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -226,12 +377,36 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        // TLS 1.2 does not tie a scheme to one algorithm (ECDSA names no
+        // curve): try each candidate whose key type matches, as rustls does.
+        let candidates = self
+            .provider
+            .signature_verification_algorithms
+            .mapping
+            .iter()
+            .find(|(scheme, _)| *scheme == dss.scheme)
+            .map(|(_, algs)| *algs)
+            .ok_or(PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme)?;
+        let (key_alg, key) = spki_parts(spki_of(cert)?).ok_or(
+            rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
+        )?;
+        let mut mismatch = None;
+        for alg in candidates {
+            if alg.public_key_alg_id().as_ref() != key_alg {
+                mismatch = Some(
+                    CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext {
+                        signature_algorithm_id: alg.signature_alg_id().as_ref().to_vec(),
+                        public_key_algorithm_id: key_alg.to_vec(),
+                    },
+                );
+                continue;
+            }
+            return alg
+                .verify_signature(key, message, dss.signature())
+                .map(|()| HandshakeSignatureValid::assertion())
+                .map_err(|_| CertificateError::BadSignature.into());
+        }
+        Err(mismatch.unwrap_or(CertificateError::BadSignature).into())
     }
 
     fn verify_tls13_signature(
@@ -240,9 +415,9 @@ impl ServerCertVerifier for NoVerify {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
+        rustls::crypto::verify_tls13_signature_with_raw_key(
             message,
-            cert,
+            &SubjectPublicKeyInfoDer::from(spki_of(cert)?),
             dss,
             &self.provider.signature_verification_algorithms,
         )
@@ -252,6 +427,68 @@ impl ServerCertVerifier for NoVerify {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// The verifying verifier (`--tls-verify`): webpki's, plus a clear word for
+/// a certificate older than X.509 v3, which webpki refuses as "unsupported
+/// certificate version" (the error carries a [`TlsError::UnverifiableVersion`]
+/// that `net::conn` prints as is).
+#[derive(Debug)]
+struct Verify {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl ServerCertVerifier for Verify {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some((version @ 1..=2, _)) = certificate_fields(end_entity.as_ref()) {
+            return Err(CertificateError::Other(OtherError(Arc::new(
+                TlsError::UnverifiableVersion(version),
+            )))
+            .into());
+        }
+        self.inner
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The message of an error our own verifier made (see [`Verify`]), which
+/// rustls would print in its debug form; `None` for any other error.
+pub fn own_error_message(e: &rustls::Error) -> Option<String> {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => inner
+            .downcast_ref::<TlsError>()
+            .map(|ours| format!("invalid peer certificate: {ours}")),
+        _ => None,
     }
 }
 
@@ -371,13 +608,54 @@ mod tests {
         let mut info = TlsInfo::default();
         info.set_peer_cert(chain[0].as_ref());
         assert!(
-            info.peer_subject.as_deref().unwrap().contains("smtpstorm self-signed"),
+            info.peer_subject
+                .as_deref()
+                .unwrap()
+                .contains("smtpstorm self-signed"),
             "{info:?}"
         );
         assert!(info.peer_not_after_unix.unwrap() > 0);
         let mut garbage = TlsInfo::default();
         garbage.set_peer_cert(b"not a certificate");
         assert_eq!(garbage, TlsInfo::default());
+    }
+
+    #[test]
+    fn the_public_key_is_read_without_parsing_the_whole_certificate() {
+        let (chain, _) = self_signed_cert().unwrap();
+        let der = chain[0].as_ref();
+        let (_, parsed) = x509_parser::parse_x509_certificate(der).unwrap();
+        let (version, spki) = certificate_fields(der).unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(spki, parsed.tbs_certificate.subject_pki.raw);
+        let (alg, key) = spki_parts(spki).unwrap();
+        assert_eq!(
+            key,
+            &*parsed.tbs_certificate.subject_pki.subject_public_key.data
+        );
+        // The id-ecPublicKey OID (rcgen's default key is ECDSA P-256).
+        assert!(alg.starts_with(&[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]));
+        for bad in [&b""[..], b"not a certificate", &der[..der.len() / 2]] {
+            assert_eq!(certificate_spki(bad), None);
+        }
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let cert_path = dir.path().join("a.pem");
+        let key_path = dir.path().join("b.key");
+        std::fs::write(&cert_path, a.cert.pem()).unwrap();
+        std::fs::write(&key_path, b.signing_key.serialize_pem()).unwrap();
+        let err = server_config(Some((&cert_path, &key_path)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b.key does not belong to the certificate in") && err.contains("a.pem"),
+            "{err}"
+        );
     }
 
     #[test]
