@@ -409,7 +409,13 @@ impl Worker {
             if let Some(g) = grace_until {
                 wake = wake.min(g);
             }
-            let before_poll = Instant::now();
+            // The open loop measures how busy the thread is (one more clock
+            // read per wakeup); the closed loop has no schedule to judge.
+            let before_poll = if self.schedule.is_some() {
+                Instant::now()
+            } else {
+                now
+            };
             let timeout = wake.saturating_duration_since(before_poll);
             if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -418,7 +424,7 @@ impl Worker {
                 }
             }
             let now = Instant::now();
-            if measuring {
+            if measuring && self.schedule.is_some() {
                 idle += now.saturating_duration_since(before_poll.max(self.clock.measure_start));
             }
             for ev in events.iter() {

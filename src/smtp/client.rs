@@ -343,8 +343,9 @@ struct Txn {
     intended: Option<Instant>,
     /// Start of the `body` phase: the 354, or the first BDAT byte written.
     body_started: Option<Instant>,
-    /// Output offset of the first BDAT command's first byte.
-    bdat_first: Option<u64>,
+    /// A BDAT chunk of the message was queued (its first byte's offset is
+    /// in `ClientSession::bdat_starts` until written).
+    bdat_queued: bool,
     /// The `body` phase was reported.
     body_reported: bool,
 }
@@ -480,6 +481,9 @@ pub struct ClientSession {
     tx: OutQueue,
     /// Output offset written so far, as reported by the driver.
     written: u64,
+    /// `(offset of the first BDAT byte, message)` not yet written: the
+    /// message's `body` phase starts when that byte leaves.
+    bdat_starts: VecDeque<(u64, usize)>,
     /// Open session: wait for more messages instead of quitting.
     keep_open: bool,
     /// `next_txn` found no message to send (an open session between messages).
@@ -517,8 +521,9 @@ impl ClientSession {
             state: State::Greeting,
             expects: VecDeque::with_capacity(16),
             parser: ReplyParser::new(),
-            tx: OutQueue::default(),
+            tx: OutQueue { spare: Vec::with_capacity(1024), ..OutQueue::default() },
             written: 0,
+            bdat_starts: VecDeque::new(),
             keep_open: false,
             awaiting_message: false,
             intended_start: None,
@@ -566,6 +571,7 @@ impl ClientSession {
             self.msg_base += self.messages.len();
             self.messages.clear();
             self.txns.clear();
+            self.bdat_starts.clear();
             self.next_msg = 0;
         }
         self.messages.push(msg);
@@ -619,9 +625,12 @@ impl ClientSession {
         }
         self.written = written_total.min(self.tx.handed);
         self.last_progress = now;
-        for i in 0..self.txns.len() {
-            let t = &mut self.txns[i];
-            if t.body_started.is_none() && t.bdat_first.is_some_and(|o| o < self.written) {
+        while let Some(&(offset, m)) = self.bdat_starts.front() {
+            if offset >= self.written {
+                break;
+            }
+            self.bdat_starts.pop_front();
+            if let Some(t) = self.txns.get_mut(m) {
                 t.body_started = Some(now);
             }
         }
@@ -948,9 +957,16 @@ impl ClientSession {
                         // per-message header is stuffed here.
                         Some(data) if at_line_start => {
                             let data = Arc::clone(data);
-                            let mut header = Vec::with_capacity(msg.header.len() + 8);
-                            stuff_lines(&mut header, &msg.header);
-                            self.tx.extend_from_slice(&header);
+                            if needs_stuffing(&msg.header) {
+                                let mut header = Vec::with_capacity(msg.header.len() + 8);
+                                stuff_lines(&mut header, &msg.header);
+                                self.tx.extend_from_slice(&header);
+                            } else {
+                                // The usual case (the builder's headers): as is.
+                                let header = std::mem::take(&mut self.messages[m].header);
+                                self.tx.extend_from_slice(&header);
+                                self.messages[m].header = header;
+                            }
                             self.tx.push_shared(&data, 0, data.len());
                         }
                         _ => {
@@ -1201,8 +1217,9 @@ impl ClientSession {
             max => left.min(max),
         };
         let last = off + size == total;
-        if self.txns[m].bdat_first.is_none() {
-            self.txns[m].bdat_first = Some(self.tx.queued);
+        if !self.txns[m].bdat_queued {
+            self.txns[m].bdat_queued = true;
+            self.bdat_starts.push_back((self.tx.queued, m));
         }
         // Writing into the queue cannot fail.
         let _ = write!(self.tx, "BDAT {size}{}\r\n", if last { " LAST" } else { "" });
@@ -1290,6 +1307,7 @@ impl ClientSession {
         self.state = State::Done;
         self.expects.clear();
         self.tx.clear();
+        self.bdat_starts.clear();
         self.deadline = None;
         self.events.push_back(ClientEvent::Done);
     }
@@ -1432,6 +1450,11 @@ impl Stuffer {
         }
         out.extend_from_slice(b".\r\n");
     }
+}
+
+/// True if some line of `lines` starts with `.` (the first, or one after LF).
+fn needs_stuffing(lines: &[u8]) -> bool {
+    lines.first() == Some(&b'.') || memchr::memmem::find(lines, b"\n.").is_some()
 }
 
 /// Appends `lines` (ending with CRLF, or empty) dot-stuffed, unterminated:
