@@ -26,3 +26,4 @@ pub mod runtime;
 pub mod socket;
 pub mod timer;
 pub mod tls;
+pub mod tls_stream;
