@@ -22,6 +22,12 @@
 //!   connection costs no heap operation per command.
 //! - Every connection that is dropped counts as one session (TLS if TLS was
 //!   active), exactly once.
+//! - A peer's FIN ends the connection as soon as the replies to what it sent
+//!   (including one a fault delay holds) are flushed: a half-closed or
+//!   aborted client never holds a socket (or a `--max-connections` slot)
+//!   until a timeout. The short-read shortcut is skipped when the event
+//!   reports the peer's close, so data and FIN arriving together are both
+//!   seen.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -279,13 +285,16 @@ impl Ctx {
     }
 
     /// Reads and feeds the session until `WouldBlock`, EOF, an error, or the
-    /// session stops wanting input.
+    /// session stops wanting input. `drain`: the event said the peer closed
+    /// its side (or the caller cannot know), so a short read must not end
+    /// the loop: only the read after it sees the EOF.
     fn read_loop(
         &mut self,
         c: &mut Connection,
         read_buf: &mut [u8],
         out: &mut Vec<u8>,
         now: Instant,
+        drain: bool,
     ) {
         loop {
             if c.st.io_error || c.st.eof || c.session.is_closed() {
@@ -307,8 +316,12 @@ impl Ctx {
                     // queue: with edge-triggered readiness, anything that
                     // arrives later raises a new event, so the read that
                     // would only say EAGAIN is skipped (one syscall less per
-                    // command). TLS may hold decrypted data: keep reading.
-                    if n < read_buf.len() && !c.conn.is_tls() {
+                    // command). Not when the event already reported the
+                    // peer's FIN (data and FIN together raise one edge, and
+                    // no later event would come: the socket would sit in
+                    // CLOSE_WAIT until the command timeout). TLS may hold
+                    // decrypted data: keep reading.
+                    if n < read_buf.len() && !c.conn.is_tls() && !drain {
                         return;
                     }
                 }
@@ -354,7 +367,10 @@ impl Ctx {
                 return true;
             }
         };
-        if c.session.is_closed() || c.st.eof {
+        // A peer that half-closed still gets the replies to what it sent,
+        // including one a fault delay holds; then the connection ends.
+        let finished = c.st.eof && !c.session.holds_reply();
+        if c.session.is_closed() || finished {
             if flushed {
                 return true;
             }
@@ -551,7 +567,9 @@ pub fn run(
                 // A stale event for a connection closed earlier in this batch.
                 continue;
             };
-            ctx.read_loop(c, &mut read_buf, &mut out, now);
+            // EPOLLRDHUP (or HUP/ERR) came with this edge: read to the EOF.
+            let drain = ev.is_read_closed() || ev.is_error();
+            ctx.read_loop(c, &mut read_buf, &mut out, now, drain);
             if ctx.settle(c, key, &poll, &mut timers, now) {
                 close(&mut conns, key, &mut ctx, &poll, &mut timers);
             }
@@ -572,8 +590,9 @@ pub fn run(
                 let mut hooks = ctx.hooks(&mut c.st, c.peer_ip, now);
                 c.session.handle_timeout(now, &mut out, &mut hooks);
                 ctx.after_session_call(c, &mut out);
-                // Input held back by a delay may be waiting in the socket.
-                ctx.read_loop(c, &mut read_buf, &mut out, now);
+                // Input held back by a delay may be waiting in the socket,
+                // maybe with a FIN whose edge was consumed while paused.
+                ctx.read_loop(c, &mut read_buf, &mut out, now, true);
             }
             if ctx.settle(c, key, &poll, &mut timers, now) {
                 to_drop.push(key);

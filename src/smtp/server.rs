@@ -529,6 +529,12 @@ impl ServerSession {
         self.tls
     }
 
+    /// True while a fault delay holds a reply (and the input after it):
+    /// the next `handle_timeout` at [`Self::poll_timeout`] releases it.
+    pub fn holds_reply(&self) -> bool {
+        self.delay_until.is_some() && self.phase != Phase::Closed
+    }
+
     /// Bytes of input currently buffered (for invariant checks).
     pub fn buffered_bytes(&self) -> usize {
         self.inbuf.len()
