@@ -20,8 +20,8 @@
 //!   when the session's deadline moves earlier, otherwise it fires at the old
 //!   time and is pushed to the session's current deadline. So a busy
 //!   connection costs no heap operation per command.
-//! - Every connection that is dropped counts as one session (TLS if TLS was
-//!   active), exactly once.
+//! - Every connection that is dropped counts as one session (a TLS one if
+//!   a handshake completed, a resumed one if it resumed), exactly once.
 //! - A peer's FIN ends the connection as soon as the replies to what it sent
 //!   (including one a fault delay holds) are flushed: a half-closed or
 //!   aborted client never holds a socket (or a `--max-connections` slot)
@@ -400,7 +400,12 @@ impl Ctx {
 
     /// Counts a connection that ends.
     fn count_end(&mut self, c: &Connection) {
-        self.rec.count_session(c.session.tls_active());
+        // Completed handshakes only: an implicit-TLS or STARTTLS client
+        // whose handshake failed is a plaintext session that ended.
+        self.rec.count_session(c.conn.tls_established());
+        if c.conn.tls_resumed() {
+            self.rec.count_tls_resumed();
+        }
         self.local_sessions += 1;
         match c.st.close_reason {
             Some(CloseReason::Timeout) => self.rec.count_session_error(Outcome::Timeout),

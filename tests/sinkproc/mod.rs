@@ -69,7 +69,7 @@ impl Sink {
 
     /// SIGTERM, wait (bounded), and read the report.
     #[track_caller]
-    pub fn stop(mut self) -> Value {
+    pub fn stop(self) -> Value {
         self.proc.terminate();
         self.finish()
     }
