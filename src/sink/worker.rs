@@ -13,7 +13,9 @@
 //!   the stop flag (one relaxed load per loop iteration), one snapshot per
 //!   second on a channel, and — only with `--exit-after-*` — one atomic add
 //!   per loop iteration that saw work. The greylist table is locked once per
-//!   RCPT, and only when a greylist rule exists.
+//!   RCPT, and only when a greylist rule exists. Each thread keeps its own
+//!   copy of the server and TLS configs, so the `Arc` a session clones is
+//!   never one another core writes.
 //! - Accepting drains the listener until `WouldBlock`; EMFILE/ENFILE pause
 //!   the listener for 100 ms instead of spinning.
 //! - Timers are rescheduled lazily: a connection's timer is moved earlier
@@ -135,6 +137,11 @@ struct Connection {
 /// Thread-level state the hooks and event handling use.
 struct Ctx {
     shared: Arc<Shared>,
+    /// This thread's own copies of the shared configs: a session clones
+    /// these `Arc`s, so the reference counts it bumps live on cache lines
+    /// no other thread writes.
+    server: Arc<ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     faults: ThreadFaults,
     rec: Recorder,
     capture: Option<Capture>,
@@ -270,7 +277,7 @@ impl Ctx {
                 ServerEvent::StartTls => {
                     // The 220 is already queued in the clear; the switch
                     // drops any plaintext that followed STARTTLS.
-                    let ok = match &self.shared.tls {
+                    let ok = match &self.tls {
                         Some(cfg) => c.conn.start_tls_server(Arc::clone(cfg)).is_ok(),
                         None => false,
                     };
@@ -458,6 +465,11 @@ pub fn run(
         capture_errors: 0,
         local_messages: 0,
         local_sessions: 0,
+        server: Arc::new(ServerConfig::clone(&shared.server)),
+        tls: shared
+            .tls
+            .as_ref()
+            .map(|c| Arc::new(rustls::ServerConfig::clone(c))),
         shared: Arc::clone(&shared),
     };
     let mut conns: Slab<Connection> = Slab::with_capacity(1024);
@@ -749,9 +761,9 @@ fn open(
 ) {
     let _ = socket::prepare_accepted(&stream);
     let mut conn = Conn::with_read_buf(stream, 0);
-    let mut session = ServerSession::new(Arc::clone(&ctx.shared.server), now);
+    let mut session = ServerSession::new(Arc::clone(&ctx.server), now);
     if implicit_tls {
-        let Some(cfg) = &ctx.shared.tls else { return };
+        let Some(cfg) = &ctx.tls else { return };
         if conn.set_tls_implicit_server(Arc::clone(cfg)).is_err() {
             return;
         }

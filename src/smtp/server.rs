@@ -22,7 +22,10 @@
 //!   [`ServerEvent::Message`]; `on_message_start` / `on_message_end` calls
 //!   are balanced.
 //! - In steady state nothing allocates per command: paths live in reused
-//!   buffers, events in a reused queue.
+//!   buffers, events in a reused queue. Nothing shared is written per
+//!   command either: the `Arc<ServerConfig>` is read in place, never cloned
+//!   (a clone is an atomic read-modify-write on a line every thread of the
+//!   sink shares).
 //!
 //! Choices the RFCs leave open, documented here: a text line over 1000 bytes
 //! inside DATA makes the message end with `500 5.5.2` (the body is still read
@@ -475,14 +478,7 @@ impl ServerSession {
             return;
         }
         if self.phase != Phase::TlsHandshake {
-            let host = self.config.clone();
-            self.reply_parts(
-                out,
-                CommandKind::Unknown,
-                421,
-                "4.4.2",
-                &[host.hostname.as_bytes(), b" Error: timeout exceeded"],
-            );
+            self.reply_host(out, CommandKind::Unknown, 421, "4.4.2", b" Error: timeout exceeded");
         }
         self.close(CloseReason::Timeout, hooks);
     }
@@ -588,15 +584,18 @@ impl ServerSession {
         self.note_reply(kind, code);
     }
 
-    fn reply_parts(
+    /// A reply whose text is the host name followed by `suffix`. Reads the
+    /// shared config in place: nothing shared is written per reply (no
+    /// `Arc` clone, whose reference count every thread would bounce).
+    fn reply_host(
         &mut self,
         out: &mut Vec<u8>,
         kind: CommandKind,
         code: u16,
         enh: &'static str,
-        parts: &[&[u8]],
+        suffix: &[u8],
     ) {
-        write_parts(out, code, self.enh(enh), parts);
+        write_parts(out, code, self.enh(enh), &[self.config.hostname.as_bytes(), suffix]);
         self.note_reply(kind, code);
     }
 
@@ -680,23 +679,15 @@ impl ServerSession {
     }
 
     fn reply_closing(&mut self, out: &mut Vec<u8>, kind: CommandKind) {
-        let cfg = self.config.clone();
-        self.reply_parts(
-            out,
-            kind,
-            421,
-            "4.3.2",
-            &[cfg.hostname.as_bytes(), b" Service not available, closing transmission channel"],
-        );
+        self.reply_host(out, kind, 421, "4.3.2", b" Service not available, closing transmission channel");
     }
 
     fn greet<H: ServerHooks>(&mut self, now: Instant, out: &mut Vec<u8>, hooks: &mut H) {
         let v = self.verdict(hooks, CommandKind::Connect, b"", None, None);
-        let cfg = self.config.clone();
-        let banner: &[u8] = if cfg.lmtp { b" LMTP smtpstorm" } else { b" ESMTP smtpstorm" };
+        let banner: &[u8] = if self.config.lmtp { b" LMTP smtpstorm" } else { b" ESMTP smtpstorm" };
         match v {
             Verdict::Proceed | Verdict::Reply(0..=399) => {
-                self.reply_parts(out, CommandKind::Connect, 220, "", &[cfg.hostname.as_bytes(), banner]);
+                self.reply_host(out, CommandKind::Connect, 220, "", banner);
                 self.phase = Phase::Command;
             }
             Verdict::Delay(d) => {
@@ -706,13 +697,7 @@ impl ServerSession {
             }
             Verdict::Disconnect => self.close(CloseReason::Fault, hooks),
             Verdict::Reply(code @ 500..) => {
-                self.reply_parts(
-                    out,
-                    CommandKind::Connect,
-                    code,
-                    "",
-                    &[cfg.hostname.as_bytes(), b" Service refused"],
-                );
+                self.reply_host(out, CommandKind::Connect, code, "", b" Service refused");
                 self.refused = true;
                 self.phase = Phase::Command;
             }
@@ -809,14 +794,7 @@ impl ServerSession {
                         }
                     }
                     if self.errors >= MAX_ERRORS && self.phase != Phase::Closed {
-                        let cfg = self.config.clone();
-                        self.reply_parts(
-                            out,
-                            CommandKind::Unknown,
-                            421,
-                            "4.7.0",
-                            &[cfg.hostname.as_bytes(), b" Error: too many errors"],
-                        );
+                        self.reply_host(out, CommandKind::Unknown, 421, "4.7.0", b" Error: too many errors");
                         self.close(CloseReason::TooManyErrors, hooks);
                     }
                 }
@@ -894,8 +872,7 @@ impl ServerSession {
             self.reply(out, kind, 503, "5.5.1", "Service refused, send QUIT");
             return Flow::Done;
         }
-        let cfg = self.config.clone();
-        let lmtp = cfg.lmtp;
+        let lmtp = self.config.lmtp;
         match cmd {
             Command::Helo(_) | Command::Ehlo(_) | Command::Lhlo(_) => {
                 if lmtp != (kind == CommandKind::Lhlo) {
@@ -907,7 +884,7 @@ impl ServerSession {
                 self.reset_txn(hooks);
                 self.greeted = true;
                 if kind == CommandKind::Helo {
-                    self.reply_parts(out, kind, 250, "", &[cfg.hostname.as_bytes()]);
+                    self.reply_host(out, kind, 250, "", b"");
                 } else {
                     self.ehlo_reply(out, kind);
                 }
@@ -956,7 +933,7 @@ impl ServerSession {
                 self.reply(out, kind, 354, "", "End data with <CR><LF>.<CR><LF>");
                 hooks.on_message_start();
                 self.message_open = true;
-                self.scanner.reset(cfg.bare_lf);
+                self.scanner.reset(self.config.bare_lf);
                 self.phase = Phase::Data;
                 Flow::Done
             }
@@ -985,18 +962,12 @@ impl ServerSession {
             }
             Command::Quit => {
                 gate!(self, hooks, kind, arg, now, out);
-                self.reply_parts(
-                    out,
-                    kind,
-                    221,
-                    "2.0.0",
-                    &[cfg.hostname.as_bytes(), b" closing connection"],
-                );
+                self.reply_host(out, kind, 221, "2.0.0", b" closing connection");
                 self.close(CloseReason::Quit, hooks);
                 Flow::Done
             }
             Command::StartTls => {
-                if !cfg.starttls_available {
+                if !self.config.starttls_available {
                     self.reply(out, kind, 502, "5.5.1", "STARTTLS not available");
                     return Flow::Done;
                 }
@@ -1016,7 +987,7 @@ impl ServerSession {
                 self.auth(now, arg, mechanism, initial, out, hooks)
             }
             Command::Xclient(attrs) => {
-                if !cfg.xclient {
+                if !self.config.xclient {
                     self.reply(out, kind, 502, "5.5.1", "XCLIENT not available");
                     return Flow::Done;
                 }
@@ -1042,14 +1013,16 @@ impl ServerSession {
                 self.reset_txn(hooks);
                 self.greeted = false;
                 let banner: &[u8] = if lmtp { b" LMTP smtpstorm" } else { b" ESMTP smtpstorm" };
-                self.reply_parts(out, kind, 220, "", &[cfg.hostname.as_bytes(), banner]);
+                self.reply_host(out, kind, 220, "", banner);
                 Flow::Done
             }
         }
     }
 
     fn ehlo_reply(&mut self, out: &mut Vec<u8>, kind: CommandKind) {
-        let cfg = self.config.clone();
+        // Borrowed in place (no Arc clone): only `note_reply` below needs
+        // `&mut self`, after the last use of `cfg`.
+        let cfg = &*self.config;
         let ext = cfg.ext;
         let mut last_line = out.len();
         let mut line = |out: &mut Vec<u8>, parts: &[&[u8]]| {
@@ -1124,7 +1097,7 @@ impl ServerSession {
         hooks: &mut H,
     ) -> Flow {
         let kind = CommandKind::Mail;
-        let cfg = self.config.clone();
+        let (ext, max_size) = (self.config.ext, self.config.max_message_size);
         if !self.greeted {
             self.reply(out, kind, 503, "5.5.1", "Send HELO/EHLO first");
             return Flow::Done;
@@ -1133,29 +1106,29 @@ impl ServerSession {
             self.reply(out, kind, 503, "5.5.1", "Nested MAIL command");
             return Flow::Done;
         }
-        if cfg.require_tls && !self.tls {
+        if self.config.require_tls && !self.tls {
             self.reply(out, kind, 530, "5.7.0", "Must issue a STARTTLS command first");
             return Flow::Done;
         }
         let mut utf8 = false;
         for (k, v) in wire::params(params) {
-            let ok = if k.eq_ignore_ascii_case(b"SIZE") && cfg.ext.size {
+            let ok = if k.eq_ignore_ascii_case(b"SIZE") && ext.size {
                 match v.and_then(parse_u64) {
-                    Some(n) if cfg.max_message_size > 0 && n > cfg.max_message_size => {
+                    Some(n) if max_size > 0 && n > max_size => {
                         self.reply(out, kind, 552, "5.3.4", "Message size exceeds fixed maximum");
                         return Flow::Done;
                     }
                     Some(_) => true,
                     None => false,
                 }
-            } else if k.eq_ignore_ascii_case(b"BODY") && cfg.ext.eightbitmime {
+            } else if k.eq_ignore_ascii_case(b"BODY") && ext.eightbitmime {
                 matches!(v, Some(b) if b.eq_ignore_ascii_case(b"7BIT") || b.eq_ignore_ascii_case(b"8BITMIME"))
-            } else if k.eq_ignore_ascii_case(b"SMTPUTF8") && cfg.ext.smtputf8 {
+            } else if k.eq_ignore_ascii_case(b"SMTPUTF8") && ext.smtputf8 {
                 utf8 = true;
                 v.is_none()
-            } else if k.eq_ignore_ascii_case(b"RET") && cfg.ext.dsn {
+            } else if k.eq_ignore_ascii_case(b"RET") && ext.dsn {
                 matches!(v, Some(b) if b.eq_ignore_ascii_case(b"FULL") || b.eq_ignore_ascii_case(b"HDRS"))
-            } else if k.eq_ignore_ascii_case(b"ENVID") && cfg.ext.dsn {
+            } else if k.eq_ignore_ascii_case(b"ENVID") && ext.dsn {
                 matches!(v, Some(b) if !b.is_empty() && b.len() <= 100)
             } else if k.eq_ignore_ascii_case(b"AUTH") {
                 matches!(v, Some(b) if !b.is_empty())
@@ -1194,18 +1167,18 @@ impl ServerSession {
         hooks: &mut H,
     ) -> Flow {
         let kind = CommandKind::Rcpt;
-        let cfg = self.config.clone();
+        let (dsn, max_recipients) = (self.config.ext.dsn, self.config.max_recipients);
         if !self.mail_active {
             self.reply(out, kind, 503, "5.5.1", "Need MAIL command");
             return Flow::Done;
         }
         self.rcpt_attempts = self.rcpt_attempts.saturating_add(1);
         for (k, v) in wire::params(params) {
-            let ok = if k.eq_ignore_ascii_case(b"NOTIFY") && cfg.ext.dsn {
+            let ok = if k.eq_ignore_ascii_case(b"NOTIFY") && dsn {
                 matches!(v, Some(b) if !b.is_empty() && b.split(|&c| c == b',').all(|t| {
                     [&b"NEVER"[..], b"SUCCESS", b"FAILURE", b"DELAY"].iter().any(|w| t.eq_ignore_ascii_case(w))
                 }))
-            } else if k.eq_ignore_ascii_case(b"ORCPT") && cfg.ext.dsn {
+            } else if k.eq_ignore_ascii_case(b"ORCPT") && dsn {
                 matches!(v, Some(b) if b.contains(&b';'))
             } else {
                 false
@@ -1219,7 +1192,7 @@ impl ServerSession {
             self.reply(out, kind, 553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
             return Flow::Done;
         }
-        if cfg.max_recipients > 0 && self.rcpt_ends.len() >= cfg.max_recipients {
+        if max_recipients > 0 && self.rcpt_ends.len() >= max_recipients {
             self.reply(out, kind, 452, "4.5.3", "Too many recipients");
             return Flow::Done;
         }
@@ -1457,8 +1430,8 @@ impl ServerSession {
         hooks: &mut H,
     ) -> Flow {
         let kind = CommandKind::Auth;
-        let cfg = self.config.clone();
-        if !cfg.auth_enabled {
+        let (enabled, requires_tls) = (self.config.auth_enabled, self.config.auth_requires_tls);
+        if !enabled {
             self.reply(out, kind, 502, "5.5.1", "AUTH not available");
             return Flow::Done;
         }
@@ -1466,7 +1439,7 @@ impl ServerSession {
             self.reply(out, kind, 503, "5.5.1", "AUTH not allowed now");
             return Flow::Done;
         }
-        if cfg.auth_requires_tls && !self.tls {
+        if requires_tls && !self.tls {
             self.reply(out, kind, 538, "5.7.11", "Encryption required for requested authentication mechanism");
             return Flow::Done;
         }
