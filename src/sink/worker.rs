@@ -55,7 +55,7 @@ use crate::smtp::server::{
 use crate::smtp::{CommandKind, Outcome};
 use crate::stats::{IntervalSnapshot, Measurements, Recorder};
 
-use super::capture::Capture;
+use super::capture::{BodyBuffer, Capture};
 use super::faults::{Greylist, ThreadFaults};
 
 /// Plaintext read buffer of a thread.
@@ -118,7 +118,8 @@ pub struct WorkerResult {
 #[derive(Default)]
 struct ConnState {
     in_message: bool,
-    body: Option<Vec<u8>>,
+    /// The body being received (`--capture` only), bounded by the size limit.
+    body: Option<BodyBuffer>,
     verifier: Option<Box<Verifier>>,
     eof: bool,
     io_error: bool,
@@ -186,7 +187,7 @@ impl ServerHooks for Hooks<'_> {
     fn on_message_start(&mut self) {
         self.st.in_message = true;
         if let Some(b) = &mut self.st.body {
-            b.clear();
+            b.start();
         }
         if let Some(v) = &mut self.st.verifier {
             v.reset();
@@ -195,7 +196,7 @@ impl ServerHooks for Hooks<'_> {
 
     fn on_body(&mut self, chunk: &[u8]) {
         if let Some(b) = &mut self.st.body {
-            b.extend_from_slice(chunk);
+            b.push(chunk);
         }
         if let Some(v) = &mut self.st.verifier {
             v.feed(chunk);
@@ -216,18 +217,13 @@ impl ServerHooks for Hooks<'_> {
             }
         }
         if let Some(b) = &mut self.st.body {
-            if accepted {
-                if let Some(c) = &mut self.capture {
-                    if c.store(b).is_err() {
-                        *self.capture_errors += 1;
-                    }
+            // An accepted body is within the size limit, so it is whole.
+            if let (true, Some(body), Some(c)) = (accepted, b.body(), &mut self.capture) {
+                if c.store(body).is_err() {
+                    *self.capture_errors += 1;
                 }
             }
-            b.clear();
-            // Do not keep a huge buffer for the rest of the session.
-            if b.capacity() > 1 << 20 {
-                *b = Vec::new();
-            }
+            b.release();
         }
     }
 }
@@ -770,7 +766,11 @@ fn open(
         session.set_tls_active();
     }
     let st = ConnState {
-        body: ctx.shared.capture.as_ref().map(|_| Vec::new()),
+        body: ctx
+            .shared
+            .capture
+            .as_ref()
+            .map(|_| BodyBuffer::new(ctx.server.max_message_size)),
         verifier: ctx.shared.verify.then(|| Box::new(Verifier::new())),
         ..ConnState::default()
     };
