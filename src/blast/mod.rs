@@ -18,6 +18,7 @@
 //! still reported.
 
 pub mod config;
+pub mod identity;
 pub mod message;
 pub mod probe;
 pub mod progress;

@@ -42,6 +42,7 @@ use crate::smtp::{Outcome, Phase};
 use crate::stats::{IntervalSnapshot, Measurements, Recorder};
 
 use super::config::{share, BlastConfig, LoadModel};
+use super::identity::Identity;
 use super::message::MessageBuilder;
 use super::schedule::Schedule;
 
@@ -112,6 +113,8 @@ struct Slot {
     tls_started: Option<Instant>,
     lag_us: u64,
     outcomes: usize,
+    /// What this session claims (`--proxy-source`, `--xclient`).
+    identity: Identity,
 }
 
 struct Worker {
@@ -415,6 +418,10 @@ impl Worker {
             let i = (self.index as u64 + self.connects * self.threads as u64) % len;
             Some(self.cfg.source_ips[i as usize])
         };
+        let identity = self
+            .cfg
+            .identities
+            .session(self.index as u64 + self.connects * self.threads as u64);
         self.connects += 1;
         let planned = pending.len();
         match socket::connect(self.cfg.target, source_ip, self.cfg.abort_close) {
@@ -441,6 +448,7 @@ impl Worker {
                     tls_started: None,
                     lag_us,
                     outcomes: 0,
+                    identity,
                 });
                 self.timers.schedule(key, now + self.cfg.timeout);
             }
@@ -503,10 +511,11 @@ impl Worker {
             let mut conn = Conn::with_read_buf(stream, READ_BUF_BYTES);
             conn.assume_registered(Interest::READABLE | Interest::WRITABLE);
             if let Some(v) = self.cfg.proxy {
-                let src = conn
-                    .stream()
-                    .local_addr()
-                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let src = slot.identity.proxy_source.unwrap_or_else(|| {
+                    conn.stream()
+                        .local_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+                });
                 self.out.clear();
                 match v {
                     ProxyVersion::V1 => {
@@ -532,7 +541,9 @@ impl Worker {
             }
             if slot.tls_started.is_none() {
                 let msgs = std::mem::take(&mut slot.pending);
-                slot.session = Some(ClientSession::new(Arc::clone(&self.cfg.client), msgs, now));
+                let mut session = ClientSession::new(Arc::clone(&self.cfg.client), msgs, now);
+                session.set_xclient(slot.identity.xclient.take());
+                slot.session = Some(session);
             }
             slot.io = Io::Ready(conn);
         }
@@ -575,8 +586,10 @@ impl Worker {
                         self.rec
                             .record(Phase::StartTls, us(now.saturating_duration_since(t0)));
                         let msgs = std::mem::take(&mut slot.pending);
-                        slot.session =
-                            Some(ClientSession::new(Arc::clone(&self.cfg.client), msgs, now));
+                        let mut session =
+                            ClientSession::new(Arc::clone(&self.cfg.client), msgs, now);
+                        session.set_xclient(slot.identity.xclient.take());
+                        slot.session = Some(session);
                     }
                 }
                 Ok(ReadResult::WouldBlock) => stop = true,

@@ -242,6 +242,75 @@ enum Flow {
 /// A reply decided in advance (code, enhanced code, text).
 type Canned = (u16, &'static str, &'static str);
 
+/// The XCLIENT attributes the server accepts, as its EHLO reply advertises
+/// them (Postfix's names). `ADDR` and `PORT` set the client address that
+/// faults (greylisting, per-client limits) see; the others are checked for
+/// form and otherwise ignored.
+pub const XCLIENT_ATTRIBUTES: [&str; 9] =
+    ["NAME", "ADDR", "PORT", "PROTO", "HELO", "REVERSE_NAME", "LOGIN", "DESTADDR", "DESTPORT"];
+
+/// The EHLO line for [`XCLIENT_ATTRIBUTES`].
+const XCLIENT_ADVERTISED: &str = "XCLIENT NAME ADDR PORT PROTO HELO REVERSE_NAME LOGIN DESTADDR DESTPORT";
+
+/// What an XCLIENT command claims about the client: `None` = not mentioned,
+/// `Some(None)` = `[UNAVAILABLE]` / `[TEMPUNAVAIL]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct XclientClaim {
+    addr: Option<Option<IpAddr>>,
+    port: Option<Option<u16>>,
+}
+
+impl XclientClaim {
+    /// The client address after the claim, from the one before it.
+    fn apply(self, before: Option<SocketAddr>) -> Option<SocketAddr> {
+        let ip = match self.addr {
+            None => before.map(|a| a.ip()),
+            Some(ip) => ip,
+        };
+        let port = match self.port {
+            None => before.map_or(0, |a| a.port()),
+            Some(p) => p.unwrap_or(0),
+        };
+        ip.map(|ip| SocketAddr::new(ip, port))
+    }
+}
+
+fn xclient_unavailable(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"[UNAVAILABLE]") || v.eq_ignore_ascii_case(b"[TEMPUNAVAIL]")
+}
+
+/// Parses XCLIENT's `NAME=VALUE...`: every name must be one of
+/// [`XCLIENT_ATTRIBUTES`] and carry `=`; `ADDR` (IPv4, `IPV6:` or bare
+/// IPv6) and `PORT` must be well formed. The error is the 501 reply text.
+fn parse_xclient(attrs: &[u8]) -> Result<XclientClaim, &'static str> {
+    let mut claim = XclientClaim::default();
+    for (k, v) in wire::params(attrs) {
+        if !XCLIENT_ATTRIBUTES.iter().any(|a| k.eq_ignore_ascii_case(a.as_bytes())) {
+            return Err("Bad XCLIENT attribute name");
+        }
+        let Some(v) = v else {
+            return Err("Bad XCLIENT attribute syntax, expected NAME=VALUE");
+        };
+        if k.eq_ignore_ascii_case(b"ADDR") {
+            claim.addr = Some(if xclient_unavailable(v) {
+                None
+            } else {
+                let v = if v.len() > 5 && v[..5].eq_ignore_ascii_case(b"IPV6:") { &v[5..] } else { v };
+                let ip = std::str::from_utf8(v).ok().and_then(|s| s.parse::<IpAddr>().ok());
+                Some(ip.ok_or("Bad XCLIENT ADDR syntax")?)
+            });
+        } else if k.eq_ignore_ascii_case(b"PORT") {
+            claim.port = Some(if xclient_unavailable(v) {
+                None
+            } else {
+                let p = parse_u64(v).and_then(|p| u16::try_from(p).ok());
+                Some(p.ok_or("Bad XCLIENT PORT syntax")?)
+            });
+        }
+    }
+    Ok(claim)
+}
+
 /// Ask the fault hook about a command; return early unless it may proceed.
 macro_rules! gate {
     ($s:ident, $hooks:ident, $kind:expr, $arg:expr, $now:ident, $out:ident) => {{
@@ -995,21 +1064,15 @@ impl ServerSession {
                     self.reply(out, kind, 503, "5.5.1", "XCLIENT not allowed in a mail transaction");
                     return Flow::Done;
                 }
-                gate!(self, hooks, kind, arg, now, out);
-                let mut ip: Option<IpAddr> = None;
-                let mut port = 0u16;
-                for (k, v) in wire::params(attrs) {
-                    let v = v.unwrap_or_default();
-                    if k.eq_ignore_ascii_case(b"ADDR") {
-                        let v = if v.len() > 5 && v[..5].eq_ignore_ascii_case(b"IPV6:") { &v[5..] } else { v };
-                        ip = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
-                    } else if k.eq_ignore_ascii_case(b"PORT") {
-                        port = parse_u64(v).and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+                let claim = match parse_xclient(attrs) {
+                    Ok(c) => c,
+                    Err(text) => {
+                        self.reply(out, kind, 501, "5.5.4", text);
+                        return Flow::Done;
                     }
-                }
-                if let Some(ip) = ip {
-                    self.peer = Some(SocketAddr::new(ip, port));
-                }
+                };
+                gate!(self, hooks, kind, arg, now, out);
+                self.peer = claim.apply(self.peer);
                 self.reset_txn(hooks);
                 self.greeted = false;
                 let banner: &[u8] = if lmtp { b" LMTP smtpstorm" } else { b" ESMTP smtpstorm" };
@@ -1065,6 +1128,9 @@ impl ServerSession {
         }
         if cfg.auth_enabled && (!cfg.auth_requires_tls || self.tls) {
             line(out, &[b"AUTH PLAIN LOGIN"]);
+        }
+        if cfg.xclient {
+            line(out, &[XCLIENT_ADVERTISED.as_bytes()]);
         }
         out[last_line + 3] = b' ';
         self.note_reply(kind, 250);
