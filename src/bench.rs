@@ -52,6 +52,9 @@ fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig>
     if load.proxy.is_some() {
         argv.push("--proxy-protocol".into());
     }
+    if !load.xclient.is_empty() {
+        argv.push("--xclient".into());
+    }
     if args.verify {
         argv.push("--verify".into());
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::blast::identity::{self, AddrRange, XclientAttr};
 use crate::smtp::BareLfPolicy;
 
 #[derive(Debug, Parser)]
@@ -103,7 +104,8 @@ pub struct SinkArgs {
     /// Expect a PROXY protocol v1/v2 header before the greeting.
     #[arg(long)]
     pub proxy_protocol: bool,
-    /// Accept XCLIENT (reply 220 and reset).
+    /// Offer and accept XCLIENT (Postfix's attributes; reply 220 and reset):
+    /// the claimed ADDR is the client address faults such as greylisting see.
     #[arg(long)]
     pub xclient: bool,
     /// Extensions not to advertise, comma-separated
@@ -240,6 +242,15 @@ pub struct LoadArgs {
     /// Send a PROXY protocol header first.
     #[arg(long, value_name = "VERSION")]
     pub proxy: Option<ProxyVersion>,
+    /// With --proxy: the header claims a source address from RANGE, one per
+    /// session (`198.51.100.0/24`, `A-B`; ports from 1024 up), not the real one.
+    #[arg(long, value_name = "RANGE", requires = "proxy", value_parser = identity::parse_proxy_source)]
+    pub proxy_source: Option<AddrRange>,
+    /// Claim a client identity with XCLIENT after EHLO (repeatable):
+    /// `ADDR=198.51.100.0/24` (one address per session), `NAME=client{n}.example`;
+    /// a server that does not advertise XCLIENT fails the session's messages.
+    #[arg(long, value_name = "ATTR=TEMPLATE", value_parser = identity::parse_xclient)]
+    pub xclient: Vec<XclientAttr>,
     #[command(flatten)]
     pub threads: ThreadArgs,
     /// Timeout of every phase (connect, each reply).

@@ -21,11 +21,22 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
                 _ => {
-                    // One line naming the flag and the expected form; clap's
-                    // usage hint would make it three.
+                    // One line naming the flag and the expected form: clap's
+                    // first paragraph, joined (a missing required flag is
+                    // named on the line after "...not provided:"), without
+                    // the usage hint that follows.
                     let text = e.render().to_string();
-                    let first = text.lines().next().unwrap_or("error: bad arguments");
-                    eprintln!("smtpstorm: {}", first.trim_start_matches("error: "));
+                    let first: Vec<&str> = text
+                        .lines()
+                        .map(str::trim)
+                        .take_while(|l| !l.is_empty())
+                        .collect();
+                    let line = if first.is_empty() {
+                        "bad arguments".to_string()
+                    } else {
+                        first.join(" ")
+                    };
+                    eprintln!("smtpstorm: {}", line.trim_start_matches("error: "));
                     ExitCode::from(2)
                 }
             };

@@ -40,9 +40,16 @@ struct Run {
 
 /// Replay `script`; `split(step, len)` gives the cut points of each Bytes step.
 #[track_caller]
-fn run(cfg: &Arc<ClientConfig>, msgs: &[Message], script: &[Step], split: &dyn Fn(usize, usize) -> Vec<usize>) -> Run {
+fn run(
+    cfg: &Arc<ClientConfig>,
+    xclient: Option<&[u8]>,
+    msgs: &[Message],
+    script: &[Step],
+    split: &dyn Fn(usize, usize) -> Vec<usize>,
+) -> Run {
     let t0 = Instant::now();
     let mut s = ClientSession::new(Arc::clone(cfg), msgs.to_vec(), t0);
+    s.set_xclient(xclient.map(Box::from));
     let mut events = Vec::new();
     let mut out = Vec::new();
     s.poll_transmit(t0, &mut out);
@@ -87,14 +94,20 @@ fn run(cfg: &Arc<ClientConfig>, msgs: &[Message], script: &[Step], split: &dyn F
 /// must agree. Returns the events.
 #[track_caller]
 fn check(cfg: ClientConfig, msgs: &[Message], script: &[Step]) -> Vec<ClientEvent> {
+    check_xclient(cfg, None, msgs, script)
+}
+
+/// [`check`] for a session that claims an identity with XCLIENT.
+#[track_caller]
+fn check_xclient(cfg: ClientConfig, xclient: Option<&[u8]>, msgs: &[Message], script: &[Step]) -> Vec<ClientEvent> {
     let cfg = Arc::new(cfg);
-    let whole = run(&cfg, msgs, script, &|_, _| vec![]);
-    let bytewise = run(&cfg, msgs, script, &|_, n| (1..n).collect());
+    let whole = run(&cfg, xclient, msgs, script, &|_, _| vec![]);
+    let bytewise = run(&cfg, xclient, msgs, script, &|_, n| (1..n).collect());
     assert_eq!(bytewise, whole, "byte-at-a-time replay differs");
     for (step, (input, _)) in script.iter().enumerate() {
         if let In::Bytes(b) = input {
             for k in 0..=b.len() {
-                let r = run(&cfg, msgs, script, &|i, _| if i == step { vec![k] } else { vec![] });
+                let r = run(&cfg, xclient, msgs, script, &|i, _| if i == step { vec![k] } else { vec![] });
                 assert_eq!(r, whole, "split of step {step} at {k} differs");
             }
         }
@@ -413,6 +426,91 @@ fn a_421_mid_pipeline_tempfails_the_open_messages() {
         ],
     );
     assert_eq!(outcomes(&ev), vec![(0, Outcome::TempFailed, 421, 0), (1, Outcome::TempFailed, 421, 0)]);
+}
+
+const EHLO_XCLIENT: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n";
+const XCLIENT_ATTRS: &[u8] = b"ADDR=198.51.100.7 NAME=client7.example";
+
+#[test]
+fn xclient_is_sent_after_the_first_ehlo_and_the_session_says_ehlo_again() {
+    let msgs = [msg(&["b@y"], b"1")];
+    let ev = check_xclient(
+        cfg(),
+        Some(XCLIENT_ATTRS),
+        &msgs,
+        &[
+            (In::Bytes(b"220 mx ESMTP\r\n"), b"EHLO c.test\r\n"),
+            (In::Bytes(EHLO_XCLIENT), b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n"),
+            (In::Bytes(b"220 mx ESMTP\r\n"), b"EHLO c.test\r\n"),
+            (In::Bytes(b"250-mx.test\r\n250 PIPELINING\r\n"), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n1\r\n.\r\nQUIT\r\n"),
+            (In::Bytes(b"250 queued\r\n221 bye\r\n"), b""),
+        ],
+    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
+    assert!(ev.contains(&ClientEvent::Reply { command: CommandKind::Xclient, code: 220 }));
+    let ehlos = phases(&ev).iter().filter(|p| p.0 == Phase::Ehlo).count();
+    assert_eq!(ehlos, 2, "EHLO before and after XCLIENT");
+}
+
+#[test]
+fn xclient_comes_before_starttls_and_is_not_repeated_after_it() {
+    let msgs = [msg(&["b@y"], b"1")];
+    let ev = check_xclient(
+        ClientConfig { starttls: true, send_quit: false, pipelining: PipeliningMode::Off, ..cfg() },
+        Some(XCLIENT_ATTRS),
+        &msgs,
+        &[
+            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
+            (In::Bytes(EHLO_XCLIENT), b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n"),
+            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
+            (In::Bytes(EHLO_XCLIENT), b"STARTTLS\r\n"),
+            (In::Bytes(b"220 go ahead\r\n"), b""),
+            (In::Tls, b"EHLO c.test\r\n"),
+            (In::Bytes(EHLO_XCLIENT), b"MAIL FROM:<a@x>\r\n"),
+            (In::Bytes(b"250 ok\r\n"), b"RCPT TO:<b@y>\r\n"),
+            (In::Bytes(b"250 ok\r\n"), b"DATA\r\n"),
+            (In::Bytes(b"354 go\r\n"), b"Subject: t\r\n\r\n1\r\n.\r\n"),
+            (In::Bytes(b"250 ok\r\n"), b""),
+        ],
+    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
+}
+
+#[test]
+fn xclient_required_but_not_offered_rejects_every_message() {
+    let msgs = [msg(&["b@y"], b"1"), msg(&["c@y"], b"2")];
+    let ev = check_xclient(
+        cfg(),
+        Some(XCLIENT_ATTRS),
+        &msgs,
+        &[
+            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
+            (In::Bytes(EHLO_PIPE), b"QUIT\r\n"),
+            (In::Bytes(b"221 bye\r\n"), b""),
+        ],
+    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Rejected, 0, 0), (1, Outcome::Rejected, 0, 0)]);
+    assert_eq!(errors(&ev), vec!["XCLIENT required but not offered".to_string()]);
+}
+
+#[test]
+fn xclient_refused_fails_every_message_by_the_reply_class() {
+    let msgs = [msg(&["b@y"], b"1")];
+    for (reply, outcome, code) in [
+        (&b"550 5.7.0 Error: insufficient authorization\r\n"[..], Outcome::Rejected, 550),
+        (&b"451 4.3.0 try later\r\n"[..], Outcome::TempFailed, 451),
+    ] {
+        let script: Vec<Step> = vec![
+            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
+            (In::Bytes(EHLO_XCLIENT), b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n"),
+            (In::Bytes(reply), b"QUIT\r\n"),
+            (In::Bytes(b"221 bye\r\n"), b""),
+        ];
+        let ev = check_xclient(cfg(), Some(XCLIENT_ATTRS), &msgs, &script);
+        assert_eq!(outcomes(&ev), vec![(0, outcome, code, 0)]);
+        assert_eq!(errors(&ev), vec![format!("XCLIENT refused with {code}")]);
+    }
 }
 
 #[test]

@@ -24,12 +24,17 @@ struct Hooks {
     password: Option<&'static [u8]>,
     body: Vec<u8>,
     log: Vec<String>,
+    /// Log the client address (PROXY / XCLIENT) each MAIL is judged with.
+    log_peer: bool,
 }
 
 impl ServerHooks for Hooks {
     fn on_command(&mut self, cmd: CommandKind, info: &CommandInfo<'_>) -> Verdict {
         if let Some(r) = info.rcpt_to {
             self.log.push(format!("rcpt {}", String::from_utf8_lossy(r)));
+        }
+        if self.log_peer && cmd == CommandKind::Mail {
+            self.log.push(format!("mail from peer {:?}", info.peer));
         }
         match self.verdicts.iter().position(|(k, _)| *k == cmd) {
             Some(i) => self.verdicts.remove(i).1,
@@ -577,6 +582,60 @@ fn auth_before_tls_when_required_is_538() {
     let c = ServerConfig { auth_requires_tls: true, ..auth_cfg() };
     let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nAUTH PLAIN AHUAcA==\r\n")]);
     assert_eq!(t.codes(), [220, 250, 538]);
+}
+
+#[test]
+fn ehlo_advertises_xclient_with_its_attributes_only_when_enabled() {
+    let c = ServerConfig { xclient: true, auth_enabled: true, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\n")]);
+    assert!(t.out.ends_with("250-AUTH PLAIN LOGIN\r\n250 XCLIENT NAME ADDR PORT PROTO HELO REVERSE_NAME LOGIN DESTADDR DESTPORT\r\n"), "{}", t.out);
+    let t = run(&[In(b"EHLO x\r\n")]);
+    assert!(!t.out.contains("XCLIENT"), "{}", t.out);
+}
+
+#[test]
+fn xclient_with_every_advertised_attribute_claims_the_address_for_what_follows() {
+    let c = ServerConfig { xclient: true, ..cfg() };
+    let hooks = Hooks { log_peer: true, ..Hooks::default() };
+    let t = run_with(
+        c,
+        hooks,
+        &[
+            In(b"EHLO relay\r\nMAIL FROM:<a@b>\r\nRSET\r\n"),
+            In(b"XCLIENT ADDR=192.0.2.7 NAME=mx.example PORT=4000 PROTO=ESMTP HELO=mx.example LOGIN=[UNAVAILABLE] DESTADDR=192.0.2.1 DESTPORT=25\r\n"),
+            In(b"EHLO mx.example\r\nMAIL FROM:<a@b>\r\nRSET\r\n"),
+            In(b"xclient addr=IPV6:2001:db8::7\r\nEHLO x\r\nMAIL FROM:<a@b>\r\nRSET\r\n"),
+            In(b"XCLIENT ADDR=[UNAVAILABLE] NAME=[TEMPUNAVAIL]\r\nEHLO x\r\nMAIL FROM:<a@b>\r\n"),
+        ],
+    );
+    assert_eq!(t.codes(), [220, 250, 250, 250, 220, 250, 250, 250, 220, 250, 250, 250, 220, 250, 250]);
+    assert_eq!(
+        t.log,
+        [
+            "mail from peer None",
+            "mail from peer Some(192.0.2.7:4000)",
+            "mail from peer Some([2001:db8::7]:4000)",
+            "mail from peer None",
+        ]
+    );
+}
+
+#[test]
+fn xclient_with_an_unknown_or_malformed_attribute_is_501_and_claims_nothing() {
+    let c = ServerConfig { xclient: true, ..cfg() };
+    let hooks = Hooks { log_peer: true, ..Hooks::default() };
+    let t = run_with(
+        c,
+        hooks,
+        &[In(b"EHLO x\r\nXCLIENT ADDR=192.0.2.9 FOO=1\r\nXCLIENT ADDR=not-an-ip\r\nXCLIENT ADDR\r\n\
+               XCLIENT ADDR=192.0.2.9 PORT=70000\r\nXCLIENT\r\nMAIL FROM:<a@b>\r\n")],
+    );
+    assert_eq!(t.codes(), [220, 250, 501, 501, 501, 501, 501, 250]);
+    assert!(t.has_line("501 5.5.4 Bad XCLIENT attribute name"), "{}", t.out);
+    assert!(t.has_line("501 5.5.4 Bad XCLIENT ADDR syntax"), "{}", t.out);
+    assert!(t.has_line("501 5.5.4 Bad XCLIENT attribute syntax, expected NAME=VALUE"), "{}", t.out);
+    assert!(t.has_line("501 5.5.4 Bad XCLIENT PORT syntax"), "{}", t.out);
+    assert_eq!(t.log, ["mail from peer None"]);
 }
 
 #[test]

@@ -28,6 +28,7 @@ use crate::net::runtime::Cpus;
 use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
 use crate::smtp::{ClientTimeouts, Phase};
 
+use super::identity::{Identities, IdentityError};
 use super::message::Template;
 
 /// Errors building a [`BlastConfig`].
@@ -53,6 +54,8 @@ pub enum ConfigError {
     Tls(String, String),
     #[error("--start-at {0} is not a valid UNIX time")]
     StartAt(f64),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
 }
 
 /// What the run produces once it ends (outputs and checks).
@@ -113,6 +116,9 @@ pub struct BlastConfig {
     pub tls_ca: Option<PathBuf>,
     pub tls_resume: bool,
     pub proxy: Option<ProxyVersion>,
+    /// Per-session PROXY source and XCLIENT claims (`--proxy-source`,
+    /// `--xclient`), this instance's share.
+    pub identities: Identities,
     pub source_ips: Vec<IpAddr>,
     pub abort_close: bool,
     pub timeout: Duration,
@@ -270,6 +276,7 @@ impl BlastConfig {
                     .ok_or_else(|| ConfigError::HgrmPhase(load.hgrm_phase.clone()))?,
             ),
         };
+        let identities = Identities::new(load.proxy_source, &load.xclient, (inst, ninst))?;
         let asserts = crate::stats::parse_assertions(&load.asserts)
             .map_err(|e| ConfigError::Assertion(format!("--assert: {e}")))?;
         if let Some(t) = load.start_at {
@@ -324,6 +331,8 @@ impl BlastConfig {
             "bdat": load.bdat,
             "lmtp": load.lmtp,
             "proxy": load.proxy.map(|p| format!("{p:?}").to_lowercase()),
+            "proxy_source": load.proxy_source.map(|r| r.to_string()),
+            "xclient": load.xclient.iter().map(|a| a.as_str()).collect::<Vec<_>>(),
             "source_ips": source_ips.len(),
             "abort_close": load.abort_close,
             "timeout_secs": load.timeout.as_secs_f64(),
@@ -360,6 +369,7 @@ impl BlastConfig {
             },
             tls_resume: load.tls_resume,
             proxy: load.proxy,
+            identities,
             source_ips,
             abort_close: load.abort_close,
             timeout: load.timeout,

@@ -59,6 +59,7 @@ use crate::smtp::{Outcome, Phase};
 use crate::stats::{IntervalSnapshot, Measurements, Recorder};
 
 use super::config::{share, BlastConfig, LoadModel};
+use super::identity::Identity;
 use super::message::{Body, MessageBuilder};
 use super::schedule::Schedule;
 
@@ -178,6 +179,8 @@ struct Slot {
     outcomes: u64,
     /// Listed in `Worker::idle`.
     idle_listed: bool,
+    /// What this session claims (`--proxy-source`, `--xclient`).
+    identity: Identity,
 }
 
 /// What happened to a slot after its session's events were handled.
@@ -671,6 +674,10 @@ impl Worker {
             let i = (self.index as u64 + self.connects * self.threads as u64) % len;
             Some(self.cfg.source_ips[i as usize])
         };
+        let identity = self
+            .cfg
+            .identities
+            .session(self.index as u64 + self.connects * self.threads as u64);
         self.connects += 1;
         let given = pending.len() as u64;
         match socket::connect(self.cfg.target, source_ip, self.cfg.abort_close) {
@@ -698,6 +705,7 @@ impl Worker {
                     out_base: 0,
                     outcomes: 0,
                     idle_listed: false,
+                    identity,
                 });
                 self.timers.schedule(key, now + self.cfg.timeout);
             }
@@ -754,7 +762,7 @@ impl Worker {
         };
         let pending = std::mem::take(&mut slot.pending);
         let client = Arc::clone(&self.cfg.client);
-        let session = if slot.open {
+        let mut session = if slot.open {
             let mut s = ClientSession::open(client, now, Some(slot.intended));
             for (m, intended) in pending {
                 s.push_message(now, m, intended);
@@ -766,6 +774,7 @@ impl Worker {
         } else {
             ClientSession::new(client, pending.into_iter().map(|(m, _)| m).collect(), now)
         };
+        session.set_xclient(slot.identity.xclient.take());
         if let Io::Ready(conn) = &slot.io {
             slot.out_base = conn.app_bytes_in();
         }
@@ -801,10 +810,11 @@ impl Worker {
             let mut conn = Conn::with_read_buf(stream, READ_BUF_BYTES);
             conn.assume_registered(Interest::READABLE | Interest::WRITABLE);
             if let Some(v) = self.cfg.proxy {
-                let src = conn
-                    .stream()
-                    .local_addr()
-                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let src = slot.identity.proxy_source.unwrap_or_else(|| {
+                    conn.stream()
+                        .local_addr()
+                        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+                });
                 self.out.clear();
                 match v {
                     ProxyVersion::V1 => {
@@ -1127,8 +1137,15 @@ impl Worker {
             // a session counts its own outcomes.
             (Some((n, outcome)), None) => self.count_all(n, outcome),
             (_, Some(_)) => {
-                let tls = matches!(&slot.io, Io::Ready(c) if c.is_tls());
+                // A TLS session is one whose handshake completed.
+                let (tls, resumed) = match &slot.io {
+                    Io::Ready(c) => (c.tls_established(), c.tls_resumed()),
+                    _ => (false, false),
+                };
                 self.rec.count_session(tls);
+                if resumed {
+                    self.rec.count_tls_resumed();
+                }
                 self.record_driver_phase(
                     Phase::Session,
                     slot.open,

@@ -231,6 +231,21 @@ impl Conn {
         self.tls.as_ref().is_some_and(|t| t.is_handshaking())
     }
 
+    /// True once a TLS handshake has completed on this connection (a
+    /// handshake that failed or never finished leaves it false).
+    pub fn tls_established(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| !t.is_handshaking())
+    }
+
+    /// True if the completed TLS handshake resumed an earlier session.
+    pub fn tls_resumed(&self) -> bool {
+        self.tls_established()
+            && self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+    }
+
     /// The plaintext produced by the last `read()` that returned `Data`.
     pub fn plaintext(&self) -> &[u8] {
         &self.read_buf[..self.plaintext_len]

@@ -6,6 +6,11 @@
 //! The content is exactly the un-stuffed body as received (headers and
 //! all, final CRLF of the body included, the `.` line not). Capture is off
 //! the default path: without `--capture` no body byte is copied anywhere.
+//!
+//! While a message arrives its body is kept in a [`BodyBuffer`], which never
+//! holds more than `--max-message-size` bytes: a body that grows past the
+//! limit is refused (`552 5.3.4`) when it ends, so the buffer lets go of it
+//! at once instead of holding a client's unbounded upload.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -30,6 +35,82 @@ pub fn prepare_dir(dir: &Path) -> Result<(), CaptureError> {
         })?;
     }
     Ok(())
+}
+
+/// The body of the message being received, for `--capture`, bounded by the
+/// size limit. Invariant: `len() <= limit` whenever the limit is not 0.
+#[derive(Debug, Default)]
+pub struct BodyBuffer {
+    buf: Vec<u8>,
+    /// Largest body kept, in bytes; 0 = no limit.
+    limit: u64,
+    /// The body went past the limit: nothing is kept until the next start.
+    over: bool,
+}
+
+/// Capacity above which a buffer is released after a message instead of
+/// being kept for the next one.
+const KEEP_CAPACITY_BYTES: usize = 1 << 20;
+
+impl BodyBuffer {
+    /// An empty buffer for bodies of at most `limit` bytes (0 = no limit).
+    pub fn new(limit: u64) -> Self {
+        Self {
+            buf: Vec::new(),
+            limit,
+            over: false,
+        }
+    }
+
+    /// A new message begins.
+    pub fn start(&mut self) {
+        self.release();
+        self.over = false;
+    }
+
+    /// Appends body bytes, unless the body would exceed the limit: then the
+    /// body is dropped (memory released) and nothing more is kept.
+    pub fn push(&mut self, chunk: &[u8]) {
+        if self.over {
+            return;
+        }
+        let len = self.buf.len() as u64 + chunk.len() as u64;
+        if self.limit > 0 && len > self.limit {
+            self.over = true;
+            self.buf = Vec::new();
+            return;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    /// The whole body, or `None` if it went past the limit.
+    pub fn body(&self) -> Option<&[u8]> {
+        (!self.over).then_some(&self.buf[..])
+    }
+
+    /// Bytes held now.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// True if no byte is held.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Bytes allocated now.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// The message ended: forget its body (a huge allocation is freed, not
+    /// kept for the rest of the session).
+    pub fn release(&mut self) {
+        self.buf.clear();
+        if self.buf.capacity() > KEEP_CAPACITY_BYTES {
+            self.buf = Vec::new();
+        }
+    }
 }
 
 /// One worker thread's writer.
@@ -74,6 +155,48 @@ impl Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_body_past_the_limit_is_never_buffered_beyond_it() {
+        let limit = 10_000u64;
+        let mut b = BodyBuffer::new(limit);
+        b.start();
+        let chunk = [b'x'; 999];
+        let mut fed = 0u64;
+        for _ in 0..1000 {
+            b.push(&chunk);
+            fed += chunk.len() as u64;
+            assert!(b.len() as u64 <= limit, "{} bytes held", b.len());
+            assert!(
+                b.capacity() as u64 <= 2 * limit,
+                "{} bytes allocated",
+                b.capacity()
+            );
+        }
+        assert!(fed > 50 * limit);
+        assert_eq!(b.body(), None, "an over-limit body is never stored");
+        // The next message starts afresh.
+        b.start();
+        b.push(b"Subject: ok\r\n\r\nfits\r\n");
+        assert_eq!(b.body(), Some(&b"Subject: ok\r\n\r\nfits\r\n"[..]));
+    }
+
+    #[test]
+    fn a_body_of_exactly_the_limit_is_kept_and_no_limit_keeps_everything() {
+        let mut b = BodyBuffer::new(6);
+        b.start();
+        b.push(b"abc");
+        b.push(b"def");
+        assert_eq!(b.body(), Some(&b"abcdef"[..]));
+        b.push(b"g");
+        assert_eq!(b.body(), None);
+        let mut u = BodyBuffer::new(0);
+        u.start();
+        for _ in 0..100 {
+            u.push(&[b'y'; 1000]);
+        }
+        assert_eq!(u.body().map(<[u8]>::len), Some(100_000));
+    }
 
     #[test]
     fn stored_messages_land_in_new_with_exact_bytes() {

@@ -13,15 +13,23 @@
 //!   the stop flag (one relaxed load per loop iteration), one snapshot per
 //!   second on a channel, and — only with `--exit-after-*` — one atomic add
 //!   per loop iteration that saw work. The greylist table is locked once per
-//!   RCPT, and only when a greylist rule exists.
+//!   RCPT, and only when a greylist rule exists. Each thread keeps its own
+//!   copy of the server and TLS configs, so the `Arc` a session clones is
+//!   never one another core writes.
 //! - Accepting drains the listener until `WouldBlock`; EMFILE/ENFILE pause
 //!   the listener for 100 ms instead of spinning.
 //! - Timers are rescheduled lazily: a connection's timer is moved earlier
 //!   when the session's deadline moves earlier, otherwise it fires at the old
 //!   time and is pushed to the session's current deadline. So a busy
 //!   connection costs no heap operation per command.
-//! - Every connection that is dropped counts as one session (TLS if TLS was
-//!   active), exactly once.
+//! - Every connection that is dropped counts as one session (a TLS one if
+//!   a handshake completed, a resumed one if it resumed), exactly once.
+//! - A peer's FIN ends the connection as soon as the replies to what it sent
+//!   (including one a fault delay holds) are flushed: a half-closed or
+//!   aborted client never holds a socket (or a `--max-connections` slot)
+//!   until a timeout. The short-read shortcut is skipped when the event
+//!   reports the peer's close, so data and FIN arriving together are both
+//!   seen.
 
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -47,7 +55,7 @@ use crate::smtp::server::{
 use crate::smtp::{CommandKind, Outcome};
 use crate::stats::{IntervalSnapshot, Measurements, Recorder};
 
-use super::capture::Capture;
+use super::capture::{BodyBuffer, Capture};
 use super::faults::{Greylist, ThreadFaults};
 
 /// Plaintext read buffer of a thread.
@@ -110,7 +118,8 @@ pub struct WorkerResult {
 #[derive(Default)]
 struct ConnState {
     in_message: bool,
-    body: Option<Vec<u8>>,
+    /// The body being received (`--capture` only), bounded by the size limit.
+    body: Option<BodyBuffer>,
     verifier: Option<Box<Verifier>>,
     eof: bool,
     io_error: bool,
@@ -129,6 +138,11 @@ struct Connection {
 /// Thread-level state the hooks and event handling use.
 struct Ctx {
     shared: Arc<Shared>,
+    /// This thread's own copies of the shared configs: a session clones
+    /// these `Arc`s, so the reference counts it bumps live on cache lines
+    /// no other thread writes.
+    server: Arc<ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     faults: ThreadFaults,
     rec: Recorder,
     capture: Option<Capture>,
@@ -173,7 +187,7 @@ impl ServerHooks for Hooks<'_> {
     fn on_message_start(&mut self) {
         self.st.in_message = true;
         if let Some(b) = &mut self.st.body {
-            b.clear();
+            b.start();
         }
         if let Some(v) = &mut self.st.verifier {
             v.reset();
@@ -182,7 +196,7 @@ impl ServerHooks for Hooks<'_> {
 
     fn on_body(&mut self, chunk: &[u8]) {
         if let Some(b) = &mut self.st.body {
-            b.extend_from_slice(chunk);
+            b.push(chunk);
         }
         if let Some(v) = &mut self.st.verifier {
             v.feed(chunk);
@@ -203,18 +217,13 @@ impl ServerHooks for Hooks<'_> {
             }
         }
         if let Some(b) = &mut self.st.body {
-            if accepted {
-                if let Some(c) = &mut self.capture {
-                    if c.store(b).is_err() {
-                        *self.capture_errors += 1;
-                    }
+            // An accepted body is within the size limit, so it is whole.
+            if let (true, Some(body), Some(c)) = (accepted, b.body(), &mut self.capture) {
+                if c.store(body).is_err() {
+                    *self.capture_errors += 1;
                 }
             }
-            b.clear();
-            // Do not keep a huge buffer for the rest of the session.
-            if b.capacity() > 1 << 20 {
-                *b = Vec::new();
-            }
+            b.release();
         }
     }
 }
@@ -264,7 +273,7 @@ impl Ctx {
                 ServerEvent::StartTls => {
                     // The 220 is already queued in the clear; the switch
                     // drops any plaintext that followed STARTTLS.
-                    let ok = match &self.shared.tls {
+                    let ok = match &self.tls {
                         Some(cfg) => c.conn.start_tls_server(Arc::clone(cfg)).is_ok(),
                         None => false,
                     };
@@ -279,13 +288,16 @@ impl Ctx {
     }
 
     /// Reads and feeds the session until `WouldBlock`, EOF, an error, or the
-    /// session stops wanting input.
+    /// session stops wanting input. `drain`: the event said the peer closed
+    /// its side (or the caller cannot know), so a short read must not end
+    /// the loop: only the read after it sees the EOF.
     fn read_loop(
         &mut self,
         c: &mut Connection,
         read_buf: &mut [u8],
         out: &mut Vec<u8>,
         now: Instant,
+        drain: bool,
     ) {
         loop {
             if c.st.io_error || c.st.eof || c.session.is_closed() {
@@ -307,8 +319,12 @@ impl Ctx {
                     // queue: with edge-triggered readiness, anything that
                     // arrives later raises a new event, so the read that
                     // would only say EAGAIN is skipped (one syscall less per
-                    // command). TLS may hold decrypted data: keep reading.
-                    if n < read_buf.len() && !c.conn.is_tls() {
+                    // command). Not when the event already reported the
+                    // peer's FIN (data and FIN together raise one edge, and
+                    // no later event would come: the socket would sit in
+                    // CLOSE_WAIT until the command timeout). TLS may hold
+                    // decrypted data: keep reading.
+                    if n < read_buf.len() && !c.conn.is_tls() && !drain {
                         return;
                     }
                 }
@@ -354,7 +370,10 @@ impl Ctx {
                 return true;
             }
         };
-        if c.session.is_closed() || c.st.eof {
+        // A peer that half-closed still gets the replies to what it sent,
+        // including one a fault delay holds; then the connection ends.
+        let finished = c.st.eof && !c.session.holds_reply();
+        if c.session.is_closed() || finished {
             if flushed {
                 return true;
             }
@@ -384,7 +403,12 @@ impl Ctx {
 
     /// Counts a connection that ends.
     fn count_end(&mut self, c: &Connection) {
-        self.rec.count_session(c.session.tls_active());
+        // Completed handshakes only: an implicit-TLS or STARTTLS client
+        // whose handshake failed is a plaintext session that ended.
+        self.rec.count_session(c.conn.tls_established());
+        if c.conn.tls_resumed() {
+            self.rec.count_tls_resumed();
+        }
         self.local_sessions += 1;
         match c.st.close_reason {
             Some(CloseReason::Timeout) => self.rec.count_session_error(Outcome::Timeout),
@@ -437,6 +461,11 @@ pub fn run(
         capture_errors: 0,
         local_messages: 0,
         local_sessions: 0,
+        server: Arc::new(ServerConfig::clone(&shared.server)),
+        tls: shared
+            .tls
+            .as_ref()
+            .map(|c| Arc::new(rustls::ServerConfig::clone(c))),
         shared: Arc::clone(&shared),
     };
     let mut conns: Slab<Connection> = Slab::with_capacity(1024);
@@ -551,7 +580,9 @@ pub fn run(
                 // A stale event for a connection closed earlier in this batch.
                 continue;
             };
-            ctx.read_loop(c, &mut read_buf, &mut out, now);
+            // EPOLLRDHUP (or HUP/ERR) came with this edge: read to the EOF.
+            let drain = ev.is_read_closed() || ev.is_error();
+            ctx.read_loop(c, &mut read_buf, &mut out, now, drain);
             if ctx.settle(c, key, &poll, &mut timers, now) {
                 close(&mut conns, key, &mut ctx, &poll, &mut timers);
             }
@@ -572,8 +603,9 @@ pub fn run(
                 let mut hooks = ctx.hooks(&mut c.st, c.peer_ip, now);
                 c.session.handle_timeout(now, &mut out, &mut hooks);
                 ctx.after_session_call(c, &mut out);
-                // Input held back by a delay may be waiting in the socket.
-                ctx.read_loop(c, &mut read_buf, &mut out, now);
+                // Input held back by a delay may be waiting in the socket,
+                // maybe with a FIN whose edge was consumed while paused.
+                ctx.read_loop(c, &mut read_buf, &mut out, now, true);
             }
             if ctx.settle(c, key, &poll, &mut timers, now) {
                 to_drop.push(key);
@@ -725,16 +757,20 @@ fn open(
 ) {
     let _ = socket::prepare_accepted(&stream);
     let mut conn = Conn::with_read_buf(stream, 0);
-    let mut session = ServerSession::new(Arc::clone(&ctx.shared.server), now);
+    let mut session = ServerSession::new(Arc::clone(&ctx.server), now);
     if implicit_tls {
-        let Some(cfg) = &ctx.shared.tls else { return };
+        let Some(cfg) = &ctx.tls else { return };
         if conn.set_tls_implicit_server(Arc::clone(cfg)).is_err() {
             return;
         }
         session.set_tls_active();
     }
     let st = ConnState {
-        body: ctx.shared.capture.as_ref().map(|_| Vec::new()),
+        body: ctx
+            .shared
+            .capture
+            .as_ref()
+            .map(|_| BodyBuffer::new(ctx.server.max_message_size)),
         verifier: ctx.shared.verify.then(|| Box::new(Verifier::new())),
         ..ConnState::default()
     };

@@ -25,10 +25,15 @@
 //! write, and the next group after the final reply. Without pipelining every
 //! command waits for its reply.
 //!
-//! Endings: a 4xx/5xx greeting, EHLO/HELO, STARTTLS or AUTH reply fails
-//! every message (TempFailed / Rejected by class) and is followed by QUIT;
-//! so is a required STARTTLS or CHUNKING the server did not offer
-//! (Rejected, code 0, plus an [`ClientEvent::Error`]). A 421 to any command
+//! XCLIENT ([`ClientSession::set_xclient`], Postfix's extension): right
+//! after the first EHLO/LHLO reply, before STARTTLS and AUTH, the session
+//! sends `XCLIENT <attributes>`; the server answers with a new 220 greeting,
+//! and the session says EHLO again (so `ehlo` is reported twice).
+//!
+//! Endings: a 4xx/5xx greeting, EHLO/HELO, XCLIENT, STARTTLS or AUTH reply
+//! fails every message (TempFailed / Rejected by class) and is followed by
+//! QUIT; so is a required XCLIENT, STARTTLS or CHUNKING the server did not
+//! offer (Rejected, code 0, plus an [`ClientEvent::Error`]). A 421 to any command
 //! but QUIT TempFails every open message and ends at once (the server is
 //! closing). A malformed or out-of-place reply (ProtocolError), a timeout
 //! (Timeout) or a close (ConnectionError) ends at once too; a close after
@@ -217,6 +222,8 @@ pub enum ClientError {
     ServiceClosing(u16),
     #[error("STARTTLS required but not offered")]
     StartTlsNotOffered,
+    #[error("XCLIENT required but not offered")]
+    XclientNotOffered,
     #[error("BDAT required but CHUNKING not offered")]
     ChunkingNotOffered,
     #[error("timeout waiting for the {0} reply")]
@@ -232,6 +239,8 @@ pub enum ClientError {
 enum State {
     Greeting,
     Hello,
+    /// XCLIENT sent; its 220 (a new greeting) expected.
+    Xclient,
     StartTls,
     /// STARTTLS got 220; waiting for `handle_tls_established`.
     TlsHandshake,
@@ -249,6 +258,7 @@ enum Await {
     Ehlo,
     Helo,
     Lhlo,
+    Xclient,
     StartTls,
     /// `AUTH LOGIN` sent, 334 for the user name expected.
     AuthLoginUser,
@@ -281,6 +291,7 @@ impl Await {
             Await::Ehlo => CommandKind::Ehlo,
             Await::Helo => CommandKind::Helo,
             Await::Lhlo => CommandKind::Lhlo,
+            Await::Xclient => CommandKind::Xclient,
             Await::StartTls => CommandKind::StartTls,
             Await::AuthLoginUser | Await::AuthLoginPass | Await::AuthFinal => CommandKind::Auth,
             Await::Mail => CommandKind::Mail,
@@ -496,6 +507,8 @@ pub struct ClientSession {
     pipelining: bool,
     tls_active: bool,
     authed: bool,
+    /// XCLIENT attributes still to send (taken when sent).
+    xclient: Option<Box<[u8]>>,
     rset_pending: bool,
     /// Time of the last reply or output written (or of session creation).
     last_progress: Instant,
@@ -533,6 +546,7 @@ impl ClientSession {
             pipelining: false,
             tls_active,
             authed: false,
+            xclient: None,
             rset_pending: false,
             last_progress: now,
             starttls_sent: now,
@@ -648,6 +662,15 @@ impl ClientSession {
             }
         }
         self.update_deadline();
+    }
+
+    /// Claim a client identity with XCLIENT: `attributes` is what follows
+    /// the verb (`ADDR=192.0.2.7 NAME=mx.example`, values xtext-encoded).
+    /// Sent once, after the first EHLO/LHLO reply; a server that does not
+    /// advertise XCLIENT fails every message. Call before the first input;
+    /// `None` (the default) sends no XCLIENT.
+    pub fn set_xclient(&mut self, attributes: Option<Box<[u8]>>) {
+        self.xclient = attributes;
     }
 
     /// Feed bytes received from the server (plaintext, after TLS if any).
@@ -780,6 +803,12 @@ impl ClientSession {
         match exp.what {
             Await::Greeting => self.on_greeting(now, code, class),
             Await::Ehlo | Await::Lhlo | Await::Helo => self.on_hello(now, exp, code, class),
+            Await::Xclient => match class {
+                // The 220 is a new greeting: hello again, capabilities anew.
+                2 => self.send_hello(now),
+                4 | 5 => self.give_up(now, code, ClientError::Refused { command: "XCLIENT", code }),
+                _ => self.unexpected(exp, code),
+            },
             Await::StartTls => match class {
                 2 => {
                     self.starttls_sent = exp.sent_time();
@@ -1091,6 +1120,16 @@ impl ClientSession {
     }
 
     fn after_hello(&mut self, now: Instant) {
+        if let Some(attributes) = self.xclient.take() {
+            if self.caps.xclient {
+                self.state = State::Xclient;
+                self.write_line(&[b"XCLIENT ", &attributes]);
+                self.expect(Await::Xclient, 0, now);
+            } else {
+                self.give_up_with(now, Outcome::Rejected, 0, ClientError::XclientNotOffered);
+            }
+            return;
+        }
         if self.config.starttls && !self.tls_active {
             if self.caps.starttls {
                 self.state = State::StartTls;

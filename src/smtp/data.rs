@@ -191,6 +191,7 @@ impl DataScanner {
 
     /// Scan `chunk`, handing body bytes to `emit` in order. Stops right after
     /// the terminator if it is found (the rest of the chunk is not consumed).
+    #[inline]
     pub fn scan<F: FnMut(&[u8])>(&mut self, chunk: &[u8], mut emit: F) -> ScanOutcome {
         let base = self.wire_bytes;
         let normalize = self.policy == BareLfPolicy::Normalize;

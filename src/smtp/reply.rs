@@ -245,6 +245,9 @@ pub struct Capabilities {
     pub auth_login: bool,
     /// Any AUTH line was seen (possibly with only unsupported mechanisms).
     pub auth: bool,
+    /// `XCLIENT` advertised (Postfix's extension; its attribute list is not
+    /// kept: a server refuses an attribute it does not take with 501).
+    pub xclient: bool,
 }
 
 impl Capabilities {
@@ -274,6 +277,8 @@ impl Capabilities {
                 caps.enhanced_status_codes = true;
             } else if is("DSN") {
                 caps.dsn = true;
+            } else if is("XCLIENT") {
+                caps.xclient = true;
             } else if is("AUTH") {
                 caps.auth = true;
                 for mech in words {

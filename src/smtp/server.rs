@@ -22,7 +22,10 @@
 //!   [`ServerEvent::Message`]; `on_message_start` / `on_message_end` calls
 //!   are balanced.
 //! - In steady state nothing allocates per command: paths live in reused
-//!   buffers, events in a reused queue.
+//!   buffers, events in a reused queue. Nothing shared is written per
+//!   command either: the `Arc<ServerConfig>` is read in place, never cloned
+//!   (a clone is an atomic read-modify-write on a line every thread of the
+//!   sink shares).
 //!
 //! Choices the RFCs leave open, documented here: a text line over 1000 bytes
 //! inside DATA makes the message end with `500 5.5.2` (the body is still read
@@ -238,6 +241,75 @@ enum Flow {
 
 /// A reply decided in advance (code, enhanced code, text).
 type Canned = (u16, &'static str, &'static str);
+
+/// The XCLIENT attributes the server accepts, as its EHLO reply advertises
+/// them (Postfix's names). `ADDR` and `PORT` set the client address that
+/// faults (greylisting, per-client limits) see; the others are checked for
+/// form and otherwise ignored.
+pub const XCLIENT_ATTRIBUTES: [&str; 9] =
+    ["NAME", "ADDR", "PORT", "PROTO", "HELO", "REVERSE_NAME", "LOGIN", "DESTADDR", "DESTPORT"];
+
+/// The EHLO line for [`XCLIENT_ATTRIBUTES`].
+const XCLIENT_ADVERTISED: &str = "XCLIENT NAME ADDR PORT PROTO HELO REVERSE_NAME LOGIN DESTADDR DESTPORT";
+
+/// What an XCLIENT command claims about the client: `None` = not mentioned,
+/// `Some(None)` = `[UNAVAILABLE]` / `[TEMPUNAVAIL]`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct XclientClaim {
+    addr: Option<Option<IpAddr>>,
+    port: Option<Option<u16>>,
+}
+
+impl XclientClaim {
+    /// The client address after the claim, from the one before it.
+    fn apply(self, before: Option<SocketAddr>) -> Option<SocketAddr> {
+        let ip = match self.addr {
+            None => before.map(|a| a.ip()),
+            Some(ip) => ip,
+        };
+        let port = match self.port {
+            None => before.map_or(0, |a| a.port()),
+            Some(p) => p.unwrap_or(0),
+        };
+        ip.map(|ip| SocketAddr::new(ip, port))
+    }
+}
+
+fn xclient_unavailable(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"[UNAVAILABLE]") || v.eq_ignore_ascii_case(b"[TEMPUNAVAIL]")
+}
+
+/// Parses XCLIENT's `NAME=VALUE...`: every name must be one of
+/// [`XCLIENT_ATTRIBUTES`] and carry `=`; `ADDR` (IPv4, `IPV6:` or bare
+/// IPv6) and `PORT` must be well formed. The error is the 501 reply text.
+fn parse_xclient(attrs: &[u8]) -> Result<XclientClaim, &'static str> {
+    let mut claim = XclientClaim::default();
+    for (k, v) in wire::params(attrs) {
+        if !XCLIENT_ATTRIBUTES.iter().any(|a| k.eq_ignore_ascii_case(a.as_bytes())) {
+            return Err("Bad XCLIENT attribute name");
+        }
+        let Some(v) = v else {
+            return Err("Bad XCLIENT attribute syntax, expected NAME=VALUE");
+        };
+        if k.eq_ignore_ascii_case(b"ADDR") {
+            claim.addr = Some(if xclient_unavailable(v) {
+                None
+            } else {
+                let v = if v.len() > 5 && v[..5].eq_ignore_ascii_case(b"IPV6:") { &v[5..] } else { v };
+                let ip = std::str::from_utf8(v).ok().and_then(|s| s.parse::<IpAddr>().ok());
+                Some(ip.ok_or("Bad XCLIENT ADDR syntax")?)
+            });
+        } else if k.eq_ignore_ascii_case(b"PORT") {
+            claim.port = Some(if xclient_unavailable(v) {
+                None
+            } else {
+                let p = parse_u64(v).and_then(|p| u16::try_from(p).ok());
+                Some(p.ok_or("Bad XCLIENT PORT syntax")?)
+            });
+        }
+    }
+    Ok(claim)
+}
 
 /// Ask the fault hook about a command; return early unless it may proceed.
 macro_rules! gate {
@@ -475,14 +547,7 @@ impl ServerSession {
             return;
         }
         if self.phase != Phase::TlsHandshake {
-            let host = self.config.clone();
-            self.reply_parts(
-                out,
-                CommandKind::Unknown,
-                421,
-                "4.4.2",
-                &[host.hostname.as_bytes(), b" Error: timeout exceeded"],
-            );
+            self.reply_host(out, CommandKind::Unknown, 421, "4.4.2", b" Error: timeout exceeded");
         }
         self.close(CloseReason::Timeout, hooks);
     }
@@ -527,6 +592,12 @@ impl ServerSession {
 
     pub fn tls_active(&self) -> bool {
         self.tls
+    }
+
+    /// True while a fault delay holds a reply (and the input after it):
+    /// the next `handle_timeout` at [`Self::poll_timeout`] releases it.
+    pub fn holds_reply(&self) -> bool {
+        self.delay_until.is_some() && self.phase != Phase::Closed
     }
 
     /// Bytes of input currently buffered (for invariant checks).
@@ -582,15 +653,18 @@ impl ServerSession {
         self.note_reply(kind, code);
     }
 
-    fn reply_parts(
+    /// A reply whose text is the host name followed by `suffix`. Reads the
+    /// shared config in place: nothing shared is written per reply (no
+    /// `Arc` clone, whose reference count every thread would bounce).
+    fn reply_host(
         &mut self,
         out: &mut Vec<u8>,
         kind: CommandKind,
         code: u16,
         enh: &'static str,
-        parts: &[&[u8]],
+        suffix: &[u8],
     ) {
-        write_parts(out, code, self.enh(enh), parts);
+        write_parts(out, code, self.enh(enh), &[self.config.hostname.as_bytes(), suffix]);
         self.note_reply(kind, code);
     }
 
@@ -674,23 +748,15 @@ impl ServerSession {
     }
 
     fn reply_closing(&mut self, out: &mut Vec<u8>, kind: CommandKind) {
-        let cfg = self.config.clone();
-        self.reply_parts(
-            out,
-            kind,
-            421,
-            "4.3.2",
-            &[cfg.hostname.as_bytes(), b" Service not available, closing transmission channel"],
-        );
+        self.reply_host(out, kind, 421, "4.3.2", b" Service not available, closing transmission channel");
     }
 
     fn greet<H: ServerHooks>(&mut self, now: Instant, out: &mut Vec<u8>, hooks: &mut H) {
         let v = self.verdict(hooks, CommandKind::Connect, b"", None, None);
-        let cfg = self.config.clone();
-        let banner: &[u8] = if cfg.lmtp { b" LMTP smtpstorm" } else { b" ESMTP smtpstorm" };
+        let banner: &[u8] = if self.config.lmtp { b" LMTP smtpstorm" } else { b" ESMTP smtpstorm" };
         match v {
             Verdict::Proceed | Verdict::Reply(0..=399) => {
-                self.reply_parts(out, CommandKind::Connect, 220, "", &[cfg.hostname.as_bytes(), banner]);
+                self.reply_host(out, CommandKind::Connect, 220, "", banner);
                 self.phase = Phase::Command;
             }
             Verdict::Delay(d) => {
@@ -700,13 +766,7 @@ impl ServerSession {
             }
             Verdict::Disconnect => self.close(CloseReason::Fault, hooks),
             Verdict::Reply(code @ 500..) => {
-                self.reply_parts(
-                    out,
-                    CommandKind::Connect,
-                    code,
-                    "",
-                    &[cfg.hostname.as_bytes(), b" Service refused"],
-                );
+                self.reply_host(out, CommandKind::Connect, code, "", b" Service refused");
                 self.refused = true;
                 self.phase = Phase::Command;
             }
@@ -803,14 +863,7 @@ impl ServerSession {
                         }
                     }
                     if self.errors >= MAX_ERRORS && self.phase != Phase::Closed {
-                        let cfg = self.config.clone();
-                        self.reply_parts(
-                            out,
-                            CommandKind::Unknown,
-                            421,
-                            "4.7.0",
-                            &[cfg.hostname.as_bytes(), b" Error: too many errors"],
-                        );
+                        self.reply_host(out, CommandKind::Unknown, 421, "4.7.0", b" Error: too many errors");
                         self.close(CloseReason::TooManyErrors, hooks);
                     }
                 }
@@ -888,8 +941,7 @@ impl ServerSession {
             self.reply(out, kind, 503, "5.5.1", "Service refused, send QUIT");
             return Flow::Done;
         }
-        let cfg = self.config.clone();
-        let lmtp = cfg.lmtp;
+        let lmtp = self.config.lmtp;
         match cmd {
             Command::Helo(_) | Command::Ehlo(_) | Command::Lhlo(_) => {
                 if lmtp != (kind == CommandKind::Lhlo) {
@@ -901,7 +953,7 @@ impl ServerSession {
                 self.reset_txn(hooks);
                 self.greeted = true;
                 if kind == CommandKind::Helo {
-                    self.reply_parts(out, kind, 250, "", &[cfg.hostname.as_bytes()]);
+                    self.reply_host(out, kind, 250, "", b"");
                 } else {
                     self.ehlo_reply(out, kind);
                 }
@@ -950,7 +1002,7 @@ impl ServerSession {
                 self.reply(out, kind, 354, "", "End data with <CR><LF>.<CR><LF>");
                 hooks.on_message_start();
                 self.message_open = true;
-                self.scanner.reset(cfg.bare_lf);
+                self.scanner.reset(self.config.bare_lf);
                 self.phase = Phase::Data;
                 Flow::Done
             }
@@ -979,18 +1031,12 @@ impl ServerSession {
             }
             Command::Quit => {
                 gate!(self, hooks, kind, arg, now, out);
-                self.reply_parts(
-                    out,
-                    kind,
-                    221,
-                    "2.0.0",
-                    &[cfg.hostname.as_bytes(), b" closing connection"],
-                );
+                self.reply_host(out, kind, 221, "2.0.0", b" closing connection");
                 self.close(CloseReason::Quit, hooks);
                 Flow::Done
             }
             Command::StartTls => {
-                if !cfg.starttls_available {
+                if !self.config.starttls_available {
                     self.reply(out, kind, 502, "5.5.1", "STARTTLS not available");
                     return Flow::Done;
                 }
@@ -1010,7 +1056,7 @@ impl ServerSession {
                 self.auth(now, arg, mechanism, initial, out, hooks)
             }
             Command::Xclient(attrs) => {
-                if !cfg.xclient {
+                if !self.config.xclient {
                     self.reply(out, kind, 502, "5.5.1", "XCLIENT not available");
                     return Flow::Done;
                 }
@@ -1018,32 +1064,28 @@ impl ServerSession {
                     self.reply(out, kind, 503, "5.5.1", "XCLIENT not allowed in a mail transaction");
                     return Flow::Done;
                 }
-                gate!(self, hooks, kind, arg, now, out);
-                let mut ip: Option<IpAddr> = None;
-                let mut port = 0u16;
-                for (k, v) in wire::params(attrs) {
-                    let v = v.unwrap_or_default();
-                    if k.eq_ignore_ascii_case(b"ADDR") {
-                        let v = if v.len() > 5 && v[..5].eq_ignore_ascii_case(b"IPV6:") { &v[5..] } else { v };
-                        ip = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
-                    } else if k.eq_ignore_ascii_case(b"PORT") {
-                        port = parse_u64(v).and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+                let claim = match parse_xclient(attrs) {
+                    Ok(c) => c,
+                    Err(text) => {
+                        self.reply(out, kind, 501, "5.5.4", text);
+                        return Flow::Done;
                     }
-                }
-                if let Some(ip) = ip {
-                    self.peer = Some(SocketAddr::new(ip, port));
-                }
+                };
+                gate!(self, hooks, kind, arg, now, out);
+                self.peer = claim.apply(self.peer);
                 self.reset_txn(hooks);
                 self.greeted = false;
                 let banner: &[u8] = if lmtp { b" LMTP smtpstorm" } else { b" ESMTP smtpstorm" };
-                self.reply_parts(out, kind, 220, "", &[cfg.hostname.as_bytes(), banner]);
+                self.reply_host(out, kind, 220, "", banner);
                 Flow::Done
             }
         }
     }
 
     fn ehlo_reply(&mut self, out: &mut Vec<u8>, kind: CommandKind) {
-        let cfg = self.config.clone();
+        // Borrowed in place (no Arc clone): only `note_reply` below needs
+        // `&mut self`, after the last use of `cfg`.
+        let cfg = &*self.config;
         let ext = cfg.ext;
         let mut last_line = out.len();
         let mut line = |out: &mut Vec<u8>, parts: &[&[u8]]| {
@@ -1087,6 +1129,9 @@ impl ServerSession {
         if cfg.auth_enabled && (!cfg.auth_requires_tls || self.tls) {
             line(out, &[b"AUTH PLAIN LOGIN"]);
         }
+        if cfg.xclient {
+            line(out, &[XCLIENT_ADVERTISED.as_bytes()]);
+        }
         out[last_line + 3] = b' ';
         self.note_reply(kind, 250);
     }
@@ -1118,7 +1163,7 @@ impl ServerSession {
         hooks: &mut H,
     ) -> Flow {
         let kind = CommandKind::Mail;
-        let cfg = self.config.clone();
+        let (ext, max_size) = (self.config.ext, self.config.max_message_size);
         if !self.greeted {
             self.reply(out, kind, 503, "5.5.1", "Send HELO/EHLO first");
             return Flow::Done;
@@ -1127,29 +1172,29 @@ impl ServerSession {
             self.reply(out, kind, 503, "5.5.1", "Nested MAIL command");
             return Flow::Done;
         }
-        if cfg.require_tls && !self.tls {
+        if self.config.require_tls && !self.tls {
             self.reply(out, kind, 530, "5.7.0", "Must issue a STARTTLS command first");
             return Flow::Done;
         }
         let mut utf8 = false;
         for (k, v) in wire::params(params) {
-            let ok = if k.eq_ignore_ascii_case(b"SIZE") && cfg.ext.size {
+            let ok = if k.eq_ignore_ascii_case(b"SIZE") && ext.size {
                 match v.and_then(parse_u64) {
-                    Some(n) if cfg.max_message_size > 0 && n > cfg.max_message_size => {
+                    Some(n) if max_size > 0 && n > max_size => {
                         self.reply(out, kind, 552, "5.3.4", "Message size exceeds fixed maximum");
                         return Flow::Done;
                     }
                     Some(_) => true,
                     None => false,
                 }
-            } else if k.eq_ignore_ascii_case(b"BODY") && cfg.ext.eightbitmime {
+            } else if k.eq_ignore_ascii_case(b"BODY") && ext.eightbitmime {
                 matches!(v, Some(b) if b.eq_ignore_ascii_case(b"7BIT") || b.eq_ignore_ascii_case(b"8BITMIME"))
-            } else if k.eq_ignore_ascii_case(b"SMTPUTF8") && cfg.ext.smtputf8 {
+            } else if k.eq_ignore_ascii_case(b"SMTPUTF8") && ext.smtputf8 {
                 utf8 = true;
                 v.is_none()
-            } else if k.eq_ignore_ascii_case(b"RET") && cfg.ext.dsn {
+            } else if k.eq_ignore_ascii_case(b"RET") && ext.dsn {
                 matches!(v, Some(b) if b.eq_ignore_ascii_case(b"FULL") || b.eq_ignore_ascii_case(b"HDRS"))
-            } else if k.eq_ignore_ascii_case(b"ENVID") && cfg.ext.dsn {
+            } else if k.eq_ignore_ascii_case(b"ENVID") && ext.dsn {
                 matches!(v, Some(b) if !b.is_empty() && b.len() <= 100)
             } else if k.eq_ignore_ascii_case(b"AUTH") {
                 matches!(v, Some(b) if !b.is_empty())
@@ -1188,18 +1233,18 @@ impl ServerSession {
         hooks: &mut H,
     ) -> Flow {
         let kind = CommandKind::Rcpt;
-        let cfg = self.config.clone();
+        let (dsn, max_recipients) = (self.config.ext.dsn, self.config.max_recipients);
         if !self.mail_active {
             self.reply(out, kind, 503, "5.5.1", "Need MAIL command");
             return Flow::Done;
         }
         self.rcpt_attempts = self.rcpt_attempts.saturating_add(1);
         for (k, v) in wire::params(params) {
-            let ok = if k.eq_ignore_ascii_case(b"NOTIFY") && cfg.ext.dsn {
+            let ok = if k.eq_ignore_ascii_case(b"NOTIFY") && dsn {
                 matches!(v, Some(b) if !b.is_empty() && b.split(|&c| c == b',').all(|t| {
                     [&b"NEVER"[..], b"SUCCESS", b"FAILURE", b"DELAY"].iter().any(|w| t.eq_ignore_ascii_case(w))
                 }))
-            } else if k.eq_ignore_ascii_case(b"ORCPT") && cfg.ext.dsn {
+            } else if k.eq_ignore_ascii_case(b"ORCPT") && dsn {
                 matches!(v, Some(b) if b.contains(&b';'))
             } else {
                 false
@@ -1213,7 +1258,7 @@ impl ServerSession {
             self.reply(out, kind, 553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
             return Flow::Done;
         }
-        if cfg.max_recipients > 0 && self.rcpt_ends.len() >= cfg.max_recipients {
+        if max_recipients > 0 && self.rcpt_ends.len() >= max_recipients {
             self.reply(out, kind, 452, "4.5.3", "Too many recipients");
             return Flow::Done;
         }
@@ -1451,8 +1496,8 @@ impl ServerSession {
         hooks: &mut H,
     ) -> Flow {
         let kind = CommandKind::Auth;
-        let cfg = self.config.clone();
-        if !cfg.auth_enabled {
+        let (enabled, requires_tls) = (self.config.auth_enabled, self.config.auth_requires_tls);
+        if !enabled {
             self.reply(out, kind, 502, "5.5.1", "AUTH not available");
             return Flow::Done;
         }
@@ -1460,7 +1505,7 @@ impl ServerSession {
             self.reply(out, kind, 503, "5.5.1", "AUTH not allowed now");
             return Flow::Done;
         }
-        if cfg.auth_requires_tls && !self.tls {
+        if requires_tls && !self.tls {
             self.reply(out, kind, 538, "5.7.11", "Encryption required for requested authentication mechanism");
             return Flow::Done;
         }

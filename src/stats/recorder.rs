@@ -51,7 +51,14 @@ pub fn add_histogram(dst: &mut Histogram<u64>, src: &Histogram<u64>) {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub sessions: u64,
+    /// Sessions whose TLS handshake completed (STARTTLS or implicit TLS);
+    /// a failed or abandoned handshake does not count.
     pub tls_sessions: u64,
+    /// Of `tls_sessions`, those whose handshake resumed an earlier session
+    /// (rustls `HandshakeKind::Resumed`). Absent from reports written
+    /// before it existed, hence the default.
+    #[serde(default)]
+    pub tls_resumed: u64,
     pub messages_attempted: u64,
     pub messages_accepted: u64,
     pub messages_tempfailed: u64,
@@ -89,6 +96,7 @@ impl Counts {
     fn zip_with(&mut self, o: &Counts, f: fn(u64, u64) -> u64) {
         self.sessions = f(self.sessions, o.sessions);
         self.tls_sessions = f(self.tls_sessions, o.tls_sessions);
+        self.tls_resumed = f(self.tls_resumed, o.tls_resumed);
         self.messages_attempted = f(self.messages_attempted, o.messages_attempted);
         self.messages_accepted = f(self.messages_accepted, o.messages_accepted);
         self.messages_tempfailed = f(self.messages_tempfailed, o.messages_tempfailed);
@@ -418,6 +426,8 @@ impl Recorder {
     }
 
     /// Counts one session (connection that reached the SMTP dialogue).
+    /// `tls`: a TLS handshake *completed* in it (not merely started: pass
+    /// `Conn::tls_established()`, not `Conn::is_tls()`).
     #[inline]
     pub fn count_session(&mut self, tls: bool) {
         let c = &mut self.pending.counts;
@@ -425,6 +435,14 @@ impl Recorder {
         if tls {
             c.tls_sessions = c.tls_sessions.saturating_add(1);
         }
+    }
+
+    /// Counts one session whose completed TLS handshake was a resumption
+    /// (`Conn::tls_resumed()`); call it beside `count_session(true)`.
+    #[inline]
+    pub fn count_tls_resumed(&mut self) {
+        let c = &mut self.pending.counts;
+        c.tls_resumed = c.tls_resumed.saturating_add(1);
     }
 
     /// Counts recipients sent (blaster) or accepted (sink).
@@ -645,6 +663,24 @@ mod tests {
             c.messages_attempted,
             c.messages_accepted + c.messages_tempfailed + c.messages_rejected + c.errors() - 1
         );
+    }
+
+    #[test]
+    fn resumed_tls_sessions_add_up_and_old_reports_load_without_the_key() {
+        let mut a = Recorder::new();
+        a.count_session(true);
+        a.count_tls_resumed();
+        a.count_session(true);
+        let mut b = Recorder::new();
+        b.count_session(false);
+        let mut c = a.finish().counts;
+        c.add(&b.finish().counts);
+        assert_eq!((c.sessions, c.tls_sessions, c.tls_resumed), (3, 2, 1));
+        let mut v = serde_json::to_value(c).unwrap();
+        assert_eq!(v["tls_resumed"], 1);
+        v.as_object_mut().unwrap().remove("tls_resumed");
+        let old: Counts = serde_json::from_value(v).unwrap();
+        assert_eq!((old.tls_sessions, old.tls_resumed), (2, 0));
     }
 
     #[test]

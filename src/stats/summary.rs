@@ -120,6 +120,9 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     }
     writeln!(out, "{:<20} {:>12}", "sessions", c.sessions)?;
     writeln!(out, "{:<20} {:>12}", "tls sessions", c.tls_sessions)?;
+    if c.tls_resumed > 0 {
+        writeln!(out, "{:<20} {:>12}", "tls resumed", c.tls_resumed)?;
+    }
     writeln!(out, "{:<20} {:>12}", "recipients", c.recipients)?;
     writeln!(out, "{:<20} {:>12}", "bytes", c.bytes)?;
     if c.verify_ok + c.verify_corrupt > 0 {

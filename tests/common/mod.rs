@@ -207,6 +207,12 @@ pub struct PostfixSmtpd {
 
 impl PostfixSmtpd {
     pub fn start() -> PostfixSmtpd {
+        Self::start_with("")
+    }
+
+    /// Like [`PostfixSmtpd::start`], with `extra_main_cf` (whole lines)
+    /// appended to its `main.cf`.
+    pub fn start_with(extra_main_cf: &str) -> PostfixSmtpd {
         let dir = tempfile::Builder::new().prefix("smtpstorm-postfix").tempdir().unwrap();
         let port = free_port();
         let root = dir.path();
@@ -264,7 +270,7 @@ impl PostfixSmtpd {
             d = data.display(),
             r = root.display()
         );
-        std::fs::write(etc.join("main.cf"), main_cf).unwrap();
+        std::fs::write(etc.join("main.cf"), main_cf + extra_main_cf).unwrap();
         let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("read master.cf");
         let mut out = String::new();
         for line in master.lines() {

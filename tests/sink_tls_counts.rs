@@ -1,0 +1,101 @@
+//! `counts.tls_sessions` and `counts.tls_resumed` of `smtpstorm sink`
+//! against real TLS clients: raw sockets that send garbage instead of a
+//! handshake, `openssl s_client` with a cipher the sink cannot agree to, and
+//! `openssl s_client -sess_out` / `-sess_in` resumption. Only completed
+//! handshakes are TLS sessions; resumed ones are counted apart.
+
+mod common;
+mod sinkproc;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, get_u64, Proc};
+use sinkproc::{Client, Sink};
+
+/// `openssl s_client -starttls smtp` against `addr` that says QUIT once TLS
+/// is up and waits for the server to close; returns (exit success, stdout +
+/// stderr). Bounded: killed after 20 s.
+fn s_client(addr: &str, extra: &[&str]) -> (bool, String) {
+    let child = Command::new("openssl")
+        .args(["s_client", "-connect", addr, "-starttls", "smtp", "-crlf"])
+        .args(["-ign_eof", "-servername", "localhost"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client");
+    let mut p = Proc {
+        child: Some(child),
+        name: "openssl s_client".into(),
+    };
+    let mut stdin = p.child.as_mut().unwrap().stdin.take().unwrap();
+    stdin.write_all(b"QUIT\n").unwrap();
+    drop(stdin);
+    let out = p.wait_output(Duration::from_secs(20));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn failed_handshakes_are_not_tls_sessions_and_a_completed_one_is() {
+    let tls_port = free_port();
+    let tls_listen = format!("127.0.0.1:{tls_port}");
+    let sink = Sink::start(&["--tls-listen", &tls_listen, "--command-timeout", "5s"]);
+
+    // Implicit TLS: garbage instead of a ClientHello.
+    let mut c = Client::connect(tls_port);
+    c.send(b"EHLO this is not TLS\r\n");
+    assert!(
+        c.read_to_eof(Duration::from_secs(4)).is_some(),
+        "the sink kept a failed implicit-TLS handshake open"
+    );
+
+    // STARTTLS, then garbage.
+    let mut c = Client::greeted(sink.port);
+    c.expect(b"EHLO a\r\n", 250);
+    c.expect(b"STARTTLS\r\n", 220);
+    c.send(&[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00]);
+    assert!(c.read_to_eof(Duration::from_secs(4)).is_some());
+
+    // STARTTLS from openssl offering only a cipher suite rustls lacks
+    // (TLS 1.2, RSA key exchange, CBC).
+    let (ok, text) = s_client(&sink.addr(), &["-tls1_2", "-cipher", "AES128-SHA"]);
+    assert!(
+        !ok || !text.contains("Cipher is AES128-SHA"),
+        "the impossible cipher was negotiated: {text}"
+    );
+
+    // One handshake that completes.
+    let (ok, text) = s_client(&sink.addr(), &[]);
+    assert!(ok && text.contains("221 "), "good session: {text}");
+
+    let v = sink.stop();
+    let counts = &v["counts"];
+    assert_eq!(get_u64(&v, "counts.sessions"), 4, "{counts}");
+    assert_eq!(get_u64(&v, "counts.tls_sessions"), 1, "{counts}");
+    assert_eq!(get_u64(&v, "counts.tls_resumed"), 0, "{counts}");
+}
+
+#[test]
+fn an_openssl_session_resumed_with_sess_in_counts_as_tls_resumed() {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sess = dir.path().join("session.pem");
+    let sess = sess.to_str().unwrap();
+    let (ok, first) = s_client(&sink.addr(), &["-sess_out", sess]);
+    assert!(ok && first.contains("New, TLS"), "first session: {first}");
+    let (ok, second) = s_client(&sink.addr(), &["-sess_in", sess]);
+    assert!(
+        ok && second.contains("Reused, TLS"),
+        "second session: {second}"
+    );
+    let v = sink.stop();
+    let counts = &v["counts"];
+    assert_eq!(get_u64(&v, "counts.sessions"), 2, "{counts}");
+    assert_eq!(get_u64(&v, "counts.tls_sessions"), 2, "{counts}");
+    assert_eq!(get_u64(&v, "counts.tls_resumed"), 1, "{counts}");
+}
