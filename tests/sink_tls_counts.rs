@@ -99,3 +99,59 @@ fn an_openssl_session_resumed_with_sess_in_counts_as_tls_resumed() {
     assert_eq!(get_u64(&v, "counts.tls_sessions"), 2, "{counts}");
     assert_eq!(get_u64(&v, "counts.tls_resumed"), 1, "{counts}");
 }
+
+/// Both sides count completed and resumed handshakes the same way: the
+/// blaster resumes every session after the first one its thread made.
+#[test]
+fn the_blaster_and_the_sink_agree_on_tls_and_resumed_sessions() {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (code, v, err) = common::blast(
+        dir.path(),
+        &[&sink.addr(), "-n", "30", "-c", "1", "--threads", "1", "--starttls", "--tls-resume"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let s = sink.stop();
+    for (who, r) in [("blast", &v), ("sink", &s)] {
+        assert_eq!(get_u64(r, "counts.sessions"), 30, "{who}: {}", r["counts"]);
+        assert_eq!(get_u64(r, "counts.tls_sessions"), 30, "{who}: {}", r["counts"]);
+        assert_eq!(get_u64(r, "counts.tls_resumed"), 29, "{who}: {}", r["counts"]);
+    }
+}
+
+/// A handshake the blaster could not complete is no TLS session.
+#[test]
+fn a_blaster_handshake_that_fails_is_not_a_tls_session() {
+    // A server that answers 220 to STARTTLS, then sends garbage.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(3) {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                use std::io::{BufRead, BufReader};
+                let _ = s.write_all(b"220 x ESMTP\r\n");
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let up = line.to_ascii_uppercase();
+                    let reply: &[u8] = if up.starts_with("EHLO") {
+                        b"250-x\r\n250 STARTTLS\r\n"
+                    } else if up.starts_with("STARTTLS") {
+                        b"220 go\r\nthis is not TLS\r\n"
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    let _ = s.write_all(reply);
+                    line.clear();
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (code, v, err) = common::blast(dir.path(), &[&addr, "-n", "3", "-c", "1", "--starttls"]);
+    assert_eq!(code, 4, "nothing accepted: {err}");
+    assert_eq!(get_u64(&v, "counts.sessions"), 3, "{}", v["counts"]);
+    assert_eq!(get_u64(&v, "counts.tls_sessions"), 0, "{}", v["counts"]);
+    assert_eq!(get_u64(&v, "counts.messages_accepted"), 0);
+}
