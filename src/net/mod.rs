@@ -20,7 +20,9 @@
 //! iteration; no function panics on I/O or TLS errors (they become `io::Error`).
 
 pub mod affinity;
+pub mod backend;
 pub mod conn;
+pub mod epoll;
 pub mod proc;
 pub mod runtime;
 pub mod socket;
