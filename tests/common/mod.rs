@@ -54,7 +54,10 @@ impl Proc {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { child: Some(child), name: name.to_string() }
+        Proc {
+            child: Some(child),
+            name: name.to_string(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -92,13 +95,20 @@ impl Proc {
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_end(&mut stderr);
         }
-        Output { status, stdout, stderr }
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
     }
 
     /// SIGTERM, so the process can write its report.
     pub fn terminate(&self) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
         }
     }
 }
@@ -133,7 +143,11 @@ pub fn run(name: &str, cmd: &mut Command, within: Duration) -> Output {
         v
     });
     let status = p.wait(within);
-    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
+    Output {
+        status,
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
 }
 
 /// Runs `smtpstorm blast ARGS --quiet --json FILE`; returns (exit code, JSON, stderr).
@@ -186,9 +200,12 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 pub fn get_u64(v: &serde_json::Value, path: &str) -> u64 {
     let mut cur = v;
     for k in path.split('.') {
-        cur = cur.get(k).unwrap_or_else(|| panic!("missing `{path}` in {v}"));
+        cur = cur
+            .get(k)
+            .unwrap_or_else(|| panic!("missing `{path}` in {v}"));
     }
-    cur.as_u64().unwrap_or_else(|| panic!("`{path}` is not a u64: {cur}"))
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("`{path}` is not a u64: {cur}"))
 }
 
 /// The Python that has Debian's aiosmtpd (the machine's default python3 may
@@ -199,15 +216,22 @@ pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 pub const SMTP_SOURCE: &str = "/usr/sbin/smtp-source";
 
 /// A private Postfix `smtpd` on a loopback port that discards all mail,
-/// following shared/notes/postfix-smtpd-on-loopback.md. Stopped on drop.
+/// following shared/notes/postfix-smtpd-on-loopback.md. Stopped on drop,
+/// and its entry in the system's `alternate_config_directories` removed
+/// again (also when the test panics).
 pub struct PostfixSmtpd {
-    pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Dropped after `postfix stop` (see `Drop`), before the directory.
+    entry: AltConfigEntry,
+    pub dir: tempfile::TempDir,
 }
 
 impl PostfixSmtpd {
     pub fn start() -> PostfixSmtpd {
-        let dir = tempfile::Builder::new().prefix("smtpstorm-postfix").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("smtpstorm-postfix")
+            .tempdir()
+            .unwrap();
         let port = free_port();
         let root = dir.path();
         let etc = root.join("etc");
@@ -217,27 +241,12 @@ impl PostfixSmtpd {
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&queue).unwrap();
         chmod(root, 0o755);
-        let status = Command::new("chown").args(["postfix"]).arg(&data).status().unwrap();
+        let status = Command::new("chown")
+            .args(["postfix"])
+            .arg(&data)
+            .status()
+            .unwrap();
         assert!(status.success(), "chown postfix {}", data.display());
-        let etc_s = etc.display().to_string();
-        // Postfix only accepts a config directory listed in the default main.cf.
-        let cur = Command::new("postconf")
-            .args(["-h", "alternate_config_directories"])
-            .output()
-            .expect("postconf");
-        let mut dirs = String::from_utf8_lossy(&cur.stdout).trim().to_string();
-        if !dirs.split([' ', ',']).any(|d| d == etc_s) {
-            if !dirs.is_empty() {
-                dirs.push(' ');
-            }
-            dirs.push_str(&etc_s);
-            let st = Command::new("postconf")
-                .arg("-e")
-                .arg(format!("alternate_config_directories = {dirs}"))
-                .status()
-                .unwrap();
-            assert!(st.success());
-        }
         let main_cf = format!(
             "compatibility_level = 3.6\n\
              queue_directory = {q}\n\
@@ -276,25 +285,45 @@ impl PostfixSmtpd {
             }
         }
         std::fs::write(etc.join("master.cf"), out).unwrap();
-        let st = Command::new("postfix").arg("-c").arg(&etc).arg("start").output().unwrap();
+        // Postfix only accepts a config directory listed in the default
+        // main.cf. From here on, a panic drops `pf`: Postfix is stopped and
+        // the entry removed.
+        let entry = AltConfigEntry::add(&etc);
+        let pf = PostfixSmtpd { port, entry, dir };
+        let st = Command::new("postfix")
+            .arg("-c")
+            .arg(&etc)
+            .arg("start")
+            .output()
+            .unwrap();
         assert!(
             st.status.success(),
             "postfix start failed: {}{}",
             String::from_utf8_lossy(&st.stdout),
             String::from_utf8_lossy(&st.stderr)
         );
-        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20));
-        PostfixSmtpd { dir, port }
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(20),
+        );
+        pf
     }
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// The config directory this instance added to `alternate_config_directories`.
+    pub fn config_dir(&self) -> &Path {
+        &self.entry.dir
+    }
+
     /// Messages the discard transport reported as delivered so far.
     pub fn delivered(&self) -> usize {
         let log = std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
-        log.lines().filter(|l| l.contains("postfix/discard[") && l.contains("status=sent")).count()
+        log.lines()
+            .filter(|l| l.contains("postfix/discard[") && l.contains("status=sent"))
+            .count()
     }
 
     /// Wait until `n` deliveries are logged (the queue works asynchronously).
@@ -317,6 +346,123 @@ impl Drop for PostfixSmtpd {
             .arg(self.dir.path().join("etc"))
             .arg("stop")
             .output();
+        // Then `entry` drops: the directory leaves `alternate_config_directories`.
+    }
+}
+
+/// The lock file serializing every read-modify-write of the system's
+/// `alternate_config_directories` by these tests (several test binaries may
+/// start private Postfix instances at the same time).
+const MAIN_CF_LOCK: &str = "/tmp/smtpstorm-postfix-main-cf.lock";
+
+/// The directories listed in the system's `alternate_config_directories`.
+pub fn alternate_config_directories() -> Vec<String> {
+    let cur = Command::new("postconf")
+        .args(["-h", "alternate_config_directories"])
+        .output()
+        .expect("postconf");
+    assert!(
+        cur.status.success(),
+        "postconf -h: {}",
+        String::from_utf8_lossy(&cur.stderr)
+    );
+    String::from_utf8_lossy(&cur.stdout)
+        .split([' ', ',', '\t', '\n'])
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Rewrites `alternate_config_directories` (removed from main.cf when empty,
+/// as it is on a fresh install). Call with the lock held.
+fn set_alternate_config_directories(dirs: &[String]) {
+    let st = if dirs.is_empty() {
+        Command::new("postconf")
+            .args(["-X", "alternate_config_directories"])
+            .status()
+    } else {
+        Command::new("postconf")
+            .arg("-e")
+            .arg(format!("alternate_config_directories = {}", dirs.join(" ")))
+            .status()
+    };
+    assert!(
+        st.expect("postconf").success(),
+        "postconf could not write main.cf"
+    );
+}
+
+/// One entry in `alternate_config_directories`, removed on drop.
+struct AltConfigEntry {
+    dir: PathBuf,
+}
+
+impl AltConfigEntry {
+    /// Adds `dir`; also drops entries of earlier test runs whose directory
+    /// is gone (runs killed before they could clean up).
+    fn add(dir: &Path) -> AltConfigEntry {
+        let dir_s = dir.display().to_string();
+        let _lock = FileLock::acquire(Path::new(MAIN_CF_LOCK), Duration::from_secs(60));
+        let mut dirs = alternate_config_directories();
+        dirs.retain(|d| !(d.contains("/smtpstorm-postfix") && !Path::new(d).exists()));
+        if !dirs.contains(&dir_s) {
+            dirs.push(dir_s);
+        }
+        set_alternate_config_directories(&dirs);
+        AltConfigEntry {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for AltConfigEntry {
+    fn drop(&mut self) {
+        let dir_s = self.dir.display().to_string();
+        let _lock = FileLock::acquire(Path::new(MAIN_CF_LOCK), Duration::from_secs(60));
+        let mut dirs = alternate_config_directories();
+        let before = dirs.len();
+        dirs.retain(|d| *d != dir_s);
+        if dirs.len() != before {
+            set_alternate_config_directories(&dirs);
+        }
+    }
+}
+
+/// An exclusive `flock(2)` on a file, held by a `flock(1)` child until this
+/// value is dropped (the child waits on its stdin; closing it, also when
+/// the test process dies, releases the lock).
+pub struct FileLock {
+    child: Child,
+}
+
+impl FileLock {
+    #[track_caller]
+    pub fn acquire(path: &Path, within: Duration) -> FileLock {
+        use std::io::BufRead;
+        let mut child = Command::new("flock")
+            .arg("-w")
+            .arg(within.as_secs().max(1).to_string())
+            .arg(path)
+            .args(["sh", "-c", "echo locked && read x"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("flock(1)");
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+        if line.trim() != "locked" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("could not lock {} within {within:?}", path.display());
+        }
+        FileLock { child }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
