@@ -42,6 +42,31 @@ pub fn wait_for_port(addr: SocketAddr, within: Duration) {
     }
 }
 
+/// Wait until a socket listens on TCP `port` (any address), without
+/// connecting to it: for servers where a probe connection would count.
+#[track_caller]
+pub fn wait_for_listen(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    let want = format!(":{port:04X}");
+    loop {
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            // Fields: sl local_address rem_address st ...; st 0A = LISTEN.
+            let listening = text.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+            });
+            if listening {
+                return;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("nothing listening on port {port} after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process killed on drop.
 pub struct Proc {
     pub child: Option<Child>,
