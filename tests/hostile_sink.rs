@@ -249,7 +249,7 @@ fn over_long_command_is_500_and_the_session_continues() {
     let mut c = Client::greeted(sink.port);
     c.expect(b"EHLO a\r\n", 250);
     let mut long = b"NOOP ".to_vec();
-    long.extend(std::iter::repeat(b'x').take(600));
+    long.extend(std::iter::repeat_n(b'x', 600));
     long.extend_from_slice(b"\r\n");
     c.expect_status(&long, "500 5.5.2");
     c.expect_status(b"NOOP\r\n", "250 2.0.0");
@@ -300,7 +300,7 @@ fn over_long_text_line_in_data_is_500_5_5_2_and_the_session_continues() {
     c.expect(b"RCPT TO:<b@example.com>\r\n", 250);
     c.expect(b"DATA\r\n", 354);
     let mut body = b"Subject: long\r\n\r\n".to_vec();
-    body.extend(std::iter::repeat(b'a').take(2000));
+    body.extend(std::iter::repeat_n(b'a', 2000));
     body.extend_from_slice(b"\r\n.\r\n");
     // DESIGN.md: over-long lines get 500 5.5.2 and the session continues.
     c.expect_status(&body, "500 5.5.2");
@@ -310,7 +310,7 @@ fn over_long_text_line_in_data_is_500_5_5_2_and_the_session_continues() {
     c.expect(b"RCPT TO:<b@example.com>\r\n", 250);
     c.expect(b"DATA\r\n", 354);
     let mut ok = b"Subject: ok\r\n\r\n".to_vec();
-    ok.extend(std::iter::repeat(b'a').take(998));
+    ok.extend(std::iter::repeat_n(b'a', 998));
     ok.extend_from_slice(b"\r\n.\r\n");
     c.expect_status(&ok, "250 2.0.0");
     let v = sink.stop();
@@ -549,7 +549,7 @@ fn proxy_headers_that_lie_about_lengths_are_closed_without_a_session() {
     // v1 line longer than 107 bytes without CRLF.
     let mut c = Client::connect(sink.port);
     let mut v1 = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2".to_vec();
-    v1.extend(std::iter::repeat(b' ').take(200));
+    v1.extend(std::iter::repeat_n(b' ', 200));
     c.send(&v1);
     let r = c.reply();
     assert_eq!(r, "EOF", "over-long v1 header got an answer");
@@ -578,7 +578,7 @@ fn bdat_with_bad_sizes_mixed_with_data_or_after_a_rejected_chunk_is_refused() {
     c.expect(b"MAIL FROM:<a@example.com>\r\n", 250);
     c.expect(b"RCPT TO:<b@example.com>\r\n", 250);
     let mut big = b"BDAT 2000\r\n".to_vec();
-    big.extend(std::iter::repeat(b'x').take(2000));
+    big.extend(std::iter::repeat_n(b'x', 2000));
     c.expect_status(&big, "552 5.3.4");
     // RFC 3030: the transaction failed; a chunk still in the pipeline is
     // read (its 5 octets are not taken for a command) and refused.

@@ -386,7 +386,7 @@ impl AltConfigEntry {
         let dir_s = dir.display().to_string();
         let _lock = FileLock::acquire(Path::new(MAIN_CF_LOCK), Duration::from_secs(60));
         let mut dirs = alternate_config_directories();
-        dirs.retain(|d| !(d.contains("/smtpstorm-postfix") && !Path::new(d).exists()));
+        dirs.retain(|d| !d.contains("/smtpstorm-postfix") || Path::new(d).exists());
         if !dirs.contains(&dir_s) {
             dirs.push(dir_s);
         }

@@ -145,9 +145,7 @@ pub fn drive(input: &[u8], sel: u8, seed: u64, faults: bool, feed: Feed) -> Run 
     s.start(now, &mut out, &mut hooks);
     let mut pos = 0;
     let check = |s: &ServerSession, out: &[u8], fed: usize| {
-        assert!(
-            s.buffered_bytes() <= MAX_PENDING_INPUT + input.len().min(MAX_CHUNK).max(2048) + 16
-        );
+        assert!(s.buffered_bytes() <= MAX_PENDING_INPUT + input.len().clamp(2048, MAX_CHUNK) + 16);
         assert!(
             out.len() <= 64 * fed + 8192,
             "output {} for input {}",
@@ -245,7 +243,7 @@ pub fn check_data_ends(input: &[u8], run: &Run, policy: BareLfPolicy) {
                 let crlf_dot_crlf = seen.ends_with(b"\r\n.\r\n") && at >= start + 3
                     || at == start + 3 && seen.ends_with(b".\r\n");
                 let bare_start = |n: usize| {
-                    at >= start + n + 1
+                    at > start + n
                         && seen[..at - n].ends_with(b"\n")
                         && (at - n < 2 || seen[at - n - 2] != b'\r')
                 };
