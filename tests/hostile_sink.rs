@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, free_port, get_u64, read_json, wait_for_port, Proc};
+use common::{bin, free_port, get_u64, read_json, wait_for_open_fds, wait_for_port, Proc};
 use serde_json::Value;
 
 struct Sink {
@@ -666,7 +666,8 @@ fn fd_exhaustion_does_not_busy_loop_and_service_resumes_when_connections_drop() 
             held.push(s);
         }
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Measure once the sink holds all 32 descriptors.
+    wait_for_open_fds(pid, 32, Duration::from_secs(10));
     let t0 = cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(1));
     let used = cpu_ticks(pid) - t0;

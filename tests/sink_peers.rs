@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bin, free_port, get_u64, read_json, wait_for_port, Proc, PYTHON, SMTP_SOURCE};
+use common::{
+    bin, free_port, get_u64, read_json, wait_for_open_fds, wait_for_port, Proc, PYTHON, SMTP_SOURCE,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -459,7 +461,8 @@ fn out_of_file_descriptors_does_not_spin_and_serving_resumes() {
     let held: Vec<_> = (0..80)
         .map(|_| std::net::TcpStream::connect(&addr).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Measure once the sink holds all 48 descriptors.
+    wait_for_open_fds(proc.pid(), 48, Duration::from_secs(10));
     let t0 = cpu_ticks(proc.pid());
     std::thread::sleep(Duration::from_secs(1));
     let used = cpu_ticks(proc.pid()) - t0;

@@ -67,6 +67,23 @@ pub fn wait_for_listen(port: u16, within: Duration) {
     }
 }
 
+/// Wait until process `pid` holds at least `n` open file descriptors (e.g.
+/// all its `ulimit -n`: it is out of descriptors).
+#[track_caller]
+pub fn wait_for_open_fds(pid: u32, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+        if open >= n {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("process {pid} holds {open} descriptors, not {n}, after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process killed on drop.
 pub struct Proc {
     pub child: Option<Child>,
