@@ -267,6 +267,51 @@ fn postfix_smtpd_delivers_every_message_we_count_as_accepted() {
     );
     assert_eq!(get_u64(&v, "reply_codes.bdat.250"), 40);
     assert_eq!(pf.wait_delivered(540, Duration::from_secs(60)), 540);
+    // The system's main.cf lists the private instance only while it runs.
+    let etc = pf.config_dir().display().to_string();
+    assert!(alternate_config_directories().contains(&etc));
+    drop(pf);
+    assert!(
+        !alternate_config_directories().contains(&etc),
+        "{etc} left in alternate_config_directories"
+    );
+}
+
+#[test]
+fn private_postfix_instances_started_together_each_remove_their_own_config_entry() {
+    // Two at once (as two test binaries may): neither read-modify-write of
+    // main.cf may lose the other's entry.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(PostfixSmtpd::start);
+        let b = s.spawn(PostfixSmtpd::start);
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (da, db) = (
+        a.config_dir().display().to_string(),
+        b.config_dir().display().to_string(),
+    );
+    let listed = alternate_config_directories();
+    assert!(listed.contains(&da) && listed.contains(&db), "{listed:?}");
+    drop(a);
+    let listed = alternate_config_directories();
+    assert!(!listed.contains(&da) && listed.contains(&db), "{listed:?}");
+    // A test that panics while its Postfix runs still removes the entry.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let panicked = std::thread::spawn(move || {
+        let pf = PostfixSmtpd::start();
+        let dir = pf.config_dir().display().to_string();
+        tx.send(dir.clone()).unwrap();
+        panic!("a test fails while {dir} is listed");
+    })
+    .join();
+    assert!(panicked.is_err());
+    let dc = rx.recv().unwrap();
+    drop(b);
+    let listed = alternate_config_directories();
+    assert!(
+        !listed.iter().any(|d| *d == da || *d == db || *d == dc),
+        "{listed:?}"
+    );
 }
 
 #[test]
@@ -313,9 +358,12 @@ fn source_addresses_hgrm_and_hlog_are_written() {
 
 #[test]
 fn ctrl_c_reports_what_was_measured_so_far() {
+    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&[]);
     let json = dir.path().join("int.json");
+    // Without --quiet and with stderr not a terminal, blast prints one
+    // `progress ...` line per second: the evidence that the run is under way.
     let mut p = Proc::spawn(
         "smtpstorm blast",
         Command::new(bin())
@@ -328,29 +376,62 @@ fn ctrl_c_reports_what_was_measured_so_far() {
                 "4",
                 "--threads",
                 "1",
-                "--quiet",
                 "--json",
             ])
             .arg(&json)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped()),
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    let stderr = p.child.as_mut().unwrap().stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    // Wait (bounded) for a progress line that counts at least one message.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let started = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let counted = line.starts_with("progress ")
+                    && line
+                        .split_once("total ")
+                        .and_then(|(_, t)| t.split_whitespace().next())
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .is_some_and(|n| n > 0);
+                seen.push(line);
+                if counted {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        started,
+        "no progress line with messages within 20 s: {seen:#?}"
+    );
     let _ = Command::new("kill")
         .arg("-INT")
         .arg(p.pid().to_string())
         .status();
-    let out = p.wait_output(Duration::from_secs(20));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    let status = p.wait(Duration::from_secs(20));
+    let err = reader.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
     let v = read_json(&json);
     assert!(get_u64(&v, "counts.messages_accepted") > 0);
-    assert!(v["duration_secs"].as_f64().unwrap() < 10.0);
+    assert!(v["duration_secs"].as_f64().unwrap() < 30.0);
     assert_outcomes_add_up(&v);
 }
 
@@ -413,15 +494,30 @@ fn instances_split_the_work_and_the_sequence_space() {
 fn a_regression_against_the_baseline_exits_99() {
     let dir = tempfile::tempdir().unwrap();
     let (_sink, addr) = smtp_sink(&[]);
-    let (code, mut v, err) = blast(dir.path(), &[&addr, "-n", "50", "-c", "2", "--threads", "1"]);
+    let (code, mut v, err) = blast(
+        dir.path(),
+        &[&addr, "-n", "50", "-c", "2", "--threads", "1"],
+    );
     assert_eq!(code, 0, "{err}");
     // A baseline a thousand times faster than anything this run can do.
     let rate = v["rates"]["messages_per_sec"].as_f64().unwrap();
     v["rates"]["messages_per_sec"] = serde_json::json!(rate * 1000.0);
     let base = dir.path().join("baseline.json");
     std::fs::write(&base, serde_json::to_string(&v).unwrap()).unwrap();
-    let (code, _, err) =
-        blast(dir.path(), &[&addr, "-n", "50", "-c", "2", "--threads", "1", "--baseline", base.to_str().unwrap()]);
+    let (code, _, err) = blast(
+        dir.path(),
+        &[
+            &addr,
+            "-n",
+            "50",
+            "-c",
+            "2",
+            "--threads",
+            "1",
+            "--baseline",
+            base.to_str().unwrap(),
+        ],
+    );
     assert_eq!(code, 99, "{err}");
     assert!(err.contains("rate(messages) regressed"), "{err}");
 }
