@@ -18,6 +18,7 @@
 
 pub mod capture;
 pub mod config;
+pub mod conn;
 pub mod faults;
 pub mod worker;
 
@@ -115,7 +116,7 @@ pub fn start(cfg: SinkConfig) -> anyhow::Result<RunningSink> {
 fn bind_all(
     addr: SocketAddr,
     threads: usize,
-) -> Result<(SocketAddr, Vec<mio::net::TcpListener>), SinkError> {
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), SinkError> {
     let err = |source| SinkError::Listen { addr, source };
     let first = socket::listen(addr, true, None).map_err(err)?;
     let resolved = first.local_addr().map_err(err)?;
