@@ -362,9 +362,14 @@ fn is_fd_exhaustion(e: &io::Error) -> bool {
 
 /// One thread's epoll loop.
 pub struct Epoll {
+    core: Core,
+    events: Events,
+}
+
+/// Everything the dispatch needs but the event list (borrowed apart).
+struct Core {
     ops: Ops,
     read_buf: Box<[u8]>,
-    events: Events,
     expired: Vec<ConnId>,
 }
 
@@ -382,24 +387,33 @@ impl Epoll {
             listeners.push((Some(l), tls));
         }
         Ok(Epoll {
-            ops: Ops {
-                poll,
-                conns: Slab::with_capacity(1024),
-                timers: Timers::with_capacity(1024),
-                dirty: Vec::with_capacity(64),
-                dead: Vec::with_capacity(64),
-                listeners,
-                accept_paused_until: None,
+            core: Core {
+                ops: Ops {
+                    poll,
+                    conns: Slab::with_capacity(1024),
+                    timers: Timers::with_capacity(1024),
+                    dirty: Vec::with_capacity(64),
+                    dead: Vec::with_capacity(64),
+                    listeners,
+                    accept_paused_until: None,
+                },
+                read_buf: vec![0; setup.read_buf_bytes.max(1024)].into_boxed_slice(),
+                expired: Vec::with_capacity(64),
             },
-            read_buf: vec![0; setup.read_buf_bytes.max(1024)].into_boxed_slice(),
             events: Events::with_capacity(1024),
-            expired: Vec::with_capacity(64),
         })
     }
 
     /// Runs `h` until its `on_tick` says stop; then every connection still
     /// open is closed ([`Closed::Stopped`]).
     pub fn run<H: Handler>(&mut self, h: &mut H) -> io::Result<()> {
+        self.core.run(h, &mut self.events)
+    }
+}
+
+impl Core {
+
+    fn run<H: Handler>(&mut self, h: &mut H, events: &mut Events) -> io::Result<()> {
         loop {
             let now = Instant::now();
             let tick = h.on_tick(&mut self.ops, now);
@@ -423,15 +437,13 @@ impl Epoll {
                 wake = wake.min(t);
             }
             let timeout = wake.saturating_duration_since(Instant::now());
-            if let Err(e) = self.ops.poll.poll(&mut self.events, Some(timeout)) {
+            if let Err(e) = self.ops.poll.poll(events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
             }
             let now = Instant::now();
             self.resume_accepting(now);
-            // `events` is borrowed by the loop: take it out while dispatching.
-            let events = std::mem::replace(&mut self.events, Events::with_capacity(0));
             for ev in events.iter() {
                 let token = ev.token();
                 if token == WAKER {
@@ -446,7 +458,6 @@ impl Epoll {
                 let drain = ev.is_read_closed() || ev.is_error();
                 self.on_event(h, token.0, readable, drain, now);
             }
-            self.events = events;
             self.expired.clear();
             self.expired.extend(self.ops.timers.expired(now));
             for i in 0..self.expired.len() {

@@ -175,14 +175,14 @@ impl Handler for SinkHandler {
     }
 
     fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> LoopTick {
-        let shared = Arc::clone(&self.shared);
+        let shared = &*self.shared;
         if let Some(d) = shared.duration {
             if now.saturating_duration_since(shared.started) >= d && !shared.stop.is_stopped() {
                 shared.stop.stop();
             }
         }
         if self.limits && (self.ctx.local_messages > 0 || self.ctx.local_sessions > 0) {
-            publish_limits(&shared, &mut self.ctx);
+            publish_limits(shared, &mut self.ctx);
         }
         if self.stopped_at.is_none() && shared.stop.is_stopped() {
             self.stopped_at = Some(now);
@@ -190,21 +190,20 @@ impl Handler for SinkHandler {
             // Stop accepting: closing the listeners refuses new connections.
             be.stop_listening();
         }
-        let open = be.open_connections();
         if let Some(end) = self.grace_end {
-            if open == 0 || now >= end {
+            if be.open_connections() == 0 || now >= end {
                 return LoopTick { wake_at: None, stop: true };
             }
         }
         if now >= self.next_tick {
-            self.send_tick(now, open);
+            self.send_tick(now, be.open_connections());
         }
         let mut wake = self.next_tick;
         if let Some(end) = self.grace_end {
             wake = wake.min(end);
         }
-        if let Some(d) = shared.duration {
-            wake = wake.min(shared.started + d);
+        if let Some(d) = self.shared.duration {
+            wake = wake.min(self.shared.started + d);
         }
         LoopTick { wake_at: Some(wake), stop: false }
     }
