@@ -58,12 +58,12 @@ pub enum Close {
 }
 
 /// Why a connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Closed {
     /// The handler closed it ([`Backend::close`]).
     Local,
     /// A read or write failed (reset by the peer, TLS error, …).
-    Error(io::ErrorKind),
+    Error(io::Error),
     /// Its queued output could not be flushed within the backend's limit.
     FlushTimeout,
     /// The run ended with it still open.
@@ -133,6 +133,10 @@ pub trait Backend {
     fn open_connections(&self) -> usize;
     /// Closes every listener (no more accepts).
     fn stop_listening(&mut self);
+    /// Time the loop spent waiting for events so far (the rest of the
+    /// wall time it was busy: a thread busy nearly all the time is
+    /// saturated).
+    fn waited(&self) -> std::time::Duration;
 }
 
 /// A role's connection handler (see the module doc). Every method but

@@ -205,6 +205,8 @@ pub struct Ops {
     dead: Vec<(ConnId, Closed)>,
     listeners: Vec<(Option<TcpListener>, bool)>,
     accept_paused_until: Option<Instant>,
+    /// Time spent in `epoll_wait`.
+    waited: Duration,
 }
 
 impl Ops {
@@ -218,6 +220,7 @@ impl Ops {
     }
 
     fn kill(&mut self, id: ConnId, why: Closed) {
+        // (The first reason wins; later ones are dropped.)
         if let Some(c) = self.conns.get_mut(id) {
             if c.closing != Some(Close::Abort) {
                 c.closing = Some(Close::Abort);
@@ -260,7 +263,7 @@ impl Backend for Ops {
                 "TLS is already active on this connection",
             ));
         }
-        let stream = TlsStream::new(side).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let stream = TlsStream::new(side).map_err(super::tls_stream::tls_error)?;
         c.tls = Some(Box::new(TlsPart {
             stream,
             cin: vec![0; TLS_IN_BYTES].into_boxed_slice(),
@@ -344,6 +347,10 @@ impl Backend for Ops {
         self.conns.len()
     }
 
+    fn waited(&self) -> Duration {
+        self.waited
+    }
+
     fn stop_listening(&mut self) {
         for (l, _) in self.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
@@ -396,6 +403,7 @@ impl Epoll {
                     dead: Vec::with_capacity(64),
                     listeners,
                     accept_paused_until: None,
+                    waited: Duration::ZERO,
                 },
                 read_buf: vec![0; setup.read_buf_bytes.max(1024)].into_boxed_slice(),
                 expired: Vec::with_capacity(64),
@@ -408,6 +416,11 @@ impl Epoll {
     /// open is closed ([`Closed::Stopped`]).
     pub fn run<H: Handler>(&mut self, h: &mut H) -> io::Result<()> {
         self.core.run(h, &mut self.events)
+    }
+
+    /// Time spent waiting for events so far.
+    pub fn waited(&self) -> Duration {
+        self.core.ops.waited
     }
 }
 
@@ -436,13 +449,15 @@ impl Core {
             if let Some(t) = self.ops.accept_paused_until {
                 wake = wake.min(t);
             }
-            let timeout = wake.saturating_duration_since(Instant::now());
+            let before = Instant::now();
+            let timeout = wake.saturating_duration_since(before);
             if let Err(e) = self.ops.poll.poll(events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
             }
             let now = Instant::now();
+            self.ops.waited += now.saturating_duration_since(before);
             self.resume_accepting(now);
             for ev in events.iter() {
                 let token = ev.token();
@@ -603,7 +618,7 @@ impl Core {
                 // A signal interrupted the syscall: just retry.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.ops.kill(id, Closed::Error(e.kind()));
+                    self.ops.kill(id, Closed::Error(e));
                     return;
                 }
             };
@@ -652,7 +667,7 @@ impl Core {
                 }
                 Ok(TlsRead::NeedCiphertext) => {}
                 Err(e) => {
-                    self.ops.kill(id, Closed::Error(e.kind()));
+                    self.ops.kill(id, Closed::Error(e));
                     return None;
                 }
             }
@@ -675,7 +690,7 @@ impl Core {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(false),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        self.ops.kill(id, Closed::Error(e.kind()));
+                        self.ops.kill(id, Closed::Error(e));
                         return None;
                     }
                 }
@@ -685,7 +700,7 @@ impl Core {
                 Err(e) => {
                     // The alert is queued: try to deliver it, then give up.
                     let _ = c.flush();
-                    self.ops.kill(id, Closed::Error(e.kind()));
+                    self.ops.kill(id, Closed::Error(e));
                     return None;
                 }
             }
@@ -720,7 +735,7 @@ impl Core {
             let done = match c.flush() {
                 Ok(d) => d,
                 Err(e) => {
-                    self.ops.kill(id, Closed::Error(e.kind()));
+                    self.ops.kill(id, Closed::Error(e));
                     return;
                 }
             };

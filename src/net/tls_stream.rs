@@ -84,8 +84,13 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+/// A rustls error as an `io::Error`, with this project's own wording
+/// where it has one (e.g. why an X.509 v1 certificate cannot be verified).
+pub fn tls_error(e: rustls::Error) -> io::Error {
+    match super::tls::own_error_message(&e) {
+        Some(text) => io::Error::new(io::ErrorKind::InvalidData, text),
+        None => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
 }
 
 impl TlsStream {
