@@ -59,6 +59,30 @@ pub struct ThreadArgs {
     // `std::vec::Vec` (not `Vec`) so clap stores the parsed list as one value
     // instead of treating the flag as repeatable usize values.
     pub cpus: Option<std::vec::Vec<usize>>,
+    /// I/O backend: io_uring where the kernel allows it (auto), epoll, or uring.
+    #[arg(long, value_name = "BACKEND", default_value = "auto", env = "SMTPSTORM_IO")]
+    pub io: IoArg,
+}
+
+/// `--io`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum IoArg {
+    #[default]
+    Auto,
+    Epoll,
+    Uring,
+}
+
+impl IoArg {
+    /// The runtime's choice.
+    pub fn choice(self) -> crate::net::driver::IoChoice {
+        use crate::net::driver::IoChoice;
+        match self {
+            IoArg::Auto => IoChoice::Auto,
+            IoArg::Epoll => IoChoice::Epoll,
+            IoArg::Uring => IoChoice::Uring,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

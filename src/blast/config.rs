@@ -56,6 +56,8 @@ pub enum ConfigError {
     StartAt(f64),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("{0}")]
+    Io(String),
 }
 
 /// What the run produces once it ends (outputs and checks).
@@ -93,6 +95,8 @@ pub struct BlastConfig {
     /// Host name as given (for TLS SNI).
     pub target_host: String,
     pub cpus: Cpus,
+    /// The I/O backend every thread runs.
+    pub io: crate::net::driver::Io,
     pub connections: u64,
     pub model: LoadModel,
     /// The rate as given (this instance's share), in `rate_unit`.
@@ -308,7 +312,9 @@ impl BlastConfig {
             send_quit: true,
             capture_text: false,
         };
+        let io = crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
         let echo = serde_json::json!({
+            "io": io.as_str(),
             "target": target.to_string(),
             "connections": connections,
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -343,6 +349,7 @@ impl BlastConfig {
             target,
             target_host,
             cpus,
+            io,
             connections,
             model,
             rate_per_sec: rate,

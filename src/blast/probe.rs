@@ -25,7 +25,8 @@ use thiserror::Error;
 
 use crate::cli::{AuthMechArg, ProbeArgs};
 use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, Tick as LoopTick};
-use crate::net::epoll::{Epoll, Setup};
+use crate::net::backend::Setup;
+use crate::net::driver;
 use crate::net::runtime::StopSignal;
 use crate::net::tls::{self, TlsInfo};
 use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
@@ -448,11 +449,6 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         capture_text: true,
         ..ClientConfig::default()
     });
-    let mut backend = Epoll::new(Setup {
-        listeners: Vec::new(),
-        stop: StopSignal::new(),
-        read_buf_bytes: 16 * 1024,
-    })?;
     let t0 = Instant::now();
     let mut h = ProbeHandler {
         cfg: ConnConfig {
@@ -481,7 +477,12 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         started: false,
         done: false,
     };
-    backend.run(&mut h)?;
+    let setup = Setup {
+        listeners: Vec::new(),
+        stop: StopSignal::new(),
+        read_buf_bytes: 16 * 1024,
+    };
+    driver::run(driver::Io::Epoll, setup, &mut h)?;
     let mut r = h.obs.r;
     if !r.connected() {
         // A connection that never opened prints its error alone.

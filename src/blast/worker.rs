@@ -45,7 +45,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, TlsState, Tick as LoopTick};
-use crate::net::epoll::{Epoll, Setup};
+use crate::net::backend::Setup;
+use crate::net::driver;
 use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::net::{socket, tls};
 use crate::smtp::client::Message;
@@ -245,22 +246,23 @@ pub fn run_worker(
             ..Default::default()
         }
     };
-    let mut backend = match Epoll::new(Setup {
+    let setup = Setup {
         listeners: Vec::new(),
         stop: ctx.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
-    }) {
-        Ok(b) => b,
-        Err(e) => return fail(e.to_string()),
     };
+    let io = cfg.io;
     let mut h = match BlastHandler::new(&ctx, cfg, clock, body, ticks) {
         Ok(h) => h,
         Err(e) => return fail(e.to_string()),
     };
-    if let Err(e) = backend.run(&mut h) {
-        h.result.fatal.get_or_insert(format!("event loop failed: {e}"));
+    match driver::run(io, setup, &mut h) {
+        Ok(stats) => h.finish(stats.waited),
+        Err(e) => {
+            h.result.fatal.get_or_insert(format!("event loop failed: {e}"));
+            h.finish(Duration::ZERO)
+        }
     }
-    h.finish(backend.waited())
 }
 
 impl BlastHandler {

@@ -44,6 +44,18 @@ use std::time::Instant;
 use super::tls::TlsInfo;
 use super::tls_stream::TlsSide;
 
+/// What a thread's backend starts with.
+pub struct Setup {
+    /// Listeners of this thread (`SO_REUSEPORT` ones), each with whether it
+    /// speaks TLS from the first byte.
+    pub listeners: Vec<(std::net::TcpListener, bool)>,
+    /// The run's stop signal: the loop is woken when it is set (the handler
+    /// decides what a stop means in `on_tick`).
+    pub stop: super::runtime::StopSignal,
+    /// The thread's plaintext read buffer.
+    pub read_buf_bytes: usize,
+}
+
 /// A connection of one backend (reused after [`Handler::on_closed`]).
 pub type ConnId = usize;
 

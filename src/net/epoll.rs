@@ -41,8 +41,8 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::backend::{Backend, Close, Closed, ConnId, ConnectOpts, Handler, TlsState};
-use super::runtime::{StopSignal, STOP_POLL_INTERVAL};
+use super::backend::{Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState};
+use super::runtime::STOP_POLL_INTERVAL;
 use super::socket;
 use super::timer::Timers;
 use super::tls::TlsInfo;
@@ -60,18 +60,6 @@ const TLS_IN_BYTES: usize = 16 * 1024 + 512;
 
 const WAKER: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = usize::MAX - 1;
-
-/// What a thread's backend starts with.
-pub struct Setup {
-    /// Listeners of this thread (`SO_REUSEPORT` ones), each with whether it
-    /// speaks TLS from the first byte.
-    pub listeners: Vec<(std::net::TcpListener, bool)>,
-    /// The run's stop signal: the loop is woken when it is set (the handler
-    /// decides what a stop means in `on_tick`).
-    pub stop: StopSignal,
-    /// The thread's plaintext read buffer.
-    pub read_buf_bytes: usize,
-}
 
 /// The TLS part of a connection (boxed: plaintext connections stay small).
 struct TlsPart {

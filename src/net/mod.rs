@@ -22,6 +22,7 @@
 pub mod affinity;
 pub mod backend;
 pub mod conn;
+pub mod driver;
 pub mod epoll;
 pub mod proc;
 pub mod runtime;
@@ -29,3 +30,4 @@ pub mod socket;
 pub mod timer;
 pub mod tls;
 pub mod tls_stream;
+pub mod uring;

@@ -29,6 +29,8 @@ pub enum ConfigError {
     ZeroConnections,
     #[error("--require-tls needs STARTTLS or a --tls-listen address")]
     RequireTlsWithoutTls,
+    #[error("{0}")]
+    Io(String),
 }
 
 /// Everything the sink needs to run.
@@ -37,6 +39,8 @@ pub struct SinkConfig {
     pub listen: Vec<SocketAddr>,
     pub tls_listen: Vec<SocketAddr>,
     pub cpus: Cpus,
+    /// The I/O backend every thread runs.
+    pub io: crate::net::driver::Io,
     pub tls_cert_key: Option<(PathBuf, PathBuf)>,
     /// The protocol engine's settings, shared by every session.
     pub server: ServerConfig,
@@ -110,7 +114,9 @@ impl SinkConfig {
             (None, Some(n)) => Cpus::Count(n),
             (None, None) => Cpus::all(),
         };
+        let io = crate::net::driver::Io::resolve(args.threads.io.choice()).map_err(ConfigError::Io)?;
         let echo = serde_json::json!({
+            "io": io.as_str(),
             "listen": args.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "tls_listen": args.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -138,6 +144,7 @@ impl SinkConfig {
             listen: args.listen.clone(),
             tls_listen: args.tls_listen.clone(),
             cpus,
+            io,
             tls_cert_key: args.tls_cert.clone().zip(args.tls_key.clone()),
             server,
             auth: args.auth.clone(),

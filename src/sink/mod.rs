@@ -187,6 +187,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         started,
         duration: cfg.duration,
         grace: cfg.grace,
+        io: cfg.io,
     });
     let (tx, rx) = mpsc::channel::<Tick>();
     let slots: Arc<Mutex<Vec<Option<Listeners>>>> =

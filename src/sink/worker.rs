@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use crate::cli::AuthPolicy;
 use crate::net::backend::{Backend, Closed, ConnId, Handler, Tick as LoopTick};
-use crate::net::epoll::{Epoll, Setup};
+use crate::net::backend::Setup;
+use crate::net::driver;
 use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::smtp::server::ServerConfig;
 use crate::smtp::CommandKind;
@@ -58,6 +59,7 @@ pub struct Shared {
     pub started: Instant,
     pub duration: Option<Duration>,
     pub grace: Duration,
+    pub io: driver::Io,
 }
 
 /// One thread's listeners: `(listener, implicit TLS)`.
@@ -216,11 +218,6 @@ pub fn run(
     listeners: Listeners,
     ticks: Sender<Tick>,
 ) -> io::Result<WorkerResult> {
-    let mut backend = Epoll::new(Setup {
-        listeners,
-        stop: shared.stop.clone(),
-        read_buf_bytes: READ_BUF_BYTES,
-    })?;
     let capture = shared
         .capture
         .clone()
@@ -263,7 +260,12 @@ pub fn run(
         max_conns: shared.max_conns_per_thread.max(1),
         shared: Arc::clone(&shared),
     };
-    backend.run(&mut h)?;
+    let setup = Setup {
+        listeners,
+        stop: shared.stop.clone(),
+        read_buf_bytes: READ_BUF_BYTES,
+    };
+    driver::run(shared.io, setup, &mut h)?;
     if h.limits {
         publish_limits(&shared, &mut h.ctx);
     }
