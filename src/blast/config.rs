@@ -23,13 +23,21 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cli::{AuthMechArg, LoadArgs, PipeliningArg, ProxyVersion, RateUnit, SizeRange};
+use super::message::SizeRange;
+use crate::cli::{AuthMechArg, LoadArgs, PipeliningArg, RateUnit};
 use crate::net::runtime::Cpus;
 use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
 use crate::smtp::{ClientTimeouts, Phase};
 
 use super::identity::{Identities, IdentityError};
 use super::message::Template;
+
+/// `--proxy`: the PROXY protocol version the blaster sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
 
 /// Errors building a [`BlastConfig`].
 #[derive(Debug, Error)]
@@ -312,7 +320,8 @@ impl BlastConfig {
             send_quit: true,
             capture_text: false,
         };
-        let io = crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
+        let io =
+            crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
         let echo = serde_json::json!({
             "io": io.as_str(),
             "target": target.to_string(),

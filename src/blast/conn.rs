@@ -20,13 +20,13 @@
 //! had a session counts as one session when it ends, a TLS one only if a
 //! handshake completed.
 
-use std::net::{SocketAddr, SocketAddrV4, Ipv4Addr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 
-use crate::cli::ProxyVersion;
+use super::config::ProxyVersion;
 use crate::net::backend::{Backend, Close, Closed, ConnId, TlsState};
 use crate::net::tls_stream::TlsSide;
 use crate::smtp::client::{ClientConfig, ClientEvent, ClientSession, Message};
@@ -104,11 +104,18 @@ enum Ask {
 /// Tells `obs` one session event (`open`: record corrected latencies).
 fn tell<O: Observer>(obs: &mut O, open: bool, outcomes: &mut u64, ev: ClientEvent) -> Ask {
     match ev {
-        ClientEvent::Phase { phase, latency, corrected } => {
-            obs.phase(phase, latency, corrected.filter(|_| open))
-        }
+        ClientEvent::Phase {
+            phase,
+            latency,
+            corrected,
+        } => obs.phase(phase, latency, corrected.filter(|_| open)),
         ClientEvent::Reply { command, code } => obs.reply(command, code),
-        ClientEvent::Message { outcome, recipients_accepted, bytes, .. } => {
+        ClientEvent::Message {
+            outcome,
+            recipients_accepted,
+            bytes,
+            ..
+        } => {
             *outcomes += 1;
             obs.outcome(outcome, recipients_accepted, bytes);
         }
@@ -196,7 +203,9 @@ impl BlastConn {
     /// session): also corrected from the intended start in open loop.
     fn driver_phase<O: Observer>(&self, obs: &mut O, phase: Phase, since: Instant, now: Instant) {
         let latency = now.saturating_duration_since(since);
-        let corrected = self.open.then(|| now.saturating_duration_since(self.intended));
+        let corrected = self
+            .open
+            .then(|| now.saturating_duration_since(self.intended));
         obs.phase(phase, latency, corrected);
     }
 
@@ -229,7 +238,9 @@ impl BlastConn {
         }
         if io.cfg.implicit_tls {
             let started = match &io.cfg.tls {
-                Some((c, name)) => io.be.start_tls(id, TlsSide::Client(Arc::clone(c), name.clone())),
+                Some((c, name)) => io
+                    .be
+                    .start_tls(id, TlsSide::Client(Arc::clone(c), name.clone())),
                 None => Err(std::io::Error::other("no TLS configuration")),
             };
             if let Err(e) = started {
@@ -247,7 +258,12 @@ impl BlastConn {
         self.after(io, id, now)
     }
 
-    fn start_session<B: Backend, O: Observer>(&mut self, io: &mut Io<'_, B, O>, id: ConnId, now: Instant) {
+    fn start_session<B: Backend, O: Observer>(
+        &mut self,
+        io: &mut Io<'_, B, O>,
+        id: ConnId,
+        now: Instant,
+    ) {
         let pending = std::mem::take(&mut self.pending);
         let client = Arc::clone(&io.cfg.client);
         let mut session = if self.open {
@@ -269,7 +285,12 @@ impl BlastConn {
 
     /// The TLS handshake completed: STARTTLS's, or implicit TLS's (then
     /// the session starts now).
-    pub fn tls_ready<B: Backend, O: Observer>(&mut self, io: &mut Io<'_, B, O>, id: ConnId, now: Instant) -> State {
+    pub fn tls_ready<B: Backend, O: Observer>(
+        &mut self,
+        io: &mut Io<'_, B, O>,
+        id: ConnId,
+        now: Instant,
+    ) -> State {
         self.tls = io.be.tls_state(id);
         match &mut self.session {
             Some(s) => s.handle_tls_established(now),
@@ -299,11 +320,17 @@ impl BlastConn {
     }
 
     /// The server closed its side.
-    pub fn peer_closed<B: Backend, O: Observer>(&mut self, io: &mut Io<'_, B, O>, id: ConnId, now: Instant) -> State {
+    pub fn peer_closed<B: Backend, O: Observer>(
+        &mut self,
+        io: &mut Io<'_, B, O>,
+        id: ConnId,
+        now: Instant,
+    ) -> State {
         match &mut self.session {
             Some(s) => s.handle_close(now),
             None => {
-                io.obs.error("connection closed during the TLS handshake".into());
+                io.obs
+                    .error("connection closed during the TLS handshake".into());
                 self.fail(io.obs, Outcome::ConnectionError);
                 io.be.close(id, Close::Abort);
                 return State::Done;
@@ -325,12 +352,21 @@ impl BlastConn {
     }
 
     /// The deadline passed.
-    pub fn timer<B: Backend, O: Observer>(&mut self, io: &mut Io<'_, B, O>, id: ConnId, now: Instant) -> State {
+    pub fn timer<B: Backend, O: Observer>(
+        &mut self,
+        io: &mut Io<'_, B, O>,
+        id: ConnId,
+        now: Instant,
+    ) -> State {
         self.timer_at = None;
         match &mut self.session {
             Some(s) => s.handle_timeout(now),
             None => {
-                let what = if self.tls_started.is_some() { "TLS handshake" } else { "connect" };
+                let what = if self.tls_started.is_some() {
+                    "TLS handshake"
+                } else {
+                    "connect"
+                };
                 io.obs.error(format!("timeout waiting for the {what}"));
                 self.fail(io.obs, Outcome::Timeout);
                 io.be.close(id, Close::Abort);
@@ -360,7 +396,12 @@ impl BlastConn {
     }
 
     /// No more messages for an open session: it quits once idle.
-    pub fn no_more<B: Backend, O: Observer>(&mut self, io: &mut Io<'_, B, O>, id: ConnId, now: Instant) -> State {
+    pub fn no_more<B: Backend, O: Observer>(
+        &mut self,
+        io: &mut Io<'_, B, O>,
+        id: ConnId,
+        now: Instant,
+    ) -> State {
         if let Some(s) = &mut self.session {
             s.handle_no_more_messages(now);
         }
@@ -412,7 +453,12 @@ impl BlastConn {
     }
 
     /// After any input to the session: events, STARTTLS, output, deadline.
-    fn after<B: Backend, O: Observer>(&mut self, io: &mut Io<'_, B, O>, id: ConnId, now: Instant) -> State {
+    fn after<B: Backend, O: Observer>(
+        &mut self,
+        io: &mut Io<'_, B, O>,
+        id: ConnId,
+        now: Instant,
+    ) -> State {
         if self.closing {
             return State::Done;
         }
@@ -431,9 +477,9 @@ impl BlastConn {
                     s.poll_transmit(now, io.out);
                     io.be.write(id, io.out);
                     let started = match &io.cfg.tls {
-                        Some((c, name)) => {
-                            io.be.start_tls(id, TlsSide::Client(Arc::clone(c), name.clone()))
-                        }
+                        Some((c, name)) => io
+                            .be
+                            .start_tls(id, TlsSide::Client(Arc::clone(c), name.clone())),
                         None => Err(std::io::Error::other("no TLS configuration")),
                     };
                     if let Err(e) = started {
@@ -444,7 +490,10 @@ impl BlastConn {
             }
         }
         if done {
-            debug_assert_eq!(self.outcomes, self.given, "every message given has one outcome");
+            debug_assert_eq!(
+                self.outcomes, self.given,
+                "every message given has one outcome"
+            );
             self.closing = true;
             // The session is over (QUIT answered, or it failed): drop the
             // connection now (RST with --abort-close).

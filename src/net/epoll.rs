@@ -279,7 +279,9 @@ impl Backend for Ops {
     }
 
     fn set_reading(&mut self, id: ConnId, on: bool) {
-        let Some(c) = self.conns.get_mut(id) else { return };
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
         if c.reading == on {
             return;
         }
@@ -292,7 +294,9 @@ impl Backend for Ops {
     }
 
     fn close(&mut self, id: ConnId, how: Close) {
-        let Some(c) = self.conns.get_mut(id) else { return };
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
         match how {
             Close::Abort => self.kill(id, Closed::Local),
             Close::Graceful => {
@@ -324,9 +328,11 @@ impl Backend for Ops {
         let mut stream = socket::connect(target, opts.source_ip, opts.abort_close)?;
         let entry = self.conns.vacant_entry();
         let id = entry.key();
-        self.poll
-            .registry()
-            .register(&mut stream, Token(id), Interest::READABLE | Interest::WRITABLE)?;
+        self.poll.registry().register(
+            &mut stream,
+            Token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
         entry.insert(Conn::new(stream, true));
         Ok(id)
     }
@@ -413,7 +419,6 @@ impl Epoll {
 }
 
 impl Core {
-
     fn run<H: Handler>(&mut self, h: &mut H, events: &mut Events) -> io::Result<()> {
         loop {
             let now = Instant::now();
@@ -465,7 +470,9 @@ impl Core {
             self.expired.extend(self.ops.timers.expired(now));
             for i in 0..self.expired.len() {
                 let id = self.expired[i];
-                let Some(c) = self.ops.conns.get(id) else { continue };
+                let Some(c) = self.ops.conns.get(id) else {
+                    continue;
+                };
                 if c.close_deadline.is_some_and(|d| now >= d) {
                     self.ops.kill(id, Closed::FlushTimeout);
                 } else if c.closing.is_none() {
@@ -477,7 +484,9 @@ impl Core {
     }
 
     fn resume_accepting(&mut self, now: Instant) {
-        let Some(t) = self.ops.accept_paused_until else { return };
+        let Some(t) = self.ops.accept_paused_until else {
+            return;
+        };
         if now < t {
             return;
         }
@@ -509,7 +518,11 @@ impl Core {
                         .ops
                         .poll
                         .registry()
-                        .register(&mut stream, Token(id), Interest::READABLE | Interest::WRITABLE)
+                        .register(
+                            &mut stream,
+                            Token(id),
+                            Interest::READABLE | Interest::WRITABLE,
+                        )
                         .is_err()
                     {
                         continue;
@@ -547,7 +560,14 @@ impl Core {
     }
 
     /// A readiness event for connection `id`.
-    fn on_event<H: Handler>(&mut self, h: &mut H, id: ConnId, readable: bool, drain: bool, now: Instant) {
+    fn on_event<H: Handler>(
+        &mut self,
+        h: &mut H,
+        id: ConnId,
+        readable: bool,
+        drain: bool,
+        now: Instant,
+    ) {
         let Some(c) = self.ops.conns.get_mut(id) else {
             // A stale event for a connection closed earlier in this batch.
             return;
@@ -583,7 +603,9 @@ impl Core {
     /// reading or closes it.
     fn read<H: Handler>(&mut self, h: &mut H, id: ConnId, drain: bool, now: Instant) {
         loop {
-            let Some(c) = self.ops.conns.get_mut(id) else { return };
+            let Some(c) = self.ops.conns.get_mut(id) else {
+                return;
+            };
             if c.closing.is_some() || c.eof || !c.reading {
                 return;
             }
@@ -699,7 +721,9 @@ impl Core {
     /// may queue more), resumes reads, then drops dead connections.
     fn settle<H: Handler>(&mut self, h: &mut H, now: Instant) {
         while let Some(id) = self.ops.dirty.pop() {
-            let Some(c) = self.ops.conns.get_mut(id) else { continue };
+            let Some(c) = self.ops.conns.get_mut(id) else {
+                continue;
+            };
             c.dirty = false;
             if c.closing == Some(Close::Abort) {
                 continue;
@@ -714,7 +738,9 @@ impl Core {
 
     fn flush_conn<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
         loop {
-            let Some(c) = self.ops.conns.get_mut(id) else { return };
+            let Some(c) = self.ops.conns.get_mut(id) else {
+                return;
+            };
             if c.connecting || c.closing == Some(Close::Abort) {
                 return;
             }
@@ -762,7 +788,9 @@ impl Core {
                 h.on_closed(&mut self.ops, now, id, why);
                 // on_closed may queue work on other connections.
                 while let Some(other) = self.ops.dirty.pop() {
-                    let Some(c) = self.ops.conns.get_mut(other) else { continue };
+                    let Some(c) = self.ops.conns.get_mut(other) else {
+                        continue;
+                    };
                     c.dirty = false;
                     if std::mem::take(&mut c.read_now) {
                         self.read(h, other, true, now);

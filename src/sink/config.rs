@@ -13,10 +13,18 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cli::{AuthPolicy, FaultSpec, SinkArgs};
+use super::faults::FaultSpec;
+use crate::cli::SinkArgs;
 use crate::net::runtime::Cpus;
 use crate::smtp::server::{Extensions, ServerConfig};
 use crate::smtp::ServerTimeouts;
+
+/// `--auth` of the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthPolicy {
+    Any,
+    Only { user: String, pass: String },
+}
 
 /// A flag combination the sink cannot run with.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -114,7 +122,8 @@ impl SinkConfig {
             (None, Some(n)) => Cpus::Count(n),
             (None, None) => Cpus::all(),
         };
-        let io = crate::net::driver::Io::resolve(args.threads.io.choice()).map_err(ConfigError::Io)?;
+        let io =
+            crate::net::driver::Io::resolve(args.threads.io.choice()).map_err(ConfigError::Io)?;
         let echo = serde_json::json!({
             "io": io.as_str(),
             "listen": args.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),

@@ -20,7 +20,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cli::AuthPolicy;
+use super::config::AuthPolicy;
 use crate::digest::{self, Verifier};
 use crate::net::backend::{Backend, Close, Closed, ConnId};
 use crate::net::tls_stream::TlsSide;
@@ -213,7 +213,14 @@ impl SinkConn {
     }
 
     /// Plaintext arrived.
-    pub fn input<B: Backend>(&mut self, ctx: &mut ThreadCtx, be: &mut B, id: ConnId, now: Instant, plain: &[u8]) {
+    pub fn input<B: Backend>(
+        &mut self,
+        ctx: &mut ThreadCtx,
+        be: &mut B,
+        id: ConnId,
+        now: Instant,
+        plain: &[u8],
+    ) {
         if self.session.is_closed() {
             return;
         }

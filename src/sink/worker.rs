@@ -21,9 +21,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cli::AuthPolicy;
-use crate::net::backend::{Backend, Closed, ConnId, Handler, Tick as LoopTick};
+use super::config::AuthPolicy;
 use crate::net::backend::Setup;
+use crate::net::backend::{Backend, Closed, ConnId, Handler, Tick as LoopTick};
 use crate::net::driver;
 use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::smtp::server::ServerConfig;
@@ -46,7 +46,7 @@ pub struct Shared {
     pub server: Arc<ServerConfig>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub auth: Option<AuthPolicy>,
-    pub faults: Vec<crate::cli::FaultSpec>,
+    pub faults: Vec<super::faults::FaultSpec>,
     pub greylist: Arc<Greylist>,
     pub seed: u64,
     pub capture: Option<std::path::PathBuf>,
@@ -194,7 +194,10 @@ impl Handler for SinkHandler {
         }
         if let Some(end) = self.grace_end {
             if be.open_connections() == 0 || now >= end {
-                return LoopTick { wake_at: None, stop: true };
+                return LoopTick {
+                    wake_at: None,
+                    stop: true,
+                };
             }
         }
         if now >= self.next_tick {
@@ -207,7 +210,10 @@ impl Handler for SinkHandler {
         if let Some(d) = self.shared.duration {
             wake = wake.min(self.shared.started + d);
         }
-        LoopTick { wake_at: Some(wake), stop: false }
+        LoopTick {
+            wake_at: Some(wake),
+            stop: false,
+        }
     }
 }
 
