@@ -195,6 +195,7 @@ fn serve(io: Io, mode: Mode, implicit: bool, stop_after_closed: usize) -> (Socke
             listeners: vec![(l, implicit)],
             stop: StopSignal::new(),
             read_buf_bytes: 16 * 1024,
+        track_waiting: false,
         };
         driver::run(io, setup, &mut h).unwrap();
     });
@@ -431,6 +432,7 @@ fn dial(io: Io, target: SocketAddr) -> Vec<String> {
         listeners: Vec::new(),
         stop: StopSignal::new(),
         read_buf_bytes: 4096,
+    track_waiting: false,
     };
     driver::run(io, setup, &mut h).unwrap();
     let r = result.lock().unwrap().clone();

@@ -24,8 +24,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::cli::{AuthMechArg, ProbeArgs};
-use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, Tick as LoopTick};
 use crate::net::backend::Setup;
+use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, Tick as LoopTick};
 use crate::net::driver;
 use crate::net::runtime::StopSignal;
 use crate::net::tls::{self, TlsInfo};
@@ -329,7 +329,13 @@ impl ProbeHandler {
 }
 
 impl Handler for ProbeHandler {
-    fn on_connected<B: Backend>(&mut self, be: &mut B, now: Instant, _id: ConnId, result: io::Result<()>) {
+    fn on_connected<B: Backend>(
+        &mut self,
+        be: &mut B,
+        now: Instant,
+        _id: ConnId,
+        result: io::Result<()>,
+    ) {
         if let Err(e) = &result {
             self.obs.r.error = Some(format!("connect to {} failed: {e}", self.target));
             self.conn = None;
@@ -481,6 +487,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         listeners: Vec::new(),
         stop: StopSignal::new(),
         read_buf_bytes: 16 * 1024,
+        track_waiting: false,
     };
     driver::run(driver::Io::Epoll, setup, &mut h)?;
     let mut r = h.obs.r;

@@ -252,6 +252,7 @@ pub fn run_worker(
         listeners: Vec::new(),
         stop: ctx.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
+        track_waiting: matches!(cfg.model, LoadModel::Open { .. }),
     };
     let io = cfg.io;
     let mut h = match BlastHandler::new(&ctx, cfg, clock, body, ticks) {

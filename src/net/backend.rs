@@ -54,6 +54,9 @@ pub struct Setup {
     pub stop: super::runtime::StopSignal,
     /// The thread's plaintext read buffer.
     pub read_buf_bytes: usize,
+    /// Measure the time spent waiting for events ([`Backend::waited`]):
+    /// one more clock read per turn, so only when the role uses it.
+    pub track_waiting: bool,
 }
 
 /// A connection of one backend (reused after [`Handler::on_closed`]).

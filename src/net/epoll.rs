@@ -372,6 +372,7 @@ struct Core {
     ops: Ops,
     read_buf: Box<[u8]>,
     expired: Vec<ConnId>,
+    track_waiting: bool,
 }
 
 impl Epoll {
@@ -401,6 +402,7 @@ impl Epoll {
                 },
                 read_buf: vec![0; setup.read_buf_bytes.max(1024)].into_boxed_slice(),
                 expired: Vec::with_capacity(64),
+                track_waiting: setup.track_waiting,
             },
             events: Events::with_capacity(1024),
         })
@@ -442,7 +444,7 @@ impl Core {
             if let Some(t) = self.ops.accept_paused_until {
                 wake = wake.min(t);
             }
-            let before = Instant::now();
+            let before = if self.track_waiting { Instant::now() } else { now };
             let timeout = wake.saturating_duration_since(before);
             if let Err(e) = self.ops.poll.poll(events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -450,7 +452,9 @@ impl Core {
                 }
             }
             let now = Instant::now();
-            self.ops.waited += now.saturating_duration_since(before);
+            if self.track_waiting {
+                self.ops.waited += now.saturating_duration_since(before);
+            }
             self.resume_accepting(now);
             for ev in events.iter() {
                 let token = ev.token();

@@ -270,6 +270,7 @@ pub fn run(
         listeners,
         stop: shared.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
+        track_waiting: false,
     };
     driver::run(shared.io, setup, &mut h)?;
     if h.limits {
