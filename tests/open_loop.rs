@@ -20,6 +20,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use common::{bin, read_json, run, wait_for_port, Proc};
 use serde_json::Value;
 
+/// These tests measure timing: one at a time, so they do not compete for
+/// the CPU with each other (the harness runs tests in parallel).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What the responder saw and how it misbehaves.
 #[derive(Default)]
 struct Shared {
@@ -169,6 +177,7 @@ fn per_second(mails: &[Instant]) -> Vec<usize> {
 
 #[test]
 fn a_server_frozen_for_a_second_shows_in_corrected_latency_and_the_rate_holds() {
+    let _one_at_a_time = serial();
     // 200 messages/s for 6 s over 4 connections, up to 1000 per session;
     // after the 500th message (about 2.5 s in) every reply waits 1 s.
     let server = Responder::start(Some(500), Duration::from_secs(1));
@@ -216,6 +225,7 @@ fn a_server_frozen_for_a_second_shows_in_corrected_latency_and_the_rate_holds() 
 
 #[test]
 fn messages_are_paced_at_the_rate_not_sent_back_to_back_per_session() {
+    let _one_at_a_time = serial();
     let server = Responder::start(None, Duration::ZERO);
     let (code, v, err) = blast(
         server.addr,
@@ -275,6 +285,7 @@ fn messages_are_paced_at_the_rate_not_sent_back_to_back_per_session() {
 
 #[test]
 fn fewer_connections_than_threads_keep_the_whole_rate() {
+    let _one_at_a_time = serial();
     let port = common::free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let _sink = Proc::spawn(
@@ -318,6 +329,7 @@ fn fewer_connections_than_threads_keep_the_whole_rate() {
 
 #[test]
 fn instances_interleave_evenly_instead_of_in_lockstep() {
+    let _one_at_a_time = serial();
     let server = Responder::start(None, Duration::ZERO);
     let start_at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -369,9 +381,10 @@ fn instances_interleave_evenly_instead_of_in_lockstep() {
     let mut sorted = gaps.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    // 1/R = 3.33 ms. In lockstep, two of every three gaps would be ~0 and
-    // the third 10 ms.
-    assert!((2.3..=4.3).contains(&median), "median gap {median:.2} ms");
+    // 1/R = 3.33 ms. In lockstep, two of every three gaps would be ~0 (a
+    // median near 0) and the third 10 ms; evenly offset instances keep
+    // the median near 1/R, give or take the timer jitter of a busy machine.
+    assert!((1.5..=5.0).contains(&median), "median gap {median:.2} ms");
     let tiny = gaps.iter().filter(|&&g| g < 0.5).count() as f64 / gaps.len() as f64;
     assert!(
         tiny < 0.2,
