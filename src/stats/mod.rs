@@ -22,6 +22,18 @@
 //!                 write_hgrm_file(&report, Phase::Message, path); write_summary(&report, &mut stderr)
 //! ```
 //!
+//! Layers, each importing only from the layers below it (no cycles):
+//!
+//! ```text
+//! renderers   summary (text)  hgrm  hlog  svg  ...        one output each
+//! checks      assert (--assert)   merge (merge, --baseline)
+//! report      report: Report, the JSON document and its loading
+//! data        recorder: Counts, histograms, snapshots, merger    units: numbers for people
+//! ```
+//!
+//! Nothing here reads the process's CPU time or talks to the network: the
+//! roles measure their CPU and pass it in ([`ReportInput::cpu`]).
+//!
 //! Invariants: every histogram has the same fixed bounds (1 µs .. 1 hour,
 //! 3 significant figures, see [`recorder::new_histogram`]), so histograms
 //! from any thread, instance or machine add up exactly; percentiles are
@@ -35,11 +47,9 @@ pub mod recorder;
 pub mod report;
 pub mod summary;
 pub mod svg;
+pub mod units;
 
-pub use assert::{
-    parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion,
-    AssertionResult,
-};
+pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
@@ -48,8 +58,8 @@ pub use recorder::{
     Recorder, ReplyCodes, TimelinePoint,
 };
 pub use report::{
-    load_report, Bottleneck, CpuUsage, HostInfo, LatencySummary, OpenLoopReport, Rates, Report,
-    ReportError, ReportInput, Role,
+    load_report, AssertionResult, Bottleneck, CpuUsage, HostInfo, LatencySummary, OpenLoopReport,
+    Rates, Report, ReportError, ReportInput, Role,
 };
 pub use summary::write_summary;
 pub use svg::{write_svg, SvgError};

@@ -19,6 +19,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use super::units::format_us;
 use crate::smtp::{CommandKind, Outcome, Phase};
 
 /// Lowest trackable latency, in microseconds.
@@ -28,6 +29,11 @@ pub const HIST_LOW_US: u64 = 1;
 pub const HIST_HIGH_US: u64 = 3_600_000_000;
 /// Significant decimal digits kept by every histogram.
 pub const HIST_SIGFIG: u8 = 3;
+
+/// Reporting points per exponentially decreasing half-distance when a
+/// histogram is walked as a percentile spectrum (HdrHistogram Java's
+/// default; `.hgrm`, the SVG and HTML spectra).
+pub const TICKS_PER_HALF_DISTANCE: u32 = 5;
 
 /// A latency histogram in microseconds with the crate-wide fixed bounds.
 pub fn new_histogram() -> Histogram<u64> {
@@ -349,8 +355,8 @@ impl IntervalSnapshot {
         if let Some((phase, h)) = shown {
             line.push_str(&format!(
                 "  p50 {}  p99 {} ({})",
-                super::summary::format_us(h.value_at_quantile(0.5) as f64),
-                super::summary::format_us(h.value_at_quantile(0.99) as f64),
+                format_us(h.value_at_quantile(0.5) as f64),
+                format_us(h.value_at_quantile(0.99) as f64),
                 phase.as_str()
             ));
         }

@@ -21,7 +21,6 @@ use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerial
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use super::assert::AssertionResult;
 use super::recorder::{Counts, Measurements, PhaseHistograms, TimelinePoint};
 use crate::smtp::Phase;
 
@@ -325,6 +324,16 @@ pub fn decode_histogram(b64: &str) -> Result<Histogram<u64>, String> {
         .map_err(|e| format!("{e:?}"))
 }
 
+/// The outcome of one assertion (JSON `assertions[]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AssertionResult {
+    pub expr: String,
+    pub ok: bool,
+    /// The measured value (see the module doc for units); null when the
+    /// metric has no data.
+    pub value: Option<f64>,
+}
+
 /// One report, blast or sink. Field names are the JSON keys.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
@@ -443,13 +452,6 @@ impl Report {
             invalid_reasons: input.invalid_reasons,
             assertions: Vec::new(),
         })
-    }
-
-    /// Evaluates `assertions` against this report, stores the results in
-    /// `assertions` and returns whether all passed.
-    pub fn evaluate_assertions(&mut self, assertions: &[super::assert::Assertion]) -> bool {
-        self.assertions = assertions.iter().map(|a| a.evaluate(self)).collect();
-        self.assertions.iter().all(|r| r.ok)
     }
 
     /// True if any evaluated assertion failed (exit code 99).

@@ -16,10 +16,9 @@ use plotters::prelude::{
     PathElement, SVGBackend, SeriesLabelPosition, BLACK, WHITE,
 };
 
-use super::hgrm::TICKS_PER_HALF_DISTANCE;
-use super::recorder::TimelinePoint;
+use super::recorder::{TimelinePoint, TICKS_PER_HALF_DISTANCE};
 use super::report::{LatencySummary, Report};
-use super::summary::format_us;
+use super::units::format_us;
 use crate::smtp::Phase;
 
 /// Picks one series out of a timeline point.
