@@ -72,7 +72,7 @@ fn blast_report() -> Report {
         measurements,
         timeline,
         invalid_reasons: vec![],
-        cpu: CpuUsage::now(),
+        cpu: CpuUsage::from_us(1_500_000, 250_000),
         host: None,
     })
     .unwrap();
@@ -110,7 +110,7 @@ fn sink_report() -> Report {
         measurements: r.finish(),
         timeline: vec![],
         invalid_reasons: vec![],
-        cpu: CpuUsage::now(),
+        cpu: CpuUsage::from_us(1_500_000, 250_000),
         host: None,
     })
     .unwrap()

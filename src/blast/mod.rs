@@ -79,6 +79,14 @@ pub fn run(args: &BlastArgs) -> anyhow::Result<u8> {
     finish(run, &output)
 }
 
+/// CPU time of this process so far (`getrusage`); zero if it cannot be
+/// read. The report is given the difference of two readings.
+fn process_cpu() -> CpuUsage {
+    crate::net::proc::self_rusage()
+        .map(|u| CpuUsage::from_us(u.cpu_user_us, u.cpu_sys_us))
+        .unwrap_or_default()
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -133,7 +141,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         end: cfg.duration.map(|d| measure_start + d),
     };
     let started_at_unix = unix_now() + cfg.warmup.as_secs_f64();
-    let cpu_start = CpuUsage::now();
+    let cpu_start = process_cpu();
     let mut progress = progress::Progress::new(&cfg);
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<Tick>();
@@ -185,7 +193,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     if let Some(h) = hlog {
         h.finish()?;
     }
-    let cpu = CpuUsage::now().since(&cpu_start);
+    let cpu = process_cpu().since(&cpu_start);
     let mut m = Measurements::default();
     let mut errors = Vec::new();
     let mut interrupted = false;

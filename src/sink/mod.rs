@@ -105,6 +105,14 @@ pub struct RunningSink {
     disconnected: bool,
 }
 
+/// CPU time of this process so far (`getrusage`); zero if it cannot be
+/// read. The report is given the difference of two readings.
+fn process_cpu() -> CpuUsage {
+    crate::net::proc::self_rusage()
+        .map(|u| CpuUsage::from_us(u.cpu_user_us, u.cpu_sys_us))
+        .unwrap_or_default()
+}
+
 /// Starts a sink with its own stop flag (no signal handlers).
 pub fn start(cfg: SinkConfig) -> anyhow::Result<RunningSink> {
     start_with_stop(cfg, StopSignal::new())
@@ -224,7 +232,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
-        cpu_start: CpuUsage::now(),
+        cpu_start: process_cpu(),
         disconnected: false,
     })
 }
@@ -335,7 +343,7 @@ impl RunningSink {
             measurements: m,
             timeline,
             invalid_reasons: Vec::new(),
-            cpu: CpuUsage::now().since(&self.cpu_start),
+            cpu: process_cpu().since(&self.cpu_start),
             host: None,
         })?;
         Ok(SinkSummary {

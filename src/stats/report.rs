@@ -113,18 +113,18 @@ pub struct CpuUsage {
 }
 
 impl CpuUsage {
-    /// CPU time of this process so far (`getrusage(RUSAGE_SELF)`), with
-    /// the per-unit figures left at zero (see [`CpuUsage::with_work`]).
-    pub fn now() -> Self {
-        let (user_secs, sys_secs) = rusage_self_secs();
+    /// CPU time of `user_us` and `sys_us` microseconds (e.g. from
+    /// `getrusage`, read by the role), with the per-unit figures left at
+    /// zero (see [`CpuUsage::with_work`]).
+    pub fn from_us(user_us: u64, sys_us: u64) -> Self {
         Self {
-            user_secs,
-            sys_secs,
+            user_secs: user_us as f64 / 1e6,
+            sys_secs: sys_us as f64 / 1e6,
             ..Default::default()
         }
     }
 
-    /// CPU used since `start` (an earlier [`CpuUsage::now`]).
+    /// CPU used since `start` (an earlier reading of the same clock).
     pub fn since(&self, start: &CpuUsage) -> Self {
         Self {
             user_secs: (self.user_secs - start.user_secs).max(0.0),
@@ -148,15 +148,6 @@ impl CpuUsage {
             0.0
         };
         self
-    }
-}
-
-/// `(user, system)` CPU seconds of this process from `getrusage`
-/// (through `net::proc`, the one place that calls it).
-pub fn rusage_self_secs() -> (f64, f64) {
-    match crate::net::proc::self_rusage() {
-        Ok(u) => (u.cpu_user_us as f64 / 1e6, u.cpu_sys_us as f64 / 1e6),
-        Err(_) => (0.0, 0.0),
     }
 }
 
@@ -389,8 +380,8 @@ pub struct ReportInput {
     /// Why the run is not valid (empty: valid). E.g. the blaster could not
     /// keep its schedule.
     pub invalid_reasons: Vec<String>,
-    /// CPU used by the run (`CpuUsage::now().since(&start)`); the per-unit
-    /// figures are filled by `build`.
+    /// CPU used by the run, measured by the role (`stats` reads no clock of
+    /// the process); the per-unit figures are filled by `build`.
     pub cpu: CpuUsage,
     /// Host description; `None` detects the current host.
     pub host: Option<HostInfo>,
@@ -712,21 +703,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn getrusage_reports_some_cpu_time() {
-        let mut x = 0u64;
-        for i in 0..2_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
-        }
-        std::hint::black_box(x);
-        let c = CpuUsage::now();
-        assert!(c.user_secs + c.sys_secs > 0.0);
-        let w = CpuUsage {
-            user_secs: 1.0,
-            sys_secs: 1.0,
-            ..Default::default()
-        }
-        .with_work(4, 0);
+    fn cpu_figures_per_unit_of_work() {
+        let w = CpuUsage::from_us(1_000_000, 1_000_000).with_work(4, 0);
+        assert_eq!((w.user_secs, w.sys_secs), (1.0, 1.0));
         assert_eq!(w.cpu_us_per_session, 500_000.0);
         assert_eq!(w.cpu_us_per_message, 0.0);
+        let d = CpuUsage::from_us(3_000_000, 500_000).since(&CpuUsage::from_us(1_000_000, 0));
+        assert_eq!((d.user_secs, d.sys_secs), (2.0, 0.5));
     }
 }
