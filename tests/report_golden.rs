@@ -154,7 +154,10 @@ fn golden_text() -> String {
 
 #[test]
 fn a_report_of_fixed_measurements_is_byte_identical_to_the_golden_file() {
-    let path = format!("{}/tests/data/report-golden.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/tests/data/report-golden.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = golden_text();
     if std::env::var_os("SMTPSTORM_BLESS").is_some() {
         std::fs::write(&path, &text).unwrap();
