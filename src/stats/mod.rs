@@ -40,6 +40,7 @@
 //! always computed from summed histograms, never averaged.
 
 pub mod assert;
+pub mod charts;
 pub mod hgrm;
 pub mod hlog;
 pub mod merge;
