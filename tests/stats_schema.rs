@@ -127,6 +127,8 @@ fn to_value(r: &Report) -> Value {
 fn blast_report_validates_against_its_schema() {
     let doc = to_value(&blast_report());
     assert_eq!(doc["counts"]["messages_attempted"], 300);
+    assert_eq!(doc["timeline"][2]["latency"]["message"]["count"], 100);
+    assert!(doc["timeline"][2]["latency"]["message"]["p99_us"].as_u64() > Some(1000));
     assert_eq!(
         doc["assertions"][3]["value"],
         Value::Null,

@@ -82,6 +82,12 @@ pub fn merge_reports(reports: &[Report], assertions: &[Assertion]) -> Result<Rep
             e.messages += p.messages;
             e.sessions += p.sessions;
             e.errors += p.errors;
+            for (phase, l) in &p.latency {
+                e.latency
+                    .entry(phase.clone())
+                    .and_modify(|x| x.combine(l))
+                    .or_insert(*l);
+            }
         }
         cpu.user_secs += r.cpu.user_secs;
         cpu.sys_secs += r.cpu.sys_secs;
@@ -196,9 +202,22 @@ mod tests {
 
     #[test]
     fn merged_counts_and_histogram_counts_are_the_sums() {
-        let a = sample_blast_report();
+        let mut a = sample_blast_report();
         let mut b = sample_blast_report();
         b.started_at_unix += 2.0;
+        let second = |count, p50, max_us| {
+            let l = crate::stats::IntervalLatency {
+                count,
+                p50_us: Some(p50),
+                p90_us: Some(p50),
+                p99_us: Some(max_us),
+                max_us,
+            };
+            [("message".to_string(), l)].into_iter().collect()
+        };
+        a.timeline[5].latency = second(10, 100, 300);
+        a.timeline[1].latency = second(10, 100, 300);
+        b.timeline[3].latency = second(5, 900, 2000);
         b.duration_secs = 12.0;
         let merged = merge_reports(
             &[a.clone(), b.clone()],
@@ -224,6 +243,13 @@ mod tests {
         assert_eq!(merged.timeline.len(), 12);
         assert_eq!(merged.timeline[5].messages, 200);
         assert_eq!(merged.timeline[0].messages, 100);
+        let shared = merged.timeline[5].latency["message"];
+        assert_eq!(
+            (shared.count, shared.max_us, shared.p50_us),
+            (15, 2000, None)
+        );
+        let alone = merged.timeline[1].latency["message"];
+        assert_eq!((alone.count, alone.p50_us), (10, Some(100)));
         assert_eq!(merged.cpu.user_secs, 2.0);
     }
 

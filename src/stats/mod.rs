@@ -55,8 +55,8 @@ pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
 pub use recorder::{
-    new_histogram, Counts, IntervalMerger, IntervalSnapshot, Measurements, PhaseHistograms,
-    Recorder, ReplyCodes, TimelinePoint,
+    new_histogram, Counts, IntervalLatency, IntervalMerger, IntervalSnapshot, Measurements,
+    PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,
 };
 pub use report::{
     load_report, AssertionResult, Bottleneck, CpuUsage, HostInfo, LatencySummary, OpenLoopReport,

@@ -411,6 +411,10 @@ impl Report {
         } else {
             (BTreeMap::new(), BTreeMap::new(), None)
         };
+        let mut timeline = input.timeline;
+        if input.role == Role::Sink {
+            timeline.iter_mut().for_each(|p| p.latency.clear());
+        }
         let mut reply_codes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (cmd, code, n) in m.reply_codes.iter() {
             *reply_codes
@@ -438,7 +442,7 @@ impl Report {
             schedule_lag,
             open_loop: None,
             reply_codes,
-            timeline: input.timeline,
+            timeline,
             valid: input.invalid_reasons.is_empty(),
             invalid_reasons: input.invalid_reasons,
             assertions: Vec::new(),
@@ -597,6 +601,7 @@ pub(crate) mod tests {
                     messages: 100,
                     sessions: 10,
                     errors: 0,
+                    ..Default::default()
                 })
                 .collect(),
             invalid_reasons: vec![],
