@@ -44,7 +44,7 @@ pub enum Command {
     Bench(BenchArgs),
     /// Add several blast JSON reports (histograms and counts) and re-evaluate assertions.
     Merge(MergeArgs),
-    /// Print a JSON report as text, or draw it as an SVG.
+    /// Print a JSON report as text, or draw it as SVG or a self-contained HTML page.
     Report(ReportArgs),
 }
 
@@ -371,6 +371,9 @@ pub struct ReportArgs {
     /// Draw the latency spectrum and throughput over time as SVG here.
     #[arg(long, value_name = "OUT")]
     pub svg: Option<PathBuf>,
+    /// Write a self-contained HTML report here (charts inline, nothing fetched).
+    #[arg(long, value_name = "OUT")]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -43,6 +43,18 @@ pub enum Op {
 }
 
 impl Op {
+    /// The operator as written: `<`, `<=`, `>`, `>=`, `==`, `!=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+            Op::Eq => "==",
+            Op::Ne => "!=",
+        }
+    }
+
     fn holds(self, a: f64, b: f64) -> bool {
         match self {
             Op::Lt => a < b,
@@ -352,6 +364,11 @@ impl Assertion {
         }
     }
 
+    /// The threshold for people, with its operator: `< 5.00ms`, `>= 20000.0/s`.
+    pub fn format_threshold(&self) -> String {
+        format!("{} {}", self.op.as_str(), self.format_value(self.threshold))
+    }
+
     /// Evaluates the assertion: `{expr, ok, value}`.
     pub fn evaluate(&self, report: &Report) -> AssertionResult {
         let value = self.value(report);
@@ -395,6 +412,14 @@ mod tests {
             "0.50%"
         );
         assert_eq!(parse("errors == 0").unwrap().format_value(3.0), "3");
+        assert_eq!(
+            parse("p99(message) <= 5ms").unwrap().format_threshold(),
+            "<= 5.00ms"
+        );
+        assert_eq!(
+            parse("tempfailed != 1%").unwrap().format_threshold(),
+            "!= 1.00%"
+        );
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub mod assert;
 pub mod charts;
 pub mod hgrm;
 pub mod hlog;
+pub mod html;
 pub mod merge;
 pub mod recorder;
 pub mod report;
@@ -53,6 +54,7 @@ pub mod units;
 pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
+pub use html::{html_string, write_html, HtmlError};
 pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
 pub use recorder::{
     new_histogram, Counts, IntervalLatency, IntervalMerger, IntervalSnapshot, Measurements,

@@ -49,6 +49,32 @@ pub fn format_bytes_rate(v: f64) -> String {
     format!("{v:.1}{}/s", UNITS[i])
 }
 
+/// A UNIX time as `2026-11-29 20:11:57 UTC` (whole seconds; times before
+/// 1970 or beyond the year 9999 print as seconds).
+pub fn format_unix_utc(secs: f64) -> String {
+    if !(0.0..253_402_300_800.0).contains(&secs) {
+        return format!("{secs:.0} s since 1970");
+    }
+    let secs = secs as u64;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (proleptic Gregorian), eras of 400 years.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +87,14 @@ mod tests {
         assert_eq!(format_us(250_000.0), "250ms");
         assert_eq!(format_us(3_200_000.0), "3.20s");
         assert_eq!(format_us(0.0), "0µs");
+    }
+
+    #[test]
+    fn unix_times_print_as_utc_dates() {
+        assert_eq!(format_unix_utc(0.0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_unix_utc(951_782_400.0), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_unix_utc(1_795_368_985.9), "2026-11-22 17:36:25 UTC");
+        assert_eq!(format_unix_utc(-5.0), "-5 s since 1970");
+        assert_eq!(format_unix_utc(f64::NAN), "NaN s since 1970");
     }
 }
