@@ -158,12 +158,24 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
         Role::Blast => "blast",
         Role::Sink => "sink",
     };
-    let target = report
-        .config
-        .get("target")
-        .and_then(|t| t.as_str())
-        .map(|t| format!(" against {t}"))
-        .unwrap_or_default();
+    // A merged report lists its inputs' configs: name the target when they
+    // share one.
+    let targets: Vec<&str> = match report.config.get("configs").and_then(|c| c.as_array()) {
+        Some(configs) => configs
+            .iter()
+            .filter_map(|c| c.get("target")?.as_str())
+            .collect(),
+        None => report
+            .config
+            .get("target")
+            .and_then(|t| t.as_str())
+            .into_iter()
+            .collect(),
+    };
+    let target = match targets.first() {
+        Some(t) if targets.iter().all(|x| x == t) => format!(" against {t}"),
+        _ => String::new(),
+    };
     let merged = report.config.get("merged_from").and_then(|n| n.as_u64());
     let title = format!("smtpstorm {role} report{target}");
     let _ = writeln!(
@@ -280,7 +292,10 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
         );
     }
 
-    let _ = writeln!(o, "<h2>Throughput over time</h2><div class=\"charts wide\">");
+    let _ = writeln!(
+        o,
+        "<h2>Throughput over time</h2><div class=\"charts wide\">"
+    );
     let tl_series = if report.timeline.is_empty() { 0 } else { 3 };
     figure(
         &mut o,
@@ -504,7 +519,10 @@ mod tests {
         // The SVG namespace is a name, not an address that is fetched.
         let fetchable = page.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
         for fetch in ["src=", "href=\"http", "http:", "https:", "@import", "url("] {
-            assert!(!fetchable.contains(fetch), "the page fetches nothing: {fetch}");
+            assert!(
+                !fetchable.contains(fetch),
+                "the page fetches nothing: {fetch}"
+            );
         }
     }
 
