@@ -274,6 +274,9 @@ pub struct LoadArgs {
     /// A condition the run must meet (repeatable): `p99(message) < 5ms`, `rate(messages) >= 20000`, `errors == 0`.
     #[arg(long = "assert", value_name = "EXPR")]
     pub asserts: Vec<String>,
+    /// Write every --assert and --baseline check (and the run's validity) as JUnit XML here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     /// Fail (exit 99) if the run regressed against this earlier JSON report.
     #[arg(long, value_name = "FILE")]
     pub baseline: Option<PathBuf>,
@@ -359,6 +362,9 @@ pub struct MergeArgs {
     pub json: Option<PathBuf>,
     #[arg(long = "assert", value_name = "EXPR")]
     pub asserts: Vec<String>,
+    /// Write every --assert check (and the run's validity) as JUnit XML here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     #[arg(long)]
     pub allow_invalid: bool,
 }

@@ -19,6 +19,7 @@ pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
     }
     let out = OutputConfig {
         json: args.json.clone(),
+        junit: args.junit.clone(),
         asserts,
         allow_invalid: args.allow_invalid,
         ..OutputConfig::default()

@@ -65,6 +65,8 @@ pub struct OutputConfig {
     pub hgrm: Option<PathBuf>,
     pub hgrm_phase: Option<Phase>,
     pub hlog: Option<PathBuf>,
+    /// `--junit`: the checks as JUnit XML.
+    pub junit: Option<PathBuf>,
     pub asserts: Vec<crate::stats::Assertion>,
     pub baseline: Option<PathBuf>,
     /// Allowed regression in percent (10.0 = 10%).
@@ -381,6 +383,7 @@ impl BlastConfig {
                 hgrm: load.hgrm.clone(),
                 hgrm_phase,
                 hlog: load.hlog.clone(),
+                junit: load.junit.clone(),
                 asserts,
                 baseline: load.baseline.clone(),
                 max_regression_pct: load.max_regression * 100.0,

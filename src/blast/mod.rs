@@ -42,7 +42,8 @@ use anyhow::Context as _;
 use crate::cli::BlastArgs;
 use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
-    compare_baseline, load_report, write_hgrm_file, write_summary, Bottleneck, CpuUsage,
+    baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
+    CpuUsage,
     HlogWriter, IntervalMerger, IntervalSnapshot, Measurements, OpenLoopReport, Report,
     ReportInput, Role,
 };
@@ -365,14 +366,18 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
             format!("  FAIL  {:<32} measured {v}", r.expr)
         })
         .collect();
-    if let Some(b) = &out.baseline {
-        let base = load_report(b)?;
-        for r in compare_baseline(&report, &base, out.max_regression_pct) {
-            failures.push(format!("  FAIL  {r}"));
-        }
+    let baseline = match &out.baseline {
+        Some(b) => baseline_checks(&report, &load_report(b)?, out.max_regression_pct),
+        None => Vec::new(),
+    };
+    for c in baseline.iter().filter(|c| !c.ok) {
+        failures.push(format!("  FAIL  {}", c.regression()));
     }
     if let Some(p) = &out.json {
         report.write_json(p)?;
+    }
+    if let Some(p) = &out.junit {
+        write_junit(&report, &baseline, p)?;
     }
     if let (Some(p), Some(phase)) = (&out.hgrm, out.hgrm_phase) {
         write_hgrm_file(&report, phase, p)

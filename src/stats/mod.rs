@@ -44,6 +44,7 @@ pub mod charts;
 pub mod hgrm;
 pub mod hlog;
 pub mod html;
+pub mod junit;
 pub mod merge;
 pub mod recorder;
 pub mod report;
@@ -55,7 +56,11 @@ pub use assert::{parse as parse_assertion, parse_all as parse_assertions, Assert
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use html::{html_string, write_html, HtmlError};
-pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
+pub use junit::{junit_string, write_junit, JunitError};
+pub use merge::{
+    baseline_checks, compare_baseline, merge_files, merge_reports, BaselineCheck, MergeError,
+    Regression,
+};
 pub use recorder::{
     new_histogram, Counts, IntervalLatency, IntervalMerger, IntervalSnapshot, Measurements,
     PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,

@@ -49,11 +49,11 @@ pub fn format_bytes_rate(v: f64) -> String {
     format!("{v:.1}{}/s", UNITS[i])
 }
 
-/// A UNIX time as `2026-11-29 20:11:57 UTC` (whole seconds; times before
-/// 1970 or beyond the year 9999 print as seconds).
-pub fn format_unix_utc(secs: f64) -> String {
+/// `(year, month, day, hour, minute, second)` of a UNIX time in UTC, or
+/// `None` before 1970 or after the year 9999.
+fn civil_utc(secs: f64) -> Option<(i64, i64, i64, u64, u64, u64)> {
     if !(0.0..253_402_300_800.0).contains(&secs) {
-        return format!("{secs:.0} s since 1970");
+        return None;
     }
     let secs = secs as u64;
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -67,12 +67,23 @@ pub fn format_unix_utc(secs: f64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    Some((year, month, day, rem / 3600, rem / 60 % 60, rem % 60))
+}
+
+/// A UNIX time as `2026-11-29 20:11:57 UTC` (whole seconds; times before
+/// 1970 or beyond the year 9999 print as seconds).
+pub fn format_unix_utc(secs: f64) -> String {
+    match civil_utc(secs) {
+        Some((y, mo, d, h, mi, s)) => format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC"),
+        None => format!("{secs:.0} s since 1970"),
+    }
+}
+
+/// A UNIX time as ISO 8601 without a zone, `2026-11-29T20:11:57` (UTC), as
+/// JUnit's `timestamp` wants it; out-of-range times give the epoch.
+pub fn format_unix_iso(secs: f64) -> String {
+    let (y, mo, d, h, mi, s) = civil_utc(secs).unwrap_or((1970, 1, 1, 0, 0, 0));
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}")
 }
 
 #[cfg(test)]
@@ -96,5 +107,7 @@ mod tests {
         assert_eq!(format_unix_utc(1_795_368_985.9), "2026-11-22 17:36:25 UTC");
         assert_eq!(format_unix_utc(-5.0), "-5 s since 1970");
         assert_eq!(format_unix_utc(f64::NAN), "NaN s since 1970");
+        assert_eq!(format_unix_iso(1_795_368_985.0), "2026-11-22T17:36:25");
+        assert_eq!(format_unix_iso(-1.0), "1970-01-01T00:00:00");
     }
 }
