@@ -13,10 +13,10 @@
 //! ```text
 //! worker thread:  rec.record(Phase::Message, latency_us); rec.count_outcome(outcome);
 //!                 every second: tx.send(rec.take_interval(start_offset, 1s))
-//!                 at the end:   tx.send(rec.take_interval(..)); send rec.finish().reply_codes
+//!                 at the end:   tx.send(rec.take_interval(..)); return rec.finish() (the totals)
 //! main thread:    per tick, merge the N snapshots of that tick (IntervalSnapshot::merge),
 //!                 hlog.write_snapshot(&merged), merger.absorb(&merged)
-//!                 at the end: merger.absorb_reply_codes(..); let (m, timeline) = merger.into_parts();
+//!                 at the end: let (m, timeline) = merger.into_parts();
 //!                 Report::build(ReportInput { measurements: m, timeline, .. })
 //!                 report.evaluate_assertions(&asserts); report.write_json(path);
 //!                 write_hgrm_file(&report, Phase::Message, path); write_summary(&report, &mut stderr)

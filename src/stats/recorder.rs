@@ -329,8 +329,7 @@ pub struct IntervalSnapshot {
     pub start_offset: Duration,
     /// Length of the interval.
     pub duration: Duration,
-    /// Counters, histograms of the interval only (reply codes are kept in
-    /// the totals only and are empty here).
+    /// Counters, histograms and reply-code tallies of the interval only.
     pub measurements: Measurements,
 }
 
@@ -477,10 +476,12 @@ impl Recorder {
         }
     }
 
-    /// Counts one reply `code` to `cmd` (kept in the totals only).
+    /// Counts one reply `code` to `cmd`. The tally goes out with the
+    /// interval like the counters (live metrics show reply codes); its
+    /// table is allocated on the interval's first reply, never per reply.
     #[inline]
     pub fn count_reply(&mut self, cmd: CommandKind, code: u16) {
-        self.total.reply_codes.count(cmd, code);
+        self.pending.reply_codes.count(cmd, code);
     }
 
     /// Direct access to the counters of the current interval, for anything
@@ -652,12 +653,6 @@ impl IntervalMerger {
         }
     }
 
-    /// Adds reply tallies (e.g. from each thread's [`Recorder::finish`]),
-    /// which snapshots do not carry.
-    pub fn absorb_reply_codes(&mut self, r: &ReplyCodes) {
-        self.total.reply_codes.merge(r);
-    }
-
     /// Totals of everything absorbed.
     pub fn totals(&self) -> &Measurements {
         &self.total
@@ -788,6 +783,8 @@ mod tests {
         assert_eq!(t.counts.messages_accepted, 3);
         assert_eq!(t.latency.count(Phase::Message), 2);
         assert_eq!(t.reply_codes.get(CommandKind::Mail, 250), 1);
+        assert_eq!(s2.measurements.reply_codes.get(CommandKind::Mail, 250), 1);
+        assert_eq!(s1.measurements.reply_codes.get(CommandKind::Mail, 250), 0);
     }
 
     #[test]
