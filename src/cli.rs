@@ -150,6 +150,9 @@ pub struct SinkArgs {
     /// Write the JSON report here on exit.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Serve live metrics over HTTP here: Prometheus text at /metrics, JSON at /stats.
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics_listen: Option<SocketAddr>,
     /// No live line and no summary on stdout.
     #[arg(long)]
     pub quiet: bool,
@@ -271,6 +274,10 @@ pub struct LoadArgs {
     /// Write an HdrHistogram interval log (one tagged line per phase per second) here.
     #[arg(long, value_name = "FILE")]
     pub hlog: Option<PathBuf>,
+    /// Serve live metrics over HTTP here: Prometheus text at /metrics, JSON at /stats
+    /// (bench: the blaster's figures).
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics_listen: Option<SocketAddr>,
     /// A condition the run must meet (repeatable): `p99(message) < 5ms`, `rate(messages) >= 20000`, `errors == 0`.
     #[arg(long = "assert", value_name = "EXPR")]
     pub asserts: Vec<String>,

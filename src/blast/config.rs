@@ -67,6 +67,8 @@ pub struct OutputConfig {
     pub hlog: Option<PathBuf>,
     /// `--junit`: the checks as JUnit XML.
     pub junit: Option<PathBuf>,
+    /// `--metrics-listen`: serve live metrics here during the run.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub asserts: Vec<crate::stats::Assertion>,
     pub baseline: Option<PathBuf>,
     /// Allowed regression in percent (10.0 = 10%).
@@ -384,6 +386,7 @@ impl BlastConfig {
                 hgrm_phase,
                 hlog: load.hlog.clone(),
                 junit: load.junit.clone(),
+                metrics_listen: load.metrics_listen,
                 asserts,
                 baseline: load.baseline.clone(),
                 max_regression_pct: load.max_regression * 100.0,

@@ -44,7 +44,8 @@ use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
     baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
     CpuUsage,
-    HlogWriter, IntervalMerger, IntervalSnapshot, Measurements, OpenLoopReport, Report,
+    HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements, MetricsServer,
+    OpenLoopReport, Report,
     ReportInput, Role,
 };
 
@@ -144,6 +145,18 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     let started_at_unix = unix_now() + cfg.warmup.as_secs_f64();
     let cpu_start = process_cpu();
     let mut progress = progress::Progress::new(&cfg);
+    // Live metrics: fed below from the merged snapshots, once a second.
+    let live = LiveMetrics::new(Role::Blast);
+    let _metrics_server = match cfg.output.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let s = MetricsServer::start(addr, Arc::clone(&live))?;
+            if !cfg.output.quiet {
+                eprintln!("smtpstorm: metrics on http://{}/metrics and /stats", s.addr());
+            }
+            Some(s)
+        }
+    };
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<Tick>();
     let workers = {
@@ -156,9 +169,11 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     // Merge each second's snapshots once every thread has sent its own.
     let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
     let mut merger = IntervalMerger::new();
+    let mut open_by_thread = vec![0usize; threads];
     let mut absorb =
         |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<_>>| -> anyhow::Result<()> {
             merger.absorb(snap);
+            live.absorb(snap);
             if let Some(h) = hlog {
                 h.write_snapshot(snap)?;
             }
@@ -168,7 +183,10 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(tick) => {
-                let _ = tick.thread;
+                if let Some(o) = open_by_thread.get_mut(tick.thread) {
+                    *o = tick.open_connections;
+                }
+                live.set_open_connections(open_by_thread.iter().sum::<usize>() as u64);
                 let entry = pending
                     .entry(tick.index)
                     .or_insert_with(|| (0, tick.snapshot.clone()));
@@ -189,6 +207,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         absorb(&snap, &mut hlog)?;
     }
     progress.finish();
+    live.finish();
     let results = workers.join()?;
     let ended = Instant::now();
     if let Some(h) = hlog {

@@ -90,6 +90,8 @@ pub struct Tick {
     /// Interval number (second `index` after `measure_start`).
     pub index: u64,
     pub snapshot: IntervalSnapshot,
+    /// Connections open when the snapshot was taken (live metrics).
+    pub open_connections: usize,
 }
 
 /// What the open loop did with its messages (measured window only).
@@ -355,6 +357,7 @@ impl Worker {
                     thread: self.index,
                     index: tick_index,
                     snapshot: snap,
+                    open_connections: self.slots.len(),
                 });
                 tick_index += 1;
                 next_tick += Duration::from_secs(1);
@@ -482,6 +485,7 @@ impl Worker {
                 thread: self.index,
                 index: tick_index,
                 snapshot: snap,
+                open_connections: self.slots.len(),
             });
             self.result.intervals = tick_index + 1;
         }

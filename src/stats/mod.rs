@@ -46,6 +46,7 @@ pub mod hlog;
 pub mod html;
 pub mod junit;
 pub mod merge;
+pub mod metrics;
 pub mod recorder;
 pub mod report;
 pub mod summary;
@@ -61,6 +62,7 @@ pub use merge::{
     baseline_checks, compare_baseline, merge_files, merge_reports, BaselineCheck, MergeError,
     Regression,
 };
+pub use metrics::{LiveMetrics, MetricsError, MetricsServer};
 pub use recorder::{
     new_histogram, Counts, IntervalLatency, IntervalMerger, IntervalSnapshot, Measurements,
     PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,
