@@ -195,8 +195,19 @@ pub struct LoadArgs {
     #[arg(short = 's', long, value_name = "S[..S]", default_value = "1KiB", value_parser = parse_size_range)]
     pub size: SizeRange,
     /// Send this file as the message (headers and body as given).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "data")]
     pub body: Option<PathBuf>,
+    /// Send real messages: an .eml file, a directory of *.eml, or an mbox; loaded
+    /// once, CRLF-normalized, dot-stuffed for DATA (not for BDAT); --size is ignored.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Order of --data messages: round-robin, or shuffle (a new permutation per pass, from --seed).
+    #[arg(long, value_name = "ORDER", default_value = "round-robin", requires = "data")]
+    pub data_order: crate::blast::corpus::DataOrder,
+    /// Messages carry the digest header the sink's --verify checks (generated ones
+    /// always do; --data messages get one on top); bench: the embedded sink verifies.
+    #[arg(long)]
+    pub verify: bool,
     /// Envelope sender template: {n} global sequence, {thread}, {rand}, {instance}.
     #[arg(long, value_name = "T", default_value = "sender{n}@smtpstorm.test")]
     pub from: String,
@@ -329,9 +340,6 @@ pub struct BenchArgs {
     /// Faults for the embedded sink (same forms as `sink --fault`).
     #[arg(long = "sink-fault", value_name = "SPEC", value_parser = parse_fault)]
     pub sink_faults: Vec<FaultSpec>,
-    /// The embedded sink checks the digest header of every message.
-    #[arg(long)]
-    pub verify: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -56,6 +56,8 @@ pub enum ConfigError {
     StartAt(f64),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Corpus(#[from] super::corpus::CorpusError),
 }
 
 /// What the run produces once it ends (outputs and checks).
@@ -112,6 +114,8 @@ pub struct BlastConfig {
     pub size: SizeRange,
     /// `--body FILE`, LF normalized to CRLF.
     pub body_file: Option<Arc<[u8]>>,
+    /// `--data PATH`: the messages, loaded once.
+    pub corpus: Option<Arc<super::corpus::Corpus>>,
     pub from: Template,
     pub to: Template,
     pub client: Arc<ClientConfig>,
@@ -269,6 +273,15 @@ impl BlastConfig {
                 Some(Arc::from(normalize_crlf(&raw)))
             }
         };
+        let corpus = match &load.data {
+            None => None,
+            Some(p) => Some(Arc::new(super::corpus::Corpus::load(
+                p,
+                load.data_order,
+                load.seed,
+                load.verify,
+            )?)),
+        };
         let from = Template::parse(&load.from).map_err(|e| ConfigError::Template("from", e))?;
         let to = Template::parse(&load.to).map_err(|e| ConfigError::Template("to", e))?;
         let hgrm_phase = match &load.hgrm {
@@ -327,6 +340,10 @@ impl BlastConfig {
             "size_min": load.size.min,
             "size_max": load.size.max,
             "body_file": load.body.as_ref().map(|p| p.display().to_string()),
+            "data": load.data.as_ref().map(|p| p.display().to_string()),
+            "data_messages": corpus.as_ref().map(|c| c.len()),
+            "data_order": load.data.as_ref().map(|_| format!("{:?}", load.data_order).to_lowercase()),
+            "verify": load.verify,
             "starttls": load.starttls,
             "tls": load.tls,
             "tls_resume": load.tls_resume,
@@ -359,6 +376,7 @@ impl BlastConfig {
             recipients: load.recipients,
             size: load.size,
             body_file,
+            corpus,
             from,
             to,
             client: Arc::new(client),
@@ -410,6 +428,7 @@ impl BlastConfig {
             threads,
             self.instance,
         )
+        .with_corpus(self.corpus.clone())
     }
 
     /// Number of worker threads this config will run.
