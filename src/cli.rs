@@ -4,9 +4,10 @@
 //! type (`10k`, `30s`, `64KiB`, `5%`, `1KiB..4KiB`) and, on bad input, returns
 //! an error that states the expected form, so that clap prints one line naming
 //! the flag. Cross-flag checks that clap cannot express live in `config`.
-//! Exit codes (documented in `--help`): 0 success, 2 usage or runtime error,
-//! 3 invalid run (the blaster could not keep its schedule), 99 a failed
-//! `--assert`.
+//! Exit codes (documented in `--help` and the man page): 0 success, 2 usage
+//! or runtime error, 3 invalid run (the blaster could not keep its
+//! schedule), 4 failed run (nothing accepted), 99 a failed `--assert` or
+//! `--baseline` check.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +26,8 @@ use crate::smtp::BareLfPolicy;
     about = "Thread-per-core SMTP sink and load generator with honest latency figures",
     after_help = "Exit codes: 0 success, 2 usage or runtime error, 3 invalid run \
                   (the blaster could not keep its schedule; see --allow-invalid), \
-                  99 a failed --assert."
+                  4 failed run (the target accepted no message), \
+                  99 a failed --assert or --baseline check."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -46,6 +48,24 @@ pub enum Command {
     Merge(MergeArgs),
     /// Print a JSON report as text, or draw it as SVG or a self-contained HTML page.
     Report(ReportArgs),
+    /// Print a shell completion script (e.g. `source <(smtpstorm completions bash)`).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), or write one page per command with --out.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write smtpstorm.1 and smtpstorm-COMMAND.1 into DIR instead of printing smtpstorm.1.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 /// Threads: a count or an explicit CPU list (mutually exclusive).
