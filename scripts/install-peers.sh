@@ -27,6 +27,9 @@ command -v openssl >/dev/null 2>&1 || want openssl
 # ip (network namespaces), ss (socket states), tc (netem).
 command -v ip >/dev/null 2>&1 && command -v ss >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 ||
   want iproute2
+# flock serializes the tests' edits of Postfix's main.cf (util-linux is
+# essential on Debian; checked so a trimmed image says so here).
+command -v flock >/dev/null 2>&1 || want util-linux
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -55,6 +58,7 @@ have_perl_module Net::SSLeay || missing+=(perl:Net::SSLeay)
 have_perl_module IO::Socket::INET6 || missing+=(perl:IO::Socket::INET6)
 have_py_module aiosmtpd || missing+=(python3:aiosmtpd)
 command -v tc >/dev/null 2>&1 || missing+=(tc)
+command -v flock >/dev/null 2>&1 || missing+=(flock)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-peers: still missing after install: ${missing[*]}" >&2
   exit 1

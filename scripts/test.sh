@@ -3,7 +3,13 @@
 # smtp-sink/smtp-source/smtpd, swaks, aiosmtpd, openssl), then runs unit,
 # property, pair and integration tests, then the bounded stable-toolchain
 # fuzz runs. Usage: scripts/test.sh   (env SMTPSTORM_FUZZ_SECS=N to change
-# the fuzz time per target, default 20)
+# the fuzz time per target, default 20; each target runs at least its
+# minimum number of cases whatever the time)
+#
+# Every test binary runs even when another fails (`--no-fail-fast`). The
+# closing line is `suite: N passed, M failed`; the exit status is non-zero
+# if any test failed, or if cargo failed in a way no test result shows (a
+# test binary that did not build or crashed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,16 +25,29 @@ cargo build --profile ci --bin smtpstorm
 export SMTPSTORM_BIN="$PWD/target/ci/smtpstorm"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# Exit status of the cargo runs: a failure must not stop the next run.
+cargo_status=0
 # Bounded fuzzing on the stable toolchain (each target runs SMTPSTORM_FUZZ_SECS).
 export SMTPSTORM_FUZZ_SECS="${SMTPSTORM_FUZZ_SECS:-20}"
-cargo test --profile ci --lib --bins --tests -- --ignored fuzz_ --test-threads 1 2>&1 | tee -a "$log"
+cargo test --profile ci --no-fail-fast --lib --bins --tests -- --ignored fuzz_ --test-threads 1 2>&1 |
+  tee -a "$log" || cargo_status=$?
 # Everything else: unit, byte-script, property, pair and integration tests.
-cargo test --profile ci --lib --bins --tests -- --test-threads 2 2>&1 | tee -a "$log"
-# One closing line for the whole suite.
+cargo test --profile ci --no-fail-fast --lib --bins --tests -- --test-threads 2 2>&1 |
+  tee -a "$log" || cargo_status=$?
+# One closing line for the whole suite (exit 1 if a test failed).
+tests_status=0
 awk '/^test result:/ {
        for (i = 1; i <= NF; i++) {
          if ($(i) ~ /^passed;?$/) p += $(i-1)
          if ($(i) ~ /^failed;?$/) f += $(i-1)
        }
      }
-     END { printf "suite: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
+     END { printf "suite: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log" || tests_status=1
+if [ "$cargo_status" -ne 0 ] && [ "$tests_status" -eq 0 ]; then
+  # No result line counts a failure, yet cargo failed: a test binary did
+  # not build, or crashed before printing its result.
+  echo "suite: cargo failed (exit status $cargo_status) without a failed test: a build error or a crashed test binary, see above" >&2
+fi
+if [ "$cargo_status" -ne 0 ] || [ "$tests_status" -ne 0 ]; then
+  exit 1
+fi

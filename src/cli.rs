@@ -79,6 +79,30 @@ pub struct ThreadArgs {
     // `std::vec::Vec` (not `Vec`) so clap stores the parsed list as one value
     // instead of treating the flag as repeatable usize values.
     pub cpus: Option<std::vec::Vec<usize>>,
+    /// I/O backend: io_uring where the kernel allows it (auto), epoll, or uring.
+    #[arg(long, value_name = "BACKEND", default_value = "auto", env = "SMTPSTORM_IO")]
+    pub io: IoArg,
+}
+
+/// `--io`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum IoArg {
+    #[default]
+    Auto,
+    Epoll,
+    Uring,
+}
+
+impl IoArg {
+    /// The runtime's choice.
+    pub fn choice(self) -> crate::net::driver::IoChoice {
+        use crate::net::driver::IoChoice;
+        match self {
+            IoArg::Auto => IoChoice::Auto,
+            IoArg::Epoll => IoChoice::Epoll,
+            IoArg::Uring => IoChoice::Uring,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -436,65 +460,12 @@ pub enum PipeliningArg {
     Off,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProxyVersion {
-    V1,
-    V2,
-}
-
-/// `--auth` of the sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthPolicy {
-    Any,
-    Only { user: String, pass: String },
-}
-
-/// A message size or a uniform range of sizes, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SizeRange {
-    pub min: u64,
-    pub max: u64,
-}
-
-/// The SMTP step a fault applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FaultPoint {
-    Connect,
-    Ehlo,
-    Mail,
-    Rcpt,
-    Data,
-    /// End of DATA body, or BDAT LAST.
-    Dot,
-    Quit,
-}
-
-/// What a fault does.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum FaultAction {
-    /// Answer with this code instead of acting.
-    Reply(u16),
-    /// Delay the reply by a time drawn uniformly from the range.
-    Delay { min: Duration, max: Duration },
-    /// Close without a reply.
-    Disconnect,
-    /// `421` then close.
-    Disconnect421,
-    /// First attempt of a (sender, recipient, IP) triple tempfails with 451;
-    /// a retry after `window` succeeds.
-    Greylist { window: Duration },
-    /// More than `per_sec` new sessions in a second get `421` (token bucket).
-    RateLimit { per_sec: u64 },
-}
-
-/// One `--fault` flag.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FaultSpec {
-    pub point: FaultPoint,
-    pub action: FaultAction,
-    /// Probability in 0..=1 that the fault fires.
-    pub probability: f64,
-}
+// The validated types flags parse into live with the roles that use them
+// (nothing below the CLI imports from here).
+pub use crate::blast::config::ProxyVersion;
+pub use crate::blast::message::SizeRange;
+pub use crate::sink::config::AuthPolicy;
+pub use crate::sink::faults::{FaultAction, FaultPoint, FaultSpec};
 
 // ---------------------------------------------------------------- parsers
 

@@ -4,9 +4,15 @@
 //!
 //! - `cli` / `config`: raw flags (clap) and the validated configuration built
 //!   from them; every cross-flag check lives in `config`.
-//! - `sink`, `blast`, `bench`, `probe`: the roles.
-//! - `net`: one pinned thread per CPU, each with its own mio event loop,
-//!   sockets built with socket2, rustls as a byte transform.
+//! - `sink`, `blast`, `bench`, `probe`: the roles. Each is a connection
+//!   handler (`sink::conn`, `blast::conn`: the per-connection logic, no I/O
+//!   type in it) plus a thread-level handler (`*::worker`: schedule,
+//!   statistics, stop conditions).
+//! - `net`: one pinned thread per CPU, each running one backend
+//!   (`net::epoll`, `net::uring`, chosen by `net::driver` from `--io`)
+//!   that owns every socket, buffer and timer and drives the handler through
+//!   the seam of `net::backend`; TLS is a sans-IO transform
+//!   (`net::tls_stream`) inside the backend.
 //! - `smtp`: the protocol as sans-IO state machines (bytes and time in,
 //!   bytes, events and deadlines out).
 //! - `stats`: per-thread histograms and counters, merged once, reported as

@@ -1,5 +1,6 @@
 //! Stable-toolchain fuzzing of the client session and the PROXY parser,
-//! bounded in time (`SMTPSTORM_FUZZ_SECS`, default 20 s per test).
+//! bounded in time (`SMTPSTORM_FUZZ_SECS`, default 20 s per test) and run
+//! for at least `MIN_CASES` inputs whatever the time (`tests/fuzzing`).
 //!
 //! Both tests are `#[ignore]`d: the test script runs them explicitly
 //! (`cargo test --test fuzz_client -- --ignored`). They use a deterministic
@@ -17,6 +18,7 @@
 //! length present (and then consumes exactly `16 + len`), and a v1 header
 //! only up to its CRLF within 107 bytes.
 
+mod fuzzing;
 #[path = "pair/harness.rs"]
 mod harness;
 
@@ -24,6 +26,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fuzzing::{budget, run_cases, seed, MIN_CASES};
 use harness::{message, Pair, Recorder, Rng};
 use smtpstorm::smtp::client::{
     AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, Message, PipeliningMode,
@@ -31,20 +34,8 @@ use smtpstorm::smtp::client::{
 use smtpstorm::smtp::server::{ServerConfig, Verdict};
 use smtpstorm::smtp::{proxy, ClientTimeouts, CommandKind};
 
-fn budget() -> Duration {
-    let secs = std::env::var("SMTPSTORM_FUZZ_SECS")
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(20.0);
-    Duration::from_secs_f64(secs.max(0.0))
-}
-
-fn seed() -> u64 {
-    std::env::var("SMTPSTORM_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5EED_CAFE)
-}
+/// Beyond the time budget, how long the minimum number of cases may take.
+const HARD_LIMIT_EXTRA: Duration = Duration::from_secs(600);
 
 /// A client configuration, its messages, and a server's reply stream to it.
 struct Transcript {
@@ -368,7 +359,7 @@ fn run_one(
 
 #[test]
 #[ignore = "bounded fuzzing; run with --ignored (SMTPSTORM_FUZZ_SECS)"]
-fn fuzz_client_replies_stable() {
+fn fuzz_client_session_keeps_its_invariants_on_mutated_replies() {
     let seed = seed();
     let mut rng = Rng(seed);
     let corpus = transcripts(&mut rng);
@@ -376,10 +367,8 @@ fn fuzz_client_replies_stable() {
     for t in &corpus {
         run_one(&mut rng, &t.config, &t.messages, &t.replies).unwrap();
     }
-    let deadline = Instant::now() + budget();
-    let mut iters = 0u64;
-    while Instant::now() < deadline || iters < 100 {
-        iters += 1;
+    let b = budget();
+    let cases = run_cases("client", MIN_CASES, b, b + HARD_LIMIT_EXTRA, |iters| {
         let t = &corpus[rng.range(0, corpus.len() - 1)];
         let input = match rng.range(0, 9) {
             0 => (0..rng.range(0, 2000))
@@ -404,11 +393,8 @@ fn fuzz_client_replies_stable() {
                 String::from_utf8_lossy(&input)
             );
         }
-    }
-    eprintln!(
-        "fuzz_client_replies_stable: {iters} inputs, {} transcripts",
-        corpus.len()
-    );
+    });
+    eprintln!("fuzz_client: {cases} inputs, {} transcripts", corpus.len());
 }
 
 fn valid_headers(rng: &mut Rng) -> Vec<u8> {
@@ -462,13 +448,11 @@ fn check_proxy(buf: &[u8]) {
 
 #[test]
 #[ignore = "bounded fuzzing; run with --ignored (SMTPSTORM_FUZZ_SECS)"]
-fn fuzz_proxy_parser_stable() {
+fn fuzz_proxy_parser_keeps_its_contract() {
     let seed = seed();
     let mut rng = Rng(seed ^ 0x9E37);
-    let deadline = Instant::now() + budget();
-    let mut iters = 0u64;
-    while Instant::now() < deadline || iters < 1000 {
-        iters += 1;
+    let b = budget();
+    run_cases("proxy", MIN_CASES, b, b + HARD_LIMIT_EXTRA, |_| {
         let mut buf = valid_headers(&mut rng);
         let is_v2 = buf.starts_with(&proxy::V2_SIG);
         match rng.range(0, 5) {
@@ -513,6 +497,5 @@ fn fuzz_proxy_parser_stable() {
         for cut in 0..buf.len().min(64) {
             check_proxy(&buf[..cut]);
         }
-    }
-    eprintln!("fuzz_proxy_parser_stable: {iters} inputs");
+    });
 }

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bin, free_port, get_u64, read_json, wait_for_port, Proc, PYTHON, SMTP_SOURCE};
+use common::{
+    bin, free_port, get_u64, read_json, wait_for_open_fds, wait_for_port, Proc, PYTHON, SMTP_SOURCE,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -129,7 +131,9 @@ fn smtp_source_several_messages_per_session_and_five_recipients() {
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 200);
     assert_eq!(get_u64(&v, "counts.recipients"), 1000);
     assert_eq!(code(&v, "rcpt", "250"), 1000);
-    assert!(get_u64(&v, "counts.sessions") <= 4 + PROBE_SESSIONS + 4);
+    assert_eq!(code(&v, "dot", "250"), 200);
+    // -d: each of the 4 sessions sends message after message.
+    assert_eq!(get_u64(&v, "counts.sessions"), 4 + PROBE_SESSIONS);
 }
 
 #[test]
@@ -144,6 +148,19 @@ fn smtp_source_large_messages_are_counted_byte_for_byte() {
     // smtp-source adds a few header lines to the 200000 body bytes.
     let bytes = get_u64(&v, "counts.bytes");
     assert!((20 * 200_000..20 * 201_000).contains(&bytes), "{bytes}");
+}
+
+/// The reply swaks printed to the message's final dot (`<-  ...` in
+/// plaintext, `<~  ...` over TLS), and whether that dot went over TLS.
+#[track_caller]
+fn final_reply(transcript: &str) -> (String, bool) {
+    let lines: Vec<&str> = transcript.lines().collect();
+    let dot = lines
+        .iter()
+        .rposition(|l| *l == " -> ." || *l == " ~> .")
+        .unwrap_or_else(|| panic!("no final dot in {transcript}"));
+    let reply = lines.get(dot + 1).copied().unwrap_or_default();
+    (reply.to_string(), lines[dot] == " ~> .")
 }
 
 fn swaks(sink: &Sink, extra: &[&str]) -> Command {
@@ -167,15 +184,31 @@ fn swaks(sink: &Sink, extra: &[&str]) -> Command {
 fn swaks_starttls_implicit_tls_and_pipelining_are_accepted() {
     let sink = Sink::start(&["--exit-after-messages", "3"]);
     let t = run_ok("swaks --tls", &mut swaks(&sink, &["--tls"]));
-    assert!(t.contains("250 2.0.0"), "{t}");
+    assert!(t.contains("<-  220 2.0.0 Ready to start TLS"), "{t}");
+    assert_eq!(
+        final_reply(&t),
+        ("<~  250 2.0.0 Message accepted".to_string(), true),
+        "{t}"
+    );
     let tls_addr = format!("127.0.0.1:{}", sink.tls_port);
-    run_ok(
+    let t = run_ok(
         "swaks --tlsc",
         &mut swaks(&sink, &["-s", &tls_addr, "--tlsc"]),
     );
-    run_ok("swaks --pipeline", &mut swaks(&sink, &["--pipeline"]));
+    assert_eq!(
+        final_reply(&t),
+        ("<~  250 2.0.0 Message accepted".to_string(), true),
+        "{t}"
+    );
+    let t = run_ok("swaks --pipeline", &mut swaks(&sink, &["--pipeline"]));
+    assert_eq!(
+        final_reply(&t),
+        ("<-  250 2.0.0 Message accepted".to_string(), false),
+        "{t}"
+    );
     let v = sink.report();
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 3);
+    assert_eq!(code(&v, "dot", "250"), 3);
     assert_eq!(get_u64(&v, "counts.tls_sessions"), 2);
     assert_eq!(get_u64(&v, "counts.sessions"), 3 + PROBE_SESSIONS);
     assert_eq!(code(&v, "starttls", "220"), 1);
@@ -184,26 +217,33 @@ fn swaks_starttls_implicit_tls_and_pipelining_are_accepted() {
 #[test]
 fn swaks_auth_plain_and_login_right_and_wrong_password() {
     let sink = Sink::start(&["--auth", "bob:secret", "--exit-after-sessions", "5"]);
-    run_ok(
-        "plain ok",
-        &mut swaks(&sink, &["-a", "PLAIN", "-au", "bob", "-ap", "secret"]),
-    );
-    run_ok(
-        "login ok",
-        &mut swaks(&sink, &["-a", "LOGIN", "-au", "bob", "-ap", "secret"]),
-    );
-    let out = common::run(
-        "plain bad",
-        &mut swaks(&sink, &["-a", "PLAIN", "-au", "bob", "-ap", "nope"]),
-        WAIT,
-    );
-    assert!(!out.status.success());
-    let out = common::run(
-        "login bad",
-        &mut swaks(&sink, &["-a", "LOGIN", "-au", "bob", "-ap", "nope"]),
-        WAIT,
-    );
-    assert!(!out.status.success());
+    for mech in ["PLAIN", "LOGIN"] {
+        let t = run_ok(
+            mech,
+            &mut swaks(&sink, &["-a", mech, "-au", "bob", "-ap", "secret"]),
+        );
+        assert!(
+            t.lines()
+                .any(|l| l == "<-  235 2.7.0 Authentication successful"),
+            "{t}"
+        );
+        assert_eq!(final_reply(&t).0, "<-  250 2.0.0 Message accepted", "{t}");
+    }
+    for mech in ["PLAIN", "LOGIN"] {
+        let out = common::run(
+            mech,
+            &mut swaks(&sink, &["-a", mech, "-au", "bob", "-ap", "nope"]),
+            WAIT,
+        );
+        let t = String::from_utf8_lossy(&out.stdout).to_string();
+        // swaks exits 28 when authentication fails.
+        assert_eq!(out.status.code(), Some(28), "{t}");
+        assert!(
+            t.lines()
+                .any(|l| l == "<** 535 5.7.8 Authentication credentials invalid"),
+            "{t}"
+        );
+    }
     let v = sink.report();
     assert_eq!(code(&v, "auth", "235"), 2);
     assert_eq!(code(&v, "auth", "535"), 2);
@@ -257,9 +297,54 @@ print("ok")
     assert_eq!(code(&v, "dot", "552"), 1);
 }
 
+/// Lines a child writes on one pipe, each tagged with the pipe's name
+/// (`None` at its end), read by a thread into `tx`.
+fn forward_lines(
+    name: &'static str,
+    pipe: impl std::io::Read + Send + 'static,
+    tx: std::sync::mpsc::Sender<(&'static str, Option<String>)>,
+) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send((name, Some(line)));
+        }
+        let _ = tx.send((name, None));
+    });
+}
+
+/// Waits (bounded) for a line from `pipe` that satisfies `want`; returns
+/// that pipe's lines up to and including it.
+#[track_caller]
+fn lines_until(
+    rx: &std::sync::mpsc::Receiver<(&'static str, Option<String>)>,
+    pipe: &str,
+    want: impl Fn(&str) -> bool,
+) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((p, Some(line))) if p == pipe => {
+                let done = want(&line);
+                seen.push(line);
+                if done {
+                    return seen;
+                }
+            }
+            Ok((p, None)) if p == pipe => panic!("{pipe} ended after {seen:?}"),
+            Ok(_) => {}
+            Err(_) => panic!("nothing wanted on {pipe} within 20 s: {seen:?}"),
+        }
+    }
+}
+
 #[test]
 fn openssl_s_client_starttls_handshake_then_ehlo_works() {
     let sink = Sink::start(&[]);
+    // -brief: "CONNECTION ESTABLISHED" on stderr once the handshake is done;
+    // -ign_eof: lines starting with Q or R are sent, not taken as commands.
     let mut child = Command::new("openssl")
         .args([
             "s_client",
@@ -267,37 +352,58 @@ fn openssl_s_client_starttls_handshake_then_ehlo_works() {
             "smtp",
             "-connect",
             &sink.addr(),
-            "-quiet",
+            "-brief",
+            "-ign_eof",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
-        stdin.write_all(b"EHLO after.tls\r\n").unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-        stdin.write_all(b"QUIT\r\n").unwrap();
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    forward_lines("stdout", child.stdout.take().unwrap(), tx.clone());
+    forward_lines("stderr", child.stderr.take().unwrap(), tx);
+    let mut stdin = child.stdin.take().unwrap();
     let mut p = Proc {
         child: Some(child),
         name: "openssl".into(),
     };
-    let out = p.wait_output(Duration::from_secs(20));
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("250-smtpstorm.localhost") || text.contains("250 "),
-        "{text}"
+    lines_until(&rx, "stderr", |l| l == "CONNECTION ESTABLISHED");
+    {
+        use std::io::Write;
+        stdin.write_all(b"EHLO after.tls\r\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    // The EHLO reply over TLS, whole: it no longer offers STARTTLS.
+    let ehlo = lines_until(&rx, "stdout", |l| l.starts_with("250 "));
+    assert_eq!(
+        ehlo.first().map(String::as_str),
+        Some("250-smtpstorm.localhost"),
+        "{ehlo:?}"
     );
-    assert!(text.contains("221 "), "{text}");
+    assert!(
+        ehlo.iter()
+            .all(|l| l.starts_with("250") && !l.contains("STARTTLS")),
+        "{ehlo:?}"
+    );
+    {
+        use std::io::Write;
+        stdin.write_all(b"QUIT\r\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    let quit = lines_until(&rx, "stdout", |l| l.starts_with("221 "));
+    assert_eq!(
+        quit,
+        vec!["221 2.0.0 smtpstorm.localhost closing connection"]
+    );
+    drop(stdin);
+    assert!(p.wait(Duration::from_secs(20)).success());
     let v = sink.stop();
     assert_eq!(get_u64(&v, "counts.tls_sessions"), 1);
+    assert_eq!(code(&v, "starttls", "220"), 1);
     // The EHLO after the handshake (openssl's own EHLO came before STARTTLS).
     assert_eq!(code(&v, "ehlo", "250"), 2);
+    assert_eq!(code(&v, "quit", "221"), 1);
 }
 
 #[test]
@@ -336,7 +442,15 @@ fn out_of_file_descriptors_does_not_spin_and_serving_resumes() {
     let mut cmd = Command::new("sh");
     cmd.args(["-c", "ulimit -n 48 && exec \"$0\" \"$@\""])
         .arg(bin())
-        .args(["sink", "--threads", "1", "--quiet", "--no-starttls", "--listen", &addr])
+        .args([
+            "sink",
+            "--threads",
+            "1",
+            "--quiet",
+            "--no-starttls",
+            "--listen",
+            &addr,
+        ])
         .arg("--json")
         .arg(&json)
         .stdout(Stdio::null());
@@ -347,19 +461,23 @@ fn out_of_file_descriptors_does_not_spin_and_serving_resumes() {
     let held: Vec<_> = (0..80)
         .map(|_| std::net::TcpStream::connect(&addr).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Measure once the sink holds all 48 descriptors.
+    wait_for_open_fds(proc.pid(), 48, Duration::from_secs(10));
     let t0 = cpu_ticks(proc.pid());
     std::thread::sleep(Duration::from_secs(1));
     let used = cpu_ticks(proc.pid()) - t0;
-    assert!(used < 30, "sink used {used} ticks in 1 s while out of descriptors");
+    assert!(
+        used < 30,
+        "sink used {used} ticks in 1 s while out of descriptors"
+    );
     drop(held);
-    std::thread::sleep(Duration::from_millis(500));
+    // swaks waits (up to its timeout) in the backlog until descriptors are free.
     let t = run_ok("swaks after EMFILE", &mut {
         let mut c = Command::new("swaks");
         c.args(["--to", "r@example.com", "--timeout", "20", "-s", &addr]);
         c
     });
-    assert!(t.contains("250 2.0.0"), "{t}");
+    assert_eq!(final_reply(&t).0, "<-  250 2.0.0 Message accepted", "{t}");
     proc.terminate();
     assert!(proc.wait(WAIT).success());
     let v = read_json(&json);

@@ -23,13 +23,21 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cli::{AuthMechArg, LoadArgs, PipeliningArg, ProxyVersion, RateUnit, SizeRange};
+use super::message::SizeRange;
+use crate::cli::{AuthMechArg, LoadArgs, PipeliningArg, RateUnit};
 use crate::net::runtime::Cpus;
 use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
 use crate::smtp::{ClientTimeouts, Phase};
 
 use super::identity::{Identities, IdentityError};
 use super::message::Template;
+
+/// `--proxy`: the PROXY protocol version the blaster sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
 
 /// Errors building a [`BlastConfig`].
 #[derive(Debug, Error)]
@@ -56,6 +64,8 @@ pub enum ConfigError {
     StartAt(f64),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("{0}")]
+    Io(String),
     #[error(transparent)]
     Corpus(#[from] super::corpus::CorpusError),
 }
@@ -99,6 +109,8 @@ pub struct BlastConfig {
     /// Host name as given (for TLS SNI).
     pub target_host: String,
     pub cpus: Cpus,
+    /// The I/O backend every thread runs.
+    pub io: crate::net::driver::Io,
     pub connections: u64,
     pub model: LoadModel,
     /// The rate as given (this instance's share), in `rate_unit`.
@@ -325,7 +337,10 @@ impl BlastConfig {
             send_quit: true,
             capture_text: false,
         };
+        let io =
+            crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
         let echo = serde_json::json!({
+            "io": io.as_str(),
             "target": target.to_string(),
             "connections": connections,
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -364,6 +379,7 @@ impl BlastConfig {
             target,
             target_host,
             cpus,
+            io,
             connections,
             model,
             rate_per_sec: rate,

@@ -23,8 +23,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::cli::SizeRange;
 use crate::smtp::client::Message;
+
+/// A message size or a uniform range of sizes, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeRange {
+    pub min: u64,
+    pub max: u64,
+}
 
 /// The crate's PRNG, seeded the way message generation always was.
 #[derive(Clone, Debug)]

@@ -24,6 +24,7 @@
 //! everything measured so far is still reported.
 
 pub mod config;
+pub mod conn;
 pub mod corpus;
 pub mod identity;
 pub mod message;

@@ -5,8 +5,8 @@
 //! implicit TLS) outcome with protocol, cipher and the certificate's
 //! subject, issuer and expiry, the AUTH mechanisms offered and the result
 //! of AUTH if asked, and the time of each phase; `--json` writes the same
-//! findings. It drives the same sans-IO [`ClientSession`] and [`Conn`] as
-//! the blaster, with no message to send. A connect timeout to port 25
+//! findings. It drives the blaster's own per-connection logic
+//! ([`BlastConn`]) on the same backend, with no message to send. A connect timeout to port 25
 //! explains that many providers block outbound port 25.
 //!
 //! Invariants: every wait is bounded by `--timeout`; nothing is sent but
@@ -20,20 +20,21 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
 use serde::Serialize;
 use thiserror::Error;
 
 use crate::cli::{AuthMechArg, ProbeArgs};
-use crate::net::conn::{Conn, ReadResult};
-use crate::net::socket;
+use crate::net::backend::Setup;
+use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, Tick as LoopTick};
+use crate::net::driver;
+use crate::net::runtime::StopSignal;
 use crate::net::tls::{self, TlsInfo};
-use crate::smtp::client::{
-    AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, PipeliningMode,
-};
-use crate::smtp::{ClientTimeouts, CommandKind, Phase};
+use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
+use crate::smtp::{ClientTimeouts, CommandKind, Outcome, Phase};
 
 use super::config::resolve_target;
+use super::conn::{BlastConn, ConnConfig, Io, Observer};
+use super::identity::Identity;
 
 /// Why a probe could not run at all.
 #[derive(Debug, Error)]
@@ -104,8 +105,6 @@ pub struct ProbeReport {
     pub error: Option<String>,
     pub hint: Option<String>,
 }
-
-const TOKEN: Token = Token(0);
 
 impl ProbeReport {
     /// Records a phase that just ended.
@@ -240,12 +239,196 @@ fn auth_mechs(lines: &[String]) -> Vec<String> {
 }
 
 /// Runs one probe session.
+/// The probe's [`Observer`]: fills the report as the session goes.
+struct ProbeObs {
+    r: ProbeReport,
+    implicit_tls: bool,
+    /// STARTTLS completed: later capabilities are the ones over TLS.
+    tls_up: bool,
+}
+
+impl Observer for ProbeObs {
+    fn phase(&mut self, phase: Phase, latency: Duration, _corrected: Option<Duration>) {
+        let name = match phase {
+            // The whole session is printed as `total`, from the first try.
+            Phase::Session => return,
+            Phase::StartTls if self.implicit_tls => "tls",
+            p => p.as_str(),
+        };
+        self.r.phase(name, ms(latency));
+    }
+
+    fn reply(&mut self, command: CommandKind, code: u16) {
+        self.r.replies.push(format!("{} {code}", command.as_str()));
+        if command == CommandKind::Auth && code / 100 != 3 {
+            self.r.auth_code = Some(code);
+        }
+    }
+
+    fn outcome(&mut self, _outcome: Outcome, _recipients_accepted: u32, _bytes: u64) {}
+
+    fn error(&mut self, e: String) {
+        self.r.error.get_or_insert(e);
+    }
+
+    fn banner(&mut self, text: String) {
+        self.r.banner = Some(text);
+    }
+
+    fn capabilities(&mut self, c: Vec<String>) {
+        let r = &mut self.r;
+        if self.tls_up || self.implicit_tls {
+            r.capabilities_tls = c;
+        } else {
+            r.starttls_offered = c.iter().any(|l| l.eq_ignore_ascii_case("STARTTLS"));
+            r.capabilities = c;
+        }
+        let mechs = auth_mechs(if r.capabilities_tls.is_empty() {
+            &r.capabilities
+        } else {
+            &r.capabilities_tls
+        });
+        if !mechs.is_empty() {
+            r.auth_mechanisms = mechs;
+        }
+    }
+}
+
+/// The probe as a [`Handler`]: one connection, then stop.
+struct ProbeHandler {
+    cfg: ConnConfig,
+    obs: ProbeObs,
+    out: Vec<u8>,
+    conn: Option<(ConnId, BlastConn)>,
+    target: std::net::SocketAddr,
+    timeout: Duration,
+    t0: Instant,
+    /// Bound on the whole session.
+    hard_deadline: Instant,
+    started: bool,
+    done: bool,
+}
+
+impl ProbeHandler {
+    /// Runs `f` on the connection with what it works with.
+    fn with_conn<B: Backend>(
+        &mut self,
+        be: &mut B,
+        f: impl FnOnce(&mut BlastConn, &mut Io<'_, B, ProbeObs>, ConnId),
+    ) {
+        if let Some((id, c)) = &mut self.conn {
+            let mut io = Io {
+                cfg: &self.cfg,
+                be,
+                obs: &mut self.obs,
+                out: &mut self.out,
+            };
+            f(c, &mut io, *id);
+        }
+    }
+}
+
+impl Handler for ProbeHandler {
+    fn on_connected<B: Backend>(
+        &mut self,
+        be: &mut B,
+        now: Instant,
+        _id: ConnId,
+        result: io::Result<()>,
+    ) {
+        if let Err(e) = &result {
+            self.obs.r.error = Some(format!("connect to {} failed: {e}", self.target));
+            self.conn = None;
+            self.done = true;
+            return;
+        }
+        self.with_conn(be, |c, io, id| {
+            let _ = c.connected(io, id, now, result);
+        });
+    }
+
+    fn on_tls_ready<B: Backend>(&mut self, be: &mut B, now: Instant, id: ConnId) {
+        self.obs.r.tls = be.tls_info(id).map(ProbeTls::from);
+        self.obs.tls_up = true;
+        self.with_conn(be, |c, io, id| {
+            let _ = c.tls_ready(io, id, now);
+        });
+    }
+
+    fn on_input<B: Backend>(&mut self, be: &mut B, now: Instant, _id: ConnId, plain: &[u8]) {
+        self.with_conn(be, |c, io, id| {
+            let _ = c.input(io, id, now, plain);
+        });
+    }
+
+    fn on_peer_closed<B: Backend>(&mut self, be: &mut B, now: Instant, _id: ConnId) {
+        self.with_conn(be, |c, io, id| {
+            let _ = c.peer_closed(io, id, now);
+        });
+    }
+
+    fn on_written<B: Backend>(&mut self, be: &mut B, _now: Instant, _id: ConnId) {
+        self.with_conn(be, |c, io, id| {
+            let _ = c.written(io, id);
+        });
+    }
+
+    fn on_timer<B: Backend>(&mut self, be: &mut B, now: Instant, _id: ConnId) {
+        let connecting = self
+            .conn
+            .as_ref()
+            .is_some_and(|(_, c)| c.session().is_none() && !self.obs.r.connected());
+        if connecting {
+            self.obs.r.error = Some(format!(
+                "connect to {} timed out after {:?}",
+                self.target, self.timeout
+            ));
+            self.obs.r.hint = port25_hint(self.target.port());
+        }
+        self.with_conn(be, |c, io, id| {
+            let _ = c.timer(io, id, now);
+        });
+    }
+
+    fn on_closed<B: Backend>(&mut self, _be: &mut B, now: Instant, _id: ConnId, why: Closed) {
+        if let Some((_, c)) = self.conn.take() {
+            if let Closed::Error(e) = &why {
+                self.obs.r.error.get_or_insert(format!("I/O error: {e}"));
+            }
+            c.closed(&mut self.obs, now, why);
+        }
+        self.done = true;
+    }
+
+    fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> LoopTick {
+        if !self.started {
+            self.started = true;
+            match be.connect(self.target, ConnectOpts::default()) {
+                Ok(id) => {
+                    let mut c =
+                        BlastConn::new(Vec::new(), false, self.t0, self.t0, Identity::default());
+                    c.arm(be, id, self.t0 + self.timeout);
+                    self.conn = Some((id, c));
+                }
+                Err(e) => {
+                    self.obs.r.error = Some(format!("connect to {} failed: {e}", self.target));
+                    self.done = true;
+                }
+            }
+        }
+        if !self.done && now >= self.hard_deadline {
+            self.obs.r.error.get_or_insert("timed out".into());
+            self.done = true;
+        }
+        LoopTick {
+            wake_at: Some(self.hard_deadline),
+            stop: self.done,
+        }
+    }
+}
+
 pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
     let (addr, host) = resolve_target(&args.target)?;
-    let mut r = ProbeReport {
-        target: addr.to_string(),
-        ..Default::default()
-    };
     let timeout = args.timeout;
     let tls_cfg = if args.tls || args.starttls {
         Some((
@@ -255,7 +438,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
     } else {
         None
     };
-    let config = Arc::new(ClientConfig {
+    let client = Arc::new(ClientConfig {
         helo_name: args.helo.clone(),
         pipelining: PipeliningMode::Off,
         starttls: args.starttls,
@@ -272,188 +455,45 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         capture_text: true,
         ..ClientConfig::default()
     });
-    let mut poll = Poll::new()?;
-    let mut events = Events::with_capacity(16);
     let t0 = Instant::now();
-    let mut stream = socket::connect(addr, None, false)?;
-    poll.registry()
-        .register(&mut stream, TOKEN, Interest::READABLE | Interest::WRITABLE)?;
-    // Connect, bounded by --timeout.
-    let deadline = t0 + timeout;
-    loop {
-        match socket::connect_finished(&stream) {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => {
-                r.error = Some(format!("connect to {addr} failed: {e}"));
-                return Ok(r);
-            }
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            r.error = Some(format!("connect to {addr} timed out after {timeout:?}"));
-            r.hint = port25_hint(addr.port());
-            return Ok(r);
-        }
-        poll.poll(&mut events, Some(deadline - now))?;
-    }
-    let connected = Instant::now();
-    r.phase("connect", ms(connected - t0));
-    let mut conn = Conn::new(stream);
-    conn.assume_registered(Interest::READABLE | Interest::WRITABLE);
-    let mut session = None;
-    // Bytes the connection carried before the session's first byte.
-    let mut session_base = 0;
-    let mut tls_started = None;
-    if args.tls {
-        if let Some((c, n)) = &tls_cfg {
-            conn.set_tls_implicit_client(Arc::clone(c), n.clone())?;
-            tls_started = Some(connected);
-        }
-    } else {
-        session = Some(ClientSession::new(
-            Arc::clone(&config),
-            Vec::new(),
-            connected,
-        ));
-    }
-    let mut out = Vec::new();
-    let mut saw_tls = false;
-    let mut done = false;
-    let mut hard_deadline = connected + timeout * 8;
-    while !done {
-        let now = Instant::now();
-        // Read what is there.
-        loop {
-            match conn.read() {
-                Ok(ReadResult::Data) => {
-                    if let Some(s) = &mut session {
-                        s.handle_input(now, conn.plaintext());
-                    }
-                }
-                Ok(ReadResult::TlsHandshakeDone) => {
-                    r.tls = conn.tls_info().map(ProbeTls::from);
-                    if let Some(s) = &mut session {
-                        s.handle_tls_established(now);
-                    } else if let Some(t) = tls_started {
-                        r.phase("tls", ms(now - t));
-                        session = Some(ClientSession::new(Arc::clone(&config), Vec::new(), now));
-                        session_base = conn.app_bytes_in();
-                    }
-                }
-                Ok(ReadResult::WouldBlock) => break,
-                Ok(ReadResult::Eof) => {
-                    match &mut session {
-                        Some(s) => s.handle_close(now),
-                        None => {
-                            r.error = Some("connection closed during the TLS handshake".into());
-                            done = true;
-                        }
-                    }
-                    break;
-                }
-                Err(e) => {
-                    match &mut session {
-                        Some(s) => s.handle_close(now),
-                        None => done = true,
-                    }
-                    r.error.get_or_insert(format!("I/O error: {e}"));
-                    break;
-                }
-            }
-        }
-        if let Some(s) = &mut session {
-            if s.poll_timeout().is_some_and(|d| now >= d) {
-                s.handle_timeout(now);
-            }
-            while let Some(ev) = s.poll_event() {
-                match ev {
-                    ClientEvent::Banner(b) => r.banner = Some(b),
-                    ClientEvent::Capabilities(c) => {
-                        if saw_tls || args.tls {
-                            r.capabilities_tls = c;
-                        } else {
-                            r.starttls_offered =
-                                c.iter().any(|l| l.eq_ignore_ascii_case("STARTTLS"));
-                            r.capabilities = c;
-                        }
-                        let mechs = auth_mechs(if r.capabilities_tls.is_empty() {
-                            &r.capabilities
-                        } else {
-                            &r.capabilities_tls
-                        });
-                        if !mechs.is_empty() {
-                            r.auth_mechanisms = mechs;
-                        }
-                    }
-                    ClientEvent::Phase { phase, latency, .. } => {
-                        let name = if phase == Phase::StartTls {
-                            "starttls"
-                        } else {
-                            phase.as_str()
-                        };
-                        r.phase(name, ms(latency));
-                    }
-                    ClientEvent::Reply { command, code } => {
-                        r.replies.push(format!("{} {code}", command.as_str()));
-                        if command == CommandKind::Auth && code / 100 != 3 {
-                            r.auth_code = Some(code);
-                        }
-                    }
-                    ClientEvent::StartTls => {
-                        saw_tls = true;
-                        out.clear();
-                        s.poll_transmit(now, &mut out);
-                        conn.write(&out);
-                        if let Some((c, n)) = &tls_cfg {
-                            conn.start_tls_client(Arc::clone(c), n.clone())?;
-                        }
-                    }
-                    ClientEvent::Error(e) => {
-                        r.error.get_or_insert(e);
-                    }
-                    ClientEvent::Message { .. } => {}
-                    ClientEvent::Done => done = true,
-                }
-            }
-            out.clear();
-            s.poll_transmit(now, &mut out);
-            if !out.is_empty() {
-                conn.write(&out);
-            }
-        }
-        let flushed = conn.flush();
-        if let Some(s) = &mut session {
-            // Phases run from the moment a command's last byte left.
-            s.handle_written(Instant::now(), conn.app_bytes_sent() - session_base);
-        }
-        if let Err(e) = flushed.and_then(|_| conn.update_registration(poll.registry(), TOKEN)) {
-            r.error.get_or_insert(format!("I/O error: {e}"));
-            break;
-        }
-        if done {
-            break;
-        }
-        let now = Instant::now();
-        if session.is_none() {
-            hard_deadline = hard_deadline.min(connected + timeout);
-        }
-        if now >= hard_deadline {
-            r.error.get_or_insert("timed out".into());
-            break;
-        }
-        let wake = session
-            .as_ref()
-            .and_then(|s| s.poll_timeout())
-            .unwrap_or(hard_deadline)
-            .min(hard_deadline);
-        poll.poll(
-            &mut events,
-            Some(
-                wake.saturating_duration_since(now)
-                    .max(Duration::from_millis(1)),
-            ),
-        )?;
+    let mut h = ProbeHandler {
+        cfg: ConnConfig {
+            client,
+            tls: tls_cfg,
+            implicit_tls: args.tls,
+            proxy: None,
+            target: addr,
+            timeout,
+            messages_per_session: 0,
+        },
+        obs: ProbeObs {
+            r: ProbeReport {
+                target: addr.to_string(),
+                ..Default::default()
+            },
+            implicit_tls: args.tls,
+            tls_up: false,
+        },
+        out: Vec::new(),
+        conn: None,
+        target: addr,
+        timeout,
+        t0,
+        hard_deadline: t0 + timeout * 8,
+        started: false,
+        done: false,
+    };
+    let setup = Setup {
+        listeners: Vec::new(),
+        stop: StopSignal::new(),
+        read_buf_bytes: 16 * 1024,
+        track_waiting: false,
+    };
+    driver::run(driver::Io::Epoll, setup, &mut h)?;
+    let mut r = h.obs.r;
+    if !r.connected() {
+        // A connection that never opened prints its error alone.
+        return Ok(r);
     }
     r.phase("total", ms(t0.elapsed()));
     if args.auth.is_some() && r.auth_code.is_some_and(|c| c / 100 != 2) {

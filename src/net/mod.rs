@@ -10,8 +10,13 @@
 //!   (`SO_REUSEPORT`, `IP_BIND_ADDRESS_NO_PORT`, `SO_LINGER 0`), source-IP ranges.
 //! - [`tls`]: rustls server/client configs (PEM files or an in-memory self-signed
 //!   certificate; verification off for test targets) and [`tls::TlsInfo`].
-//! - [`conn`]: [`conn::Conn`], a mio `TcpStream` plus optional rustls session with an
-//!   owned read buffer and write queue, STARTTLS-safe (CVE-2011-0411).
+//! - [`tls_stream`]: TLS as a sans-IO byte transform (ciphertext in and out,
+//!   plaintext in and out), STARTTLS-safe (CVE-2011-0411), for every backend.
+//! - [`backend`]: the seam — what a role's connection handler is told
+//!   ([`backend::Handler`]) and what it may ask of a backend's connections
+//!   ([`backend::Backend`]).
+//! - [`epoll`], [`uring`]: the backends (mio/epoll, io_uring); [`driver`] picks
+//!   one per run (`--io`).
 //! - [`timer`]: per-thread deadlines for thousands of connections, O(log n).
 //! - [`proc`]: CPU time and RSS of a process, for benchmarks.
 //!
@@ -20,10 +25,13 @@
 //! iteration; no function panics on I/O or TLS errors (they become `io::Error`).
 
 pub mod affinity;
-pub mod conn;
+pub mod backend;
+pub mod driver;
+pub mod epoll;
 pub mod proc;
 pub mod runtime;
 pub mod socket;
 pub mod timer;
 pub mod tls;
 pub mod tls_stream;
+pub mod uring;

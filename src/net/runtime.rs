@@ -318,17 +318,52 @@ mod tests {
         assert_eq!(workers.join().unwrap(), vec![0, 10, 20]);
     }
 
+    /// The CPUs the calling thread may run on, as the kernel reports them.
+    fn allowed_cpus_of_this_thread() -> Vec<usize> {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let list = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list in /proc/thread-self/status");
+        affinity::parse_cpu_list(list.trim()).unwrap()
+    }
+
     #[test]
     fn workers_are_pinned_to_listed_cpus() {
-        let first = affinity::available_cores().first().copied().unwrap_or(0);
+        let cores = affinity::available_cores();
+        assert!(!cores.is_empty(), "the OS reports no CPUs");
         let stop = StopSignal::new();
-        let out = spawn_workers(&Cpus::List(vec![first]), "pin", &stop, |ctx| {
-            (ctx.core, ctx.pinned)
+        // One worker per CPU, each asked for its own; the kernel's view of
+        // each worker thread must be exactly that one CPU.
+        let out = spawn_workers(&Cpus::List(cores.clone()), "pin", &stop, |ctx| {
+            (ctx.core, ctx.pinned, allowed_cpus_of_this_thread())
         })
         .unwrap()
         .join()
         .unwrap();
-        assert_eq!(out[0].0, Some(first));
+        assert_eq!(out.len(), cores.len());
+        for (&cpu, (core, pinned, allowed)) in cores.iter().zip(out) {
+            assert_eq!(core, Some(cpu));
+            assert!(pinned, "pinning to CPU {cpu} failed");
+            assert_eq!(allowed, vec![cpu], "worker asked for CPU {cpu}");
+        }
+        // The spawning thread itself is left alone.
+        assert_eq!(allowed_cpus_of_this_thread(), cores);
+    }
+
+    #[test]
+    fn counted_workers_are_pinned_round_robin() {
+        let cores = affinity::available_cores();
+        let n = cores.len() + 1;
+        let stop = StopSignal::new();
+        let out = spawn_workers(&Cpus::Count(n), "rr", &stop, |_| {
+            allowed_cpus_of_this_thread()
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        let want: Vec<Vec<usize>> = (0..n).map(|i| vec![cores[i % cores.len()]]).collect();
+        assert_eq!(out, want);
     }
 
     #[test]

@@ -75,7 +75,7 @@ pub fn listen(
     addr: SocketAddr,
     reuse_port: bool,
     backlog: Option<i32>,
-) -> io::Result<mio::net::TcpListener> {
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         domain_of(&addr),
         Type::STREAM.nonblocking(),
@@ -90,7 +90,7 @@ pub fn listen(
     }
     socket.bind(&SockAddr::from(addr))?;
     socket.listen(backlog.unwrap_or(DEFAULT_BACKLOG))?;
-    Ok(mio::net::TcpListener::from_std(socket.into()))
+    Ok(socket.into())
 }
 
 /// Sets `TCP_NODELAY` on an accepted stream (SMTP is request/reply: Nagle

@@ -433,7 +433,7 @@ impl ServerCertVerifier for NoVerify {
 /// The verifying verifier (`--tls-verify`): webpki's, plus a clear word for
 /// a certificate older than X.509 v3, which webpki refuses as "unsupported
 /// certificate version" (the error carries a [`TlsError::UnverifiableVersion`]
-/// that `net::conn` prints as is).
+/// that the backends print as is).
 #[derive(Debug)]
 struct Verify {
     inner: Arc<WebPkiServerVerifier>,

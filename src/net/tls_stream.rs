@@ -84,8 +84,13 @@ impl std::fmt::Debug for TlsStream {
     }
 }
 
-fn tls_error(e: rustls::Error) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+/// A rustls error as an `io::Error`, with this project's own wording
+/// where it has one (e.g. why an X.509 v1 certificate cannot be verified).
+pub fn tls_error(e: rustls::Error) -> io::Error {
+    match super::tls::own_error_message(&e) {
+        Some(text) => io::Error::new(io::ErrorKind::InvalidData, text),
+        None => io::Error::new(io::ErrorKind::InvalidData, e),
+    }
 }
 
 impl TlsStream {
@@ -111,7 +116,10 @@ impl TlsStream {
     /// alert is queued (flush it with `write_ciphertext*`), then close.
     pub fn read_ciphertext(&mut self, data: &[u8]) -> io::Result<usize> {
         if self.failed {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS already failed"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TLS already failed",
+            ));
         }
         let mut taken = 0;
         while taken < data.len() {
@@ -158,7 +166,10 @@ impl TlsStream {
             return Ok(TlsRead::HandshakeDone);
         }
         if buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty plaintext buffer"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "empty plaintext buffer",
+            ));
         }
         match self.conn.reader().read(buf) {
             Ok(0) => Ok(TlsRead::Closed),
@@ -228,7 +239,10 @@ impl TlsStream {
     /// True once the handshake completed as a resumption.
     pub fn is_resumed(&self) -> bool {
         !self.conn.is_handshaking()
-            && matches!(self.conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed))
+            && matches!(
+                self.conn.handshake_kind(),
+                Some(rustls::HandshakeKind::Resumed)
+            )
     }
 
     /// What the handshake negotiated (`None` before it is done).
@@ -260,7 +274,13 @@ mod tests {
 
     /// Moves every record from `a` to `b` in pieces of at most `chunk`
     /// bytes, collecting `b`'s plaintext and events.
-    fn pump(a: &mut TlsStream, b: &mut TlsStream, chunk: usize, plain: &mut Vec<u8>, events: &mut Vec<TlsRead>) {
+    fn pump(
+        a: &mut TlsStream,
+        b: &mut TlsStream,
+        chunk: usize,
+        plain: &mut Vec<u8>,
+        events: &mut Vec<TlsRead>,
+    ) {
         let mut wire = Vec::new();
         a.write_ciphertext(&mut wire);
         let mut buf = [0u8; 1000];

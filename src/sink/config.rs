@@ -13,10 +13,18 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::cli::{AuthPolicy, FaultSpec, SinkArgs};
+use super::faults::FaultSpec;
+use crate::cli::SinkArgs;
 use crate::net::runtime::Cpus;
 use crate::smtp::server::{Extensions, ServerConfig};
 use crate::smtp::ServerTimeouts;
+
+/// `--auth` of the sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthPolicy {
+    Any,
+    Only { user: String, pass: String },
+}
 
 /// A flag combination the sink cannot run with.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -29,6 +37,8 @@ pub enum ConfigError {
     ZeroConnections,
     #[error("--require-tls needs STARTTLS or a --tls-listen address")]
     RequireTlsWithoutTls,
+    #[error("{0}")]
+    Io(String),
 }
 
 /// Everything the sink needs to run.
@@ -37,6 +47,8 @@ pub struct SinkConfig {
     pub listen: Vec<SocketAddr>,
     pub tls_listen: Vec<SocketAddr>,
     pub cpus: Cpus,
+    /// The I/O backend every thread runs.
+    pub io: crate::net::driver::Io,
     pub tls_cert_key: Option<(PathBuf, PathBuf)>,
     /// The protocol engine's settings, shared by every session.
     pub server: ServerConfig,
@@ -112,7 +124,10 @@ impl SinkConfig {
             (None, Some(n)) => Cpus::Count(n),
             (None, None) => Cpus::all(),
         };
+        let io =
+            crate::net::driver::Io::resolve(args.threads.io.choice()).map_err(ConfigError::Io)?;
         let echo = serde_json::json!({
+            "io": io.as_str(),
             "listen": args.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "tls_listen": args.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -140,6 +155,7 @@ impl SinkConfig {
             listen: args.listen.clone(),
             tls_listen: args.tls_listen.clone(),
             cpus,
+            io,
             tls_cert_key: args.tls_cert.clone().zip(args.tls_key.clone()),
             server,
             auth: args.auth.clone(),

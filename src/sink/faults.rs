@@ -19,9 +19,48 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::cli::{FaultAction, FaultPoint, FaultSpec};
 use crate::smtp::server::{CommandInfo, Verdict};
 use crate::smtp::CommandKind;
+
+/// The SMTP step a fault applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    Connect,
+    Ehlo,
+    Mail,
+    Rcpt,
+    Data,
+    /// End of DATA body, or BDAT LAST.
+    Dot,
+    Quit,
+}
+
+/// What a fault does.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum FaultAction {
+    /// Answer with this code instead of acting.
+    Reply(u16),
+    /// Delay the reply by a time drawn uniformly from the range.
+    Delay { min: Duration, max: Duration },
+    /// Close without a reply.
+    Disconnect,
+    /// `421` then close.
+    Disconnect421,
+    /// First attempt of a (sender, recipient, IP) triple tempfails with 451;
+    /// a retry after `window` succeeds.
+    Greylist { window: Duration },
+    /// More than `per_sec` new sessions in a second get `421` (token bucket).
+    RateLimit { per_sec: u64 },
+}
+
+/// One `--fault` flag.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FaultSpec {
+    pub point: FaultPoint,
+    pub action: FaultAction,
+    /// Probability in 0..=1 that the fault fires.
+    pub probability: f64,
+}
 
 pub use crate::rng::SplitMix64;
 

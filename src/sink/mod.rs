@@ -18,6 +18,7 @@
 
 pub mod capture;
 pub mod config;
+pub mod conn;
 pub mod faults;
 pub mod worker;
 
@@ -129,7 +130,7 @@ pub fn start(cfg: SinkConfig) -> anyhow::Result<RunningSink> {
 fn bind_all(
     addr: SocketAddr,
     threads: usize,
-) -> Result<(SocketAddr, Vec<mio::net::TcpListener>), SinkError> {
+) -> Result<(SocketAddr, Vec<std::net::TcpListener>), SinkError> {
     let err = |source| SinkError::Listen { addr, source };
     let first = socket::listen(addr, true, None).map_err(err)?;
     let resolved = first.local_addr().map_err(err)?;
@@ -200,6 +201,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         started,
         duration: cfg.duration,
         grace: cfg.grace,
+        io: cfg.io,
     });
     let metrics = LiveMetrics::new(Role::Sink);
     let metrics_server = match cfg.metrics_listen {

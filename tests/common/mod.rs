@@ -42,6 +42,48 @@ pub fn wait_for_port(addr: SocketAddr, within: Duration) {
     }
 }
 
+/// Wait until a socket listens on TCP `port` (any address), without
+/// connecting to it: for servers where a probe connection would count.
+#[track_caller]
+pub fn wait_for_listen(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    let want = format!(":{port:04X}");
+    loop {
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            // Fields: sl local_address rem_address st ...; st 0A = LISTEN.
+            let listening = text.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
+            });
+            if listening {
+                return;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!("nothing listening on port {port} after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until process `pid` holds at least `n` open file descriptors (e.g.
+/// all its `ulimit -n`: it is out of descriptors).
+#[track_caller]
+pub fn wait_for_open_fds(pid: u32, n: usize, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+        if open >= n {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("process {pid} holds {open} descriptors, not {n}, after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A child process killed on drop.
 pub struct Proc {
     pub child: Option<Child>,
@@ -199,10 +241,14 @@ pub const SMTP_SINK: &str = "/usr/sbin/smtp-sink";
 pub const SMTP_SOURCE: &str = "/usr/sbin/smtp-source";
 
 /// A private Postfix `smtpd` on a loopback port that discards all mail,
-/// following shared/notes/postfix-smtpd-on-loopback.md. Stopped on drop.
+/// following shared/notes/postfix-smtpd-on-loopback.md. Stopped on drop,
+/// and its entry in the system's `alternate_config_directories` removed
+/// again (also when the test panics).
 pub struct PostfixSmtpd {
-    pub dir: tempfile::TempDir,
     pub port: u16,
+    /// Dropped after `postfix stop` (see `Drop`), before the directory.
+    entry: AltConfigEntry,
+    pub dir: tempfile::TempDir,
 }
 
 impl PostfixSmtpd {
@@ -225,25 +271,6 @@ impl PostfixSmtpd {
         chmod(root, 0o755);
         let status = Command::new("chown").args(["postfix"]).arg(&data).status().unwrap();
         assert!(status.success(), "chown postfix {}", data.display());
-        let etc_s = etc.display().to_string();
-        // Postfix only accepts a config directory listed in the default main.cf.
-        let cur = Command::new("postconf")
-            .args(["-h", "alternate_config_directories"])
-            .output()
-            .expect("postconf");
-        let mut dirs = String::from_utf8_lossy(&cur.stdout).trim().to_string();
-        if !dirs.split([' ', ',']).any(|d| d == etc_s) {
-            if !dirs.is_empty() {
-                dirs.push(' ');
-            }
-            dirs.push_str(&etc_s);
-            let st = Command::new("postconf")
-                .arg("-e")
-                .arg(format!("alternate_config_directories = {dirs}"))
-                .status()
-                .unwrap();
-            assert!(st.success());
-        }
         let main_cf = format!(
             "compatibility_level = 3.6\n\
              queue_directory = {q}\n\
@@ -282,6 +309,11 @@ impl PostfixSmtpd {
             }
         }
         std::fs::write(etc.join("master.cf"), out).unwrap();
+        // Postfix only accepts a config directory listed in the default
+        // main.cf. From here on, a panic drops `pf`: Postfix is stopped and
+        // the entry removed.
+        let entry = AltConfigEntry::add(&etc);
+        let pf = PostfixSmtpd { port, entry, dir };
         let st = Command::new("postfix").arg("-c").arg(&etc).arg("start").output().unwrap();
         assert!(
             st.status.success(),
@@ -290,11 +322,16 @@ impl PostfixSmtpd {
             String::from_utf8_lossy(&st.stderr)
         );
         wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20));
-        PostfixSmtpd { dir, port }
+        pf
     }
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The config directory this instance added to `alternate_config_directories`.
+    pub fn config_dir(&self) -> &Path {
+        &self.entry.dir
     }
 
     /// Messages the discard transport reported as delivered so far.
@@ -323,6 +360,112 @@ impl Drop for PostfixSmtpd {
             .arg(self.dir.path().join("etc"))
             .arg("stop")
             .output();
+        // Then `entry` drops: the directory leaves `alternate_config_directories`.
+    }
+}
+
+/// The lock file serializing every read-modify-write of the system's
+/// `alternate_config_directories` by these tests (several test binaries may
+/// start private Postfix instances at the same time).
+const MAIN_CF_LOCK: &str = "/tmp/smtpstorm-postfix-main-cf.lock";
+
+/// The directories listed in the system's `alternate_config_directories`.
+pub fn alternate_config_directories() -> Vec<String> {
+    let cur = Command::new("postconf")
+        .args(["-h", "alternate_config_directories"])
+        .output()
+        .expect("postconf");
+    assert!(cur.status.success(), "postconf -h: {}", String::from_utf8_lossy(&cur.stderr));
+    String::from_utf8_lossy(&cur.stdout)
+        .split([' ', ',', '\t', '\n'])
+        .filter(|d| !d.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Rewrites `alternate_config_directories` (removed from main.cf when empty,
+/// as it is on a fresh install). Call with the lock held.
+fn set_alternate_config_directories(dirs: &[String]) {
+    let st = if dirs.is_empty() {
+        Command::new("postconf").args(["-X", "alternate_config_directories"]).status()
+    } else {
+        Command::new("postconf")
+            .arg("-e")
+            .arg(format!("alternate_config_directories = {}", dirs.join(" ")))
+            .status()
+    };
+    assert!(st.expect("postconf").success(), "postconf could not write main.cf");
+}
+
+/// One entry in `alternate_config_directories`, removed on drop.
+struct AltConfigEntry {
+    dir: PathBuf,
+}
+
+impl AltConfigEntry {
+    /// Adds `dir`; also drops entries of earlier test runs whose directory
+    /// is gone (runs killed before they could clean up).
+    fn add(dir: &Path) -> AltConfigEntry {
+        let dir_s = dir.display().to_string();
+        let _lock = FileLock::acquire(Path::new(MAIN_CF_LOCK), Duration::from_secs(60));
+        let mut dirs = alternate_config_directories();
+        dirs.retain(|d| !d.contains("/smtpstorm-postfix") || Path::new(d).exists());
+        if !dirs.contains(&dir_s) {
+            dirs.push(dir_s);
+        }
+        set_alternate_config_directories(&dirs);
+        AltConfigEntry { dir: dir.to_path_buf() }
+    }
+}
+
+impl Drop for AltConfigEntry {
+    fn drop(&mut self) {
+        let dir_s = self.dir.display().to_string();
+        let _lock = FileLock::acquire(Path::new(MAIN_CF_LOCK), Duration::from_secs(60));
+        let mut dirs = alternate_config_directories();
+        let before = dirs.len();
+        dirs.retain(|d| *d != dir_s);
+        if dirs.len() != before {
+            set_alternate_config_directories(&dirs);
+        }
+    }
+}
+
+/// An exclusive `flock(2)` on a file, held by a `flock(1)` child until this
+/// value is dropped (the child waits on its stdin; closing it, also when
+/// the test process dies, releases the lock).
+pub struct FileLock {
+    child: Child,
+}
+
+impl FileLock {
+    #[track_caller]
+    pub fn acquire(path: &Path, within: Duration) -> FileLock {
+        use std::io::BufRead;
+        let mut child = Command::new("flock")
+            .arg("-w")
+            .arg(within.as_secs().max(1).to_string())
+            .arg(path)
+            .args(["sh", "-c", "echo locked && read x"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("flock(1)");
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line);
+        if line.trim() != "locked" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("could not lock {} within {within:?}", path.display());
+        }
+        FileLock { child }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
     }
 }
 

@@ -9,9 +9,10 @@
 //!   when a seed is given. Everything ever put on a wire is logged
 //!   (`wire_c2s`, `wire_s2c`) so tests can prove what an eavesdropper saw.
 //! - On `StartTls` (either side) the harness flushes that side's plaintext,
-//!   then switches it to a real rustls connection pumped in memory
-//!   (`write_tls`/`read_tls` over `Vec`s): from then on that side's session
-//!   bytes only reach the wire as TLS records.
+//!   then switches it to a real TLS session through the same sans-IO
+//!   transform the backends use (`net::tls_stream`), pumped in memory:
+//!   from then on that side's session bytes only reach the wire as TLS
+//!   records.
 //! - A server `Close` is delivered to the client (`handle_close`) only after
 //!   the server's last bytes reached it, as a socket would.
 //! - The run ends when the client reports `Done`; a stall with no deadline
@@ -23,13 +24,12 @@
 //!   So a body larger than the buffer takes several reads, as on a socket.
 #![allow(dead_code)]
 
-use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::{ClientConnection, ServerConnection};
 use smtpstorm::net::tls;
+use smtpstorm::net::tls_stream::{TlsRead, TlsSide, TlsStream};
 use smtpstorm::smtp::client::{ClientConfig, ClientEvent, ClientSession, Message};
 use smtpstorm::smtp::server::{
     CommandInfo, ServerConfig, ServerEvent, ServerHooks, ServerSession, Verdict,
@@ -159,8 +159,8 @@ pub struct Pair {
     pub inject_c2s: Option<(Vec<u8>, Vec<u8>)>,
     pub inject_s2c: Option<(Vec<u8>, Vec<u8>)>,
     srv_out: Vec<u8>,
-    client_tls: Option<ClientConnection>,
-    server_tls: Option<ServerConnection>,
+    client_tls: Option<TlsStream>,
+    server_tls: Option<TlsStream>,
     client_tls_up: bool,
     server_tls_up: bool,
     server_tls_cfg: Option<Arc<rustls::ServerConfig>>,
@@ -363,13 +363,13 @@ impl Pair {
         };
         let mut rd: &[u8] = bytes;
         while !rd.is_empty() {
-            tls.read_tls(&mut rd).expect("server read_tls");
-            tls.process_new_packets().expect("server TLS error");
-            if !self.server_tls_up && !tls.is_handshaking() {
+            let n = tls.read_ciphertext(rd).expect("server TLS error");
+            rd = &rd[n..];
+            let (plain, ready) = drain_plaintext(tls);
+            if ready {
                 self.server_tls_up = true;
                 self.server.handle_tls_established(now);
             }
-            let plain = drain_plaintext(tls.reader());
             if !plain.is_empty() {
                 assert!(
                     self.server_tls_up,
@@ -390,13 +390,13 @@ impl Pair {
         };
         let mut rd: &[u8] = bytes;
         while !rd.is_empty() {
-            tls.read_tls(&mut rd).expect("client read_tls");
-            tls.process_new_packets().expect("client TLS error");
-            if !self.client_tls_up && !tls.is_handshaking() {
+            let n = tls.read_ciphertext(rd).expect("client TLS error");
+            rd = &rd[n..];
+            let (plain, ready) = drain_plaintext(tls);
+            if ready {
                 self.client_tls_up = true;
                 self.client.handle_tls_established(now);
             }
-            let plain = drain_plaintext(tls.reader());
             if !plain.is_empty() {
                 self.client_rx_plain.extend_from_slice(&plain);
                 self.client.handle_input(now, &plain);
@@ -425,7 +425,7 @@ impl Pair {
             progressed = true;
             self.client_writes.push(out.clone());
             match self.client_tls.as_mut() {
-                Some(tls) => tls.writer().write_all(&out).expect("client TLS write"),
+                Some(tls) => tls.write_plaintext(&out),
                 None => {
                     self.c2s.extend_from_slice(&out);
                     self.wire_c2s.extend_from_slice(&out);
@@ -441,7 +441,7 @@ impl Pair {
             }
         }
         if let Some(tls) = self.client_tls.as_mut() {
-            let n = pump_tls_out(&mut *tls, &mut self.c2s, &mut self.wire_c2s);
+            let n = pump_tls_out(tls, &mut self.c2s, &mut self.wire_c2s);
             progressed |= n > 0;
         }
         while let Some(ev) = self.client.poll_event() {
@@ -450,9 +450,9 @@ impl Pair {
                 assert!(self.client_tls.is_none(), "client StartTls twice");
                 let cfg = self.client_tls_cfg.clone().expect("client TLS config");
                 let name = tls::server_name("localhost").unwrap();
-                let mut conn = ClientConnection::new(cfg, name).expect("client connection");
+                let mut conn = TlsStream::new(TlsSide::Client(cfg, name)).expect("client TLS");
                 self.tls_from_c2s = Some(self.wire_c2s.len());
-                pump_tls_out(&mut *conn, &mut self.c2s, &mut self.wire_c2s);
+                pump_tls_out(&mut conn, &mut self.c2s, &mut self.wire_c2s);
                 self.client_tls = Some(conn);
             }
             self.client_events.push(ev);
@@ -473,7 +473,7 @@ impl Pair {
                         self.server_tls_up,
                         "server replied during the TLS handshake"
                     );
-                    tls.writer().write_all(&out).expect("server TLS write");
+                    tls.write_plaintext(&out);
                 }
                 None if self.server_closed => {}
                 None => {
@@ -492,7 +492,7 @@ impl Pair {
             }
         }
         if let Some(tls) = self.server_tls.as_mut() {
-            let n = pump_tls_out(&mut *tls, &mut self.s2c, &mut self.wire_s2c);
+            let n = pump_tls_out(tls, &mut self.s2c, &mut self.wire_s2c);
             progressed |= n > 0;
         }
         while let Some(ev) = self.server.poll_event() {
@@ -502,7 +502,7 @@ impl Pair {
                     assert!(self.server_tls.is_none(), "server StartTls twice");
                     let cfg = self.server_tls_cfg.clone().expect("server TLS config");
                     self.tls_from_s2c = Some(self.wire_s2c.len());
-                    self.server_tls = Some(ServerConnection::new(cfg).expect("server connection"));
+                    self.server_tls = Some(TlsStream::new(TlsSide::Server(cfg)).expect("server TLS"));
                 }
                 ServerEvent::Close(_) => self.server_closed = true,
                 _ => {}
@@ -624,40 +624,28 @@ impl Pair {
     }
 }
 
-/// Move everything a rustls connection wants to write onto a wire; returns
-/// the number of bytes moved.
-fn pump_tls_out<D>(
-    conn: &mut rustls::ConnectionCommon<D>,
-    wire: &mut Vec<u8>,
-    log: &mut Vec<u8>,
-) -> usize {
-    let mut total = 0;
-    while conn.wants_write() {
-        let mut buf: Vec<u8> = Vec::new();
-        let n = conn.write_tls(&mut buf).expect("write_tls into a Vec");
-        if n == 0 {
-            break;
-        }
-        wire.extend_from_slice(&buf);
-        log.extend_from_slice(&buf);
-        total += n;
-    }
-    total
+/// Moves every TLS record `tls` has to send onto the wire (and its log).
+fn pump_tls_out(tls: &mut TlsStream, wire: &mut Vec<u8>, log: &mut Vec<u8>) -> usize {
+    let before = wire.len();
+    let n = tls.write_ciphertext(wire);
+    log.extend_from_slice(&wire[before..]);
+    n
 }
 
-/// All plaintext rustls has decrypted so far.
-fn drain_plaintext(mut reader: rustls::Reader<'_>) -> Vec<u8> {
+/// All plaintext the TLS stream has decrypted so far, and whether the
+/// handshake completed in this step.
+fn drain_plaintext(tls: &mut TlsStream) -> (Vec<u8>, bool) {
     let mut plain = Vec::new();
+    let mut ready = false;
     let mut buf = [0u8; 16 * 1024];
     loop {
-        match reader.read(&mut buf) {
-            Ok(0) => break, // close_notify
-            Ok(n) => plain.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => panic!("TLS reader: {e}"),
+        match tls.read_plaintext(&mut buf).expect("TLS read") {
+            TlsRead::Data(n) => plain.extend_from_slice(&buf[..n]),
+            TlsRead::HandshakeDone => ready = true,
+            TlsRead::NeedCiphertext | TlsRead::Closed => break,
         }
     }
-    plain
+    (plain, ready)
 }
 
 /// What the server must hand to `on_body` for a message sent with DATA:

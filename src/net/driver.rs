@@ -1,0 +1,79 @@
+//! Choosing and running a backend: `--io auto|epoll|uring`.
+//!
+//! A role builds its [`Handler`] and a [`Setup`] and calls [`run`] with the
+//! [`Io`] the configuration resolved once at start ([`Io::resolve`]): the
+//! backend is chosen per run, not per thread, and every report says which
+//! one ran (`config.io`).
+//!
+//! `auto` takes io_uring where the kernel allows it (see
+//! [`super::uring::check`]) and epoll otherwise; asking for `uring` where it
+//! is not allowed is an error that names what is missing and suggests
+//! `--io epoll`.
+
+use std::io;
+use std::time::Duration;
+
+use super::backend::{Handler, Setup};
+use super::epoll::Epoll;
+
+/// The backend a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    Epoll,
+    Uring,
+}
+
+/// What was asked for on the command line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IoChoice {
+    /// io_uring where the kernel allows it, else epoll.
+    #[default]
+    Auto,
+    Epoll,
+    Uring,
+}
+
+impl Io {
+    /// The backend for `choice` on this kernel; `Err` names what is
+    /// missing when `uring` was asked for and cannot run.
+    pub fn resolve(choice: IoChoice) -> Result<Io, String> {
+        match choice {
+            IoChoice::Epoll => Ok(Io::Epoll),
+            IoChoice::Uring => super::uring::check()
+                .map(|()| Io::Uring)
+                .map_err(|missing| format!("--io uring: {missing}; use --io epoll")),
+            IoChoice::Auto => Ok(if super::uring::check().is_ok() {
+                Io::Uring
+            } else {
+                Io::Epoll
+            }),
+        }
+    }
+
+    /// The name reports use (`config.io`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Io::Epoll => "epoll",
+            Io::Uring => "uring",
+        }
+    }
+}
+
+/// What a finished run tells its role.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunStats {
+    /// Time the loop spent waiting for events (the rest it was busy).
+    pub waited: Duration,
+}
+
+/// Runs `h` on this thread with backend `io` until its `on_tick` says stop.
+pub fn run<H: Handler>(io: Io, setup: Setup, h: &mut H) -> io::Result<RunStats> {
+    match io {
+        Io::Epoll => {
+            let mut b = Epoll::new(setup)?;
+            b.run(h)?;
+            Ok(RunStats { waited: b.waited() })
+        }
+        Io::Uring => super::uring::run(setup, h),
+    }
+}

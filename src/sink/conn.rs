@@ -1,0 +1,355 @@
+//! The sink's per-connection logic, with no I/O type in it: a
+//! [`ServerSession`] driven through [`Hooks`] (faults, `--verify`,
+//! `--capture`), its replies handed to whatever backend carries the
+//! connection ([`Backend`]), and the decision when the connection ends.
+//!
+//! Invariants:
+//! - A connection ends (gracefully: replies flushed, then FIN) when the
+//!   session closes, or when the peer half-closed and no fault delay holds
+//!   a reply; an I/O error ends it at once.
+//! - Reading stops while the session buffers as much pipelined input as it
+//!   takes (a fault delay holds a reply) and resumes when it drains.
+//! - Timers are rescheduled lazily: the backend's deadline is moved only
+//!   when the session's moves earlier; a timer that fires early is pushed
+//!   to the session's current deadline. So a busy connection costs no timer
+//!   operation per command.
+//! - Every connection that ends counts as one session (a TLS one if a
+//!   handshake completed, a resumed one if it resumed), exactly once.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::config::AuthPolicy;
+use crate::digest::{self, Verifier};
+use crate::net::backend::{Backend, Close, Closed, ConnId};
+use crate::net::tls_stream::TlsSide;
+use crate::smtp::server::{
+    CloseReason, CommandInfo, MessageOutcome, ServerConfig, ServerEvent, ServerHooks,
+    ServerSession, Verdict,
+};
+use crate::smtp::{CommandKind, Outcome};
+use crate::stats::Recorder;
+
+use super::capture::{BodyBuffer, Capture};
+use super::faults::ThreadFaults;
+
+/// Per-connection state the hooks change.
+#[derive(Default)]
+pub struct ConnState {
+    in_message: bool,
+    /// The body being received (`--capture` only), bounded by the size limit.
+    body: Option<BodyBuffer>,
+    verifier: Option<Box<Verifier>>,
+    eof: bool,
+    io_error: bool,
+    close_reason: Option<CloseReason>,
+    tls_established: bool,
+    tls_resumed: bool,
+}
+
+/// One sink connection.
+pub struct SinkConn {
+    session: ServerSession,
+    peer_ip: IpAddr,
+    /// The deadline last given to the backend.
+    timer_at: Option<Instant>,
+    st: ConnState,
+}
+
+/// What the thread lends a connection (its configs, faults, recorder).
+pub struct ThreadCtx {
+    /// This thread's own copies of the shared configs: a session clones
+    /// these `Arc`s, so the reference counts it bumps live on cache lines
+    /// no other thread writes.
+    pub server: Arc<ServerConfig>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub auth: Option<AuthPolicy>,
+    pub faults: ThreadFaults,
+    pub rec: Recorder,
+    pub capture: Option<Capture>,
+    pub capture_on: bool,
+    pub verify: bool,
+    pub verify_missing: u64,
+    pub capture_errors: u64,
+    /// Accepted messages / ended sessions not yet published (only with
+    /// `--exit-after-*`).
+    pub local_messages: u64,
+    pub local_sessions: u64,
+    /// Scratch for the session's output.
+    pub out: Vec<u8>,
+}
+
+/// The [`ServerHooks`] for one call into a session.
+struct Hooks<'a> {
+    faults: &'a mut ThreadFaults,
+    auth: Option<&'a AuthPolicy>,
+    peer_ip: IpAddr,
+    now: Instant,
+    st: &'a mut ConnState,
+    capture: Option<&'a mut Capture>,
+    rec: &'a mut Recorder,
+    verify_missing: &'a mut u64,
+    capture_errors: &'a mut u64,
+}
+
+impl ServerHooks for Hooks<'_> {
+    fn on_command(&mut self, cmd: CommandKind, info: &CommandInfo<'_>) -> Verdict {
+        if self.faults.is_empty() {
+            return Verdict::Proceed;
+        }
+        self.faults.verdict(cmd, info, self.peer_ip, self.now)
+    }
+
+    fn check_auth(&mut self, _authzid: &[u8], user: &[u8], pass: &[u8]) -> bool {
+        match self.auth {
+            None | Some(AuthPolicy::Any) => true,
+            Some(AuthPolicy::Only { user: u, pass: p }) => {
+                u.as_bytes() == user && p.as_bytes() == pass
+            }
+        }
+    }
+
+    fn on_message_start(&mut self) {
+        self.st.in_message = true;
+        if let Some(b) = &mut self.st.body {
+            b.start();
+        }
+        if let Some(v) = &mut self.st.verifier {
+            v.reset();
+        }
+    }
+
+    fn on_body(&mut self, chunk: &[u8]) {
+        if let Some(b) = &mut self.st.body {
+            b.push(chunk);
+        }
+        if let Some(v) = &mut self.st.verifier {
+            v.feed(chunk);
+        }
+    }
+
+    fn on_message_end(&mut self, accepted: bool) {
+        self.st.in_message = false;
+        if let Some(v) = &mut self.st.verifier {
+            if accepted {
+                match v.finish() {
+                    digest::Verdict::Ok => self.rec.count_verify(true),
+                    digest::Verdict::Corrupt => self.rec.count_verify(false),
+                    digest::Verdict::Missing => *self.verify_missing += 1,
+                }
+            } else {
+                v.reset();
+            }
+        }
+        if let Some(b) = &mut self.st.body {
+            // An accepted body is within the size limit, so it is whole.
+            if let (true, Some(body), Some(c)) = (accepted, b.body(), &mut self.capture) {
+                if c.store(body).is_err() {
+                    *self.capture_errors += 1;
+                }
+            }
+            b.release();
+        }
+    }
+}
+
+impl ThreadCtx {
+    fn hooks<'a>(&'a mut self, st: &'a mut ConnState, peer_ip: IpAddr, now: Instant) -> Hooks<'a> {
+        Hooks {
+            faults: &mut self.faults,
+            auth: self.auth.as_ref(),
+            peer_ip,
+            now,
+            st,
+            capture: self.capture.as_mut(),
+            rec: &mut self.rec,
+            verify_missing: &mut self.verify_missing,
+            capture_errors: &mut self.capture_errors,
+        }
+    }
+}
+
+impl SinkConn {
+    /// A new connection from `peer_ip`: greets it (or waits for the PROXY
+    /// header). `implicit_tls`: the listener speaks TLS from the first byte.
+    /// `None` if TLS cannot start (then refuse the connection).
+    pub fn accept<B: Backend>(
+        ctx: &mut ThreadCtx,
+        be: &mut B,
+        id: ConnId,
+        peer_ip: IpAddr,
+        implicit_tls: bool,
+        now: Instant,
+    ) -> Option<SinkConn> {
+        let mut session = ServerSession::new(Arc::clone(&ctx.server), now);
+        if implicit_tls {
+            let cfg = ctx.tls.as_ref()?;
+            be.start_tls(id, TlsSide::Server(Arc::clone(cfg))).ok()?;
+            session.set_tls_active();
+        }
+        let st = ConnState {
+            body: ctx
+                .capture_on
+                .then(|| BodyBuffer::new(ctx.server.max_message_size)),
+            verifier: ctx.verify.then(|| Box::new(Verifier::new())),
+            ..ConnState::default()
+        };
+        let mut c = SinkConn {
+            session,
+            peer_ip,
+            timer_at: None,
+            st,
+        };
+        let mut out = std::mem::take(&mut ctx.out);
+        {
+            let mut hooks = ctx.hooks(&mut c.st, c.peer_ip, now);
+            c.session.start(now, &mut out, &mut hooks);
+        }
+        ctx.out = out;
+        c.after_session_call(ctx, be, id);
+        c.settle(be, id);
+        Some(c)
+    }
+
+    /// Plaintext arrived.
+    pub fn input<B: Backend>(
+        &mut self,
+        ctx: &mut ThreadCtx,
+        be: &mut B,
+        id: ConnId,
+        now: Instant,
+        plain: &[u8],
+    ) {
+        if self.session.is_closed() {
+            return;
+        }
+        let mut out = std::mem::take(&mut ctx.out);
+        {
+            let mut hooks = ctx.hooks(&mut self.st, self.peer_ip, now);
+            self.session.handle_input(now, plain, &mut out, &mut hooks);
+        }
+        ctx.out = out;
+        self.after_session_call(ctx, be, id);
+        self.settle(be, id);
+    }
+
+    /// The TLS handshake completed.
+    pub fn tls_ready<B: Backend>(&mut self, be: &mut B, id: ConnId, now: Instant) {
+        let t = be.tls_state(id);
+        self.st.tls_established = t.established;
+        self.st.tls_resumed = t.resumed;
+        self.session.handle_tls_established(now);
+        self.settle(be, id);
+    }
+
+    /// The peer half-closed.
+    pub fn peer_closed<B: Backend>(&mut self, be: &mut B, id: ConnId) {
+        self.st.eof = true;
+        self.settle(be, id);
+    }
+
+    /// The deadline passed: a fault delay ended, or a timeout.
+    pub fn timer<B: Backend>(&mut self, ctx: &mut ThreadCtx, be: &mut B, id: ConnId, now: Instant) {
+        self.timer_at = None;
+        if !self.session.is_closed() {
+            let mut out = std::mem::take(&mut ctx.out);
+            {
+                let mut hooks = ctx.hooks(&mut self.st, self.peer_ip, now);
+                self.session.handle_timeout(now, &mut out, &mut hooks);
+            }
+            ctx.out = out;
+            self.after_session_call(ctx, be, id);
+        }
+        self.settle(be, id);
+    }
+
+    /// The connection is gone: counts it.
+    pub fn closed(self, ctx: &mut ThreadCtx, why: Closed) {
+        let io_error = self.st.io_error || matches!(why, Closed::Error(_) | Closed::FlushTimeout);
+        // Completed handshakes only: an implicit-TLS or STARTTLS client
+        // whose handshake failed is a plaintext session that ended.
+        ctx.rec.count_session(self.st.tls_established);
+        if self.st.tls_resumed {
+            ctx.rec.count_tls_resumed();
+        }
+        ctx.local_sessions += 1;
+        match self.st.close_reason {
+            Some(CloseReason::Timeout) => ctx.rec.count_session_error(Outcome::Timeout),
+            Some(CloseReason::ProxyError | CloseReason::TooManyErrors) => {
+                ctx.rec.count_session_error(Outcome::ProtocolError)
+            }
+            _ => {}
+        }
+        if self.st.in_message || (io_error && self.st.close_reason.is_none()) {
+            ctx.rec.count_session_error(Outcome::ConnectionError);
+        }
+    }
+
+    /// Hands queued replies to the backend and handles session events.
+    fn after_session_call<B: Backend>(&mut self, ctx: &mut ThreadCtx, be: &mut B, id: ConnId) {
+        if !ctx.out.is_empty() {
+            be.write(id, &ctx.out);
+            ctx.out.clear();
+        }
+        while let Some(ev) = self.session.poll_event() {
+            match ev {
+                ServerEvent::Reply { command, code } => ctx.rec.count_reply(command, code),
+                ServerEvent::Message {
+                    outcome,
+                    bytes,
+                    recipients,
+                    ..
+                } => {
+                    ctx.rec.count_bytes(bytes);
+                    let o = match outcome {
+                        MessageOutcome::Accepted => {
+                            ctx.rec.count_recipients(u64::from(recipients));
+                            ctx.local_messages += 1;
+                            Outcome::Accepted
+                        }
+                        MessageOutcome::TempFailed => Outcome::TempFailed,
+                        MessageOutcome::Rejected => Outcome::Rejected,
+                    };
+                    ctx.rec.count_outcome(o);
+                }
+                ServerEvent::StartTls => {
+                    // The 220 is already queued in the clear; the switch
+                    // drops any plaintext that followed STARTTLS.
+                    let ok = match &ctx.tls {
+                        Some(cfg) => be.start_tls(id, TlsSide::Server(Arc::clone(cfg))).is_ok(),
+                        None => false,
+                    };
+                    if !ok {
+                        self.st.io_error = true;
+                    }
+                }
+                ServerEvent::Close(reason) => self.st.close_reason = Some(reason),
+                ServerEvent::Proxy(_) | ServerEvent::Authenticated => {}
+            }
+        }
+    }
+
+    /// Decides whether the connection ends now; otherwise sets its reading
+    /// and its deadline.
+    fn settle<B: Backend>(&mut self, be: &mut B, id: ConnId) {
+        if self.st.io_error {
+            be.close(id, Close::Abort);
+            return;
+        }
+        // A peer that half-closed still gets the replies to what it sent,
+        // including one a fault delay holds; then the connection ends.
+        let finished = self.st.eof && !self.session.holds_reply();
+        if self.session.is_closed() || finished {
+            be.close(id, Close::Graceful);
+            return;
+        }
+        be.set_reading(id, self.session.wants_read());
+        if let Some(at) = self.session.poll_timeout() {
+            if self.timer_at.is_none_or(|t| t > at) {
+                be.set_deadline(id, Some(at));
+                self.timer_at = Some(at);
+            }
+        }
+    }
+}
