@@ -157,7 +157,9 @@ fn the_man_page_renders_with_subcommands_and_exit_codes() {
         let path = pages.join(name);
         let out = run(
             "groff",
-            Command::new("groff").args(["-k", "-man", "-ww", "-z"]).arg(&path),
+            Command::new("groff")
+                .args(["-k", "-man", "-ww", "-z"])
+                .arg(&path),
             LIMIT,
         );
         assert!(
