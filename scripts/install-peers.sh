@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real SMTP peers the tests talk to (Debian packages), without
-# prompts, and everything each peer needs for what the tests use it for.
+# prompts, and everything each peer needs for what the tests use it for,
+# plus the tools that check smtpstorm's outputs (a browser for the HTML
+# report, XML and Prometheus parsers, shells and man for completions).
 # Idempotent: each check asks for a capability the tests use (a program, a
 # Perl or Python module), not only for a package name, so a peer installed
 # without its optional parts is completed. Prints what it installs.
@@ -31,6 +33,21 @@ command -v ip >/dev/null 2>&1 && command -v ss >/dev/null 2>&1 && command -v tc 
 # essential on Debian; checked so a trimmed image says so here).
 command -v flock >/dev/null 2>&1 || want util-linux
 
+# Headless Chromium and its WebDriver: the HTML report is checked in a real
+# browser (tests/html_report.rs drives chromedriver over W3C WebDriver).
+command -v chromium >/dev/null 2>&1 || want chromium
+command -v chromedriver >/dev/null 2>&1 || want chromium-driver
+# lxml validates --junit output against the JUnit XML schema; the Prometheus
+# client library's parser reads the /metrics exposition.
+have_py_module lxml || want python3-lxml
+have_py_module prometheus_client || want python3-prometheus-client
+# Shell completions are loaded by each shell; man pages are rendered by
+# man-db's man and groff.
+command -v zsh >/dev/null 2>&1 || want zsh
+command -v fish >/dev/null 2>&1 || want fish
+command -v man >/dev/null 2>&1 || want man-db
+command -v groff >/dev/null 2>&1 || want groff-base
+
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
@@ -59,6 +76,14 @@ have_perl_module IO::Socket::INET6 || missing+=(perl:IO::Socket::INET6)
 have_py_module aiosmtpd || missing+=(python3:aiosmtpd)
 command -v tc >/dev/null 2>&1 || missing+=(tc)
 command -v flock >/dev/null 2>&1 || missing+=(flock)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || missing+=(chromedriver)
+have_py_module lxml || missing+=(python3:lxml)
+have_py_module prometheus_client || missing+=(python3:prometheus_client)
+command -v zsh >/dev/null 2>&1 || missing+=(zsh)
+command -v fish >/dev/null 2>&1 || missing+=(fish)
+command -v man >/dev/null 2>&1 || missing+=(man)
+command -v groff >/dev/null 2>&1 || missing+=(groff)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-peers: still missing after install: ${missing[*]}" >&2
   exit 1

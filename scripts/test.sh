@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs the real peers (Postfix
-# smtp-sink/smtp-source/smtpd, swaks, aiosmtpd, openssl), then runs unit,
+# smtp-sink/smtp-source/smtpd, swaks, aiosmtpd, openssl) and the output
+# checkers (headless Chromium and chromedriver, python3-lxml,
+# python3-prometheus-client, bash/zsh/fish, man and groff), then runs unit,
 # property, pair and integration tests, then the bounded stable-toolchain
 # fuzz runs. Usage: scripts/test.sh   (env SMTPSTORM_FUZZ_SECS=N to change
 # the fuzz time per target, default 20; each target runs at least its

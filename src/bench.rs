@@ -55,7 +55,7 @@ fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig>
     if !load.xclient.is_empty() {
         argv.push("--xclient".into());
     }
-    if args.verify {
+    if args.load.verify {
         argv.push("--verify".into());
     }
     let Command::Sink(sink_args) = Cli::try_parse_from(&argv)?.command else {
@@ -114,7 +114,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
         s.messages_tempfailed,
         s.messages_rejected,
         s.bytes,
-        if args.verify {
+        if args.load.verify {
             format!(
                 ", verified {} ok / {} corrupt",
                 s.verify_ok, s.verify_corrupt
@@ -145,7 +145,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<u8> {
             "the sink accepted {sink_accepted} messages but the blaster counted {blast_accepted} accepted: one side miscounts"
         );
     }
-    if args.verify && s.verify_corrupt > 0 {
+    if args.load.verify && s.verify_corrupt > 0 {
         bail!("the sink found {} corrupt messages", s.verify_corrupt);
     }
     Ok(code)

@@ -4,9 +4,10 @@
 //! type (`10k`, `30s`, `64KiB`, `5%`, `1KiB..4KiB`) and, on bad input, returns
 //! an error that states the expected form, so that clap prints one line naming
 //! the flag. Cross-flag checks that clap cannot express live in `config`.
-//! Exit codes (documented in `--help`): 0 success, 2 usage or runtime error,
-//! 3 invalid run (the blaster could not keep its schedule), 99 a failed
-//! `--assert`.
+//! Exit codes (documented in `--help` and the man page): 0 success, 2 usage
+//! or runtime error, 3 invalid run (the blaster could not keep its
+//! schedule), 4 failed run (nothing accepted), 99 a failed `--assert` or
+//! `--baseline` check.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +26,8 @@ use crate::smtp::BareLfPolicy;
     about = "Thread-per-core SMTP sink and load generator with honest latency figures",
     after_help = "Exit codes: 0 success, 2 usage or runtime error, 3 invalid run \
                   (the blaster could not keep its schedule; see --allow-invalid), \
-                  99 a failed --assert."
+                  4 failed run (the target accepted no message), \
+                  99 a failed --assert or --baseline check."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -44,8 +46,26 @@ pub enum Command {
     Bench(BenchArgs),
     /// Add several blast JSON reports (histograms and counts) and re-evaluate assertions.
     Merge(MergeArgs),
-    /// Print a JSON report as text, or draw it as an SVG.
+    /// Print a JSON report as text, or draw it as SVG or a self-contained HTML page.
     Report(ReportArgs),
+    /// Print a shell completion script (e.g. `source <(smtpstorm completions bash)`).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), or write one page per command with --out.
+    Man(ManArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write smtpstorm.1 and smtpstorm-COMMAND.1 into DIR instead of printing smtpstorm.1.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 /// Threads: a count or an explicit CPU list (mutually exclusive).
@@ -174,6 +194,9 @@ pub struct SinkArgs {
     /// Write the JSON report here on exit.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Serve live metrics over HTTP here: Prometheus text at /metrics, JSON at /stats.
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics_listen: Option<SocketAddr>,
     /// No live line and no summary on stdout.
     #[arg(long)]
     pub quiet: bool,
@@ -216,8 +239,19 @@ pub struct LoadArgs {
     #[arg(short = 's', long, value_name = "S[..S]", default_value = "1KiB", value_parser = parse_size_range)]
     pub size: SizeRange,
     /// Send this file as the message (headers and body as given).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "data")]
     pub body: Option<PathBuf>,
+    /// Send real messages: an .eml file, a directory of *.eml, or an mbox; loaded
+    /// once, CRLF-normalized, dot-stuffed for DATA (not for BDAT); --size is ignored.
+    #[arg(long, value_name = "PATH")]
+    pub data: Option<PathBuf>,
+    /// Order of --data messages: round-robin, or shuffle (a new permutation per pass, from --seed).
+    #[arg(long, value_name = "ORDER", default_value = "round-robin", requires = "data")]
+    pub data_order: crate::blast::corpus::DataOrder,
+    /// Messages carry the digest header the sink's --verify checks (generated ones
+    /// always do; --data messages get one on top); bench: the embedded sink verifies.
+    #[arg(long)]
+    pub verify: bool,
     /// Envelope sender template: {n} global sequence, {thread}, {rand}, {instance}.
     #[arg(long, value_name = "T", default_value = "sender{n}@smtpstorm.test")]
     pub from: String,
@@ -295,9 +329,16 @@ pub struct LoadArgs {
     /// Write an HdrHistogram interval log (one tagged line per phase per second) here.
     #[arg(long, value_name = "FILE")]
     pub hlog: Option<PathBuf>,
+    /// Serve live metrics over HTTP here: Prometheus text at /metrics, JSON at /stats
+    /// (bench: the blaster's figures).
+    #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
+    pub metrics_listen: Option<SocketAddr>,
     /// A condition the run must meet (repeatable): `p99(message) < 5ms`, `rate(messages) >= 20000`, `errors == 0`.
     #[arg(long = "assert", value_name = "EXPR")]
     pub asserts: Vec<String>,
+    /// Write every --assert and --baseline check (and the run's validity) as JUnit XML here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     /// Fail (exit 99) if the run regressed against this earlier JSON report.
     #[arg(long, value_name = "FILE")]
     pub baseline: Option<PathBuf>,
@@ -343,9 +384,6 @@ pub struct BenchArgs {
     /// Faults for the embedded sink (same forms as `sink --fault`).
     #[arg(long = "sink-fault", value_name = "SPEC", value_parser = parse_fault)]
     pub sink_faults: Vec<FaultSpec>,
-    /// The embedded sink checks the digest header of every message.
-    #[arg(long)]
-    pub verify: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -383,6 +421,9 @@ pub struct MergeArgs {
     pub json: Option<PathBuf>,
     #[arg(long = "assert", value_name = "EXPR")]
     pub asserts: Vec<String>,
+    /// Write every --assert check (and the run's validity) as JUnit XML here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
     #[arg(long)]
     pub allow_invalid: bool,
 }
@@ -395,6 +436,9 @@ pub struct ReportArgs {
     /// Draw the latency spectrum and throughput over time as SVG here.
     #[arg(long, value_name = "OUT")]
     pub svg: Option<PathBuf>,
+    /// Write a self-contained HTML report here (charts inline, nothing fetched).
+    #[arg(long, value_name = "OUT")]
+    pub html: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

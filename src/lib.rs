@@ -16,7 +16,8 @@
 //! - `smtp`: the protocol as sans-IO state machines (bytes and time in,
 //!   bytes, events and deadlines out).
 //! - `stats`: per-thread histograms and counters, merged once, reported as
-//!   text, JSON, .hgrm, .hlog and SVG.
+//!   text, JSON, .hgrm, .hlog, SVG, HTML, JUnit XML and live metrics.
+//! - `shell`: completion scripts and man pages from the clap definitions.
 
 pub mod bench;
 pub mod blast;
@@ -25,6 +26,7 @@ pub mod digest;
 pub mod net;
 pub mod offline;
 pub mod rng;
+pub mod shell;
 pub mod sink;
 pub mod smtp;
 pub mod stats;
@@ -38,5 +40,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
         cli::Command::Bench(a) => bench::run(&a),
         cli::Command::Merge(a) => offline::merge(&a),
         cli::Command::Report(a) => offline::report(&a),
+        cli::Command::Completions(a) => Ok(shell::completions(&a)?),
+        cli::Command::Man(a) => Ok(shell::man(&a)?),
     }
 }

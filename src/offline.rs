@@ -1,7 +1,7 @@
 //! The roles that read reports instead of the network: `merge` adds blast
 //! reports from several instances (histograms and counts, never averaged
 //! percentiles) and re-evaluates assertions; `report` prints a report and
-//! draws it as SVG. Exit codes follow `blast` (99 failed assertion, 3 an
+//! draws it as SVG or a self-contained HTML page. Exit codes follow `blast` (99 failed assertion, 3 an
 //! invalid input run unless `--allow-invalid`).
 
 use anyhow::Context;
@@ -19,6 +19,7 @@ pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
     }
     let out = OutputConfig {
         json: args.json.clone(),
+        junit: args.junit.clone(),
         asserts,
         allow_invalid: args.allow_invalid,
         ..OutputConfig::default()
@@ -33,7 +34,7 @@ pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
     )
 }
 
-/// `smtpstorm report FILE.json [--svg OUT]`
+/// `smtpstorm report FILE.json [--svg OUT] [--html OUT]`
 pub fn report(args: &ReportArgs) -> anyhow::Result<u8> {
     let report = stats::load_report(&args.file)?;
     let mut out = std::io::stdout().lock();
@@ -45,6 +46,9 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<u8> {
     }
     if let Some(svg) = &args.svg {
         stats::write_svg(&report, svg).with_context(|| format!("drawing {}", svg.display()))?;
+    }
+    if let Some(html) = &args.html {
+        stats::write_html(&report, html)?;
     }
     Ok(0)
 }

@@ -66,6 +66,8 @@ pub enum ConfigError {
     Identity(#[from] IdentityError),
     #[error("{0}")]
     Io(String),
+    #[error(transparent)]
+    Corpus(#[from] super::corpus::CorpusError),
 }
 
 /// What the run produces once it ends (outputs and checks).
@@ -75,6 +77,10 @@ pub struct OutputConfig {
     pub hgrm: Option<PathBuf>,
     pub hgrm_phase: Option<Phase>,
     pub hlog: Option<PathBuf>,
+    /// `--junit`: the checks as JUnit XML.
+    pub junit: Option<PathBuf>,
+    /// `--metrics-listen`: serve live metrics here during the run.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub asserts: Vec<crate::stats::Assertion>,
     pub baseline: Option<PathBuf>,
     /// Allowed regression in percent (10.0 = 10%).
@@ -120,6 +126,8 @@ pub struct BlastConfig {
     pub size: SizeRange,
     /// `--body FILE`, LF normalized to CRLF.
     pub body_file: Option<Arc<[u8]>>,
+    /// `--data PATH`: the messages, loaded once.
+    pub corpus: Option<Arc<super::corpus::Corpus>>,
     pub from: Template,
     pub to: Template,
     pub client: Arc<ClientConfig>,
@@ -277,6 +285,15 @@ impl BlastConfig {
                 Some(Arc::from(normalize_crlf(&raw)))
             }
         };
+        let corpus = match &load.data {
+            None => None,
+            Some(p) => Some(Arc::new(super::corpus::Corpus::load(
+                p,
+                load.data_order,
+                load.seed,
+                load.verify,
+            )?)),
+        };
         let from = Template::parse(&load.from).map_err(|e| ConfigError::Template("from", e))?;
         let to = Template::parse(&load.to).map_err(|e| ConfigError::Template("to", e))?;
         let hgrm_phase = match &load.hgrm {
@@ -338,6 +355,10 @@ impl BlastConfig {
             "size_min": load.size.min,
             "size_max": load.size.max,
             "body_file": load.body.as_ref().map(|p| p.display().to_string()),
+            "data": load.data.as_ref().map(|p| p.display().to_string()),
+            "data_messages": corpus.as_ref().map(|c| c.len()),
+            "data_order": load.data.as_ref().map(|_| format!("{:?}", load.data_order).to_lowercase()),
+            "verify": load.verify,
             "starttls": load.starttls,
             "tls": load.tls,
             "tls_resume": load.tls_resume,
@@ -371,6 +392,7 @@ impl BlastConfig {
             recipients: load.recipients,
             size: load.size,
             body_file,
+            corpus,
             from,
             to,
             client: Arc::new(client),
@@ -397,6 +419,8 @@ impl BlastConfig {
                 hgrm: load.hgrm.clone(),
                 hgrm_phase,
                 hlog: load.hlog.clone(),
+                junit: load.junit.clone(),
+                metrics_listen: load.metrics_listen,
                 asserts,
                 baseline: load.baseline.clone(),
                 max_regression_pct: load.max_regression * 100.0,
@@ -420,6 +444,7 @@ impl BlastConfig {
             threads,
             self.instance,
         )
+        .with_corpus(self.corpus.clone())
     }
 
     /// Number of worker threads this config will run.

@@ -253,7 +253,9 @@ pub struct Body {
     pub raw: Arc<[u8]>,
     /// The DATA form: `raw` dot-stuffed, with the final `.CRLF`.
     pub data: Arc<[u8]>,
-    /// `X-Smtpstorm-Digest: sha256=…CRLF` of `raw` (empty for `--body`).
+    /// `X-Smtpstorm-Digest: sha256=…CRLF`: of `raw` for a generated body;
+    /// for a `--data` message (with `--verify`) of the part after its
+    /// header block, sent on top of it; empty for `--body`.
     pub digest_line: String,
 }
 
@@ -271,10 +273,16 @@ impl Body {
 
     /// A `--body` file (already CRLF-normalized), sent as it is.
     pub fn file(raw: Arc<[u8]>) -> Arc<Body> {
+        Self::with_digest_line(raw, String::new())
+    }
+
+    /// A whole message (already CRLF-normalized) and the digest line sent
+    /// on top of it (empty: none), e.g. one of `--data`.
+    pub fn with_digest_line(raw: Arc<[u8]>, digest_line: String) -> Arc<Body> {
         Arc::new(Body {
             data: stuffed(&raw),
             raw,
-            digest_line: String::new(),
+            digest_line,
         })
     }
 }
@@ -292,6 +300,10 @@ pub struct MessageBuilder {
     recipients: u64,
     size: SizeRange,
     body_file: Option<Arc<[u8]>>,
+    /// `--data`: whole messages, one picked per message sent.
+    corpus: Option<Arc<super::corpus::Corpus>>,
+    /// This thread's permutation of the corpus for the current pass.
+    corpus_pass: Option<(u64, Vec<u32>)>,
     thread: usize,
     threads: u64,
     instance: u32,
@@ -331,6 +343,8 @@ impl MessageBuilder {
             recipients: recipients.max(1),
             size,
             body_file,
+            corpus: None,
+            corpus_pass: None,
             thread,
             threads: threads.max(1) as u64,
             instance: instance.0,
@@ -353,6 +367,12 @@ impl MessageBuilder {
         let probe = b.header_for(u64::MAX / 4, u64::MAX, &"x".repeat(64));
         b.header_target = probe.len() + 32;
         b
+    }
+
+    /// Send the messages of `corpus` (`--data`) instead of generated ones.
+    pub fn with_corpus(mut self, corpus: Option<Arc<super::corpus::Corpus>>) -> Self {
+        self.corpus = corpus;
+        self
     }
 
     /// The `{n}` of the `k`-th message of this thread.
@@ -411,6 +431,9 @@ impl MessageBuilder {
     /// `--size`, or a `--body` file): build it once before the run and give
     /// it to every thread's builder with [`Self::use_shared_body`].
     pub fn shared_body(&self) -> Option<Arc<Body>> {
+        if self.corpus.is_some() {
+            return None;
+        }
         if let Some(f) = &self.body_file {
             return Some(Body::file(Arc::clone(f)));
         }
@@ -465,6 +488,17 @@ impl MessageBuilder {
             instance: self.instance,
             r: 0,
         });
+        if let Some(corpus) = &self.corpus {
+            let body = &corpus.messages[corpus.index(n, &mut self.corpus_pass)];
+            return Message {
+                mail_from,
+                mail_params: String::new(),
+                rcpt_to,
+                header: body.digest_line.as_bytes().to_vec(),
+                body: Arc::clone(&body.raw),
+                data: Some(Arc::clone(&body.data)),
+            };
+        }
         if let Some(file) = &self.body_file {
             let body = match &self.shared {
                 Some(b) => Arc::clone(b),

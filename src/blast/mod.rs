@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod corpus;
 pub mod identity;
 pub mod message;
 pub mod probe;
@@ -43,8 +44,10 @@ use anyhow::Context as _;
 use crate::cli::BlastArgs;
 use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
-    compare_baseline, load_report, write_hgrm_file, write_summary, Bottleneck, CpuUsage,
-    HlogWriter, IntervalMerger, IntervalSnapshot, Measurements, OpenLoopReport, Report,
+    baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
+    CpuUsage,
+    HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements, MetricsServer,
+    OpenLoopReport, Report,
     ReportInput, Role,
 };
 
@@ -78,6 +81,14 @@ pub fn run(args: &BlastArgs) -> anyhow::Result<u8> {
     let output = cfg.output.clone();
     let run = execute(cfg)?;
     finish(run, &output)
+}
+
+/// CPU time of this process so far (`getrusage`); zero if it cannot be
+/// read. The report is given the difference of two readings.
+fn process_cpu() -> CpuUsage {
+    crate::net::proc::self_rusage()
+        .map(|u| CpuUsage::from_us(u.cpu_user_us, u.cpu_sys_us))
+        .unwrap_or_default()
 }
 
 fn unix_now() -> f64 {
@@ -134,8 +145,20 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         end: cfg.duration.map(|d| measure_start + d),
     };
     let started_at_unix = unix_now() + cfg.warmup.as_secs_f64();
-    let cpu_start = CpuUsage::now();
+    let cpu_start = process_cpu();
     let mut progress = progress::Progress::new(&cfg);
+    // Live metrics: fed below from the merged snapshots, once a second.
+    let live = LiveMetrics::new(Role::Blast);
+    let _metrics_server = match cfg.output.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let s = MetricsServer::start(addr, Arc::clone(&live))?;
+            if !cfg.output.quiet {
+                eprintln!("smtpstorm: metrics on http://{}/metrics and /stats", s.addr());
+            }
+            Some(s)
+        }
+    };
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<Tick>();
     let workers = {
@@ -148,9 +171,11 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     // Merge each second's snapshots once every thread has sent its own.
     let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
     let mut merger = IntervalMerger::new();
+    let mut open_by_thread = vec![0usize; threads];
     let mut absorb =
         |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<_>>| -> anyhow::Result<()> {
             merger.absorb(snap);
+            live.absorb(snap);
             if let Some(h) = hlog {
                 h.write_snapshot(snap)?;
             }
@@ -160,7 +185,10 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(tick) => {
-                let _ = tick.thread;
+                if let Some(o) = open_by_thread.get_mut(tick.thread) {
+                    *o = tick.open_connections;
+                }
+                live.set_open_connections(open_by_thread.iter().sum::<usize>() as u64);
                 let entry = pending
                     .entry(tick.index)
                     .or_insert_with(|| (0, tick.snapshot.clone()));
@@ -181,12 +209,13 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         absorb(&snap, &mut hlog)?;
     }
     progress.finish();
+    live.finish();
     let results = workers.join()?;
     let ended = Instant::now();
     if let Some(h) = hlog {
         h.finish()?;
     }
-    let cpu = CpuUsage::now().since(&cpu_start);
+    let cpu = process_cpu().since(&cpu_start);
     let mut m = Measurements::default();
     let mut errors = Vec::new();
     let mut interrupted = false;
@@ -358,14 +387,18 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
             format!("  FAIL  {:<32} measured {v}", r.expr)
         })
         .collect();
-    if let Some(b) = &out.baseline {
-        let base = load_report(b)?;
-        for r in compare_baseline(&report, &base, out.max_regression_pct) {
-            failures.push(format!("  FAIL  {r}"));
-        }
+    let baseline = match &out.baseline {
+        Some(b) => baseline_checks(&report, &load_report(b)?, out.max_regression_pct),
+        None => Vec::new(),
+    };
+    for c in baseline.iter().filter(|c| !c.ok) {
+        failures.push(format!("  FAIL  {}", c.regression()));
     }
     if let Some(p) = &out.json {
         report.write_json(p)?;
+    }
+    if let Some(p) = &out.junit {
+        write_junit(&report, &baseline, p)?;
     }
     if let (Some(p), Some(phase)) = (&out.hgrm, out.hgrm_phase) {
         write_hgrm_file(&report, phase, p)

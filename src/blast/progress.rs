@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::config::BlastConfig;
 use crate::smtp::Phase;
-use crate::stats::summary::format_us;
+use crate::stats::units::format_us;
 use crate::stats::IntervalSnapshot;
 
 /// Below this length an interval's line shows counts, not rates.

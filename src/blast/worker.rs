@@ -83,6 +83,8 @@ pub struct Tick {
     /// Interval number (second `index` after `measure_start`).
     pub index: u64,
     pub snapshot: IntervalSnapshot,
+    /// Connections open when the snapshot was taken (live metrics).
+    pub open_connections: usize,
 }
 
 /// What the open loop did with its messages (measured window only).
@@ -421,6 +423,7 @@ impl BlastHandler {
                 thread: self.index,
                 index: self.tick_index,
                 snapshot: snap,
+                open_connections: self.open_conns,
             });
             self.result.intervals = self.tick_index + 1;
         }
@@ -725,6 +728,7 @@ impl Handler for BlastHandler {
                 thread: self.index,
                 index: self.tick_index,
                 snapshot: snap,
+                open_connections: self.open_conns,
             });
             self.tick_index += 1;
             self.next_tick += Duration::from_secs(1);

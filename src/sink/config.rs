@@ -65,6 +65,8 @@ pub struct SinkConfig {
     pub grace: Duration,
     pub quiet: bool,
     pub json: Option<PathBuf>,
+    /// `--metrics-listen`: serve live metrics here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The flags as given, echoed in the JSON report.
     pub echo: serde_json::Value,
 }
@@ -168,6 +170,7 @@ impl SinkConfig {
             grace: args.grace,
             quiet: args.quiet,
             json: args.json.clone(),
+            metrics_listen: args.metrics_listen,
             echo,
         })
     }

@@ -35,7 +35,9 @@ use thiserror::Error;
 use crate::cli::SinkArgs;
 use crate::net::runtime::{spawn_workers, StopSignal, Workers};
 use crate::net::{socket, tls};
-use crate::stats::{CpuUsage, IntervalMerger, Measurements, Report, ReportInput, Role};
+use crate::stats::{
+    CpuUsage, IntervalMerger, LiveMetrics, Measurements, MetricsServer, Report, ReportInput, Role,
+};
 
 pub use config::{ConfigError, SinkConfig};
 use worker::{Listeners, Shared, Tick, WorkerResult};
@@ -104,6 +106,18 @@ pub struct RunningSink {
     started_at_unix: f64,
     cpu_start: CpuUsage,
     disconnected: bool,
+    /// Live metrics, fed from the snapshots in [`RunningSink::live`].
+    metrics: Arc<LiveMetrics>,
+    /// Serves `metrics` (`--metrics-listen`); stops when the sink is dropped.
+    metrics_server: Option<MetricsServer>,
+}
+
+/// CPU time of this process so far (`getrusage`); zero if it cannot be
+/// read. The report is given the difference of two readings.
+fn process_cpu() -> CpuUsage {
+    crate::net::proc::self_rusage()
+        .map(|u| CpuUsage::from_us(u.cpu_user_us, u.cpu_sys_us))
+        .unwrap_or_default()
 }
 
 /// Starts a sink with its own stop flag (no signal handlers).
@@ -189,6 +203,11 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         grace: cfg.grace,
         io: cfg.io,
     });
+    let metrics = LiveMetrics::new(Role::Sink);
+    let metrics_server = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => Some(MetricsServer::start(addr, Arc::clone(&metrics))?),
+    };
     let (tx, rx) = mpsc::channel::<Tick>();
     let slots: Arc<Mutex<Vec<Option<Listeners>>>> =
         Arc::new(Mutex::new(per_thread.into_iter().map(Some).collect()));
@@ -226,8 +245,10 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0),
-        cpu_start: CpuUsage::now(),
+        cpu_start: process_cpu(),
         disconnected: false,
+        metrics,
+        metrics_server,
     })
 }
 
@@ -235,6 +256,11 @@ impl RunningSink {
     /// The resolved plaintext listen addresses (port 0 replaced).
     pub fn plain_addrs(&self) -> &[SocketAddr] {
         &self.plain
+    }
+
+    /// Where `--metrics-listen` serves, if it was given.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_server.as_ref().map(MetricsServer::addr)
     }
 
     /// The resolved implicit-TLS listen addresses.
@@ -273,11 +299,15 @@ impl RunningSink {
                         *o = t.open_connections;
                     }
                     self.merger.absorb(&t.snapshot);
+                    self.metrics.absorb(&t.snapshot);
+                    self.metrics
+                        .set_open_connections(self.open_by_thread.iter().sum::<usize>() as u64);
                     sum.merge(&t.snapshot.measurements);
                 }
                 Err(RecvTimeoutError::Timeout) => break,
                 Err(RecvTimeoutError::Disconnected) => {
                     self.disconnected = true;
+                    self.metrics.finish();
                     break;
                 }
             }
@@ -337,7 +367,7 @@ impl RunningSink {
             measurements: m,
             timeline,
             invalid_reasons: Vec::new(),
-            cpu: CpuUsage::now().since(&self.cpu_start),
+            cpu: process_cpu().since(&self.cpu_start),
             host: None,
         })?;
         Ok(SinkSummary {
@@ -372,6 +402,9 @@ pub fn run(args: &SinkArgs) -> anyhow::Result<u8> {
             .chain(sink.tls_addrs().iter().map(|a| format!("{a} (TLS)")))
             .collect();
         eprintln!("smtpstorm sink: listening on {}", addrs.join(", "));
+        if let Some(m) = sink.metrics_addr() {
+            eprintln!("smtpstorm sink: metrics on http://{m}/metrics and /stats");
+        }
     }
     let live = !quiet && std::io::stderr().is_terminal();
     while !sink.finished() {

@@ -20,9 +20,8 @@
 //! percentage for `%` thresholds; a latency of a phase with no data is
 //! `value: null, ok: false`.
 
-use serde::{Deserialize, Serialize};
-
-use super::report::Report;
+use super::report::{AssertionResult, Report};
+use super::units::format_us;
 use crate::smtp::Phase;
 
 /// Errors of parsing assertions.
@@ -44,6 +43,18 @@ pub enum Op {
 }
 
 impl Op {
+    /// The operator as written: `<`, `<=`, `>`, `>=`, `==`, `!=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+            Op::Eq => "==",
+            Op::Ne => "!=",
+        }
+    }
+
     fn holds(self, a: f64, b: f64) -> bool {
         match self {
             Op::Lt => a < b,
@@ -110,16 +121,6 @@ pub struct Assertion {
     pub threshold: f64,
     /// The threshold is a percent of `messages_attempted` (counts only).
     pub percent: bool,
-}
-
-/// The outcome of one assertion (JSON `assertions[]`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AssertionResult {
-    pub expr: String,
-    pub ok: bool,
-    /// The measured value (see the module doc for units); null when the
-    /// metric has no data.
-    pub value: Option<f64>,
 }
 
 impl std::str::FromStr for Assertion {
@@ -356,11 +357,16 @@ impl Assertion {
     /// (`1.92ms`), rates per second, counts as integers or percentages.
     pub fn format_value(&self, v: f64) -> String {
         match self.metric {
-            Metric::Latency { .. } => super::summary::format_us(v),
+            Metric::Latency { .. } => format_us(v),
             Metric::Rate(_) => format!("{v:.1}/s"),
             Metric::Count(_) if self.percent => format!("{v:.2}%"),
             Metric::Count(_) => format!("{v:.0}"),
         }
+    }
+
+    /// The threshold for people, with its operator: `< 5.00ms`, `>= 20000.0/s`.
+    pub fn format_threshold(&self) -> String {
+        format!("{} {}", self.op.as_str(), self.format_value(self.threshold))
     }
 
     /// Evaluates the assertion: `{expr, ok, value}`.
@@ -375,6 +381,17 @@ impl Assertion {
     }
 }
 
+// Defined here, not in `report`, so that the report (data) knows nothing of
+// the assertion language above it.
+impl Report {
+    /// Evaluates `assertions` against this report, stores the results in
+    /// `assertions` and returns whether all passed.
+    pub fn evaluate_assertions(&mut self, assertions: &[Assertion]) -> bool {
+        self.assertions = assertions.iter().map(|a| a.evaluate(self)).collect();
+        self.assertions.iter().all(|r| r.ok)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,10 +399,27 @@ mod tests {
 
     #[test]
     fn measured_values_are_formatted_in_the_metric_unit() {
-        assert_eq!(parse("p50(message) < 1us").unwrap().format_value(1924.0), "1.92ms");
-        assert_eq!(parse("rate(messages) >= 5").unwrap().format_value(12.345), "12.3/s");
-        assert_eq!(parse("tempfailed <= 1%").unwrap().format_value(0.5), "0.50%");
+        assert_eq!(
+            parse("p50(message) < 1us").unwrap().format_value(1924.0),
+            "1.92ms"
+        );
+        assert_eq!(
+            parse("rate(messages) >= 5").unwrap().format_value(12.345),
+            "12.3/s"
+        );
+        assert_eq!(
+            parse("tempfailed <= 1%").unwrap().format_value(0.5),
+            "0.50%"
+        );
         assert_eq!(parse("errors == 0").unwrap().format_value(3.0), "3");
+        assert_eq!(
+            parse("p99(message) <= 5ms").unwrap().format_threshold(),
+            "<= 5.00ms"
+        );
+        assert_eq!(
+            parse("tempfailed != 1%").unwrap().format_threshold(),
+            "!= 1.00%"
+        );
     }
 
     #[test]

@@ -16,12 +16,10 @@ use std::path::Path;
 
 use hdrhistogram::Histogram;
 
-use super::recorder::new_histogram;
+use super::recorder::{new_histogram, TICKS_PER_HALF_DISTANCE};
 use super::report::Report;
 use crate::smtp::Phase;
 
-/// Reporting points per exponentially decreasing half-distance (Java's default).
-pub const TICKS_PER_HALF_DISTANCE: u32 = 5;
 /// Divide µs by this to print ms.
 pub const US_TO_MS: f64 = 1000.0;
 

@@ -82,6 +82,12 @@ pub fn merge_reports(reports: &[Report], assertions: &[Assertion]) -> Result<Rep
             e.messages += p.messages;
             e.sessions += p.sessions;
             e.errors += p.errors;
+            for (phase, l) in &p.latency {
+                e.latency
+                    .entry(phase.clone())
+                    .and_modify(|x| x.combine(l))
+                    .or_insert(*l);
+            }
         }
         cpu.user_secs += r.cpu.user_secs;
         cpu.sys_secs += r.cpu.sys_secs;
@@ -139,16 +145,61 @@ impl std::fmt::Display for Regression {
     }
 }
 
+/// One comparison against the baseline, passed or not (a JUnit test case
+/// of `--junit`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BaselineCheck {
+    /// `p99(message)`, `p99(session)` or `rate(messages)`.
+    pub metric: String,
+    /// µs for latencies, per second for the rate.
+    pub baseline: f64,
+    pub current: f64,
+    /// Worsening in percent (positive: worse).
+    pub change_pct: f64,
+    /// The allowed worsening (`--max-regression`), percent.
+    pub max_regression_pct: f64,
+    pub ok: bool,
+}
+
+impl BaselineCheck {
+    /// `p99(message) no more than 10% worse than the baseline`.
+    pub fn name(&self) -> String {
+        format!(
+            "{} no more than {}% worse than the baseline",
+            self.metric, self.max_regression_pct
+        )
+    }
+
+    /// The check as a [`Regression`] (what a failed one prints).
+    pub fn regression(&self) -> Regression {
+        Regression {
+            metric: self.metric.clone(),
+            baseline: self.baseline,
+            current: self.current,
+            change_pct: self.change_pct,
+        }
+    }
+}
+
 /// Compares `current` against `baseline`: p99 of `message` and `session`
-/// up by more than `max_regression_pct` percent, or `rate(messages)` down by
-/// more than that, are regressions. Metrics missing on either side are
-/// skipped.
-pub fn compare_baseline(
+/// may rise, and `rate(messages)` fall, by at most `max_regression_pct`
+/// percent. Metrics missing on either side are not compared.
+pub fn baseline_checks(
     current: &Report,
     baseline: &Report,
     max_regression_pct: f64,
-) -> Vec<Regression> {
+) -> Vec<BaselineCheck> {
     let mut out = Vec::new();
+    let mut check = |metric: String, bv: f64, cv: f64, change_pct: f64| {
+        out.push(BaselineCheck {
+            metric,
+            baseline: bv,
+            current: cv,
+            change_pct,
+            max_regression_pct,
+            ok: change_pct <= max_regression_pct,
+        })
+    };
     for phase in [Phase::Message, Phase::Session] {
         let (Some(b), Some(c)) = (
             baseline.latency.get(phase.as_str()),
@@ -160,32 +211,34 @@ pub fn compare_baseline(
             continue;
         }
         let (bv, cv) = (b.p99_us as f64, c.p99_us as f64);
-        let change_pct = (cv - bv) / bv * 100.0;
-        if change_pct > max_regression_pct {
-            out.push(Regression {
-                metric: format!("p99({})", phase.as_str()),
-                baseline: bv,
-                current: cv,
-                change_pct,
-            });
-        }
+        check(
+            format!("p99({})", phase.as_str()),
+            bv,
+            cv,
+            (cv - bv) / bv * 100.0,
+        );
     }
     let (bv, cv) = (
         baseline.rates.messages_per_sec,
         current.rates.messages_per_sec,
     );
     if bv > 0.0 {
-        let change_pct = (bv - cv) / bv * 100.0;
-        if change_pct > max_regression_pct {
-            out.push(Regression {
-                metric: "rate(messages)".into(),
-                baseline: bv,
-                current: cv,
-                change_pct,
-            });
-        }
+        check("rate(messages)".into(), bv, cv, (bv - cv) / bv * 100.0);
     }
     out
+}
+
+/// The checks of [`baseline_checks`] that failed, as regressions.
+pub fn compare_baseline(
+    current: &Report,
+    baseline: &Report,
+    max_regression_pct: f64,
+) -> Vec<Regression> {
+    baseline_checks(current, baseline, max_regression_pct)
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| c.regression())
+        .collect()
 }
 
 #[cfg(test)]
@@ -196,9 +249,22 @@ mod tests {
 
     #[test]
     fn merged_counts_and_histogram_counts_are_the_sums() {
-        let a = sample_blast_report();
+        let mut a = sample_blast_report();
         let mut b = sample_blast_report();
         b.started_at_unix += 2.0;
+        let second = |count, p50, max_us| {
+            let l = crate::stats::IntervalLatency {
+                count,
+                p50_us: Some(p50),
+                p90_us: Some(p50),
+                p99_us: Some(max_us),
+                max_us,
+            };
+            [("message".to_string(), l)].into_iter().collect()
+        };
+        a.timeline[5].latency = second(10, 100, 300);
+        a.timeline[1].latency = second(10, 100, 300);
+        b.timeline[3].latency = second(5, 900, 2000);
         b.duration_secs = 12.0;
         let merged = merge_reports(
             &[a.clone(), b.clone()],
@@ -224,6 +290,13 @@ mod tests {
         assert_eq!(merged.timeline.len(), 12);
         assert_eq!(merged.timeline[5].messages, 200);
         assert_eq!(merged.timeline[0].messages, 100);
+        let shared = merged.timeline[5].latency["message"];
+        assert_eq!(
+            (shared.count, shared.max_us, shared.p50_us),
+            (15, 2000, None)
+        );
+        let alone = merged.timeline[1].latency["message"];
+        assert_eq!((alone.count, alone.p50_us), (10, Some(100)));
         assert_eq!(merged.cpu.user_secs, 2.0);
     }
 
@@ -277,6 +350,13 @@ mod tests {
         cur.rates.messages_per_sec = base.rates.messages_per_sec * 0.5;
         let regs = compare_baseline(&cur, &base, 5.0);
         assert_eq!(regs.len(), 2);
+        let checks = baseline_checks(&cur, &base, 5.0);
+        assert_eq!(checks.len(), 3, "session p99 is compared too, and passes");
+        assert!(checks[1].ok && checks[1].metric == "p99(session)");
+        assert_eq!(
+            checks[0].name(),
+            "p99(message) no more than 5% worse than the baseline"
+        );
         assert!(regs[1]
             .to_string()
             .starts_with("rate(messages) regressed by 50.0%"));

@@ -13,14 +13,26 @@
 //! ```text
 //! worker thread:  rec.record(Phase::Message, latency_us); rec.count_outcome(outcome);
 //!                 every second: tx.send(rec.take_interval(start_offset, 1s))
-//!                 at the end:   tx.send(rec.take_interval(..)); send rec.finish().reply_codes
+//!                 at the end:   tx.send(rec.take_interval(..)); return rec.finish() (the totals)
 //! main thread:    per tick, merge the N snapshots of that tick (IntervalSnapshot::merge),
 //!                 hlog.write_snapshot(&merged), merger.absorb(&merged)
-//!                 at the end: merger.absorb_reply_codes(..); let (m, timeline) = merger.into_parts();
+//!                 at the end: let (m, timeline) = merger.into_parts();
 //!                 Report::build(ReportInput { measurements: m, timeline, .. })
 //!                 report.evaluate_assertions(&asserts); report.write_json(path);
 //!                 write_hgrm_file(&report, Phase::Message, path); write_summary(&report, &mut stderr)
 //! ```
+//!
+//! Layers, each importing only from the layers below it (no cycles):
+//!
+//! ```text
+//! renderers   summary (text)  hgrm  hlog  svg  ...        one output each
+//! checks      assert (--assert)   merge (merge, --baseline)
+//! report      report: Report, the JSON document and its loading
+//! data        recorder: Counts, histograms, snapshots, merger    units: numbers for people
+//! ```
+//!
+//! Nothing here reads the process's CPU time or talks to the network: the
+//! roles measure their CPU and pass it in ([`ReportInput::cpu`]).
 //!
 //! Invariants: every histogram has the same fixed bounds (1 µs .. 1 hour,
 //! 3 significant figures, see [`recorder::new_histogram`]), so histograms
@@ -28,28 +40,36 @@
 //! always computed from summed histograms, never averaged.
 
 pub mod assert;
+pub mod charts;
 pub mod hgrm;
 pub mod hlog;
+pub mod html;
+pub mod junit;
 pub mod merge;
+pub mod metrics;
 pub mod recorder;
 pub mod report;
 pub mod summary;
 pub mod svg;
+pub mod units;
 
-pub use assert::{
-    parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion,
-    AssertionResult,
-};
+pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
-pub use merge::{compare_baseline, merge_files, merge_reports, MergeError, Regression};
+pub use html::{html_string, write_html, HtmlError};
+pub use junit::{junit_string, write_junit, JunitError};
+pub use merge::{
+    baseline_checks, compare_baseline, merge_files, merge_reports, BaselineCheck, MergeError,
+    Regression,
+};
+pub use metrics::{LiveMetrics, MetricsError, MetricsServer};
 pub use recorder::{
-    new_histogram, Counts, IntervalMerger, IntervalSnapshot, Measurements, PhaseHistograms,
-    Recorder, ReplyCodes, TimelinePoint,
+    new_histogram, Counts, IntervalLatency, IntervalMerger, IntervalSnapshot, Measurements,
+    PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,
 };
 pub use report::{
-    load_report, Bottleneck, CpuUsage, HostInfo, LatencySummary, OpenLoopReport, Rates, Report,
-    ReportError, ReportInput, Role,
+    load_report, AssertionResult, Bottleneck, CpuUsage, HostInfo, LatencySummary, OpenLoopReport,
+    Rates, Report, ReportError, ReportInput, Role,
 };
 pub use summary::write_summary;
 pub use svg::{write_svg, SvgError};

@@ -14,11 +14,13 @@
 //!   and exactly one outcome counter, so `messages_attempted` equals the sum
 //!   of the outcome counters of message-scoped outcomes.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+use super::units::format_us;
 use crate::smtp::{CommandKind, Outcome, Phase};
 
 /// Lowest trackable latency, in microseconds.
@@ -28,6 +30,11 @@ pub const HIST_LOW_US: u64 = 1;
 pub const HIST_HIGH_US: u64 = 3_600_000_000;
 /// Significant decimal digits kept by every histogram.
 pub const HIST_SIGFIG: u8 = 3;
+
+/// Reporting points per exponentially decreasing half-distance when a
+/// histogram is walked as a percentile spectrum (HdrHistogram Java's
+/// default; `.hgrm`, the SVG and HTML spectra).
+pub const TICKS_PER_HALF_DISTANCE: u32 = 5;
 
 /// A latency histogram in microseconds with the crate-wide fixed bounds.
 pub fn new_histogram() -> Histogram<u64> {
@@ -322,8 +329,7 @@ pub struct IntervalSnapshot {
     pub start_offset: Duration,
     /// Length of the interval.
     pub duration: Duration,
-    /// Counters, histograms of the interval only (reply codes are kept in
-    /// the totals only and are empty here).
+    /// Counters, histograms and reply-code tallies of the interval only.
     pub measurements: Measurements,
 }
 
@@ -349,8 +355,8 @@ impl IntervalSnapshot {
         if let Some((phase, h)) = shown {
             line.push_str(&format!(
                 "  p50 {}  p99 {} ({})",
-                super::summary::format_us(h.value_at_quantile(0.5) as f64),
-                super::summary::format_us(h.value_at_quantile(0.99) as f64),
+                format_us(h.value_at_quantile(0.5) as f64),
+                format_us(h.value_at_quantile(0.99) as f64),
                 phase.as_str()
             ));
         }
@@ -470,10 +476,12 @@ impl Recorder {
         }
     }
 
-    /// Counts one reply `code` to `cmd` (kept in the totals only).
+    /// Counts one reply `code` to `cmd`. The tally goes out with the
+    /// interval like the counters (live metrics show reply codes); its
+    /// table is allocated on the interval's first reply, never per reply.
     #[inline]
     pub fn count_reply(&mut self, cmd: CommandKind, code: u16) {
-        self.total.reply_codes.count(cmd, code);
+        self.pending.reply_codes.count(cmd, code);
     }
 
     /// Direct access to the counters of the current interval, for anything
@@ -515,8 +523,50 @@ impl Recorder {
     }
 }
 
-/// One point of the throughput-over-time series (JSON `timeline`).
+/// The latency of one phase in one second of the timeline (JSON
+/// `timeline[].latency.<phase>`), from the histogram of that second.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntervalLatency {
+    /// Values recorded in this second.
+    pub count: u64,
+    /// Percentiles of this second. Absent in a merged report where several
+    /// instances share the second (percentiles are never averaged; the
+    /// per-second histograms are not kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p90_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_us: Option<u64>,
+    /// The largest value of this second (exact after a merge too).
+    pub max_us: u64,
+}
+
+impl IntervalLatency {
+    /// The summary of one second's histogram.
+    pub fn of(h: &Histogram<u64>) -> Self {
+        Self {
+            count: h.len(),
+            p50_us: Some(h.value_at_quantile(0.50)),
+            p90_us: Some(h.value_at_quantile(0.90)),
+            p99_us: Some(h.value_at_quantile(0.99)),
+            max_us: h.max(),
+        }
+    }
+
+    /// Combines the same second of two instances: counts add, the maximum
+    /// is the larger one, and the percentiles are unknown (not averaged).
+    pub fn combine(&mut self, o: &IntervalLatency) {
+        self.count = self.count.saturating_add(o.count);
+        self.max_us = self.max_us.max(o.max_us);
+        self.p50_us = None;
+        self.p90_us = None;
+        self.p99_us = None;
+    }
+}
+
+/// One point of the throughput-over-time series (JSON `timeline`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TimelinePoint {
     /// Seconds since the run start (start of the one-second bin).
     pub t: u64,
@@ -526,15 +576,28 @@ pub struct TimelinePoint {
     pub sessions: u64,
     /// Connection errors + timeouts + protocol errors in this second.
     pub errors: u64,
+    /// Latency per phase (`Phase::as_str`) in this second, phases with
+    /// data only (the corrected figures). Absent from sink reports and
+    /// from reports written before it existed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency: BTreeMap<String, IntervalLatency>,
 }
 
+/// Seconds a timeline bin stays open for late snapshots of other threads
+/// before its per-second percentiles are computed and its histograms freed.
+const BIN_OPEN_SECS: u64 = 2;
+
 /// Main-thread accumulator of interval snapshots from every thread: the
-/// run totals, the timeline (one point per second) and the merged
-/// measurements of the interval being assembled.
+/// run totals, the timeline (one point per second) and the latency
+/// histograms of the last few seconds, which become the timeline's
+/// per-second percentiles once no more snapshots of them can arrive (so
+/// memory stays bounded however long the run).
 #[derive(Debug, Default)]
 pub struct IntervalMerger {
     total: Measurements,
     timeline: Vec<TimelinePoint>,
+    /// Second → latency histograms of that second, not yet summarised.
+    open: BTreeMap<u64, PhaseHistograms>,
 }
 
 impl IntervalMerger {
@@ -565,12 +628,29 @@ impl IntervalMerger {
         p.messages = p.messages.saturating_add(c.messages_accepted);
         p.sessions = p.sessions.saturating_add(c.sessions);
         p.errors = p.errors.saturating_add(c.errors());
+        if snap.measurements.latency.iter().next().is_some() {
+            self.open
+                .entry(t)
+                .or_default()
+                .merge(&snap.measurements.latency);
+        }
+        self.close_bins(t.saturating_sub(BIN_OPEN_SECS));
     }
 
-    /// Adds reply tallies (e.g. from each thread's [`Recorder::finish`]),
-    /// which snapshots do not carry.
-    pub fn absorb_reply_codes(&mut self, r: &ReplyCodes) {
-        self.total.reply_codes.merge(r);
+    /// Summarises the latency of every open second before `before`.
+    fn close_bins(&mut self, before: u64) {
+        while let Some(entry) = self.open.first_entry() {
+            if *entry.key() >= before {
+                break;
+            }
+            let (t, hists) = entry.remove_entry();
+            if let Ok(i) = self.timeline.binary_search_by_key(&t, |p| p.t) {
+                self.timeline[i].latency = hists
+                    .iter()
+                    .map(|(phase, h)| (phase.as_str().to_string(), IntervalLatency::of(h)))
+                    .collect();
+            }
+        }
     }
 
     /// Totals of everything absorbed.
@@ -578,13 +658,15 @@ impl IntervalMerger {
         &self.total
     }
 
-    /// The timeline so far, sorted by `t`.
+    /// The timeline so far, sorted by `t` (the latency of the last few
+    /// seconds is filled in by [`Self::into_parts`]).
     pub fn timeline(&self) -> &[TimelinePoint] {
         &self.timeline
     }
 
     /// Consumes the merger: `(totals, timeline)`.
-    pub fn into_parts(self) -> (Measurements, Vec<TimelinePoint>) {
+    pub fn into_parts(mut self) -> (Measurements, Vec<TimelinePoint>) {
+        self.close_bins(u64::MAX);
         (self.total, self.timeline)
     }
 }
@@ -701,6 +783,8 @@ mod tests {
         assert_eq!(t.counts.messages_accepted, 3);
         assert_eq!(t.latency.count(Phase::Message), 2);
         assert_eq!(t.reply_codes.get(CommandKind::Mail, 250), 1);
+        assert_eq!(s2.measurements.reply_codes.get(CommandKind::Mail, 250), 1);
+        assert_eq!(s1.measurements.reply_codes.get(CommandKind::Mail, 250), 0);
     }
 
     #[test]
@@ -744,7 +828,8 @@ mod tests {
                 t: 0,
                 messages: 0,
                 sessions: 0,
-                errors: 1
+                errors: 1,
+                ..Default::default()
             }
         );
         assert_eq!(
@@ -753,10 +838,70 @@ mod tests {
                 t: 1,
                 messages: 2,
                 sessions: 1,
-                errors: 0
+                errors: 0,
+                ..Default::default()
             }
         );
         assert_eq!(m.totals().counts.messages_attempted, 3);
+    }
+
+    #[test]
+    fn each_timeline_second_gets_the_percentiles_of_that_second_only() {
+        let mut m = IntervalMerger::new();
+        for sec in 0..10u64 {
+            for thread in 0..2u64 {
+                let mut r = Recorder::new();
+                for v in 1..=100u64 {
+                    r.record(Phase::Message, v * 1000 * (sec + 1) + thread);
+                }
+                r.record(Phase::Ehlo, 50);
+                m.absorb(&r.take_interval(Duration::from_secs(sec), Duration::from_secs(1)));
+            }
+            assert!(m.open.len() <= BIN_OPEN_SECS as usize + 1, "bounded");
+        }
+        let (_, tl) = m.into_parts();
+        assert_eq!(tl.len(), 10);
+        for p in &tl {
+            let l = p.latency["message"];
+            let scale = 1000 * (p.t + 1);
+            assert_eq!(l.count, 200, "both threads of second {}", p.t);
+            let p50 = l.p50_us.unwrap() as f64;
+            assert!((p50 - 50.0 * scale as f64).abs() / p50 < 0.01, "{p:?}");
+            assert!(
+                l.p99_us.unwrap() >= 98 * scale && l.max_us >= 100 * scale,
+                "{p:?}"
+            );
+            assert!(l.max_us < 101 * scale, "nothing of another second: {p:?}");
+            assert_eq!(p.latency["ehlo"].count, 2);
+        }
+    }
+
+    #[test]
+    fn a_second_shared_by_two_instances_keeps_count_and_max_but_no_percentiles() {
+        let mut a = IntervalLatency {
+            count: 10,
+            p50_us: Some(5),
+            p90_us: Some(9),
+            p99_us: Some(10),
+            max_us: 10,
+        };
+        a.combine(&IntervalLatency {
+            count: 5,
+            p50_us: Some(50),
+            p90_us: Some(90),
+            p99_us: Some(99),
+            max_us: 100,
+        });
+        assert_eq!(
+            a,
+            IntervalLatency {
+                count: 15,
+                p50_us: None,
+                p90_us: None,
+                p99_us: None,
+                max_us: 100
+            }
+        );
     }
 
     #[test]

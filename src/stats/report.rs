@@ -21,7 +21,6 @@ use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerial
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use super::assert::AssertionResult;
 use super::recorder::{Counts, Measurements, PhaseHistograms, TimelinePoint};
 use crate::smtp::Phase;
 
@@ -114,18 +113,18 @@ pub struct CpuUsage {
 }
 
 impl CpuUsage {
-    /// CPU time of this process so far (`getrusage(RUSAGE_SELF)`), with
-    /// the per-unit figures left at zero (see [`CpuUsage::with_work`]).
-    pub fn now() -> Self {
-        let (user_secs, sys_secs) = rusage_self_secs();
+    /// CPU time of `user_us` and `sys_us` microseconds (e.g. from
+    /// `getrusage`, read by the role), with the per-unit figures left at
+    /// zero (see [`CpuUsage::with_work`]).
+    pub fn from_us(user_us: u64, sys_us: u64) -> Self {
         Self {
-            user_secs,
-            sys_secs,
+            user_secs: user_us as f64 / 1e6,
+            sys_secs: sys_us as f64 / 1e6,
             ..Default::default()
         }
     }
 
-    /// CPU used since `start` (an earlier [`CpuUsage::now`]).
+    /// CPU used since `start` (an earlier reading of the same clock).
     pub fn since(&self, start: &CpuUsage) -> Self {
         Self {
             user_secs: (self.user_secs - start.user_secs).max(0.0),
@@ -149,15 +148,6 @@ impl CpuUsage {
             0.0
         };
         self
-    }
-}
-
-/// `(user, system)` CPU seconds of this process from `getrusage`
-/// (through `net::proc`, the one place that calls it).
-pub fn rusage_self_secs() -> (f64, f64) {
-    match crate::net::proc::self_rusage() {
-        Ok(u) => (u.cpu_user_us as f64 / 1e6, u.cpu_sys_us as f64 / 1e6),
-        Err(_) => (0.0, 0.0),
     }
 }
 
@@ -325,6 +315,16 @@ pub fn decode_histogram(b64: &str) -> Result<Histogram<u64>, String> {
         .map_err(|e| format!("{e:?}"))
 }
 
+/// The outcome of one assertion (JSON `assertions[]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AssertionResult {
+    pub expr: String,
+    pub ok: bool,
+    /// The measured value (see the module doc for units); null when the
+    /// metric has no data.
+    pub value: Option<f64>,
+}
+
 /// One report, blast or sink. Field names are the JSON keys.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
@@ -380,8 +380,8 @@ pub struct ReportInput {
     /// Why the run is not valid (empty: valid). E.g. the blaster could not
     /// keep its schedule.
     pub invalid_reasons: Vec<String>,
-    /// CPU used by the run (`CpuUsage::now().since(&start)`); the per-unit
-    /// figures are filled by `build`.
+    /// CPU used by the run, measured by the role (`stats` reads no clock of
+    /// the process); the per-unit figures are filled by `build`.
     pub cpu: CpuUsage,
     /// Host description; `None` detects the current host.
     pub host: Option<HostInfo>,
@@ -411,6 +411,10 @@ impl Report {
         } else {
             (BTreeMap::new(), BTreeMap::new(), None)
         };
+        let mut timeline = input.timeline;
+        if input.role == Role::Sink {
+            timeline.iter_mut().for_each(|p| p.latency.clear());
+        }
         let mut reply_codes: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (cmd, code, n) in m.reply_codes.iter() {
             *reply_codes
@@ -438,18 +442,11 @@ impl Report {
             schedule_lag,
             open_loop: None,
             reply_codes,
-            timeline: input.timeline,
+            timeline,
             valid: input.invalid_reasons.is_empty(),
             invalid_reasons: input.invalid_reasons,
             assertions: Vec::new(),
         })
-    }
-
-    /// Evaluates `assertions` against this report, stores the results in
-    /// `assertions` and returns whether all passed.
-    pub fn evaluate_assertions(&mut self, assertions: &[super::assert::Assertion]) -> bool {
-        self.assertions = assertions.iter().map(|a| a.evaluate(self)).collect();
-        self.assertions.iter().all(|r| r.ok)
     }
 
     /// True if any evaluated assertion failed (exit code 99).
@@ -604,6 +601,7 @@ pub(crate) mod tests {
                     messages: 100,
                     sessions: 10,
                     errors: 0,
+                    ..Default::default()
                 })
                 .collect(),
             invalid_reasons: vec![],
@@ -710,21 +708,12 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn getrusage_reports_some_cpu_time() {
-        let mut x = 0u64;
-        for i in 0..2_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
-        }
-        std::hint::black_box(x);
-        let c = CpuUsage::now();
-        assert!(c.user_secs + c.sys_secs > 0.0);
-        let w = CpuUsage {
-            user_secs: 1.0,
-            sys_secs: 1.0,
-            ..Default::default()
-        }
-        .with_work(4, 0);
+    fn cpu_figures_per_unit_of_work() {
+        let w = CpuUsage::from_us(1_000_000, 1_000_000).with_work(4, 0);
+        assert_eq!((w.user_secs, w.sys_secs), (1.0, 1.0));
         assert_eq!(w.cpu_us_per_session, 500_000.0);
         assert_eq!(w.cpu_us_per_message, 0.0);
+        let d = CpuUsage::from_us(3_000_000, 500_000).since(&CpuUsage::from_us(1_000_000, 0));
+        assert_eq!((d.user_secs, d.sys_secs), (2.0, 0.5));
     }
 }

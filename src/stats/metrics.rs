@@ -1,0 +1,522 @@
+//! Live metrics (`--metrics-listen ADDR` on `sink`, `blast` and `bench`):
+//! Prometheus text exposition at `/metrics` and the same figures as JSON at
+//! `/stats`, served by a small HTTP server thread (tiny_http) from the
+//! per-second snapshots the main thread already merges.
+//!
+//! Nothing of it is on the hot path: the workers send their interval
+//! snapshots as always; the main thread hands each one to
+//! [`LiveMetrics::absorb`] (a lock and a histogram merge once per snapshot,
+//! about once a second), and a scrape copies the totals under the lock and
+//! formats them outside it. The figures therefore lag the workers by up to
+//! one interval.
+//!
+//! Exposed, all cumulative since the start (`counts.*` of the JSON report,
+//! one metric or label each, so a final scrape equals the report):
+//! `smtpstorm_sessions_total`, `smtpstorm_tls_sessions_total`,
+//! `smtpstorm_tls_resumed_total`, `smtpstorm_messages_attempted_total`,
+//! `smtpstorm_messages_total{outcome=accepted|tempfailed|rejected}`,
+//! `smtpstorm_errors_total{kind=connection_error|timeout|protocol_error}`,
+//! `smtpstorm_recipients_total`, `smtpstorm_message_bytes_total`,
+//! `smtpstorm_verified_total{result=ok|corrupt}`,
+//! `smtpstorm_replies_total{command,code}`; the gauge
+//! `smtpstorm_open_connections`; and per phase the histogram
+//! `smtpstorm_latency_seconds{phase}` (blaster only, corrected figures),
+//! whose buckets are read from the HdrHistogram at fixed bounds.
+//!
+//! Invariants: the text follows the Prometheus text format 0.0.4 as the
+//! `prometheus-client` crate writes it; `/stats` carries the same counts
+//! under the report's key names. The server answers only GET of `/metrics`,
+//! `/stats` and `/` (others 404, other methods 405) and stops when its
+//! handle is dropped.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use super::recorder::{Counts, IntervalSnapshot, Measurements};
+use super::report::Role;
+use crate::smtp::Phase;
+
+/// Upper bounds of the latency histogram buckets, seconds (`+Inf` follows).
+pub const BUCKETS_SECS: [f64; 19] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Errors of the metrics server.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot listen for metrics on {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("cannot start the metrics server thread: {0}")]
+    Thread(std::io::Error),
+}
+
+#[derive(Debug)]
+struct State {
+    role: Role,
+    started: Instant,
+    totals: Measurements,
+    open_connections: u64,
+    snapshots: u64,
+    finished: bool,
+}
+
+/// The live figures of one run, shared by the main thread (writer) and the
+/// metrics server (reader).
+#[derive(Debug)]
+pub struct LiveMetrics {
+    state: Mutex<State>,
+}
+
+/// A copy of the live figures, taken under the lock.
+#[derive(Clone, Debug)]
+pub struct LiveView {
+    pub role: Role,
+    pub elapsed: Duration,
+    pub totals: Measurements,
+    pub open_connections: u64,
+    pub snapshots: u64,
+    pub finished: bool,
+}
+
+impl LiveMetrics {
+    pub fn new(role: Role) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                role,
+                started: Instant::now(),
+                totals: Measurements::default(),
+                open_connections: 0,
+                snapshots: 0,
+                finished: false,
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain counters behind:
+        // still worth serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds one snapshot (one thread's interval, or a merge of several).
+    pub fn absorb(&self, snap: &IntervalSnapshot) {
+        let mut s = self.lock();
+        s.totals.merge(&snap.measurements);
+        s.snapshots += 1;
+    }
+
+    /// Sets the open-connections gauge.
+    pub fn set_open_connections(&self, n: u64) {
+        self.lock().open_connections = n;
+    }
+
+    /// Marks the run as ended (`/stats` says `"finished": true`): every
+    /// snapshot has been absorbed.
+    pub fn finish(&self) {
+        let mut s = self.lock();
+        s.finished = true;
+        s.open_connections = 0;
+    }
+
+    /// A copy of the current figures.
+    pub fn view(&self) -> LiveView {
+        let s = self.lock();
+        LiveView {
+            role: s.role,
+            elapsed: s.started.elapsed(),
+            totals: s.totals.clone(),
+            open_connections: s.open_connections,
+            snapshots: s.snapshots,
+            finished: s.finished,
+        }
+    }
+}
+
+/// Encodes a [`LiveView`] for `prometheus-client`.
+#[derive(Debug)]
+struct ViewCollector(LiveView);
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(m)
+}
+
+fn labelled_counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Vec<(&str, String)>, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in rows {
+        let labels: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        let fm = m.encode_family(&labels)?;
+        ConstCounter::new(*v).encode(fm)?;
+    }
+    Ok(())
+}
+
+impl Collector for ViewCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let v = &self.0;
+        let c: &Counts = &v.totals.counts;
+        counter(
+            &mut enc,
+            "smtpstorm_sessions",
+            "Sessions ended.",
+            c.sessions,
+        )?;
+        counter(
+            &mut enc,
+            "smtpstorm_tls_sessions",
+            "Sessions whose TLS handshake completed.",
+            c.tls_sessions,
+        )?;
+        counter(
+            &mut enc,
+            "smtpstorm_tls_resumed",
+            "TLS handshakes that resumed an earlier session.",
+            c.tls_resumed,
+        )?;
+        counter(
+            &mut enc,
+            "smtpstorm_messages_attempted",
+            "Messages attempted.",
+            c.messages_attempted,
+        )?;
+        let outcome = |o: &str, n| (vec![("outcome", o.to_string())], n);
+        labelled_counter(
+            &mut enc,
+            "smtpstorm_messages",
+            "Messages by outcome.",
+            &[
+                outcome("accepted", c.messages_accepted),
+                outcome("tempfailed", c.messages_tempfailed),
+                outcome("rejected", c.messages_rejected),
+            ],
+        )?;
+        let kind = |k: &str, n| (vec![("kind", k.to_string())], n);
+        labelled_counter(
+            &mut enc,
+            "smtpstorm_errors",
+            "Connection errors, timeouts and protocol errors.",
+            &[
+                kind("connection_error", c.connection_errors),
+                kind("timeout", c.timeouts),
+                kind("protocol_error", c.protocol_errors),
+            ],
+        )?;
+        counter(
+            &mut enc,
+            "smtpstorm_recipients",
+            "Recipients sent (blast) or accepted (sink).",
+            c.recipients,
+        )?;
+        counter(
+            &mut enc,
+            "smtpstorm_message_bytes",
+            "Message bytes (DATA/BDAT payload).",
+            c.bytes,
+        )?;
+        let result = |r: &str, n| (vec![("result", r.to_string())], n);
+        labelled_counter(
+            &mut enc,
+            "smtpstorm_verified",
+            "Messages whose digest header was checked (--verify).",
+            &[
+                result("ok", c.verify_ok),
+                result("corrupt", c.verify_corrupt),
+            ],
+        )?;
+        let replies: Vec<_> = v
+            .totals
+            .reply_codes
+            .iter()
+            .map(|(cmd, code, n)| {
+                (
+                    vec![("command", cmd.as_str().to_string()), ("code", code)],
+                    n,
+                )
+            })
+            .collect();
+        labelled_counter(
+            &mut enc,
+            "smtpstorm_replies",
+            "Replies by command and code.",
+            &replies,
+        )?;
+        let g = ConstGauge::new(v.open_connections as i64);
+        let m = enc.encode_descriptor(
+            "smtpstorm_open_connections",
+            "Connections open at the last snapshot.",
+            None,
+            g.metric_type(),
+        )?;
+        g.encode(m)?;
+        if v.role == Role::Blast && v.totals.latency.iter().next().is_some() {
+            let mut m = enc.encode_descriptor(
+                "smtpstorm_latency_seconds",
+                "Latency per phase (coordinated-omission corrected in open loop).",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (phase, h) in v.totals.latency.iter() {
+                let labels = vec![("phase".to_string(), phase.as_str().to_string())];
+                // The encoder wants each bucket's own count (it writes the
+                // cumulative `le` series itself): differences of the
+                // histogram's counts at or below each bound.
+                let mut below = 0u64;
+                let mut buckets: Vec<(f64, u64)> = BUCKETS_SECS
+                    .iter()
+                    .map(|&b| {
+                        let upto = h.count_between(0, (b * 1e6) as u64).max(below);
+                        let own = upto - below;
+                        below = upto;
+                        (b, own)
+                    })
+                    .collect();
+                buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
+                let sum = h.mean() * h.len() as f64 / 1e6;
+                let fm = m.encode_family(&labels)?;
+                encode_histogram(fm, sum, h.len(), &buckets)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_histogram(
+    mut m: prometheus_client::encoding::MetricEncoder,
+    sum: f64,
+    count: u64,
+    buckets: &[(f64, u64)],
+) -> Result<(), std::fmt::Error> {
+    m.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, buckets, None)
+}
+
+impl LiveView {
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn prometheus_text(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ViewCollector(self.clone())));
+        let mut out = String::new();
+        // Writing into a String cannot fail; an encoder error would be a bug.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+        out
+    }
+
+    /// The `/stats` document: the report's `counts` keys, the gauge, and
+    /// per-phase count/p50/p99/max so far.
+    pub fn stats_json(&self) -> serde_json::Value {
+        let latency: serde_json::Map<String, serde_json::Value> = Phase::ALL
+            .into_iter()
+            .filter_map(|p| {
+                let h = self.totals.latency.get(p)?;
+                Some((
+                    p.as_str().to_string(),
+                    serde_json::json!({
+                        "count": h.len(),
+                        "p50_us": h.value_at_quantile(0.5),
+                        "p99_us": h.value_at_quantile(0.99),
+                        "max_us": h.max(),
+                    }),
+                ))
+            })
+            .collect();
+        serde_json::json!({
+            "role": match self.role { Role::Blast => "blast", Role::Sink => "sink" },
+            "elapsed_secs": self.elapsed.as_secs_f64(),
+            "snapshots": self.snapshots,
+            "finished": self.finished,
+            "open_connections": self.open_connections,
+            "counts": self.totals.counts,
+            "latency": latency,
+        })
+    }
+}
+
+/// The HTTP server thread; stops (and is joined) on drop.
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listens on `addr` (port 0: any free port, see [`Self::addr`]) and
+    /// serves `metrics`.
+    pub fn start(addr: SocketAddr, metrics: Arc<LiveMetrics>) -> Result<Self, MetricsError> {
+        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Listen {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let bound = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| MetricsError::Listen {
+                addr,
+                reason: "not an IP listener".into(),
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || serve(&server, &metrics, &stop))
+                .map_err(MetricsError::Thread)?
+        };
+        Ok(Self {
+            addr: bound,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(server: &tiny_http::Server, metrics: &LiveMetrics, stop: &AtomicBool) {
+    use tiny_http::{Header, Method, Response};
+    let header = |v: &str| Header::from_bytes("Content-Type", v).ok();
+    while !stop.load(Ordering::Relaxed) {
+        let req = match server.recv_timeout(Duration::from_millis(100)) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(_) => break,
+        };
+        let path = req.url().split('?').next().unwrap_or("").to_string();
+        let (code, body, ctype) = if *req.method() != Method::Get {
+            (405, "only GET\n".to_string(), "text/plain; charset=utf-8")
+        } else {
+            match path.as_str() {
+                "/metrics" => (
+                    200,
+                    metrics.view().prometheus_text(),
+                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                ),
+                "/stats" => (
+                    200,
+                    metrics.view().stats_json().to_string() + "\n",
+                    "application/json",
+                ),
+                "/" => (
+                    200,
+                    "smtpstorm metrics: /metrics (Prometheus text), /stats (JSON)\n".to_string(),
+                    "text/plain; charset=utf-8",
+                ),
+                _ => (404, "not found\n".to_string(), "text/plain; charset=utf-8"),
+            }
+        };
+        let mut resp = Response::from_string(body).with_status_code(code);
+        if let Some(h) = header(ctype) {
+            resp = resp.with_header(h);
+        }
+        // A client that went away is not our problem.
+        let _ = req.respond(resp);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::{CommandKind, Outcome};
+    use crate::stats::recorder::Recorder;
+
+    fn live() -> Arc<LiveMetrics> {
+        let m = LiveMetrics::new(Role::Blast);
+        for thread in 0..2 {
+            let mut r = Recorder::new();
+            for i in 0..10u64 {
+                r.count_session(i == 0);
+                r.count_outcome(if i == 9 {
+                    Outcome::Timeout
+                } else {
+                    Outcome::Accepted
+                });
+                r.count_reply(CommandKind::Mail, 250);
+                r.record(Phase::Message, 200 + i * 1000 + thread);
+            }
+            m.absorb(&r.take_interval(Duration::ZERO, Duration::from_secs(1)));
+        }
+        m.set_open_connections(3);
+        m
+    }
+
+    #[test]
+    fn the_exposition_carries_counters_gauge_and_cumulative_buckets() {
+        let text = live().view().prometheus_text();
+        assert!(
+            text.contains("# TYPE smtpstorm_sessions_total counter\nsmtpstorm_sessions_total 20\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtpstorm_messages_total{outcome=\"accepted\"} 18\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtpstorm_errors_total{kind=\"timeout\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtpstorm_replies_total{command=\"mail\",code=\"250\"} 20\n"),
+            "{text}"
+        );
+        assert!(text.contains("smtpstorm_open_connections 3\n"), "{text}");
+        // 0.2ms, 1.2ms, 2.2ms ...: two values (one per thread) at most 1ms.
+        assert!(
+            text.contains("smtpstorm_latency_seconds_bucket{le=\"0.001\",phase=\"message\"} 2\n")
+                || text.contains(
+                    "smtpstorm_latency_seconds_bucket{phase=\"message\",le=\"0.001\"} 2\n"
+                ),
+            "{text}"
+        );
+        assert!(
+            text.contains("smtpstorm_latency_seconds_count{phase=\"message\"} 20\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn stats_json_uses_the_report_keys() {
+        let m = live();
+        let v = m.view().stats_json();
+        assert_eq!(v["counts"]["messages_accepted"], 18);
+        assert_eq!(v["counts"]["timeouts"], 2);
+        assert_eq!(v["latency"]["message"]["count"], 20);
+        assert_eq!(v["finished"], false);
+        m.finish();
+        assert_eq!(m.view().stats_json()["finished"], true);
+    }
+}
