@@ -297,7 +297,22 @@ impl PostfixSmtpd {
             d = data.display(),
             r = root.display()
         );
-        std::fs::write(etc.join("main.cf"), main_cf + extra_main_cf).unwrap();
+        // An extra setting replaces the default line of the same name: a
+        // parameter given twice makes every Postfix process log a warning,
+        // and postlogd, logging its own warning to itself, can deadlock the
+        // instance (`postfix stop` then hangs).
+        let mut lines: Vec<String> = main_cf.lines().map(str::to_string).collect();
+        for extra in extra_main_cf.lines().filter(|l| l.contains('=')) {
+            let key = extra.split('=').next().unwrap().trim();
+            match lines
+                .iter_mut()
+                .find(|l| l.split('=').next().unwrap().trim() == key)
+            {
+                Some(l) => *l = extra.to_string(),
+                None => lines.push(extra.to_string()),
+            }
+        }
+        std::fs::write(etc.join("main.cf"), lines.join("\n") + "\n").unwrap();
         let master = std::fs::read_to_string("/etc/postfix/master.cf").expect("read master.cf");
         let mut out = String::new();
         for line in master.lines() {
