@@ -370,11 +370,29 @@ impl PostfixSmtpd {
 
 impl Drop for PostfixSmtpd {
     fn drop(&mut self) {
-        let _ = Command::new("postfix")
+        // Bounded: a Postfix that does not stop in 30 s has its master
+        // killed (its pid file says which), so a test never hangs here.
+        let stop = Command::new("postfix")
             .arg("-c")
             .arg(self.dir.path().join("etc"))
             .arg("stop")
-            .output();
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        if let Ok(mut child) = stop {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+                let pid_file = self.dir.path().join("queue/pid/master.pid");
+                if let Ok(pid) = std::fs::read_to_string(pid_file) {
+                    let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+                }
+            }
+        }
         // Then `entry` drops: the directory leaves `alternate_config_directories`.
     }
 }
