@@ -481,6 +481,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         listeners: Vec::new(),
         stop: StopSignal::new(),
         read_buf_bytes: 16 * 1024,
+        xdp: None,
     };
     driver::run(driver::Io::Epoll, setup, &mut h)?;
     let mut r = h.obs.r;

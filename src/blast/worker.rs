@@ -238,6 +238,7 @@ pub fn run_worker(
     clock: RunClock,
     body: Option<Arc<Body>>,
     ticks: Sender<Tick>,
+    xdp: Option<crate::net::xdp::XdpThread>,
 ) -> WorkerResult {
     let fail = |e: String| {
         ctx.stop.stop();
@@ -250,6 +251,7 @@ pub fn run_worker(
         listeners: Vec::new(),
         stop: ctx.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
+        xdp,
     };
     let io = cfg.io;
     let mut h = match BlastHandler::new(&ctx, cfg, clock, body, ticks) {

@@ -54,6 +54,8 @@ pub struct Setup {
     pub stop: super::runtime::StopSignal,
     /// The thread's plaintext read buffer.
     pub read_buf_bytes: usize,
+    /// `--io xdp`: the run's interface and this thread's place on it.
+    pub xdp: Option<super::xdp::XdpThread>,
 }
 
 /// A connection of one backend (reused after [`Handler::on_closed`]).

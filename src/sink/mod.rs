@@ -167,6 +167,13 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             }
         }
     }
+    let xdp = match &cfg.xdp {
+        Some(opts) if cfg.io == crate::net::driver::Io::Xdp => {
+            let all: Vec<SocketAddr> = plain.iter().chain(tls_addrs.iter()).copied().collect();
+            Some(crate::net::xdp::XdpRun::open(opts, threads, &all, false)?)
+        }
+        _ => None,
+    };
     let started = Instant::now();
     let shared = Arc::new(Shared {
         stop: stop.clone(),
@@ -188,6 +195,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         duration: cfg.duration,
         grace: cfg.grace,
         io: cfg.io,
+        xdp,
     });
     let (tx, rx) = mpsc::channel::<Tick>();
     let slots: Arc<Mutex<Vec<Option<Listeners>>>> =
