@@ -174,6 +174,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         }
         _ => None,
     };
+    let xdp_run = xdp.clone();
     let started = Instant::now();
     let shared = Arc::new(Shared {
         stop: stop.clone(),
@@ -220,6 +221,10 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         }
         r
     })?;
+    if let Some(x) = &xdp_run {
+        // Listening starts when every queue's socket is in place.
+        x.wait_ready(&stop, Duration::from_secs(10));
+    }
     Ok(RunningSink {
         plain,
         tls: tls_addrs,

@@ -194,8 +194,10 @@ pub fn program(f: &Filter, map_fd: RawFd) -> Vec<Insn> {
         a.jump(JLT_K, 5, 0, i32::from(f.port_lo), "pass");
         a.jump(JGT_K, 5, 0, i32::from(f.port_hi), "pass");
         a.jump(JA, 0, 0, 0, "redirect");
+    } else {
+        // (The verifier rejects unreachable instructions: one jump only.)
+        a.jump(JA, 0, 0, 0, "pass");
     }
-    a.jump(JA, 0, 0, 0, "pass");
     // ARP: the target protocol address (offset 14 + 24) is ours.
     a.label("arp");
     a.op(LDX_W, 5, 2, 38, 0);
@@ -360,6 +362,71 @@ mod tests {
             }
         }
         assert_eq!(p.last().map(|i| i.code), Some(EXIT));
+    }
+
+    /// Instructions reachable from the first (the verifier rejects a
+    /// program with any other).
+    fn reachable(p: &[Insn]) -> Vec<bool> {
+        let mut seen = vec![false; p.len()];
+        let mut todo = vec![0usize];
+        while let Some(i) = todo.pop() {
+            if i >= p.len() || seen[i] {
+                continue;
+            }
+            seen[i] = true;
+            let insn = p[i];
+            let target = (i as i64 + 1 + i64::from(insn.off)) as usize;
+            match insn.code {
+                EXIT => {}
+                JA => todo.push(target),
+                LD_IMM64 => {
+                    seen[i + 1] = true;
+                    todo.push(i + 2);
+                }
+                c if c & 0x07 == 0x05 || c & 0x07 == 0x06 => {
+                    if c != CALL {
+                        todo.push(target);
+                    }
+                    todo.push(i + 1);
+                }
+                _ => todo.push(i + 1),
+            }
+        }
+        seen
+    }
+
+    #[test]
+    fn no_instruction_is_unreachable_with_or_without_ports_or_range() {
+        let mut variants = vec![filter()];
+        let mut f = filter();
+        f.ports.clear();
+        variants.push(f.clone());
+        f.ports = vec![25];
+        f.port_lo = 1;
+        f.port_hi = 0;
+        variants.push(f);
+        for f in variants {
+            let p = program(&f, 3);
+            let r = reachable(&p);
+            assert!(
+                r.iter().all(|&x| x),
+                "{f:?}: unreachable {:?}",
+                r.iter().positions_false()
+            );
+        }
+    }
+
+    trait PositionsFalse {
+        fn positions_false(self) -> Vec<usize>;
+    }
+
+    impl<'a, I: Iterator<Item = &'a bool>> PositionsFalse for I {
+        fn positions_false(self) -> Vec<usize> {
+            self.enumerate()
+                .filter(|(_, b)| !**b)
+                .map(|(i, _)| i)
+                .collect()
+        }
     }
 
     #[test]

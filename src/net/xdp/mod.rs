@@ -37,7 +37,9 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -161,6 +163,8 @@ pub struct XdpRun {
     pub port_blocks: Vec<(u16, u16)>,
     /// Neighbours learnt by any thread (ARP is answered on one queue).
     pub neighbors: Mutex<HashMap<Ipv4Addr, Mac>>,
+    /// Threads whose socket is in the map (see [`XdpRun::wait_ready`]).
+    ready: AtomicUsize,
     map: OwnedFd,
     // Keeps the program attached; dropped last.
     _link: OwnedFd,
@@ -391,6 +395,7 @@ impl XdpRun {
             queues,
             port_blocks,
             neighbors: Mutex::new(HashMap::new()),
+            ready: AtomicUsize::new(0),
             map,
             _link: link,
             _prog: prog,
@@ -417,7 +422,22 @@ impl XdpRun {
             io::Error::new(e.kind(), what)
         })?;
         bpf::map_set(&self.map, queue, p.fd())?;
+        self.ready.fetch_add(1, Ordering::Release);
         Ok(p)
+    }
+
+    /// Waits (bounded by `within`, or until `stop` is set) until every
+    /// thread's socket is in the map: before that, a queue's SYNs would
+    /// reach the kernel. True if all are.
+    pub fn wait_ready(&self, stop: &super::runtime::StopSignal, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.ready.load(Ordering::Acquire) < self.queues.len() {
+            if stop.is_stopped() || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Whether `ip` is on the interface's subnet (else: via the gateway).

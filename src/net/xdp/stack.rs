@@ -817,6 +817,10 @@ pub fn run<H: Handler>(setup: Setup, h: &mut H) -> io::Result<RunStats> {
     let mut kernel = Vec::new();
     for (l, tls) in setup.listeners {
         let port = l.local_addr()?.port();
+        // The kernel socket keeps the port bound but stops listening: a
+        // SYN the program passes (no socket on its queue) gets an RST
+        // instead of a connection nobody serves.
+        let _ = socket2::SockRef::from(&l).shutdown(std::net::Shutdown::Read);
         if !listen_ports.iter().any(|(p, _)| *p == port) {
             listen_ports.push((port, tls));
         }
