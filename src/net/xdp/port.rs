@@ -190,11 +190,11 @@ impl Port {
     pub fn flush_tx(&mut self) -> io::Result<()> {
         self.reclaim();
         let queued = self.tx_batch.len();
-        if queued == 0 {
+        if queued == 0 && self.in_flight == 0 {
             return Ok(());
         }
         // SAFETY: the UMEM outlives the socket.
-        let n = match unsafe { self.tx.send(&mut self.tx_batch, true) } {
+        let n = match unsafe { self.tx.send(&mut self.tx_batch, queued > 0) } {
             Ok(n) => n,
             // The kernel is busy with the ring: the frames are on it and
             // the next kick sends them.
@@ -210,6 +210,40 @@ impl Port {
         };
         self.in_flight += n;
         self.tx_frames += n as u64;
+        // In copy mode one kick sends at most 32 frames (the kernel's TX
+        // batch); what stays on the ring waits for the next kick, so kick
+        // again while kicks make progress.
+        while self.in_flight > 0 {
+            let before = self.in_flight;
+            self.kick()?;
+            self.reclaim();
+            if self.in_flight == before {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// `sendto` with no data: the kernel transmits what is on the TX ring.
+    fn kick(&self) -> io::Result<()> {
+        // SAFETY: a zero-length sendto with null buffers on our own socket.
+        let r = unsafe {
+            libc::sendto(
+                self.socket.raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                std::ptr::null(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR) => Ok(()),
+                _ => Err(e),
+            };
+        }
         Ok(())
     }
 
