@@ -146,6 +146,73 @@ struct Link {
     scratch: Vec<u8>,
     /// Frames dropped for want of a frame or of a neighbour.
     pub dropped: u64,
+    /// Loss and reordering injected for tests (see [`LinkFaults`]).
+    faults: Option<LinkFaults>,
+}
+
+/// What [`LinkFaults`] does to a received frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    Deliver,
+    Drop,
+    /// Deliver it after the next frame.
+    Hold,
+}
+
+/// Loss and reordering on the link, for tests where `tc netem` is not
+/// available (and it could not act on AF_XDP frames anyway: copy-mode TX
+/// bypasses the qdisc): `SMTPSTORM_XDP_LOSS=PCT` drops that share of
+/// frames each way, `SMTPSTORM_XDP_REORDER=PCT` delays that share of
+/// received frames behind the next one. A fixed-seed xorshift, so a run
+/// is repeatable in what it draws.
+#[derive(Clone, Debug)]
+pub struct LinkFaults {
+    state: u64,
+    loss_ppm: u64,
+    reorder_ppm: u64,
+}
+
+impl LinkFaults {
+    /// From the environment (`None` when neither variable is set).
+    pub fn from_env(seed: u64) -> Option<LinkFaults> {
+        let pct = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim_end_matches('%').parse::<f64>().ok())
+                .map(|p| (p.clamp(0.0, 100.0) * 10_000.0) as u64)
+        };
+        let (loss, reorder) = (pct("SMTPSTORM_XDP_LOSS"), pct("SMTPSTORM_XDP_REORDER"));
+        if loss.is_none() && reorder.is_none() {
+            return None;
+        }
+        Some(LinkFaults {
+            state: seed | 1,
+            loss_ppm: loss.unwrap_or(0),
+            reorder_ppm: reorder.unwrap_or(0),
+        })
+    }
+
+    fn draw(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % 1_000_000
+    }
+
+    fn on_rx(&mut self) -> Fault {
+        let d = self.draw();
+        if d < self.loss_ppm {
+            Fault::Drop
+        } else if d < self.loss_ppm + self.reorder_ppm {
+            Fault::Hold
+        } else {
+            Fault::Deliver
+        }
+    }
+
+    fn on_tx(&mut self) -> bool {
+        self.draw() < self.loss_ppm
+    }
 }
 
 impl Link {
@@ -164,7 +231,8 @@ impl Link {
 
     /// Sends a frame whose IP packet starts at byte 14.
     fn send_ip(&mut self, mut p: Packet, now: Instant) {
-        let Some(dst) = wire::ipv4_dst(&p[wire::ETH_LEN..]) else {
+        let lost = self.faults.as_mut().is_some_and(|f| f.on_tx());
+        let Some(dst) = wire::ipv4_dst(&p[wire::ETH_LEN..]).filter(|_| !lost) else {
             self.port.release(p);
             return;
         };
@@ -794,6 +862,8 @@ struct Core {
     seed: u64,
     /// The last receive took the whole budget: do not wait.
     rx_more: bool,
+    /// A received frame held back by [`LinkFaults`].
+    held: Option<Packet>,
     next_sweep: Instant,
 }
 
@@ -841,6 +911,7 @@ pub fn run<H: Handler>(setup: Setup, h: &mut H) -> io::Result<RunStats> {
         asked: Vec::new(),
         scratch: Vec::with_capacity(MTU),
         dropped: 0,
+        faults: LinkFaults::from_env(0x5eed ^ x.index as u64),
     };
     let seed =
         now.elapsed().as_nanos() as u64 ^ (x.index as u64) << 48 ^ u64::from(std::process::id());
@@ -872,6 +943,7 @@ pub fn run<H: Handler>(setup: Setup, h: &mut H) -> io::Result<RunStats> {
         epoch: now,
         seed,
         rx_more: false,
+        held: None,
         next_sweep: now + Duration::from_secs(1),
     };
     core.open_listeners(0);
@@ -986,15 +1058,38 @@ impl Core {
         while taken < RX_BUDGET {
             let n = self.link.port.receive();
             if n == 0 {
-                return;
+                break;
             }
             taken += n;
             while let Some(p) = self.link.port.next_rx() {
+                match self.link.faults.as_mut().map(|f| f.on_rx()) {
+                    Some(Fault::Drop) => {
+                        self.link.port.release(p);
+                        continue;
+                    }
+                    Some(Fault::Hold) if self.held.is_none() => {
+                        self.held = Some(p);
+                        continue;
+                    }
+                    _ => {}
+                }
                 self.frame(&p, now);
                 self.link.port.release(p);
+                // A held frame arrives after the one that followed it.
+                if let Some(h) = self.held.take() {
+                    self.frame(&h, now);
+                    self.link.port.release(h);
+                }
             }
         }
-        self.rx_more = true;
+        if taken == 0 {
+            // Nothing followed the held frame this turn: deliver it late.
+            if let Some(h) = self.held.take() {
+                self.frame(&h, now);
+                self.link.port.release(h);
+            }
+        }
+        self.rx_more = taken >= RX_BUDGET;
     }
 
     fn frame(&mut self, p: &Packet, now: Instant) {
@@ -1711,5 +1806,54 @@ impl Core {
             }
         }
         let _ = self.link.port.flush_tx();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn injected_loss_and_reordering_hit_the_shares_asked_for() {
+        let mut f = LinkFaults {
+            state: 0x5eed | 1,
+            loss_ppm: 10_000,
+            reorder_ppm: 20_000,
+        };
+        let n = 1_000_000;
+        let (mut drop, mut hold, mut lost_tx) = (0, 0, 0);
+        for _ in 0..n {
+            match f.on_rx() {
+                Fault::Drop => drop += 1,
+                Fault::Hold => hold += 1,
+                Fault::Deliver => {}
+            }
+            lost_tx += u32::from(f.on_tx());
+        }
+        for (got, want) in [(drop, 10_000), (hold, 20_000), (lost_tx, 10_000)] {
+            assert!(
+                (want * 9 / 10..want * 11 / 10).contains(&got),
+                "{got} not near {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn source_ports_are_reused_oldest_first_and_run_out_cleanly() {
+        let mut p = PortPool::new((10, 12));
+        assert_eq!(
+            (p.take(), p.take(), p.take(), p.take()),
+            (Some(10), Some(11), Some(12), None)
+        );
+        p.give(11);
+        p.give(10);
+        // The cursor wrapped after 12: 10 first, then 11.
+        assert_eq!(p.take(), Some(10));
+        assert_eq!(p.take(), Some(11));
+        assert_eq!(p.take(), None);
+        // A port outside the block is ignored.
+        p.give(9);
+        p.give(13);
+        assert_eq!(p.take(), None);
     }
 }
