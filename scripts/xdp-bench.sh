@@ -63,14 +63,14 @@ run_case() {
     *-pipe) load=(--messages "$pipe_n" -k 100 -c 4 --pipelining on); sessions=$((pipe_n / 100)) ;;
   esac
   rm -f "$work/sink.json" "$work/blast.json" "$work/sink.err"
-  ip netns exec "$a" taskset -c 0 "$bin" sink "${sink_io[@]}" --threads 1 --listen 198.18.0.1:2525 \
+  ip netns exec "$a" "$bin" sink "${sink_io[@]}" --cpus 0 --listen 198.18.0.1:2525 \
     --exit-after-sessions "$sessions" --grace 2s --json "$work/sink.json" >/dev/null 2>"$work/sink.err" &
   local sink_pid=$!
   for _ in $(seq 1 500); do
     grep -q "listening on" "$work/sink.err" 2>/dev/null && break
     sleep 0.02
   done
-  timeout 120 ip netns exec "$b" taskset -c 1 "$bin" blast 198.18.0.1:2525 "${blast_io[@]}" --threads 1 \
+  timeout 120 ip netns exec "$b" "$bin" blast 198.18.0.1:2525 "${blast_io[@]}" --cpus 1 \
     "${load[@]}" --timeout 5s --quiet --json "$work/blast.json" >/dev/null 2>&1 || true
   # The sink ends itself after its sessions (bounded by timeout's 120 s too).
   local waited=0

@@ -15,7 +15,8 @@
 //! Segments of no flow go to shard 0, whose smoltcp answers with RST.
 //!
 //! TCP settings: Nagle off, delayed ACK off, [`SOCKET_BUFFER`] bytes each
-//! way. After our FIN, a socket that reaches TIME-WAIT is recycled at once
+//! way, timestamps from the wall clock (so a peer's TIME-WAIT takes a new
+//! SYN on a reused 4-tuple). After our FIN, a socket that reaches TIME-WAIT is recycled at once
 //! (smoltcp's TIME-WAIT is a fixed 10 s; a late segment of that flow finds
 //! no socket and gets an RST), as is one that waited [`CLOSING_LIMIT`] for
 //! the peer's FIN.
@@ -443,6 +444,13 @@ fn new_socket() -> tcp::Socket<'static> {
     );
     s.set_nagle_enabled(false);
     s.set_ack_delay(None);
+    // Timestamps from the wall clock (milliseconds), so they grow across
+    // runs: a peer holding one of our 4-tuples in TIME-WAIT takes a new
+    // SYN on it only if it is newer (PAWS) or its sequence number is
+    // (smoltcp's is random). Without them, a blaster reusing its source
+    // ports within a minute of the last run stalls on RSTs and 1 s SYN
+    // retransmissions.
+    s.set_tsval_generator(Some(tsval));
     // Bounds retransmission (a vanished peer); idle connections never
     // time out here (the handlers' deadlines do that).
     s.set_timeout(Some(smoltcp::time::Duration::from_secs(60)));
@@ -500,6 +508,14 @@ impl Shard {
         }
         Some(h)
     }
+}
+
+/// TCP timestamp value: wall-clock milliseconds (wrapping).
+fn tsval() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u32)
+        .unwrap_or(0)
 }
 
 fn smol_now(epoch: Instant, now: Instant) -> SInstant {
@@ -620,7 +636,9 @@ struct PortPool {
 }
 
 impl PortPool {
-    fn new((lo, hi): (u16, u16)) -> PortPool {
+    /// The ports `lo..=hi`, first given from a point set by `seed` (so
+    /// runs in a row do not start on the same 4-tuples).
+    fn new((lo, hi): (u16, u16), seed: u64) -> PortPool {
         let n = if hi >= lo {
             usize::from(hi - lo) + 1
         } else {
@@ -629,7 +647,11 @@ impl PortPool {
         PortPool {
             lo,
             used: vec![false; n],
-            next: 0,
+            next: if n == 0 {
+                0
+            } else {
+                (seed % n as u64) as usize
+            },
         }
     }
 
@@ -913,8 +935,12 @@ pub fn run<H: Handler>(setup: Setup, h: &mut H) -> io::Result<RunStats> {
         dropped: 0,
         faults: LinkFaults::from_env(0x5eed ^ x.index as u64),
     };
-    let seed =
-        now.elapsed().as_nanos() as u64 ^ (x.index as u64) << 48 ^ u64::from(std::process::id());
+    // Sequence numbers, and where the source ports start.
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seed = wall ^ (x.index as u64) << 48 ^ u64::from(std::process::id());
     let first = Shard::new(&mut link, seed, now, now);
     let mut core = Core {
         ops: Ops {
@@ -925,7 +951,7 @@ pub fn run<H: Handler>(setup: Setup, h: &mut H) -> io::Result<RunStats> {
             pending_connects: Vec::new(),
             listening: !listen_ports.is_empty(),
             stop_listening: false,
-            ports: PortPool::new(block),
+            ports: PortPool::new(block, seed),
             ip: run.ip,
             open: 0,
             waited: Duration::ZERO,
@@ -1840,7 +1866,7 @@ mod tests {
 
     #[test]
     fn source_ports_are_reused_oldest_first_and_run_out_cleanly() {
-        let mut p = PortPool::new((10, 12));
+        let mut p = PortPool::new((10, 12), 3);
         assert_eq!(
             (p.take(), p.take(), p.take(), p.take()),
             (Some(10), Some(11), Some(12), None)
