@@ -112,6 +112,8 @@ impl Drop for Pair {
 enum Io {
     Kernel,
     Xdp,
+    /// `--xdp-mode native` (a veth runs XDP in its driver too).
+    XdpNative,
 }
 
 fn io_args(io: Io, iface: &str) -> Vec<String> {
@@ -123,6 +125,11 @@ fn io_args(io: Io, iface: &str) -> Vec<String> {
             "--xdp-iface".into(),
             iface.into(),
         ],
+        Io::XdpNative => {
+            let mut v = io_args(Io::Xdp, iface);
+            v.extend(["--xdp-mode".into(), "native".into()]);
+            v
+        }
     }
 }
 
@@ -328,6 +335,34 @@ fn a_sink_on_xdp_counts_every_message_of_a_kernel_blaster_with_starttls_pipelini
         get_u64(&s, "counts.sessions"),
         "{}",
         s["counts"]
+    );
+}
+
+#[test]
+fn a_sink_in_native_xdp_mode_counts_every_message_with_starttls() {
+    let (s, b) = session(
+        Io::XdpNative,
+        Io::Kernel,
+        &[],
+        &[
+            "--messages",
+            "1000",
+            "-k",
+            "2",
+            "-c",
+            "8",
+            "--starttls",
+            "--timeout",
+            "5s",
+        ],
+    );
+    assert_exact(&s, &b, 1000);
+    assert_eq!(s["config"]["xdp"]["mode"], "native");
+    assert_eq!(
+        get_u64(&b, "counts.messages_accepted"),
+        1000,
+        "{}",
+        b["counts"]
     );
 }
 

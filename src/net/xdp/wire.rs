@@ -49,16 +49,26 @@ fn be16(b: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([b[at], b[at + 1]])
 }
 
-/// The ones' complement sum of `data` added to `sum` (not folded).
-fn sum(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
+/// The ones' complement sum of `data` added to `sum`, folded to 32 bits
+/// (not to 16). Big-endian 32-bit words at a time: 2^16 is 1 modulo
+/// 0xffff, so this folds to the same 16-bit sum as 16-bit words would.
+fn sum(data: &[u8], acc: u32) -> u32 {
+    let mut s = u64::from(acc);
+    let mut chunks = data.chunks_exact(4);
     for c in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        s += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
     }
-    if let [last] = chunks.remainder() {
-        acc += u32::from(*last) << 8;
+    let mut rest = chunks.remainder().chunks_exact(2);
+    for c in &mut rest {
+        s += u64::from(u16::from_be_bytes([c[0], c[1]]));
     }
-    acc
+    if let [last] = rest.remainder() {
+        s += u64::from(*last) << 8;
+    }
+    while s >> 32 != 0 {
+        s = (s & 0xffff_ffff) + (s >> 32);
+    }
+    s as u32
 }
 
 fn fold(mut acc: u32) -> u16 {
@@ -70,7 +80,7 @@ fn fold(mut acc: u32) -> u16 {
 
 /// The TCP pseudo-header sum (folded, not complemented).
 fn pseudo(src: &[u8], dst: &[u8], tcp_len: usize) -> u16 {
-    let acc = sum(src, 0) + sum(dst, 0) + 6 + tcp_len as u32;
+    let acc = u32::from(fold(sum(src, 0))) + u32::from(fold(sum(dst, 0))) + 6 + tcp_len as u32;
     fold(acc)
 }
 
@@ -264,6 +274,21 @@ mod tests {
             // Flipping a bit of the destination address makes it not ours;
             // any other flip breaks a checksum (or the header).
             assert_eq!(c, Frame::Other, "byte {i}");
+        }
+    }
+
+    #[test]
+    fn the_word_sum_folds_like_a_sum_of_16_bit_words() {
+        let data: Vec<u8> = (0..1001u32)
+            .map(|i| (i * 7919 % 251) as u8 ^ 0xa5)
+            .collect();
+        for n in 0..data.len() {
+            let d = &data[..n];
+            let mut naive: u32 = 0xfffe;
+            for c in d.chunks(2) {
+                naive += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            assert_eq!(fold(sum(d, 0xfffe)), fold(naive), "length {n}");
         }
     }
 
