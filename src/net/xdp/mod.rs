@@ -24,8 +24,9 @@
 //! interface's own; the blaster's source ports come from
 //! [`SOURCE_PORTS`] (below the kernel's ephemeral range), split into one
 //! block per queue so a flow's replies can be steered to its thread (see
-//! the README); the sink's listeners keep their kernel sockets bound (the
-//! port stays reserved) while the XDP program takes their traffic.
+//! the README); the sink's kernel listening sockets stay bound but stop
+//! listening (the port stays reserved; a SYN that reaches the kernel gets
+//! an RST) while the XDP program takes their traffic.
 
 pub mod bpf;
 pub mod port;
