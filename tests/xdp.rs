@@ -458,6 +458,35 @@ fn both_ends_on_xdp_add_up_exactly_with_pipelining_bdat_and_faults() {
     );
 }
 
+#[test]
+fn two_hundred_connections_at_once_span_several_shards_on_both_ends() {
+    // 64 sockets per shard: 200 sessions in flight need at least four
+    // shards on each side, and listeners handed from shard to shard.
+    let (s, b) = session(
+        Io::Xdp,
+        Io::Xdp,
+        &[],
+        &[
+            "--messages",
+            "6000",
+            "-k",
+            "2",
+            "-c",
+            "200",
+            "--starttls",
+            "--timeout",
+            "10s",
+        ],
+    );
+    assert_exact(&s, &b, 6000);
+    assert_eq!(
+        get_u64(&b, "counts.messages_accepted"),
+        6000,
+        "{}",
+        b["counts"]
+    );
+}
+
 /// 1% of frames lost each way and 2% of received frames reordered, on the
 /// AF_XDP side (`SMTPSTORM_XDP_LOSS`/`_REORDER`: `tc netem` is not in this
 /// kernel, and AF_XDP's copy-mode TX bypasses qdiscs anyway).
