@@ -79,9 +79,55 @@ pub struct ThreadArgs {
     // `std::vec::Vec` (not `Vec`) so clap stores the parsed list as one value
     // instead of treating the flag as repeatable usize values.
     pub cpus: Option<std::vec::Vec<usize>>,
-    /// I/O backend: io_uring where the kernel allows it (auto), epoll, or uring.
+    /// I/O backend: io_uring where the kernel allows it (auto), epoll, uring, or xdp
+    /// (AF_XDP with TCP in user space; needs --xdp-iface and root).
     #[arg(long, value_name = "BACKEND", default_value = "auto", env = "SMTPSTORM_IO")]
     pub io: IoArg,
+    #[command(flatten)]
+    pub xdp: XdpArgs,
+}
+
+/// The `--io xdp` flags.
+#[derive(Debug, Clone, Args, Default)]
+pub struct XdpArgs {
+    /// --io xdp: the interface to take over (its IPv4 address and MAC are ours).
+    #[arg(long, value_name = "IFACE")]
+    pub xdp_iface: Option<String>,
+    /// --io xdp: where the XDP program runs: skb (generic, any interface) or native (in the driver).
+    #[arg(long, value_name = "MODE", default_value = "skb")]
+    pub xdp_mode: XdpModeArg,
+    /// --io xdp: bind the AF_XDP sockets in zero-copy mode (the driver must support it).
+    #[arg(long)]
+    pub xdp_zerocopy: bool,
+    /// --io xdp: the NIC queue of each thread, in thread order (e.g. `0-3`) [default: 0..threads].
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub xdp_queues: Option<std::vec::Vec<usize>>,
+}
+
+/// `--xdp-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum XdpModeArg {
+    #[default]
+    Skb,
+    Native,
+}
+
+impl XdpArgs {
+    /// The validated options when `--io xdp` is chosen.
+    pub fn options(&self) -> crate::net::xdp::XdpOptions {
+        crate::net::xdp::XdpOptions {
+            iface: self.xdp_iface.clone().unwrap_or_default(),
+            mode: match self.xdp_mode {
+                XdpModeArg::Skb => crate::net::xdp::XdpMode::Skb,
+                XdpModeArg::Native => crate::net::xdp::XdpMode::Native,
+            },
+            zerocopy: self.xdp_zerocopy,
+            queues: self
+                .xdp_queues
+                .as_ref()
+                .map(|q| q.iter().map(|&x| x as u32).collect()),
+        }
+    }
 }
 
 /// `--io`.
@@ -91,6 +137,7 @@ pub enum IoArg {
     Auto,
     Epoll,
     Uring,
+    Xdp,
 }
 
 impl IoArg {
@@ -101,6 +148,7 @@ impl IoArg {
             IoArg::Auto => IoChoice::Auto,
             IoArg::Epoll => IoChoice::Epoll,
             IoArg::Uring => IoChoice::Uring,
+            IoArg::Xdp => IoChoice::Xdp,
         }
     }
 }

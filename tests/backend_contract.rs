@@ -196,6 +196,7 @@ fn serve(io: Io, mode: Mode, implicit: bool, stop_after_closed: usize) -> (Socke
             stop: StopSignal::new(),
             read_buf_bytes: 16 * 1024,
         track_waiting: false,
+        xdp: None,
         };
         driver::run(io, setup, &mut h).unwrap();
     });
@@ -432,7 +433,8 @@ fn dial(io: Io, target: SocketAddr) -> Vec<String> {
         listeners: Vec::new(),
         stop: StopSignal::new(),
         read_buf_bytes: 4096,
-    track_waiting: false,
+        track_waiting: false,
+        xdp: None,
     };
     driver::run(io, setup, &mut h).unwrap();
     let r = result.lock().unwrap().clone();

@@ -111,6 +111,8 @@ pub struct BlastConfig {
     pub cpus: Cpus,
     /// The I/O backend every thread runs.
     pub io: crate::net::driver::Io,
+    /// `--io xdp`: the interface options.
+    pub xdp: Option<crate::net::xdp::XdpOptions>,
     pub connections: u64,
     pub model: LoadModel,
     /// The rate as given (this instance's share), in `rate_unit`.
@@ -337,10 +339,11 @@ impl BlastConfig {
             send_quit: true,
             capture_text: false,
         };
-        let io =
-            crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
+        let io = crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
+        let xdp = (io == crate::net::driver::Io::Xdp).then(|| load.threads.xdp.options());
         let echo = serde_json::json!({
             "io": io.as_str(),
+            "xdp": xdp.as_ref().map(crate::net::xdp::XdpOptions::echo),
             "target": target.to_string(),
             "connections": connections,
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -380,6 +383,7 @@ impl BlastConfig {
             target_host,
             cpus,
             io,
+            xdp,
             connections,
             model,
             rate_per_sec: rate,

@@ -159,13 +159,20 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
             Some(s)
         }
     };
+    let xdp = match &cfg.xdp {
+        Some(opts) if cfg.io == crate::net::driver::Io::Xdp => {
+            Some(crate::net::xdp::XdpRun::open(opts, threads, &[], true)?)
+        }
+        _ => None,
+    };
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<Tick>();
     let workers = {
         let cfg = Arc::clone(&cfg);
         let clock = clock.clone();
         spawn_workers(&cfg.cpus.clone(), "blast", &stop, move |ctx| {
-            run_worker(ctx, Arc::clone(&cfg), clock.clone(), body.clone(), tx.clone())
+            let x = crate::net::xdp::thread_setup(&xdp, ctx.index);
+            run_worker(ctx, Arc::clone(&cfg), clock.clone(), body.clone(), tx.clone(), x)
         })?
     };
     // Merge each second's snapshots once every thread has sent its own.

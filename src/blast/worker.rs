@@ -242,6 +242,7 @@ pub fn run_worker(
     clock: RunClock,
     body: Option<Arc<Body>>,
     ticks: Sender<Tick>,
+    xdp: Option<crate::net::xdp::XdpThread>,
 ) -> WorkerResult {
     let fail = |e: String| {
         ctx.stop.stop();
@@ -255,6 +256,7 @@ pub fn run_worker(
         stop: ctx.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
         track_waiting: matches!(cfg.model, LoadModel::Open { .. }),
+        xdp,
     };
     let io = cfg.io;
     let mut h = match BlastHandler::new(&ctx, cfg, clock, body, ticks) {

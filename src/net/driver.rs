@@ -1,4 +1,4 @@
-//! Choosing and running a backend: `--io auto|epoll|uring`.
+//! Choosing and running a backend: `--io auto|epoll|uring|xdp`.
 //!
 //! A role builds its [`Handler`] and a [`Setup`] and calls [`run`] with the
 //! [`Io`] the configuration resolved once at start ([`Io::resolve`]): the
@@ -8,7 +8,8 @@
 //! `auto` takes io_uring where the kernel allows it (see
 //! [`super::uring::check`]) and epoll otherwise; asking for `uring` where it
 //! is not allowed is an error that names what is missing and suggests
-//! `--io epoll`.
+//! `--io epoll`. `xdp` is never chosen by `auto`: it takes over an
+//! interface (see [`super::xdp`]) and is opened by the role at start.
 
 use std::io;
 use std::time::Duration;
@@ -21,6 +22,7 @@ use super::epoll::Epoll;
 pub enum Io {
     Epoll,
     Uring,
+    Xdp,
 }
 
 /// What was asked for on the command line.
@@ -31,6 +33,7 @@ pub enum IoChoice {
     Auto,
     Epoll,
     Uring,
+    Xdp,
 }
 
 impl Io {
@@ -39,6 +42,7 @@ impl Io {
     pub fn resolve(choice: IoChoice) -> Result<Io, String> {
         match choice {
             IoChoice::Epoll => Ok(Io::Epoll),
+            IoChoice::Xdp => Ok(Io::Xdp),
             IoChoice::Uring => super::uring::check()
                 .map(|()| Io::Uring)
                 .map_err(|missing| format!("--io uring: {missing}; use --io epoll")),
@@ -55,6 +59,7 @@ impl Io {
         match self {
             Io::Epoll => "epoll",
             Io::Uring => "uring",
+            Io::Xdp => "xdp",
         }
     }
 }
@@ -75,5 +80,6 @@ pub fn run<H: Handler>(io: Io, setup: Setup, h: &mut H) -> io::Result<RunStats> 
             Ok(RunStats { waited: b.waited() })
         }
         Io::Uring => super::uring::run(setup, h),
+        Io::Xdp => super::xdp::run(setup, h),
     }
 }

@@ -35,3 +35,4 @@ pub mod timer;
 pub mod tls;
 pub mod tls_stream;
 pub mod uring;
+pub mod xdp;

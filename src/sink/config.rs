@@ -49,6 +49,8 @@ pub struct SinkConfig {
     pub cpus: Cpus,
     /// The I/O backend every thread runs.
     pub io: crate::net::driver::Io,
+    /// `--io xdp`: the interface options.
+    pub xdp: Option<crate::net::xdp::XdpOptions>,
     pub tls_cert_key: Option<(PathBuf, PathBuf)>,
     /// The protocol engine's settings, shared by every session.
     pub server: ServerConfig,
@@ -124,10 +126,11 @@ impl SinkConfig {
             (None, Some(n)) => Cpus::Count(n),
             (None, None) => Cpus::all(),
         };
-        let io =
-            crate::net::driver::Io::resolve(args.threads.io.choice()).map_err(ConfigError::Io)?;
+        let io = crate::net::driver::Io::resolve(args.threads.io.choice()).map_err(ConfigError::Io)?;
+        let xdp = (io == crate::net::driver::Io::Xdp).then(|| args.threads.xdp.options());
         let echo = serde_json::json!({
             "io": io.as_str(),
+            "xdp": xdp.as_ref().map(crate::net::xdp::XdpOptions::echo),
             "listen": args.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "tls_listen": args.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -156,6 +159,7 @@ impl SinkConfig {
             tls_listen: args.tls_listen.clone(),
             cpus,
             io,
+            xdp,
             tls_cert_key: args.tls_cert.clone().zip(args.tls_key.clone()),
             server,
             auth: args.auth.clone(),

@@ -181,6 +181,14 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             }
         }
     }
+    let xdp = match &cfg.xdp {
+        Some(opts) if cfg.io == crate::net::driver::Io::Xdp => {
+            let all: Vec<SocketAddr> = plain.iter().chain(tls_addrs.iter()).copied().collect();
+            Some(crate::net::xdp::XdpRun::open(opts, threads, &all, false)?)
+        }
+        _ => None,
+    };
+    let xdp_run = xdp.clone();
     let started = Instant::now();
     let shared = Arc::new(Shared {
         stop: stop.clone(),
@@ -202,6 +210,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         duration: cfg.duration,
         grace: cfg.grace,
         io: cfg.io,
+        xdp,
     });
     let metrics = LiveMetrics::new(Role::Sink);
     let metrics_server = match cfg.metrics_listen {
@@ -231,6 +240,10 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         }
         r
     })?;
+    if let Some(x) = &xdp_run {
+        // Listening starts when every queue's socket is in place.
+        x.wait_ready(&stop, Duration::from_secs(10));
+    }
     Ok(RunningSink {
         plain,
         tls: tls_addrs,

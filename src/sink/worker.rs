@@ -60,6 +60,8 @@ pub struct Shared {
     pub duration: Option<Duration>,
     pub grace: Duration,
     pub io: driver::Io,
+    /// `--io xdp`: the interface, opened once for every thread.
+    pub xdp: Option<Arc<crate::net::xdp::XdpRun>>,
 }
 
 /// One thread's listeners: `(listener, implicit TLS)`.
@@ -271,6 +273,7 @@ pub fn run(
         stop: shared.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
         track_waiting: false,
+        xdp: crate::net::xdp::thread_setup(&shared.xdp, ctx_w.index),
     };
     driver::run(shared.io, setup, &mut h)?;
     if h.limits {

@@ -73,7 +73,9 @@ pub fn wait_for_listen(port: u16, within: Duration) {
 pub fn wait_for_open_fds(pid: u32, n: usize, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
         if open >= n {
             return;
         }
@@ -96,7 +98,10 @@ impl Proc {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Proc { child: Some(child), name: name.to_string() }
+        Proc {
+            child: Some(child),
+            name: name.to_string(),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -134,13 +139,20 @@ impl Proc {
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_end(&mut stderr);
         }
-        Output { status, stdout, stderr }
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
     }
 
     /// SIGTERM, so the process can write its report.
     pub fn terminate(&self) {
         if let Some(c) = &self.child {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
         }
     }
 }
@@ -175,7 +187,11 @@ pub fn run(name: &str, cmd: &mut Command, within: Duration) -> Output {
         v
     });
     let status = p.wait(within);
-    Output { status, stdout: t1.join().unwrap(), stderr: t2.join().unwrap() }
+    Output {
+        status,
+        stdout: t1.join().unwrap(),
+        stderr: t2.join().unwrap(),
+    }
 }
 
 /// Runs `smtpstorm blast ARGS --quiet --json FILE`; returns (exit code, JSON, stderr).
@@ -228,9 +244,12 @@ pub fn read_json(path: &Path) -> serde_json::Value {
 pub fn get_u64(v: &serde_json::Value, path: &str) -> u64 {
     let mut cur = v;
     for k in path.split('.') {
-        cur = cur.get(k).unwrap_or_else(|| panic!("missing `{path}` in {v}"));
+        cur = cur
+            .get(k)
+            .unwrap_or_else(|| panic!("missing `{path}` in {v}"));
     }
-    cur.as_u64().unwrap_or_else(|| panic!("`{path}` is not a u64: {cur}"))
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("`{path}` is not a u64: {cur}"))
 }
 
 /// The Python that has Debian's aiosmtpd (the machine's default python3 may
@@ -259,7 +278,10 @@ impl PostfixSmtpd {
     /// Like [`PostfixSmtpd::start`], with `extra_main_cf` (whole lines)
     /// appended to its `main.cf`.
     pub fn start_with(extra_main_cf: &str) -> PostfixSmtpd {
-        let dir = tempfile::Builder::new().prefix("smtpstorm-postfix").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("smtpstorm-postfix")
+            .tempdir()
+            .unwrap();
         let port = free_port();
         let root = dir.path();
         let etc = root.join("etc");
@@ -269,7 +291,11 @@ impl PostfixSmtpd {
         std::fs::create_dir_all(&data).unwrap();
         std::fs::create_dir_all(&queue).unwrap();
         chmod(root, 0o755);
-        let status = Command::new("chown").args(["postfix"]).arg(&data).status().unwrap();
+        let status = Command::new("chown")
+            .args(["postfix"])
+            .arg(&data)
+            .status()
+            .unwrap();
         assert!(status.success(), "chown postfix {}", data.display());
         let main_cf = format!(
             "compatibility_level = 3.6\n\
@@ -329,14 +355,22 @@ impl PostfixSmtpd {
         // the entry removed.
         let entry = AltConfigEntry::add(&etc);
         let pf = PostfixSmtpd { port, entry, dir };
-        let st = Command::new("postfix").arg("-c").arg(&etc).arg("start").output().unwrap();
+        let st = Command::new("postfix")
+            .arg("-c")
+            .arg(&etc)
+            .arg("start")
+            .output()
+            .unwrap();
         assert!(
             st.status.success(),
             "postfix start failed: {}{}",
             String::from_utf8_lossy(&st.stdout),
             String::from_utf8_lossy(&st.stderr)
         );
-        wait_for_port(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(20));
+        wait_for_port(
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(20),
+        );
         pf
     }
 
@@ -352,7 +386,9 @@ impl PostfixSmtpd {
     /// Messages the discard transport reported as delivered so far.
     pub fn delivered(&self) -> usize {
         let log = std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default();
-        log.lines().filter(|l| l.contains("postfix/discard[") && l.contains("status=sent")).count()
+        log.lines()
+            .filter(|l| l.contains("postfix/discard[") && l.contains("status=sent"))
+            .count()
     }
 
     /// Wait until `n` deliveries are logged (the queue works asynchronously).
@@ -408,7 +444,11 @@ pub fn alternate_config_directories() -> Vec<String> {
         .args(["-h", "alternate_config_directories"])
         .output()
         .expect("postconf");
-    assert!(cur.status.success(), "postconf -h: {}", String::from_utf8_lossy(&cur.stderr));
+    assert!(
+        cur.status.success(),
+        "postconf -h: {}",
+        String::from_utf8_lossy(&cur.stderr)
+    );
     String::from_utf8_lossy(&cur.stdout)
         .split([' ', ',', '\t', '\n'])
         .filter(|d| !d.is_empty())
@@ -420,14 +460,19 @@ pub fn alternate_config_directories() -> Vec<String> {
 /// as it is on a fresh install). Call with the lock held.
 fn set_alternate_config_directories(dirs: &[String]) {
     let st = if dirs.is_empty() {
-        Command::new("postconf").args(["-X", "alternate_config_directories"]).status()
+        Command::new("postconf")
+            .args(["-X", "alternate_config_directories"])
+            .status()
     } else {
         Command::new("postconf")
             .arg("-e")
             .arg(format!("alternate_config_directories = {}", dirs.join(" ")))
             .status()
     };
-    assert!(st.expect("postconf").success(), "postconf could not write main.cf");
+    assert!(
+        st.expect("postconf").success(),
+        "postconf could not write main.cf"
+    );
 }
 
 /// One entry in `alternate_config_directories`, removed on drop.
@@ -447,7 +492,9 @@ impl AltConfigEntry {
             dirs.push(dir_s);
         }
         set_alternate_config_directories(&dirs);
-        AltConfigEntry { dir: dir.to_path_buf() }
+        AltConfigEntry {
+            dir: dir.to_path_buf(),
+        }
     }
 }
 
