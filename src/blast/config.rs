@@ -341,6 +341,12 @@ impl BlastConfig {
         };
         let io = crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
         let xdp = (io == crate::net::driver::Io::Xdp).then(|| load.threads.xdp.options());
+        if xdp.is_some() && !source_ips.is_empty() {
+            // The xdp backend sends from the interface's own address.
+            return Err(ConfigError::Io(
+                "--source-ip does not apply to --io xdp (it sends from the interface's address); drop one of them".into(),
+            ));
+        }
         let echo = serde_json::json!({
             "io": io.as_str(),
             "xdp": xdp.as_ref().map(crate::net::xdp::XdpOptions::echo),
@@ -538,6 +544,21 @@ mod tests {
             config(&["--rate", "2"]).max_lag_p99(),
             Some(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn source_addresses_are_refused_up_front_with_xdp() {
+        use clap::Parser;
+        let argv = [
+            "smtpstorm", "blast", "127.0.0.1:2525", "--io", "xdp", "--xdp-iface", "lo",
+            "--source-ip", "127.0.0.2",
+        ];
+        let cli = crate::cli::Cli::try_parse_from(argv).unwrap();
+        let crate::cli::Command::Blast(b) = cli.command else {
+            unreachable!()
+        };
+        let e = BlastConfig::from_args(&b.target, &b.load).unwrap_err().to_string();
+        assert!(e.contains("--source-ip") && e.contains("--io xdp"), "{e}");
     }
 
     #[test]
