@@ -73,8 +73,12 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Submission queue entries (the completion queue has 8 times as many;
 /// the kernel keeps any overflow, `NODROP`).
 const SQ_ENTRIES: u32 = 2048;
-/// Provided receive buffers per thread, and their size.
-const BUF_COUNT: u16 = 512;
+/// Provided receive buffers per thread, and their size: 2 MiB in all,
+/// all of it touched over time (the kernel takes buffers in ring order).
+/// A connection holds one only from its completion to the end of the
+/// callback; more connections with data at once than buffers end their
+/// receives with `ENOBUFS` and are re-armed on the next turn.
+const BUF_COUNT: u16 = 128;
 const BUF_BYTES: usize = 16 * 1024;
 /// The buffer group of the receive buffers.
 const BGID: u16 = 0;
@@ -465,6 +469,9 @@ struct Conn {
     read_now: bool,
     /// The handler is owed `on_closed` (false for a refused accept).
     notify: bool,
+    /// Made by `connect` (its sends are stamped when they leave, see
+    /// `Ops::stamp_sends`).
+    outgoing: bool,
 }
 
 impl Conn {
@@ -496,6 +503,7 @@ impl Conn {
             dirty: false,
             read_now: false,
             notify: true,
+            outgoing: false,
         }
     }
 
@@ -561,6 +569,12 @@ pub struct Ops {
     next_gen: u32,
     /// Operations in flight that point at memory or a slot of ours.
     in_flight: usize,
+    /// A send of an outgoing connection was queued this turn: submit it
+    /// before waiting and handle what completed at once, so `on_written`
+    /// comes when the bytes left and not when the loop next wakes (with
+    /// a reply that may have arrived meanwhile: a client times its
+    /// phases from the write).
+    stamp_sends: bool,
 }
 
 impl Ops {
@@ -775,6 +789,7 @@ impl Ops {
                     .build())
                 .user_data(user_data(Op::Send, id, c.gen));
                 c.send_inflight = true;
+                self.stamp_sends |= c.outgoing;
                 self.in_flight += 1;
                 self.push(e);
             }
@@ -958,6 +973,7 @@ impl Backend for Ops {
         .user_data(user_data(Op::Connect, id, c.gen));
         c.dial = Some(dial);
         c.connecting = true;
+        c.outgoing = true;
         self.in_flight += 1;
         self.open += 1;
         self.push(e);
@@ -1099,6 +1115,7 @@ impl Uring {
                 fixed_slots,
                 next_gen: 0,
                 in_flight: 0,
+                stamp_sends: false,
             },
             bufs,
             read_buf: vec![0; setup.read_buf_bytes.max(1024)].into_boxed_slice(),
@@ -1167,6 +1184,9 @@ impl Uring {
                 wake = wake.min(t);
             }
             self.before_wait();
+            if std::mem::take(&mut self.ops.stamp_sends) {
+                self.submit_now(h);
+            }
             let before = Instant::now();
             let timeout = wake.saturating_duration_since(before);
             self.wait(timeout)?;
@@ -1204,6 +1224,23 @@ impl Uring {
         }
         self.ops.rearm = rearm;
         self.ops.push_overflow();
+    }
+
+    /// Submits what is queued without waiting, and handles what completed
+    /// at once (sends that fit in the socket complete during the submit).
+    fn submit_now<H: Handler>(&mut self, h: &mut H) {
+        match self.ops.ring.submit() {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) => {}
+            Err(_) => return,
+        }
+        let now = Instant::now();
+        self.dispatch(h, now);
+        self.before_wait();
     }
 
     /// Submits what is queued and waits up to `timeout` for a completion.
