@@ -858,6 +858,73 @@ fn closing_connections_during_large_receives_under_load_corrupts_no_other(io: Io
     );
 }
 
+// ---- io_uring: ids outlive their operations -------------------------------------
+
+/// Closes its first connection while a receive is armed on it, and in
+/// `on_closed` opens a new one at once.
+#[derive(Default)]
+struct Reuse {
+    base: Base,
+    target: Option<SocketAddr>,
+    first: Option<ConnId>,
+    next: Option<ConnId>,
+}
+
+impl Handler for Reuse {
+    fn on_accept<B: Backend>(
+        &mut self,
+        _: &mut B,
+        _: Instant,
+        id: ConnId,
+        _: SocketAddr,
+        _: bool,
+    ) -> bool {
+        self.base.accept(id);
+        self.first.get_or_insert(id);
+        true
+    }
+    fn on_input<B: Backend>(&mut self, be: &mut B, _: Instant, id: ConnId, _: &[u8]) {
+        if Some(id) == self.first {
+            be.close(id, Close::Abort);
+        }
+    }
+    fn on_closed<B: Backend>(&mut self, be: &mut B, _: Instant, id: ConnId, why: Closed) {
+        self.base.close(id, &why);
+        if Some(id) == self.first && self.next.is_none() {
+            let next = be
+                .connect(self.target.unwrap(), ConnectOpts::default())
+                .unwrap();
+            self.base.accept(next);
+            self.next = Some(next);
+            self.base.stop = true;
+        }
+    }
+    fn on_tick<B: Backend>(&mut self, _: &mut B, now: Instant) -> Tick {
+        self.base.tick(now)
+    }
+}
+
+#[test]
+fn uring_keeps_a_closed_connections_id_until_its_receive_and_close_complete() {
+    let (l, addr) = listener();
+    let h = Reuse {
+        target: Some(addr),
+        ..Reuse::default()
+    };
+    let server = serve(Io::Uring, vec![(l, false)], h);
+    let mut c = client(addr);
+    c.write_all(b"x").unwrap();
+    let h = server.join().unwrap();
+    let (first, next) = (h.first.unwrap(), h.next.unwrap());
+    // The kernel may still complete the cancelled receive (into a buffer
+    // of the ring, never the connection's) and the fixed-slot close: a new
+    // connection must not get that id meanwhile.
+    assert_ne!(
+        first, next,
+        "id {first} reused while its operations were in flight"
+    );
+}
+
 // ---- both backends -------------------------------------------------------------
 
 macro_rules! on_each_backend {
