@@ -109,3 +109,33 @@ fn the_sink_asked_for_uring_under_seccomp_fails_the_same_way() {
         "{err}"
     );
 }
+
+/// Runs `smtpstorm args…` in a network namespace of its own (deleted when
+/// it exits) whose loopback has only four ephemeral ports.
+fn with_four_ports(args: &[&str]) -> Output {
+    Command::new("unshare")
+        .args([
+            "-n",
+            "sh",
+            "-c",
+            "ip link set lo up && echo '40000 40003' > /proc/sys/net/ipv4/ip_local_port_range \
+             && exec \"$0\" \"$@\"",
+        ])
+        .arg(bin())
+        .args(args)
+        .output()
+        .expect("unshare runs")
+}
+
+#[test]
+fn running_out_of_ephemeral_ports_ends_the_run_with_the_source_ip_hint_on_each_backend() {
+    for io in ["epoll", "uring"] {
+        let out = with_four_ports(&["bench", "--io", io, "-c", "16", "-n", "200", "--quiet"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{io}: {err}");
+        assert!(
+            err.contains("address not available") && err.contains("--source-ip"),
+            "{io}: {err}"
+        );
+    }
+}
