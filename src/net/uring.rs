@@ -430,10 +430,22 @@ struct Dial {
     source: Option<IpAddr>,
 }
 
+/// The parts of a connection that only some connections need.
+#[derive(Default)]
+struct Extra {
+    /// Where a connect goes (until it completes).
+    dial: Option<Dial>,
+    /// Plaintext received while the handler was not reading.
+    held: Vec<u8>,
+    /// A graceful close ends as a flush timeout at this instant.
+    close_deadline: Option<Instant>,
+    /// A graceful close that ends as this error (a TLS alert to flush).
+    close_error: Option<io::Error>,
+}
+
 struct Conn {
     /// The ordinary descriptor (`None` once its close is submitted).
     fd: Option<OwnedFd>,
-    raw: RawFd,
     /// Also in the fixed-file table at slot `id`.
     fixed: bool,
     gen: u32,
@@ -444,15 +456,14 @@ struct Conn {
     send_inflight: bool,
     connecting: bool,
     close_inflight: bool,
-    dial: Option<Box<Dial>>,
+    /// What only some connections need (boxed: an idle one holds none).
+    extra: Option<Box<Extra>>,
     tls: Option<Box<TlsPart>>,
     /// Output being sent (untouched while `send_inflight`), from `send_pos`.
     sending: Vec<u8>,
     send_pos: usize,
     /// Output queued since (plaintext, or TLS records).
     queued: Vec<u8>,
-    /// Plaintext received while the handler was not reading.
-    held: Vec<u8>,
     /// The peer's FIN arrived (reported once `held` is delivered).
     peer_fin: bool,
     app_in: u64,
@@ -462,9 +473,6 @@ struct Conn {
     /// The handler wants input.
     reading: bool,
     closing: Option<Close>,
-    close_deadline: Option<Instant>,
-    /// A graceful close that ends as this error (a TLS alert to flush).
-    close_error: Option<io::Error>,
     dirty: bool,
     read_now: bool,
     /// The handler is owed `on_closed` (false for a refused accept).
@@ -475,9 +483,24 @@ struct Conn {
 }
 
 impl Conn {
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    fn held(&self) -> &[u8] {
+        self.extra.as_ref().map_or(&[], |x| &x.held)
+    }
+
+    fn close_deadline(&self) -> Option<Instant> {
+        self.extra.as_ref().and_then(|x| x.close_deadline)
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
     fn new(fd: OwnedFd, fixed: bool, gen: u32) -> Self {
         Conn {
-            raw: fd.as_raw_fd(),
             fd: Some(fd),
             fixed,
             gen,
@@ -486,20 +509,17 @@ impl Conn {
             send_inflight: false,
             connecting: false,
             close_inflight: false,
-            dial: None,
+            extra: None,
             tls: None,
             sending: Vec::new(),
             send_pos: 0,
             queued: Vec::new(),
-            held: Vec::new(),
             peer_fin: false,
             app_in: 0,
             app_sent: 0,
             eof: false,
             reading: true,
             closing: None,
-            close_deadline: None,
-            close_error: None,
             dirty: false,
             read_now: false,
             notify: true,
@@ -663,7 +683,7 @@ impl Ops {
             return;
         }
         c.recv_armed = true;
-        let e = on_fd!(c.fixed, id, c.raw, |f| opcode::RecvMulti::new(f, BGID)
+        let e = on_fd!(c.fixed, id, c.raw(), |f| opcode::RecvMulti::new(f, BGID)
             .build())
         .user_data(user_data(Op::Recv, id, c.gen));
         self.in_flight += 1;
@@ -723,7 +743,14 @@ impl Ops {
         c.close_inflight = fixed;
         c.tls = None;
         c.queued = Vec::new();
-        c.held = Vec::new();
+        match &mut c.extra {
+            // A connect not yet submitted still reads its address.
+            Some(x) if c.connecting => {
+                x.held = Vec::new();
+                x.close_error = None;
+            }
+            _ => c.extra = None,
+        }
         let notify = std::mem::take(&mut c.notify);
         self.timers.cancel(id);
         if recv {
@@ -784,7 +811,7 @@ impl Ops {
                 let rest = &c.sending[c.send_pos..];
                 let len = rest.len().min(u32::MAX as usize) as u32;
                 let ptr = rest.as_ptr();
-                let e = on_fd!(c.fixed, id, c.raw, |f| opcode::Send::new(f, ptr, len)
+                let e = on_fd!(c.fixed, id, c.raw(), |f| opcode::Send::new(f, ptr, len)
                     .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL)
                     .build())
                 .user_data(user_data(Op::Send, id, c.gen));
@@ -800,14 +827,14 @@ impl Ops {
         c.note_sent();
         if c.closing == Some(Close::Graceful) {
             if c.pending() == 0 && !c.send_inflight {
-                let why = match c.close_error.take() {
+                let why = match c.extra.as_mut().and_then(|x| x.close_error.take()) {
                     Some(e) => Closed::Error(e),
                     None => Closed::Local,
                 };
                 self.kill(id, why);
-            } else if c.close_deadline.is_none() {
+            } else if c.close_deadline().is_none() {
                 let at = now + CLOSE_FLUSH_LIMIT;
-                c.close_deadline = Some(at);
+                c.extra().close_deadline = Some(at);
                 self.timers.schedule(id, at);
             }
         }
@@ -821,7 +848,7 @@ impl Ops {
         };
         if c.closing.is_none() {
             c.closing = Some(Close::Graceful);
-            c.close_error = Some(e);
+            c.extra().close_error = Some(e);
             self.mark_dirty(id);
         }
     }
@@ -874,7 +901,9 @@ impl Backend for Ops {
         let stream = TlsStream::new(side).map_err(super::tls_stream::tls_error)?;
         // Plaintext read and not delivered is dropped (CVE-2011-0411):
         // from here on every byte received is ciphertext.
-        c.held = Vec::new();
+        if let Some(x) = &mut c.extra {
+            x.held = Vec::new();
+        }
         c.tls = Some(Box::new(TlsPart {
             stream,
             cin: Vec::new(),
@@ -962,16 +991,18 @@ impl Backend for Ops {
     fn connect(&mut self, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId> {
         let sock = socket::client_socket(target, opts.source_ip, opts.abort_close, false)?;
         let id = self.insert(OwnedFd::from(sock));
-        let dial = Box::new(Dial {
+        let dial = Dial {
             addr: SockAddr::from(target),
             source: opts.source_ip,
-        });
+        };
         let c = &mut self.conns[id];
+        // The address lives in the connection's boxed extra part until the
+        // connect completes.
+        let dial = &*c.extra().dial.insert(dial);
         let (ptr, len) = (dial.addr.as_ptr().cast::<libc::sockaddr>(), dial.addr.len());
-        let e = on_fd!(c.fixed, id, c.raw, |f| opcode::Connect::new(f, ptr, len)
+        let e = on_fd!(c.fixed, id, c.raw(), |f| opcode::Connect::new(f, ptr, len)
             .build())
         .user_data(user_data(Op::Connect, id, c.gen));
-        c.dial = Some(dial);
         c.connecting = true;
         c.outgoing = true;
         self.in_flight += 1;
@@ -1204,7 +1235,7 @@ impl Uring {
                 if c.zombie {
                     continue;
                 }
-                if c.close_deadline.is_some_and(|d| now >= d) {
+                if c.close_deadline().is_some_and(|d| now >= d) {
                     self.ops.kill(id, Closed::FlushTimeout);
                 } else if c.closing.is_none() {
                     h.on_timer(&mut self.ops, now, id);
@@ -1384,8 +1415,8 @@ impl Uring {
             }
             t.cin.extend_from_slice(data);
             self.pump_tls(h, id, now);
-        } else if !c.reading || !c.held.is_empty() {
-            c.held.extend_from_slice(data);
+        } else if !c.reading || !c.held().is_empty() {
+            c.extra().held.extend_from_slice(data);
         } else {
             h.on_input(&mut self.ops, now, id, data);
         }
@@ -1401,7 +1432,7 @@ impl Uring {
         }
         if c.tls.is_some() {
             self.pump_tls(h, id, now);
-        } else if c.reading && c.held.is_empty() {
+        } else if c.reading && c.held().is_empty() {
             c.eof = true;
             h.on_peer_closed(&mut self.ops, now, id);
         }
@@ -1417,14 +1448,15 @@ impl Uring {
         }
         if c.tls.is_some() {
             self.pump_tls(h, id, now);
-        } else if !c.held.is_empty() {
-            let held = std::mem::take(&mut c.held);
+        } else if !c.held().is_empty() {
+            let held = std::mem::take(&mut c.extra().held);
             h.on_input(&mut self.ops, now, id, &held);
             // Keep the allocation if nothing was held meanwhile.
             if let Some(c) = self.ops.conns.get_mut(id) {
-                if c.held.is_empty() && held.capacity() <= KEEP_SEND_BYTES {
-                    c.held = held;
-                    c.held.clear();
+                if c.held().is_empty() && held.capacity() <= KEEP_SEND_BYTES {
+                    let x = c.extra();
+                    x.held = held;
+                    x.held.clear();
                 }
             }
         }
@@ -1552,7 +1584,12 @@ impl Uring {
             return;
         };
         c.connecting = false;
-        let dial = c.dial.take();
+        let dial = c.extra.as_mut().and_then(|x| x.dial.take());
+        if c.extra.as_ref().is_some_and(|x| {
+            x.held.is_empty() && x.close_deadline.is_none() && x.close_error.is_none()
+        }) {
+            c.extra = None;
+        }
         if c.zombie {
             self.ops.maybe_free(id);
             return;
@@ -1767,7 +1804,7 @@ impl Uring {
                 self.ops.in_flight -= 1;
                 if let Some(c) = c {
                     c.connecting = false;
-                    c.dial = None;
+                    c.extra = None;
                 }
             }
             x if x == Op::CloseFixed as u8 => {
