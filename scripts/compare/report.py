@@ -375,25 +375,39 @@ def backends_section(b):
     return L
 
 
+BEGIN, END = "<!-- backends: scripts/compare.sh --backends -->", "<!-- /backends -->"
+
+
+def backends_block(doc):
+    return "\n".join([BEGIN, ""] + backends_section(doc) + [END, ""])
+
+
 def backends_lines(out):
     path = os.path.join(out, "backends.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [""] + backends_section(json.load(f))
+        return ["", backends_block(json.load(f))]
 
 
 def write_backends(doc, out):
+    """Writes backends.json and puts its section in README.md: in place of
+    the previous one, else at the end (the rest of the file is untouched)."""
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "backends.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    main = os.path.join(out, "compare.json")
-    if os.path.exists(main):
-        # The README is one document: re-render it with the new section.
-        with open(main) as f:
-            write(json.load(f), out)
+    path = os.path.join(out, "README.md")
+    text = open(path).read() if os.path.exists(path) else ""
+    block = backends_block(doc)
+    if BEGIN in text and END in text:
+        a = text.index(BEGIN)
+        b = text.index(END) + len(END)
+        text = text[:a] + block.rstrip("\n") + text[b:]
     else:
-        print("\n".join(backends_section(doc)))
+        text = text.rstrip("\n") + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(text)
+    print(block)
 
 
 def write(doc, out):

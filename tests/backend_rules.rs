@@ -1,4 +1,4 @@
-//! The backend contract (`src/net/backend.rs`), checked on every backend:
+//! Rules of the backend contract (`src/net/backend.rs`), checked on every backend:
 //! small handlers, each exercising a rule, driven by `driver::run` on a
 //! thread against plain std sockets on loopback. Every test runs once per
 //! backend (`mod epoll`, `mod uring` at the end), from the same code.
