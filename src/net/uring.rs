@@ -25,7 +25,12 @@
 //! - Sends: output is queued per connection and sent when the turn's
 //!   callbacks are done, one send in flight per connection (the next
 //!   batch waits in a second buffer), `MSG_WAITALL` so one completion
-//!   says the whole batch left. Connect, close and cancel go through the
+//!   says the whole batch left. A turn that queued a send on an outgoing
+//!   connection submits it before waiting and handles what completed at
+//!   once, so the client's `on_written` is stamped when its bytes left, not
+//!   when the loop next wakes together with the reply (epoll's writes are
+//!   synchronous, so there the question does not arise).
+//!   Connect, close and cancel go through the
 //!   ring too; the wait carries its own timeout (one per wait, from the
 //!   thread's timer wheel), and a stop wakes it through an eventfd read
 //!   on the ring.
