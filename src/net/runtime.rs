@@ -441,6 +441,38 @@ mod tests {
     }
 
     #[test]
+    fn stop_calls_live_wake_hooks_and_hooks_of_gone_loops_are_dropped() {
+        use std::sync::atomic::AtomicUsize;
+        let stop = StopSignal::new();
+        let woken = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(AtomicBool::new(true));
+        {
+            let (woken, alive) = (Arc::clone(&woken), Arc::clone(&alive));
+            stop.add_wake_fn(move |wake| {
+                if wake {
+                    woken.fetch_add(1, Ordering::Relaxed);
+                }
+                alive.load(Ordering::Relaxed)
+            });
+        }
+        let woken2 = Arc::clone(&woken);
+        stop.add_wake_fn(move |wake| {
+            if wake {
+                woken2.fetch_add(10, Ordering::Relaxed);
+            }
+            true
+        });
+        assert_eq!(woken.load(Ordering::Relaxed), 0, "adding a hook wakes nobody");
+        alive.store(false, Ordering::Relaxed);
+        // The next add drops the first hook (its loop is gone).
+        stop.add_wake_fn(|_| true);
+        assert_eq!(stop.wakers.lock().unwrap().len(), 2);
+        stop.stop();
+        assert_eq!(woken.load(Ordering::Relaxed), 10);
+        assert!(stop.is_stopped());
+    }
+
+    #[test]
     fn stop_wakes_a_worker_blocked_in_poll() {
         let stop = StopSignal::new();
         let (tx, rx) = std::sync::mpsc::channel();
