@@ -20,8 +20,15 @@ resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 1000)), hard
 socks, ok = [], 0
 try:
     for i in range(first, first + n):
-        src = ("127.0.1.%d" % (1 + i // 20000), 0)
-        socks.append(socket.create_connection(("127.0.0.1", port), timeout=20, source_address=src))
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IP_BIND_ADDRESS_NO_PORT: the port is picked at connect, for the
+        # whole 4-tuple, so ports still in TIME_WAIT towards an earlier
+        # sink's port do not run the source address out of ports.
+        s.setsockopt(socket.IPPROTO_IP, 24, 1)
+        s.bind(("127.0.1.%d" % (1 + i // 20000), 0))
+        s.settimeout(20)
+        s.connect(("127.0.0.1", port))
+        socks.append(s)
     for s in socks:
         if s.recv(512).startswith(b"220"):
             ok += 1

@@ -295,6 +295,10 @@ def build_backends(runs, meta):
             ratios[shape][f"sink per-round (blast {peer})"] = sink[1]
             ratios[shape][f"blast per-round (sink {peer})"] = blast[1]
     doc["ratios"] = ratios
+    doc["sys_share"] = {shape: {io: dict(
+        sink=med([r.get("sink_sys_share") for r in bk if r["shape"] == shape and r["sink"] == io]),
+        blast=med([r.get("client_sys_share") for r in bk if r["shape"] == shape and r["client"] == io]))
+        for io in ("epoll", "uring")} for shape in SHAPES}
     doc["syscalls"] = [r for r in runs if r["kind"] == "syscalls"]
     ib = [r for r in runs if r["kind"] == "idle_backends"]
     doc["idle"] = []
@@ -349,7 +353,22 @@ def backends_section(b):
                  f"{fmt(r['blast cpu/msg uring/epoll (sink epoll)'], 2)} | "
                  f"{fmt(r['blast cpu/msg uring/epoll (sink uring)'], 2)} |")
     L += ["", "new = one 1 KB message per session (CPU per message = per session), 20 in parallel; "
-          "persistent = 100 pipelined 1 KB messages per session; large = one 100 KB message per session.", "",
+          "persistent = 100 pipelined 1 KB messages per session; large = one 100 KB message per session.", ""]
+    if b["quick"]:
+        L += ["A `--quick` run is small: each figure rests on a few clock ticks (10 ms) of CPU, so a "
+              "ratio moves by 0.2 from one run to the next. Read the full run's figures, not these.", ""]
+    S = b["sys_share"]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"
+    L += ["Where the time goes: the kernel's share of each side's CPU (stime / (utime + stime), medians):", "",
+          "| shape | sink epoll | sink uring | blast epoll | blast uring |", "|---|---:|---:|---:|---:|"]
+    for shape in SHAPES:
+        L.append(f"| {shape} | {pct(S[shape]['epoll']['sink'])} | {pct(S[shape]['uring']['sink'])} | "
+                 f"{pct(S[shape]['epoll']['blast'])} | {pct(S[shape]['uring']['blast'])} |")
+    L += ["", "The kernel's TCP work dominates new sessions on both backends (handshake, socket setup and "
+          "teardown, loopback delivery): io_uring removes system calls (table below), not that work, so "
+          "new sessions can only gain the few percent the system calls cost. Pipelined and large messages "
+          "are where fewer system calls and batched sends show. User-space instructions "
+          "(callgrind, both backends): [callgrind-backends.md](callgrind-backends.md).", "",
           "### All pairings (medians)", "",
           "| shape | blast -> sink | messages/s | blast µs/msg | sink µs/msg |", "|---|---|---:|---:|---:|"]
     for shape in SHAPES:

@@ -52,6 +52,13 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def cpu_split_s(pid):
+    """(utime, stime) of PID (all threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -156,6 +163,7 @@ class Suite:
     def measure(self, cmd, sink, sessions, messages, size):
         """Run one client to completion; returns a dict of rates and CPU."""
         s0 = cpu_s(sink.pid)
+        su0, ss0 = cpu_split_s(sink.pid)
         errf = tempfile.TemporaryFile()
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
@@ -172,9 +180,11 @@ class Suite:
             time.sleep(0.002)
         wall = time.monotonic() - t0
         ccpu = cpu_s(p.pid)
+        cu, cs = cpu_split_s(p.pid)
         p.wait()
         time.sleep(0.1)  # let the sink finish the last QUITs
         scpu = cpu_s(sink.pid) - s0
+        su1, ss1 = cpu_split_s(sink.pid)
         errf.seek(0)
         err = errf.read().decode(errors="replace")[-300:]
         return dict(wall_s=wall, exit=p.returncode, timed_out=killed, stderr=err,
@@ -185,7 +195,10 @@ class Suite:
                     client_cpu_us_per_session=ccpu * 1e6 / sessions,
                     client_cpu_us_per_message=ccpu * 1e6 / messages,
                     sink_cpu_us_per_session=scpu * 1e6 / sessions,
-                    sink_cpu_us_per_message=scpu * 1e6 / messages)
+                    sink_cpu_us_per_message=scpu * 1e6 / messages,
+                    # The kernel's share of each side's CPU (stime / total).
+                    client_sys_share=cs / ccpu if ccpu else None,
+                    sink_sys_share=(ss1 - ss0) / scpu if scpu else None)
 
     def blast_counts(self, js):
         try:
@@ -353,8 +366,8 @@ class Suite:
                     stop(p)
                     self.runs.append(dict(kind="idle_backends", io=io, round=rnd, connections_wanted=n,
                                           connections=ok, rss_kib_before=r0, rss_kib_after=r1,
-                                          rss_bytes_per_connection=(r1 - r0) * 1024 / max(ok, 1)))
-                    log(f"idle {io:5s} {ok} conns {(r1 - r0) * 1024 / max(ok, 1):7.0f} B/conn")
+                                          rss_bytes_per_connection=(r1 - r0) * 1024 / ok if ok else None))
+                    log(f"idle {io:5s} {ok} conns " + (f"{(r1 - r0) * 1024 / ok:7.0f} B/conn" if ok else "(none held)"))
                     time.sleep(1)
 
     def idle(self):
