@@ -44,8 +44,10 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, TlsState, Tick as LoopTick};
 use crate::net::backend::Setup;
+use crate::net::backend::{
+    Backend, Closed, ConnId, ConnectOpts, Handler, Tick as LoopTick, TlsState,
+};
 use crate::net::driver;
 use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::net::{socket, tls};
@@ -259,7 +261,9 @@ pub fn run_worker(
     match driver::run(io, setup, &mut h) {
         Ok(stats) => h.finish(stats.waited),
         Err(e) => {
-            h.result.fatal.get_or_insert(format!("event loop failed: {e}"));
+            h.result
+                .fatal
+                .get_or_insert(format!("event loop failed: {e}"));
             h.finish(Duration::ZERO)
         }
     }
@@ -440,7 +444,9 @@ impl BlastHandler {
     }
 
     fn quit_if_idle<B: Backend>(&mut self, be: &mut B, id: ConnId, now: Instant) {
-        let Some(Some(c)) = self.conns.get_mut(id) else { return };
+        let Some(Some(c)) = self.conns.get_mut(id) else {
+            return;
+        };
         c.idle_listed = false;
         if c.session().is_some_and(|s| s.is_idle()) {
             self.with_conn(be, id, |c, io| c.no_more(io, id, now));
@@ -464,7 +470,9 @@ impl BlastHandler {
                 *left -= 1;
             }
             // Messages are made before the session's clock starts.
-            let pending = (0..n).map(|_| (self.builder.next_message(), None)).collect();
+            let pending = (0..n)
+                .map(|_| (self.builder.next_message(), None))
+                .collect();
             let now = Instant::now();
             self.connect(be, pending, false, now, now);
             if self.result.fatal.is_some() {
@@ -528,7 +536,9 @@ impl BlastHandler {
     /// idle session, else a new one. False if none is free.
     fn dispatch<B: Backend>(&mut self, be: &mut B, intended: Instant, now: Instant) -> bool {
         while let Some(id) = self.idle.pop() {
-            let Some(Some(c)) = self.conns.get_mut(id) else { continue };
+            let Some(Some(c)) = self.conns.get_mut(id) else {
+                continue;
+            };
             if !c.idle_listed {
                 continue;
             }
@@ -645,7 +655,13 @@ impl BlastHandler {
 }
 
 impl Handler for BlastHandler {
-    fn on_connected<B: Backend>(&mut self, be: &mut B, now: Instant, id: ConnId, result: io::Result<()>) {
+    fn on_connected<B: Backend>(
+        &mut self,
+        be: &mut B,
+        now: Instant,
+        id: ConnId,
+        result: io::Result<()>,
+    ) {
         let failed = result.is_err();
         if let Err(e) = &result {
             // Out of ports reported by the connect's completion (io_uring
@@ -708,10 +724,10 @@ impl Handler for BlastHandler {
             self.waited_at_start = be.waited();
         }
         while self.measuring && now >= self.next_tick {
-            let snap = self.obs.rec.take_interval(
-                Duration::from_secs(self.tick_index),
-                Duration::from_secs(1),
-            );
+            let snap = self
+                .obs
+                .rec
+                .take_interval(Duration::from_secs(self.tick_index), Duration::from_secs(1));
             let _ = self.ticks.send(Tick {
                 thread: self.index,
                 index: self.tick_index,

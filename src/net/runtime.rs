@@ -462,7 +462,11 @@ mod tests {
             }
             true
         });
-        assert_eq!(woken.load(Ordering::Relaxed), 0, "adding a hook wakes nobody");
+        assert_eq!(
+            woken.load(Ordering::Relaxed),
+            0,
+            "adding a hook wakes nobody"
+        );
         alive.store(false, Ordering::Relaxed);
         // The next add drops the first hook (its loop is gone).
         stop.add_wake_fn(|_| true);

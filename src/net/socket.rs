@@ -167,7 +167,11 @@ pub fn client_socket(
     abort_close: bool,
     nonblocking: bool,
 ) -> io::Result<Socket> {
-    let ty = if nonblocking { Type::STREAM.nonblocking() } else { Type::STREAM };
+    let ty = if nonblocking {
+        Type::STREAM.nonblocking()
+    } else {
+        Type::STREAM
+    };
     let socket = Socket::new(domain_of(&target), ty, Some(Protocol::TCP))?;
     socket.set_tcp_nodelay(true)?;
     if abort_close {
