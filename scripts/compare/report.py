@@ -271,13 +271,171 @@ def readme(doc):
     return "\n".join(L)
 
 
+# ---- epoll against io_uring (scripts/compare.sh --backends, issue 11) --------
+
+def build_backends(runs, meta):
+    """Medians and uring/epoll ratios of the `backends` runs: sinks compared
+    with the same blaster, blasters with the same sink, paired per round."""
+    bk = [r for r in runs if r["kind"] == "backends" and good(r)]
+    doc = dict(meta)
+    doc["machine"] = machine()
+    doc["failed_runs"] = sum(1 for r in runs if r["kind"] == "backends" and not good(r))
+    doc["medians"] = {shape: {f"blast {c} -> sink {s}": {m: med([r[m] for r in bk if r["shape"] == shape
+                                                             and r["client"] == c and r["sink"] == s])
+                                                      for m in METRICS}
+                              for c in ("epoll", "uring") for s in ("epoll", "uring")}
+                      for shape in SHAPES}
+    ratios = {}
+    for shape in SHAPES:
+        for peer in ("epoll", "uring"):
+            sink = paired_ratio(bk, shape, (peer, "uring"), (peer, "epoll"), "sink_cpu_us_per_message")
+            blast = paired_ratio(bk, shape, ("uring", peer), ("epoll", peer), "client_cpu_us_per_message")
+            ratios.setdefault(shape, {})[f"sink cpu/msg uring/epoll (blast {peer})"] = sink[0]
+            ratios[shape][f"blast cpu/msg uring/epoll (sink {peer})"] = blast[0]
+            ratios[shape][f"sink per-round (blast {peer})"] = sink[1]
+            ratios[shape][f"blast per-round (sink {peer})"] = blast[1]
+    doc["ratios"] = ratios
+    doc["sys_share"] = {shape: {io: dict(
+        sink=med([r.get("sink_sys_share") for r in bk if r["shape"] == shape and r["sink"] == io]),
+        blast=med([r.get("client_sys_share") for r in bk if r["shape"] == shape and r["client"] == io]))
+        for io in ("epoll", "uring")} for shape in SHAPES}
+    doc["syscalls"] = [r for r in runs if r["kind"] == "syscalls"]
+    ib = [r for r in runs if r["kind"] == "idle_backends"]
+    doc["idle"] = []
+    for n in sorted({r["connections_wanted"] for r in ib}):
+        skipped = [r["skipped"] for r in ib if r["connections_wanted"] == n and "skipped" in r]
+        for io in ("epoll", "uring"):
+            rs = [r for r in ib if r["connections_wanted"] == n and r.get("io") == io]
+            doc["idle"].append(dict(connections_wanted=n, io=io, skipped=skipped[0] if skipped else None,
+                                    connections=med([r["connections"] for r in rs]),
+                                    rss_bytes_per_connection=med([r["rss_bytes_per_connection"] for r in rs])))
+    doc["runs"] = runs
+    return doc
+
+
+def backends_section(b):
+    """The README section for a `backends.json` document."""
+    m = b["machine"]
+    R = b["ratios"]
+    L = ["## epoll against io_uring (issue 11)", "",
+         "Produced by `scripts/compare.sh --backends` (raw runs: [backends.json](backends.json)). "
+         "The same smtpstorm binary with `--io epoll` and `--io uring`: every pairing of "
+         "{blast epoll, blast uring} x {sink epoll, sink uring}, in interleaved rounds (order rotated each "
+         "round), sink on CPU 0 and blaster on CPU 1. Ratio = uring / epoll, computed within a round and "
+         "then the median over rounds; the sink is compared under the same blaster, the blaster against the "
+         "same sink.", "",
+         f"- Run: quick={b['quick']}, {b['rounds_run']} of {b['rounds_planned']} rounds, "
+         f"{b['duration_s']:.0f} s, {b['failed_runs']} failed runs; kernel {m['kernel']}; "
+         f"load average at the end {' '.join(m['loadavg_at_end'])}",
+         f"- Sizes: {json.dumps(b['sizes'])}", ""]
+    new = R["new"]["sink cpu/msg uring/epoll (blast epoll)"]
+    pipe = R["persistent"]["sink cpu/msg uring/epoll (blast epoll)"]
+    idle10 = [i for i in b["idle"] if i["connections_wanted"] == 10000 and i["io"] == "uring"]
+    idle_uring = idle10[0]["rss_bytes_per_connection"] if idle10 else None
+    t = [("sink CPU per pipelined message", pipe, R["persistent"]["sink cpu/msg uring/epoll (blast uring)"], "<= 0.8x",
+          None if pipe is None else pipe <= 0.8),
+         ("sink CPU per new session", new, R["new"]["sink cpu/msg uring/epoll (blast uring)"], "<= 0.95x",
+          None if new is None else new <= 0.95),
+         ("sink RSS per idle connection, 10,000 (bytes)", idle_uring, None, "<= 1024 B",
+          None if idle_uring is None else idle_uring <= 1024)]
+    L += ["| target | uring / epoll | with the other blaster | target | met |", "|---|---:|---:|---:|---|"]
+    for name, v, other, target, met in t:
+        nd = 0 if "bytes" in name else 2
+        L.append(f"| {name} | {fmt(v, nd)} | {fmt(other, nd)} | {target} | "
+                 f"{'n/a' if met is None else ('yes' if met else '**no**')} |")
+    L += ["", "### CPU, uring / epoll (median of per-round ratios)", "",
+          "| shape | sink (blast epoll) | sink (blast uring) | blast (sink epoll) | blast (sink uring) |",
+          "|---|---:|---:|---:|---:|"]
+    for shape in SHAPES:
+        r = R[shape]
+        L.append(f"| {shape} | {fmt(r['sink cpu/msg uring/epoll (blast epoll)'], 2)} | "
+                 f"{fmt(r['sink cpu/msg uring/epoll (blast uring)'], 2)} | "
+                 f"{fmt(r['blast cpu/msg uring/epoll (sink epoll)'], 2)} | "
+                 f"{fmt(r['blast cpu/msg uring/epoll (sink uring)'], 2)} |")
+    L += ["", "new = one 1 KB message per session (CPU per message = per session), 20 in parallel; "
+          "persistent = 100 pipelined 1 KB messages per session; large = one 100 KB message per session.", ""]
+    if b["quick"]:
+        L += ["A `--quick` run is small: each figure rests on a few clock ticks (10 ms) of CPU, so a "
+              "ratio moves by 0.2 from one run to the next. Read the full run's figures, not these.", ""]
+    S = b["sys_share"]
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"
+    L += ["Where the time goes: the kernel's share of each side's CPU (stime / (utime + stime), medians):", "",
+          "| shape | sink epoll | sink uring | blast epoll | blast uring |", "|---|---:|---:|---:|---:|"]
+    for shape in SHAPES:
+        L.append(f"| {shape} | {pct(S[shape]['epoll']['sink'])} | {pct(S[shape]['uring']['sink'])} | "
+                 f"{pct(S[shape]['epoll']['blast'])} | {pct(S[shape]['uring']['blast'])} |")
+    L += ["", "The kernel's TCP work dominates new sessions on both backends (handshake, socket setup and "
+          "teardown, loopback delivery): io_uring removes system calls (table below), not that work, so "
+          "new sessions can only gain the few percent the system calls cost. Pipelined and large messages "
+          "are where fewer system calls and batched sends show. User-space instructions "
+          "(callgrind, both backends): [callgrind-backends.md](callgrind-backends.md).", "",
+          "### All pairings (medians)", "",
+          "| shape | blast -> sink | messages/s | blast µs/msg | sink µs/msg |", "|---|---|---:|---:|---:|"]
+    for shape in SHAPES:
+        for combo, v in b["medians"][shape].items():
+            L.append(f"| {shape} | {combo} | {fmt(v['messages_per_s'], 0)} | "
+                     f"{fmt(v['client_cpu_us_per_message'])} | {fmt(v['sink_cpu_us_per_message'])} |")
+    L += ["", "### System calls per message (`strace -c -f`, one short run each)", "",
+          "| backend | shape | traced | calls/message | most frequent |", "|---|---|---|---:|---|"]
+    for r in b["syscalls"]:
+        top = ", ".join(f"{name} {calls}" for calls, name in r["top"][:4])
+        L.append(f"| {r['io']} | {r['shape']} | {r['side']} | {fmt(r['calls_per_message'], 2)} | {top} |")
+    L += ["", "### Sink memory per idle connection", "",
+          "Growth of the sink's VmRSS while helpers hold the connections open after the greeting, "
+          "divided by the connections (kernel socket memory is not counted).", "",
+          "| connections | backend | held | RSS bytes per connection |", "|---:|---|---:|---:|"]
+    for i in b["idle"]:
+        if i["skipped"]:
+            L.append(f"| {i['connections_wanted']:,} | {i['io']} | not run | {i['skipped']} |")
+        else:
+            L.append(f"| {i['connections_wanted']:,} | {i['io']} | {fmt(i['connections'], 0)} | "
+                     f"{fmt(i['rss_bytes_per_connection'], 0)} |")
+    L.append("")
+    return L
+
+
+BEGIN, END = "<!-- backends: scripts/compare.sh --backends -->", "<!-- /backends -->"
+
+
+def backends_block(doc):
+    return "\n".join([BEGIN, ""] + backends_section(doc) + [END, ""])
+
+
+def backends_lines(out):
+    path = os.path.join(out, "backends.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return ["", backends_block(json.load(f))]
+
+
+def write_backends(doc, out):
+    """Writes backends.json and puts its section in README.md: in place of
+    the previous one, else at the end (the rest of the file is untouched)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "backends.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    path = os.path.join(out, "README.md")
+    text = open(path).read() if os.path.exists(path) else ""
+    block = backends_block(doc)
+    if BEGIN in text and END in text:
+        a = text.index(BEGIN)
+        b = text.index(END) + len(END)
+        text = text[:a] + block.rstrip("\n") + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    with open(path, "w") as f:
+        f.write(text)
+    print(block)
+
+
 def write(doc, out):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "compare.json"), "w") as f:
         json.dump(doc, f, indent=1)
     with open(os.path.join(out, "compare.svg"), "w") as f:
         f.write(svg(doc))
-    text = readme(doc)
+    text = readme(doc) + "\n".join(backends_lines(out))
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(text)
     print(text)

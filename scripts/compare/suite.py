@@ -52,6 +52,13 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def cpu_split_s(pid):
+    """(utime, stime) of PID (all threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
 def rss_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -117,11 +124,13 @@ class Suite:
         return self.a.budget_s - (time.monotonic() - self.t_start)
 
     # -- sinks -------------------------------------------------------------
-    def start_sink(self, kind, threads=None, starttls=False):
+    def start_sink(self, kind, threads=None, starttls=False, io=None, wrap=(), extra=()):
         port = free_port()
         if kind == "smtpstorm":
-            cmd = [self.bin, "sink", "--listen", f"127.0.0.1:{port}", "--quiet",
-                   "--max-connections", "100000"]
+            cmd = list(wrap) + [self.bin, "sink", "--listen", f"127.0.0.1:{port}", "--quiet",
+                                "--max-connections", "200000"] + list(extra)
+            if io:
+                cmd += ["--io", io]
             cmd += ["--threads", str(threads)] if threads else ["--cpus", self.sink_cpu]
             if not starttls:
                 cmd.append("--no-starttls")
@@ -154,6 +163,7 @@ class Suite:
     def measure(self, cmd, sink, sessions, messages, size):
         """Run one client to completion; returns a dict of rates and CPU."""
         s0 = cpu_s(sink.pid)
+        su0, ss0 = cpu_split_s(sink.pid)
         errf = tempfile.TemporaryFile()
         t0 = time.monotonic()
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errf)
@@ -170,9 +180,11 @@ class Suite:
             time.sleep(0.002)
         wall = time.monotonic() - t0
         ccpu = cpu_s(p.pid)
+        cu, cs = cpu_split_s(p.pid)
         p.wait()
         time.sleep(0.1)  # let the sink finish the last QUITs
         scpu = cpu_s(sink.pid) - s0
+        su1, ss1 = cpu_split_s(sink.pid)
         errf.seek(0)
         err = errf.read().decode(errors="replace")[-300:]
         return dict(wall_s=wall, exit=p.returncode, timed_out=killed, stderr=err,
@@ -183,7 +195,10 @@ class Suite:
                     client_cpu_us_per_session=ccpu * 1e6 / sessions,
                     client_cpu_us_per_message=ccpu * 1e6 / messages,
                     sink_cpu_us_per_session=scpu * 1e6 / sessions,
-                    sink_cpu_us_per_message=scpu * 1e6 / messages)
+                    sink_cpu_us_per_message=scpu * 1e6 / messages,
+                    # The kernel's share of each side's CPU (stime / total).
+                    client_sys_share=cs / ccpu if ccpu else None,
+                    sink_sys_share=(ss1 - ss0) / scpu if scpu else None)
 
     def blast_counts(self, js):
         try:
@@ -229,6 +244,131 @@ class Suite:
             for p, _ in sinks.values():
                 stop(p)
         return rounds_done
+
+    # -- epoll against io_uring (issue 11) ---------------------------------
+    def backends(self):
+        """The same workloads on both backends, sink and blaster each, in
+        interleaved rounds: every pairing of {blast --io epoll, --io uring}
+        x {sink --io epoll, --io uring} per shape, order rotated per round."""
+        a = self.a
+        shapes = {"new": (a.n_new, 20), "persistent": (a.n_persistent, a.n_persistent // 100),
+                  "large": (a.n_large, 20)}
+        combos = [(c, s) for c in ("epoll", "uring") for s in ("epoll", "uring")]
+        sinks = {io: self.start_sink("smtpstorm", io=io) for io in ("epoll", "uring")}
+        rounds_done = 0
+        try:
+            for rnd in range(a.rounds):
+                if rnd >= 2 and self.left_s() < a.reserve_s:
+                    log(f"time budget: stopping after {rnd} rounds")
+                    break
+                order = combos[rnd % 4:] + combos[:rnd % 4]
+                if rnd % 2:
+                    order.reverse()
+                for shape, (n, conc) in shapes.items():
+                    size = 100000 if shape == "large" else 1000
+                    sessions = n // 100 if shape == "persistent" else n
+                    for client, sink in order:
+                        sp, port = sinks[sink]
+                        cmd, js = self.client_cmd("smtpstorm", port, shape, n, conc,
+                                                  extra=["--io", client])
+                        r = self.measure(cmd, sp, sessions, n, size)
+                        r.update(kind="backends", round=rnd, shape=shape, client=client, sink=sink,
+                                 concurrency=conc, size_bytes=size, command=" ".join(cmd),
+                                 blast_counts=self.blast_counts(js))
+                        self.runs.append(r)
+                        log(f"r{rnd} {shape:10s} blast {client:5s} -> sink {sink:5s} "
+                            f"{r['messages_per_s']:8.0f} msg/s "
+                            f"client {r['client_cpu_us_per_message']:7.1f} us/msg "
+                            f"sink {r['sink_cpu_us_per_message']:7.1f} us/msg exit {r['exit']}")
+                rounds_done += 1
+        finally:
+            for p, _ in sinks.values():
+                stop(p)
+        return rounds_done
+
+    def syscalls(self):
+        """System calls per message, `strace -c -f` on a short run: the
+        sink traced (it exits after the run's messages) with an untraced
+        blaster, then the blaster traced against an untraced sink."""
+        if not shutil.which("strace"):
+            log("strace not found: no system-call counts")
+            return
+        shapes = {"new": (self.a.n_strace // 10, 20), "persistent": (self.a.n_strace, 10)}
+        for io in ("epoll", "uring"):
+            for shape, (n, conc) in shapes.items():
+                sessions = n // 100 if shape == "persistent" else n
+                for side in ("sink", "blast"):
+                    out = os.path.join(self.work, f"strace-{io}-{shape}-{side}")
+                    trace = ["strace", "-c", "-f", "-o", out]
+                    if side == "sink":
+                        sp, port = self.start_sink("smtpstorm", io=io, wrap=trace,
+                                                   extra=["--exit-after-messages", str(n)])
+                        cmd, _ = self.client_cmd("smtpstorm", port, shape, n, conc, extra=["--io", io])
+                        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       timeout=self.a.client_timeout_s * 3)
+                        try:
+                            sp.wait(timeout=30)
+                        except subprocess.TimeoutExpired:
+                            sp.send_signal(signal.SIGINT)
+                            sp.wait(timeout=10)
+                    else:
+                        sp, port = self.start_sink("smtpstorm", io=io)
+                        cmd, _ = self.client_cmd("smtpstorm", port, shape, n, conc, extra=["--io", io])
+                        subprocess.run(trace + cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       timeout=self.a.client_timeout_s * 3)
+                        stop(sp)
+                    calls, top = strace_totals(out)
+                    self.runs.append(dict(kind="syscalls", io=io, shape=shape, side=side,
+                                          messages=n, sessions=sessions, calls=calls,
+                                          calls_per_message=None if calls is None else calls / n,
+                                          top=top))
+                    log(f"strace {io:5s} {shape:10s} {side:5s} "
+                        f"{(calls or 0) / n:6.2f} calls/msg (top: {top[:3]})")
+
+    def idle_backends(self):
+        """RSS per idle connection of the sink on each backend, at each
+        size the process may hold (RLIMIT_NOFILE); helpers hold at most
+        15,000 connections each, from source addresses across 127.0.1.x."""
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for n in self.a.idle_sizes:
+            if n + 200 > soft:
+                self.runs.append(dict(kind="idle_backends", connections_wanted=n, skipped=
+                                      f"RLIMIT_NOFILE is {soft} (hard {hard}): one sink process "
+                                      f"cannot hold {n} connections here"))
+                log(f"idle {n}: skipped, RLIMIT_NOFILE {soft}")
+                continue
+            for rnd in range(self.a.idle_rounds):
+                for io in (("epoll", "uring") if rnd % 2 == 0 else ("uring", "epoll")):
+                    p, port = self.start_sink("smtpstorm", io=io)
+                    time.sleep(0.3)
+                    r0 = rss_kib(p.pid)
+                    helpers, readies, stopf = [], [], os.path.join(self.work, f"istop-{n}-{rnd}-{io}")
+                    per = 15000
+                    for first in range(0, n, per):
+                        ready = os.path.join(self.work, f"iready-{n}-{rnd}-{io}-{first}")
+                        readies.append(ready)
+                        helpers.append(spawn([sys.executable, os.path.join(os.path.dirname(__file__), "idle.py"),
+                                              str(port), str(min(per, n - first)), ready, stopf, str(first)]))
+                    end = time.monotonic() + 120
+                    while (not all(os.path.exists(r) for r in readies) and time.monotonic() < end
+                           and all(h.poll() is None for h in helpers)):
+                        time.sleep(0.1)
+                    ok = sum(int(open(r).read()) for r in readies if os.path.exists(r))
+                    time.sleep(0.5)
+                    r1 = rss_kib(p.pid)
+                    open(stopf, "w").close()
+                    for h in helpers:
+                        try:
+                            h.wait(timeout=60)
+                        except subprocess.TimeoutExpired:
+                            stop(h)
+                    stop(p)
+                    self.runs.append(dict(kind="idle_backends", io=io, round=rnd, connections_wanted=n,
+                                          connections=ok, rss_kib_before=r0, rss_kib_after=r1,
+                                          rss_bytes_per_connection=(r1 - r0) * 1024 / ok if ok else None))
+                    log(f"idle {io:5s} {ok} conns " + (f"{(r1 - r0) * 1024 / ok:7.0f} B/conn" if ok else "(none held)"))
+                    time.sleep(1)
 
     def idle(self):
         rounds = 0
@@ -309,6 +449,30 @@ class Suite:
             stop(p)
 
 
+def strace_totals(path):
+    """(total calls, [(calls, name) of the five most frequent]) from an
+    `strace -c` summary."""
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return None, []
+    total, rows = None, []
+    for line in lines:
+        f = line.split()
+        if not f or not f[0][0].isdigit():
+            continue
+        # % time, seconds, usecs/call, calls, [errors], syscall
+        try:
+            calls = int(f[3])
+        except (IndexError, ValueError):
+            continue
+        if f[-1] == "total":
+            total = calls
+        else:
+            rows.append((calls, f[-1]))
+    return total, sorted(rows, reverse=True)[:5]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
@@ -316,6 +480,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--command", default="scripts/compare.sh")
+    ap.add_argument("--backends", action="store_true",
+                    help="only epoll against io_uring (results/backends.json)")
     a = ap.parse_args()
     if a.quick:
         a.rounds = a.rounds or 2
@@ -327,6 +493,8 @@ def main():
         a.idle_rounds, a.side_rounds, a.budget_s, a.client_timeout_s = 3, 3, 540, 60
     # Rounds of the matrix stop when less than this is left for the rest.
     a.reserve_s = 45 if a.quick else 150
+    a.n_strace = 2000 if a.quick else 20000
+    a.idle_sizes = (10000, 100000)
 
     def on_signal(signum, _frame):
         raise SystemExit(128 + signum)
@@ -335,6 +503,24 @@ def main():
 
     s = Suite(a)
     t0 = time.time()
+    if a.backends:
+        try:
+            rounds = s.backends()
+            s.syscalls()
+            s.idle_backends()
+        finally:
+            kill_all()
+            shutil.rmtree(s.work, ignore_errors=True)
+        sys.path.insert(0, os.path.dirname(__file__))
+        import report
+        doc = report.build_backends(s.runs, dict(
+            tool=a.command, quick=a.quick, rounds_planned=a.rounds, rounds_run=rounds,
+            started_unix=t0, duration_s=time.time() - t0,
+            sizes=dict(new_sessions=a.n_new, persistent_messages=a.n_persistent,
+                       large_messages=a.n_large, strace_messages=a.n_strace,
+                       idle_connections=list(a.idle_sizes))))
+        report.write_backends(doc, a.out)
+        return
     try:
         rounds = s.matrix()
         s.idle()

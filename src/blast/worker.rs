@@ -669,6 +669,14 @@ impl Handler for BlastHandler {
         result: io::Result<()>,
     ) {
         let failed = result.is_err();
+        if let Err(e) = &result {
+            // Out of ports reported by the connect's completion (io_uring
+            // connects on the ring) ends the run as it does from `connect`.
+            if socket::is_addr_not_available(e) && self.result.fatal.is_none() {
+                self.result.fatal = Some(e.to_string());
+                self.stop.stop();
+            }
+        }
         let st = self.with_conn(be, id, |c, io| c.connected(io, id, now, result));
         if failed {
             // The id is gone: no on_closed follows.

@@ -221,13 +221,26 @@ where
 /// A cloneable stop flag, set by a signal or by [`StopSignal::stop`].
 ///
 /// Cheap to check: [`StopSignal::is_stopped`] is one relaxed atomic load.
-/// Wakers registered with [`StopSignal::add_waker`] are woken by a
-/// programmatic `stop()` (not by signals: a signal handler cannot safely take
-/// the lock), so loops blocked in `poll` return at once in that case.
+/// Wake hooks registered with [`StopSignal::add_waker`] (a mio waker) or
+/// [`StopSignal::add_wake_fn`] (anything else, e.g. an io_uring loop's
+/// eventfd) are called by a programmatic `stop()` (not by signals: a signal
+/// handler cannot safely take the lock), so loops blocked waiting for events
+/// return at once in that case.
 #[derive(Clone, Debug, Default)]
 pub struct StopSignal {
     flag: Arc<AtomicBool>,
-    wakers: Arc<Mutex<Vec<Arc<mio::Waker>>>>,
+    wakers: Arc<Mutex<Vec<WakeFn>>>,
+}
+
+/// A wake hook: called with `true` it wakes its loop, with `false` it only
+/// tells; either way it returns whether that loop still exists (`false`:
+/// drop the hook).
+struct WakeFn(Box<dyn Fn(bool) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for WakeFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WakeFn")
+    }
 }
 
 impl StopSignal {
@@ -280,16 +293,32 @@ impl StopSignal {
         };
         for w in wakers.iter() {
             // A failed wake only delays the stop to the next poll timeout.
-            let _ = w.wake();
+            let _ = (w.0)(true);
         }
     }
 
     /// Registers a worker's `mio::Waker` to be woken by [`StopSignal::stop`].
     pub fn add_waker(&self, waker: Arc<mio::Waker>) {
-        match self.wakers.lock() {
-            Ok(mut w) => w.push(waker),
-            Err(poisoned) => poisoned.into_inner().push(waker),
-        }
+        self.add_wake_fn(move |wake| {
+            if wake {
+                let _ = waker.wake();
+            }
+            true
+        });
+    }
+
+    /// Registers a wake hook: [`StopSignal::stop`] calls it with `true` (wake
+    /// the loop). Called with `false` it only returns whether its loop still
+    /// exists: hooks whose loop is gone are dropped when the next one is
+    /// added, so a process that runs many loops on one signal does not keep
+    /// them all.
+    pub fn add_wake_fn(&self, wake: impl Fn(bool) -> bool + Send + Sync + 'static) {
+        let mut w = match self.wakers.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        w.retain(|f| (f.0)(false));
+        w.push(WakeFn(Box::new(wake)));
     }
 
     /// The underlying flag (e.g. for signal-hook or another library).
@@ -409,6 +438,42 @@ mod tests {
         .unwrap();
         let err = workers.join().unwrap_err().to_string();
         assert!(err.contains("worker thread 1 panicked: boom"), "{err}");
+    }
+
+    #[test]
+    fn stop_calls_live_wake_hooks_and_hooks_of_gone_loops_are_dropped() {
+        use std::sync::atomic::AtomicUsize;
+        let stop = StopSignal::new();
+        let woken = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(AtomicBool::new(true));
+        {
+            let (woken, alive) = (Arc::clone(&woken), Arc::clone(&alive));
+            stop.add_wake_fn(move |wake| {
+                if wake {
+                    woken.fetch_add(1, Ordering::Relaxed);
+                }
+                alive.load(Ordering::Relaxed)
+            });
+        }
+        let woken2 = Arc::clone(&woken);
+        stop.add_wake_fn(move |wake| {
+            if wake {
+                woken2.fetch_add(10, Ordering::Relaxed);
+            }
+            true
+        });
+        assert_eq!(
+            woken.load(Ordering::Relaxed),
+            0,
+            "adding a hook wakes nobody"
+        );
+        alive.store(false, Ordering::Relaxed);
+        // The next add drops the first hook (its loop is gone).
+        stop.add_wake_fn(|_| true);
+        assert_eq!(stop.wakers.lock().unwrap().len(), 2);
+        stop.stop();
+        assert_eq!(woken.load(Ordering::Relaxed), 10);
+        assert!(stop.is_stopped());
     }
 
     #[test]

@@ -121,7 +121,9 @@ fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
     }
 }
 
-fn addr_not_available(target: SocketAddr, source_ip: Option<IpAddr>) -> io::Error {
+/// The "address not available" error for a connect to `target` (from
+/// `source_ip`), with the message that says what to do.
+pub fn addr_not_available(target: SocketAddr, source_ip: Option<IpAddr>) -> io::Error {
     io::Error::new(
         io::ErrorKind::AddrNotAvailable,
         SocketError::AddrNotAvailable { target, source_ip },
@@ -142,11 +144,35 @@ pub fn connect(
     source_ip: Option<IpAddr>,
     abort_close: bool,
 ) -> io::Result<mio::net::TcpStream> {
-    let socket = Socket::new(
-        domain_of(&target),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let socket = client_socket(target, source_ip, abort_close, true)?;
+    match socket.connect(&SockAddr::from(target)) {
+        Ok(()) => {}
+        // EINPROGRESS: the normal case for a non-blocking connect.
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        // EINTR: the connect continues asynchronously, like EINPROGRESS.
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        Err(e) if is_addr_not_available(&e) => return Err(addr_not_available(target, source_ip)),
+        Err(e) => return Err(e),
+    }
+    Ok(mio::net::TcpStream::from_std(socket.into()))
+}
+
+/// A TCP socket ready to connect to `target`, set up as [`connect`]
+/// describes (source address, `TCP_NODELAY`, `SO_LINGER 0`), but not yet
+/// connected: for a backend that connects by other means (io_uring).
+/// `nonblocking`: the descriptor's `O_NONBLOCK`.
+pub fn client_socket(
+    target: SocketAddr,
+    source_ip: Option<IpAddr>,
+    abort_close: bool,
+    nonblocking: bool,
+) -> io::Result<Socket> {
+    let ty = if nonblocking {
+        Type::STREAM.nonblocking()
+    } else {
+        Type::STREAM
+    };
+    let socket = Socket::new(domain_of(&target), ty, Some(Protocol::TCP))?;
     socket.set_tcp_nodelay(true)?;
     if abort_close {
         socket.set_linger(Some(Duration::ZERO))?;
@@ -169,16 +195,7 @@ pub fn connect(
             });
         }
     }
-    match socket.connect(&SockAddr::from(target)) {
-        Ok(()) => {}
-        // EINPROGRESS: the normal case for a non-blocking connect.
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        // EINTR: the connect continues asynchronously, like EINPROGRESS.
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-        Err(e) if is_addr_not_available(&e) => return Err(addr_not_available(target, source_ip)),
-        Err(e) => return Err(e),
-    }
-    Ok(mio::net::TcpStream::from_std(socket.into()))
+    Ok(socket)
 }
 
 /// Checks a connecting stream after a writable (or error) event.
