@@ -4,7 +4,8 @@
 # checkers (headless Chromium and chromedriver, python3-lxml,
 # python3-prometheus-client, bash/zsh/fish, man and groff), then runs unit,
 # property, pair and integration tests, then the bounded stable-toolchain
-# fuzz runs. Usage: scripts/test.sh   (env SMTPSTORM_FUZZ_SECS=N to change
+# fuzz runs. The integration tests run twice: on epoll and on io_uring.
+# Usage: scripts/test.sh   (env SMTPSTORM_FUZZ_SECS=N to change
 # the fuzz time per target, default 20; each target runs at least its
 # minimum number of cases whatever the time)
 #
@@ -33,9 +34,16 @@ cargo_status=0
 export SMTPSTORM_FUZZ_SECS="${SMTPSTORM_FUZZ_SECS:-20}"
 cargo test --profile ci --no-fail-fast --lib --bins --tests -- --ignored fuzz_ --test-threads 1 2>&1 |
   tee -a "$log" || cargo_status=$?
-# Everything else: unit, byte-script, property, pair and integration tests.
-cargo test --profile ci --no-fail-fast --lib --bins --tests -- --test-threads 2 2>&1 |
-  tee -a "$log" || cargo_status=$?
+# Everything else: unit, byte-script, property, pair and integration tests,
+# the integration tests once per kernel-socket backend (`--io` reads
+# SMTPSTORM_IO, so every test that runs the binary takes that backend; the
+# backend tests that pick backends themselves run on each pass too).
+for io in epoll uring; do
+  echo "suite: the tests with SMTPSTORM_IO=$io"
+  if [ "$io" = epoll ]; then targets=(--lib --bins --tests); else targets=(--tests); fi
+  SMTPSTORM_IO=$io cargo test --profile ci --no-fail-fast "${targets[@]}" -- --test-threads 2 2>&1 |
+    tee -a "$log" || cargo_status=$?
+done
 # One closing line for the whole suite (exit 1 if a test failed).
 tests_status=0
 awk '/^test result:/ {

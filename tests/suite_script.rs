@@ -41,7 +41,7 @@ fn run_script(fuzz: Run, rest: Run) -> Outcome {
     }
     let cargo = format!(
         "#!/bin/sh\n\
-         echo \"$*\" >> {log}\n\
+         echo \"$* |io=$SMTPSTORM_IO\" >> {log}\n\
          case \"$1\" in build) exit 0 ;; esac\n\
          case \"$*\" in *--ignored*) run=fuzz ;; *) run=rest ;; esac\n\
          cat {root}/$run.out\n\
@@ -90,13 +90,13 @@ fn a_failing_fuzz_run_does_not_stop_the_other_tests_and_the_suite_fails() {
         OK,
     );
     let tests = test_calls(&o);
-    assert_eq!(tests.len(), 2, "both cargo test runs: {:?}", o.calls);
+    assert_eq!(tests.len(), 3, "every cargo test run: {:?}", o.calls);
     assert!(
         tests.iter().all(|c| c.contains("--no-fail-fast")),
         "{tests:?}"
     );
     assert!(
-        o.stdout.lines().any(|l| l == "suite: 3 passed, 1 failed"),
+        o.stdout.lines().any(|l| l == "suite: 6 passed, 1 failed"),
         "{}",
         o.stdout
     );
@@ -134,7 +134,7 @@ fn a_crashed_test_binary_fails_the_suite() {
             status: 101,
         },
     );
-    assert_eq!(test_calls(&o).len(), 2);
+    assert_eq!(test_calls(&o).len(), 3);
     assert!(o.stderr.contains("without a failed test"), "{}", o.stderr);
     assert_eq!(o.code, Some(1));
 }
@@ -142,11 +142,24 @@ fn a_crashed_test_binary_fails_the_suite() {
 #[test]
 fn a_clean_run_exits_zero_with_the_total() {
     let o = run_script(OK, OK);
-    assert_eq!(test_calls(&o).len(), 2);
+    assert_eq!(test_calls(&o).len(), 3);
     assert!(
-        o.stdout.lines().any(|l| l == "suite: 6 passed, 0 failed"),
+        o.stdout.lines().any(|l| l == "suite: 9 passed, 0 failed"),
         "{}",
         o.stdout
     );
     assert_eq!(o.code, Some(0), "{}{}", o.stdout, o.stderr);
+}
+
+#[test]
+fn the_integration_tests_run_once_per_kernel_socket_backend() {
+    let o = run_script(OK, OK);
+    let runs: Vec<&String> = test_calls(&o)
+        .into_iter()
+        .filter(|c| !c.contains("--ignored"))
+        .collect();
+    assert_eq!(runs.len(), 2, "{:?}", o.calls);
+    assert!(runs[0].ends_with("|io=epoll") && runs[0].contains("--lib"), "{runs:?}");
+    assert!(runs[1].ends_with("|io=uring") && runs[1].contains("--tests"), "{runs:?}");
+    assert!(!runs[1].contains("--lib"), "unit tests run once: {runs:?}");
 }

@@ -430,9 +430,11 @@ impl ServerSession {
             peer: None,
             mail_active: false,
             mail_utf8: false,
-            mail_from: Vec::with_capacity(64),
-            rcpt_buf: Vec::with_capacity(256),
-            rcpt_ends: Vec::with_capacity(16),
+            // Buffers grow on first use: an idle connection (greeted, no
+            // transaction yet) holds none of them.
+            mail_from: Vec::new(),
+            rcpt_buf: Vec::new(),
+            rcpt_ends: Vec::new(),
             rcpt_attempts: 0,
             bdat_used: false,
             bdat_bytes: 0,
@@ -451,7 +453,7 @@ impl ServerSession {
             errors: 0,
             auth_scratch: Vec::new(),
             login_user: Vec::new(),
-            events: VecDeque::with_capacity(16),
+            events: VecDeque::new(),
         }
     }
 
