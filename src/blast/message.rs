@@ -648,6 +648,34 @@ mod tests {
     }
 
     #[test]
+    fn no_header_line_starts_with_a_dot_so_data_sends_it_as_is() {
+        // The session sends a builder's header unstuffed (see
+        // `Message::data`): even with addresses that start with dots.
+        for size in [300u64, 1024, 5000] {
+            let mut b = MessageBuilder::new(
+                Template::parse(".{n}@x.test").unwrap(),
+                Template::parse(".r{n}.{r}@x.test").unwrap(),
+                3,
+                SizeRange { min: size, max: size },
+                None,
+                7,
+                0,
+                1,
+                (0, 1),
+            );
+            for _ in 0..20 {
+                let m = b.next_message();
+                assert!(m.header.is_empty() || m.header.ends_with(b"\r\n"));
+                assert!(
+                    !m.header.split(|&c| c == b'\n').any(|l| l.starts_with(b".")),
+                    "{}",
+                    String::from_utf8_lossy(&m.header)
+                );
+            }
+        }
+    }
+
+    #[test]
     fn bodies_are_cached_and_deterministic() {
         let mut a = builder(2048, 0, 1, (0, 1));
         let mut b = builder(2048, 0, 1, (0, 1));

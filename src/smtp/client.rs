@@ -165,7 +165,9 @@ pub struct Message {
     pub body: Arc<[u8]>,
     /// `body` already dot-stuffed and followed by `.CRLF`, built once by the
     /// message builder and shared; used for DATA when `header` is empty or
-    /// ends with a line break. `None`: the session stuffs `body` itself.
+    /// ends with CRLF, and then `header` is sent as it is: it must have no
+    /// line starting with `.` (the builder's never do). `None`: the session
+    /// stuffs `header ++ body` itself.
     pub data: Option<Arc<[u8]>>,
 }
 
@@ -984,18 +986,13 @@ impl ClientSession {
                     match &msg.data {
                         // The builder stuffed the body once; only the small
                         // per-message header is stuffed here.
+                        // The builder's header lines never start with `.`
+                        // (see `Message::data`): sent as they are.
                         Some(data) if at_line_start => {
                             let data = Arc::clone(data);
-                            if needs_stuffing(&msg.header) {
-                                let mut header = Vec::with_capacity(msg.header.len() + 8);
-                                stuff_lines(&mut header, &msg.header);
-                                self.tx.extend_from_slice(&header);
-                            } else {
-                                // The usual case (the builder's headers): as is.
-                                let header = std::mem::take(&mut self.messages[m].header);
-                                self.tx.extend_from_slice(&header);
-                                self.messages[m].header = header;
-                            }
+                            let header = std::mem::take(&mut self.messages[m].header);
+                            self.tx.extend_from_slice(&header);
+                            self.messages[m].header = header;
                             self.tx.push_shared(&data, 0, data.len());
                         }
                         _ => {
@@ -1489,17 +1486,6 @@ impl Stuffer {
         }
         out.extend_from_slice(b".\r\n");
     }
-}
-
-/// True if some line of `lines` starts with `.` (the first, or one after LF).
-fn needs_stuffing(lines: &[u8]) -> bool {
-    lines.first() == Some(&b'.') || memchr::memmem::find(lines, b"\n.").is_some()
-}
-
-/// Appends `lines` (ending with CRLF, or empty) dot-stuffed, unterminated:
-/// the header part in front of a body stuffed once by the builder.
-fn stuff_lines(out: &mut Vec<u8>, lines: &[u8]) {
-    Stuffer::default().feed(out, lines);
 }
 
 #[cfg(test)]
