@@ -42,7 +42,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use super::tls::TlsInfo;
-use super::tls_stream::TlsSide;
+use super::tls_stream::{TlsSide, TlsStream};
 
 /// What a thread's backend starts with.
 pub struct Setup {
@@ -107,6 +107,32 @@ pub struct Tick {
     pub stop: bool,
 }
 
+/// What a backend counts of the bytes a handler wrote to a connection:
+/// `taken` by [`Backend::write`], `sent` when they left. Plaintext counts as
+/// sent once the socket took it; over TLS the plaintext becomes records at
+/// once, so it counts as sent only when no record is left to send and the
+/// handshake is over.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AppBytes {
+    pub taken: u64,
+    pub sent: u64,
+}
+
+impl AppBytes {
+    /// After a write left: `unsent` bytes are still queued (plaintext, or
+    /// records), `busy` says a send is still in the kernel's hands.
+    #[inline]
+    pub fn note_sent(&mut self, unsent: usize, busy: bool, tls: Option<&TlsStream>) {
+        match tls {
+            None => self.sent = self.taken - unsent as u64,
+            Some(t) if unsent == 0 && !busy && !t.wants_write() && !t.is_handshaking() => {
+                self.sent = self.taken;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 /// TLS facts of a connection.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TlsState {
@@ -114,6 +140,19 @@ pub struct TlsState {
     pub established: bool,
     /// That handshake was a resumption.
     pub resumed: bool,
+}
+
+impl TlsState {
+    /// The facts of a connection's TLS stream, if it has one.
+    pub fn of(stream: Option<&TlsStream>) -> Self {
+        match stream {
+            Some(t) if !t.is_handshaking() => Self {
+                established: true,
+                resumed: t.is_resumed(),
+            },
+            _ => Self::default(),
+        }
+    }
 }
 
 /// What a handler may ask of a backend (see the module doc).

@@ -41,7 +41,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use super::backend::{Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState};
+use super::backend::{
+    AppBytes, Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState,
+};
 use super::runtime::STOP_POLL_INTERVAL;
 use super::socket;
 use super::timer::Timers;
@@ -78,8 +80,7 @@ struct Conn {
     /// Plaintext (or pre-TLS plaintext) waiting for the socket.
     out: Vec<u8>,
     out_pos: usize,
-    app_in: u64,
-    app_sent: u64,
+    app: AppBytes,
     /// The peer's FIN (or close_notify) was seen and reported.
     eof: bool,
     /// The handler wants input.
@@ -100,8 +101,7 @@ impl Conn {
             tls: None,
             out: Vec::new(),
             out_pos: 0,
-            app_in: 0,
-            app_sent: 0,
+            app: AppBytes::default(),
             eof: false,
             reading: true,
             closing: None,
@@ -120,14 +120,8 @@ impl Conn {
     }
 
     fn note_sent(&mut self) {
-        let queued = self.queued_plain() as u64;
-        match &self.tls {
-            None => self.app_sent = self.app_in - queued,
-            Some(t) if queued == 0 && !t.stream.wants_write() && !t.stream.is_handshaking() => {
-                self.app_sent = self.app_in
-            }
-            Some(_) => {}
-        }
+        let tls = self.tls.as_ref().map(|t| &t.stream);
+        self.app.note_sent(self.queued_plain(), false, tls);
     }
 
     /// Writes queued output: `Ok(true)` all out, `Ok(false)` the socket is
@@ -165,7 +159,7 @@ impl Conn {
     }
 
     fn queue(&mut self, data: &[u8]) {
-        self.app_in += data.len() as u64;
+        self.app.taken += data.len() as u64;
         match &mut self.tls {
             None => {
                 if self.out_pos == self.out.len() {
@@ -234,24 +228,18 @@ impl Backend for Ops {
     }
 
     fn app_bytes_in(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app_in)
+        self.conns.get(id).map_or(0, |c| c.app.taken)
     }
 
     fn app_bytes_sent(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app_sent)
+        self.conns.get(id).map_or(0, |c| c.app.sent)
     }
 
     fn start_tls(&mut self, id: ConnId, side: TlsSide) -> io::Result<()> {
         let Some(c) = self.conns.get_mut(id) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        if c.tls.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "TLS is already active on this connection",
-            ));
-        }
-        let stream = TlsStream::new(side).map_err(super::tls_stream::tls_error)?;
+        let stream = TlsStream::start(c.tls.is_some(), side)?;
         c.tls = Some(Box::new(TlsPart {
             stream,
             cin: vec![0; TLS_IN_BYTES].into_boxed_slice(),
@@ -265,13 +253,7 @@ impl Backend for Ops {
     }
 
     fn tls_state(&self, id: ConnId) -> TlsState {
-        match self.conns.get(id).and_then(|c| c.tls.as_ref()) {
-            Some(t) if !t.stream.is_handshaking() => TlsState {
-                established: true,
-                resumed: t.stream.is_resumed(),
-            },
-            _ => TlsState::default(),
-        }
+        TlsState::of(self.conns.get(id).and_then(|c| c.tls.as_ref()).map(|t| &t.stream))
     }
 
     fn tls_info(&self, id: ConnId) -> Option<TlsInfo> {
@@ -748,7 +730,7 @@ impl Core {
             if c.connecting || c.closing == Some(Close::Abort) {
                 return;
             }
-            let before = c.app_sent;
+            let before = c.app.sent;
             let had = c.pending() > 0;
             let done = match c.flush() {
                 Ok(d) => d,
@@ -757,7 +739,7 @@ impl Core {
                     return;
                 }
             };
-            let progressed = c.app_sent != before || (had && done);
+            let progressed = c.app.sent != before || (had && done);
             if done && c.closing == Some(Close::Graceful) {
                 self.ops.kill(id, Closed::Local);
                 return;
@@ -770,12 +752,12 @@ impl Core {
             if !progressed {
                 return;
             }
-            let before_in = c.app_in;
+            let before_in = c.app.taken;
             h.on_written(&mut self.ops, now, id);
             // More output queued by on_written: flush it too (once it is
             // all out, on_written is not called again without progress).
             match self.ops.conns.get(id) {
-                Some(c) if done && c.app_in != before_in => continue,
+                Some(c) if done && c.app.taken != before_in => continue,
                 _ => return,
             }
         }

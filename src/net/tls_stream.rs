@@ -94,6 +94,19 @@ pub fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl TlsStream {
+    /// What a backend's `start_tls` does before it stores the stream: a
+    /// connection that already has TLS (`active`) is refused, a rustls
+    /// error gets this project's wording.
+    pub fn start(active: bool, side: TlsSide) -> io::Result<Self> {
+        if active {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TLS is already active on this connection",
+            ));
+        }
+        Self::new(side).map_err(tls_error)
+    }
+
     /// A new session; a client queues its ClientHello at once.
     pub fn new(side: TlsSide) -> Result<Self, rustls::Error> {
         let mut conn = match side {

@@ -64,7 +64,9 @@ use slab::Slab;
 use socket2::{SockAddr, SockRef};
 use thiserror::Error;
 
-use super::backend::{Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState};
+use super::backend::{
+    AppBytes, Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState,
+};
 use super::driver::RunStats;
 use super::epoll::CLOSE_FLUSH_LIMIT;
 use super::runtime::STOP_POLL_INTERVAL;
@@ -471,8 +473,7 @@ struct Conn {
     queued: Vec<u8>,
     /// The peer's FIN arrived (reported once `held` is delivered).
     peer_fin: bool,
-    app_in: u64,
-    app_sent: u64,
+    app: AppBytes,
     /// The peer's end was reported.
     eof: bool,
     /// The handler wants input.
@@ -520,8 +521,7 @@ impl Conn {
             send_pos: 0,
             queued: Vec::new(),
             peer_fin: false,
-            app_in: 0,
-            app_sent: 0,
+            app: AppBytes::default(),
             eof: false,
             reading: true,
             closing: None,
@@ -541,19 +541,8 @@ impl Conn {
     }
 
     fn note_sent(&mut self) {
-        let unsent = self.unsent() as u64;
-        match &self.tls {
-            None => self.app_sent = self.app_in - unsent,
-            Some(t)
-                if unsent == 0
-                    && !self.send_inflight
-                    && !t.stream.wants_write()
-                    && !t.stream.is_handshaking() =>
-            {
-                self.app_sent = self.app_in
-            }
-            Some(_) => {}
-        }
+        let tls = self.tls.as_ref().map(|t| &t.stream);
+        self.app.note_sent(self.unsent(), self.send_inflight, tls);
     }
 
     fn in_flight(&self) -> bool {
@@ -870,7 +859,7 @@ impl Backend for Ops {
         if c.zombie {
             return;
         }
-        c.app_in += data.len() as u64;
+        c.app.taken += data.len() as u64;
         match &mut c.tls {
             None => c.queued.extend_from_slice(data),
             Some(t) => t.stream.write_plaintext(data),
@@ -886,24 +875,18 @@ impl Backend for Ops {
     }
 
     fn app_bytes_in(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app_in)
+        self.conns.get(id).map_or(0, |c| c.app.taken)
     }
 
     fn app_bytes_sent(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app_sent)
+        self.conns.get(id).map_or(0, |c| c.app.sent)
     }
 
     fn start_tls(&mut self, id: ConnId, side: TlsSide) -> io::Result<()> {
         let Some(c) = self.conns.get_mut(id).filter(|c| !c.zombie) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        if c.tls.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "TLS is already active on this connection",
-            ));
-        }
-        let stream = TlsStream::new(side).map_err(super::tls_stream::tls_error)?;
+        let stream = TlsStream::start(c.tls.is_some(), side)?;
         // Plaintext read and not delivered is dropped (CVE-2011-0411):
         // from here on every byte received is ciphertext.
         if let Some(x) = &mut c.extra {
@@ -922,13 +905,7 @@ impl Backend for Ops {
     }
 
     fn tls_state(&self, id: ConnId) -> TlsState {
-        match self.conns.get(id).and_then(|c| c.tls.as_ref()) {
-            Some(t) if !t.stream.is_handshaking() => TlsState {
-                established: true,
-                resumed: t.stream.is_resumed(),
-            },
-            _ => TlsState::default(),
-        }
+        TlsState::of(self.conns.get(id).and_then(|c| c.tls.as_ref()).map(|t| &t.stream))
     }
 
     fn tls_info(&self, id: ConnId) -> Option<TlsInfo> {
@@ -1557,7 +1534,7 @@ impl Uring {
                 .kill(id, Closed::Error(io::Error::from_raw_os_error(-res)));
             return;
         }
-        let before = c.app_sent;
+        let before = c.app.sent;
         let had = c.pending() > 0;
         let n = res as usize;
         if n == 0 && c.send_pos < c.sending.len() {
@@ -1574,7 +1551,7 @@ impl Uring {
             }
         }
         c.note_sent();
-        let progressed = c.app_sent != before || (had && c.pending() == 0);
+        let progressed = c.app.sent != before || (had && c.pending() == 0);
         let closing = c.closing.is_some();
         // More to send, or a graceful close to finish.
         self.ops.mark_dirty(id);

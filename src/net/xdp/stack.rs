@@ -62,7 +62,7 @@ use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpEndpoint};
 use xdp::Packet;
 
 use super::super::backend::{
-    Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState,
+    AppBytes, Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState,
 };
 use super::super::driver::RunStats;
 use super::super::runtime::STOP_POLL_INTERVAL;
@@ -557,8 +557,7 @@ struct Conn {
     tls: Option<Box<TlsPart>>,
     out: Vec<u8>,
     out_pos: usize,
-    app_in: u64,
-    app_sent: u64,
+    app: AppBytes,
     eof: bool,
     reading: bool,
     closing: Option<Close>,
@@ -580,8 +579,7 @@ impl Conn {
             tls: None,
             out: Vec::new(),
             out_pos: 0,
-            app_in: 0,
-            app_sent: 0,
+            app: AppBytes::default(),
             eof: false,
             reading: true,
             closing: None,
@@ -599,18 +597,12 @@ impl Conn {
     }
 
     fn note_sent(&mut self) {
-        let queued = self.queued_plain() as u64;
-        match &self.tls {
-            None => self.app_sent = self.app_in - queued,
-            Some(t) if queued == 0 && !t.stream.wants_write() && !t.stream.is_handshaking() => {
-                self.app_sent = self.app_in
-            }
-            Some(_) => {}
-        }
+        let tls = self.tls.as_ref().map(|t| &t.stream);
+        self.app.note_sent(self.queued_plain(), false, tls);
     }
 
     fn queue(&mut self, data: &[u8]) {
-        self.app_in += data.len() as u64;
+        self.app.taken += data.len() as u64;
         match &mut self.tls {
             None => {
                 if self.out_pos == self.out.len() {
@@ -733,24 +725,18 @@ impl Backend for Ops {
     }
 
     fn app_bytes_in(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app_in)
+        self.conns.get(id).map_or(0, |c| c.app.taken)
     }
 
     fn app_bytes_sent(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app_sent)
+        self.conns.get(id).map_or(0, |c| c.app.sent)
     }
 
     fn start_tls(&mut self, id: ConnId, side: TlsSide) -> io::Result<()> {
         let Some(c) = self.conns.get_mut(id) else {
             return Err(io::ErrorKind::NotConnected.into());
         };
-        if c.tls.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "TLS is already active on this connection",
-            ));
-        }
-        let stream = TlsStream::new(side).map_err(super::super::tls_stream::tls_error)?;
+        let stream = TlsStream::start(c.tls.is_some(), side)?;
         c.tls = Some(Box::new(TlsPart {
             stream,
             ready_reported: false,
@@ -760,13 +746,7 @@ impl Backend for Ops {
     }
 
     fn tls_state(&self, id: ConnId) -> TlsState {
-        match self.conns.get(id).and_then(|c| c.tls.as_ref()) {
-            Some(t) if !t.stream.is_handshaking() => TlsState {
-                established: true,
-                resumed: t.stream.is_resumed(),
-            },
-            _ => TlsState::default(),
-        }
+        TlsState::of(self.conns.get(id).and_then(|c| c.tls.as_ref()).map(|t| &t.stream))
     }
 
     fn tls_info(&self, id: ConnId) -> Option<TlsInfo> {
@@ -1652,7 +1632,7 @@ impl Core {
             if c.phase != Phase::Open || c.closing == Some(Close::Abort) {
                 return;
             }
-            let before = c.app_sent;
+            let before = c.app.sent;
             let had = c.pending() > 0;
             let done = match self.push_out(id) {
                 Ok(d) => d,
@@ -1662,7 +1642,7 @@ impl Core {
                 }
             };
             let c = &mut self.ops.conns[id];
-            let progressed = c.app_sent != before || (had && done);
+            let progressed = c.app.sent != before || (had && done);
             if done && c.closing == Some(Close::Graceful) {
                 self.ops.kill(id, Closed::Local);
                 return;
@@ -1675,10 +1655,10 @@ impl Core {
             if !progressed {
                 return;
             }
-            let before_in = c.app_in;
+            let before_in = c.app.taken;
             h.on_written(&mut self.ops, now, id);
             match self.ops.conns.get(id) {
-                Some(c) if done && c.app_in != before_in => continue,
+                Some(c) if done && c.app.taken != before_in => continue,
                 _ => return,
             }
         }
