@@ -9,7 +9,7 @@ use smtpstorm::smtp::wire::parse_command;
 use smtpstorm::smtp::BareLfPolicy;
 
 /// A dot-stuffed body of `size` bytes (roughly) made of 76 printable bytes
-/// + CRLF per line, one line in 50 starting with a stuffed dot, ended by
+/// and CRLF per line, one line in 50 starting with a stuffed dot, ended by
 /// `CRLF.CRLF`.
 fn body(size: usize) -> Vec<u8> {
     let mut b = Vec::with_capacity(size + 100);

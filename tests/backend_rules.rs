@@ -827,7 +827,7 @@ fn closing_connections_during_large_receives_under_load_corrupts_no_other(io: Io
                     msg.extend_from_slice(&pattern(seed, 0, len));
                     // An aborted connection fails part way: that is the point.
                     let wrote = c.write_all(&msg).is_ok();
-                    if seed % 2 == 0 {
+                    if seed.is_multiple_of(2) {
                         assert!(wrote, "a connection that should complete was cut");
                         assert_eq!(read_to_end(&mut c), b"ok", "seed {seed}");
                         ok += 1;

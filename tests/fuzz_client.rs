@@ -120,9 +120,9 @@ fn transcripts(rng: &mut Rng) -> Vec<Transcript> {
             let f = move |kind: CommandKind, _: &smtpstorm::smtp::server::CommandInfo<'_>| {
                 n += 1;
                 match (fault, kind) {
-                    (1, CommandKind::Rcpt) if n % 2 == 0 => Verdict::Reply(451),
+                    (1, CommandKind::Rcpt) if n.is_multiple_of(2) => Verdict::Reply(451),
                     (2, CommandKind::Dot | CommandKind::Bdat) => Verdict::Reply(554),
-                    (3, CommandKind::Mail) if n % 3 == 0 => Verdict::Reply(550),
+                    (3, CommandKind::Mail) if n.is_multiple_of(3) => Verdict::Reply(550),
                     (3, CommandKind::Ehlo | CommandKind::Lhlo) => {
                         Verdict::Delay(Duration::from_millis(5))
                     }
