@@ -117,9 +117,9 @@ fn block_commands(text: &str) -> Vec<(usize, Vec<String>)> {
                 out.push((start, w));
             }
         }
-        if joined.starts_with("cargo run --release -- ") {
+        if let Some(rest) = joined.strip_prefix("cargo run --release -- ") {
             let mut w = vec!["smtpstorm".to_string()];
-            w.extend(words(&joined["cargo run --release -- ".len()..]));
+            w.extend(words(rest));
             out.push((start, w));
         }
     }
