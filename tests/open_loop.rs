@@ -220,7 +220,12 @@ fn a_server_frozen_for_a_second_shows_in_corrected_latency_and_the_rate_holds() 
     // the stall; the corrected one sees every message that waited.
     let p99_raw = f(&v, "latency_uncorrected.message.p99_us");
     assert!(p99_raw < p99, "uncorrected {p99_raw} vs corrected {p99}");
-    assert!(err.contains("the target could not absorb"), "{err}");
+    // The rate held (the backlog went out after the stall), so stderr says
+    // that connections were busy, not that the rate was lost.
+    assert!(
+        err.contains("every connection was busy at times") && err.contains("the rate held at"),
+        "{err}"
+    );
 }
 
 #[test]
