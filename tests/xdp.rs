@@ -460,7 +460,7 @@ fn both_ends_on_xdp_add_up_exactly_with_pipelining_bdat_and_faults() {
 
 #[test]
 fn two_hundred_connections_at_once_span_several_shards_on_both_ends() {
-    // 64 sockets per shard: 200 sessions in flight need at least four
+    // 16 sockets per shard: 200 sessions in flight need at least 13
     // shards on each side, and listeners handed from shard to shard.
     let (s, b) = session(
         Io::Xdp,

@@ -74,7 +74,7 @@ use super::wire::{self, Frame, Mac};
 use super::XdpRun;
 
 /// Sockets per shard.
-pub const SHARD_SOCKETS: usize = 64;
+pub const SHARD_SOCKETS: usize = 16;
 /// Receive and send buffer of each socket.
 pub const SOCKET_BUFFER: usize = 16 * 1024;
 /// How long a closed connection's socket waits for the peer's FIN.
