@@ -20,8 +20,8 @@
 set -euo pipefail
 bin=$(realpath "${1:?usage: xdp-bench.sh BIN [ROUNDS]}")
 rounds=${2:-3}
-new_n=${NEW_N:-4000}
-pipe_n=${PIPE_N:-20000}
+new_n=${NEW_N:-40000}
+pipe_n=${PIPE_N:-100000}
 here=$(cd "$(dirname "$0")/.." && pwd)
 out_json=${OUT_JSON:-$here/results/xdp-bench.json}
 work=$(mktemp -d)
@@ -91,6 +91,8 @@ print(json.dumps({
     "messages_per_sec": b["rates"]["messages_per_sec"],
     "cpu_us_per_session": m["cpu"]["cpu_us_per_session"],
     "cpu_us_per_message": m["cpu"]["cpu_us_per_message"],
+    "user_us_per_session": m["cpu"]["user_secs"] * 1e6 / max(1, m["counts"]["sessions"]),
+    "sys_us_per_session": m["cpu"]["sys_secs"] * 1e6 / max(1, m["counts"]["sessions"]),
     "accepted": b["counts"]["messages_accepted"],
     "attempted": b["counts"]["messages_attempted"],
     "sink_accepted": s["counts"]["messages_accepted"],
@@ -121,11 +123,13 @@ ok = [r for r in runs if "failed" not in r]
 def med(case, io, key):
     v = [r[key] for r in ok if r["case"] == case and r["io"] == io]
     return statistics.median(v) if v else float("nan")
-print("| case | io | sessions/s | CPU µs/session | CPU µs/message |")
-print("|---|---|---:|---:|---:|")
+print("| case | io | sessions/s | CPU µs/session | of it user | of it system | CPU µs/message |")
+print("|---|---|---:|---:|---:|---:|---:|")
 for case in ["sink-new", "blast-new", "sink-pipe", "blast-pipe"]:
     for io in ["xdp", "epoll"]:
-        print(f"| {case} | {io} | {med(case, io, 'sessions_per_sec'):.0f} | {med(case, io, 'cpu_us_per_session'):.1f} | {med(case, io, 'cpu_us_per_message'):.1f} |")
+        print(f"| {case} | {io} | {med(case, io, 'sessions_per_sec'):.0f} | {med(case, io, 'cpu_us_per_session'):.1f} "
+              f"| {med(case, io, 'user_us_per_session'):.1f} | {med(case, io, 'sys_us_per_session'):.1f} "
+              f"| {med(case, io, 'cpu_us_per_message'):.1f} |")
 for case in ["sink-new", "blast-new"]:
     x, e = med(case, "xdp", "cpu_us_per_session"), med(case, "epoll", "cpu_us_per_session")
     print(f"\n{case}: sessions per CPU-second, xdp / epoll = {e / x:.2f}")
