@@ -178,8 +178,9 @@ def readme(doc):
          "(rotated order each round) and every figure is a median; per-round ratios in the JSON show the spread.",
          "- smtpstorm runs with its default backend, `--io auto`: io_uring where the kernel allows it "
          "(it does here), else epoll. epoll against io_uring is the section below.",
-         f"- CPU times come in clock ticks of {1000 // os.sysconf('SC_CLK_TCK')} ms, so a run's CPU figure is "
-         "exact only to about one tick; run sizes keep each figure at tens of ticks or more.",
+         "- CPU times are exact to the microsecond (a client's from wait4's rusage, a sink's from the "
+         "scheduler's run time of its threads, /proc/PID/task/*/schedstat); what moves them is the machine, "
+         "not the measurement. The split between user and system time is the kernel's tick sampling, rougher.",
          "", "## Targets (issue 6 / sink and blaster issues)", "",
          "Ratio = smtpstorm / Postfix tool. The main column is the pairing the target names "
          "(sinks driven by smtp-source; generators driving smtpstorm sink); the other peer is beside it "
@@ -346,6 +347,22 @@ def backends_section(b):
         nd = 0 if "bytes" in name else 2
         L.append(f"| {name} | {fmt(v, nd)} | {fmt(other, nd)} | {target} | "
                  f"{'n/a' if met is None else ('yes' if met else '**no**')} |")
+    def quartiles(shape):
+        v = sorted(x for x in (R[shape].get("sink per-round (blast epoll)") or []) if x is not None)
+        return (v, statistics.quantiles(v, n=4)) if len(v) >= 4 else (v, None)
+
+    def spread(shape):
+        v, q = quartiles(shape)
+        return "n/a" if q is None else f"{q[0]:.2f}-{q[2]:.2f} (all rounds {v[0]:.2f}-{v[-1]:.2f})"
+    inside = [f"{name} ({bound})" for name, shape, bound in
+              (("pipelined", "persistent", 0.8), ("new sessions", "new", 0.95))
+              if quartiles(shape)[1] is not None
+              and quartiles(shape)[1][0] <= bound <= quartiles(shape)[1][2]]
+    L += ["", "How far one round's ratio is from another (per-round sink ratios, blast epoll; "
+          f"interquartile range, then the extremes): pipelined {spread('persistent')}, "
+          f"new sessions {spread('new')}."
+          + (f" The bound of {', '.join(inside)} lies inside that range: whether it is met is "
+             "decided by the machine's noise as much as by the code." if inside else "")]
     L += ["", "### CPU, uring / epoll (median of per-round ratios)", "",
           "| shape | sink (blast epoll) | sink (blast uring) | blast (sink epoll) | blast (sink uring) |",
           "|---|---:|---:|---:|---:|"]
@@ -358,8 +375,8 @@ def backends_section(b):
     L += ["", "new = one 1 KB message per session (CPU per message = per session), 20 in parallel; "
           "persistent = 100 pipelined 1 KB messages per session; large = one 100 KB message per session.", ""]
     if b["quick"]:
-        L += ["A `--quick` run is small: each figure rests on a few clock ticks (10 ms) of CPU, so a "
-              "ratio moves by 0.2 from one run to the next. Read the full run's figures, not these.", ""]
+        L += ["A `--quick` run is small: each figure rests on a few tens of milliseconds of CPU on a shared "
+              "machine, so a ratio moves by 0.2 from one run to the next. Read the full run's figures, not these.", ""]
     S = b["sys_share"]
     pct = lambda x: "n/a" if x is None else f"{100 * x:.0f}%"
     L += ["Where the time goes: the kernel's share of each side's CPU (stime / (utime + stime), medians):", "",
