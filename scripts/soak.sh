@@ -95,8 +95,9 @@ python3 - "$csv" "$md" "$work/sink.json" "$work/blast.json" "$duration" "$rate" 
 import csv, json, sys
 csv_path, md_path, sink_p, blast_p, duration, rate, rss_bound, fd_bound, brc, src, binp = sys.argv[1:]
 rows = [r for r in csv.DictReader(open(csv_path)) if r["blast_fds"] != "0"]
-s = json.load(open(sink_p))["counts"]
-b = json.load(open(blast_p))["counts"]
+sink_doc, blast_doc = json.load(open(sink_p)), json.load(open(blast_p))
+s, b = sink_doc["counts"], blast_doc["counts"]
+io = f"sink {sink_doc['config'].get('io', '?')}, blast {blast_doc['config'].get('io', '?')}"
 rss_bound, fd_bound = int(rss_bound), int(fd_bound)
 n = len(rows)
 # Warm-up: the first 20% of the run (at least 10 s); the reference is the
@@ -127,7 +128,7 @@ if brc not in ("0",) or src != "0":
 verdict = "PASS" if not fails else "FAIL"
 with open(md_path, "w") as f:
     f.write(f"# Soak run: {verdict}\n\n")
-    f.write(f"- binary: `{binp}`; duration {duration} s; open loop {rate} msg/s, -c 64, -k 5, 200..8KiB\n")
+    f.write(f"- binary: `{binp}`; backends: {io}; duration {duration} s; open loop {rate} msg/s, -c 64, -k 5, 200..8KiB\n")
     f.write("- sink faults: rcpt:451:5%, data:disconnect:1%, dot:disconnect421:1%, mail:delay=1ms..5ms:10%; --verify\n")
     f.write(f"- samples: {n} (1/s), warm-up {warm} s; bounds: RSS +{rss_bound} KiB, fds +{fd_bound}\n")
     f.write(f"- CSV: `{csv_path.split('/')[-1]}`\n\n")
