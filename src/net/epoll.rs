@@ -70,7 +70,6 @@ struct TlsPart {
     cin: Box<[u8]>,
     cin_pos: usize,
     cin_len: usize,
-    ready_reported: bool,
 }
 
 struct Conn {
@@ -245,7 +244,6 @@ impl Backend for Ops {
             cin: vec![0; TLS_IN_BYTES].into_boxed_slice(),
             cin_pos: 0,
             cin_len: 0,
-            ready_reported: false,
         }));
         // A client's ClientHello is queued: flush it.
         self.mark_dirty(id);
@@ -639,20 +637,14 @@ impl Core {
                 return Some(false);
             }
             let t = c.tls.as_mut()?;
-            if !t.ready_reported && !t.stream.is_handshaking() {
-                t.ready_reported = true;
-                // Drain the HandshakeDone step the stream reports once.
-                let _ = t.stream.read_plaintext(&mut self.read_buf);
-                h.on_tls_ready(&mut self.ops, now, id);
-                continue;
-            }
+            // The stream reports HandshakeDone exactly once, before any
+            // plaintext.
             match t.stream.read_plaintext(&mut self.read_buf) {
                 Ok(TlsRead::Data(n)) => {
                     h.on_input(&mut self.ops, now, id, &self.read_buf[..n]);
                     continue;
                 }
                 Ok(TlsRead::HandshakeDone) => {
-                    t.ready_reported = true;
                     h.on_tls_ready(&mut self.ops, now, id);
                     continue;
                 }

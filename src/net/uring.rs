@@ -426,7 +426,6 @@ struct TlsPart {
     /// Ciphertext received and not yet taken by rustls.
     cin: Vec<u8>,
     cin_pos: usize,
-    ready_reported: bool,
     /// The peer's FIN was handed to rustls.
     fin_fed: bool,
 }
@@ -896,7 +895,6 @@ impl Backend for Ops {
             stream,
             cin: Vec::new(),
             cin_pos: 0,
-            ready_reported: false,
             fin_fed: false,
         }));
         // A client's ClientHello is queued: flush it.
@@ -1463,20 +1461,14 @@ impl Uring {
                 break;
             }
             let Some(t) = c.tls.as_mut() else { break };
-            if !t.ready_reported && !t.stream.is_handshaking() {
-                t.ready_reported = true;
-                // Drain the HandshakeDone step the stream reports once.
-                let _ = t.stream.read_plaintext(&mut self.read_buf);
-                h.on_tls_ready(&mut self.ops, now, id);
-                continue;
-            }
+            // The stream reports HandshakeDone exactly once, before any
+            // plaintext.
             match t.stream.read_plaintext(&mut self.read_buf) {
                 Ok(TlsRead::Data(n)) => {
                     h.on_input(&mut self.ops, now, id, &self.read_buf[..n]);
                     continue;
                 }
                 Ok(TlsRead::HandshakeDone) => {
-                    t.ready_reported = true;
                     h.on_tls_ready(&mut self.ops, now, id);
                     continue;
                 }

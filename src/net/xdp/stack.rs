@@ -543,7 +543,6 @@ enum Phase {
 
 struct TlsPart {
     stream: TlsStream,
-    ready_reported: bool,
 }
 
 struct Conn {
@@ -739,7 +738,6 @@ impl Backend for Ops {
         let stream = TlsStream::start(c.tls.is_some(), side)?;
         c.tls = Some(Box::new(TlsPart {
             stream,
-            ready_reported: false,
         }));
         self.touch(id);
         Ok(())
@@ -1511,22 +1509,14 @@ impl Core {
             let Some(t) = ops.conns.get_mut(id).and_then(|c| c.tls.as_mut()) else {
                 return false;
             };
-            if !t.ready_reported && !t.stream.is_handshaking() {
-                t.ready_reported = true;
-                // Drain the HandshakeDone step the stream reports once.
-                let _ = t.stream.read_plaintext(read_buf);
-                Step::Ready
-            } else {
-                match t.stream.read_plaintext(read_buf) {
-                    Ok(TlsRead::Data(n)) => Step::Data(n),
-                    Ok(TlsRead::HandshakeDone) => {
-                        t.ready_reported = true;
-                        Step::Ready
-                    }
-                    Ok(TlsRead::Closed) => Step::End,
-                    Ok(TlsRead::NeedCiphertext) => Step::Need,
-                    Err(e) => Step::Fail(e),
-                }
+            // The stream reports HandshakeDone exactly once, before any
+            // plaintext.
+            match t.stream.read_plaintext(read_buf) {
+                Ok(TlsRead::Data(n)) => Step::Data(n),
+                Ok(TlsRead::HandshakeDone) => Step::Ready,
+                Ok(TlsRead::Closed) => Step::End,
+                Ok(TlsRead::NeedCiphertext) => Step::Need,
+                Err(e) => Step::Fail(e),
             }
         };
         match step {
