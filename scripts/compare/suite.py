@@ -219,12 +219,16 @@ class Suite:
             return {"error": str(e)}
 
     # -- pairings ----------------------------------------------------------
-    def matrix(self):
+    def interleaved(self, kind, combos, sinks, client_cmd, label):
+        """Every (client, sink) pairing of `combos` on every shape, in
+        rounds: the pairings' order rotates each round (and every other
+        round runs reversed); no new round starts once the time budget runs
+        low. `client_cmd(client, port, shape, n, conc)` gives the command and
+        its JSON report (or None); `label(r)` the log line of a run. Stops
+        the sinks at the end. Returns how many rounds ran."""
         a = self.a
         shapes = {"new": (a.n_new, 20), "persistent": (a.n_persistent, a.n_persistent // 100),
                   "large": (a.n_large, 20)}
-        combos = [(c, s) for c in ("smtpstorm", "smtp-source") for s in ("smtpstorm", "smtp-sink")]
-        sinks = {"smtpstorm": self.start_sink("smtpstorm"), "smtp-sink": self.start_sink("smtp-sink")}
         rounds_done = 0
         try:
             for rnd in range(a.rounds):
@@ -239,63 +243,46 @@ class Suite:
                     sessions = n // 100 if shape == "persistent" else n
                     for client, sink in order:
                         sp, port = sinks[sink]
-                        cmd, js = self.client_cmd(client, port, shape, n, conc)
+                        cmd, js = client_cmd(client, port, shape, n, conc)
                         r = self.measure(cmd, sp, sessions, n, size)
-                        r.update(kind="matrix", round=rnd, shape=shape, client=client, sink=sink,
+                        r.update(kind=kind, round=rnd, shape=shape, client=client, sink=sink,
                                  concurrency=conc, size_bytes=size, command=" ".join(cmd))
                         if js:
                             r["blast_counts"] = self.blast_counts(js)
                         self.runs.append(r)
-                        log(f"r{rnd} {shape:10s} {client:11s} -> {sink:9s} "
-                            f"{r['sessions_per_s']:8.0f} sess/s {r['messages_per_s']:8.0f} msg/s "
-                            f"client {r['client_cpu_us_per_message']:7.1f} us/msg "
-                            f"sink {r['sink_cpu_us_per_message']:7.1f} us/msg exit {r['exit']}")
+                        log(f"r{rnd} {shape:10s} " + label(r))
                 rounds_done += 1
         finally:
             for p, _ in sinks.values():
                 stop(p)
         return rounds_done
 
+    def matrix(self):
+        combos = [(c, s) for c in ("smtpstorm", "smtp-source") for s in ("smtpstorm", "smtp-sink")]
+        sinks = {"smtpstorm": self.start_sink("smtpstorm"), "smtp-sink": self.start_sink("smtp-sink")}
+        return self.interleaved(
+            "matrix", combos, sinks, self.client_cmd,
+            lambda r: (f"{r['client']:11s} -> {r['sink']:9s} "
+                       f"{r['sessions_per_s']:8.0f} sess/s {r['messages_per_s']:8.0f} msg/s "
+                       f"client {r['client_cpu_us_per_message']:7.1f} us/msg "
+                       f"sink {r['sink_cpu_us_per_message']:7.1f} us/msg exit {r['exit']}"))
+
     # -- epoll against io_uring (issue 11) ---------------------------------
     def backends(self):
         """The same workloads on both backends, sink and blaster each, in
         interleaved rounds: every pairing of {blast --io epoll, --io uring}
         x {sink --io epoll, --io uring} per shape, order rotated per round."""
-        a = self.a
-        shapes = {"new": (a.n_new, 20), "persistent": (a.n_persistent, a.n_persistent // 100),
-                  "large": (a.n_large, 20)}
         combos = [(c, s) for c in ("epoll", "uring") for s in ("epoll", "uring")]
         sinks = {io: self.start_sink("smtpstorm", io=io) for io in ("epoll", "uring")}
-        rounds_done = 0
-        try:
-            for rnd in range(a.rounds):
-                if rnd >= 2 and self.left_s() < a.reserve_s:
-                    log(f"time budget: stopping after {rnd} rounds")
-                    break
-                order = combos[rnd % 4:] + combos[:rnd % 4]
-                if rnd % 2:
-                    order.reverse()
-                for shape, (n, conc) in shapes.items():
-                    size = 100000 if shape == "large" else 1000
-                    sessions = n // 100 if shape == "persistent" else n
-                    for client, sink in order:
-                        sp, port = sinks[sink]
-                        cmd, js = self.client_cmd("smtpstorm", port, shape, n, conc,
-                                                  extra=["--io", client])
-                        r = self.measure(cmd, sp, sessions, n, size)
-                        r.update(kind="backends", round=rnd, shape=shape, client=client, sink=sink,
-                                 concurrency=conc, size_bytes=size, command=" ".join(cmd),
-                                 blast_counts=self.blast_counts(js))
-                        self.runs.append(r)
-                        log(f"r{rnd} {shape:10s} blast {client:5s} -> sink {sink:5s} "
-                            f"{r['messages_per_s']:8.0f} msg/s "
-                            f"client {r['client_cpu_us_per_message']:7.1f} us/msg "
-                            f"sink {r['sink_cpu_us_per_message']:7.1f} us/msg exit {r['exit']}")
-                rounds_done += 1
-        finally:
-            for p, _ in sinks.values():
-                stop(p)
-        return rounds_done
+
+        def blast(io, port, shape, n, conc):
+            return self.client_cmd("smtpstorm", port, shape, n, conc, extra=["--io", io])
+        return self.interleaved(
+            "backends", combos, sinks, blast,
+            lambda r: (f"blast {r['client']:5s} -> sink {r['sink']:5s} "
+                       f"{r['messages_per_s']:8.0f} msg/s "
+                       f"client {r['client_cpu_us_per_message']:7.1f} us/msg "
+                       f"sink {r['sink_cpu_us_per_message']:7.1f} us/msg exit {r['exit']}"))
 
     def syscalls(self):
         """System calls per message, `strace -c -f` on a short run: the
