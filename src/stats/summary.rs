@@ -1,9 +1,13 @@
-//! The human summary printed at the end of a run: rates, the outcome
-//! table, the per-phase percentile table, assertions and validity.
+//! The human summary printed at the end of a run (and by `smtpstorm
+//! report`): the run's duration and host, rates, the open loop's verdict,
+//! CPU time, the outcome table, the per-phase percentile table, assertions
+//! and validity.
 //!
-//! Invariants: durations are printed with a unit chosen per value (µs below
-//! 1 ms, ms below 1 s, s above) and three significant figures; the text is
-//! plain ASCII apart from `µ`, with no colour codes, so it can be logged.
+//! Invariants: latencies are printed with a unit chosen per value (µs below
+//! 1 ms, ms below 1 s, s above) by [`super::units::format_us`]; the text it
+//! adds is plain ASCII apart from `µ` (strings from the report, such as the
+//! host name and assertion expressions, are printed as they are), with no
+//! colour codes, so it can be logged.
 
 use std::io::{self, Write};
 
