@@ -2,8 +2,8 @@
 //! line per phase per interval, readable by Java's `HistogramLogProcessor`,
 //! HistogramLogAnalyzer and hdrhistogram's `IntervalLogIterator`.
 //!
-//! Invariants: the header is the `#[Histogram log format version 1.3]`
-//! comment, `#[StartTime: ...]` and `#[BaseTime: ...]` (both the run start,
+//! Invariants: the header is a comment naming the unit (microseconds), the
+//! `#[Histogram log format version 1.3]` comment, `#[StartTime: ...]` and `#[BaseTime: ...]` (both the run start,
 //! so interval timestamps are unambiguous offsets from it), and the CSV
 //! legend; every interval line is written by hdrhistogram's
 //! `IntervalLogWriter` (V2-deflate, base64). Values are microseconds; the

@@ -151,9 +151,27 @@ fn latency_row(out: &mut String, name: &str, s: &LatencySummary) {
     );
 }
 
-/// The page of `report`.
+/// The page of `report`: one section after another, in reading order.
 pub fn html_string(report: &Report) -> Result<String, HtmlError> {
     let mut o = String::with_capacity(256 * 1024);
+    page_head(&mut o, report);
+    // Validity and checks first: what a reader must know before any figure.
+    verdicts(&mut o, report);
+    key_figures(&mut o, report);
+    open_loop_section(&mut o, report);
+    throughput_section(&mut o, report)?;
+    latency_section(&mut o, report)?;
+    latency_over_time_section(&mut o, report)?;
+    outcomes_section(&mut o, report)?;
+    assertions_section(&mut o, report);
+    host_and_config_section(&mut o, report);
+    let _ = writeln!(o, "</main></body></html>");
+    Ok(o)
+}
+
+/// The page's title: the role, and the target when the report (or every
+/// input of a merged one) names the same one.
+fn page_title(report: &Report) -> String {
     let role = match report.role {
         Role::Blast => "blast",
         Role::Sink => "sink",
@@ -176,8 +194,14 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
         Some(t) if targets.iter().all(|x| x == t) => format!(" against {t}"),
         _ => String::new(),
     };
+    format!("smtpstorm {role} report{target}")
+}
+
+/// The document head (title, inline style), the heading and the line under
+/// it: version, start, duration, host, and how many reports were merged.
+fn page_head(o: &mut String, report: &Report) {
     let merged = report.config.get("merged_from").and_then(|n| n.as_u64());
-    let title = format!("smtpstorm {role} report{target}");
+    let title = page_title(report);
     let _ = writeln!(
         o,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
@@ -198,8 +222,11 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
             .map(|n| format!(" · merged from {n} reports"))
             .unwrap_or_default()
     );
+}
 
-    // Validity and checks first: what a reader must know before any figure.
+/// The verdict boxes: valid or not (with the reasons), how many assertions
+/// passed, and a blast run that had nothing accepted.
+fn verdicts(o: &mut String, report: &Report) {
     let failed: Vec<_> = report.assertions.iter().filter(|a| !a.ok).collect();
     if report.valid {
         let _ = writeln!(
@@ -232,145 +259,175 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
             report.counts.messages_attempted
         );
     }
+}
 
-    // Key figures.
+/// The "Key figures" cards: rates, counts, errors, p99 and CPU per message.
+fn key_figures(o: &mut String, report: &Report) {
     let c = &report.counts;
     let _ = writeln!(o, "<h2>Key figures</h2><div class=\"cards\">");
     card(
-        &mut o,
+        o,
         &format_rate(report.rates.messages_per_sec),
         "messages/s accepted",
     );
+    card(o, &format_rate(report.rates.sessions_per_sec), "sessions/s");
     card(
-        &mut o,
-        &format_rate(report.rates.sessions_per_sec),
-        "sessions/s",
-    );
-    card(
-        &mut o,
+        o,
         &format_bytes_rate(report.rates.bytes_per_sec),
         "message bytes",
     );
+    card(o, &c.messages_attempted.to_string(), "messages attempted");
+    card(o, &c.messages_accepted.to_string(), "accepted");
     card(
-        &mut o,
-        &c.messages_attempted.to_string(),
-        "messages attempted",
-    );
-    card(&mut o, &c.messages_accepted.to_string(), "accepted");
-    card(
-        &mut o,
+        o,
         &c.errors().to_string(),
         "errors (connection, timeout, protocol)",
     );
     if let Some(m) = report.latency.get("message") {
-        card(&mut o, &format_us(m.p99_us as f64), "p99 message");
+        card(o, &format_us(m.p99_us as f64), "p99 message");
     }
     card(
-        &mut o,
+        o,
         &format!("{:.1} µs", report.cpu.cpu_us_per_message),
         "CPU per message",
     );
     let _ = writeln!(o, "</div>");
+}
 
-    if let Some(ol) = &report.open_loop {
-        let (class, who) = match ol.bottleneck {
-            Bottleneck::None => ("ok", "on schedule: every message went out on time on a free connection"),
-            Bottleneck::Target => ("warn", "the target was the bottleneck: messages waited for a free connection, and the corrected latencies include the wait"),
-            Bottleneck::Blaster => ("bad", "the blaster fell behind its own schedule"),
-        };
-        let _ = writeln!(
-            o,
-            "<h2>Open loop</h2><div class=\"verdict {class}\" id=\"open-loop\">Asked {} msg/s, sent {} msg/s: {who}.</div>",
-            format_rate(ol.requested_per_sec),
-            format_rate(ol.achieved_per_sec)
-        );
-        let _ = writeln!(
-            o,
-            "<table><tr><th>messages due</th><th>sent</th><th>waited for a connection</th><th>most waiting at once</th><th>never sent</th><th>busiest thread busy</th></tr>\
-             <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}%</td></tr></table>",
-            ol.messages_due, ol.messages_sent, ol.messages_waited, ol.max_backlog, ol.messages_unsent, ol.blaster_busy_pct
-        );
-    }
+/// The "Open loop" section (open-loop runs only): the verdict on who was
+/// the bottleneck and the table of due, sent, waiting and unsent messages.
+fn open_loop_section(o: &mut String, report: &Report) {
+    let Some(ol) = &report.open_loop else {
+        return;
+    };
+    let (class, who) = match ol.bottleneck {
+        Bottleneck::None => ("ok", "on schedule: every message went out on time on a free connection"),
+        Bottleneck::Target => ("warn", "the target was the bottleneck: messages waited for a free connection, and the corrected latencies include the wait"),
+        Bottleneck::Blaster => ("bad", "the blaster fell behind its own schedule"),
+    };
+    let _ = writeln!(
+        o,
+        "<h2>Open loop</h2><div class=\"verdict {class}\" id=\"open-loop\">Asked {} msg/s, sent {} msg/s: {who}.</div>",
+        format_rate(ol.requested_per_sec),
+        format_rate(ol.achieved_per_sec)
+    );
+    let _ = writeln!(
+        o,
+        "<table><tr><th>messages due</th><th>sent</th><th>waited for a connection</th><th>most waiting at once</th><th>never sent</th><th>busiest thread busy</th></tr>\
+         <tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}%</td></tr></table>",
+        ol.messages_due, ol.messages_sent, ol.messages_waited, ol.max_backlog, ol.messages_unsent, ol.blaster_busy_pct
+    );
+}
 
+/// The "Throughput over time" chart.
+fn throughput_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
     let _ = writeln!(
         o,
         "<h2>Throughput over time</h2><div class=\"charts wide\">"
     );
     let tl_series = if report.timeline.is_empty() { 0 } else { 3 };
     figure(
-        &mut o,
+        o,
         "chart-throughput",
         "Accepted messages, sessions and errors per second",
         (1100, 380),
         |a| draw_throughput(a, report).map(|()| tl_series),
     )?;
     let _ = writeln!(o, "</div>");
+    Ok(())
+}
 
-    if !report.latency.is_empty() {
-        let _ = writeln!(
-            o,
-            "<h2>Latency per phase</h2><table id=\"latency\"><tr><th>phase</th><th>count</th><th>min</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>"
-        );
-        for phase in Phase::ALL {
-            if let Some(s) = report.latency.get(phase.as_str()) {
-                latency_row(&mut o, phase.as_str(), s);
-            }
-            if let Some(s) = report.latency_uncorrected.get(phase.as_str()) {
-                latency_row(&mut o, &format!("{} (uncorrected)", phase.as_str()), s);
-            }
-        }
-        if let Some(s) = &report.schedule_lag {
-            latency_row(&mut o, "schedule lag", s);
-        }
-        let _ = writeln!(o, "</table><div class=\"charts wide\">");
-        let spectra = Phase::ALL
-            .iter()
-            .filter(|p| {
-                report
-                    .latency
-                    .get(p.as_str())
-                    .is_some_and(|s| !spectrum(s).is_empty())
-            })
-            .count();
-        figure(
-            &mut o,
-            "chart-spectrum",
-            "Latency by percentile (HdrHistogram spectrum; x axis 1/(1-p))",
-            (1100, 480),
-            |a| draw_spectrum(a, report).map(|()| spectra),
-        )?;
-        let _ = writeln!(o, "</div>");
+/// The "Latency per phase" section (reports with latency only): the
+/// percentile table, corrected and uncorrected, and the spectrum chart.
+fn latency_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
+    if report.latency.is_empty() {
+        return Ok(());
     }
+    let _ = writeln!(
+        o,
+        "<h2>Latency per phase</h2><table id=\"latency\"><tr><th>phase</th><th>count</th><th>min</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>"
+    );
+    for phase in Phase::ALL {
+        if let Some(s) = report.latency.get(phase.as_str()) {
+            latency_row(o, phase.as_str(), s);
+        }
+        if let Some(s) = report.latency_uncorrected.get(phase.as_str()) {
+            latency_row(o, &format!("{} (uncorrected)", phase.as_str()), s);
+        }
+    }
+    if let Some(s) = &report.schedule_lag {
+        latency_row(o, "schedule lag", s);
+    }
+    let _ = writeln!(o, "</table><div class=\"charts wide\">");
+    let spectra = Phase::ALL
+        .iter()
+        .filter(|p| {
+            report
+                .latency
+                .get(p.as_str())
+                .is_some_and(|s| !spectrum(s).is_empty())
+        })
+        .count();
+    figure(
+        o,
+        "chart-spectrum",
+        "Latency by percentile (HdrHistogram spectrum; x axis 1/(1-p))",
+        (1100, 480),
+        |a| draw_spectrum(a, report).map(|()| spectra),
+    )?;
+    let _ = writeln!(o, "</div>");
+    Ok(())
+}
 
+/// The "Latency over time" section (phases with data over time only): one
+/// chart per phase.
+fn latency_over_time_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
     let over_time = phases_over_time(report);
-    if !over_time.is_empty() {
-        let _ = writeln!(
-            o,
-            "<h2>Latency over time</h2><p class=\"sub\">p50, p90, p99 and max of each second (corrected figures).</p><div class=\"charts\">"
-        );
-        for phase in over_time {
-            figure(
-                &mut o,
-                &format!("chart-over-time-{}", phase.as_str()),
-                &format!("{} per second", phase.as_str()),
-                (560, 300),
-                |a| draw_latency_over_time(a, report, phase),
-            )?;
-        }
-        let _ = writeln!(o, "</div>");
+    if over_time.is_empty() {
+        return Ok(());
     }
+    let _ = writeln!(
+        o,
+        "<h2>Latency over time</h2><p class=\"sub\">p50, p90, p99 and max of each second (corrected figures).</p><div class=\"charts\">"
+    );
+    for phase in over_time {
+        figure(
+            o,
+            &format!("chart-over-time-{}", phase.as_str()),
+            &format!("{} per second", phase.as_str()),
+            (560, 300),
+            |a| draw_latency_over_time(a, report, phase),
+        )?;
+    }
+    let _ = writeln!(o, "</div>");
+    Ok(())
+}
 
+/// The "Outcomes and reply codes" section: the outcomes chart beside the
+/// outcome table and the reply-code table.
+fn outcomes_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
     let _ = writeln!(o, "<h2>Outcomes and reply codes</h2><div class=\"charts\">");
     figure(
-        &mut o,
+        o,
         "chart-outcomes",
         "How each attempted message ended",
         (560, 300),
         |a| draw_outcomes(a, report),
     )?;
+    let _ = write!(o, "<div>");
+    outcomes_table(o, report);
+    reply_codes_table(o, report);
+    let _ = writeln!(o, "</div></div>");
+    Ok(())
+}
+
+/// The outcome table: each outcome's count and share of the attempted
+/// messages, then the session, TLS, recipient, byte and verify counts.
+fn outcomes_table(o: &mut String, report: &Report) {
+    let c = &report.counts;
     let _ = writeln!(
         o,
-        "<div><table id=\"outcomes\"><tr><th>outcome</th><th>count</th><th>%</th></tr>"
+        "<table id=\"outcomes\"><tr><th>outcome</th><th>count</th><th>%</th></tr>"
     );
     let pct = |n: u64| {
         if c.messages_attempted > 0 {
@@ -406,54 +463,68 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
         let _ = writeln!(o, "<tr><td>{name}</td><td>{n}</td><td></td></tr>");
     }
     let _ = writeln!(o, "</table>");
-    if !report.reply_codes.is_empty() {
-        let _ = writeln!(
-            o,
-            "<table id=\"reply-codes\"><tr><th>command</th><th>reply</th><th>count</th></tr>"
-        );
-        for (cmd, codes) in &report.reply_codes {
-            for (code, n) in codes {
-                let _ = writeln!(
-                    o,
-                    "<tr><td>{}</td><td>{}</td><td>{n}</td></tr>",
-                    escape(cmd),
-                    escape(code)
-                );
-            }
-        }
-        let _ = writeln!(o, "</table>");
-    }
-    let _ = writeln!(o, "</div></div>");
+}
 
-    if !report.assertions.is_empty() {
-        let _ = writeln!(
-            o,
-            "<h2>Assertions</h2><table id=\"assertions\"><tr><th>assertion</th><th>result</th><th>measured</th><th>threshold</th></tr>"
-        );
-        for a in &report.assertions {
-            let parsed = parse_assertion(&a.expr).ok();
-            let measured = match (a.value, &parsed) {
-                (None, _) => "no data".to_string(),
-                (Some(v), Some(p)) => p.format_value(v),
-                (Some(v), None) => format!("{v}"),
-            };
-            let threshold = parsed.map(|p| p.format_threshold()).unwrap_or_default();
-            let (class, word) = if a.ok {
-                ("pass", "pass")
-            } else {
-                ("fail", "FAIL")
-            };
+/// The reply-code table (reports with reply codes only): each command's
+/// replies and their counts.
+fn reply_codes_table(o: &mut String, report: &Report) {
+    if report.reply_codes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "<table id=\"reply-codes\"><tr><th>command</th><th>reply</th><th>count</th></tr>"
+    );
+    for (cmd, codes) in &report.reply_codes {
+        for (code, n) in codes {
             let _ = writeln!(
                 o,
-                "<tr><td>{}</td><td class=\"{class}\">{word}</td><td>{}</td><td>{}</td></tr>",
-                escape(&a.expr),
-                escape(&measured),
-                escape(&threshold)
+                "<tr><td>{}</td><td>{}</td><td>{n}</td></tr>",
+                escape(cmd),
+                escape(code)
             );
         }
-        let _ = writeln!(o, "</table>");
     }
+    let _ = writeln!(o, "</table>");
+}
 
+/// The "Assertions" table (reports with assertions only): each expression,
+/// pass or FAIL, the measured value and the threshold, with their units.
+fn assertions_section(o: &mut String, report: &Report) {
+    if report.assertions.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "<h2>Assertions</h2><table id=\"assertions\"><tr><th>assertion</th><th>result</th><th>measured</th><th>threshold</th></tr>"
+    );
+    for a in &report.assertions {
+        let parsed = parse_assertion(&a.expr).ok();
+        let measured = match (a.value, &parsed) {
+            (None, _) => "no data".to_string(),
+            (Some(v), Some(p)) => p.format_value(v),
+            (Some(v), None) => format!("{v}"),
+        };
+        let threshold = parsed.map(|p| p.format_threshold()).unwrap_or_default();
+        let (class, word) = if a.ok {
+            ("pass", "pass")
+        } else {
+            ("fail", "FAIL")
+        };
+        let _ = writeln!(
+            o,
+            "<tr><td>{}</td><td class=\"{class}\">{word}</td><td>{}</td><td>{}</td></tr>",
+            escape(&a.expr),
+            escape(&measured),
+            escape(&threshold)
+        );
+    }
+    let _ = writeln!(o, "</table>");
+}
+
+/// The "Host and configuration" section: the host table with CPU time, then
+/// the report's config as pretty-printed JSON.
+fn host_and_config_section(o: &mut String, report: &Report) {
     let h = &report.host;
     let _ = writeln!(
         o,
@@ -471,8 +542,6 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
     );
     let config = serde_json::to_string_pretty(&report.config).unwrap_or_default();
     let _ = writeln!(o, "<pre id=\"config\">{}</pre>", escape(&config));
-    let _ = writeln!(o, "</main></body></html>");
-    Ok(o)
 }
 
 /// Writes the page of `report` to `path`.

@@ -3,10 +3,12 @@
 //! Data flow: each runtime thread owns a [`Recorder`] (no locks, no
 //! atomics) and once per second hands an [`IntervalSnapshot`] to the main
 //! thread, which absorbs them in an [`IntervalMerger`] (live line,
-//! throughput timeline) and an [`HlogWriter`] (`.hlog`). At the end the
-//! merged [`Measurements`] become a [`Report`] (JSON, with every histogram
+//! throughput timeline), an [`HlogWriter`] (`.hlog`) and, with
+//! `--metrics-listen`, a [`LiveMetrics`]. At the end the merged
+//! [`Measurements`] become a [`Report`] (JSON, with every histogram
 //! encoded), which feeds [`write_hgrm`], [`write_summary`], [`write_svg`],
-//! assertions ([`Assertion`]), [`compare_baseline`] and [`merge_reports`].
+//! [`write_html`], [`write_junit`], assertions ([`Assertion`]),
+//! [`compare_baseline`] and [`merge_reports`].
 //!
 //! Typical use by a role:
 //!
@@ -25,14 +27,17 @@
 //! Layers, each importing only from the layers below it (no cycles):
 //!
 //! ```text
-//! renderers   summary (text)  hgrm  hlog  svg  ...        one output each
+//! renderers   summary (text)  hgrm  hlog  svg  html  junit  metrics (live)
+//!             one output each; charts draws the plots svg and html share
 //! checks      assert (--assert)   merge (merge, --baseline)
 //! report      report: Report, the JSON document and its loading
 //! data        recorder: Counts, histograms, snapshots, merger    units: numbers for people
 //! ```
 //!
-//! Nothing here reads the process's CPU time or talks to the network: the
-//! roles measure their CPU and pass it in ([`ReportInput::cpu`]).
+//! Nothing here reads the process's CPU time: the roles measure their CPU
+//! and pass it in ([`ReportInput::cpu`]). The only socket is the live
+//! metrics endpoint of [`metrics`] (`--metrics-listen`); everything else
+//! writes files or text.
 //!
 //! Invariants: every histogram has the same fixed bounds (1 µs .. 1 hour,
 //! 3 significant figures, see [`recorder::new_histogram`]), so histograms

@@ -8,8 +8,10 @@
 //! - Recording never panics and never fails: values above the highest
 //!   trackable value are clamped (`saturating_record`), zero is recorded as
 //!   is (HdrHistogram tracks 0 in its first bucket).
-//! - A [`Recorder`] is owned by one thread: no locks, no atomics. After the
-//!   first record of a phase, recording does not allocate.
+//! - A [`Recorder`] is owned by one thread: no locks, no atomics. Recording
+//!   allocates only on the first record of a phase (and the first reply
+//!   code) in each interval: [`Recorder::take_interval`] hands the
+//!   interval's histograms away, so the next interval allocates its own.
 //! - Counts add up: [`Recorder::count_outcome`] bumps `messages_attempted`
 //!   and exactly one outcome counter, so `messages_attempted` equals the sum
 //!   of the outcome counters of message-scoped outcomes.

@@ -1,19 +1,34 @@
-//! The human summary printed at the end of a run: rates, the outcome
-//! table, the per-phase percentile table, assertions and validity.
+//! The human summary printed at the end of a run (and by `smtpstorm
+//! report`): the run's duration and host, rates, the open loop's verdict,
+//! CPU time, the outcome table, the per-phase percentile table, assertions
+//! and validity.
 //!
-//! Invariants: durations are printed with a unit chosen per value (µs below
-//! 1 ms, ms below 1 s, s above) and three significant figures; the text is
-//! plain ASCII apart from `µ`, with no colour codes, so it can be logged.
+//! Invariants: latencies are printed with a unit chosen per value (µs below
+//! 1 ms, ms below 1 s, s above) by [`super::units::format_us`]; the text it
+//! adds is plain ASCII apart from `µ` (strings from the report, such as the
+//! host name and assertion expressions, are printed as they are), with no
+//! colour codes, so it can be logged.
 
 use std::io::{self, Write};
 
+use super::recorder::Counts;
 use super::report::{Report, Role};
 use super::units::{format_bytes_rate, format_rate, format_us};
 use crate::smtp::Phase;
 
 /// Writes the summary of `report`.
 pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
-    let c = &report.counts;
+    write_run_lines(report, out)?;
+    writeln!(out)?;
+    write_outcome_table(&report.counts, out)?;
+    write_latency_table(report, out)?;
+    write_assertions(report, out)?;
+    write_invalid_reasons(report, out)
+}
+
+/// The lines about the run as a whole: version, role, duration and host;
+/// rates; the open loop's verdict (open-loop runs only); CPU time.
+fn write_run_lines<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     let role = match report.role {
         Role::Blast => "blast",
         Role::Sink => "sink",
@@ -55,8 +70,13 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         report.cpu.sys_secs,
         report.cpu.cpu_us_per_session,
         report.cpu.cpu_us_per_message
-    )?;
-    writeln!(out)?;
+    )
+}
+
+/// The outcome table: each outcome's count and share of the attempted
+/// messages, then sessions, TLS, recipients and bytes (TLS resumption and
+/// verification only when there were any).
+fn write_outcome_table<W: Write>(c: &Counts, out: &mut W) -> io::Result<()> {
     let pct = |n: u64| {
         if c.messages_attempted > 0 {
             100.0 * n as f64 / c.messages_attempted as f64
@@ -87,57 +107,78 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         writeln!(out, "{:<20} {:>12}", "verified ok", c.verify_ok)?;
         writeln!(out, "{:<20} {:>12}", "verified corrupt", c.verify_corrupt)?;
     }
-    if !report.latency.is_empty() {
-        writeln!(out)?;
+    Ok(())
+}
+
+/// The per-phase percentile table (reports with latency only), preceded by
+/// a blank line: each phase corrected, then uncorrected, then schedule lag.
+fn write_latency_table<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
+    if report.latency.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "latency", "count", "p50", "p90", "p99", "p99.9", "max"
+    )?;
+    let mut rows: Vec<(String, &super::report::LatencySummary)> = Vec::new();
+    for phase in Phase::ALL {
+        if let Some(s) = report.latency.get(phase.as_str()) {
+            rows.push((phase.as_str().to_string(), s));
+        }
+        if let Some(s) = report.latency_uncorrected.get(phase.as_str()) {
+            rows.push((format!("{} (uncorrected)", phase.as_str()), s));
+        }
+    }
+    if let Some(s) = &report.schedule_lag {
+        rows.push(("schedule lag".to_string(), s));
+    }
+    for (name, s) in rows {
         writeln!(
             out,
-            "{:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-            "latency", "count", "p50", "p90", "p99", "p99.9", "max"
+            "{name:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            s.count,
+            format_us(s.p50_us as f64),
+            format_us(s.p90_us as f64),
+            format_us(s.p99_us as f64),
+            format_us(s.p999_us as f64),
+            format_us(s.max_us as f64)
         )?;
-        let mut rows: Vec<(String, &super::report::LatencySummary)> = Vec::new();
-        for phase in Phase::ALL {
-            if let Some(s) = report.latency.get(phase.as_str()) {
-                rows.push((phase.as_str().to_string(), s));
-            }
-            if let Some(s) = report.latency_uncorrected.get(phase.as_str()) {
-                rows.push((format!("{} (uncorrected)", phase.as_str()), s));
-            }
-        }
-        if let Some(s) = &report.schedule_lag {
-            rows.push(("schedule lag".to_string(), s));
-        }
-        for (name, s) in rows {
-            writeln!(
-                out,
-                "{name:<22} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
-                s.count,
-                format_us(s.p50_us as f64),
-                format_us(s.p90_us as f64),
-                format_us(s.p99_us as f64),
-                format_us(s.p999_us as f64),
-                format_us(s.max_us as f64)
-            )?;
-        }
     }
-    if !report.assertions.is_empty() {
-        writeln!(out)?;
-        for a in &report.assertions {
-            let value = a
-                .value
-                .map_or_else(|| "no data".to_string(), |v| format!("{v:.3}"));
-            writeln!(
-                out,
-                "assert {:<4} {}  (value {value})",
-                if a.ok { "ok" } else { "FAIL" },
-                a.expr
-            )?;
-        }
+    Ok(())
+}
+
+/// One line per assertion (reports with assertions only), preceded by a
+/// blank line: ok or FAIL, the expression and the measured value.
+fn write_assertions<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
+    if report.assertions.is_empty() {
+        return Ok(());
     }
-    if !report.valid {
-        writeln!(out)?;
-        for why in &report.invalid_reasons {
-            writeln!(out, "INVALID RUN: {why}")?;
-        }
+    writeln!(out)?;
+    for a in &report.assertions {
+        let value = a
+            .value
+            .map_or_else(|| "no data".to_string(), |v| format!("{v:.3}"));
+        writeln!(
+            out,
+            "assert {:<4} {}  (value {value})",
+            if a.ok { "ok" } else { "FAIL" },
+            a.expr
+        )?;
+    }
+    Ok(())
+}
+
+/// One `INVALID RUN:` line per reason (invalid runs only), preceded by a
+/// blank line.
+fn write_invalid_reasons<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
+    if report.valid {
+        return Ok(());
+    }
+    writeln!(out)?;
+    for why in &report.invalid_reasons {
+        writeln!(out, "INVALID RUN: {why}")?;
     }
     Ok(())
 }

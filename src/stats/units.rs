@@ -1,10 +1,14 @@
 //! Numbers for people: latencies with a unit chosen per value, rates with
-//! k/M suffixes, byte rates in binary units. The bottom of `stats`: every
-//! renderer (text, SVG, HTML, JUnit) formats through here, so one figure
-//! reads the same everywhere.
+//! k/M suffixes, byte rates in binary units, UNIX times as dates. The
+//! bottom of `stats` (it imports nothing): every renderer for people (text,
+//! SVG, HTML, JUnit) formats through here, so one figure reads the same
+//! everywhere; the machine formats (`.hgrm`, `.hlog`, Prometheus) do not.
 //!
-//! Invariants: three significant figures; plain ASCII apart from `µ`; pure
-//! functions that never panic (NaN and infinities print as Rust prints them).
+//! Invariants: latencies print two decimals below 10 in their unit, one
+//! below 100, none from 100 up and none for whole microseconds (`5µs`,
+//! `1.25ms`, `12.5ms`, `125ms`, `3.20s`); rates print one decimal (two with
+//! `M`), byte rates one. Plain ASCII apart from `µ`; pure functions that
+//! never panic (NaN and infinities print as Rust prints them).
 
 /// Formats a latency in µs with a unit chosen for its size:
 /// `850µs`, `1.25ms`, `12.5ms`, `3.20s`.
