@@ -539,6 +539,28 @@ impl TlsInfo {
 mod tests {
     use super::*;
 
+    /// PEM text of one DER item (rcgen's `pem` feature is off: it links a
+    /// second base64).
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut s = format!("-----BEGIN {label}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            s.push_str(std::str::from_utf8(line).unwrap());
+            s.push('\n');
+        }
+        s + &format!("-----END {label}-----\n")
+    }
+
+    /// A self-signed certificate for localhost and its key, as PEM.
+    fn pem_pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        (
+            pem("CERTIFICATE", c.cert.der()),
+            pem("PRIVATE KEY", &c.signing_key.serialize_der()),
+        )
+    }
+
     #[test]
     fn self_signed_server_config_says_so() {
         let tls = server_config(None).unwrap();
@@ -548,11 +570,11 @@ mod tests {
     #[test]
     fn pem_files_round_trip_into_a_server_config() {
         let dir = tempfile::tempdir().unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = pem_pair();
         let cert_path = dir.path().join("cert.pem");
         let key_path = dir.path().join("key.pem");
-        std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-        std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
         let tls = server_config(Some((&cert_path, &key_path))).unwrap();
         assert!(!tls.self_signed);
         // The same PEM works as a CA file for the verifying client.
@@ -670,12 +692,12 @@ mod tests {
     #[test]
     fn a_key_that_is_not_the_certificates_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let a = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let b = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (a_cert, _) = pem_pair();
+        let (_, b_key) = pem_pair();
         let cert_path = dir.path().join("a.pem");
         let key_path = dir.path().join("b.key");
-        std::fs::write(&cert_path, a.cert.pem()).unwrap();
-        std::fs::write(&key_path, b.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&cert_path, a_cert).unwrap();
+        std::fs::write(&key_path, b_key).unwrap();
         let err = server_config(Some((&cert_path, &key_path)))
             .unwrap_err()
             .to_string();
