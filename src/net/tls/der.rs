@@ -329,7 +329,7 @@ fn value_text(value: &Tlv<'_>) -> Option<String> {
             std::str::from_utf8(value.data).ok().map(str::to_string)
         }
         BMP_STRING => {
-            if value.data.len() % 2 != 0 {
+            if !value.data.len().is_multiple_of(2) {
                 return None;
             }
             let units = value
