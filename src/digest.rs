@@ -7,10 +7,15 @@
 //! the SHA-256 of `body`. The sink receives the message un-stuffed, in pieces
 //! split anywhere; [`Verifier`] reads the header block line by line (bounded:
 //! a header line longer than [`MAX_HEADER_LINE`] is skipped, not buffered),
-//! then hashes every byte after the empty line. Nothing here allocates per
-//! message beyond the small line buffer, which is reused.
+//! then hashes every byte after the empty line. The line buffer is reused;
+//! the one allocation per message is the hash state aws-lc keeps on the heap
+//! (about 100 bytes), made where the body starts and only when the header
+//! block had a digest to check.
+//!
+//! SHA-256 is aws-lc's (through `aws-lc-rs`, the library rustls already
+//! links), not a second implementation.
 
-use sha2::{Digest, Sha256};
+use aws_lc_rs::digest::{self as sha, Context, SHA256};
 
 /// The header field name (compared case-insensitively).
 pub const HEADER_NAME: &str = "X-Smtpstorm-Digest";
@@ -19,7 +24,12 @@ pub const MAX_HEADER_LINE: usize = 998;
 
 /// SHA-256 of `body`.
 pub fn body_digest(body: &[u8]) -> [u8; 32] {
-    Sha256::digest(body).into()
+    sha_bytes(sha::digest(&SHA256, body))
+}
+
+/// The 32 bytes of a SHA-256 result.
+fn sha_bytes(d: sha::Digest) -> [u8; 32] {
+    d.as_ref().try_into().expect("SHA-256 digests are 32 bytes")
 }
 
 /// `X-Smtpstorm-Digest: sha256=<hex>\r\n` for `body`.
@@ -64,7 +74,8 @@ pub struct Verifier {
     part: Part,
     line: Vec<u8>,
     expected: Option<[u8; 32]>,
-    hasher: Sha256,
+    /// The body's hash, from the empty line on, if there is a digest to check.
+    hasher: Option<Context>,
 }
 
 impl Default for Verifier {
@@ -75,7 +86,12 @@ impl Default for Verifier {
 
 impl Verifier {
     pub fn new() -> Self {
-        Verifier { part: Part::Headers, line: Vec::with_capacity(128), expected: None, hasher: Sha256::new() }
+        Verifier {
+            part: Part::Headers,
+            line: Vec::with_capacity(128),
+            expected: None,
+            hasher: None,
+        }
     }
 
     /// Forget the previous message.
@@ -83,7 +99,7 @@ impl Verifier {
         self.part = Part::Headers;
         self.line.clear();
         self.expected = None;
-        self.hasher = Sha256::new();
+        self.hasher = None;
     }
 
     /// Feed the next piece of the (un-stuffed) message.
@@ -91,7 +107,9 @@ impl Verifier {
         while !chunk.is_empty() {
             match self.part {
                 Part::Body => {
-                    self.hasher.update(chunk);
+                    if let Some(h) = &mut self.hasher {
+                        h.update(chunk);
+                    }
                     return;
                 }
                 Part::SkipLine => match memchr::memchr(b'\n', chunk) {
@@ -109,7 +127,11 @@ impl Verifier {
                     chunk = rest;
                     if self.line.len() + piece.len() > MAX_HEADER_LINE + 2 {
                         self.line.clear();
-                        self.part = if complete { Part::Headers } else { Part::SkipLine };
+                        self.part = if complete {
+                            Part::Headers
+                        } else {
+                            Part::SkipLine
+                        };
                         continue;
                     }
                     self.line.extend_from_slice(piece);
@@ -125,6 +147,9 @@ impl Verifier {
         let line = trim_eol(&self.line);
         if line.is_empty() {
             self.part = Part::Body;
+            if self.expected.is_some() {
+                self.hasher = Some(Context::new(&SHA256));
+            }
         } else if let Some(d) = parse_digest_line(line) {
             self.expected = Some(d);
         }
@@ -135,8 +160,8 @@ impl Verifier {
     pub fn finish(&mut self) -> Verdict {
         let verdict = match (self.part, self.expected) {
             (Part::Body, Some(exp)) => {
-                let got: [u8; 32] = std::mem::take(&mut self.hasher).finalize().into();
-                if got == exp {
+                let got = self.hasher.take().map(|h| sha_bytes(h.finish()));
+                if got == Some(exp) {
                     Verdict::Ok
                 } else {
                     Verdict::Corrupt
@@ -203,6 +228,38 @@ mod tests {
     }
 
     #[test]
+    fn digests_are_sha256_in_lower_case_hex() {
+        // FIPS 180-2 test vectors: the header is a contract with older sinks
+        // and blasters, so its value must never change.
+        assert_eq!(
+            header_line(b"abc"),
+            "X-Smtpstorm-Digest: sha256=\
+             ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\r\n"
+        );
+        assert_eq!(
+            header_line(b""),
+            "X-Smtpstorm-Digest: sha256=\
+             e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855\r\n"
+        );
+        let million_a = vec![b'a'; 1_000_000];
+        let mut v = Verifier::new();
+        v.feed(
+            b"X-Smtpstorm-Digest: sha256=\
+                 cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0\r\n\r\n",
+        );
+        for piece in million_a.chunks(4093) {
+            v.feed(piece);
+        }
+        assert_eq!(v.finish(), Verdict::Ok);
+        assert_eq!(body_digest(&million_a)[..4], [0xcd, 0xc7, 0x6e, 0x5c]);
+    }
+
+    #[test]
+    fn an_empty_body_verifies() {
+        assert_eq!(verify_split(&message(b""), 0), Verdict::Ok);
+    }
+
+    #[test]
     fn intact_message_verifies_at_every_split() {
         let m = message(b"hello\r\nworld\r\n");
         for i in 0..=m.len() {
@@ -225,7 +282,10 @@ mod tests {
 
     #[test]
     fn message_without_digest_is_missing() {
-        assert_eq!(verify_split(b"Subject: x\r\n\r\nbody\r\n", 3), Verdict::Missing);
+        assert_eq!(
+            verify_split(b"Subject: x\r\n\r\nbody\r\n", 3),
+            Verdict::Missing
+        );
     }
 
     #[test]

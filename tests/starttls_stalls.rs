@@ -22,6 +22,21 @@ use std::time::Duration;
 use common::*;
 use smtpstorm::stats::report::decode_histogram;
 
+/// PEM text of one DER item (rcgen is built without its `pem` feature).
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|l| std::str::from_utf8(l).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
 /// A sink on a free loopback port: self-signed, or `--tls-cert/--tls-key`.
 fn sink(extra: &[&str]) -> (Proc, String) {
     let addr = format!("127.0.0.1:{}", free_port());
@@ -94,8 +109,8 @@ fn a_sink_with_its_own_certificate_has_no_stall_on_its_first_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    std::fs::write(&cert, pem("CERTIFICATE", ck.cert.der())).unwrap();
+    std::fs::write(&key, pem("PRIVATE KEY", &ck.signing_key.serialize_der())).unwrap();
     let args = [
         "--tls-cert",
         cert.to_str().unwrap(),

@@ -26,9 +26,11 @@
 //!
 //! All configs use the aws-lc-rs provider, which [`install_crypto_provider`]
 //! also installs as the process default (idempotent). [`TlsInfo`] describes a
-//! connection once its handshake is done; the peer certificate is parsed with
-//! x509-parser, and a certificate that does not parse only leaves those fields
-//! empty.
+//! connection once its handshake is done; the peer certificate's subject,
+//! issuer and expiry are read by [`der`], and a field that does not parse is
+//! left empty.
+
+mod der;
 
 use std::path::Path;
 use std::sync::{Arc, Once};
@@ -47,7 +49,6 @@ use rustls::{
     PeerMisbehaved, RootCertStore, ServerConfig, SignatureScheme,
 };
 use thiserror::Error;
-use x509_parser::asn1_rs::{Any, Class, FromBer, Tag};
 
 /// Errors building TLS configurations.
 #[derive(Debug, Error)]
@@ -287,37 +288,11 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(host.to_string()).map_err(|_| TlsError::ServerName(host.to_string()))
 }
 
-/// The outer TLV of `der` (BER rules, so odd but usable encodings pass):
-/// `(the element, what follows it)`.
-fn tlv(der: &[u8]) -> Option<(Any<'_>, &[u8])> {
-    Any::from_ber(der).ok().map(|(rest, any)| (any, rest))
-}
-
 /// The X.509 version (1, 2 or 3) and the SubjectPublicKeyInfo (DER, outer
 /// SEQUENCE included) of a DER certificate, read field by field without
 /// interpreting anything else (names, dates, extensions may be anything).
 fn certificate_fields(cert: &[u8]) -> Option<(u32, &[u8])> {
-    let (cert, _) = tlv(cert).filter(|(c, _)| c.tag() == Tag::Sequence)?;
-    let (tbs, _) = tlv(cert.data).filter(|(t, _)| t.tag() == Tag::Sequence)?;
-    let mut rest = tbs.data;
-    // version [0] EXPLICIT INTEGER DEFAULT v1(0)
-    let (first, after) = tlv(rest)?;
-    let mut version = 1;
-    if first.class() == Class::ContextSpecific && first.tag() == Tag(0) {
-        let (v, _) = tlv(first.data).filter(|(v, _)| v.tag() == Tag::Integer)?;
-        // 0, 1, 2 for v1, v2, v3: one byte.
-        version = match v.data {
-            [n] => u32::from(*n) + 1,
-            _ => return None,
-        };
-        rest = after;
-    }
-    // serialNumber, signature, issuer, validity, subject
-    for _ in 0..5 {
-        rest = tlv(rest)?.1;
-    }
-    let (_, after) = tlv(rest).filter(|(spki, _)| spki.tag() == Tag::Sequence)?;
-    Some((version, &rest[..rest.len() - after.len()]))
+    der::tbs_fields(cert).map(|f| (f.version, f.spki))
 }
 
 /// The SubjectPublicKeyInfo (DER, outer SEQUENCE included) of a DER X.509
@@ -329,9 +304,9 @@ pub fn certificate_spki(cert: &[u8]) -> Option<&[u8]> {
 /// `(algorithm identifier contents, public key bits)` of a
 /// SubjectPublicKeyInfo, as signature algorithms compare and use them.
 fn spki_parts(spki: &[u8]) -> Option<(&[u8], &[u8])> {
-    let (seq, _) = tlv(spki).filter(|(s, _)| s.tag() == Tag::Sequence)?;
-    let (alg, rest) = tlv(seq.data).filter(|(a, _)| a.tag() == Tag::Sequence)?;
-    let (bits, _) = tlv(rest).filter(|(b, _)| b.tag() == Tag::BitString)?;
+    let (seq, _) = der::tlv(spki).filter(|(s, _)| s.is(der::SEQUENCE))?;
+    let (alg, rest) = der::tlv(seq.data).filter(|(a, _)| a.is(der::SEQUENCE))?;
+    let (bits, _) = der::tlv(rest).filter(|(b, _)| b.is(der::BIT_STRING))?;
     match bits.data {
         // No unused bits: keys are whole bytes.
         [0, key @ ..] => Some((alg.data, key)),
@@ -505,7 +480,7 @@ pub struct TlsInfo {
     pub peer_subject: Option<String>,
     /// Its issuer.
     pub peer_issuer: Option<String>,
-    /// Its expiry, RFC 2822 style as x509-parser prints it.
+    /// Its expiry, e.g. `Mar  5 00:00:00 2031 +00:00` (always UTC).
     pub peer_not_after: Option<String>,
     /// Its expiry as Unix seconds.
     pub peer_not_after_unix: Option<i64>,
@@ -546,22 +521,45 @@ impl TlsInfo {
         Some(info)
     }
 
-    /// Fills the peer-certificate fields from a DER certificate; leaves them
-    /// empty if it does not parse.
-    pub fn set_peer_cert(&mut self, der: &[u8]) {
-        if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
-            self.peer_subject = Some(cert.subject().to_string());
-            self.peer_issuer = Some(cert.issuer().to_string());
-            let not_after = cert.validity().not_after;
-            self.peer_not_after = Some(not_after.to_string());
-            self.peer_not_after_unix = Some(not_after.timestamp());
-        }
+    /// Fills the peer-certificate fields from a DER certificate; a field
+    /// that does not parse (all of them, if it is not a certificate) is left
+    /// empty.
+    pub fn set_peer_cert(&mut self, cert: &[u8]) {
+        let Some(f) = der::tbs_fields(cert) else {
+            return;
+        };
+        self.peer_subject = der::name_text(&f.subject);
+        self.peer_issuer = der::name_text(&f.issuer);
+        self.peer_not_after_unix = der::not_after_unix(&f.validity);
+        self.peer_not_after = self.peer_not_after_unix.map(der::time_text);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// PEM text of one DER item (rcgen's `pem` feature is off: it links a
+    /// second base64).
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut s = format!("-----BEGIN {label}-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            s.push_str(std::str::from_utf8(line).unwrap());
+            s.push('\n');
+        }
+        s + &format!("-----END {label}-----\n")
+    }
+
+    /// A self-signed certificate for localhost and its key, as PEM.
+    fn pem_pair() -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        (
+            pem("CERTIFICATE", c.cert.der()),
+            pem("PRIVATE KEY", &c.signing_key.serialize_der()),
+        )
+    }
 
     #[test]
     fn self_signed_server_config_says_so() {
@@ -572,11 +570,11 @@ mod tests {
     #[test]
     fn pem_files_round_trip_into_a_server_config() {
         let dir = tempfile::tempdir().unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (cert, key) = pem_pair();
         let cert_path = dir.path().join("cert.pem");
         let key_path = dir.path().join("key.pem");
-        std::fs::write(&cert_path, certified.cert.pem()).unwrap();
-        std::fs::write(&key_path, certified.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
         let tls = server_config(Some((&cert_path, &key_path))).unwrap();
         assert!(!tls.self_signed);
         // The same PEM works as a CA file for the verifying client.
@@ -607,32 +605,83 @@ mod tests {
         let (chain, _) = self_signed_cert().unwrap();
         let mut info = TlsInfo::default();
         info.set_peer_cert(chain[0].as_ref());
-        assert!(
-            info.peer_subject
-                .as_deref()
-                .unwrap()
-                .contains("smtpstorm self-signed"),
-            "{info:?}"
+        let subject = "CN=smtpstorm self-signed (localhost)";
+        assert_eq!(info.peer_subject.as_deref(), Some(subject), "{info:?}");
+        assert_eq!(info.peer_issuer.as_deref(), Some(subject), "{info:?}");
+        // rcgen's default validity ends on 4096-01-01 (a GeneralizedTime).
+        assert_eq!(info.peer_not_after_unix, Some(67_090_118_400));
+        assert_eq!(
+            info.peer_not_after.as_deref(),
+            Some("Jan  1 00:00:00 4096 +00:00")
         );
-        assert!(info.peer_not_after_unix.unwrap() > 0);
         let mut garbage = TlsInfo::default();
         garbage.set_peer_cert(b"not a certificate");
         assert_eq!(garbage, TlsInfo::default());
     }
 
+    /// A certificate with the given subject and expiry, signed by its own key.
+    fn cert_with(dn: rcgen::DistinguishedName, not_after: (i32, u8, u8)) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.distinguished_name = dn;
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn names_print_every_attribute_in_order_and_expiry_in_utc() {
+        use rcgen::{DnType, DnValue};
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(
+            DnType::CountryName,
+            DnValue::PrintableString("DE".try_into().unwrap()),
+        );
+        dn.push(DnType::OrganizationName, "Zürich Mail GmbH");
+        dn.push(
+            DnType::OrganizationalUnitName,
+            DnValue::BmpString("Ops €".try_into().unwrap()),
+        );
+        // organizationIdentifier (not in the table: dotted), and an email.
+        dn.push(DnType::CustomDnType(vec![2, 5, 4, 97]), "VATDE-123");
+        dn.push(
+            DnType::CustomDnType(vec![1, 2, 840, 113_549, 1, 9, 1]),
+            DnValue::Ia5String("pm@example.test".try_into().unwrap()),
+        );
+        dn.push(DnType::CommonName, "mx.example.test");
+        let expected = "C=DE, O=Zürich Mail GmbH, OU=Ops €, 2.5.4.97=VATDE-123, \
+                        Email=pm@example.test, CN=mx.example.test";
+        // UTCTime up to 2049, GeneralizedTime from 2050 on.
+        for (date, unix, text) in [
+            ((2031, 3, 5), 1_930_435_200, "Mar  5 00:00:00 2031 +00:00"),
+            ((2051, 12, 9), 2_585_692_800, "Dec  9 00:00:00 2051 +00:00"),
+        ] {
+            let der = cert_with(dn.clone(), date);
+            let mut info = TlsInfo::default();
+            info.set_peer_cert(&der);
+            assert_eq!(info.peer_subject.as_deref(), Some(expected));
+            assert_eq!(info.peer_issuer.as_deref(), Some(expected));
+            assert_eq!(info.peer_not_after_unix, Some(unix));
+            assert_eq!(info.peer_not_after.as_deref(), Some(text));
+        }
+        // An empty name is an empty string, not a missing one.
+        let der = cert_with(rcgen::DistinguishedName::new(), (2031, 3, 5));
+        let mut info = TlsInfo::default();
+        info.set_peer_cert(&der);
+        assert_eq!(info.peer_subject.as_deref(), Some(""));
+    }
+
     #[test]
     fn the_public_key_is_read_without_parsing_the_whole_certificate() {
-        let (chain, _) = self_signed_cert().unwrap();
-        let der = chain[0].as_ref();
-        let (_, parsed) = x509_parser::parse_x509_certificate(der).unwrap();
+        use rcgen::PublicKeyData;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let der = cert.der().as_ref();
         let (version, spki) = certificate_fields(der).unwrap();
         assert_eq!(version, 3);
-        assert_eq!(spki, parsed.tbs_certificate.subject_pki.raw);
-        let (alg, key) = spki_parts(spki).unwrap();
-        assert_eq!(
-            key,
-            &*parsed.tbs_certificate.subject_pki.subject_public_key.data
-        );
+        assert_eq!(spki, key.subject_public_key_info());
+        let (alg, raw) = spki_parts(spki).unwrap();
+        assert_eq!(raw, key.der_bytes());
         // The id-ecPublicKey OID (rcgen's default key is ECDSA P-256).
         assert!(alg.starts_with(&[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01]));
         for bad in [&b""[..], b"not a certificate", &der[..der.len() / 2]] {
@@ -643,12 +692,12 @@ mod tests {
     #[test]
     fn a_key_that_is_not_the_certificates_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let a = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-        let b = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        let (a_cert, _) = pem_pair();
+        let (_, b_key) = pem_pair();
         let cert_path = dir.path().join("a.pem");
         let key_path = dir.path().join("b.key");
-        std::fs::write(&cert_path, a.cert.pem()).unwrap();
-        std::fs::write(&key_path, b.signing_key.serialize_pem()).unwrap();
+        std::fs::write(&cert_path, a_cert).unwrap();
+        std::fs::write(&key_path, b_key).unwrap();
         let err = server_config(Some((&cert_path, &key_path)))
             .unwrap_err()
             .to_string();
