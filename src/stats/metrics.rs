@@ -179,92 +179,8 @@ fn labelled_counter(
 impl Collector for ViewCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let v = &self.0;
-        let c: &Counts = &v.totals.counts;
-        counter(
-            &mut enc,
-            "smtpstorm_sessions",
-            "Sessions ended.",
-            c.sessions,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_tls_sessions",
-            "Sessions whose TLS handshake completed.",
-            c.tls_sessions,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_tls_resumed",
-            "TLS handshakes that resumed an earlier session.",
-            c.tls_resumed,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_messages_attempted",
-            "Messages attempted.",
-            c.messages_attempted,
-        )?;
-        let outcome = |o: &str, n| (vec![("outcome", o.to_string())], n);
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_messages",
-            "Messages by outcome.",
-            &[
-                outcome("accepted", c.messages_accepted),
-                outcome("tempfailed", c.messages_tempfailed),
-                outcome("rejected", c.messages_rejected),
-            ],
-        )?;
-        let kind = |k: &str, n| (vec![("kind", k.to_string())], n);
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_errors",
-            "Connection errors, timeouts and protocol errors.",
-            &[
-                kind("connection_error", c.connection_errors),
-                kind("timeout", c.timeouts),
-                kind("protocol_error", c.protocol_errors),
-            ],
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_recipients",
-            "Recipients sent (blast) or accepted (sink).",
-            c.recipients,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_message_bytes",
-            "Message bytes (DATA/BDAT payload).",
-            c.bytes,
-        )?;
-        let result = |r: &str, n| (vec![("result", r.to_string())], n);
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_verified",
-            "Messages whose digest header was checked (--verify).",
-            &[
-                result("ok", c.verify_ok),
-                result("corrupt", c.verify_corrupt),
-            ],
-        )?;
-        let replies: Vec<_> = v
-            .totals
-            .reply_codes
-            .iter()
-            .map(|(cmd, code, n)| {
-                (
-                    vec![("command", cmd.as_str().to_string()), ("code", code)],
-                    n,
-                )
-            })
-            .collect();
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_replies",
-            "Replies by command and code.",
-            &replies,
-        )?;
+        encode_counts(&mut enc, &v.totals.counts)?;
+        encode_replies(&mut enc, &v.totals)?;
         let g = ConstGauge::new(v.open_connections as i64);
         let m = enc.encode_descriptor(
             "smtpstorm_open_connections",
@@ -274,35 +190,137 @@ impl Collector for ViewCollector {
         )?;
         g.encode(m)?;
         if v.role == Role::Blast && v.totals.latency.iter().next().is_some() {
-            let mut m = enc.encode_descriptor(
-                "smtpstorm_latency_seconds",
-                "Latency per phase (coordinated-omission corrected in open loop).",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (phase, h) in v.totals.latency.iter() {
-                let labels = vec![("phase".to_string(), phase.as_str().to_string())];
-                // The encoder wants each bucket's own count (it writes the
-                // cumulative `le` series itself): differences of the
-                // histogram's counts at or below each bound.
-                let mut below = 0u64;
-                let mut buckets: Vec<(f64, u64)> = BUCKETS_SECS
-                    .iter()
-                    .map(|&b| {
-                        let upto = h.count_between(0, (b * 1e6) as u64).max(below);
-                        let own = upto - below;
-                        below = upto;
-                        (b, own)
-                    })
-                    .collect();
-                buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
-                let sum = h.mean() * h.len() as f64 / 1e6;
-                let fm = m.encode_family(&labels)?;
-                encode_histogram(fm, sum, h.len(), &buckets)?;
-            }
+            encode_latency(&mut enc, &v.totals)?;
         }
         Ok(())
     }
+}
+
+/// The counters of `counts.*` (the report's keys), labelled where several
+/// keys are one metric.
+fn encode_counts(enc: &mut DescriptorEncoder, c: &Counts) -> Result<(), std::fmt::Error> {
+    counter(enc, "smtpstorm_sessions", "Sessions ended.", c.sessions)?;
+    counter(
+        enc,
+        "smtpstorm_tls_sessions",
+        "Sessions whose TLS handshake completed.",
+        c.tls_sessions,
+    )?;
+    counter(
+        enc,
+        "smtpstorm_tls_resumed",
+        "TLS handshakes that resumed an earlier session.",
+        c.tls_resumed,
+    )?;
+    counter(
+        enc,
+        "smtpstorm_messages_attempted",
+        "Messages attempted.",
+        c.messages_attempted,
+    )?;
+    let outcome = |o: &str, n| (vec![("outcome", o.to_string())], n);
+    labelled_counter(
+        enc,
+        "smtpstorm_messages",
+        "Messages by outcome.",
+        &[
+            outcome("accepted", c.messages_accepted),
+            outcome("tempfailed", c.messages_tempfailed),
+            outcome("rejected", c.messages_rejected),
+        ],
+    )?;
+    let kind = |k: &str, n| (vec![("kind", k.to_string())], n);
+    labelled_counter(
+        enc,
+        "smtpstorm_errors",
+        "Connection errors, timeouts and protocol errors.",
+        &[
+            kind("connection_error", c.connection_errors),
+            kind("timeout", c.timeouts),
+            kind("protocol_error", c.protocol_errors),
+        ],
+    )?;
+    counter(
+        enc,
+        "smtpstorm_recipients",
+        "Recipients sent (blast) or accepted (sink).",
+        c.recipients,
+    )?;
+    counter(
+        enc,
+        "smtpstorm_message_bytes",
+        "Message bytes (DATA/BDAT payload).",
+        c.bytes,
+    )?;
+    let result = |r: &str, n| (vec![("result", r.to_string())], n);
+    labelled_counter(
+        enc,
+        "smtpstorm_verified",
+        "Messages whose digest header was checked (--verify).",
+        &[
+            result("ok", c.verify_ok),
+            result("corrupt", c.verify_corrupt),
+        ],
+    )?;
+    Ok(())
+}
+
+/// `smtpstorm_replies_total{command,code}`.
+fn encode_replies(
+    enc: &mut DescriptorEncoder,
+    totals: &Measurements,
+) -> Result<(), std::fmt::Error> {
+    let replies: Vec<_> = totals
+        .reply_codes
+        .iter()
+        .map(|(cmd, code, n)| {
+            (
+                vec![("command", cmd.as_str().to_string()), ("code", code)],
+                n,
+            )
+        })
+        .collect();
+    labelled_counter(
+        enc,
+        "smtpstorm_replies",
+        "Replies by command and code.",
+        &replies,
+    )
+}
+
+/// `smtpstorm_latency_seconds{phase}`: buckets read from each phase's
+/// HdrHistogram at [`BUCKETS_SECS`].
+fn encode_latency(
+    enc: &mut DescriptorEncoder,
+    totals: &Measurements,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(
+        "smtpstorm_latency_seconds",
+        "Latency per phase (coordinated-omission corrected in open loop).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (phase, h) in totals.latency.iter() {
+        let labels = vec![("phase".to_string(), phase.as_str().to_string())];
+        // The encoder wants each bucket's own count (it writes the
+        // cumulative `le` series itself): differences of the
+        // histogram's counts at or below each bound.
+        let mut below = 0u64;
+        let mut buckets: Vec<(f64, u64)> = BUCKETS_SECS
+            .iter()
+            .map(|&b| {
+                let upto = h.count_between(0, (b * 1e6) as u64).max(below);
+                let own = upto - below;
+                below = upto;
+                (b, own)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
+        let sum = h.mean() * h.len() as f64 / 1e6;
+        let fm = m.encode_family(&labels)?;
+        encode_histogram(fm, sum, h.len(), &buckets)?;
+    }
+    Ok(())
 }
 
 fn encode_histogram(
