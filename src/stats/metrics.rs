@@ -1,7 +1,8 @@
 //! Live metrics (`--metrics-listen ADDR` on `sink`, `blast` and `bench`):
 //! Prometheus text exposition at `/metrics` and the same figures as JSON at
-//! `/stats`, served by a small HTTP server thread (tiny_http) from the
-//! per-second snapshots the main thread already merges.
+//! `/stats`, served by a small HTTP server thread of our own ([`http`]:
+//! one mio poll, `httparse`, built for hostile clients) from the per-second
+//! snapshots the main thread already merges.
 //!
 //! Nothing of it is on the hot path: the workers send their interval
 //! snapshots as always; the main thread hands each one to
@@ -25,14 +26,12 @@
 //!
 //! Invariants: the text follows the Prometheus text format 0.0.4 as the
 //! `prometheus-client` crate writes it; `/stats` carries the same counts
-//! under the report's key names. The server answers only GET of `/metrics`,
-//! `/stats` and `/` (others 404, other methods 405) and stops when its
-//! handle is dropped.
+//! under the report's key names. The server answers only GET and HEAD of
+//! `/metrics`, `/stats` and `/` (others 404, other methods 405; the limits
+//! are in [`http`]) and stops when its handle is dropped.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
@@ -45,6 +44,8 @@ use prometheus_client::registry::Registry;
 use super::recorder::{Counts, IntervalSnapshot, Measurements};
 use super::report::Role;
 use crate::smtp::Phase;
+
+mod http;
 
 /// Upper bounds of the latency histogram buckets, seconds (`+Inf` follows).
 pub const BUCKETS_SECS: [f64; 19] = [
@@ -179,92 +180,8 @@ fn labelled_counter(
 impl Collector for ViewCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let v = &self.0;
-        let c: &Counts = &v.totals.counts;
-        counter(
-            &mut enc,
-            "smtpstorm_sessions",
-            "Sessions ended.",
-            c.sessions,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_tls_sessions",
-            "Sessions whose TLS handshake completed.",
-            c.tls_sessions,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_tls_resumed",
-            "TLS handshakes that resumed an earlier session.",
-            c.tls_resumed,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_messages_attempted",
-            "Messages attempted.",
-            c.messages_attempted,
-        )?;
-        let outcome = |o: &str, n| (vec![("outcome", o.to_string())], n);
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_messages",
-            "Messages by outcome.",
-            &[
-                outcome("accepted", c.messages_accepted),
-                outcome("tempfailed", c.messages_tempfailed),
-                outcome("rejected", c.messages_rejected),
-            ],
-        )?;
-        let kind = |k: &str, n| (vec![("kind", k.to_string())], n);
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_errors",
-            "Connection errors, timeouts and protocol errors.",
-            &[
-                kind("connection_error", c.connection_errors),
-                kind("timeout", c.timeouts),
-                kind("protocol_error", c.protocol_errors),
-            ],
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_recipients",
-            "Recipients sent (blast) or accepted (sink).",
-            c.recipients,
-        )?;
-        counter(
-            &mut enc,
-            "smtpstorm_message_bytes",
-            "Message bytes (DATA/BDAT payload).",
-            c.bytes,
-        )?;
-        let result = |r: &str, n| (vec![("result", r.to_string())], n);
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_verified",
-            "Messages whose digest header was checked (--verify).",
-            &[
-                result("ok", c.verify_ok),
-                result("corrupt", c.verify_corrupt),
-            ],
-        )?;
-        let replies: Vec<_> = v
-            .totals
-            .reply_codes
-            .iter()
-            .map(|(cmd, code, n)| {
-                (
-                    vec![("command", cmd.as_str().to_string()), ("code", code)],
-                    n,
-                )
-            })
-            .collect();
-        labelled_counter(
-            &mut enc,
-            "smtpstorm_replies",
-            "Replies by command and code.",
-            &replies,
-        )?;
+        encode_counts(&mut enc, &v.totals.counts)?;
+        encode_replies(&mut enc, &v.totals)?;
         let g = ConstGauge::new(v.open_connections as i64);
         let m = enc.encode_descriptor(
             "smtpstorm_open_connections",
@@ -274,35 +191,137 @@ impl Collector for ViewCollector {
         )?;
         g.encode(m)?;
         if v.role == Role::Blast && v.totals.latency.iter().next().is_some() {
-            let mut m = enc.encode_descriptor(
-                "smtpstorm_latency_seconds",
-                "Latency per phase (coordinated-omission corrected in open loop).",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (phase, h) in v.totals.latency.iter() {
-                let labels = vec![("phase".to_string(), phase.as_str().to_string())];
-                // The encoder wants each bucket's own count (it writes the
-                // cumulative `le` series itself): differences of the
-                // histogram's counts at or below each bound.
-                let mut below = 0u64;
-                let mut buckets: Vec<(f64, u64)> = BUCKETS_SECS
-                    .iter()
-                    .map(|&b| {
-                        let upto = h.count_between(0, (b * 1e6) as u64).max(below);
-                        let own = upto - below;
-                        below = upto;
-                        (b, own)
-                    })
-                    .collect();
-                buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
-                let sum = h.mean() * h.len() as f64 / 1e6;
-                let fm = m.encode_family(&labels)?;
-                encode_histogram(fm, sum, h.len(), &buckets)?;
-            }
+            encode_latency(&mut enc, &v.totals)?;
         }
         Ok(())
     }
+}
+
+/// The counters of `counts.*` (the report's keys), labelled where several
+/// keys are one metric.
+fn encode_counts(enc: &mut DescriptorEncoder, c: &Counts) -> Result<(), std::fmt::Error> {
+    counter(enc, "smtpstorm_sessions", "Sessions ended.", c.sessions)?;
+    counter(
+        enc,
+        "smtpstorm_tls_sessions",
+        "Sessions whose TLS handshake completed.",
+        c.tls_sessions,
+    )?;
+    counter(
+        enc,
+        "smtpstorm_tls_resumed",
+        "TLS handshakes that resumed an earlier session.",
+        c.tls_resumed,
+    )?;
+    counter(
+        enc,
+        "smtpstorm_messages_attempted",
+        "Messages attempted.",
+        c.messages_attempted,
+    )?;
+    let outcome = |o: &str, n| (vec![("outcome", o.to_string())], n);
+    labelled_counter(
+        enc,
+        "smtpstorm_messages",
+        "Messages by outcome.",
+        &[
+            outcome("accepted", c.messages_accepted),
+            outcome("tempfailed", c.messages_tempfailed),
+            outcome("rejected", c.messages_rejected),
+        ],
+    )?;
+    let kind = |k: &str, n| (vec![("kind", k.to_string())], n);
+    labelled_counter(
+        enc,
+        "smtpstorm_errors",
+        "Connection errors, timeouts and protocol errors.",
+        &[
+            kind("connection_error", c.connection_errors),
+            kind("timeout", c.timeouts),
+            kind("protocol_error", c.protocol_errors),
+        ],
+    )?;
+    counter(
+        enc,
+        "smtpstorm_recipients",
+        "Recipients sent (blast) or accepted (sink).",
+        c.recipients,
+    )?;
+    counter(
+        enc,
+        "smtpstorm_message_bytes",
+        "Message bytes (DATA/BDAT payload).",
+        c.bytes,
+    )?;
+    let result = |r: &str, n| (vec![("result", r.to_string())], n);
+    labelled_counter(
+        enc,
+        "smtpstorm_verified",
+        "Messages whose digest header was checked (--verify).",
+        &[
+            result("ok", c.verify_ok),
+            result("corrupt", c.verify_corrupt),
+        ],
+    )?;
+    Ok(())
+}
+
+/// `smtpstorm_replies_total{command,code}`.
+fn encode_replies(
+    enc: &mut DescriptorEncoder,
+    totals: &Measurements,
+) -> Result<(), std::fmt::Error> {
+    let replies: Vec<_> = totals
+        .reply_codes
+        .iter()
+        .map(|(cmd, code, n)| {
+            (
+                vec![("command", cmd.as_str().to_string()), ("code", code)],
+                n,
+            )
+        })
+        .collect();
+    labelled_counter(
+        enc,
+        "smtpstorm_replies",
+        "Replies by command and code.",
+        &replies,
+    )
+}
+
+/// `smtpstorm_latency_seconds{phase}`: buckets read from each phase's
+/// HdrHistogram at [`BUCKETS_SECS`].
+fn encode_latency(
+    enc: &mut DescriptorEncoder,
+    totals: &Measurements,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(
+        "smtpstorm_latency_seconds",
+        "Latency per phase (coordinated-omission corrected in open loop).",
+        None,
+        MetricType::Histogram,
+    )?;
+    for (phase, h) in totals.latency.iter() {
+        let labels = vec![("phase".to_string(), phase.as_str().to_string())];
+        // The encoder wants each bucket's own count (it writes the
+        // cumulative `le` series itself): differences of the
+        // histogram's counts at or below each bound.
+        let mut below = 0u64;
+        let mut buckets: Vec<(f64, u64)> = BUCKETS_SECS
+            .iter()
+            .map(|&b| {
+                let upto = h.count_between(0, (b * 1e6) as u64).max(below);
+                let own = upto - below;
+                below = upto;
+                (b, own)
+            })
+            .collect();
+        buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
+        let sum = h.mean() * h.len() as f64 / 1e6;
+        let fm = m.encode_family(&labels)?;
+        encode_histogram(fm, sum, h.len(), &buckets)?;
+    }
+    Ok(())
 }
 
 fn encode_histogram(
@@ -355,96 +374,52 @@ impl LiveView {
     }
 }
 
-/// The HTTP server thread; stops (and is joined) on drop.
+/// The HTTP server thread ([`http`]); stops (and is joined) on drop.
 pub struct MetricsServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    server: http::Server,
 }
 
 impl MetricsServer {
     /// Listens on `addr` (port 0: any free port, see [`Self::addr`]) and
     /// serves `metrics`.
     pub fn start(addr: SocketAddr, metrics: Arc<LiveMetrics>) -> Result<Self, MetricsError> {
-        let server = tiny_http::Server::http(addr).map_err(|e| MetricsError::Listen {
+        let bound = http::bind(addr).map_err(|e| MetricsError::Listen {
             addr,
             reason: e.to_string(),
         })?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| MetricsError::Listen {
-                addr,
-                reason: "not an IP listener".into(),
-            })?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name("metrics".into())
-                .spawn(move || serve(&server, &metrics, &stop))
-                .map_err(MetricsError::Thread)?
-        };
-        Ok(Self {
-            addr: bound,
-            stop,
-            thread: Some(thread),
-        })
+        let server = bound
+            .serve("metrics", Box::new(move |req| route(&metrics, &req.path)))
+            .map_err(MetricsError::Thread)?;
+        Ok(Self { server })
     }
 
     /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 }
 
-impl Drop for MetricsServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn serve(server: &tiny_http::Server, metrics: &LiveMetrics, stop: &AtomicBool) {
-    use tiny_http::{Header, Method, Response};
-    let header = |v: &str| Header::from_bytes("Content-Type", v).ok();
-    while !stop.load(Ordering::Relaxed) {
-        let req = match server.recv_timeout(Duration::from_millis(100)) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(_) => break,
-        };
-        let path = req.url().split('?').next().unwrap_or("").to_string();
-        let (code, body, ctype) = if *req.method() != Method::Get {
-            (405, "only GET\n".to_string(), "text/plain; charset=utf-8")
-        } else {
-            match path.as_str() {
-                "/metrics" => (
-                    200,
-                    metrics.view().prometheus_text(),
-                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                ),
-                "/stats" => (
-                    200,
-                    metrics.view().stats_json().to_string() + "\n",
-                    "application/json",
-                ),
-                "/" => (
-                    200,
-                    "smtpstorm metrics: /metrics (Prometheus text), /stats (JSON)\n".to_string(),
-                    "text/plain; charset=utf-8",
-                ),
-                _ => (404, "not found\n".to_string(), "text/plain; charset=utf-8"),
-            }
-        };
-        let mut resp = Response::from_string(body).with_status_code(code);
-        if let Some(h) = header(ctype) {
-            resp = resp.with_header(h);
-        }
-        // A client that went away is not our problem.
-        let _ = req.respond(resp);
+/// The answer to a GET (or HEAD) of `path`.
+fn route(metrics: &LiveMetrics, path: &str) -> http::Response {
+    use http::{Response, Status};
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match path {
+        "/metrics" => Response::new(
+            Status::Ok,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+            metrics.view().prometheus_text(),
+        ),
+        "/stats" => Response::new(
+            Status::Ok,
+            "application/json",
+            metrics.view().stats_json().to_string() + "\n",
+        ),
+        "/" => Response::new(
+            Status::Ok,
+            TEXT,
+            "smtpstorm metrics: /metrics (Prometheus text), /stats (JSON)\n".to_string(),
+        ),
+        _ => Response::error(Status::NotFound),
     }
 }
 
