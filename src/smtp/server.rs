@@ -303,7 +303,7 @@ fn parse_xclient(attrs: &[u8]) -> Result<XclientClaim, &'static str> {
             claim.port = Some(if xclient_unavailable(v) {
                 None
             } else {
-                let p = parse_u64(v).and_then(|p| u16::try_from(p).ok());
+                let p = wire::parse_u64(v).and_then(|p| u16::try_from(p).ok());
                 Some(p.ok_or("Bad XCLIENT PORT syntax")?)
             });
         }
@@ -381,40 +381,6 @@ fn fault_text(code: u16) -> &'static str {
     } else {
         "Rejected"
     }
-}
-
-fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
-
-fn parse_u64(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(v.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0')))
-}
-
-fn write_parts(out: &mut Vec<u8>, code: u16, enh: Option<&str>, parts: &[&[u8]]) {
-    let mut code_buf = [0u8; 20];
-    out.extend_from_slice(fmt_u64(u64::from(code.clamp(100, 999)), &mut code_buf));
-    out.push(b' ');
-    if let Some(e) = enh {
-        out.extend_from_slice(e.as_bytes());
-        out.push(b' ');
-    }
-    for p in parts {
-        out.extend_from_slice(p);
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 impl ServerSession {
@@ -651,7 +617,7 @@ impl ServerSession {
     }
 
     fn reply(&mut self, out: &mut Vec<u8>, kind: CommandKind, code: u16, enh: &'static str, text: &str) {
-        write_parts(out, code, self.enh(enh), &[text.as_bytes()]);
+        wire::write_reply(out, code, self.enh(enh), text.as_bytes());
         self.note_reply(kind, code);
     }
 
@@ -666,7 +632,7 @@ impl ServerSession {
         enh: &'static str,
         suffix: &[u8],
     ) {
-        write_parts(out, code, self.enh(enh), &[self.config.hostname.as_bytes(), suffix]);
+        wire::write_reply_parts(out, code, self.enh(enh), &[self.config.hostname.as_bytes(), suffix]);
         self.note_reply(kind, code);
     }
 
@@ -1089,15 +1055,8 @@ impl ServerSession {
         // `&mut self`, after the last use of `cfg`.
         let cfg = &*self.config;
         let ext = cfg.ext;
-        let mut last_line = out.len();
-        let mut line = |out: &mut Vec<u8>, parts: &[&[u8]]| {
-            last_line = out.len();
-            out.extend_from_slice(b"250-");
-            for p in parts {
-                out.extend_from_slice(p);
-            }
-            out.extend_from_slice(b"\r\n");
-        };
+        let mut reply = wire::MultiLine::new(250);
+        let mut line = |out: &mut Vec<u8>, parts: &[&[u8]]| reply.line(out, parts);
         line(out, &[cfg.hostname.as_bytes()]);
         if ext.pipelining {
             line(out, &[b"PIPELINING"]);
@@ -1105,7 +1064,7 @@ impl ServerSession {
         if ext.size {
             if cfg.max_message_size > 0 {
                 let mut nb = [0u8; 20];
-                line(out, &[b"SIZE ", fmt_u64(cfg.max_message_size, &mut nb)]);
+                line(out, &[b"SIZE ", wire::fmt_u64(cfg.max_message_size, &mut nb)]);
             } else {
                 line(out, &[b"SIZE"]);
             }
@@ -1134,7 +1093,7 @@ impl ServerSession {
         if cfg.xclient {
             line(out, &[XCLIENT_ADVERTISED.as_bytes()]);
         }
-        out[last_line + 3] = b' ';
+        reply.finish(out);
         self.note_reply(kind, 250);
     }
 
@@ -1181,7 +1140,7 @@ impl ServerSession {
         let mut utf8 = false;
         for (k, v) in wire::params(params) {
             let ok = if k.eq_ignore_ascii_case(b"SIZE") && ext.size {
-                match v.and_then(parse_u64) {
+                match v.and_then(wire::parse_u64) {
                     Some(n) if max_size > 0 && n > max_size => {
                         self.reply(out, kind, 552, "5.3.4", "Message size exceeds fixed maximum");
                         return Flow::Done;
@@ -1369,8 +1328,8 @@ impl ServerSession {
             let _ = self.end_message(now, out, hooks, kind, bytes, None);
         } else {
             let mut nb = [0u8; 20];
-            let n = fmt_u64(self.bdat_bytes, &mut nb);
-            write_parts(out, 250, self.enh("2.0.0"), &[n, b" octets received"]);
+            let n = wire::fmt_u64(self.bdat_bytes, &mut nb);
+            wire::write_reply_parts(out, 250, self.enh("2.0.0"), &[n, b" octets received"]);
             self.note_reply(kind, 250);
         }
     }
@@ -1470,7 +1429,7 @@ impl ServerSession {
             for &end in &self.rcpt_ends {
                 let path = &self.rcpt_buf[start..end];
                 start = end;
-                write_parts(out, code, enh, &[b"<", path, b"> ", text.as_bytes()]);
+                wire::write_reply_parts(out, code, enh, &[b"<", path, b"> ", text.as_bytes()]);
                 self.events.push_back(ServerEvent::Reply { command: kind, code });
             }
             if (500..=504).contains(&code) {
