@@ -9,6 +9,15 @@ use super::super::auth::{self, AuthError};
 use super::super::CommandKind;
 use super::{Flow, Phase, ServerEvent, ServerHooks, ServerSession};
 
+/// Reused decoding buffers: nothing allocates per attempt once grown.
+#[derive(Debug, Default)]
+pub(super) struct AuthBuffers {
+    /// What the last base64 line decoded to.
+    decoded: Vec<u8>,
+    /// AUTH LOGIN's user name, until its password comes.
+    login_user: Vec<u8>,
+}
+
 impl ServerSession {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn auth<H: ServerHooks>(
@@ -26,7 +35,7 @@ impl ServerSession {
             self.reply(out, kind, 502, "5.5.1", "AUTH not available");
             return Flow::Done;
         }
-        if !self.greeted || self.authenticated || self.mail_active {
+        if !self.greeted || self.authenticated || self.txn.active {
             self.reply(out, kind, 503, "5.5.1", "AUTH not allowed now");
             return Flow::Done;
         }
@@ -68,8 +77,8 @@ impl ServerSession {
             Phase::AuthLoginUser => self.login_user(line, out),
             // AuthLoginPass, the only other phase that gets here.
             _ => {
-                let ok = match auth::decode_b64(line, &mut self.auth_scratch) {
-                    Ok(p) => hooks.check_auth(b"", &self.login_user, p),
+                let ok = match auth::decode_b64(line, &mut self.auth.decoded) {
+                    Ok(p) => hooks.check_auth(b"", &self.auth.login_user, p),
                     Err(e) => return self.auth_error(e, out),
                 };
                 self.auth_result(ok, out);
@@ -79,10 +88,10 @@ impl ServerSession {
 
     /// AUTH LOGIN's user name (base64): keep it, ask for the password.
     fn login_user(&mut self, user: &[u8], out: &mut Vec<u8>) {
-        match auth::decode_b64(user, &mut self.auth_scratch) {
+        match auth::decode_b64(user, &mut self.auth.decoded) {
             Ok(u) => {
-                self.login_user.clear();
-                self.login_user.extend_from_slice(u);
+                self.auth.login_user.clear();
+                self.auth.login_user.extend_from_slice(u);
                 self.reply(out, CommandKind::Auth, 334, "", auth::LOGIN_PASS_PROMPT);
                 self.phase = Phase::AuthLoginPass;
             }
@@ -91,7 +100,7 @@ impl ServerSession {
     }
 
     fn finish_plain<H: ServerHooks>(&mut self, resp: &[u8], out: &mut Vec<u8>, hooks: &mut H) {
-        let ok = match auth::decode_plain(resp, &mut self.auth_scratch) {
+        let ok = match auth::decode_plain(resp, &mut self.auth.decoded) {
             Ok(p) => hooks.check_auth(p.authzid, p.user, p.pass),
             Err(e) => {
                 self.auth_error(e, out);

@@ -8,10 +8,25 @@ use std::time::Instant;
 use super::super::wire;
 use super::super::{BareLfPolicy, CommandKind};
 use super::session::{enh_of, fault_text};
+use super::txn::Body;
 use super::{
     Canned, CloseReason, Flow, Held, MessageOutcome, Phase, ServerEvent, ServerHooks,
     ServerSession, Step, Verdict,
 };
+
+/// The BDAT chunk being read: its size is declared up front, its bytes are
+/// counted, not scanned.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Chunk {
+    /// Bytes of the chunk still to come.
+    remaining: u64,
+    /// `BDAT n LAST`: the chunk ends the message.
+    last: bool,
+    /// The chunk is read and dropped, then answered with this.
+    error: Option<Canned>,
+    /// The error ends the message (it came inside a transaction).
+    error_ends_message: bool,
+}
 
 impl ServerSession {
     pub(super) fn data<H: ServerHooks>(
@@ -22,10 +37,11 @@ impl ServerSession {
         hooks: &mut H,
     ) -> Flow {
         let kind = CommandKind::Data;
-        if let Some(f) = self.need_recipients(kind, out) {
-            return f;
+        if let Some((code, enh, text)) = self.txn.refuse_body() {
+            self.reply(out, kind, code, enh, text);
+            return Flow::Done;
         }
-        if self.bdat_used {
+        if matches!(self.txn.body, Body::Bdat { .. }) {
             self.reply(out, kind, 503, "5.5.1", "DATA not allowed after BDAT");
             return Flow::Done;
         }
@@ -33,12 +49,11 @@ impl ServerSession {
         if let Verdict::Reply(code @ 400..) = v {
             if code != 421 {
                 self.reply(out, kind, code, enh_of(code), fault_text(code));
-                let n = self.rcpt_ends.len() as u32;
                 self.events.push_back(ServerEvent::Message {
                     outcome: MessageOutcome::of(code),
                     code,
                     bytes: 0,
-                    recipients: n,
+                    recipients: self.txn.recipients(),
                 });
                 self.reset_txn(hooks);
                 return Flow::Done;
@@ -52,7 +67,7 @@ impl ServerSession {
                 outcome: MessageOutcome::TempFailed,
                 code,
                 bytes: 0,
-                recipients: self.rcpt_ends.len() as u32,
+                recipients: self.txn.recipients(),
             });
         }
         match self.apply(v, kind, now, out, hooks) {
@@ -61,7 +76,7 @@ impl ServerSession {
         }
         self.reply(out, kind, 354, "", "End data with <CR><LF>.<CR><LF>");
         hooks.on_message_start();
-        self.message_open = true;
+        self.txn.body = Body::Data;
         self.scanner.reset(self.config.bare_lf);
         self.phase = Phase::Data;
         Flow::Done
@@ -82,27 +97,16 @@ impl ServerSession {
         let mut ends_message = false;
         if !self.config.ext.chunking {
             error = Some((502, "5.5.1", "BDAT not available"));
-        } else if !self.mail_active {
-            error = Some((503, "5.5.1", "Need MAIL command"));
-        } else if self.rcpt_ends.is_empty() {
-            error = Some(if self.rcpt_attempts == 0 {
-                (503, "5.5.1", "Need RCPT command")
-            } else {
-                (554, "5.5.1", "No valid recipients")
-            });
+        } else if let Some(refused) = self.txn.refuse_body() {
+            error = Some(refused);
         } else if self.config.max_message_size > 0
-            && self.bdat_bytes.saturating_add(size) > self.config.max_message_size
+            && self.txn.bdat_bytes().saturating_add(size) > self.config.max_message_size
         {
             // Judged on the declared size, so the outcome never depends on
             // how the chunk arrives; the chunk is still read and dropped.
             error = Some((552, "5.3.4", "Message size exceeds fixed maximum"));
             ends_message = true;
-            if !self.bdat_used {
-                self.bdat_used = true;
-                self.bdat_bytes = 0;
-                self.message_open = true;
-                hooks.on_message_start();
-            }
+            self.begin_bdat_message(hooks);
         } else {
             match self.verdict(hooks, kind, arg, None, None) {
                 Verdict::Proceed | Verdict::Reply(0..=399) => {}
@@ -125,19 +129,19 @@ impl ServerSession {
                     return Flow::Done;
                 }
             }
-            if !self.bdat_used {
-                self.bdat_used = true;
-                self.bdat_bytes = 0;
-                self.message_open = true;
-                hooks.on_message_start();
-            }
+            self.begin_bdat_message(hooks);
         }
-        self.bdat_remaining = size;
-        self.bdat_last = last;
-        self.bdat_error = error;
-        self.bdat_error_ends_message = ends_message;
+        self.chunk = Chunk { remaining: size, last, error, error_ends_message: ends_message };
         self.phase = Phase::Bdat;
         Flow::Done
+    }
+
+    /// The transaction's first BDAT chunk begins its message.
+    fn begin_bdat_message<H: ServerHooks>(&mut self, hooks: &mut H) {
+        if !matches!(self.txn.body, Body::Bdat { .. }) {
+            self.txn.body = Body::Bdat { bytes: 0 };
+            hooks.on_message_start();
+        }
     }
 
     /// DATA body bytes from `rest`, up to and including the end of data.
@@ -165,15 +169,17 @@ impl ServerSession {
         out: &mut Vec<u8>,
         hooks: &mut H,
     ) -> Step {
-        let take = self.bdat_remaining.min(rest.len() as u64) as usize;
+        let take = self.chunk.remaining.min(rest.len() as u64) as usize;
         if take > 0 {
-            if self.bdat_error.is_none() {
+            if self.chunk.error.is_none() {
                 hooks.on_body(&rest[..take]);
-                self.bdat_bytes += take as u64;
+                if let Body::Bdat { bytes } = &mut self.txn.body {
+                    *bytes += take as u64;
+                }
             }
-            self.bdat_remaining -= take as u64;
+            self.chunk.remaining -= take as u64;
         }
-        if self.bdat_remaining > 0 {
+        if self.chunk.remaining > 0 {
             return Step::Stop(take);
         }
         self.phase = Phase::Command;
@@ -183,9 +189,9 @@ impl ServerSession {
 
     fn end_of_chunk<H: ServerHooks>(&mut self, now: Instant, out: &mut Vec<u8>, hooks: &mut H) {
         let kind = CommandKind::Bdat;
-        if let Some((code, enh, text)) = self.bdat_error.take() {
-            if self.bdat_error_ends_message {
-                let bytes = self.bdat_bytes;
+        if let Some((code, enh, text)) = self.chunk.error.take() {
+            if self.chunk.error_ends_message {
+                let bytes = self.txn.bdat_bytes();
                 let _ = self.end_message(now, out, hooks, kind, bytes, Some((code, enh, text)));
             } else {
                 if code == 421 {
@@ -197,12 +203,12 @@ impl ServerSession {
             }
             return;
         }
-        if self.bdat_last {
-            let bytes = self.bdat_bytes;
+        if self.chunk.last {
+            let bytes = self.txn.bdat_bytes();
             let _ = self.end_message(now, out, hooks, kind, bytes, None);
         } else {
             let mut nb = [0u8; 20];
-            let n = wire::fmt_u64(self.bdat_bytes, &mut nb);
+            let n = wire::fmt_u64(self.txn.bdat_bytes(), &mut nb);
             wire::write_reply_parts(out, 250, self.enh("2.0.0"), &[n, b" octets received"]);
             self.note_reply(kind, 250);
         }
@@ -270,11 +276,10 @@ impl ServerSession {
     }
 
     fn abort_message<H: ServerHooks>(&mut self, hooks: &mut H, code: u16, bytes: u64) {
-        if self.message_open {
-            self.message_open = false;
+        if self.txn.close_message() {
             hooks.on_message_end(false);
         }
-        let recipients = self.rcpt_ends.len() as u32;
+        let recipients = self.txn.recipients();
         self.events.push_back(ServerEvent::Message {
             outcome: MessageOutcome::TempFailed,
             code,
@@ -292,17 +297,13 @@ impl ServerSession {
         (code, enh, text): Canned,
         bytes: u64,
     ) {
-        if self.message_open {
-            self.message_open = false;
+        if self.txn.close_message() {
             hooks.on_message_end(code < 300);
         }
-        let recipients = self.rcpt_ends.len() as u32;
+        let recipients = self.txn.recipients();
         if self.config.lmtp {
             let enh = self.enh(enh);
-            let mut start = 0;
-            for &end in &self.rcpt_ends {
-                let path = &self.rcpt_buf[start..end];
-                start = end;
+            for path in self.txn.recipient_paths() {
                 wire::write_reply_parts(out, code, enh, &[b"<", path, b"> ", text.as_bytes()]);
                 self.events.push_back(ServerEvent::Reply { command: kind, code });
             }

@@ -73,6 +73,10 @@ mod verbs;
 
 pub use peer::XCLIENT_ATTRIBUTES;
 
+use auth::AuthBuffers;
+use body::Chunk;
+use txn::Txn;
+
 /// Input held while a fault delay is pending, beyond which `wants_read()`
 /// is false.
 pub const MAX_PENDING_INPUT: usize = 64 * 1024;
@@ -289,37 +293,31 @@ pub struct ServerSession {
     config: Arc<ServerConfig>,
     phase: Phase,
     tls: bool,
+    /// A hello was accepted (since the start, STARTTLS or XCLIENT).
     greeted: bool,
     authenticated: bool,
+    /// The greeting verdict refused the session: 503 to all but QUIT.
     refused: bool,
+    /// The client address given by PROXY or XCLIENT.
     peer: Option<SocketAddr>,
-    // Transaction.
-    mail_active: bool,
-    mail_utf8: bool,
-    mail_from: Vec<u8>,
-    rcpt_buf: Vec<u8>,
-    rcpt_ends: Vec<usize>,
-    rcpt_attempts: u32,
-    bdat_used: bool,
-    bdat_bytes: u64,
-    message_open: bool,
-    // Current BDAT chunk.
-    bdat_remaining: u64,
-    bdat_last: bool,
-    bdat_error: Option<Canned>,
-    /// The chunk error ends the message (it happened inside a transaction).
-    bdat_error_ends_message: bool,
+    /// The mail transaction (its buffers are reused from one to the next).
+    txn: Txn,
+    /// The BDAT chunk being read (in `Phase::Bdat`).
+    chunk: Chunk,
+    /// The DATA body scanner (in `Phase::Data`).
     scanner: DataScanner,
     // Input.
     inbuf: Vec<u8>,
+    /// Inside an overlong line: drop input up to its LF.
     discarding: bool,
     // Time.
     deadline: Instant,
     delay_until: Option<Instant>,
     held: Option<Held>,
+    /// The held command, released by its delay, does not ask again.
     skip_verdict: bool,
+    /// Error replies so far (500..=504), for [`MAX_ERRORS`].
     errors: u32,
-    auth_scratch: Vec<u8>,
-    login_user: Vec<u8>,
+    auth: AuthBuffers,
     events: VecDeque<ServerEvent>,
 }

@@ -121,7 +121,7 @@ impl ServerSession {
             self.reply(out, kind, 502, "5.5.1", "XCLIENT not available");
             return Flow::Done;
         }
-        if self.mail_active {
+        if self.txn.active {
             self.reply(out, kind, 503, "5.5.1", "XCLIENT not allowed in a mail transaction");
             return Flow::Done;
         }

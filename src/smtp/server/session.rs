@@ -15,6 +15,9 @@ use std::time::Instant;
 use super::super::data::DataScanner;
 use super::super::wire;
 use super::super::{CommandKind, MAX_COMMAND_LINE};
+use super::auth::AuthBuffers;
+use super::body::Chunk;
+use super::txn::Txn;
 use super::{
     CloseReason, CommandInfo, Flow, Held, Phase, ServerConfig, ServerEvent, ServerHooks,
     ServerSession, Step, Verdict, MAX_ERRORS, MAX_PENDING_INPUT,
@@ -54,21 +57,10 @@ impl ServerSession {
             authenticated: false,
             refused: false,
             peer: None,
-            mail_active: false,
-            mail_utf8: false,
             // Buffers grow on first use: an idle connection (greeted, no
             // transaction yet) holds none of them.
-            mail_from: Vec::new(),
-            rcpt_buf: Vec::new(),
-            rcpt_ends: Vec::new(),
-            rcpt_attempts: 0,
-            bdat_used: false,
-            bdat_bytes: 0,
-            message_open: false,
-            bdat_remaining: 0,
-            bdat_last: false,
-            bdat_error: None,
-            bdat_error_ends_message: false,
+            txn: Txn::default(),
+            chunk: Chunk::default(),
             scanner: DataScanner::new(policy),
             inbuf: Vec::new(),
             discarding: false,
@@ -77,8 +69,7 @@ impl ServerSession {
             held: None,
             skip_verdict: false,
             errors: 0,
-            auth_scratch: Vec::new(),
-            login_user: Vec::new(),
+            auth: AuthBuffers::default(),
             events: VecDeque::new(),
         }
     }
@@ -392,8 +383,7 @@ impl ServerSession {
     }
 
     pub(super) fn close<H: ServerHooks>(&mut self, reason: CloseReason, hooks: &mut H) {
-        if self.message_open {
-            self.message_open = false;
+        if self.txn.close_message() {
             hooks.on_message_end(false);
         }
         self.phase = Phase::Closed;
@@ -416,7 +406,7 @@ impl ServerSession {
         }
         let mail_from = match mail_from {
             Some(m) => Some(m),
-            None if self.mail_active => Some(&self.mail_from[..]),
+            None if self.txn.active => Some(&self.txn.mail_from[..]),
             None => None,
         };
         hooks.on_command(kind, &CommandInfo { arg, mail_from, rcpt_to, peer: self.peer })

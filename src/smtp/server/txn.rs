@@ -7,39 +7,105 @@ use std::time::Instant;
 
 use super::super::wire;
 use super::super::CommandKind;
-use super::{Flow, ServerHooks, ServerSession};
+use super::{Canned, Flow, ServerHooks, ServerSession};
 
-impl ServerSession {
-    /// End the transaction (a message still open ends refused).
-    pub(super) fn reset_txn<H: ServerHooks>(&mut self, hooks: &mut H) {
-        if self.message_open {
-            self.message_open = false;
-            hooks.on_message_end(false);
+/// The state of one mail transaction. Between transactions it is cleared
+/// (`active` false, no recipient, no body), its buffers kept.
+#[derive(Debug, Default)]
+pub(super) struct Txn {
+    /// MAIL was accepted and the transaction has not ended.
+    pub(super) active: bool,
+    /// MAIL carried SMTPUTF8: non-ASCII recipient paths are allowed.
+    utf8: bool,
+    /// The reverse path (empty for the null sender).
+    pub(super) mail_from: Vec<u8>,
+    /// The accepted recipients' paths end to end; `rcpt_ends[i]` ends the
+    /// i-th.
+    rcpt_buf: Vec<u8>,
+    rcpt_ends: Vec<usize>,
+    /// RCPT commands tried, accepted or not (503 or 554 for DATA without
+    /// recipients).
+    rcpt_attempts: u32,
+    /// The message under way.
+    pub(super) body: Body,
+}
+
+/// How far the transaction's message has come.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Body {
+    /// No message begun: DATA or BDAT may begin one.
+    #[default]
+    None,
+    /// DATA was answered 354: `on_message_start` was called.
+    Data,
+    /// A BDAT chunk was taken: `on_message_start` was called; `bytes` is
+    /// the body so far.
+    Bdat { bytes: u64 },
+}
+
+impl Txn {
+    pub(super) fn recipients(&self) -> u32 {
+        self.rcpt_ends.len() as u32
+    }
+
+    /// The accepted recipients' paths, in order.
+    pub(super) fn recipient_paths(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        let mut start = 0;
+        self.rcpt_ends.iter().map(move |&end| {
+            let path = &self.rcpt_buf[start..end];
+            start = end;
+            path
+        })
+    }
+
+    /// DATA or BDAT refused for want of MAIL or recipients: the canned
+    /// reply, or `None` if the transaction may have a body.
+    pub(super) fn refuse_body(&self) -> Option<Canned> {
+        if !self.active {
+            Some((503, "5.5.1", "Need MAIL command"))
+        } else if self.rcpt_ends.is_empty() {
+            Some(if self.rcpt_attempts == 0 {
+                (503, "5.5.1", "Need RCPT command")
+            } else {
+                (554, "5.5.1", "No valid recipients")
+            })
+        } else {
+            None
         }
-        self.mail_active = false;
-        self.mail_utf8 = false;
+    }
+
+    /// The body bytes BDAT took so far (0 without BDAT).
+    pub(super) fn bdat_bytes(&self) -> u64 {
+        match self.body {
+            Body::Bdat { bytes } => bytes,
+            _ => 0,
+        }
+    }
+
+    /// Ends the message if one is open; true if it was (its
+    /// `on_message_end` is then owed).
+    pub(super) fn close_message(&mut self) -> bool {
+        std::mem::take(&mut self.body) != Body::None
+    }
+
+    fn clear(&mut self) {
+        self.active = false;
+        self.utf8 = false;
         self.mail_from.clear();
         self.rcpt_buf.clear();
         self.rcpt_ends.clear();
         self.rcpt_attempts = 0;
-        self.bdat_used = false;
-        self.bdat_bytes = 0;
+        self.body = Body::None;
     }
+}
 
-    /// The sequence checks shared by DATA and BDAT: `Some(Done)` if refused.
-    pub(super) fn need_recipients(&mut self, kind: CommandKind, out: &mut Vec<u8>) -> Option<Flow> {
-        if !self.mail_active {
-            self.reply(out, kind, 503, "5.5.1", "Need MAIL command");
-        } else if self.rcpt_ends.is_empty() {
-            if self.rcpt_attempts == 0 {
-                self.reply(out, kind, 503, "5.5.1", "Need RCPT command");
-            } else {
-                self.reply(out, kind, 554, "5.5.1", "No valid recipients");
-            }
-        } else {
-            return None;
+impl ServerSession {
+    /// End the transaction (a message still open ends refused).
+    pub(super) fn reset_txn<H: ServerHooks>(&mut self, hooks: &mut H) {
+        if self.txn.close_message() {
+            hooks.on_message_end(false);
         }
-        Some(Flow::Done)
+        self.txn.clear();
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -58,7 +124,7 @@ impl ServerSession {
             self.reply(out, kind, 503, "5.5.1", "Send HELO/EHLO first");
             return Flow::Done;
         }
-        if self.mail_active {
+        if self.txn.active {
             self.reply(out, kind, 503, "5.5.1", "Nested MAIL command");
             return Flow::Done;
         }
@@ -106,9 +172,9 @@ impl ServerSession {
             f => return f,
         }
         self.reset_txn(hooks);
-        self.mail_active = true;
-        self.mail_utf8 = utf8;
-        self.mail_from.extend_from_slice(path);
+        self.txn.active = true;
+        self.txn.utf8 = utf8;
+        self.txn.mail_from.extend_from_slice(path);
         self.reply(out, kind, 250, "2.1.0", "Sender OK");
         Flow::Done
     }
@@ -125,11 +191,11 @@ impl ServerSession {
     ) -> Flow {
         let kind = CommandKind::Rcpt;
         let (dsn, max_recipients) = (self.config.ext.dsn, self.config.max_recipients);
-        if !self.mail_active {
+        if !self.txn.active {
             self.reply(out, kind, 503, "5.5.1", "Need MAIL command");
             return Flow::Done;
         }
-        self.rcpt_attempts = self.rcpt_attempts.saturating_add(1);
+        self.txn.rcpt_attempts = self.txn.rcpt_attempts.saturating_add(1);
         for (k, v) in wire::params(params) {
             let ok = if k.eq_ignore_ascii_case(b"NOTIFY") && dsn {
                 matches!(v, Some(b) if !b.is_empty() && b.split(|&c| c == b',').all(|t| {
@@ -145,11 +211,11 @@ impl ServerSession {
                 return Flow::Done;
             }
         }
-        if !path.is_ascii() && !self.mail_utf8 {
+        if !path.is_ascii() && !self.txn.utf8 {
             self.reply(out, kind, 553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
             return Flow::Done;
         }
-        if max_recipients > 0 && self.rcpt_ends.len() >= max_recipients {
+        if max_recipients > 0 && self.txn.rcpt_ends.len() >= max_recipients {
             self.reply(out, kind, 452, "4.5.3", "Too many recipients");
             return Flow::Done;
         }
@@ -158,8 +224,8 @@ impl ServerSession {
             Flow::Go => {}
             f => return f,
         }
-        self.rcpt_buf.extend_from_slice(path);
-        self.rcpt_ends.push(self.rcpt_buf.len());
+        self.txn.rcpt_buf.extend_from_slice(path);
+        self.txn.rcpt_ends.push(self.txn.rcpt_buf.len());
         self.reply(out, kind, 250, "2.1.5", "Recipient OK");
         Flow::Done
     }
