@@ -8,7 +8,8 @@
 //! [`WireError::InvalidUtf8`]. Semantic checks (sequence, limits, which
 //! parameters are allowed) belong to the session, not to this module.
 //! Reply writers append to a caller-owned buffer and never allocate beyond
-//! growing it.
+//! growing it; every reply the server writes goes through them (one
+//! formatter, `put_line`).
 
 use thiserror::Error;
 
@@ -197,10 +198,7 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, WireError> {
                 }
                 None => (arg, false),
             };
-            if num.is_empty() || num.len() > 19 || !num.iter().all(u8::is_ascii_digit) {
-                return Err(bad);
-            }
-            let size = num.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0'));
+            let size = parse_u64(num).ok_or(bad)?;
             Ok(Command::Bdat { size, last })
         }
         b"RSET" => no_args(arg, Command::Rset),
@@ -267,35 +265,95 @@ impl<'a> Iterator for Params<'a> {
     }
 }
 
+/// The decimal digits of `n`, written at the end of `buf`.
+pub(super) fn fmt_u64(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+/// A plain decimal number of at most 19 digits (no sign, no spaces).
+pub(super) fn parse_u64(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(v.iter().fold(0u64, |a, &d| a * 10 + u64::from(d - b'0')))
+}
+
+/// The one reply-line formatter: `code`, `sep` (`b' '` on a reply's last
+/// line, `b'-'` when more follow), `enh ` if given, the `parts` in order,
+/// CRLF. Codes outside 100..=999 are clamped into it.
 #[inline]
-fn push_code(out: &mut Vec<u8>, code: u16) {
+fn put_line(out: &mut Vec<u8>, code: u16, sep: u8, enh: Option<&str>, parts: &[&[u8]]) {
     let code = code.clamp(100, 999);
     out.extend_from_slice(&[
         b'0' + (code / 100) as u8,
         b'0' + (code / 10 % 10) as u8,
         b'0' + (code % 10) as u8,
+        sep,
     ]);
-}
-
-/// Append `code [enh ]text CRLF`.
-pub fn write_reply(out: &mut Vec<u8>, code: u16, enh: Option<&str>, text: &[u8]) {
-    push_code(out, code);
-    out.push(b' ');
     if let Some(e) = enh {
         out.extend_from_slice(e.as_bytes());
         out.push(b' ');
     }
-    out.extend_from_slice(text);
+    for p in parts {
+        out.extend_from_slice(p);
+    }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Append `code [enh ]text CRLF`.
+pub fn write_reply(out: &mut Vec<u8>, code: u16, enh: Option<&str>, text: &[u8]) {
+    put_line(out, code, b' ', enh, &[text]);
+}
+
+/// Append `code [enh ]` then the `parts` concatenated, then CRLF (a reply
+/// whose text is pieced together, without building it first).
+pub fn write_reply_parts(out: &mut Vec<u8>, code: u16, enh: Option<&str>, parts: &[&[u8]]) {
+    put_line(out, code, b' ', enh, parts);
 }
 
 /// Append one line of a multi-line reply: `code-text` (more follow) or
 /// `code text` (last line).
 pub fn write_reply_line(out: &mut Vec<u8>, code: u16, more: bool, text: &[u8]) {
-    push_code(out, code);
-    out.push(if more { b'-' } else { b' ' });
-    out.extend_from_slice(text);
-    out.extend_from_slice(b"\r\n");
+    put_line(out, code, if more { b'-' } else { b' ' }, None, &[text]);
+}
+
+/// A multi-line reply written one line at a time when it is not known in
+/// advance which line is the last: every line goes out as `code-text`, and
+/// [`MultiLine::finish`] turns the last one into `code text`.
+#[derive(Debug)]
+pub struct MultiLine {
+    code: u16,
+    /// Offset in `out` of the last line written.
+    last: Option<usize>,
+}
+
+impl MultiLine {
+    pub fn new(code: u16) -> Self {
+        Self { code, last: None }
+    }
+
+    /// Append `code-` and the `parts` concatenated, then CRLF.
+    pub fn line(&mut self, out: &mut Vec<u8>, parts: &[&[u8]]) {
+        self.last = Some(out.len());
+        put_line(out, self.code, b'-', None, parts);
+    }
+
+    /// Mark the last line written as the reply's last (`out` must be the
+    /// buffer the lines went to, not truncated since).
+    pub fn finish(self, out: &mut [u8]) {
+        if let Some(at) = self.last {
+            out[at + 3] = b' ';
+        }
+    }
 }
 
 #[cfg(test)]
@@ -348,5 +406,30 @@ mod tests {
         write_reply(&mut out, 250, Some("2.0.0"), b"OK");
         write_reply_line(&mut out, 250, true, b"x");
         assert_eq!(out, b"250 2.0.0 OK\r\n250-x\r\n");
+    }
+
+    #[test]
+    fn multi_line_replies_end_with_a_space_after_the_code() {
+        let mut out = b"x".to_vec();
+        let mut m = MultiLine::new(250);
+        m.line(&mut out, &[b"host"]);
+        m.line(&mut out, &[b"SIZE ", b"10"]);
+        m.finish(&mut out);
+        assert_eq!(out, b"x250-host\r\n250 SIZE 10\r\n");
+        write_reply_parts(&mut out, 221, None, &[b"host", b" bye"]);
+        assert!(out.ends_with(b"221 host bye\r\n"));
+    }
+
+    #[test]
+    fn numbers_format_and_parse_back() {
+        let mut buf = [0u8; 20];
+        for n in [0, 7, 10, 1234, u64::MAX] {
+            assert_eq!(
+                parse_u64(fmt_u64(n, &mut buf)),
+                (n < 10_000_000_000_000_000_000).then_some(n)
+            );
+        }
+        assert_eq!(parse_u64(b""), None);
+        assert_eq!(parse_u64(b"1 "), None);
     }
 }
