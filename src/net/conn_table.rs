@@ -288,6 +288,26 @@ impl<T: Transport> Table<T> {
         }
     }
 
+    /// `id`'s TLS input while the handler reads ([`Table::tls_plaintext`]
+    /// until it needs more): the connection when rustls wants ciphertext,
+    /// `None` when there is nothing more for now.
+    pub fn tls_input<H: Handler>(
+        &mut self,
+        h: &mut H,
+        id: ConnId,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Option<&mut Conn<T::Part>> {
+        loop {
+            match self.tls_plaintext(h, id, now, buf) {
+                TlsStep::Again => {}
+                TlsStep::Stop => return None,
+                TlsStep::Need => break,
+            }
+        }
+        self.conns.get_mut(id).filter(|c| c.tls.is_some())
+    }
+
     /// One step of `id`'s TLS input while the handler reads: hands out
     /// what rustls decrypted (one chunk per callback, through `buf`), the
     /// end of its handshake (reported exactly once, before any plaintext)
@@ -533,6 +553,19 @@ pub fn reap<S: Settle, H: Handler>(s: &mut S, h: &mut H, now: Instant) {
             }
         }
     }
+}
+
+/// The top of a loop's turn: the handler's schedule, then what it did
+/// settled; when it says stop, every open connection is ended
+/// ([`stop_all`]). Returns the turn's instant and the handler's wish.
+pub fn turn<S: Settle, H: Handler>(s: &mut S, h: &mut H) -> (Instant, Tick) {
+    let now = Instant::now();
+    let tick = h.on_tick(s.table(), now);
+    settle(s, h, now);
+    if tick.stop {
+        stop_all(s, h, now);
+    }
+    (now, tick)
 }
 
 /// Ends every open connection with [`Closed::Stopped`] (the end of a run).

@@ -47,8 +47,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use super::backend::{Close, Closed, ConnId, ConnectOpts, Handler, RunStats, Setup};
 pub use super::conn_table::CLOSE_FLUSH_LIMIT;
 use super::conn_table::{
-    self, is_fd_exhaustion, OutQueue, Part, PushOut, Settle, Table, TlsStep, Transport,
-    ACCEPT_PAUSE,
+    self, is_fd_exhaustion, OutQueue, Part, PushOut, Settle, Table, Transport, ACCEPT_PAUSE,
 };
 use super::socket;
 
@@ -299,11 +298,8 @@ impl PushOut for Core {
 impl Core {
     fn run<H: Handler>(&mut self, h: &mut H, events: &mut Events) -> io::Result<()> {
         loop {
-            let now = Instant::now();
-            let tick = h.on_tick(&mut self.ops, now);
-            conn_table::settle(self, h, now);
+            let (now, tick) = conn_table::turn(self, h);
             if tick.stop {
-                conn_table::stop_all(self, h, now);
                 return Ok(());
             }
             let mut wake = self.ops.wake_at(now, &tick);
@@ -508,16 +504,9 @@ impl Core {
 
     /// TLS input until the next edge is needed (or the connection ended).
     fn read_tls<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
-        loop {
-            // Hand out what rustls already decrypted, one chunk per callback.
-            match self.ops.tls_plaintext(h, id, now, &mut self.read_buf) {
-                TlsStep::Again => continue,
-                TlsStep::Stop => return,
-                TlsStep::Need => {}
-            }
-            let Some(c) = self.ops.conns.get_mut(id) else {
-                return;
-            };
+        // Hand out what rustls already decrypted, one chunk per callback,
+        // then feed it more.
+        while let Some(c) = self.ops.tls_input(h, id, now, &mut self.read_buf) {
             let Some(t) = c.tls.as_mut() else {
                 return;
             };

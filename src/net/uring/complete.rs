@@ -10,7 +10,7 @@ use io_uring::cqueue;
 use socket2::SockRef;
 
 use super::super::backend::{Close, Closed, ConnId, Handler};
-use super::super::conn_table::{is_fd_exhaustion, TlsStep, ACCEPT_PAUSE};
+use super::super::conn_table::{is_fd_exhaustion, ACCEPT_PAUSE};
 use super::super::socket;
 use super::{Uring, KEEP_SEND_BYTES};
 
@@ -138,15 +138,7 @@ impl Uring {
     /// Feeds `id`'s ciphertext to rustls and hands out what it decrypts,
     /// while the handler reads.
     fn pump_tls<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
-        loop {
-            match self.ops.tls_plaintext(h, id, now, &mut self.read_buf) {
-                TlsStep::Again => continue,
-                TlsStep::Stop => break,
-                TlsStep::Need => {}
-            }
-            let Some(c) = self.ops.conns.get_mut(id) else {
-                break;
-            };
+        while let Some(c) = self.ops.tls_input(h, id, now, &mut self.read_buf) {
             let Some(t) = c.tls.as_mut() else { break };
             if t.input.pos == t.input.buf.len() {
                 if c.io.peer_fin && !t.input.fin_fed {

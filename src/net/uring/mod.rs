@@ -770,11 +770,8 @@ impl Uring {
     /// open is closed ([`Closed::Stopped`]) and the ring is drained.
     pub fn run<H: Handler>(&mut self, h: &mut H) -> io::Result<()> {
         loop {
-            let now = Instant::now();
-            let tick = h.on_tick(&mut self.ops, now);
-            conn_table::settle(self, h, now);
+            let (now, tick) = conn_table::turn(self, h);
             if tick.stop {
-                conn_table::stop_all(self, h, now);
                 self.drain();
                 return Ok(());
             }
@@ -1024,21 +1021,23 @@ impl Uring {
 impl Settle for Uring {
     type T = UringIo;
 
-    #[inline]
-    fn table(&mut self) -> &mut Ops {
-        &mut self.ops
+    /// A zombie until its operations complete (see the module doc).
+    fn retire(&mut self, id: ConnId, _why: &Closed) -> bool {
+        self.ops.retire(id)
+    }
+
+    /// Starts the send (one in flight), or ends a graceful close.
+    fn service<H: Handler>(&mut self, _h: &mut H, id: ConnId, now: Instant) {
+        self.ops.flush(id, now);
     }
 
     fn resume<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
         self.resume_read(h, id, now);
     }
 
-    fn service<H: Handler>(&mut self, _h: &mut H, id: ConnId, now: Instant) {
-        self.ops.flush(id, now);
-    }
-
-    fn retire(&mut self, id: ConnId, _why: &Closed) -> bool {
-        self.ops.retire(id)
+    #[inline]
+    fn table(&mut self) -> &mut Ops {
+        &mut self.ops
     }
 }
 
