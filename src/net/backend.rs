@@ -61,6 +61,13 @@ pub struct Setup {
     pub xdp: Option<super::xdp::XdpThread>,
 }
 
+/// What a finished run tells its role.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunStats {
+    /// Time the loop spent waiting for events (the rest it was busy).
+    pub waited: std::time::Duration,
+}
+
 /// A connection of one backend (reused after [`Handler::on_closed`]).
 pub type ConnId = usize;
 

@@ -12,7 +12,6 @@
 //! interface (see [`super::xdp`]) and is opened by the role at start.
 
 use std::io;
-use std::time::Duration;
 
 use super::backend::{Handler, Setup};
 use super::epoll::Epoll;
@@ -73,12 +72,7 @@ impl Io {
     }
 }
 
-/// What a finished run tells its role.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RunStats {
-    /// Time the loop spent waiting for events (the rest it was busy).
-    pub waited: Duration,
-}
+pub use super::backend::RunStats;
 
 /// Runs `h` on this thread with backend `io` until its `on_tick` says stop.
 pub fn run<H: Handler>(io: Io, setup: Setup, h: &mut H) -> io::Result<RunStats> {

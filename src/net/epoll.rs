@@ -17,7 +17,7 @@
 //!   edge was already consumed).
 //! - Accept drains the listener until `WouldBlock`; out of descriptors or
 //!   memory (EMFILE, ENFILE, ENOBUFS, ENOMEM) pauses the listener for
-//!   100 ms instead of spinning on a readable backlog.
+//!   [`ACCEPT_PAUSE`] instead of spinning on a readable backlog.
 //! - A connect completes on its first event: `SO_ERROR` says how (no
 //!   `getpeername` per session).
 //! - Output is queued per connection and written when the callback that
@@ -27,6 +27,10 @@
 //! - A graceful close sends what is queued (and a TLS close_notify), bounded
 //!   by [`CLOSE_FLUSH_LIMIT`]; dropping the socket removes it from the epoll
 //!   set, so no `epoll_ctl(DEL)` per session.
+//!
+//! What every backend's connection has in common (the output bookkeeping,
+//! TLS, the flags, the settle/reap loop, half of [`Backend`]) is in
+//! [`super::conn_table`]; this module is the transport.
 //!
 //! Invariants: see [`super::backend`]; no callback is re-entered; an idle
 //! plaintext connection holds no read buffer and no TLS state (the thread
@@ -39,21 +43,14 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use slab::Slab;
 
-use super::backend::{
-    AppBytes, Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, TlsState,
+use super::backend::{Close, Closed, ConnId, ConnectOpts, Handler, RunStats, Setup};
+pub use super::conn_table::CLOSE_FLUSH_LIMIT;
+use super::conn_table::{
+    self, is_fd_exhaustion, OutQueue, Part, PushOut, Settle, Table, Transport, ACCEPT_PAUSE,
 };
-use super::runtime::STOP_POLL_INTERVAL;
 use super::socket;
-use super::timer::Timers;
-use super::tls::TlsInfo;
-use super::tls_stream::{TlsRead, TlsSide, TlsStream};
 
-/// How long a listener rests after EMFILE/ENFILE.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// How long a graceful close may take to flush its last output.
-pub const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
 /// Once this many bytes of a write queue have been sent, the queue is
 /// compacted even if more is pending.
 const COMPACT_AFTER_BYTES: usize = 64 * 1024;
@@ -63,282 +60,150 @@ const TLS_IN_BYTES: usize = 16 * 1024 + 512;
 const WAKER: Token = Token(usize::MAX);
 const LISTENER_BASE: usize = usize::MAX - 1;
 
-/// The TLS part of a connection (boxed: plaintext connections stay small).
-struct TlsPart {
-    stream: TlsStream,
-    /// Ciphertext read from the socket and not yet taken by rustls.
-    cin: Box<[u8]>,
-    cin_pos: usize,
-    cin_len: usize,
+/// Ciphertext read from the socket and not yet taken by rustls.
+pub struct CipherIn {
+    buf: Box<[u8]>,
+    pos: usize,
+    len: usize,
 }
 
-struct Conn {
+/// A connection's socket and plaintext output.
+pub struct Sock {
     stream: TcpStream,
     connecting: bool,
-    tls: Option<Box<TlsPart>>,
     /// Plaintext (or pre-TLS plaintext) waiting for the socket.
-    out: Vec<u8>,
-    out_pos: usize,
-    app: AppBytes,
-    /// The peer's FIN (or close_notify) was seen and reported.
-    eof: bool,
-    /// The handler wants input.
-    reading: bool,
-    closing: Option<Close>,
+    out: OutQueue,
     close_deadline: Option<Instant>,
-    /// Queued in `Ops::dirty` (output to flush or reads to resume).
-    dirty: bool,
-    /// Reading was resumed: read without waiting for an edge.
-    read_now: bool,
 }
 
-impl Conn {
-    fn new(stream: TcpStream, connecting: bool) -> Self {
-        Conn {
-            stream,
-            connecting,
-            tls: None,
-            out: Vec::new(),
-            out_pos: 0,
-            app: AppBytes::default(),
-            eof: false,
-            reading: true,
-            closing: None,
-            close_deadline: None,
-            dirty: false,
-            read_now: false,
+impl Part for Sock {
+    type TlsIn = CipherIn;
+
+    fn tls_in() -> CipherIn {
+        CipherIn {
+            buf: vec![0; TLS_IN_BYTES].into_boxed_slice(),
+            pos: 0,
+            len: 0,
         }
     }
 
-    fn queued_plain(&self) -> usize {
-        self.out.len() - self.out_pos
+    #[inline]
+    fn unsent(&self) -> usize {
+        self.out.len()
     }
 
-    fn pending(&self) -> usize {
-        self.queued_plain() + usize::from(self.tls.as_ref().is_some_and(|t| t.stream.wants_write()))
+    #[inline]
+    fn queue(&mut self, data: &[u8]) {
+        self.out.push(data, COMPACT_AFTER_BYTES);
     }
 
-    fn note_sent(&mut self) {
-        let tls = self.tls.as_ref().map(|t| &t.stream);
-        self.app.note_sent(self.queued_plain(), false, tls);
+    fn close_deadline(&self) -> Option<Instant> {
+        self.close_deadline
     }
 
-    /// Writes queued output: `Ok(true)` all out, `Ok(false)` the socket is
-    /// full (a writable edge will come).
-    fn flush(&mut self) -> io::Result<bool> {
-        let r = self.flush_inner();
-        self.note_sent();
-        r
+    fn set_close_deadline(&mut self, at: Instant) {
+        self.close_deadline = Some(at);
     }
 
-    fn flush_inner(&mut self) -> io::Result<bool> {
-        while self.out_pos < self.out.len() {
-            match self.stream.write(&self.out[self.out_pos..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.out_pos += n,
-                // Socket send buffer full: wait for writable.
+    #[inline]
+    fn flushable(&self) -> bool {
+        !self.connecting
+    }
+}
+
+type Conn = conn_table::Conn<Sock>;
+
+fn new_conn(stream: TcpStream, connecting: bool) -> Conn {
+    Conn::new(Sock {
+        stream,
+        connecting,
+        out: OutQueue::default(),
+        close_deadline: None,
+    })
+}
+
+/// Writes `c`'s queued output: `Ok(true)` all out, `Ok(false)` the socket
+/// is full (a writable edge will come).
+fn write_out(c: &mut Conn) -> io::Result<bool> {
+    let r = write_queued(c);
+    c.note_sent();
+    r
+}
+
+fn write_queued(c: &mut Conn) -> io::Result<bool> {
+    let s = &mut c.io;
+    while !s.out.is_empty() {
+        match s.stream.write(s.out.rest()) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => s.out.pos += n,
+            // Socket send buffer full: wait for writable.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    s.out.clear();
+    if let Some(t) = &mut c.tls {
+        while t.stream.wants_write() {
+            match t.stream.write_ciphertext_to(&mut s.stream) {
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        self.out.clear();
-        self.out_pos = 0;
-        if let Some(t) = &mut self.tls {
-            while t.stream.wants_write() {
-                match t.stream.write_ciphertext_to(&mut self.stream) {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        Ok(true)
     }
+    Ok(true)
+}
 
-    fn queue(&mut self, data: &[u8]) {
-        self.app.taken += data.len() as u64;
-        match &mut self.tls {
-            None => {
-                if self.out_pos == self.out.len() {
-                    self.out.clear();
-                    self.out_pos = 0;
-                } else if self.out_pos >= COMPACT_AFTER_BYTES {
-                    self.out.drain(..self.out_pos);
-                    self.out_pos = 0;
-                }
-                self.out.extend_from_slice(data);
-            }
-            Some(t) => t.stream.write_plaintext(data),
-        }
-    }
+/// The thread's poll and listeners.
+pub struct EpollIo {
+    poll: Poll,
+    listeners: Vec<(Option<TcpListener>, bool)>,
+    accept_paused_until: Option<Instant>,
 }
 
 /// The control surface handlers see (everything but the read buffer).
-pub struct Ops {
-    poll: Poll,
-    conns: Slab<Conn>,
-    timers: Timers,
-    /// Connections with output to flush or reads to resume.
-    dirty: Vec<ConnId>,
-    /// Connections to drop, with why (after the current callback).
-    dead: Vec<(ConnId, Closed)>,
-    listeners: Vec<(Option<TcpListener>, bool)>,
-    accept_paused_until: Option<Instant>,
-    /// Time spent in `epoll_wait`.
-    waited: Duration,
-}
+pub type Ops = Table<EpollIo>;
 
-impl Ops {
-    fn mark_dirty(&mut self, id: ConnId) {
-        if let Some(c) = self.conns.get_mut(id) {
-            if !c.dirty {
-                c.dirty = true;
-                self.dirty.push(id);
-            }
-        }
+impl Transport for EpollIo {
+    type Part = Sock;
+
+    fn local_addr(t: &Ops, id: ConnId) -> Option<SocketAddr> {
+        t.conns.get(id)?.io.stream.local_addr().ok()
     }
 
-    fn kill(&mut self, id: ConnId, why: Closed) {
-        // (The first reason wins; later ones are dropped.)
-        if let Some(c) = self.conns.get_mut(id) {
-            if c.closing != Some(Close::Abort) {
-                c.closing = Some(Close::Abort);
-                self.dead.push((id, why));
-            }
-        }
-    }
-}
-
-impl Backend for Ops {
-    fn write(&mut self, id: ConnId, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        if let Some(c) = self.conns.get_mut(id) {
-            c.queue(data);
-            self.mark_dirty(id);
-        }
-    }
-
-    fn pending_output(&self, id: ConnId) -> usize {
-        self.conns.get(id).map_or(0, Conn::pending)
-    }
-
-    fn app_bytes_in(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app.taken)
-    }
-
-    fn app_bytes_sent(&self, id: ConnId) -> u64 {
-        self.conns.get(id).map_or(0, |c| c.app.sent)
-    }
-
-    fn start_tls(&mut self, id: ConnId, side: TlsSide) -> io::Result<()> {
-        let Some(c) = self.conns.get_mut(id) else {
-            return Err(io::ErrorKind::NotConnected.into());
-        };
-        let stream = TlsStream::start(c.tls.is_some(), side)?;
-        c.tls = Some(Box::new(TlsPart {
-            stream,
-            cin: vec![0; TLS_IN_BYTES].into_boxed_slice(),
-            cin_pos: 0,
-            cin_len: 0,
-        }));
-        // A client's ClientHello is queued: flush it.
-        self.mark_dirty(id);
-        Ok(())
-    }
-
-    fn tls_state(&self, id: ConnId) -> TlsState {
-        TlsState::of(self.conns.get(id).and_then(|c| c.tls.as_ref()).map(|t| &t.stream))
-    }
-
-    fn tls_info(&self, id: ConnId) -> Option<TlsInfo> {
-        self.conns.get(id)?.tls.as_ref()?.stream.info()
-    }
-
-    fn set_reading(&mut self, id: ConnId, on: bool) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        if c.reading == on {
-            return;
-        }
-        c.reading = on;
-        if on {
-            // The edge for what arrived meanwhile was consumed: read now.
-            c.read_now = true;
-            self.mark_dirty(id);
-        }
-    }
-
-    fn close(&mut self, id: ConnId, how: Close) {
-        let Some(c) = self.conns.get_mut(id) else {
-            return;
-        };
-        match how {
-            Close::Abort => self.kill(id, Closed::Local),
-            Close::Graceful => {
-                if c.closing.is_none() {
-                    c.closing = Some(Close::Graceful);
-                    if let Some(t) = &mut c.tls {
-                        if !t.stream.is_handshaking() {
-                            t.stream.send_close_notify();
-                        }
-                    }
-                    self.mark_dirty(id);
-                }
-            }
-        }
-    }
-
-    fn set_deadline(&mut self, id: ConnId, at: Option<Instant>) {
-        match at {
-            Some(t) => self.timers.schedule(id, t),
-            None => self.timers.cancel(id),
-        }
-    }
-
-    fn local_addr(&self, id: ConnId) -> Option<SocketAddr> {
-        self.conns.get(id)?.stream.local_addr().ok()
-    }
-
-    fn connect(&mut self, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId> {
+    fn connect(t: &mut Ops, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId> {
         let mut stream = socket::connect(target, opts.source_ip, opts.abort_close)?;
-        let entry = self.conns.vacant_entry();
+        let entry = t.conns.vacant_entry();
         let id = entry.key();
-        self.poll.registry().register(
+        t.io.poll.registry().register(
             &mut stream,
             Token(id),
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        entry.insert(Conn::new(stream, true));
+        entry.insert(new_conn(stream, true));
         Ok(id)
     }
 
-    fn open_connections(&self) -> usize {
-        self.conns.len()
+    fn open_connections(t: &Ops) -> usize {
+        t.conns.len()
     }
 
-    fn waited(&self) -> Duration {
-        self.waited
-    }
-
-    fn stop_listening(&mut self) {
-        for (l, _) in self.listeners.iter_mut() {
+    fn stop_listening(t: &mut Ops) {
+        for (l, _) in t.io.listeners.iter_mut() {
             if let Some(mut l) = l.take() {
-                let _ = self.poll.registry().deregister(&mut l);
+                let _ = t.io.poll.registry().deregister(&mut l);
             }
         }
     }
 }
 
-fn is_fd_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+/// Runs `h` on epoll until its `on_tick` says stop.
+pub fn run<H: Handler>(setup: Setup, h: &mut H) -> io::Result<RunStats> {
+    let mut b = Epoll::new(setup)?;
+    b.run(h)?;
+    Ok(RunStats { waited: b.waited() })
 }
 
 /// One thread's epoll loop.
@@ -370,16 +235,11 @@ impl Epoll {
         }
         Ok(Epoll {
             core: Core {
-                ops: Ops {
+                ops: Table::new(EpollIo {
                     poll,
-                    conns: Slab::with_capacity(1024),
-                    timers: Timers::with_capacity(1024),
-                    dirty: Vec::with_capacity(64),
-                    dead: Vec::with_capacity(64),
                     listeners,
                     accept_paused_until: None,
-                    waited: Duration::ZERO,
-                },
+                }),
                 read_buf: vec![0; setup.read_buf_bytes.max(1024)].into_boxed_slice(),
                 expired: Vec::with_capacity(64),
                 track_waiting: setup.track_waiting,
@@ -400,33 +260,59 @@ impl Epoll {
     }
 }
 
+impl Settle for Core {
+    type T = EpollIo;
+
+    #[inline]
+    fn table(&mut self) -> &mut Ops {
+        &mut self.ops
+    }
+
+    fn resume<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
+        self.read(h, id, true, now);
+    }
+
+    fn service<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
+        conn_table::flush(self, h, id, now);
+    }
+
+    fn retire(&mut self, id: ConnId, _why: &Closed) -> bool {
+        let Some(c) = self.ops.conns.try_remove(id) else {
+            return false;
+        };
+        self.ops.timers.cancel(id);
+        // Dropping the stream closes it (RST with abort_close) and removes
+        // it from the epoll set.
+        drop(c);
+        true
+    }
+}
+
+impl PushOut for Core {
+    #[inline]
+    fn push_out(&mut self, id: ConnId) -> io::Result<bool> {
+        write_out(&mut self.ops.conns[id])
+    }
+}
+
 impl Core {
     fn run<H: Handler>(&mut self, h: &mut H, events: &mut Events) -> io::Result<()> {
         loop {
-            let now = Instant::now();
-            let tick = h.on_tick(&mut self.ops, now);
-            self.settle(h, now);
+            let (now, tick) = conn_table::turn(self, h);
             if tick.stop {
-                let ids: Vec<ConnId> = self.ops.conns.iter().map(|(k, _)| k).collect();
-                for id in ids {
-                    self.ops.kill(id, Closed::Stopped);
-                }
-                self.reap(h, now);
                 return Ok(());
             }
-            let mut wake = now + STOP_POLL_INTERVAL;
-            if let Some(t) = tick.wake_at {
+            let mut wake = self.ops.wake_at(now, &tick);
+            if let Some(t) = self.ops.io.accept_paused_until {
                 wake = wake.min(t);
             }
-            if let Some(t) = self.ops.timers.next() {
-                wake = wake.min(t);
-            }
-            if let Some(t) = self.ops.accept_paused_until {
-                wake = wake.min(t);
-            }
-            let before = if self.track_waiting { Instant::now() } else { now };
+            let before = if self.track_waiting {
+                Instant::now()
+            } else {
+                now
+            };
             let timeout = wake.saturating_duration_since(before);
-            if let Err(e) = self.ops.poll.poll(events, Some(timeout)) {
+            if let Err(e) = self.ops.io.poll.poll(events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
@@ -441,7 +327,7 @@ impl Core {
                 if token == WAKER {
                     continue;
                 }
-                let n = self.ops.listeners.len();
+                let n = self.ops.io.listeners.len();
                 if token.0 > LISTENER_BASE - n && token.0 <= LISTENER_BASE {
                     self.accept(h, LISTENER_BASE - token.0, now);
                     continue;
@@ -450,38 +336,27 @@ impl Core {
                 let drain = ev.is_read_closed() || ev.is_error();
                 self.on_event(h, token.0, readable, drain, now);
             }
-            self.expired.clear();
-            self.expired.extend(self.ops.timers.expired(now));
-            for i in 0..self.expired.len() {
-                let id = self.expired[i];
-                let Some(c) = self.ops.conns.get(id) else {
-                    continue;
-                };
-                if c.close_deadline.is_some_and(|d| now >= d) {
-                    self.ops.kill(id, Closed::FlushTimeout);
-                } else if c.closing.is_none() {
-                    h.on_timer(&mut self.ops, now, id);
-                }
-                self.settle(h, now);
-            }
+            let mut expired = std::mem::take(&mut self.expired);
+            conn_table::fire_timers(self, h, now, &mut expired);
+            self.expired = expired;
         }
     }
 
     fn resume_accepting(&mut self, now: Instant) {
-        let Some(t) = self.ops.accept_paused_until else {
+        let io = &mut self.ops.io;
+        let Some(t) = io.accept_paused_until else {
             return;
         };
         if now < t {
             return;
         }
-        self.ops.accept_paused_until = None;
-        for (i, (l, _)) in self.ops.listeners.iter_mut().enumerate() {
+        io.accept_paused_until = None;
+        for (i, (l, _)) in io.listeners.iter_mut().enumerate() {
             if let Some(l) = l {
-                let _ = self.ops.poll.registry().register(
-                    l,
-                    Token(LISTENER_BASE - i),
-                    Interest::READABLE,
-                );
+                let _ =
+                    io.poll
+                        .registry()
+                        .register(l, Token(LISTENER_BASE - i), Interest::READABLE);
             }
         }
     }
@@ -489,7 +364,7 @@ impl Core {
     /// Accepts until `WouldBlock` (or a pause).
     fn accept<H: Handler>(&mut self, h: &mut H, i: usize, now: Instant) {
         loop {
-            let (Some(l), implicit_tls) = &self.ops.listeners[i] else {
+            let (Some(l), implicit_tls) = &self.ops.io.listeners[i] else {
                 return;
             };
             let implicit_tls = *implicit_tls;
@@ -500,6 +375,7 @@ impl Core {
                     let id = entry.key();
                     if self
                         .ops
+                        .io
                         .poll
                         .registry()
                         .register(
@@ -511,14 +387,14 @@ impl Core {
                     {
                         continue;
                     }
-                    entry.insert(Conn::new(stream, false));
+                    entry.insert(new_conn(stream, false));
                     if h.on_accept(&mut self.ops, now, id, peer, implicit_tls) {
-                        self.settle(h, now);
+                        conn_table::settle(self, h, now);
                     } else {
                         // Refused: best effort for what the handler wrote
                         // (e.g. a 421), then gone, with no on_closed.
                         if let Some(mut c) = self.ops.conns.try_remove(id) {
-                            let _ = c.flush();
+                            let _ = write_out(&mut c);
                         }
                         self.ops.timers.cancel(id);
                     }
@@ -531,11 +407,12 @@ impl Core {
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
                 // Out of descriptors/memory: the socket stays readable, so
                 // retrying now would spin; rest the listener instead.
-                Err(e) if is_fd_exhaustion(&e) => {
-                    if let (Some(l), _) = &mut self.ops.listeners[i] {
-                        let _ = self.ops.poll.registry().deregister(l);
+                Err(e) if is_fd_exhaustion(e.raw_os_error()) => {
+                    let io = &mut self.ops.io;
+                    if let (Some(l), _) = &mut io.listeners[i] {
+                        let _ = io.poll.registry().deregister(l);
                     }
-                    self.ops.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    io.accept_paused_until = Some(now + ACCEPT_PAUSE);
                     return;
                 }
                 Err(_) => return,
@@ -559,10 +436,10 @@ impl Core {
         if c.closing == Some(Close::Abort) {
             return;
         }
-        if c.connecting {
-            c.connecting = false;
+        if c.io.connecting {
+            c.io.connecting = false;
             // The first event of a connecting socket: SO_ERROR says how.
-            let failed = match c.stream.take_error() {
+            let failed = match c.io.stream.take_error() {
                 Ok(None) => None,
                 Ok(Some(e)) | Err(e) => Some(e),
             };
@@ -570,7 +447,7 @@ impl Core {
                 self.ops.conns.remove(id);
                 self.ops.timers.cancel(id);
                 h.on_connected(&mut self.ops, now, id, Err(e));
-                self.settle(h, now);
+                conn_table::settle(self, h, now);
                 return;
             }
             h.on_connected(&mut self.ops, now, id, Ok(()));
@@ -580,7 +457,7 @@ impl Core {
         }
         // A writable edge (or output queued by the callbacks): flush.
         self.ops.mark_dirty(id);
-        self.settle(h, now);
+        conn_table::settle(self, h, now);
     }
 
     /// Reads `id` until `WouldBlock`, EOF, an error, or the handler stops
@@ -594,12 +471,10 @@ impl Core {
                 return;
             }
             if c.tls.is_some() {
-                match self.read_tls(h, id, now) {
-                    Some(true) => continue,
-                    _ => return,
-                }
+                self.read_tls(h, id, now);
+                return;
             }
-            let n = match c.stream.read(&mut self.read_buf) {
+            let n = match c.io.stream.read(&mut self.read_buf) {
                 // 0 bytes: the peer sent FIN.
                 Ok(0) => {
                     c.eof = true;
@@ -627,44 +502,21 @@ impl Core {
         }
     }
 
-    /// One step of a TLS read: `Some(true)` read again, `Some(false)` wait
-    /// for the next edge, `None` the connection ended.
-    fn read_tls<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) -> Option<bool> {
-        // Hand out what rustls already decrypted, one chunk per callback.
-        loop {
-            let c = self.ops.conns.get_mut(id)?;
-            if c.closing.is_some() || c.eof || !c.reading {
-                return Some(false);
-            }
-            let t = c.tls.as_mut()?;
-            // The stream reports HandshakeDone exactly once, before any
-            // plaintext.
-            match t.stream.read_plaintext(&mut self.read_buf) {
-                Ok(TlsRead::Data(n)) => {
-                    h.on_input(&mut self.ops, now, id, &self.read_buf[..n]);
-                    continue;
-                }
-                Ok(TlsRead::HandshakeDone) => {
-                    h.on_tls_ready(&mut self.ops, now, id);
-                    continue;
-                }
-                Ok(TlsRead::Closed) => {
-                    c.eof = true;
-                    h.on_peer_closed(&mut self.ops, now, id);
-                    return None;
-                }
-                Ok(TlsRead::NeedCiphertext) => {}
-                Err(e) => {
-                    self.ops.kill(id, Closed::Error(e));
-                    return None;
-                }
-            }
+    /// TLS input until the next edge is needed (or the connection ended).
+    fn read_tls<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
+        // Hand out what rustls already decrypted, one chunk per callback,
+        // then feed it more.
+        while let Some(c) = self.ops.tls_input(h, id, now, &mut self.read_buf) {
+            let Some(t) = c.tls.as_mut() else {
+                return;
+            };
             // More ciphertext: what is buffered, else one large read(2).
-            if t.cin_pos == t.cin_len {
+            let cin = &mut t.input;
+            if cin.pos == cin.len {
                 if c.eof {
-                    return None;
+                    return;
                 }
-                match c.stream.read(&mut t.cin) {
+                match c.io.stream.read(&mut cin.buf) {
                     Ok(0) => {
                         // FIN: tell rustls, which reports close_notify or
                         // truncation as the end.
@@ -672,108 +524,24 @@ impl Core {
                         continue;
                     }
                     Ok(n) => {
-                        t.cin_pos = 0;
-                        t.cin_len = n;
+                        cin.pos = 0;
+                        cin.len = n;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(false),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         self.ops.kill(id, Closed::Error(e));
-                        return None;
+                        return;
                     }
                 }
             }
-            match t.stream.read_ciphertext(&t.cin[t.cin_pos..t.cin_len]) {
-                Ok(n) => t.cin_pos += n,
+            match t.stream.read_ciphertext(&cin.buf[cin.pos..cin.len]) {
+                Ok(n) => cin.pos += n,
                 Err(e) => {
                     // The alert is queued: try to deliver it, then give up.
-                    let _ = c.flush();
-                    self.ops.kill(id, Closed::Error(e));
-                    return None;
-                }
-            }
-        }
-    }
-
-    /// Flushes every dirty connection (telling handlers what left, which
-    /// may queue more), resumes reads, then drops dead connections.
-    fn settle<H: Handler>(&mut self, h: &mut H, now: Instant) {
-        while let Some(id) = self.ops.dirty.pop() {
-            let Some(c) = self.ops.conns.get_mut(id) else {
-                continue;
-            };
-            c.dirty = false;
-            if c.closing == Some(Close::Abort) {
-                continue;
-            }
-            if std::mem::take(&mut c.read_now) {
-                self.read(h, id, true, now);
-            }
-            self.flush_conn(h, id, now);
-        }
-        self.reap(h, now);
-    }
-
-    fn flush_conn<H: Handler>(&mut self, h: &mut H, id: ConnId, now: Instant) {
-        loop {
-            let Some(c) = self.ops.conns.get_mut(id) else {
-                return;
-            };
-            if c.connecting || c.closing == Some(Close::Abort) {
-                return;
-            }
-            let before = c.app.sent;
-            let had = c.pending() > 0;
-            let done = match c.flush() {
-                Ok(d) => d,
-                Err(e) => {
+                    let _ = write_out(c);
                     self.ops.kill(id, Closed::Error(e));
                     return;
-                }
-            };
-            let progressed = c.app.sent != before || (had && done);
-            if done && c.closing == Some(Close::Graceful) {
-                self.ops.kill(id, Closed::Local);
-                return;
-            }
-            if !done && c.closing == Some(Close::Graceful) && c.close_deadline.is_none() {
-                let at = now + CLOSE_FLUSH_LIMIT;
-                c.close_deadline = Some(at);
-                self.ops.timers.schedule(id, at);
-            }
-            if !progressed {
-                return;
-            }
-            let before_in = c.app.taken;
-            h.on_written(&mut self.ops, now, id);
-            // More output queued by on_written: flush it too (once it is
-            // all out, on_written is not called again without progress).
-            match self.ops.conns.get(id) {
-                Some(c) if done && c.app.taken != before_in => continue,
-                _ => return,
-            }
-        }
-    }
-
-    /// Drops dead connections and tells the handler.
-    fn reap<H: Handler>(&mut self, h: &mut H, now: Instant) {
-        while let Some((id, why)) = self.ops.dead.pop() {
-            if let Some(c) = self.ops.conns.try_remove(id) {
-                self.ops.timers.cancel(id);
-                // Dropping the stream closes it (RST with abort_close) and
-                // removes it from the epoll set.
-                drop(c);
-                h.on_closed(&mut self.ops, now, id, why);
-                // on_closed may queue work on other connections.
-                while let Some(other) = self.ops.dirty.pop() {
-                    let Some(c) = self.ops.conns.get_mut(other) else {
-                        continue;
-                    };
-                    c.dirty = false;
-                    if std::mem::take(&mut c.read_now) {
-                        self.read(h, other, true, now);
-                    }
-                    self.flush_conn(h, other, now);
                 }
             }
         }

@@ -15,8 +15,13 @@
 //! - [`backend`]: the seam — what a role's connection handler is told
 //!   ([`backend::Handler`]) and what it may ask of a backend's connections
 //!   ([`backend::Backend`]).
-//! - [`epoll`], [`uring`]: the backends (mio/epoll, io_uring); [`driver`] picks
-//!   one per run (`--io`).
+//! - [`conn_table`]: what every backend's connection has in common (output
+//!   bookkeeping, TLS, reading and closing, the dirty and dead lists), the
+//!   shared half of [`backend::Backend`], one TLS receive dispatch and one
+//!   settle/reap loop.
+//! - [`epoll`], [`uring`], [`xdp`]: the backends' transports (mio/epoll,
+//!   io_uring, AF_XDP with smoltcp); no backend imports another;
+//!   [`driver`] picks one per run (`--io`).
 //! - [`timer`]: per-thread deadlines for thousands of connections, O(log n).
 //! - [`proc`]: CPU time and RSS of a process, for benchmarks.
 //!
@@ -26,6 +31,7 @@
 
 pub mod affinity;
 pub mod backend;
+pub mod conn_table;
 pub mod driver;
 pub mod epoll;
 pub mod proc;

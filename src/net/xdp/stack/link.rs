@@ -1,0 +1,334 @@
+//! Below IP: the AF_XDP port, Ethernet, ARP and next hops, and smoltcp's
+//! view of the link ([`Dev`]); loss and reordering injected for tests
+//! ([`LinkFaults`]).
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
+use smoltcp::time::Instant as SInstant;
+use xdp::Packet;
+
+use super::super::port::Port;
+use super::super::wire::{self, Mac};
+use super::super::XdpRun;
+use super::{ARP_RETRY, ARP_WAITING, MTU};
+
+/// Everything of the thread below IP: the AF_XDP port, neighbours, ARP.
+pub(super) struct Link {
+    pub(super) port: Port,
+    pub(super) run: Arc<XdpRun>,
+    pub(super) mac: Mac,
+    pub(super) ip: Ipv4Addr,
+    pub(super) neighbors: HashMap<Ipv4Addr, Mac>,
+    /// Frames waiting for their next hop's MAC.
+    pub(super) waiting: Vec<(Ipv4Addr, Packet)>,
+    /// When each unresolved next hop was last asked for.
+    pub(super) asked: Vec<(Ipv4Addr, Instant)>,
+    /// Where smoltcp writes when no UMEM frame is free (the frame is lost;
+    /// TCP retransmits it).
+    pub(super) scratch: Vec<u8>,
+    /// Frames dropped for want of a frame or of a neighbour.
+    pub dropped: u64,
+    /// Loss and reordering injected for tests (see [`LinkFaults`]).
+    pub(super) faults: Option<LinkFaults>,
+}
+
+/// What [`LinkFaults`] does to a received frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Fault {
+    Deliver,
+    Drop,
+    /// Deliver it after the next frame.
+    Hold,
+}
+
+/// Loss and reordering on the link, for tests where `tc netem` is not
+/// available (and it could not act on AF_XDP frames anyway: copy-mode TX
+/// bypasses the qdisc): `SMTPSTORM_XDP_LOSS=PCT` drops that share of
+/// frames each way, `SMTPSTORM_XDP_REORDER=PCT` delays that share of
+/// received frames behind the next one. A fixed-seed xorshift, so a run
+/// is repeatable in what it draws.
+#[derive(Clone, Debug)]
+pub struct LinkFaults {
+    pub(super) state: u64,
+    pub(super) loss_ppm: u64,
+    pub(super) reorder_ppm: u64,
+}
+
+impl LinkFaults {
+    /// From the environment (`None` when neither variable is set).
+    pub fn from_env(seed: u64) -> Option<LinkFaults> {
+        let pct = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim_end_matches('%').parse::<f64>().ok())
+                .map(|p| (p.clamp(0.0, 100.0) * 10_000.0) as u64)
+        };
+        let (loss, reorder) = (pct("SMTPSTORM_XDP_LOSS"), pct("SMTPSTORM_XDP_REORDER"));
+        if loss.is_none() && reorder.is_none() {
+            return None;
+        }
+        Some(LinkFaults {
+            state: seed | 1,
+            loss_ppm: loss.unwrap_or(0),
+            reorder_ppm: reorder.unwrap_or(0),
+        })
+    }
+
+    pub(super) fn draw(&mut self) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % 1_000_000
+    }
+
+    pub(super) fn on_rx(&mut self) -> Fault {
+        let d = self.draw();
+        if d < self.loss_ppm {
+            Fault::Drop
+        } else if d < self.loss_ppm + self.reorder_ppm {
+            Fault::Hold
+        } else {
+            Fault::Deliver
+        }
+    }
+
+    pub(super) fn on_tx(&mut self) -> bool {
+        self.draw() < self.loss_ppm
+    }
+}
+
+impl Link {
+    pub(super) fn next_hop(&self, dst: Ipv4Addr) -> Ipv4Addr {
+        match self.run.gateway {
+            Some(gw) if !self.run.on_link(dst) => gw,
+            _ => dst,
+        }
+    }
+
+    pub(super) fn learn(&mut self, ip: Ipv4Addr, mac: Mac) {
+        if self.neighbors.get(&ip) != Some(&mac) {
+            self.neighbors.insert(ip, mac);
+        }
+    }
+
+    /// Sends a frame whose IP packet starts at byte 14.
+    pub(super) fn send_ip(&mut self, mut p: Packet, now: Instant) {
+        let lost = self.faults.as_mut().is_some_and(|f| f.on_tx());
+        let Some(dst) = wire::ipv4_dst(&p[wire::ETH_LEN..]).filter(|_| !lost) else {
+            self.port.release(p);
+            return;
+        };
+        let hop = self.next_hop(dst);
+        if let Some(mac) = self
+            .neighbors
+            .get(&hop)
+            .copied()
+            .or_else(|| self.shared_neighbor(hop))
+        {
+            wire::put_eth(&mut p, mac, self.mac, wire::ETHERTYPE_IPV4);
+            self.port.queue_tx(p);
+            return;
+        }
+        if self.waiting.len() >= ARP_WAITING {
+            self.dropped += 1;
+            self.port.release(p);
+        } else {
+            self.waiting.push((hop, p));
+        }
+        self.ask(hop, now);
+    }
+
+    /// Looks `ip` up in the run's table (filled by whichever thread got the
+    /// ARP reply) and keeps it.
+    pub(super) fn shared_neighbor(&mut self, ip: Ipv4Addr) -> Option<Mac> {
+        let mac = self.run.neighbors.lock().ok()?.get(&ip).copied()?;
+        self.neighbors.insert(ip, mac);
+        Some(mac)
+    }
+
+    /// Sends an ARP request for `ip` unless one went out recently.
+    pub(super) fn ask(&mut self, ip: Ipv4Addr, now: Instant) {
+        if let Some((_, at)) = self.asked.iter().find(|(a, _)| *a == ip) {
+            if now.saturating_duration_since(*at) < ARP_RETRY {
+                return;
+            }
+        }
+        self.asked.retain(|(a, _)| *a != ip);
+        self.asked.push((ip, now));
+        self.arp(1, [0; 6], ip);
+    }
+
+    pub(super) fn arp(&mut self, op: u16, their_mac: Mac, their_ip: Ipv4Addr) {
+        let Some(mut p) = self.port.alloc(wire::ARP_FRAME_LEN) else {
+            self.dropped += 1;
+            return;
+        };
+        wire::put_arp(&mut p, op, self.mac, self.ip, their_mac, their_ip);
+        self.port.queue_tx(p);
+    }
+
+    /// An ARP frame for our address: answer a request, learn the sender,
+    /// release what waited for it.
+    pub(super) fn on_arp(&mut self, op: u16, mac: Mac, ip: Ipv4Addr) {
+        self.learn(ip, mac);
+        if let Ok(mut t) = self.run.neighbors.lock() {
+            t.insert(ip, mac);
+        }
+        if op == 1 {
+            self.arp(2, mac, ip);
+        }
+        self.release_waiting();
+    }
+
+    /// Sends the waiting frames whose next hop is now known; asks again
+    /// for the others when due.
+    pub(super) fn release_waiting(&mut self) {
+        if self.waiting.is_empty() {
+            self.asked.clear();
+            return;
+        }
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let hop = self.waiting[i].0;
+            if let Some(mac) = self
+                .neighbors
+                .get(&hop)
+                .copied()
+                .or_else(|| self.shared_neighbor(hop))
+            {
+                let (_, mut p) = self.waiting.swap_remove(i);
+                wire::put_eth(&mut p, mac, self.mac, wire::ETHERTYPE_IPV4);
+                self.port.queue_tx(p);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Asks again for next hops whose frames still wait.
+    pub(super) fn retry_arp(&mut self, now: Instant) {
+        self.release_waiting();
+        let hops: Vec<Ipv4Addr> = self.waiting.iter().map(|(h, _)| *h).collect();
+        for h in hops {
+            self.ask(h, now);
+        }
+    }
+}
+
+/// smoltcp's view of the link: one received IP packet at a time, and TX
+/// frames built straight into the UMEM.
+pub(super) struct Dev<'a> {
+    pub(super) link: &'a mut Link,
+    pub(super) rx: Option<&'a [u8]>,
+    pub(super) now: Instant,
+}
+
+pub(super) struct Rx<'a>(&'a [u8]);
+pub(super) struct Tx<'a, 'b> {
+    pub(super) link: &'b mut Link,
+    pub(super) now: Instant,
+    pub(super) _p: std::marker::PhantomData<&'a ()>,
+}
+
+impl RxToken for Rx<'_> {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        f(self.0)
+    }
+}
+
+impl TxToken for Tx<'_, '_> {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        match self.link.port.alloc(wire::ETH_LEN + len) {
+            Some(mut p) => {
+                let r = f(&mut p[wire::ETH_LEN..]);
+                self.link.send_ip(p, self.now);
+                r
+            }
+            None => {
+                self.link.dropped += 1;
+                self.link.scratch.resize(len, 0);
+                f(&mut self.link.scratch[..len])
+            }
+        }
+    }
+}
+
+pub(super) fn caps() -> DeviceCapabilities {
+    let mut c = DeviceCapabilities::default();
+    c.medium = Medium::Ip;
+    c.max_transmission_unit = MTU;
+    // Received checksums are checked in `wire::classify` (which accepts a
+    // peer's unfinished TX offload); smoltcp fills in ours.
+    c.checksum.ipv4 = Checksum::Tx;
+    c.checksum.tcp = Checksum::Tx;
+    c
+}
+
+impl Device for Dev<'_> {
+    type RxToken<'b>
+        = Rx<'b>
+    where
+        Self: 'b;
+    type TxToken<'b>
+        = Tx<'b, 'b>
+    where
+        Self: 'b;
+
+    fn receive(&mut self, _t: SInstant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
+        let rx = self.rx.take()?;
+        Some((
+            Rx(rx),
+            Tx {
+                link: &mut *self.link,
+                now: self.now,
+                _p: std::marker::PhantomData,
+            },
+        ))
+    }
+
+    fn transmit(&mut self, _t: SInstant) -> Option<Self::TxToken<'_>> {
+        Some(Tx {
+            link: &mut *self.link,
+            now: self.now,
+            _p: std::marker::PhantomData,
+        })
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        caps()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn injected_loss_and_reordering_hit_the_shares_asked_for() {
+        let mut f = LinkFaults {
+            state: 0x5eed | 1,
+            loss_ppm: 10_000,
+            reorder_ppm: 20_000,
+        };
+        let n = 1_000_000;
+        let (mut drop, mut hold, mut lost_tx) = (0, 0, 0);
+        for _ in 0..n {
+            match f.on_rx() {
+                Fault::Drop => drop += 1,
+                Fault::Hold => hold += 1,
+                Fault::Deliver => {}
+            }
+            lost_tx += u32::from(f.on_tx());
+        }
+        for (got, want) in [(drop, 10_000), (hold, 20_000), (lost_tx, 10_000)] {
+            assert!(
+                (want * 9 / 10..want * 11 / 10).contains(&got),
+                "{got} not near {want}"
+            );
+        }
+    }
+}
