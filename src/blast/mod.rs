@@ -1,9 +1,9 @@
 //! The blaster role: `smtpstorm blast TARGET` (and `probe`).
 //!
-//! [`run`] validates the flags into a [`BlastConfig`], [`execute`]s the run
-//! and hands the result to [`finish`], which writes the outputs and turns
-//! assertions, baseline regressions and validity into the exit code. `bench`
-//! calls [`execute`] and [`finish`] directly with its own config.
+//! [`run`] takes the [`BlastConfig`] the command line built, [`execute`]s
+//! the run and hands the result to [`finish`], which writes the outputs and
+//! turns assertions, baseline regressions and validity into the exit code.
+//! `bench` calls [`execute`] and [`finish`] directly with its own config.
 //!
 //! [`execute`] spawns one pinned worker per CPU ([`worker`]), each owning its
 //! connections, timers and [`crate::stats::Recorder`]. Once a second every
@@ -41,26 +41,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 
-use crate::cli::BlastArgs;
 use crate::net::driver::Transport;
 use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
     baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
-    CpuUsage,
-    HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements, MetricsServer,
-    OpenLoopReport, Report,
-    ReportInput, Role,
+    CpuUsage, HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements,
+    MetricsServer, OpenLoopReport, Report, ReportInput, Role,
 };
 
 pub use config::{BlastConfig, LoadModel, OutputConfig};
-use worker::{run_worker, OpenLoopCounts, RunClock, Tick};
+use worker::{run_worker, OpenLoopCounts, RunClock, ThreadSnapshot};
 
 /// Exit code: a failed `--assert` or `--baseline` regression.
 pub const EXIT_ASSERT: u8 = 99;
 /// Exit code: the run could not keep its schedule (without `--allow-invalid`).
 pub const EXIT_INVALID: u8 = 3;
 /// An open-loop thread busy more than this share of the measured window
-/// (not waiting in `epoll_wait`) is saturated: the run is invalid.
+/// (not waiting for events in its backend) is saturated: the run is invalid.
 pub const SATURATED_BUSY: f64 = 0.9;
 
 /// Exit code: the target accepted no message at all.
@@ -77,8 +74,7 @@ pub struct BlastRun {
 }
 
 /// `smtpstorm blast`: the exit code (0, 3 invalid, 99 failed assertion).
-pub fn run(args: &BlastArgs) -> anyhow::Result<u8> {
-    let cfg = BlastConfig::from_args(&args.target, &args.load)?;
+pub fn run(cfg: BlastConfig) -> anyhow::Result<u8> {
     let output = cfg.output.clone();
     let run = execute(cfg)?;
     finish(run, &output)
@@ -155,20 +151,30 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         Some(addr) => {
             let s = MetricsServer::start(addr, Arc::clone(&live))?;
             if !cfg.output.quiet {
-                eprintln!("smtpstorm: metrics on http://{}/metrics and /stats", s.addr());
+                eprintln!(
+                    "smtpstorm: metrics on http://{}/metrics and /stats",
+                    s.addr()
+                );
             }
             Some(s)
         }
     };
     let transport = Transport::open(&cfg.io, threads, &[], true)?;
     let cfg = Arc::new(cfg);
-    let (tx, rx) = mpsc::channel::<Tick>();
+    let (tx, rx) = mpsc::channel::<ThreadSnapshot>();
     let workers = {
         let cfg = Arc::clone(&cfg);
         let clock = clock.clone();
         spawn_workers(&cfg.cpus.clone(), "blast", &stop, move |ctx| {
             let t = transport.thread(ctx.index);
-            run_worker(ctx, Arc::clone(&cfg), clock.clone(), body.clone(), tx.clone(), t)
+            run_worker(
+                ctx,
+                Arc::clone(&cfg),
+                clock.clone(),
+                body.clone(),
+                tx.clone(),
+                t,
+            )
         })?
     };
     // Merge each second's snapshots once every thread has sent its own.
@@ -269,7 +275,8 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     let open_loop = match cfg.model {
         LoadModel::Closed => None,
         LoadModel::Open { messages_per_sec } => {
-            let (report, reasons) = judge_open_loop(&open, messages_per_sec, duration_secs, &m, &cfg);
+            let (report, reasons) =
+                judge_open_loop(&open, messages_per_sec, duration_secs, &m, &cfg);
             invalid_reasons.extend(reasons);
             Some(report)
         }
@@ -277,7 +284,10 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     for r in &invalid_reasons {
         eprintln!("smtpstorm: invalid run: {r}");
     }
-    if let Some(o) = open_loop.as_ref().filter(|o| o.bottleneck == Bottleneck::Target) {
+    if let Some(o) = open_loop
+        .as_ref()
+        .filter(|o| o.bottleneck == Bottleneck::Target)
+    {
         eprintln!("smtpstorm: {}", target_bottleneck_line(o));
     }
     let (_, timeline) = merger.into_parts();
