@@ -2,22 +2,29 @@
 //!
 //! A tour of the layers, top to bottom (data flows down, never back up):
 //!
-//! - `cli` / `config`: raw flags (clap) and the validated configuration built
-//!   from them; every cross-flag check lives in `config`.
-//! - `sink`, `blast`, `bench`, `probe`: the roles. Each is a connection
-//!   handler (`sink::conn`, `blast::conn`: the per-connection logic, no I/O
-//!   type in it) plus a thread-level handler (`*::worker`: schedule,
-//!   statistics, stop conditions).
+//! - `cli`: raw flags (clap), their value parsers, and the code that checks
+//!   them together and builds each role's configuration (`SinkConfig`,
+//!   `BlastConfig`, `ProbeConfig`, `BenchConfig`); every cross-flag check
+//!   lives there. Completion scripts and man pages (`cli::shell`) come from
+//!   the same definitions.
+//! - `sink`, `blast`, `bench`, `blast::probe`, `offline`: the roles, each
+//!   run from its built configuration (`*::config` holds the type; the
+//!   value types flags parse into live with the role that uses them). A
+//!   network role is a connection handler (`sink::conn`, `blast::conn`: the
+//!   per-connection logic, no I/O type in it) plus a thread-level handler
+//!   (`*::worker`: schedule, statistics, stop conditions).
 //! - `net`: one pinned thread per CPU, each running one backend
-//!   (`net::epoll`, `net::uring`, chosen by `net::driver` from `--io`)
-//!   that owns every socket, buffer and timer and drives the handler through
-//!   the seam of `net::backend`; TLS is a sans-IO transform
-//!   (`net::tls_stream`) inside the backend.
+//!   (`net::epoll`, `net::uring`, `net::xdp`; chosen, opened once per run
+//!   and run by `net::driver`, so a role names none) that owns every
+//!   socket, buffer and timer and drives the handler through the seam of
+//!   `net::backend`; TLS is a sans-IO transform (`net::tls_stream`) inside
+//!   the backend.
 //! - `smtp`: the protocol as sans-IO state machines (bytes and time in,
 //!   bytes, events and deadlines out).
 //! - `stats`: per-thread histograms and counters, merged once, reported as
 //!   text, JSON, .hgrm, .hlog, SVG, HTML, JUnit XML and live metrics.
-//! - `shell`: completion scripts and man pages from the clap definitions.
+//! - `units`: reading quantities as people type them (`10k`, `30s`,
+//!   `64KiB`, `5%`), for the command line and the roles' own grammars.
 
 pub mod bench;
 pub mod blast;
@@ -26,21 +33,24 @@ pub mod digest;
 pub mod net;
 pub mod offline;
 pub mod rng;
-pub mod shell;
 pub mod sink;
 pub mod smtp;
 pub mod stats;
+pub mod units;
 
-/// Run the command the flags name; returns the process exit code.
+/// Run the command the flags name; returns the process exit code. Each
+/// command's flags become its configuration (`cli::*::config`), which the
+/// role then runs.
 pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
+    use cli::Command;
     match cli.command {
-        cli::Command::Sink(a) => sink::run(&a),
-        cli::Command::Blast(a) => blast::run(&a),
-        cli::Command::Probe(a) => blast::probe::run(&a),
-        cli::Command::Bench(a) => bench::run(&a),
-        cli::Command::Merge(a) => offline::merge(&a),
-        cli::Command::Report(a) => offline::report(&a),
-        cli::Command::Completions(a) => Ok(shell::completions(&a)?),
-        cli::Command::Man(a) => Ok(shell::man(&a)?),
+        Command::Sink(a) => sink::run(cli::sink::config(&a)?),
+        Command::Blast(a) => blast::run(cli::blast::config(&a.target, &a.load)?),
+        Command::Probe(a) => blast::probe::run(cli::probe::config(&a)?),
+        Command::Bench(a) => bench::run(cli::bench::config(&a)?),
+        Command::Merge(a) => offline::merge(&a.files, &cli::offline::merge_output(&a)?),
+        Command::Report(a) => offline::report(&a.file, a.svg.as_deref(), a.html.as_deref()),
+        Command::Completions(a) => Ok(cli::shell::completions(&a)?),
+        Command::Man(a) => Ok(cli::shell::man(&a)?),
     }
 }

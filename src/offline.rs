@@ -4,39 +4,33 @@
 //! draws it as SVG or a self-contained HTML page. Exit codes follow `blast` (99 failed assertion, 3 an
 //! invalid input run unless `--allow-invalid`).
 
+use std::path::{Path, PathBuf};
+
 use anyhow::Context;
 
 use crate::blast::{self, BlastRun, OutputConfig};
-use crate::cli::{MergeArgs, ReportArgs};
 use crate::stats;
 
-/// `smtpstorm merge FILE... [--json OUT] [--assert EXPR]...`
-pub fn merge(args: &MergeArgs) -> anyhow::Result<u8> {
-    let asserts = stats::parse_assertions(&args.asserts)?;
-    let report = stats::merge_files(&args.files, &[])?;
+/// `smtpstorm merge FILE... [--json OUT] [--assert EXPR]...`: adds
+/// `files` and writes and checks the result as `out` says.
+pub fn merge(files: &[PathBuf], out: &OutputConfig) -> anyhow::Result<u8> {
+    let report = stats::merge_files(files, &[])?;
     for r in &report.invalid_reasons {
         eprintln!("smtpstorm: invalid run: {r}");
     }
-    let out = OutputConfig {
-        json: args.json.clone(),
-        junit: args.junit.clone(),
-        asserts,
-        allow_invalid: args.allow_invalid,
-        ..OutputConfig::default()
-    };
     blast::finish(
         BlastRun {
             report,
             errors: Vec::new(),
             interrupted: false,
         },
-        &out,
+        out,
     )
 }
 
 /// `smtpstorm report FILE.json [--svg OUT] [--html OUT]`
-pub fn report(args: &ReportArgs) -> anyhow::Result<u8> {
-    let report = stats::load_report(&args.file)?;
+pub fn report(file: &Path, svg: Option<&Path>, html: Option<&Path>) -> anyhow::Result<u8> {
+    let report = stats::load_report(file)?;
     let mut out = std::io::stdout().lock();
     if let Err(e) = stats::write_summary(&report, &mut out) {
         // A closed pipe (`| head`) is not an error.
@@ -44,10 +38,10 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<u8> {
             return Err(e.into());
         }
     }
-    if let Some(svg) = &args.svg {
+    if let Some(svg) = svg {
         stats::write_svg(&report, svg).with_context(|| format!("drawing {}", svg.display()))?;
     }
-    if let Some(html) = &args.html {
+    if let Some(html) = html {
         stats::write_html(&report, html)?;
     }
     Ok(0)

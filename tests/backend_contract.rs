@@ -197,9 +197,8 @@ fn serve(io: Io, mode: Mode, implicit: bool, stop_after_closed: usize) -> (Socke
             stop: StopSignal::new(),
             read_buf_bytes: 16 * 1024,
         track_waiting: false,
-        xdp: None,
         };
-        driver::run(io, setup, &mut h).unwrap();
+        driver::run(driver::ThreadTransport::kernel(io), setup, &mut h).unwrap();
     });
     (addr, log, t)
 }
@@ -435,9 +434,8 @@ fn dial(io: Io, target: SocketAddr) -> Vec<String> {
         stop: StopSignal::new(),
         read_buf_bytes: 4096,
         track_waiting: false,
-        xdp: None,
     };
-    driver::run(io, setup, &mut h).unwrap();
+    driver::run(driver::ThreadTransport::kernel(io), setup, &mut h).unwrap();
     let r = result.lock().unwrap().clone();
     r
 }

@@ -46,9 +46,8 @@ fn serve<H: Handler + Send + 'static>(
             stop: StopSignal::new(),
             read_buf_bytes: 16 * 1024,
             track_waiting: false,
-            xdp: None,
         };
-        driver::run(io, setup, &mut h).expect("the loop failed");
+        driver::run(driver::ThreadTransport::kernel(io), setup, &mut h).expect("the loop failed");
         h
     })
 }

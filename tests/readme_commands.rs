@@ -8,9 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, Parser};
-use smtpstorm::blast::config::BlastConfig;
-use smtpstorm::cli::{Cli, Command};
-use smtpstorm::sink::config::SinkConfig;
+use smtpstorm::cli::{self, Cli, Command};
 
 fn readme() -> String {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
@@ -202,13 +200,13 @@ fn every_command_in_a_readme_code_block_parses_and_validates() {
             }
         };
         let checked = match &cli.command {
-            Command::Sink(a) => SinkConfig::from_args(a).map(drop).map_err(|e| e.to_string()),
+            Command::Sink(a) => cli::sink::config(a).map(drop).map_err(|e| e.to_string()),
             Command::Blast(a) => {
                 // The README's example hosts (mx.test, 192.0.2.10) stand
                 // for the reader's server: validate the flags against a
                 // resolved address instead of looking the name up.
                 let addr: SocketAddr = a.target.parse().unwrap_or_else(|_| "127.0.0.1:25".parse().unwrap());
-                BlastConfig::build(addr, addr.ip().to_string(), &a.load)
+                cli::blast::config_for(addr, addr.ip().to_string(), &a.load)
                     .map(drop)
                     .map_err(|e| e.to_string())
             }

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use smtpstorm::net::runtime::Cpus;
-use smtpstorm::sink::{self, SinkConfig};
+use smtpstorm::sink;
 
 fn connect(addr: std::net::SocketAddr) -> (BufReader<TcpStream>, TcpStream) {
     let s = TcpStream::connect(addr).unwrap();
@@ -49,7 +49,7 @@ fn session(addr: std::net::SocketAddr, messages: usize) {
 
 #[test]
 fn port_zero_is_shared_by_every_thread_and_counts_add_up() {
-    let mut cfg = SinkConfig::loopback();
+    let mut cfg = smtpstorm::cli::sink::loopback();
     cfg.cpus = Cpus::Count(2);
     let s = sink::start(cfg).unwrap();
     let addr = s.plain_addrs()[0];
@@ -70,7 +70,7 @@ fn port_zero_is_shared_by_every_thread_and_counts_add_up() {
 
 #[test]
 fn over_max_connections_gets_421_and_accepting_goes_on() {
-    let mut cfg = SinkConfig::loopback();
+    let mut cfg = smtpstorm::cli::sink::loopback();
     cfg.max_connections = 2;
     let s = sink::start(cfg).unwrap();
     let addr = s.plain_addrs()[0];
@@ -91,7 +91,7 @@ fn over_max_connections_gets_421_and_accepting_goes_on() {
 
 #[test]
 fn idle_session_times_out_with_421_and_is_counted() {
-    let mut cfg = SinkConfig::loopback();
+    let mut cfg = smtpstorm::cli::sink::loopback();
     cfg.server.timeouts.command = Duration::from_millis(300);
     let s = sink::start(cfg).unwrap();
     let (mut r, _w) = connect(s.plain_addrs()[0]);
@@ -107,7 +107,7 @@ fn idle_session_times_out_with_421_and_is_counted() {
 
 #[test]
 fn delay_fault_holds_the_reply_for_its_time() {
-    let mut cfg = SinkConfig::loopback();
+    let mut cfg = smtpstorm::cli::sink::loopback();
     cfg.faults = vec![smtpstorm::cli::parse_fault("ehlo:delay=300ms").unwrap()];
     let s = sink::start(cfg).unwrap();
     let (mut r, mut w) = connect(s.plain_addrs()[0]);
@@ -127,7 +127,7 @@ fn delay_fault_holds_the_reply_for_its_time() {
 
 #[test]
 fn exit_after_messages_stops_the_sink_by_itself() {
-    let mut cfg = SinkConfig::loopback();
+    let mut cfg = smtpstorm::cli::sink::loopback();
     cfg.exit_after_messages = Some(2);
     let s = sink::start(cfg).unwrap();
     session(s.plain_addrs()[0], 2);
@@ -139,7 +139,7 @@ fn exit_after_messages_stops_the_sink_by_itself() {
 
 #[test]
 fn proxy_header_comes_before_the_greeting() {
-    let mut cfg = SinkConfig::loopback();
+    let mut cfg = smtpstorm::cli::sink::loopback();
     cfg.server.proxy_protocol = true;
     let s = sink::start(cfg).unwrap();
     let (mut r, mut w) = connect(s.plain_addrs()[0]);
@@ -153,7 +153,7 @@ fn proxy_header_comes_before_the_greeting() {
 
 #[test]
 fn lmtp_answers_once_per_recipient_after_data() {
-    let mut cfg = SinkConfig::loopback();
+    let mut cfg = smtpstorm::cli::sink::loopback();
     cfg.server.lmtp = true;
     let s = sink::start(cfg).unwrap();
     let (mut r, mut w) = connect(s.plain_addrs()[0]);

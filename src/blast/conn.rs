@@ -87,7 +87,7 @@ pub enum State {
 
 /// What a call works with: the run's settings, the backend, the
 /// observer, and a scratch buffer for the session's output.
-pub struct Io<'a, B, O> {
+pub struct ConnCtx<'a, B, O> {
     pub cfg: &'a ConnConfig,
     pub be: &'a mut B,
     pub obs: &'a mut O,
@@ -212,66 +212,66 @@ impl BlastConn {
     /// The connect ended: `Ok`, or the error (the id is gone then).
     pub fn connected<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
         result: std::io::Result<()>,
     ) -> State {
         if let Err(e) = result {
-            io.obs.error(format!("connect: {e}"));
-            self.fail(io.obs, Outcome::ConnectionError);
+            cx.obs.error(format!("connect: {e}"));
+            self.fail(cx.obs, Outcome::ConnectionError);
             return State::Done;
         }
-        self.driver_phase(io.obs, Phase::Connect, self.started, now);
-        if let Some(v) = io.cfg.proxy {
+        self.driver_phase(cx.obs, Phase::Connect, self.started, now);
+        if let Some(v) = cx.cfg.proxy {
             let src = self.identity.proxy_source.unwrap_or_else(|| {
-                io.be
+                cx.be
                     .local_addr(id)
                     .unwrap_or(SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)))
             });
-            io.out.clear();
+            cx.out.clear();
             match v {
-                ProxyVersion::V1 => crate::smtp::proxy::write_v1(src, io.cfg.target, io.out),
-                ProxyVersion::V2 => crate::smtp::proxy::write_v2(src, io.cfg.target, io.out),
+                ProxyVersion::V1 => crate::smtp::proxy::write_v1(src, cx.cfg.target, cx.out),
+                ProxyVersion::V2 => crate::smtp::proxy::write_v2(src, cx.cfg.target, cx.out),
             }
-            io.be.write(id, io.out);
+            cx.be.write(id, cx.out);
         }
-        if io.cfg.implicit_tls {
-            let started = match &io.cfg.tls {
-                Some((c, name)) => io
+        if cx.cfg.implicit_tls {
+            let started = match &cx.cfg.tls {
+                Some((c, name)) => cx
                     .be
                     .start_tls(id, TlsSide::Client(Arc::clone(c), name.clone())),
                 None => Err(std::io::Error::other("no TLS configuration")),
             };
             if let Err(e) = started {
-                io.obs.error(format!("TLS: {e}"));
-                self.fail(io.obs, Outcome::ConnectionError);
-                io.be.close(id, Close::Abort);
+                cx.obs.error(format!("TLS: {e}"));
+                self.fail(cx.obs, Outcome::ConnectionError);
+                cx.be.close(id, Close::Abort);
                 return State::Done;
             }
             self.tls_started = Some(now);
-            self.timer_at = Some(now + io.cfg.timeout);
-            io.be.set_deadline(id, self.timer_at);
+            self.timer_at = Some(now + cx.cfg.timeout);
+            cx.be.set_deadline(id, self.timer_at);
             return State::Busy;
         }
-        self.start_session(io, id, now);
-        self.after(io, id, now)
+        self.start_session(cx, id, now);
+        self.after(cx, id, now)
     }
 
     fn start_session<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
     ) {
         let pending = std::mem::take(&mut self.pending);
-        let client = Arc::clone(&io.cfg.client);
+        let client = Arc::clone(&cx.cfg.client);
         let mut session = if self.open {
             let mut s = ClientSession::open(client, now, Some(self.intended));
             for (m, intended) in pending {
                 s.push_message(now, m, intended);
             }
-            if self.given >= io.cfg.messages_per_session {
+            if self.given >= cx.cfg.messages_per_session {
                 s.handle_no_more_messages(now);
             }
             s
@@ -279,7 +279,7 @@ impl BlastConn {
             ClientSession::new(client, pending.into_iter().map(|(m, _)| m).collect(), now)
         };
         session.set_xclient(self.identity.xclient.take());
-        self.out_base = io.be.app_bytes_in(id);
+        self.out_base = cx.be.app_bytes_in(id);
         self.session = Some(session);
     }
 
@@ -287,28 +287,28 @@ impl BlastConn {
     /// the session starts now).
     pub fn tls_ready<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
     ) -> State {
-        self.tls = io.be.tls_state(id);
+        self.tls = cx.be.tls_state(id);
         match &mut self.session {
             Some(s) => s.handle_tls_established(now),
             None => {
                 if let Some(t0) = self.tls_started {
                     // Implicit TLS: the handshake is the `starttls` phase.
-                    self.driver_phase(io.obs, Phase::StartTls, t0, now);
+                    self.driver_phase(cx.obs, Phase::StartTls, t0, now);
                 }
-                self.start_session(io, id, now);
+                self.start_session(cx, id, now);
             }
         }
-        self.after(io, id, now)
+        self.after(cx, id, now)
     }
 
     /// Plaintext from the server.
     pub fn input<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
         plain: &[u8],
@@ -316,45 +316,49 @@ impl BlastConn {
         if let Some(s) = &mut self.session {
             s.handle_input(now, plain);
         }
-        self.after(io, id, now)
+        self.after(cx, id, now)
     }
 
     /// The server closed its side.
     pub fn peer_closed<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
     ) -> State {
         match &mut self.session {
             Some(s) => s.handle_close(now),
             None => {
-                io.obs
+                cx.obs
                     .error("connection closed during the TLS handshake".into());
-                self.fail(io.obs, Outcome::ConnectionError);
-                io.be.close(id, Close::Abort);
+                self.fail(cx.obs, Outcome::ConnectionError);
+                cx.be.close(id, Close::Abort);
                 return State::Done;
             }
         }
-        self.after(io, id, now)
+        self.after(cx, id, now)
     }
 
     /// Output left: tell the session (stamped with the time it left:
     /// writing a large body takes a while within one turn of the loop),
     /// and queue the next piece.
-    pub fn written<B: Backend, O: Observer>(&mut self, io: &mut Io<'_, B, O>, id: ConnId) -> State {
+    pub fn written<B: Backend, O: Observer>(
+        &mut self,
+        cx: &mut ConnCtx<'_, B, O>,
+        id: ConnId,
+    ) -> State {
         let Some(s) = &mut self.session else {
             return State::Busy;
         };
         let now = Instant::now();
-        s.handle_written(now, io.be.app_bytes_sent(id) - self.out_base);
-        self.after(io, id, now)
+        s.handle_written(now, cx.be.app_bytes_sent(id) - self.out_base);
+        self.after(cx, id, now)
     }
 
     /// The deadline passed.
     pub fn timer<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
     ) -> State {
@@ -367,19 +371,19 @@ impl BlastConn {
                 } else {
                     "connect"
                 };
-                io.obs.error(format!("timeout waiting for the {what}"));
-                self.fail(io.obs, Outcome::Timeout);
-                io.be.close(id, Close::Abort);
+                cx.obs.error(format!("timeout waiting for the {what}"));
+                self.fail(cx.obs, Outcome::Timeout);
+                cx.be.close(id, Close::Abort);
                 return State::Done;
             }
         }
-        self.after(io, id, now)
+        self.after(cx, id, now)
     }
 
     /// Gives an idle open session its next message.
     pub fn push<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
         msg: Message,
@@ -388,24 +392,24 @@ impl BlastConn {
         self.given += 1;
         if let Some(s) = &mut self.session {
             s.push_message(now, msg, Some(intended));
-            if self.given >= io.cfg.messages_per_session {
+            if self.given >= cx.cfg.messages_per_session {
                 s.handle_no_more_messages(now);
             }
         }
-        self.after(io, id, now)
+        self.after(cx, id, now)
     }
 
     /// No more messages for an open session: it quits once idle.
     pub fn no_more<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
     ) -> State {
         if let Some(s) = &mut self.session {
             s.handle_no_more_messages(now);
         }
-        self.after(io, id, now)
+        self.after(cx, id, now)
     }
 
     /// The connection is gone: a session that did not finish ends now (its
@@ -455,7 +459,7 @@ impl BlastConn {
     /// After any input to the session: events, STARTTLS, output, deadline.
     fn after<B: Backend, O: Observer>(
         &mut self,
-        io: &mut Io<'_, B, O>,
+        cx: &mut ConnCtx<'_, B, O>,
         id: ConnId,
         now: Instant,
     ) -> State {
@@ -467,23 +471,23 @@ impl BlastConn {
         };
         let mut done = false;
         while let Some(ev) = s.poll_event() {
-            match tell(io.obs, self.open, &mut self.outcomes, ev) {
+            match tell(cx.obs, self.open, &mut self.outcomes, ev) {
                 Ask::Nothing => {}
                 Ask::Done => done = true,
                 Ask::StartTls => {
                     // What the session queued before the 220 goes out in
                     // the clear, then the switch.
-                    io.out.clear();
-                    s.poll_transmit(now, io.out);
-                    io.be.write(id, io.out);
-                    let started = match &io.cfg.tls {
-                        Some((c, name)) => io
+                    cx.out.clear();
+                    s.poll_transmit(now, cx.out);
+                    cx.be.write(id, cx.out);
+                    let started = match &cx.cfg.tls {
+                        Some((c, name)) => cx
                             .be
                             .start_tls(id, TlsSide::Client(Arc::clone(c), name.clone())),
                         None => Err(std::io::Error::other("no TLS configuration")),
                     };
                     if let Err(e) = started {
-                        io.obs.error(format!("STARTTLS: {e}"));
+                        cx.obs.error(format!("STARTTLS: {e}"));
                         s.handle_close(now);
                     }
                 }
@@ -497,18 +501,18 @@ impl BlastConn {
             self.closing = true;
             // The session is over (QUIT answered, or it failed): drop the
             // connection now (RST with --abort-close).
-            io.be.close(id, Close::Abort);
+            cx.be.close(id, Close::Abort);
             return State::Done;
         }
         // Output: one piece at a time, refilled when it has left.
-        if io.be.pending_output(id) == 0 && s.wants_transmit() {
-            io.out.clear();
-            s.poll_transmit_max(now, io.out, OUT_CHUNK_BYTES);
-            io.be.write(id, io.out);
+        if cx.be.pending_output(id) == 0 && s.wants_transmit() {
+            cx.out.clear();
+            s.poll_transmit_max(now, cx.out, OUT_CHUNK_BYTES);
+            cx.be.write(id, cx.out);
         }
         if let Some(at) = s.poll_timeout() {
             if self.timer_at.is_none_or(|t| t > at) {
-                io.be.set_deadline(id, Some(at));
+                cx.be.set_deadline(id, Some(at));
                 self.timer_at = Some(at);
             }
         }

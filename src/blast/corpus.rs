@@ -29,8 +29,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::config::normalize_crlf;
-use super::message::{Body, Rng};
+use super::message::{normalize_crlf, Body, Rng};
 
 /// Errors of loading `--data`.
 #[derive(Debug, Error)]

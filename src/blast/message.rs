@@ -547,6 +547,23 @@ impl MessageBuilder {
     }
 }
 
+/// `\n` not preceded by `\r` becomes `\r\n`; a missing final CRLF is added.
+pub fn normalize_crlf(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len() + input.len() / 40 + 2);
+    let mut prev = 0u8;
+    for &b in input {
+        if b == b'\n' && prev != b'\r' {
+            out.push(b'\r');
+        }
+        out.push(b);
+        prev = b;
+    }
+    if !out.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,7 +673,10 @@ mod tests {
                 Template::parse(".{n}@x.test").unwrap(),
                 Template::parse(".r{n}.{r}@x.test").unwrap(),
                 3,
-                SizeRange { min: size, max: size },
+                SizeRange {
+                    min: size,
+                    max: size,
+                },
                 None,
                 7,
                 0,
@@ -706,5 +726,11 @@ mod tests {
             rfc5322_date(1_795_368_985),
             "Sun, 22 Nov 2026 17:36:25 +0000"
         );
+    }
+
+    #[test]
+    fn lf_is_normalized_to_crlf_once() {
+        assert_eq!(normalize_crlf(b"a\nb\r\nc"), b"a\r\nb\r\nc\r\n");
+        assert_eq!(normalize_crlf(b""), b"\r\n");
     }
 }

@@ -1,9 +1,9 @@
 //! The blaster role: `smtpstorm blast TARGET` (and `probe`).
 //!
-//! [`run`] validates the flags into a [`BlastConfig`], [`execute`]s the run
-//! and hands the result to [`finish`], which writes the outputs and turns
-//! assertions, baseline regressions and validity into the exit code. `bench`
-//! calls [`execute`] and [`finish`] directly with its own config.
+//! [`run`] takes the [`BlastConfig`] the command line built, [`execute`]s
+//! the run and hands the result to [`finish`], which writes the outputs and
+//! turns assertions, baseline regressions and validity into the exit code.
+//! `bench` calls [`execute`] and [`finish`] directly with its own config.
 //!
 //! [`execute`] spawns one pinned worker per CPU ([`worker`]), each owning its
 //! connections, timers and [`crate::stats::Recorder`]. Once a second every
@@ -41,25 +41,23 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 
-use crate::cli::BlastArgs;
+use crate::net::driver::Transport;
 use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
     baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
-    CpuUsage,
-    HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements, MetricsServer,
-    OpenLoopReport, Report,
-    ReportInput, Role,
+    CpuUsage, HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements,
+    MetricsServer, OpenLoopReport, Report, ReportInput, Role,
 };
 
 pub use config::{BlastConfig, LoadModel, OutputConfig};
-use worker::{run_worker, OpenLoopCounts, RunClock, Tick};
+use worker::{run_worker, OpenLoopCounts, RunClock, ThreadSnapshot};
 
 /// Exit code: a failed `--assert` or `--baseline` regression.
 pub const EXIT_ASSERT: u8 = 99;
 /// Exit code: the run could not keep its schedule (without `--allow-invalid`).
 pub const EXIT_INVALID: u8 = 3;
 /// An open-loop thread busy more than this share of the measured window
-/// (not waiting in `epoll_wait`) is saturated: the run is invalid.
+/// (not waiting for events in its backend) is saturated: the run is invalid.
 pub const SATURATED_BUSY: f64 = 0.9;
 
 /// Exit code: the target accepted no message at all.
@@ -76,8 +74,7 @@ pub struct BlastRun {
 }
 
 /// `smtpstorm blast`: the exit code (0, 3 invalid, 99 failed assertion).
-pub fn run(args: &BlastArgs) -> anyhow::Result<u8> {
-    let cfg = BlastConfig::from_args(&args.target, &args.load)?;
+pub fn run(cfg: BlastConfig) -> anyhow::Result<u8> {
     let output = cfg.output.clone();
     let run = execute(cfg)?;
     finish(run, &output)
@@ -126,17 +123,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     if cfg.starttls || cfg.implicit_tls {
         crate::net::tls::install_crypto_provider();
     }
-    let mut hlog = match &cfg.output.hlog {
-        None => None,
-        Some(p) => {
-            let f = std::fs::File::create(p)
-                .with_context(|| format!("cannot create --hlog {}", p.display()))?;
-            Some(HlogWriter::new(
-                std::io::BufWriter::new(f),
-                SystemTime::now() + cfg.warmup,
-            )?)
-        }
-    };
+    let mut hlog = open_hlog(&cfg)?;
     let start = Instant::now();
     let measure_start = start + cfg.warmup;
     let clock = RunClock {
@@ -149,72 +136,26 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     let mut progress = progress::Progress::new(&cfg);
     // Live metrics: fed below from the merged snapshots, once a second.
     let live = LiveMetrics::new(Role::Blast);
-    let _metrics_server = match cfg.output.metrics_listen {
-        None => None,
-        Some(addr) => {
-            let s = MetricsServer::start(addr, Arc::clone(&live))?;
-            if !cfg.output.quiet {
-                eprintln!("smtpstorm: metrics on http://{}/metrics and /stats", s.addr());
-            }
-            Some(s)
-        }
-    };
-    let xdp = match &cfg.xdp {
-        Some(opts) if cfg.io == crate::net::driver::Io::Xdp => {
-            Some(crate::net::xdp::XdpRun::open(opts, threads, &[], true)?)
-        }
-        _ => None,
-    };
+    let _metrics_server = serve_metrics(&cfg.output, &live)?;
+    let transport = Transport::open(&cfg.io, threads, &[], true)?;
     let cfg = Arc::new(cfg);
-    let (tx, rx) = mpsc::channel::<Tick>();
+    let (tx, rx) = mpsc::channel::<ThreadSnapshot>();
     let workers = {
         let cfg = Arc::clone(&cfg);
         let clock = clock.clone();
         spawn_workers(&cfg.cpus.clone(), "blast", &stop, move |ctx| {
-            let x = crate::net::xdp::thread_setup(&xdp, ctx.index);
-            run_worker(ctx, Arc::clone(&cfg), clock.clone(), body.clone(), tx.clone(), x)
+            let t = transport.thread(ctx.index);
+            run_worker(
+                ctx,
+                Arc::clone(&cfg),
+                clock.clone(),
+                body.clone(),
+                tx.clone(),
+                t,
+            )
         })?
     };
-    // Merge each second's snapshots once every thread has sent its own.
-    let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
-    let mut merger = IntervalMerger::new();
-    let mut open_by_thread = vec![0usize; threads];
-    let mut absorb =
-        |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<_>>| -> anyhow::Result<()> {
-            merger.absorb(snap);
-            live.absorb(snap);
-            if let Some(h) = hlog {
-                h.write_snapshot(snap)?;
-            }
-            progress.interval(snap);
-            Ok(())
-        };
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(tick) => {
-                if let Some(o) = open_by_thread.get_mut(tick.thread) {
-                    *o = tick.open_connections;
-                }
-                live.set_open_connections(open_by_thread.iter().sum::<usize>() as u64);
-                let entry = pending
-                    .entry(tick.index)
-                    .or_insert_with(|| (0, tick.snapshot.clone()));
-                if entry.0 > 0 {
-                    entry.1.merge(&tick.snapshot);
-                }
-                entry.0 += 1;
-                if entry.0 == threads {
-                    let (_, snap) = pending.remove(&tick.index).unwrap_or((0, tick.snapshot));
-                    absorb(&snap, &mut hlog)?;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    for (_, (_, snap)) in std::mem::take(&mut pending) {
-        absorb(&snap, &mut hlog)?;
-    }
+    let merger = merge_snapshots(&rx, threads, &live, &mut hlog, &mut progress)?;
     progress.finish();
     live.finish();
     let results = workers.join()?;
@@ -223,27 +164,12 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         h.finish()?;
     }
     let cpu = process_cpu().since(&cpu_start);
-    let mut m = Measurements::default();
-    let mut errors = Vec::new();
-    let mut interrupted = false;
-    let mut open = OpenLoopCounts::default();
-    let mut fatal = None;
-    for r in &results {
-        m.merge(&r.measurements);
-        for e in &r.errors {
-            if errors.len() < 5 && !errors.contains(e) {
-                errors.push(e.clone());
-            }
-        }
-        interrupted |= r.interrupted;
-        open.add(&r.open_loop);
-        if fatal.is_none() {
-            fatal = r.fatal.clone();
-        }
-    }
-    if let Some(f) = fatal {
-        anyhow::bail!(f);
-    }
+    let Merged {
+        m,
+        errors,
+        interrupted,
+        open,
+    } = Merged::of(&results)?;
     debug_assert_eq!(
         m.counts.messages_attempted,
         m.counts.messages_accepted
@@ -266,24 +192,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
             eprintln!("smtpstorm: every session timed out on port 25: {hint}");
         }
     }
-    let mut invalid_reasons = Vec::new();
-    if interrupted {
-        eprintln!("smtpstorm: interrupted; reporting what was measured so far");
-    }
-    let open_loop = match cfg.model {
-        LoadModel::Closed => None,
-        LoadModel::Open { messages_per_sec } => {
-            let (report, reasons) = judge_open_loop(&open, messages_per_sec, duration_secs, &m, &cfg);
-            invalid_reasons.extend(reasons);
-            Some(report)
-        }
-    };
-    for r in &invalid_reasons {
-        eprintln!("smtpstorm: invalid run: {r}");
-    }
-    if let Some(o) = open_loop.as_ref().filter(|o| o.bottleneck == Bottleneck::Target) {
-        eprintln!("smtpstorm: {}", target_bottleneck_line(o));
-    }
+    let (invalid_reasons, open_loop) = verdict(&cfg, &open, duration_secs, &m, interrupted);
     let (_, timeline) = merger.into_parts();
     let mut report = Report::build(ReportInput {
         role: Role::Blast,
@@ -302,6 +211,167 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         errors,
         interrupted,
     })
+}
+
+/// `--hlog`: the interval log, stamped from the end of the warmup.
+fn open_hlog(
+    cfg: &BlastConfig,
+) -> anyhow::Result<Option<HlogWriter<std::io::BufWriter<std::fs::File>>>> {
+    let Some(p) = &cfg.output.hlog else {
+        return Ok(None);
+    };
+    let f = std::fs::File::create(p)
+        .with_context(|| format!("cannot create --hlog {}", p.display()))?;
+    Ok(Some(HlogWriter::new(
+        std::io::BufWriter::new(f),
+        SystemTime::now() + cfg.warmup,
+    )?))
+}
+
+/// `--metrics-listen`: serves `live` until the server is dropped.
+fn serve_metrics(
+    output: &OutputConfig,
+    live: &Arc<LiveMetrics>,
+) -> anyhow::Result<Option<MetricsServer>> {
+    let Some(addr) = output.metrics_listen else {
+        return Ok(None);
+    };
+    let s = MetricsServer::start(addr, Arc::clone(live))?;
+    if !output.quiet {
+        eprintln!(
+            "smtpstorm: metrics on http://{}/metrics and /stats",
+            s.addr()
+        );
+    }
+    Ok(Some(s))
+}
+
+/// Receives the workers' snapshots until every worker ended, merging each
+/// second's once every thread has sent its own (what is left, at the end),
+/// and feeds each merged second to the live metrics, `--hlog` and the
+/// progress line. Returns the merged timeline.
+fn merge_snapshots<W: Write>(
+    rx: &mpsc::Receiver<ThreadSnapshot>,
+    threads: usize,
+    live: &LiveMetrics,
+    hlog: &mut Option<HlogWriter<W>>,
+    progress: &mut progress::Progress,
+) -> anyhow::Result<IntervalMerger> {
+    let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
+    let mut merger = IntervalMerger::new();
+    let mut open_by_thread = vec![0usize; threads];
+    let mut absorb =
+        |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<W>>| -> anyhow::Result<()> {
+            merger.absorb(snap);
+            live.absorb(snap);
+            if let Some(h) = hlog {
+                h.write_snapshot(snap)?;
+            }
+            progress.interval(snap);
+            Ok(())
+        };
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(msg) => {
+                if let Some(o) = open_by_thread.get_mut(msg.thread) {
+                    *o = msg.open_connections;
+                }
+                live.set_open_connections(open_by_thread.iter().sum::<usize>() as u64);
+                let entry = pending
+                    .entry(msg.index)
+                    .or_insert_with(|| (0, msg.snapshot.clone()));
+                if entry.0 > 0 {
+                    entry.1.merge(&msg.snapshot);
+                }
+                entry.0 += 1;
+                if entry.0 == threads {
+                    let (_, snap) = pending.remove(&msg.index).unwrap_or((0, msg.snapshot));
+                    absorb(&snap, hlog)?;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for (_, (_, snap)) in std::mem::take(&mut pending) {
+        absorb(&snap, hlog)?;
+    }
+    Ok(merger)
+}
+
+/// The workers' results added up.
+struct Merged {
+    m: Measurements,
+    /// The first few distinct session errors.
+    errors: Vec<String>,
+    interrupted: bool,
+    open: OpenLoopCounts,
+}
+
+impl Merged {
+    /// Adds up `results`; a worker's fatal error ends the run.
+    fn of(results: &[worker::WorkerResult]) -> anyhow::Result<Merged> {
+        let mut m = Measurements::default();
+        let mut errors = Vec::new();
+        let mut interrupted = false;
+        let mut open = OpenLoopCounts::default();
+        let mut fatal = None;
+        for r in results {
+            m.merge(&r.measurements);
+            for e in &r.errors {
+                if errors.len() < 5 && !errors.contains(e) {
+                    errors.push(e.clone());
+                }
+            }
+            interrupted |= r.interrupted;
+            open.add(&r.open_loop);
+            if fatal.is_none() {
+                fatal = r.fatal.clone();
+            }
+        }
+        if let Some(f) = fatal {
+            anyhow::bail!(f);
+        }
+        Ok(Merged {
+            m,
+            errors,
+            interrupted,
+            open,
+        })
+    }
+}
+
+/// Whether the run is valid, and the open loop's report section; says on
+/// stderr why not, and when the target was the bottleneck.
+fn verdict(
+    cfg: &BlastConfig,
+    open: &OpenLoopCounts,
+    duration_secs: f64,
+    m: &Measurements,
+    interrupted: bool,
+) -> (Vec<String>, Option<OpenLoopReport>) {
+    let mut invalid_reasons = Vec::new();
+    if interrupted {
+        eprintln!("smtpstorm: interrupted; reporting what was measured so far");
+    }
+    let open_loop = match cfg.model {
+        LoadModel::Closed => None,
+        LoadModel::Open { messages_per_sec } => {
+            let (report, reasons) = judge_open_loop(open, messages_per_sec, duration_secs, &m, cfg);
+            invalid_reasons.extend(reasons);
+            Some(report)
+        }
+    };
+    for r in &invalid_reasons {
+        eprintln!("smtpstorm: invalid run: {r}");
+    }
+    if let Some(o) = open_loop
+        .as_ref()
+        .filter(|o| o.bottleneck == Bottleneck::Target)
+    {
+        eprintln!("smtpstorm: {}", target_bottleneck_line(o));
+    }
+    (invalid_reasons, open_loop)
 }
 
 /// What stderr says when messages waited for a free connection: the

@@ -17,30 +17,46 @@
 //! setup is timed as a phase.
 
 use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::cli::{AuthMechArg, ProbeArgs};
 use crate::net::backend::Setup;
-use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, Tick as LoopTick};
+use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, Tick};
 use crate::net::driver;
 use crate::net::runtime::StopSignal;
 use crate::net::tls::{self, TlsInfo};
-use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
+use crate::smtp::client::{ClientAuth, ClientConfig, PipeliningMode};
 use crate::smtp::{ClientTimeouts, CommandKind, Outcome, Phase};
 
-use super::config::resolve_target;
-use super::conn::{BlastConn, ConnConfig, Io, Observer};
+use super::conn::{BlastConn, ConnConfig, ConnCtx, Observer};
 use super::identity::Identity;
+
+/// What one probe does (`smtpstorm probe`, built by `cli::probe`).
+#[derive(Clone, Debug)]
+pub struct ProbeConfig {
+    pub target: SocketAddr,
+    /// Host name as given (for TLS SNI).
+    pub target_host: String,
+    /// Upgrade with STARTTLS.
+    pub starttls: bool,
+    /// Implicit TLS (465-style).
+    pub implicit_tls: bool,
+    pub helo: String,
+    pub auth: Option<ClientAuth>,
+    /// Bound of each step (and 8 times it, of the whole session).
+    pub timeout: Duration,
+    /// `--json`: where the findings go (`-`: stdout).
+    pub json: Option<PathBuf>,
+}
 
 /// Why a probe could not run at all.
 #[derive(Debug, Error)]
 pub enum ProbeError {
-    #[error("{0}")]
-    Config(#[from] super::config::ConfigError),
     #[error("TLS setup: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("{0}")]
@@ -133,10 +149,10 @@ pub fn port25_hint(port: u16) -> Option<String> {
 
 /// `smtpstorm probe`: prints the findings; exit 0 if the session went
 /// through, 2 if it failed.
-pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
-    let report = probe(args)?;
+pub fn run(cfg: ProbeConfig) -> anyhow::Result<u8> {
+    let report = probe(&cfg)?;
     print_report(&report, &mut io::stdout().lock())?;
-    if let Some(p) = &args.json {
+    if let Some(p) = &cfg.json {
         let text = serde_json::to_string_pretty(&report)? + "\n";
         if p.as_os_str() == "-" {
             print!("{text}");
@@ -314,16 +330,16 @@ impl ProbeHandler {
     fn with_conn<B: Backend>(
         &mut self,
         be: &mut B,
-        f: impl FnOnce(&mut BlastConn, &mut Io<'_, B, ProbeObs>, ConnId),
+        f: impl FnOnce(&mut BlastConn, &mut ConnCtx<'_, B, ProbeObs>, ConnId),
     ) {
         if let Some((id, c)) = &mut self.conn {
-            let mut io = Io {
+            let mut cx = ConnCtx {
                 cfg: &self.cfg,
                 be,
                 obs: &mut self.obs,
                 out: &mut self.out,
             };
-            f(c, &mut io, *id);
+            f(c, &mut cx, *id);
         }
     }
 }
@@ -400,7 +416,7 @@ impl Handler for ProbeHandler {
         self.done = true;
     }
 
-    fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> LoopTick {
+    fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> Tick {
         if !self.started {
             self.started = true;
             match be.connect(self.target, ConnectOpts::default()) {
@@ -420,37 +436,31 @@ impl Handler for ProbeHandler {
             self.obs.r.error.get_or_insert("timed out".into());
             self.done = true;
         }
-        LoopTick {
+        Tick {
             wake_at: Some(self.hard_deadline),
             stop: self.done,
         }
     }
 }
 
-pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
-    let (addr, host) = resolve_target(&args.target)?;
-    let timeout = args.timeout;
-    let tls_cfg = if args.tls || args.starttls {
+/// Runs one probe session and returns its findings.
+pub fn probe(cfg: &ProbeConfig) -> Result<ProbeReport, ProbeError> {
+    let addr = cfg.target;
+    let timeout = cfg.timeout;
+    let tls_cfg = if cfg.implicit_tls || cfg.starttls {
         Some((
             tls::client_config(&tls::ClientVerify::Off, 0)?,
-            tls::server_name(&host)?,
+            tls::server_name(&cfg.target_host)?,
         ))
     } else {
         None
     };
     let client = Arc::new(ClientConfig {
-        helo_name: args.helo.clone(),
+        helo_name: cfg.helo.clone(),
         pipelining: PipeliningMode::Off,
-        starttls: args.starttls,
-        implicit_tls: args.tls,
-        auth: args.auth.as_ref().map(|(user, pass)| ClientAuth {
-            mech: match args.auth_mech {
-                AuthMechArg::Plain => AuthMech::Plain,
-                AuthMechArg::Login => AuthMech::Login,
-            },
-            user: user.clone(),
-            pass: pass.clone(),
-        }),
+        starttls: cfg.starttls,
+        implicit_tls: cfg.implicit_tls,
+        auth: cfg.auth.clone(),
         timeouts: ClientTimeouts::uniform(timeout),
         capture_text: true,
         ..ClientConfig::default()
@@ -460,7 +470,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         cfg: ConnConfig {
             client,
             tls: tls_cfg,
-            implicit_tls: args.tls,
+            implicit_tls: cfg.implicit_tls,
             proxy: None,
             target: addr,
             timeout,
@@ -471,7 +481,7 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
                 target: addr.to_string(),
                 ..Default::default()
             },
-            implicit_tls: args.tls,
+            implicit_tls: cfg.implicit_tls,
             tls_up: false,
         },
         out: Vec::new(),
@@ -488,16 +498,19 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         stop: StopSignal::new(),
         read_buf_bytes: 16 * 1024,
         track_waiting: false,
-        xdp: None,
     };
-    driver::run(driver::Io::Epoll, setup, &mut h)?;
+    driver::run(
+        driver::ThreadTransport::kernel(driver::Io::Epoll),
+        setup,
+        &mut h,
+    )?;
     let mut r = h.obs.r;
     if !r.connected() {
         // A connection that never opened prints its error alone.
         return Ok(r);
     }
     r.phase("total", ms(t0.elapsed()));
-    if args.auth.is_some() && r.auth_code.is_some_and(|c| c / 100 != 2) {
+    if cfg.auth.is_some() && r.auth_code.is_some_and(|c| c / 100 != 2) {
         r.error
             .get_or_insert(format!("AUTH refused ({})", r.auth_code.unwrap_or(0)));
     }

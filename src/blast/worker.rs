@@ -1,5 +1,6 @@
 //! One blaster thread: a [`BlastHandler`] driven by the thread's backend
-//! ([`crate::net::epoll`]), with its own connections ([`BlastConn`], the
+//! (whichever the run's [`driver::ThreadTransport`] names: epoll, io_uring
+//! or AF_XDP), with its own connections ([`BlastConn`], the
 //! per-connection logic with no I/O type in it), message builder and
 //! [`Recorder`]; it shares only the stop signal with the others.
 //!
@@ -45,9 +46,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::backend::Setup;
-use crate::net::backend::{
-    Backend, Closed, ConnId, ConnectOpts, Handler, Tick as LoopTick, TlsState,
-};
+use crate::net::backend::{Backend, Closed, ConnId, ConnectOpts, Handler, Tick, TlsState};
 use crate::net::driver;
 use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::net::{socket, tls};
@@ -56,7 +55,7 @@ use crate::smtp::{CommandKind, Outcome, Phase};
 use crate::stats::{IntervalSnapshot, Measurements, Recorder};
 
 use super::config::{share, BlastConfig, LoadModel};
-use super::conn::{BlastConn, ConnConfig, Io, Observer, State};
+use super::conn::{BlastConn, ConnConfig, ConnCtx, Observer, State};
 use super::message::{Body, MessageBuilder};
 use super::schedule::Schedule;
 
@@ -78,7 +77,7 @@ pub struct RunClock {
 
 /// One interval snapshot of one thread, for the main thread.
 #[derive(Debug)]
-pub struct Tick {
+pub struct ThreadSnapshot {
     pub thread: usize,
     /// Interval number (second `index` after `measure_start`).
     pub index: u64,
@@ -231,7 +230,7 @@ struct BlastHandler {
     grace_until: Option<Instant>,
     /// `Backend::waited` when the measured window began.
     waited_at_start: Duration,
-    ticks: Sender<Tick>,
+    snapshots: Sender<ThreadSnapshot>,
 }
 
 /// Runs one worker to the end of the run. `body`: the body shared by every
@@ -241,8 +240,8 @@ pub fn run_worker(
     cfg: Arc<BlastConfig>,
     clock: RunClock,
     body: Option<Arc<Body>>,
-    ticks: Sender<Tick>,
-    xdp: Option<crate::net::xdp::XdpThread>,
+    snapshots: Sender<ThreadSnapshot>,
+    transport: driver::ThreadTransport,
 ) -> WorkerResult {
     let fail = |e: String| {
         ctx.stop.stop();
@@ -256,14 +255,12 @@ pub fn run_worker(
         stop: ctx.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
         track_waiting: matches!(cfg.model, LoadModel::Open { .. }),
-        xdp,
     };
-    let io = cfg.io;
-    let mut h = match BlastHandler::new(&ctx, cfg, clock, body, ticks) {
+    let mut h = match BlastHandler::new(&ctx, cfg, clock, body, snapshots) {
         Ok(h) => h,
         Err(e) => return fail(e.to_string()),
     };
-    match driver::run(io, setup, &mut h) {
+    match driver::run(transport, setup, &mut h) {
         Ok(stats) => h.finish(stats.waited),
         Err(e) => {
             h.result
@@ -280,7 +277,7 @@ impl BlastHandler {
         cfg: Arc<BlastConfig>,
         clock: RunClock,
         body: Option<Arc<Body>>,
-        ticks: Sender<Tick>,
+        snapshots: Sender<ThreadSnapshot>,
     ) -> io::Result<Self> {
         let (i, n) = (ctx.index as u64, ctx.count as u64);
         let tls = if cfg.implicit_tls || cfg.starttls {
@@ -360,7 +357,7 @@ impl BlastHandler {
             tick_index: 0,
             grace_until: None,
             waited_at_start: Duration::ZERO,
-            ticks,
+            snapshots,
             cfg,
         })
     }
@@ -378,16 +375,16 @@ impl BlastHandler {
         &mut self,
         be: &mut B,
         id: ConnId,
-        f: impl FnOnce(&mut BlastConn, &mut Io<'_, B, Obs>) -> R,
+        f: impl FnOnce(&mut BlastConn, &mut ConnCtx<'_, B, Obs>) -> R,
     ) -> Option<R> {
         let c = self.conns.get_mut(id)?.as_mut()?;
-        let mut io = Io {
+        let mut cx = ConnCtx {
             cfg: &self.conn_cfg,
             be,
             obs: &mut self.obs,
             out: &mut self.out,
         };
-        Some(f(c, &mut io))
+        Some(f(c, &mut cx))
     }
 
     /// What a callback left the connection as.
@@ -421,7 +418,7 @@ impl BlastHandler {
                 .obs
                 .rec
                 .take_interval(start_offset, partial.min(Duration::from_secs(1)));
-            let _ = self.ticks.send(Tick {
+            let _ = self.snapshots.send(ThreadSnapshot {
                 thread: self.index,
                 index: self.tick_index,
                 snapshot: snap,
@@ -722,7 +719,7 @@ impl Handler for BlastHandler {
         }
     }
 
-    fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> LoopTick {
+    fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> Tick {
         if !self.measuring && now >= self.clock.measure_start {
             // Everything before this instant was warmup.
             self.measuring = true;
@@ -734,7 +731,7 @@ impl Handler for BlastHandler {
                 .obs
                 .rec
                 .take_interval(Duration::from_secs(self.tick_index), Duration::from_secs(1));
-            let _ = self.ticks.send(Tick {
+            let _ = self.snapshots.send(ThreadSnapshot {
                 thread: self.index,
                 index: self.tick_index,
                 snapshot: snap,
@@ -743,7 +740,7 @@ impl Handler for BlastHandler {
             self.tick_index += 1;
             self.next_tick += Duration::from_secs(1);
         }
-        let stop = LoopTick {
+        let stop = Tick {
             wake_at: None,
             stop: true,
         };
@@ -793,7 +790,7 @@ impl Handler for BlastHandler {
         if let Some(g) = self.grace_until {
             wake = wake.min(g);
         }
-        LoopTick {
+        Tick {
             wake_at: Some(wake),
             stop: false,
         }

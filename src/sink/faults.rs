@@ -16,11 +16,13 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::smtp::server::{CommandInfo, Verdict};
 use crate::smtp::CommandKind;
+use crate::units::{parse_count, parse_duration, parse_percent};
 
 /// The SMTP step a fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -60,6 +62,94 @@ pub struct FaultSpec {
     pub action: FaultAction,
     /// Probability in 0..=1 that the fault fires.
     pub probability: f64,
+}
+
+impl FromStr for FaultSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_fault(s)
+    }
+}
+
+/// Grammar: `POINT:ACTION[:PROBABILITY]` where POINT is one of connect, ehlo
+/// (also helo/lhlo), mail, rcpt, data, dot (also bdat), quit and ACTION is a
+/// reply code (4xx/5xx), `disconnect`, `disconnect421`, `delay=D` or
+/// `delay=D..D`, `greylist[=WINDOW]`, `ratelimit=N`.
+pub fn parse_fault(s: &str) -> Result<FaultSpec, String> {
+    let form = "expected POINT:ACTION[:PCT] like rcpt:451:5%, data:disconnect:1%, \
+                ehlo:delay=200ms, rcpt:greylist or connect:ratelimit=100";
+    let err = |why: &str| format!("{why} in `{s}`; {form}");
+    let mut parts = s.split(':');
+    let point = match parts
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "connect" => FaultPoint::Connect,
+        "ehlo" | "helo" | "lhlo" => FaultPoint::Ehlo,
+        "mail" => FaultPoint::Mail,
+        "rcpt" => FaultPoint::Rcpt,
+        "data" => FaultPoint::Data,
+        "dot" | "bdat" => FaultPoint::Dot,
+        "quit" => FaultPoint::Quit,
+        other => return Err(err(&format!("unknown point `{other}`"))),
+    };
+    let action_s = parts.next().ok_or_else(|| err("missing action"))?.trim();
+    let action = if let Some(d) = action_s.strip_prefix("delay=") {
+        let (min, max) = match d.split_once("..") {
+            Some((a, b)) => (parse_duration(a)?, parse_duration(b)?),
+            None => {
+                let v = parse_duration(d)?;
+                (v, v)
+            }
+        };
+        if min > max {
+            return Err(err("delay range MIN..MAX with MIN > MAX"));
+        }
+        FaultAction::Delay { min, max }
+    } else if action_s == "disconnect" {
+        FaultAction::Disconnect
+    } else if action_s == "disconnect421" {
+        FaultAction::Disconnect421
+    } else if action_s == "greylist" {
+        FaultAction::Greylist {
+            window: Duration::from_secs(1),
+        }
+    } else if let Some(w) = action_s.strip_prefix("greylist=") {
+        FaultAction::Greylist {
+            window: parse_duration(w)?,
+        }
+    } else if let Some(n) = action_s.strip_prefix("ratelimit=") {
+        let per_sec = parse_count(n)?;
+        if point != FaultPoint::Connect {
+            return Err(err("ratelimit applies to connect only"));
+        }
+        FaultAction::RateLimit { per_sec }
+    } else if let Ok(code) = action_s.parse::<u16>() {
+        if !(400..=599).contains(&code) {
+            return Err(err("reply code must be 4xx or 5xx"));
+        }
+        FaultAction::Reply(code)
+    } else {
+        return Err(err(&format!("unknown action `{action_s}`")));
+    };
+    if matches!(action, FaultAction::Greylist { .. }) && point != FaultPoint::Rcpt {
+        return Err(err("greylist applies to rcpt only"));
+    }
+    let probability = match parts.next() {
+        None => 1.0,
+        Some(p) => parse_percent(p).map_err(|e| err(&e))?,
+    };
+    if parts.next().is_some() {
+        return Err(err("too many fields"));
+    }
+    Ok(FaultSpec {
+        point,
+        action,
+        probability,
+    })
 }
 
 pub use crate::rng::SplitMix64;
@@ -256,7 +346,6 @@ impl ThreadFaults {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::parse_fault;
     use std::net::Ipv4Addr;
 
     const IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -371,5 +460,36 @@ mod tests {
             ),
             Verdict::Proceed
         );
+    }
+
+    #[test]
+    fn fault_specs_from_the_design() {
+        let f = parse_fault("rcpt:451:5%").unwrap();
+        assert_eq!(
+            (f.point, f.action, f.probability),
+            (FaultPoint::Rcpt, FaultAction::Reply(451), 0.05)
+        );
+        let f = parse_fault("data:disconnect:1%").unwrap();
+        assert_eq!(f.action, FaultAction::Disconnect);
+        let f = parse_fault("ehlo:delay=200ms").unwrap();
+        assert_eq!(f.probability, 1.0);
+        assert_eq!(
+            f.action,
+            FaultAction::Delay {
+                min: Duration::from_millis(200),
+                max: Duration::from_millis(200)
+            }
+        );
+        let f = parse_fault("rcpt:greylist").unwrap();
+        assert!(matches!(f.action, FaultAction::Greylist { .. }));
+        let f = parse_fault("connect:ratelimit=100").unwrap();
+        assert_eq!(f.action, FaultAction::RateLimit { per_sec: 100 });
+        assert!(parse_fault("rcpt:250:5%")
+            .unwrap_err()
+            .contains("4xx or 5xx"));
+        assert!(parse_fault("banana:451")
+            .unwrap_err()
+            .contains("unknown point"));
+        assert!(parse_fault("mail:greylist").is_err());
     }
 }

@@ -5,7 +5,8 @@
 //! socket, the other threads' `SO_REUSEPORT` sockets bound to the same
 //! port), spawns one pinned [`worker`] per CPU and returns a
 //! [`RunningSink`]; [`RunningSink::wait`] joins the workers and builds the
-//! JSON [`Report`]. [`run`] is the CLI entry: start, live line, summary,
+//! JSON [`Report`]. [`run`] is what `smtpstorm sink` runs with the
+//! [`SinkConfig`] the command line built: start, live line, summary,
 //! `--json`.
 //!
 //! Stopping: SIGINT/SIGTERM, [`RunningSink::stop`], `--duration`, or an
@@ -32,15 +33,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use thiserror::Error;
 
-use crate::cli::SinkArgs;
+use crate::net::driver::Transport;
 use crate::net::runtime::{spawn_workers, StopSignal, Workers};
 use crate::net::{socket, tls};
 use crate::stats::{
     CpuUsage, IntervalMerger, LiveMetrics, Measurements, MetricsServer, Report, ReportInput, Role,
 };
 
-pub use config::{ConfigError, SinkConfig};
-use worker::{Listeners, Shared, Tick, WorkerResult};
+pub use config::SinkConfig;
+use worker::{Listeners, Shared, ThreadSnapshot, WorkerResult};
 
 /// Errors starting or ending the sink.
 #[derive(Debug, Error)]
@@ -98,7 +99,7 @@ pub struct RunningSink {
     tls: Vec<SocketAddr>,
     stop: StopSignal,
     workers: Option<Workers<std::io::Result<WorkerResult>>>,
-    ticks: Receiver<Tick>,
+    snapshots: Receiver<ThreadSnapshot>,
     merger: IntervalMerger,
     open_by_thread: Vec<usize>,
     echo: serde_json::Value,
@@ -181,14 +182,8 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             }
         }
     }
-    let xdp = match &cfg.xdp {
-        Some(opts) if cfg.io == crate::net::driver::Io::Xdp => {
-            let all: Vec<SocketAddr> = plain.iter().chain(tls_addrs.iter()).copied().collect();
-            Some(crate::net::xdp::XdpRun::open(opts, threads, &all, false)?)
-        }
-        _ => None,
-    };
-    let xdp_run = xdp.clone();
+    let all: Vec<SocketAddr> = plain.iter().chain(tls_addrs.iter()).copied().collect();
+    let transport = Transport::open(&cfg.io, threads, &all, false)?;
     let started = Instant::now();
     let shared = Arc::new(Shared {
         stop: stop.clone(),
@@ -209,15 +204,14 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         started,
         duration: cfg.duration,
         grace: cfg.grace,
-        io: cfg.io,
-        xdp,
+        transport: transport.clone(),
     });
     let metrics = LiveMetrics::new(Role::Sink);
     let metrics_server = match cfg.metrics_listen {
         None => None,
         Some(addr) => Some(MetricsServer::start(addr, Arc::clone(&metrics))?),
     };
-    let (tx, rx) = mpsc::channel::<Tick>();
+    let (tx, rx) = mpsc::channel::<ThreadSnapshot>();
     let slots: Arc<Mutex<Vec<Option<Listeners>>>> =
         Arc::new(Mutex::new(per_thread.into_iter().map(Some).collect()));
     let tx = Mutex::new(tx);
@@ -240,16 +234,14 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         }
         r
     })?;
-    if let Some(x) = &xdp_run {
-        // Listening starts when every queue's socket is in place.
-        x.wait_ready(&stop, Duration::from_secs(10));
-    }
+    // Listening starts when every thread's backend takes its traffic.
+    transport.wait_ready(&stop, Duration::from_secs(10));
     Ok(RunningSink {
         plain,
         tls: tls_addrs,
         stop,
         workers: Some(workers),
-        ticks: rx,
+        snapshots: rx,
         merger: IntervalMerger::new(),
         open_by_thread: vec![0; threads],
         echo: cfg.echo.clone(),
@@ -304,7 +296,7 @@ impl RunningSink {
         let mut span = Duration::ZERO;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.ticks.recv_timeout(left) {
+            match self.snapshots.recv_timeout(left) {
                 Ok(t) => {
                     got = true;
                     span = span.max(t.snapshot.duration);
@@ -401,8 +393,7 @@ impl Drop for RunningSink {
 
 /// `smtpstorm sink`: run until stopped, then print the summary and write
 /// the JSON report. Returns the exit code.
-pub fn run(args: &SinkArgs) -> anyhow::Result<u8> {
-    let cfg = SinkConfig::from_args(args)?;
+pub fn run(cfg: SinkConfig) -> anyhow::Result<u8> {
     let quiet = cfg.quiet;
     let json = cfg.json.clone();
     let stop = StopSignal::process()?;

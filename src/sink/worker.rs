@@ -1,5 +1,6 @@
-//! One sink worker: a pinned thread whose backend (see [`crate::net::epoll`])
-//! owns its `SO_REUSEPORT` listeners and connections and drives a
+//! One sink worker: a pinned thread whose backend (whichever the run's
+//! [`driver::Transport`] opened: epoll, io_uring or AF_XDP) owns its
+//! `SO_REUSEPORT` listeners and connections and drives a
 //! [`SinkHandler`]: per connection a [`SinkConn`] (the role logic, with no
 //! I/O type in it), per thread the statistics, the stop conditions and the
 //! once-a-second snapshot for the main thread.
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::config::AuthPolicy;
 use crate::net::backend::Setup;
-use crate::net::backend::{Backend, Closed, ConnId, Handler, Tick as LoopTick};
+use crate::net::backend::{Backend, Closed, ConnId, Handler, Tick};
 use crate::net::driver;
 use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::smtp::server::ServerConfig;
@@ -59,9 +60,8 @@ pub struct Shared {
     pub started: Instant,
     pub duration: Option<Duration>,
     pub grace: Duration,
-    pub io: driver::Io,
-    /// `--io xdp`: the interface, opened once for every thread.
-    pub xdp: Option<Arc<crate::net::xdp::XdpRun>>,
+    /// The run's backend, opened once for every thread.
+    pub transport: driver::Transport,
 }
 
 /// One thread's listeners: `(listener, implicit TLS)`.
@@ -69,7 +69,7 @@ pub type Listeners = Vec<(std::net::TcpListener, bool)>;
 
 /// What a worker sends the main thread once per second (and once at the end).
 #[derive(Debug)]
-pub struct Tick {
+pub struct ThreadSnapshot {
     pub thread: usize,
     pub snapshot: IntervalSnapshot,
     pub open_connections: usize,
@@ -93,7 +93,7 @@ struct SinkHandler {
     /// Per connection, indexed by [`ConnId`].
     conns: Vec<Option<SinkConn>>,
     thread: usize,
-    ticks: Sender<Tick>,
+    snapshots: Sender<ThreadSnapshot>,
     tick_start: Instant,
     next_tick: Instant,
     stopped_at: Option<Instant>,
@@ -107,13 +107,13 @@ impl SinkHandler {
         self.conns.get_mut(id).and_then(Option::as_mut)
     }
 
-    fn send_tick(&mut self, now: Instant, open: usize) {
+    fn send_snapshot(&mut self, now: Instant, open: usize) {
         let started = self.shared.started;
         let snap = self.ctx.rec.take_interval(
             self.tick_start.saturating_duration_since(started),
             now.saturating_duration_since(self.tick_start),
         );
-        let _ = self.ticks.send(Tick {
+        let _ = self.snapshots.send(ThreadSnapshot {
             thread: self.thread,
             snapshot: snap,
             open_connections: open,
@@ -178,7 +178,7 @@ impl Handler for SinkHandler {
         }
     }
 
-    fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> LoopTick {
+    fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> Tick {
         let shared = &*self.shared;
         if let Some(d) = shared.duration {
             if now.saturating_duration_since(shared.started) >= d && !shared.stop.is_stopped() {
@@ -196,14 +196,14 @@ impl Handler for SinkHandler {
         }
         if let Some(end) = self.grace_end {
             if be.open_connections() == 0 || now >= end {
-                return LoopTick {
+                return Tick {
                     wake_at: None,
                     stop: true,
                 };
             }
         }
         if now >= self.next_tick {
-            self.send_tick(now, be.open_connections());
+            self.send_snapshot(now, be.open_connections());
         }
         let mut wake = self.next_tick;
         if let Some(end) = self.grace_end {
@@ -212,7 +212,7 @@ impl Handler for SinkHandler {
         if let Some(d) = self.shared.duration {
             wake = wake.min(self.shared.started + d);
         }
-        LoopTick {
+        Tick {
             wake_at: Some(wake),
             stop: false,
         }
@@ -224,7 +224,7 @@ pub fn run(
     ctx_w: WorkerCtx,
     shared: Arc<Shared>,
     listeners: Listeners,
-    ticks: Sender<Tick>,
+    snapshots: Sender<ThreadSnapshot>,
 ) -> io::Result<WorkerResult> {
     let capture = shared
         .capture
@@ -259,7 +259,7 @@ pub fn run(
         },
         conns: Vec::with_capacity(1024),
         thread: ctx_w.index,
-        ticks,
+        snapshots,
         tick_start: now,
         next_tick: now + TICK,
         stopped_at: None,
@@ -273,13 +273,12 @@ pub fn run(
         stop: shared.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
         track_waiting: false,
-        xdp: crate::net::xdp::thread_setup(&shared.xdp, ctx_w.index),
     };
-    driver::run(shared.io, setup, &mut h)?;
+    driver::run(shared.transport.thread(ctx_w.index), setup, &mut h)?;
     if h.limits {
         publish_limits(&shared, &mut h.ctx);
     }
-    h.send_tick(Instant::now(), 0);
+    h.send_snapshot(Instant::now(), 0);
     Ok(WorkerResult {
         totals: h.ctx.rec.finish(),
         verify_missing: h.ctx.verify_missing,

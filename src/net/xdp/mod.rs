@@ -13,7 +13,8 @@
 //!   [`super::backend::Backend`] contract, TLS through
 //!   [`super::tls_stream`].
 //!
-//! A run opens the interface once ([`XdpRun::open`], in the main thread):
+//! A run opens the interface once ([`XdpRun::open`], in the main thread,
+//! through [`super::driver::Transport::open`]):
 //! checks privileges, the interface and the kernel, creates the XSKMAP,
 //! loads and attaches the program (a BPF link: detached when the run ends or
 //! the process dies). Each worker thread then binds its own socket on its
@@ -183,20 +184,13 @@ impl fmt::Debug for XdpRun {
     }
 }
 
-/// What one worker thread's [`super::backend::Setup`] carries for xdp.
+/// What one worker thread's [`super::driver::ThreadTransport`] carries for
+/// xdp.
 #[derive(Clone, Debug)]
 pub struct XdpThread {
     pub run: Arc<XdpRun>,
     /// The worker's index (its queue is `run.queues[index]`).
     pub index: usize,
-}
-
-/// The Setup field of worker `index` for `run` (none without xdp).
-pub fn thread_setup(run: &Option<Arc<XdpRun>>, index: usize) -> Option<XdpThread> {
-    run.as_ref().map(|r| XdpThread {
-        run: Arc::clone(r),
-        index,
-    })
 }
 
 fn sys(iface: &str, what: &str) -> Option<String> {
@@ -278,6 +272,100 @@ fn default_gateway(iface: &str) -> Option<Ipv4Addr> {
         .map(|(_, _, gw)| Ipv4Addr::from(gw))
 }
 
+/// The queue of each of `threads` threads (`--xdp-queues`, or 0..threads),
+/// each one that `iface` has.
+fn thread_queues(opts: &XdpOptions, threads: usize, iface: &str) -> Result<Vec<u32>, XdpError> {
+    let queues: Vec<u32> = match &opts.queues {
+        Some(q) if q.len() != threads => {
+            return Err(XdpError::QueueCount {
+                queues: q.len(),
+                threads,
+            })
+        }
+        Some(q) => q.clone(),
+        None => (0..threads as u32).collect(),
+    };
+    let have = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count() as u32
+        })
+        .unwrap_or(1)
+        .max(1);
+    if let Some(&queue) = queues.iter().find(|&&q| q >= have) {
+        return Err(XdpError::NoQueue {
+            iface: iface.to_string(),
+            have,
+            queue,
+        });
+    }
+    Ok(queues)
+}
+
+/// The distinct ports of `listen`, each address the interface's own `ip`
+/// or unspecified.
+fn listen_ports(
+    listen: &[std::net::SocketAddr],
+    ip: Ipv4Addr,
+    iface: &str,
+) -> Result<Vec<u16>, XdpError> {
+    let mut ports = Vec::new();
+    for a in listen {
+        match a.ip() {
+            IpAddr::V4(v4) if v4 == ip || v4.is_unspecified() => {}
+            other => {
+                return Err(XdpError::ForeignAddr {
+                    addr: other,
+                    iface: iface.to_string(),
+                    ip,
+                })
+            }
+        }
+        if !ports.contains(&a.port()) {
+            ports.push(a.port());
+        }
+    }
+    if ports.len() > bpf::MAX_PORTS {
+        return Err(XdpError::TooManyPorts {
+            max: bpf::MAX_PORTS,
+        });
+    }
+    Ok(ports)
+}
+
+/// Whether the kernel has AF_XDP sockets at all (one is made, never bound).
+fn check_af_xdp() -> Result<(), XdpError> {
+    // SAFETY: plain socket(2); the descriptor is closed at once.
+    let probe = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if probe < 0 {
+        return Err(XdpError::NoAfXdp(io::Error::last_os_error()));
+    }
+    // SAFETY: `probe` is a descriptor we own.
+    unsafe { libc::close(probe) };
+    Ok(())
+}
+
+/// Attaches `prog` to `ifindex` in `mode`; the link detaches it when
+/// dropped. The error says why it could not, in the user's terms.
+fn attach(prog: &OwnedFd, ifindex: u32, mode: XdpMode, iface: &str) -> Result<OwnedFd, XdpError> {
+    let flags = match mode {
+        XdpMode::Skb => bpf::XDP_FLAGS_SKB_MODE,
+        XdpMode::Native => bpf::XDP_FLAGS_DRV_MODE,
+    };
+    bpf::attach(prog, ifindex, flags).map_err(|e| XdpError::Attach {
+        mode,
+        iface: iface.to_string(),
+        reason: match e.raw_os_error() {
+            Some(libc::EBUSY | libc::EEXIST) => "another XDP program is attached to it".to_string(),
+            Some(libc::EOPNOTSUPP | libc::EINVAL) if mode == XdpMode::Native => {
+                "its driver has no native XDP; use --xdp-mode skb".to_string()
+            }
+            _ => e.to_string(),
+        },
+    })
+}
+
 impl XdpRun {
     /// Opens `opts.iface` for a run of `threads` workers that listens on
     /// `listen` and/or connects out (see the module doc).
@@ -302,56 +390,9 @@ impl XdpRun {
             .ok_or_else(|| XdpError::NoSuchIface(iface.clone()))?;
         let (ip, prefix_len) =
             iface_ipv4(ifindex)?.ok_or_else(|| XdpError::NoAddress(iface.clone()))?;
-        let queues: Vec<u32> = match &opts.queues {
-            Some(q) if q.len() != threads => {
-                return Err(XdpError::QueueCount {
-                    queues: q.len(),
-                    threads,
-                })
-            }
-            Some(q) => q.clone(),
-            None => (0..threads as u32).collect(),
-        };
-        let have = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                    .count() as u32
-            })
-            .unwrap_or(1)
-            .max(1);
-        if let Some(&queue) = queues.iter().find(|&&q| q >= have) {
-            return Err(XdpError::NoQueue { iface, have, queue });
-        }
-        let mut ports = Vec::new();
-        for a in listen {
-            match a.ip() {
-                IpAddr::V4(v4) if v4 == ip || v4.is_unspecified() => {}
-                other => {
-                    return Err(XdpError::ForeignAddr {
-                        addr: other,
-                        iface,
-                        ip,
-                    })
-                }
-            }
-            if !ports.contains(&a.port()) {
-                ports.push(a.port());
-            }
-        }
-        if ports.len() > bpf::MAX_PORTS {
-            return Err(XdpError::TooManyPorts {
-                max: bpf::MAX_PORTS,
-            });
-        }
-        // AF_XDP at all? (A socket that is never bound.)
-        // SAFETY: plain socket(2); the descriptor is closed at once.
-        let probe = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if probe < 0 {
-            return Err(XdpError::NoAfXdp(io::Error::last_os_error()));
-        }
-        // SAFETY: `probe` is a descriptor we own.
-        unsafe { libc::close(probe) };
+        let queues = thread_queues(opts, threads, &iface)?;
+        let ports = listen_ports(listen, ip, &iface)?;
+        check_af_xdp()?;
         let port_blocks = split_ports(SOURCE_PORTS, threads);
         let (lo, hi) = if outgoing { SOURCE_PORTS } else { (1, 0) };
         let max_queue = queues.iter().copied().max().unwrap_or(0);
@@ -367,23 +408,7 @@ impl XdpRun {
             std::os::fd::AsRawFd::as_raw_fd(&map),
         ))
         .map_err(XdpError::Load)?;
-        let flags = match opts.mode {
-            XdpMode::Skb => bpf::XDP_FLAGS_SKB_MODE,
-            XdpMode::Native => bpf::XDP_FLAGS_DRV_MODE,
-        };
-        let link = bpf::attach(&prog, ifindex, flags).map_err(|e| XdpError::Attach {
-            mode: opts.mode,
-            iface: iface.clone(),
-            reason: match e.raw_os_error() {
-                Some(libc::EBUSY | libc::EEXIST) => {
-                    "another XDP program is attached to it".to_string()
-                }
-                Some(libc::EOPNOTSUPP | libc::EINVAL) if opts.mode == XdpMode::Native => {
-                    "its driver has no native XDP; use --xdp-mode skb".to_string()
-                }
-                _ => e.to_string(),
-            },
-        })?;
+        let link = attach(&prog, ifindex, opts.mode, &iface)?;
         Ok(Arc::new(XdpRun {
             gateway: default_gateway(&iface),
             iface,

@@ -13,7 +13,25 @@ use std::io::Write;
 use clap::CommandFactory;
 use thiserror::Error;
 
-use crate::cli::{Cli, CompletionsArgs, ManArgs};
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::Cli;
+
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Write smtpstorm.1 and smtpstorm-COMMAND.1 into DIR instead of printing smtpstorm.1.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
 
 /// Errors writing completions or man pages.
 #[derive(Debug, Error)]

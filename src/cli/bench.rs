@@ -1,0 +1,139 @@
+//! `smtpstorm bench`: its flags and the two configurations they make, the
+//! embedded sink's and the blaster's ([`BenchConfig`]).
+//!
+//! The CPUs are split between the roles (sink on the first half, blaster on
+//! the rest, or `--sink-cpus`/`--blast-cpus`); the sink gets the defaults
+//! of `smtpstorm sink` adjusted to what the blaster will speak; the blaster
+//! takes every blast option and is pointed at the sink once it listens
+//! ([`crate::blast::BlastConfig::retarget`]).
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser};
+
+use super::parse::{parse_cpu_list, parse_fault, parse_threads};
+use super::{Cli, Command, LoadArgs};
+use crate::bench::BenchConfig;
+use crate::net::affinity::available_cores;
+use crate::net::runtime::Cpus;
+use crate::sink::faults::FaultSpec;
+use crate::sink::SinkConfig;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Threads given to the sink [default: half the CPUs, at least 1].
+    #[arg(long, value_name = "N", value_parser = parse_threads, conflicts_with = "sink_cpus")]
+    pub sink_threads: Option<usize>,
+    /// CPUs for the sink.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub sink_cpus: Option<std::vec::Vec<usize>>,
+    /// CPUs for the blaster.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub blast_cpus: Option<std::vec::Vec<usize>>,
+    /// Faults for the embedded sink (same forms as `sink --fault`).
+    #[arg(long = "sink-fault", value_name = "SPEC", value_parser = parse_fault)]
+    pub sink_faults: Vec<FaultSpec>,
+}
+
+/// Splits the usable cores: sink first half (at least one), blaster the
+/// rest; on one core both share it.
+fn split_cores(cores: &[usize], sink_threads: Option<usize>) -> (Vec<usize>, Vec<usize>) {
+    match cores.len() {
+        0 => (vec![0], vec![0]),
+        1 => (cores.to_vec(), cores.to_vec()),
+        n => {
+            let k = sink_threads.unwrap_or(n / 2).clamp(1, n - 1);
+            (cores[..k].to_vec(), cores[k..].to_vec())
+        }
+    }
+}
+
+/// The sink's configuration: `smtpstorm sink` defaults, adjusted to what the
+/// blaster will speak.
+fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig> {
+    let load = &args.load;
+    let mut argv: Vec<String> = ["smtpstorm", "sink", "--listen", "127.0.0.1:0", "--quiet"]
+        .map(String::from)
+        .to_vec();
+    if load.tls {
+        argv.extend(["--tls-listen".into(), "127.0.0.1:0".into()]);
+    }
+    if load.lmtp {
+        argv.push("--lmtp".into());
+    }
+    if load.auth.is_some() {
+        argv.extend(["--auth".into(), "any".into()]);
+    }
+    if load.proxy.is_some() {
+        argv.push("--proxy-protocol".into());
+    }
+    if !load.xclient.is_empty() {
+        argv.push("--xclient".into());
+    }
+    if args.load.verify {
+        argv.push("--verify".into());
+    }
+    let Command::Sink(sink_args) = Cli::try_parse_from(&argv)?.command else {
+        unreachable!("argv names the sink subcommand")
+    };
+    let mut cfg = super::sink::config(&sink_args)?;
+    cfg.cpus = Cpus::List(cpus);
+    cfg.faults = args.sink_faults.clone();
+    Ok(cfg)
+}
+
+/// Validates `args` into the sink's and the blaster's configurations (the
+/// blaster's target is the sink's loopback address, its port set when the
+/// sink listens).
+pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
+    let cores = available_cores();
+    let (auto_sink, auto_blast) = split_cores(&cores, args.sink_threads);
+    let sink_cpus = args.sink_cpus.clone().unwrap_or(auto_sink);
+    let blast_cpus = match (
+        &args.blast_cpus,
+        &args.load.threads.cpus,
+        args.load.threads.threads,
+    ) {
+        (Some(l), _, _) | (None, Some(l), _) => l.clone(),
+        (None, None, Some(n)) => auto_blast.iter().copied().cycle().take(n).collect(),
+        (None, None, None) => auto_blast,
+    };
+    let sink = sink_config(args, sink_cpus.clone())?;
+    let mut load = args.load.clone();
+    load.threads.threads = None;
+    load.threads.cpus = Some(blast_cpus.clone());
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let blast = super::blast::config_for(loopback, "localhost".to_string(), &load)?;
+    Ok(BenchConfig {
+        sink,
+        blast,
+        sink_cpus,
+        blast_cpus,
+        implicit_tls: args.load.tls,
+        verify: args.load.verify,
+        sink_faults: !args.sink_faults.is_empty(),
+        quiet: args.load.quiet,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_are_split_between_sink_and_blaster() {
+        assert_eq!(split_cores(&[0, 1], None), (vec![0], vec![1]));
+        assert_eq!(split_cores(&[0, 1, 2, 3], None), (vec![0, 1], vec![2, 3]));
+        assert_eq!(
+            split_cores(&[0, 1, 2, 3], Some(3)),
+            (vec![0, 1, 2], vec![3])
+        );
+        assert_eq!(
+            split_cores(&[0, 1, 2, 3], Some(9)),
+            (vec![0, 1, 2], vec![3])
+        );
+        assert_eq!(split_cores(&[5], None), (vec![5], vec![5]));
+    }
+}

@@ -1,0 +1,50 @@
+//! `smtpstorm merge` and `smtpstorm report`: their flags, and the
+//! validation of `merge`'s checks into an [`OutputConfig`].
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::blast::OutputConfig;
+use crate::stats;
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// Blast JSON reports to add together.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+    #[arg(long, value_name = "OUT")]
+    pub json: Option<PathBuf>,
+    #[arg(long = "assert", value_name = "EXPR")]
+    pub asserts: Vec<String>,
+    /// Write every --assert check (and the run's validity) as JUnit XML here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    #[arg(long)]
+    pub allow_invalid: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// A JSON report written by blast, bench or merge.
+    #[arg(value_name = "FILE.json")]
+    pub file: PathBuf,
+    /// Draw the latency spectrum and throughput over time as SVG here.
+    #[arg(long, value_name = "OUT")]
+    pub svg: Option<PathBuf>,
+    /// Write a self-contained HTML report here (charts inline, nothing fetched).
+    #[arg(long, value_name = "OUT")]
+    pub html: Option<PathBuf>,
+}
+
+/// The outputs and checks of `merge` (its `--assert`s parsed here).
+pub fn merge_output(args: &MergeArgs) -> anyhow::Result<OutputConfig> {
+    let asserts = stats::parse_assertions(&args.asserts)?;
+    Ok(OutputConfig {
+        json: args.json.clone(),
+        junit: args.junit.clone(),
+        asserts,
+        allow_invalid: args.allow_invalid,
+        ..OutputConfig::default()
+    })
+}

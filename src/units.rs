@@ -1,0 +1,122 @@
+//! Reading quantities in the forms people type: counts (`10k`), rates
+//! (`2.5k/s`), durations (`30s`, `200ms`), sizes (`1KB` is 1000 bytes,
+//! `1KiB` 1024) and percentages (`5%`). Each parser, on bad input, returns
+//! an error that states the expected form.
+//!
+//! A leaf module: the command line ([`crate::cli`]) and the roles' own
+//! value grammars (e.g. `--fault` in [`crate::sink::faults`]) both read
+//! quantities with it; it imports nothing of the crate. (Printing them is
+//! [`crate::stats::units`].)
+
+use std::time::Duration;
+
+fn split_number_suffix(s: &str) -> (&str, &str) {
+    let i = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+        .unwrap_or(s.len());
+    (&s[..i], s[i..].trim())
+}
+
+/// `1000`, `10k`, `2M`, `1_000_000` → count. Errors state the expected form.
+pub fn parse_count(s: &str) -> Result<u64, String> {
+    let err = || format!("expected a whole number like 1000, 10k or 2M, got `{s}`");
+    let (num, suffix) = split_number_suffix(s.trim());
+    if num.is_empty() {
+        return Err(err());
+    }
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "m" | "M" => 1e6,
+        "g" | "G" => 1e9,
+        _ => return Err(err()),
+    };
+    let v: f64 = num.replace('_', "").parse().map_err(|_| err())?;
+    let total = v * mult;
+    if !total.is_finite() || total < 0.0 || total.fract() != 0.0 || total > u64::MAX as f64 {
+        return Err(err());
+    }
+    Ok(total as u64)
+}
+
+/// `1000`, `10k`, `2.5k`, `1000/s` → events per second.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let err = || format!("expected a rate per second like 500, 10k or 2.5k/s, got `{s}`");
+    let t = s.trim().trim_end_matches("/s");
+    let (num, suffix) = split_number_suffix(t);
+    let mult = match suffix {
+        "" => 1.0,
+        "k" | "K" => 1e3,
+        "m" | "M" => 1e6,
+        _ => return Err(err()),
+    };
+    let v: f64 = num.parse().map_err(|_| err())?;
+    let r = v * mult;
+    if !(r.is_finite() && r > 0.0) {
+        return Err(err());
+    }
+    Ok(r)
+}
+
+/// `30s`, `200ms`, `1.5s`, `5m`, `1h`, `100us`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("expected a duration like 30s, 200ms, 5m or 1h, got `{s}`");
+    let (num, unit) = split_number_suffix(s.trim());
+    if num.is_empty() {
+        return Err(err());
+    }
+    let v: f64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "" | "s" | "sec" | "secs" => v,
+        "ms" => v / 1e3,
+        "us" | "µs" => v / 1e6,
+        "ns" => v / 1e9,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        _ => return Err(err()),
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(err());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// `1024`, `1k`/`1KB` (1000), `1KiB` (1024), `64MiB`, `1MB`, `2G` → bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let err = || format!("expected a size like 1024, 1KB, 64KiB or 10MiB, got `{s}`");
+    let (num, unit) = split_number_suffix(s.trim());
+    if num.is_empty() {
+        return Err(err());
+    }
+    let v: f64 = num.parse().map_err(|_| err())?;
+    let mult: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "kib" => 1024.0,
+        "m" | "mb" => 1e6,
+        "mib" => 1024.0 * 1024.0,
+        "g" | "gb" => 1e9,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => return Err(err()),
+    };
+    let b = v * mult;
+    if !b.is_finite() || b < 0.0 || b > (1u64 << 50) as f64 {
+        return Err(err());
+    }
+    Ok(b.round() as u64)
+}
+
+/// `5%` or `0.05` → 0.05.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let err = || format!("expected a percentage like 5% or 0.5%, got `{s}`");
+    let t = s.trim();
+    let v = if let Some(p) = t.strip_suffix('%') {
+        p.trim().parse::<f64>().map_err(|_| err())? / 100.0
+    } else {
+        t.parse::<f64>().map_err(|_| err())?
+    };
+    if !(0.0..=1.0).contains(&v) {
+        return Err(err());
+    }
+    Ok(v)
+}
