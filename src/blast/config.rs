@@ -25,6 +25,7 @@ use thiserror::Error;
 
 use super::message::SizeRange;
 use crate::cli::{AuthMechArg, LoadArgs, PipeliningArg, RateUnit};
+use crate::net::driver::IoConfig;
 use crate::net::runtime::Cpus;
 use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
 use crate::smtp::{ClientTimeouts, Phase};
@@ -109,10 +110,8 @@ pub struct BlastConfig {
     /// Host name as given (for TLS SNI).
     pub target_host: String,
     pub cpus: Cpus,
-    /// The I/O backend every thread runs.
-    pub io: crate::net::driver::Io,
-    /// `--io xdp`: the interface options.
-    pub xdp: Option<crate::net::xdp::XdpOptions>,
+    /// The I/O backend every thread runs, and its options.
+    pub io: IoConfig,
     pub connections: u64,
     pub model: LoadModel,
     /// The rate as given (this instance's share), in `rate_unit`.
@@ -339,17 +338,18 @@ impl BlastConfig {
             send_quit: true,
             capture_text: false,
         };
-        let io = crate::net::driver::Io::resolve(load.threads.io.choice()).map_err(ConfigError::Io)?;
-        let xdp = (io == crate::net::driver::Io::Xdp).then(|| load.threads.xdp.options());
-        if xdp.is_some() && !source_ips.is_empty() {
+        let io = IoConfig::resolve(load.threads.io.choice(), load.threads.xdp.options())
+            .map_err(ConfigError::Io)?;
+        if io.xdp.is_some() && !source_ips.is_empty() {
             // The xdp backend sends from the interface's own address.
             return Err(ConfigError::Io(
                 "--source-ip does not apply to --io xdp (it sends from the interface's address); drop one of them".into(),
             ));
         }
+        let io_echo = io.echo();
         let echo = serde_json::json!({
-            "io": io.as_str(),
-            "xdp": xdp.as_ref().map(crate::net::xdp::XdpOptions::echo),
+            "io": io_echo["io"],
+            "xdp": io_echo["xdp"],
             "target": target.to_string(),
             "connections": connections,
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -389,7 +389,6 @@ impl BlastConfig {
             target_host,
             cpus,
             io,
-            xdp,
             connections,
             model,
             rate_per_sec: rate,

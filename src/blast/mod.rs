@@ -42,6 +42,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 
 use crate::cli::BlastArgs;
+use crate::net::driver::Transport;
 use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
     baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
@@ -159,20 +160,15 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
             Some(s)
         }
     };
-    let xdp = match &cfg.xdp {
-        Some(opts) if cfg.io == crate::net::driver::Io::Xdp => {
-            Some(crate::net::xdp::XdpRun::open(opts, threads, &[], true)?)
-        }
-        _ => None,
-    };
+    let transport = Transport::open(&cfg.io, threads, &[], true)?;
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<Tick>();
     let workers = {
         let cfg = Arc::clone(&cfg);
         let clock = clock.clone();
         spawn_workers(&cfg.cpus.clone(), "blast", &stop, move |ctx| {
-            let x = crate::net::xdp::thread_setup(&xdp, ctx.index);
-            run_worker(ctx, Arc::clone(&cfg), clock.clone(), body.clone(), tx.clone(), x)
+            let t = transport.thread(ctx.index);
+            run_worker(ctx, Arc::clone(&cfg), clock.clone(), body.clone(), tx.clone(), t)
         })?
     };
     // Merge each second's snapshots once every thread has sent its own.

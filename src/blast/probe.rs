@@ -488,9 +488,8 @@ pub fn probe(args: &ProbeArgs) -> Result<ProbeReport, ProbeError> {
         stop: StopSignal::new(),
         read_buf_bytes: 16 * 1024,
         track_waiting: false,
-        xdp: None,
     };
-    driver::run(driver::Io::Epoll, setup, &mut h)?;
+    driver::run(driver::ThreadTransport::kernel(driver::Io::Epoll), setup, &mut h)?;
     let mut r = h.obs.r;
     if !r.connected() {
         // A connection that never opened prints its error alone.

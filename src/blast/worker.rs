@@ -242,7 +242,7 @@ pub fn run_worker(
     clock: RunClock,
     body: Option<Arc<Body>>,
     ticks: Sender<Tick>,
-    xdp: Option<crate::net::xdp::XdpThread>,
+    transport: driver::ThreadTransport,
 ) -> WorkerResult {
     let fail = |e: String| {
         ctx.stop.stop();
@@ -256,14 +256,12 @@ pub fn run_worker(
         stop: ctx.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
         track_waiting: matches!(cfg.model, LoadModel::Open { .. }),
-        xdp,
     };
-    let io = cfg.io;
     let mut h = match BlastHandler::new(&ctx, cfg, clock, body, ticks) {
         Ok(h) => h,
         Err(e) => return fail(e.to_string()),
     };
-    match driver::run(io, setup, &mut h) {
+    match driver::run(transport, setup, &mut h) {
         Ok(stats) => h.finish(stats.waited),
         Err(e) => {
             h.result

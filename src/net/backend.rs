@@ -57,8 +57,6 @@ pub struct Setup {
     /// Measure the time spent waiting for events ([`Backend::waited`]):
     /// one more clock read per turn, so only when the role uses it.
     pub track_waiting: bool,
-    /// `--io xdp`: the run's interface and this thread's place on it.
-    pub xdp: Option<super::xdp::XdpThread>,
 }
 
 /// A connection of one backend (reused after [`Handler::on_closed`]).

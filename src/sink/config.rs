@@ -15,6 +15,7 @@ use thiserror::Error;
 
 use super::faults::FaultSpec;
 use crate::cli::SinkArgs;
+use crate::net::driver::IoConfig;
 use crate::net::runtime::Cpus;
 use crate::smtp::server::{Extensions, ServerConfig};
 use crate::smtp::ServerTimeouts;
@@ -47,10 +48,8 @@ pub struct SinkConfig {
     pub listen: Vec<SocketAddr>,
     pub tls_listen: Vec<SocketAddr>,
     pub cpus: Cpus,
-    /// The I/O backend every thread runs.
-    pub io: crate::net::driver::Io,
-    /// `--io xdp`: the interface options.
-    pub xdp: Option<crate::net::xdp::XdpOptions>,
+    /// The I/O backend every thread runs, and its options.
+    pub io: IoConfig,
     pub tls_cert_key: Option<(PathBuf, PathBuf)>,
     /// The protocol engine's settings, shared by every session.
     pub server: ServerConfig,
@@ -126,11 +125,12 @@ impl SinkConfig {
             (None, Some(n)) => Cpus::Count(n),
             (None, None) => Cpus::all(),
         };
-        let io = crate::net::driver::Io::resolve(args.threads.io.choice()).map_err(ConfigError::Io)?;
-        let xdp = (io == crate::net::driver::Io::Xdp).then(|| args.threads.xdp.options());
+        let io = IoConfig::resolve(args.threads.io.choice(), args.threads.xdp.options())
+            .map_err(ConfigError::Io)?;
+        let io_echo = io.echo();
         let echo = serde_json::json!({
-            "io": io.as_str(),
-            "xdp": xdp.as_ref().map(crate::net::xdp::XdpOptions::echo),
+            "io": io_echo["io"],
+            "xdp": io_echo["xdp"],
             "listen": args.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "tls_listen": args.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
@@ -159,7 +159,6 @@ impl SinkConfig {
             tls_listen: args.tls_listen.clone(),
             cpus,
             io,
-            xdp,
             tls_cert_key: args.tls_cert.clone().zip(args.tls_key.clone()),
             server,
             auth: args.auth.clone(),

@@ -33,6 +33,7 @@ use anyhow::Context;
 use thiserror::Error;
 
 use crate::cli::SinkArgs;
+use crate::net::driver::Transport;
 use crate::net::runtime::{spawn_workers, StopSignal, Workers};
 use crate::net::{socket, tls};
 use crate::stats::{
@@ -181,14 +182,8 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             }
         }
     }
-    let xdp = match &cfg.xdp {
-        Some(opts) if cfg.io == crate::net::driver::Io::Xdp => {
-            let all: Vec<SocketAddr> = plain.iter().chain(tls_addrs.iter()).copied().collect();
-            Some(crate::net::xdp::XdpRun::open(opts, threads, &all, false)?)
-        }
-        _ => None,
-    };
-    let xdp_run = xdp.clone();
+    let all: Vec<SocketAddr> = plain.iter().chain(tls_addrs.iter()).copied().collect();
+    let transport = Transport::open(&cfg.io, threads, &all, false)?;
     let started = Instant::now();
     let shared = Arc::new(Shared {
         stop: stop.clone(),
@@ -209,8 +204,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         started,
         duration: cfg.duration,
         grace: cfg.grace,
-        io: cfg.io,
-        xdp,
+        transport: transport.clone(),
     });
     let metrics = LiveMetrics::new(Role::Sink);
     let metrics_server = match cfg.metrics_listen {
@@ -240,10 +234,8 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         }
         r
     })?;
-    if let Some(x) = &xdp_run {
-        // Listening starts when every queue's socket is in place.
-        x.wait_ready(&stop, Duration::from_secs(10));
-    }
+    // Listening starts when every thread's backend takes its traffic.
+    transport.wait_ready(&stop, Duration::from_secs(10));
     Ok(RunningSink {
         plain,
         tls: tls_addrs,

@@ -59,9 +59,8 @@ pub struct Shared {
     pub started: Instant,
     pub duration: Option<Duration>,
     pub grace: Duration,
-    pub io: driver::Io,
-    /// `--io xdp`: the interface, opened once for every thread.
-    pub xdp: Option<Arc<crate::net::xdp::XdpRun>>,
+    /// The run's backend, opened once for every thread.
+    pub transport: driver::Transport,
 }
 
 /// One thread's listeners: `(listener, implicit TLS)`.
@@ -273,9 +272,8 @@ pub fn run(
         stop: shared.stop.clone(),
         read_buf_bytes: READ_BUF_BYTES,
         track_waiting: false,
-        xdp: crate::net::xdp::thread_setup(&shared.xdp, ctx_w.index),
     };
-    driver::run(shared.io, setup, &mut h)?;
+    driver::run(shared.transport.thread(ctx_w.index), setup, &mut h)?;
     if h.limits {
         publish_limits(&shared, &mut h.ctx);
     }

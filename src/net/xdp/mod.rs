@@ -13,7 +13,8 @@
 //!   [`super::backend::Backend`] contract, TLS through
 //!   [`super::tls_stream`].
 //!
-//! A run opens the interface once ([`XdpRun::open`], in the main thread):
+//! A run opens the interface once ([`XdpRun::open`], in the main thread,
+//! through [`super::driver::Transport::open`]):
 //! checks privileges, the interface and the kernel, creates the XSKMAP,
 //! loads and attaches the program (a BPF link: detached when the run ends or
 //! the process dies). Each worker thread then binds its own socket on its
@@ -183,20 +184,13 @@ impl fmt::Debug for XdpRun {
     }
 }
 
-/// What one worker thread's [`super::backend::Setup`] carries for xdp.
+/// What one worker thread's [`super::driver::ThreadTransport`] carries for
+/// xdp.
 #[derive(Clone, Debug)]
 pub struct XdpThread {
     pub run: Arc<XdpRun>,
     /// The worker's index (its queue is `run.queues[index]`).
     pub index: usize,
-}
-
-/// The Setup field of worker `index` for `run` (none without xdp).
-pub fn thread_setup(run: &Option<Arc<XdpRun>>, index: usize) -> Option<XdpThread> {
-    run.as_ref().map(|r| XdpThread {
-        run: Arc::clone(r),
-        index,
-    })
 }
 
 fn sys(iface: &str, what: &str) -> Option<String> {

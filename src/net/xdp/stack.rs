@@ -867,13 +867,8 @@ struct Core {
     next_sweep: Instant,
 }
 
-/// Runs `h` on AF_XDP (the thread's queue from `setup.xdp`).
-pub fn run<H: Handler>(setup: Setup, h: &mut H) -> io::Result<RunStats> {
-    let Some(x) = setup.xdp.clone() else {
-        return Err(io::Error::other(
-            "--io xdp: this worker has no AF_XDP setup",
-        ));
-    };
+/// Runs `h` on AF_XDP (the thread's queue from `x`).
+pub fn run<H: Handler>(x: super::XdpThread, setup: Setup, h: &mut H) -> io::Result<RunStats> {
     let run = Arc::clone(&x.run);
     let port = run.open_port(x.index)?;
     let fd: RawFd = port.fd();
