@@ -1,8 +1,8 @@
 //! The backend contract (`src/net/backend.rs`), checked on every backend
 //! from one harness: each rule is a function of a [`Net`] (where handlers
 //! run and where their peers are), and the macro at the end makes one test
-//! per backend of it, `epoll::RULE`, `uring::RULE`, so a rule a backend
-//! breaks fails under that backend's name.
+//! per backend of it, `epoll::RULE`, `uring::RULE`, `xdp::RULE`, so a rule
+//! a backend breaks fails under that backend's name.
 //!
 //! The rules: plain and TLS bytes cross intact in any size; the writes of a
 //! callback leave together and in order; STARTTLS sends the 220 in the
@@ -15,8 +15,17 @@
 //! `on_connected` alone when it fails, and talks plaintext or implicit TLS
 //! to an accepted one when it does not; a deadline fires once, at its last
 //! setting; closing connections in the middle of large receives corrupts
-//! no other. io_uring has one rule of its own (ids outlive their
-//! operations).
+//! no other.
+//!
+//! Every rule runs on every backend. Two differences, both in where things
+//! run, not in what is asserted: on xdp the handler side and the peers are
+//! in two network namespaces joined by a veth (see [`Net`]; run as root),
+//! and the outgoing-connection rules, which on epoll and io_uring connect a
+//! backend to its own listener, connect from a second AF_XDP backend in the
+//! peers' namespace (an AF_XDP backend cannot reach its own address: its
+//! frames go out on the wire). One test is io_uring's alone, because it
+//! checks how that backend keeps the contract (an id outlives the
+//! operations the kernel still holds on it), not a rule of the contract.
 //!
 //! Besides each test's own assertions, every handler runs inside [`Run`],
 //! which checks the rules that hold for every connection: no callback is
@@ -40,10 +49,14 @@ use std::time::{Duration, Instant};
 use smtpstorm::net::backend::{
     Backend, Close, Closed, ConnId, ConnectOpts, Handler, Setup, Tick, TlsState,
 };
-use smtpstorm::net::driver::{self, Io};
+use smtpstorm::net::driver::{self, Io, IoConfig, ThreadTransport, Transport};
 use smtpstorm::net::runtime::StopSignal;
 use smtpstorm::net::tls::{self, TlsInfo};
 use smtpstorm::net::tls_stream::TlsSide;
+use smtpstorm::net::xdp::XdpOptions;
+
+mod common;
+use common::netns::{self, NsPair};
 
 /// The longest any handler runs.
 const BOUND: Duration = Duration::from_secs(20);
@@ -55,12 +68,32 @@ const BOUND: Duration = Duration::from_secs(20);
 enum Kind {
     Epoll,
     Uring,
+    /// AF_XDP with user-space TCP, in a namespace pair (see [`Net`]).
+    Xdp,
 }
 
 /// Where a test's handlers run and where its peers are: every backend's
 /// listening and connecting go through here.
+///
+/// epoll and io_uring: handlers and peers on 127.0.0.1 of the test's own
+/// namespace. xdp: a fresh namespace pair per test (`common::netns`): the
+/// handler's thread enters `a` and runs AF_XDP on its veth end `ia`
+/// (198.18.0.1), the test's thread (and the peer threads it spawns) enters
+/// `b` (198.18.0.2), whose kernel TCP is the peer.
 struct Net {
     kind: Kind,
+    /// xdp: the test's thread back to its namespace (before the pair goes).
+    _in_b: Option<netns::Entered>,
+    pair: Option<NsPair>,
+}
+
+/// Which side of a [`Net`] a handler runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// Where the backend listens (namespace `a` for xdp).
+    Serve,
+    /// Where the peers are (namespace `b` for xdp).
+    Dial,
 }
 
 impl Net {
@@ -73,7 +106,21 @@ impl Net {
                 "io_uring cannot run here"
             );
         }
-        Net { kind }
+        let pair = (kind == Kind::Xdp).then(NsPair::new);
+        let in_b = pair.as_ref().map(|p| netns::enter(&p.b));
+        Net {
+            kind,
+            _in_b: in_b,
+            pair,
+        }
+    }
+
+    /// Whether a backend can connect to its own listener. An AF_XDP one
+    /// cannot (its frames go out on the wire to an address that is its
+    /// own): on xdp the dialing side runs on a second AF_XDP backend in
+    /// the peers' namespace ([`Net::dial`]).
+    fn self_connects(&self) -> bool {
+        self.kind != Kind::Xdp
     }
 
     /// Runs the handler `make` builds on its own thread, with one listener
@@ -84,13 +131,42 @@ impl Net {
         H: Handler + Send + 'static,
         F: FnOnce(&[SocketAddr]) -> H + Send + 'static,
     {
+        self.spawn(Side::Serve, implicit_tls, make)
+    }
+
+    /// Runs the handler `make` builds on the peers' side, without
+    /// listeners (for xdp: on AF_XDP over `ib`, connecting out).
+    fn dial<H, F>(&self, make: F) -> Served<H>
+    where
+        H: Handler + Send + 'static,
+        F: FnOnce(&[SocketAddr]) -> H + Send + 'static,
+    {
+        self.spawn(Side::Dial, &[], make)
+    }
+
+    fn spawn<H, F>(&self, side: Side, implicit_tls: &[bool], make: F) -> Served<H>
+    where
+        H: Handler + Send + 'static,
+        F: FnOnce(&[SocketAddr]) -> H + Send + 'static,
+    {
         let kind = self.kind;
         let tls = implicit_tls.to_vec();
         let stop = StopSignal::new();
         let (tx, rx) = mpsc::channel();
         let stop_run = stop.clone();
+        // xdp: the namespace and interface of this side.
+        let place = self.pair.as_ref().map(|p| match side {
+            Side::Serve => (p.a.clone(), p.ia.clone(), netns::A_IP),
+            Side::Dial => (p.b.clone(), p.ib.clone(), netns::B_IP),
+        });
         let thread = thread::spawn(move || {
-            let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let mut ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let mut iface = None;
+            if let Some((ns, dev, addr)) = place {
+                netns::enter_with_sysfs(&ns);
+                ip = IpAddr::V4(addr);
+                iface = Some(dev);
+            }
             let listeners: Vec<(TcpListener, bool)> = tls
                 .iter()
                 .map(|&t| {
@@ -105,7 +181,8 @@ impl Net {
                 .collect();
             let mut run = Run::new(make(&addrs), stop_run.clone());
             run.ready = Some((tx, addrs));
-            run_backend(kind, listeners, stop_run, &mut run);
+            let client = side == Side::Dial;
+            run_backend(kind, iface, listeners, client, stop_run, &mut run);
             run.ended()
         });
         let addrs = match rx.recv_timeout(BOUND) {
@@ -126,6 +203,10 @@ impl Net {
     /// The handler side's address where nothing listens (a connect to it
     /// is refused).
     fn nothing_listens(&self) -> SocketAddr {
+        if self.kind == Kind::Xdp {
+            // Port 9 of a fresh namespace: its kernel answers with an RST.
+            return SocketAddr::new(IpAddr::V4(netns::A_IP), 9);
+        }
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     }
@@ -141,20 +222,40 @@ impl Net {
     fn flush_limit(&self) -> Duration {
         match self.kind {
             Kind::Epoll | Kind::Uring => smtpstorm::net::epoll::CLOSE_FLUSH_LIMIT,
+            Kind::Xdp => smtpstorm::net::xdp::stack::CLOSE_FLUSH_LIMIT,
         }
     }
 }
 
-/// Opens backend `kind` on this thread and runs `h` until it stops.
+/// Opens backend `kind` on this thread (xdp: on `iface`, for `listeners`
+/// and, if `client`, outgoing connections) and runs `h` until it stops.
 fn run_backend<H: Handler>(
     kind: Kind,
+    iface: Option<String>,
     listeners: Vec<(TcpListener, bool)>,
+    client: bool,
     stop: StopSignal,
     h: &mut H,
 ) {
-    let io = match kind {
-        Kind::Epoll => Io::Epoll,
-        Kind::Uring => Io::Uring,
+    let transport = match kind {
+        Kind::Epoll => ThreadTransport::kernel(Io::Epoll),
+        Kind::Uring => ThreadTransport::kernel(Io::Uring),
+        Kind::Xdp => {
+            let cfg = IoConfig {
+                io: Io::Xdp,
+                xdp: Some(XdpOptions {
+                    iface: iface.expect("an interface"),
+                    ..XdpOptions::default()
+                }),
+            };
+            let addrs: Vec<SocketAddr> = listeners
+                .iter()
+                .map(|(l, _)| l.local_addr().unwrap())
+                .collect();
+            let t = Transport::open(&cfg, 1, &addrs, client)
+                .unwrap_or_else(|e| panic!("open --io xdp: {e}"));
+            t.thread(0)
+        }
     };
     let setup = Setup {
         listeners,
@@ -162,7 +263,7 @@ fn run_backend<H: Handler>(
         read_buf_bytes: 16 * 1024,
         track_waiting: false,
     };
-    driver::run(driver::ThreadTransport::kernel(io), setup, h).expect("the loop failed");
+    driver::run(transport, setup, h).expect("the loop failed");
 }
 
 /// A handler running on its thread.
@@ -1302,6 +1403,23 @@ struct Looped {
 
 fn outgoing(net: &Net, tls: bool) -> Looped {
     let refused = net.nothing_listens();
+    if !net.self_connects() {
+        let s = net.serve(&[tls], move |_| {
+            let mut l = Loop::new(None, None, tls);
+            l.expect_closed = 1;
+            l
+        });
+        let target = s.addr();
+        let d = net.dial(move |_| {
+            let mut l = Loop::new(Some(target), Some(refused), tls);
+            l.expect_closed = 1;
+            l
+        });
+        let dialed = d.join();
+        return Looped {
+            handlers: vec![s.join(), dialed],
+        };
+    }
     let s = net.serve(&[tls], move |addrs| {
         let mut l = Loop::new(Some(addrs[0]), Some(refused), tls);
         // The outgoing side and the accepted one.
@@ -1546,6 +1664,9 @@ macro_rules! on_each_backend {
         mod uring {
             $( #[test] fn $name() { super::$name(&super::Net::new(super::Kind::Uring)) } )*
             $( #[test] fn $u() { super::$u(&super::Net::new(super::Kind::Uring)) } )*
+        }
+        mod xdp {
+            $( #[test] fn $name() { super::$name(&super::Net::new(super::Kind::Xdp)) } )*
         }
     };
 }
