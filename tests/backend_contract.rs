@@ -546,7 +546,10 @@ impl<H: Handler> Handler for Run<H> {
 
     fn on_closed<B: Backend>(&mut self, be: &mut B, now: Instant, id: ConnId, why: Closed) {
         self.t.enter("on_closed", None);
-        if !self.t.open.remove(&id) {
+        // A connect still pending when the run stops may end as stopped
+        // (the backends count it open from `connect`).
+        let pending = matches!(why, Closed::Stopped) && self.t.connecting.remove(&id);
+        if !self.t.open.remove(&id) && !pending {
             self.t.broken.push(format!(
                 "on_closed for {id}, which is not open (refused, failed, or closed twice)"
             ));
