@@ -3,8 +3,12 @@
 //! panic), waiting with bounds, and a private Postfix `smtpd` on loopback.
 //!
 //! Every wait here is bounded: a broken peer fails a test, it never hangs
-//! the suite. All traffic goes to 127.0.0.1 / ::1.
+//! the suite. All traffic goes to 127.0.0.1 / ::1, except in [`netns`]:
+//! namespace pairs for in-process tests that need a wire (their traffic
+//! stays in namespaces the test creates and deletes).
 #![allow(dead_code)]
+
+pub mod netns;
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
