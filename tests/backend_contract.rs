@@ -218,12 +218,10 @@ impl Net {
         s
     }
 
-    /// How long a graceful close may take to flush.
+    /// How long a graceful close may take to flush (one limit, in the
+    /// connection table under every backend).
     fn flush_limit(&self) -> Duration {
-        match self.kind {
-            Kind::Epoll | Kind::Uring => smtpstorm::net::epoll::CLOSE_FLUSH_LIMIT,
-            Kind::Xdp => smtpstorm::net::xdp::stack::CLOSE_FLUSH_LIMIT,
-        }
+        smtpstorm::net::conn_table::CLOSE_FLUSH_LIMIT
     }
 }
 

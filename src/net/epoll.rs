@@ -25,7 +25,7 @@
 //!   `write`. TLS records go straight from rustls to the socket (one
 //!   vectored write), plaintext queued before a TLS switch first.
 //! - A graceful close sends what is queued (and a TLS close_notify), bounded
-//!   by [`CLOSE_FLUSH_LIMIT`]; dropping the socket removes it from the epoll
+//!   by [`super::conn_table::CLOSE_FLUSH_LIMIT`]; dropping the socket removes it from the epoll
 //!   set, so no `epoll_ctl(DEL)` per session.
 //!
 //! What every backend's connection has in common (the output bookkeeping,
@@ -45,7 +45,6 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::backend::{Close, Closed, ConnId, ConnectOpts, Handler, RunStats, Setup};
-pub use super::conn_table::CLOSE_FLUSH_LIMIT;
 use super::conn_table::{
     self, is_fd_exhaustion, OutQueue, Part, PushOut, Settle, Table, Transport, ACCEPT_PAUSE,
 };
