@@ -642,7 +642,9 @@ pub fn flush<S: PushOut, H: Handler>(s: &mut S, h: &mut H, id: ConnId, now: Inst
         if !done && graceful {
             t.arm_close_deadline(id, now);
         }
-        if !progressed {
+        // A closing connection is the backend's alone: no callback but
+        // on_closed sees it again (the contract; io_uring already held it).
+        if !progressed || graceful {
             return;
         }
         h.on_written(t, now, id);
