@@ -13,7 +13,8 @@
 //! its per-connection state itself (e.g. in a `Vec` indexed by id), so it
 //! can act on any connection from any callback.
 //!
-//! Contract (every backend keeps it; `tests/backend_contract.rs` checks it):
+//! Contract (every backend keeps it; `tests/backend_contract.rs` checks it
+//! on epoll, io_uring and xdp, each rule under the backend's name):
 //! - Static dispatch: `run::<H: Handler>` per backend, every callback
 //!   generic over the backend type. No `dyn` call and no allocation per
 //!   event.
@@ -30,7 +31,9 @@
 //!   accepted or connected, never from inside another callback of the same
 //!   handler (it is deferred to the loop), and the id may be reused after
 //!   it. A failed connect is reported by [`Handler::on_connected`] with an
-//!   error instead, and its id is gone after that call.
+//!   error instead, and its id is gone after that call. A connect still
+//!   pending when the run stops counts as open from [`Backend::connect`]:
+//!   it ends with `on_closed(Closed::Stopped)`, not `on_connected`.
 //! - Deadlines are one per connection ([`Backend::set_deadline`]); the
 //!   handler's own timing comes from the instant [`Handler::on_tick`]
 //!   returns.
