@@ -23,6 +23,7 @@
 //! accepted is a failed run (exit 4). Ctrl-C ends the run early and
 //! everything measured so far is still reported.
 
+pub mod body;
 pub mod config;
 pub mod conn;
 pub mod corpus;
