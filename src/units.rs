@@ -3,10 +3,9 @@
 //! `1KiB` 1024) and percentages (`5%`). Each parser, on bad input, returns
 //! an error that states the expected form.
 //!
-//! A leaf module: the command line ([`crate::cli`]) and the roles' own
-//! value grammars (e.g. `--fault` in [`crate::sink::faults`]) both read
-//! quantities with it; it imports nothing of the crate. (Printing them is
-//! [`crate::stats::units`].)
+//! A leaf module: the command line (`cli`) and the roles' own value
+//! grammars (e.g. `--fault` in `sink::faults`) both read quantities with
+//! it; it imports nothing of the crate. (Printing them is `stats::units`.)
 
 use std::time::Duration;
 

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-use super::message::{normalize_crlf, Body, Rng};
+use super::body::{normalize_crlf, Body, Rng};
 
 /// Errors of loading `--data`.
 #[derive(Debug, Error)]

@@ -25,28 +25,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::smtp::client::Message;
 
+pub use super::body::{make_body, normalize_crlf, Body, Rng, BODY_LINE_CHARS};
+
 /// A message size or a uniform range of sizes, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SizeRange {
     pub min: u64,
     pub max: u64,
-}
-
-/// The crate's PRNG, seeded the way message generation always was.
-#[derive(Clone, Debug)]
-pub struct Rng(crate::rng::SplitMix64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(crate::rng::SplitMix64::new(seed ^ 0x9E37_79B9_7F4A_7C15))
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-    /// Uniform in `lo..=hi`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        self.0.range(lo, hi)
-    }
 }
 
 /// One piece of a compiled address template.
@@ -150,72 +135,10 @@ impl Template {
     }
 }
 
-/// Characters of one body line, CRLF excluded.
-pub const BODY_LINE_CHARS: usize = 78;
 /// Bodies cached per thread (one per distinct size), at most this many…
 const BODY_CACHE_MAX: usize = 4096;
 /// …and at most this many bytes (a body is held twice: as is and stuffed).
 const BODY_CACHE_MAX_BYTES: usize = 256 << 20;
-/// Every this many lines of a body, a line starts with `.`.
-const DOT_LINE_EVERY: usize = 7;
-
-/// A body of exactly `len` bytes (at least 2: `CRLF`) of 78-column lines
-/// ending CRLF; every 7th line starts with `.`. Deterministic in `seed`.
-pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
-    const WORDS: [&str; 16] = [
-        "storm",
-        "mail",
-        "relay",
-        "queue",
-        "latency",
-        "honest",
-        "sink",
-        "blast",
-        "envelope",
-        "header",
-        "body",
-        "thread",
-        "core",
-        "socket",
-        "message",
-        "percentile",
-    ];
-    let len = len.max(2);
-    let mut rng = Rng::new(seed ^ len as u64);
-    let mut out = Vec::with_capacity(len);
-    let mut line_no = 0usize;
-    while out.len() < len {
-        let left = len - out.len();
-        // A line of up to 78 characters plus CRLF; the last one takes what is
-        // left (never leaving a lone byte that cannot hold CRLF).
-        let take = if left <= BODY_LINE_CHARS + 2 {
-            left
-        } else if left - (BODY_LINE_CHARS + 2) < 2 {
-            left - 2
-        } else {
-            BODY_LINE_CHARS + 2
-        };
-        let chars = take - 2;
-        let start = out.len();
-        if line_no % DOT_LINE_EVERY == DOT_LINE_EVERY - 1 && chars > 0 {
-            out.push(b'.');
-        }
-        while out.len() - start < chars {
-            let w = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize].as_bytes();
-            let room = chars - (out.len() - start);
-            let w = &w[..w.len().min(room)];
-            out.extend_from_slice(w);
-            if out.len() - start < chars {
-                out.push(b' ');
-            }
-        }
-        out.extend_from_slice(b"\r\n");
-        line_no += 1;
-    }
-    debug_assert_eq!(out.len(), len);
-    out
-}
-
 /// RFC 5322 date (`Sun, 22 Nov 2026 17:36:25 +0000`) of a UNIX time.
 pub fn rfc5322_date(unix_secs: u64) -> String {
     const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
@@ -244,53 +167,6 @@ pub fn rfc5322_date(unix_secs: u64) -> String {
         secs / 60 % 60,
         secs % 60
     )
-}
-
-/// A body built once and shared by every message of its size.
-#[derive(Debug)]
-pub struct Body {
-    /// The body as the recipient gets it (and BDAT sends it).
-    pub raw: Arc<[u8]>,
-    /// The DATA form: `raw` dot-stuffed, with the final `.CRLF`.
-    pub data: Arc<[u8]>,
-    /// `X-Smtpstorm-Digest: sha256=…CRLF`: of `raw` for a generated body;
-    /// for a `--data` message (with `--verify`) of the part after its
-    /// header block, sent on top of it; empty for `--body`.
-    pub digest_line: String,
-}
-
-impl Body {
-    /// A generated body of `len` bytes, its digest and its DATA form.
-    pub fn generated(len: usize, seed: u64) -> Arc<Body> {
-        let raw: Arc<[u8]> = Arc::from(make_body(len, seed));
-        let digest_line = crate::digest::header_line(&raw);
-        Arc::new(Body {
-            data: stuffed(&raw),
-            raw,
-            digest_line,
-        })
-    }
-
-    /// A `--body` file (already CRLF-normalized), sent as it is.
-    pub fn file(raw: Arc<[u8]>) -> Arc<Body> {
-        Self::with_digest_line(raw, String::new())
-    }
-
-    /// A whole message (already CRLF-normalized) and the digest line sent
-    /// on top of it (empty: none), e.g. one of `--data`.
-    pub fn with_digest_line(raw: Arc<[u8]>, digest_line: String) -> Arc<Body> {
-        Arc::new(Body {
-            data: stuffed(&raw),
-            raw,
-            digest_line,
-        })
-    }
-}
-
-fn stuffed(raw: &[u8]) -> Arc<[u8]> {
-    let mut out = Vec::with_capacity(raw.len() + raw.len() / 64 + 8);
-    crate::smtp::client::dot_stuff(&mut out, &[raw]);
-    Arc::from(out)
 }
 
 /// Per-thread message factory (see the module doc).
@@ -545,23 +421,6 @@ impl MessageBuilder {
     pub fn built(&self) -> u64 {
         self.built
     }
-}
-
-/// `\n` not preceded by `\r` becomes `\r\n`; a missing final CRLF is added.
-pub fn normalize_crlf(input: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(input.len() + input.len() / 40 + 2);
-    let mut prev = 0u8;
-    for &b in input {
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
-        }
-        out.push(b);
-        prev = b;
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 //! accepted is a failed run (exit 4). Ctrl-C ends the run early and
 //! everything measured so far is still reported.
 
+pub mod body;
 pub mod config;
 pub mod conn;
 pub mod corpus;
@@ -357,7 +358,7 @@ fn verdict(
     let open_loop = match cfg.model {
         LoadModel::Closed => None,
         LoadModel::Open { messages_per_sec } => {
-            let (report, reasons) = judge_open_loop(open, messages_per_sec, duration_secs, &m, cfg);
+            let (report, reasons) = judge_open_loop(open, messages_per_sec, duration_secs, m, cfg);
             invalid_reasons.extend(reasons);
             Some(report)
         }

@@ -14,7 +14,7 @@
 //!   [`super::tls_stream`].
 //!
 //! A run opens the interface once ([`XdpRun::open`], in the main thread,
-//! through [`super::driver::Transport::open`]):
+//! through `driver::Transport::open`):
 //! checks privileges, the interface and the kernel, creates the XSKMAP,
 //! loads and attaches the program (a BPF link: detached when the run ends or
 //! the process dies). Each worker thread then binds its own socket on its
@@ -184,8 +184,7 @@ impl fmt::Debug for XdpRun {
     }
 }
 
-/// What one worker thread's [`super::driver::ThreadTransport`] carries for
-/// xdp.
+/// What one worker thread's `driver::ThreadTransport` carries for xdp.
 #[derive(Clone, Debug)]
 pub struct XdpThread {
     pub run: Arc<XdpRun>,
