@@ -47,15 +47,21 @@ command -v zsh >/dev/null 2>&1 || want zsh
 command -v fish >/dev/null 2>&1 || want fish
 command -v man >/dev/null 2>&1 || want man-db
 command -v groff >/dev/null 2>&1 || want groff-base
+# kubernetes-validate checks scripts/k8s/ against the Kubernetes schemas it
+# ships (tests/k8s_manifests.rs). It is not packaged by Debian: pip installs
+# it below, after apt has provided pip.
+have_kv() { command -v kubernetes-validate >/dev/null 2>&1; }
+have_kv || /usr/bin/python3 -m pip --version >/dev/null 2>&1 || want python3-pip
 
-if [ ${#need[@]} -eq 0 ]; then
+if [ ${#need[@]} -eq 0 ] && have_kv; then
   exit 0
 fi
-echo "install-peers: installing ${need[*]}" >&2
 if [ "$(id -u)" -ne 0 ]; then
-  echo "install-peers: need root to apt-get install ${need[*]}" >&2
+  echo "install-peers: need root to install ${need[*]} kubernetes-validate" >&2
   exit 1
 fi
+if [ ${#need[@]} -gt 0 ]; then
+echo "install-peers: installing ${need[*]}" >&2
 export DEBIAN_FRONTEND=noninteractive
 # Postfix asks how to configure itself; "Internet Site" gives the default
 # /etc/postfix/main.cf that a private instance must be listed in.
@@ -66,6 +72,15 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The package may try to start a system Postfix on port 25; the tests never use it.
 postfix stop >/dev/null 2>&1 || true
+fi
+# Debian's Python is "externally managed" (PEP 668): pip refuses to install
+# into it without --break-system-packages. The package only adds its own
+# module and script (to /usr/local), nothing Debian's packages rely on.
+if ! have_kv; then
+  echo "install-peers: installing kubernetes-validate (pip)" >&2
+  /usr/bin/python3 -m pip install -q --break-system-packages --root-user-action=ignore \
+    'kubernetes-validate==1.37.0'
+fi
 
 # Check that what was installed now works, so a gap fails here and not in a test.
 missing=()
@@ -84,6 +99,7 @@ command -v zsh >/dev/null 2>&1 || missing+=(zsh)
 command -v fish >/dev/null 2>&1 || missing+=(fish)
 command -v man >/dev/null 2>&1 || missing+=(man)
 command -v groff >/dev/null 2>&1 || missing+=(groff)
+have_kv || missing+=(kubernetes-validate)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "install-peers: still missing after install: ${missing[*]}" >&2
   exit 1

@@ -48,7 +48,11 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
         Command::Blast(a) => blast::run(cli::blast::config(&a.target, &a.load)?),
         Command::Probe(a) => blast::probe::run(cli::probe::config(&a)?),
         Command::Bench(a) => bench::run(cli::bench::config(&a)?),
-        Command::Merge(a) => offline::merge(&a.files, &cli::offline::merge_output(&a)?),
+        Command::Merge(a) => offline::merge(
+            &a.files,
+            cli::offline::merge_rules(&a),
+            &cli::offline::merge_output(&a)?,
+        ),
         Command::Report(a) => offline::report(&a.file, a.svg.as_deref(), a.html.as_deref()),
         Command::Completions(a) => Ok(cli::shell::completions(&a)?),
         Command::Man(a) => Ok(cli::shell::man(&a)?),

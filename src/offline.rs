@@ -11,10 +11,49 @@ use anyhow::Context;
 use crate::blast::{self, BlastRun, OutputConfig};
 use crate::stats;
 
-/// `smtpstorm merge FILE... [--json OUT] [--assert EXPR]...`: adds
-/// `files` and writes and checks the result as `out` says.
-pub fn merge(files: &[PathBuf], out: &OutputConfig) -> anyhow::Result<u8> {
-    let report = stats::merge_files(files, &[])?;
+/// Exit code of `merge`: the inputs are not one complete run (an instance
+/// missing or doubled, another N or configuration, starts too far apart)
+/// and `--allow-partial` was not given.
+pub const EXIT_INCOMPLETE_SET: u8 = 2;
+
+/// How `merge` judges the set of reports it is given.
+#[derive(Clone, Copy, Debug)]
+pub struct SetRules {
+    /// Largest difference of the inputs' start times (`--max-skew`).
+    pub max_skew_secs: f64,
+    /// Merge even if the set is not one complete run (`--allow-partial`).
+    pub allow_partial: bool,
+}
+
+/// `smtpstorm merge FILE... [--json OUT] [--assert EXPR]...`: checks the
+/// set ([`stats::check_set`]), names each problem on stderr (exit 2 unless
+/// `rules.allow_partial`), adds the reports and writes and checks the
+/// result as `out` says; the report records the check (`merge`).
+pub fn merge(files: &[PathBuf], rules: SetRules, out: &OutputConfig) -> anyhow::Result<u8> {
+    let loaded = files
+        .iter()
+        .map(|p| stats::load_report(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+    let inputs: Vec<(&str, &stats::Report)> =
+        names.iter().map(String::as_str).zip(&loaded).collect();
+    let (mut check, keep) = stats::check_set(&inputs, rules.max_skew_secs);
+    for p in &check.problems {
+        eprintln!("smtpstorm: merge: {p}");
+    }
+    if !check.problems.is_empty() && !rules.allow_partial {
+        eprintln!("smtpstorm: merge: not one complete run; nothing written (--allow-partial merges anyway)");
+        return Ok(EXIT_INCOMPLETE_SET);
+    }
+    check.partial = !check.problems.is_empty();
+    let chosen: Vec<stats::Report> = loaded
+        .into_iter()
+        .enumerate()
+        .filter(|(k, _)| keep.contains(k))
+        .map(|(_, r)| r)
+        .collect();
+    let mut report = stats::merge_reports(&chosen, &[])?;
+    report.merge = Some(check);
     for r in &report.invalid_reasons {
         eprintln!("smtpstorm: invalid run: {r}");
     }

@@ -107,15 +107,29 @@ fn sleep_until_unix(at: f64, stop: &StopSignal) {
     }
 }
 
+/// Waits for `--start-at` `at` (UNIX seconds) and returns how late the run
+/// starts: 0 when it was still ahead; when it had already passed, says so
+/// in one line on stderr (the report records it as
+/// `config.start_late_secs`) instead of starting late silently.
+fn start_at_lateness(at: f64, stop: &StopSignal) -> f64 {
+    let late = unix_now() - at;
+    if late > 0.0 {
+        eprintln!(
+            "smtpstorm: --start-at {at} passed {late:.3} s ago; starting now, late (recorded as config.start_late_secs)"
+        );
+        return late;
+    }
+    sleep_until_unix(at, stop);
+    0.0
+}
+
 /// Runs the load described by `cfg` and returns the report (assertions not
 /// yet evaluated; see [`finish`]). Errors: workers that cannot start, a
 /// fatal condition such as running out of ephemeral ports, an unwritable
 /// `--hlog`.
 pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     let stop = StopSignal::process().context("installing the Ctrl-C handler")?;
-    if let Some(at) = cfg.start_at_unix {
-        sleep_until_unix(at, &stop);
-    }
+    let start_late_secs = cfg.start_at_unix.map(|at| start_at_lateness(at, &stop));
     let threads = cfg.cpus.plan().context("planning worker threads")?.len();
     // Before the clock starts, so nothing of it lands inside a phase or
     // makes the schedule late: the body every message shares, and the TLS
@@ -207,6 +221,12 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         host: None,
     })?;
     report.open_loop = open_loop;
+    if let (Some(late), Some(c)) = (start_late_secs, report.config.as_object_mut()) {
+        c.insert(
+            "start_late_secs".into(),
+            ((late * 1e3).round() / 1e3).into(),
+        );
+    }
     Ok(BlastRun {
         report,
         errors,

@@ -583,7 +583,7 @@ fn echo(
     (inst, ninst): (u32, u32),
 ) -> serde_json::Value {
     let io_echo = io.echo();
-    serde_json::json!({
+    let echo = serde_json::json!({
         "io": io_echo["io"],
         "xdp": io_echo["xdp"],
         "target": target.to_string(),
@@ -619,7 +619,35 @@ fn echo(
         "timeout_secs": load.timeout.as_secs_f64(),
         "seed": load.seed,
         "instance": format!("{inst}/{ninst}"),
-    })
+        "start_at_unix": load.start_at,
+    });
+    with_config_digest(echo, load, ninst)
+}
+
+/// `echo` with `config_digest`: the digest of the run's configuration as
+/// every instance of it sees it (the echo with the split figures replaced
+/// by the run's totals, the index dropped and N kept), so `merge` can tell
+/// whether its inputs are instances of one run.
+fn with_config_digest(
+    mut echo: serde_json::Value,
+    load: &LoadArgs,
+    ninst: u32,
+) -> serde_json::Value {
+    let whole = Shape::of(load, (0, 1));
+    let mut run = echo.clone();
+    if let Some(m) = run.as_object_mut() {
+        m.remove("instance");
+        m.insert("instances".into(), ninst.into());
+        m.insert("connections".into(), whole.connections.into());
+        m.insert("messages".into(), whole.max_messages.into());
+        m.insert("sessions".into(), whole.max_sessions.into());
+        m.insert("source_ips".into(), load.source_ip.clone().into());
+    }
+    let digest = crate::stats::config_digest(&run);
+    if let Some(m) = echo.as_object_mut() {
+        m.insert("config_digest".into(), digest.into());
+    }
+    echo
 }
 
 #[cfg(test)]

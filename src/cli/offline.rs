@@ -2,9 +2,11 @@
 //! validation of `merge`'s checks into an [`OutputConfig`].
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
+use super::parse::parse_duration;
 use crate::blast::OutputConfig;
 use crate::stats;
 
@@ -22,6 +24,14 @@ pub struct MergeArgs {
     pub junit: Option<PathBuf>,
     #[arg(long)]
     pub allow_invalid: bool,
+    /// Merge even if instances are missing or doubled, of another N or
+    /// configuration, or started too far apart (exit 2 otherwise); the
+    /// report records what was wrong.
+    #[arg(long)]
+    pub allow_partial: bool,
+    /// Largest difference allowed between the instances' start times.
+    #[arg(long, value_name = "D", default_value = "2s", value_parser = parse_duration)]
+    pub max_skew: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -47,4 +57,12 @@ pub fn merge_output(args: &MergeArgs) -> anyhow::Result<OutputConfig> {
         allow_invalid: args.allow_invalid,
         ..OutputConfig::default()
     })
+}
+
+/// How `merge` judges its inputs as one run (`--max-skew`, `--allow-partial`).
+pub fn merge_rules(args: &MergeArgs) -> crate::offline::SetRules {
+    crate::offline::SetRules {
+        max_skew_secs: args.max_skew.as_secs_f64(),
+        allow_partial: args.allow_partial,
+    }
 }

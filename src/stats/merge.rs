@@ -13,7 +13,7 @@ use std::path::Path;
 
 use super::assert::Assertion;
 use super::recorder::{add_histogram, new_histogram, Measurements, TimelinePoint};
-use super::report::{load_report, CpuUsage, Report, ReportError, ReportInput};
+use super::report::{load_report, CpuUsage, MergeCheck, Report, ReportError, ReportInput};
 use crate::smtp::Phase;
 
 /// Errors of merging.
@@ -122,6 +122,210 @@ pub fn merge_reports(reports: &[Report], assertions: &[Assertion]) -> Result<Rep
     }
     merged.evaluate_assertions(assertions);
     Ok(merged)
+}
+
+/// Keys of a blast report's `config` that differ between the instances of
+/// one run by design: the index, each instance's share of connections,
+/// messages, sessions and source addresses, and how late it started.
+/// Everything else, and `config_digest` (computed over the totals before
+/// the split), is the same for every instance of a run.
+pub const PER_INSTANCE_CONFIG: &[&str] = &[
+    "instance",
+    "connections",
+    "messages",
+    "sessions",
+    "source_ips",
+    "config_digest",
+    "start_late_secs",
+];
+
+/// A short digest of a JSON value (16 hex digits, 64-bit FNV-1a over its
+/// canonical text: object keys sorted, no spaces), the same on every
+/// machine and version. Not cryptographic: it tells runs apart, nothing
+/// more.
+pub fn config_digest(v: &serde_json::Value) -> String {
+    fn canonical(v: &serde_json::Value, out: &mut String) {
+        match v {
+            serde_json::Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                    out.push(':');
+                    canonical(&map[k], out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(items) => {
+                out.push('[');
+                for (i, x) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(x, out);
+                }
+                out.push(']');
+            }
+            scalar => out.push_str(&scalar.to_string()),
+        }
+    }
+    let mut text = String::new();
+    canonical(v, &mut text);
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
+}
+
+/// `I/N` of a report's `config.instance`.
+fn instance_of(r: &Report) -> Option<(u32, u32)> {
+    let (i, n) = r.config.get("instance")?.as_str()?.split_once('/')?;
+    Some((i.trim().parse().ok()?, n.trim().parse().ok()?))
+}
+
+/// How config `b` differs from `a` outside [`PER_INSTANCE_CONFIG`] (up to
+/// four keys, `key A vs B`), or through `config_digest` alone (the totals
+/// before the split differ); `None` when they are the same run's.
+fn config_difference(a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
+    let (Some(ma), Some(mb)) = (a.as_object(), b.as_object()) else {
+        return (a != b).then(|| "the configurations differ".to_string());
+    };
+    let null = serde_json::Value::Null;
+    let mut keys: Vec<&String> = ma.keys().chain(mb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let differing: Vec<String> = keys
+        .into_iter()
+        .filter(|k| !PER_INSTANCE_CONFIG.contains(&k.as_str()))
+        .filter(|k| ma.get(*k).unwrap_or(&null) != mb.get(*k).unwrap_or(&null))
+        .map(|k| {
+            format!(
+                "{k} {} vs {}",
+                ma.get(k).unwrap_or(&null),
+                mb.get(k).unwrap_or(&null)
+            )
+        })
+        .collect();
+    if !differing.is_empty() {
+        let more = differing.len().saturating_sub(4);
+        let mut why = differing.into_iter().take(4).collect::<Vec<_>>().join(", ");
+        if more > 0 {
+            why.push_str(&format!(" and {more} more"));
+        }
+        return Some(why);
+    }
+    match (ma.get("config_digest"), mb.get("config_digest")) {
+        (Some(da), Some(db)) if da != db => Some(format!(
+            "config_digest {da} vs {db} (the totals before the split differ: connections, messages, sessions or source addresses)"
+        )),
+        _ => None,
+    }
+}
+
+/// Checks the reports given to `merge` (`(name, report)` each) as one
+/// distributed run: when any input is an instance `I/N` with N > 1, each of
+/// `0..N-1` must be there exactly once with the same N; in any case every
+/// input must have the same run configuration (see [`PER_INSTANCE_CONFIG`])
+/// and have started within `max_skew_secs` of the others. Returns what was
+/// found (one line per problem) and the indices of the inputs to add: a
+/// doubled instance's first report only, and no input of another N or
+/// without an instance. Inputs that are all N = 1 (no `--instance`) are
+/// independent runs: no instance is missing or doubled among them.
+pub fn check_set(inputs: &[(&str, &Report)], max_skew_secs: f64) -> (MergeCheck, Vec<usize>) {
+    let mut check = MergeCheck {
+        inputs: inputs.len(),
+        max_skew_secs,
+        ..MergeCheck::default()
+    };
+    let ids: Vec<Option<(u32, u32)>> = inputs.iter().map(|(_, r)| instance_of(r)).collect();
+    let mut keep: Vec<usize> = (0..inputs.len()).collect();
+    if ids.iter().flatten().any(|&(_, n)| n > 1) {
+        // N as most inputs say (a tie: the first input's).
+        let mut votes: Vec<(u32, usize)> = Vec::new();
+        for &(_, n) in ids.iter().flatten() {
+            match votes.iter_mut().find(|(v, _)| *v == n) {
+                Some(e) => e.1 += 1,
+                None => votes.push((n, 1)),
+            }
+        }
+        let n = votes
+            .iter()
+            .fold(
+                (0, 0),
+                |best, &(v, c)| if c > best.1 { (v, c) } else { best },
+            )
+            .0;
+        check.instances = Some(n);
+        let mut first: BTreeMap<u32, usize> = BTreeMap::new();
+        keep.clear();
+        for (k, id) in ids.iter().enumerate() {
+            let name = inputs[k].0;
+            match *id {
+                None => check.problems.push(format!(
+                    "{name} is no instance of a distributed run (its config has no `instance`: a merged report?); not added"
+                )),
+                Some((i, m)) if m != n => check.problems.push(format!(
+                    "{name} is instance {i}/{m}, but the run has {n} instances; not added"
+                )),
+                Some((i, _)) => match first.get(&i) {
+                    Some(&f) => {
+                        check.problems.push(format!(
+                            "instance {i}/{n} is given twice: {} and {name}; only {} added",
+                            inputs[f].0, inputs[f].0
+                        ));
+                        if !check.duplicates.contains(&i) {
+                            check.duplicates.push(i);
+                        }
+                    }
+                    None => {
+                        first.insert(i, k);
+                        keep.push(k);
+                    }
+                },
+            }
+        }
+        for i in (0..n).filter(|i| !first.contains_key(i)) {
+            check.missing.push(i);
+            check.problems.push(format!("instance {i}/{n} is missing"));
+        }
+        check.duplicates.sort_unstable();
+    }
+    if let Some((&k0, rest)) = keep.split_first() {
+        let (name0, r0) = inputs[k0];
+        for &k in rest {
+            let (name, r) = inputs[k];
+            if let Some(why) = config_difference(&r0.config, &r.config) {
+                check.problems.push(format!(
+                    "{name} ran another configuration than {name0}: {why}"
+                ));
+            }
+        }
+        let by_start = |a: &&usize, b: &&usize| {
+            inputs[**a]
+                .1
+                .started_at_unix
+                .total_cmp(&inputs[**b].1.started_at_unix)
+        };
+        let (Some(&early), Some(&late)) =
+            (keep.iter().min_by(by_start), keep.iter().max_by(by_start))
+        else {
+            unreachable!("keep is not empty")
+        };
+        let skew = inputs[late].1.started_at_unix - inputs[early].1.started_at_unix;
+        check.start_skew_secs = skew;
+        if skew > max_skew_secs {
+            check.problems.push(format!(
+                "start times differ by {skew:.3} s, more than --max-skew {max_skew_secs} s: {} started {skew:.3} s after {}",
+                inputs[late].0, inputs[early].0
+            ));
+        }
+    }
+    check.merged = keep.len();
+    (check, keep)
 }
 
 /// A metric that got worse than allowed against the baseline.
@@ -334,6 +538,143 @@ mod tests {
             merge_reports(&[a, s], &[]),
             Err(MergeError::MixedRoles(..))
         ));
+    }
+
+    /// Instance `i` of `n` of one run: the sample report with the config a
+    /// blast of `--instance i/n` echoes (its own share, one digest).
+    fn instance(i: u32, n: u32) -> Report {
+        let mut r = sample_blast_report();
+        r.config = serde_json::json!({
+            "instance": format!("{i}/{n}"),
+            "connections": 10 / n + u32::from(i < 10 % n),
+            "rate": 100.0,
+            "config_digest": "00000000000000aa",
+        });
+        r.started_at_unix = 1_000.0 + f64::from(i) * 0.1;
+        r
+    }
+
+    fn check(reports: &[Report], max_skew: f64) -> (MergeCheck, Vec<usize>) {
+        let names: Vec<String> = (0..reports.len()).map(|k| format!("r{k}.json")).collect();
+        let inputs: Vec<(&str, &Report)> = names.iter().map(String::as_str).zip(reports).collect();
+        check_set(&inputs, max_skew)
+    }
+
+    #[test]
+    fn a_complete_set_of_instances_has_no_problem() {
+        let set: Vec<Report> = [2, 0, 1].iter().map(|&i| instance(i, 3)).collect();
+        let (c, keep) = check(&set, 2.0);
+        assert_eq!(c.problems, Vec::<String>::new());
+        assert_eq!((c.instances, c.inputs, c.merged), (Some(3), 3, 3));
+        assert_eq!(keep, vec![0, 1, 2]);
+        assert!(
+            (c.start_skew_secs - 0.2).abs() < 1e-9,
+            "{}",
+            c.start_skew_secs
+        );
+    }
+
+    #[test]
+    fn a_missing_and_a_doubled_instance_are_each_named_in_one_line() {
+        let set = [
+            instance(0, 4),
+            instance(1, 4),
+            instance(1, 4),
+            instance(3, 4),
+        ];
+        let (c, keep) = check(&set, 2.0);
+        assert_eq!(c.missing, vec![2]);
+        assert_eq!(c.duplicates, vec![1]);
+        assert_eq!(keep, vec![0, 1, 3], "the second copy of 1 is not added");
+        assert_eq!(
+            c.problems,
+            vec![
+                "instance 1/4 is given twice: r1.json and r2.json; only r1.json added".to_string(),
+                "instance 2/4 is missing".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn another_n_or_a_report_without_instance_is_named_and_left_out() {
+        let mut merged = sample_blast_report();
+        merged.config = serde_json::json!({"merged_from": 2, "configs": []});
+        let set = [instance(0, 2), instance(1, 2), instance(1, 3), merged];
+        let (c, keep) = check(&set, 2.0);
+        assert_eq!(c.instances, Some(2));
+        assert_eq!(keep, vec![0, 1]);
+        assert_eq!(c.problems.len(), 2, "{:?}", c.problems);
+        assert_eq!(
+            c.problems[0],
+            "r2.json is instance 1/3, but the run has 2 instances; not added"
+        );
+        assert!(
+            c.problems[1].starts_with("r3.json is no instance of a distributed run"),
+            "{:?}",
+            c.problems
+        );
+    }
+
+    #[test]
+    fn another_configuration_is_named_by_its_keys_or_its_digest() {
+        let mut other = instance(1, 2);
+        other.config["rate"] = 50.0.into();
+        let (c, _) = check(&[instance(0, 2), other], 2.0);
+        assert_eq!(
+            c.problems,
+            vec!["r1.json ran another configuration than r0.json: rate 100.0 vs 50.0".to_string()]
+        );
+        // Shares differ by design; only the digest (over the totals) tells.
+        let mut other = instance(1, 2);
+        other.config["connections"] = 7.into();
+        assert!(check(&[instance(0, 2), other.clone()], 2.0)
+            .0
+            .problems
+            .is_empty());
+        other.config["config_digest"] = "00000000000000bb".into();
+        let (c, _) = check(&[instance(0, 2), other], 2.0);
+        assert_eq!(c.problems.len(), 1);
+        assert!(
+            c.problems[0].contains("config_digest \"00000000000000aa\" vs \"00000000000000bb\""),
+            "{:?}",
+            c.problems
+        );
+    }
+
+    #[test]
+    fn starts_further_apart_than_the_bound_are_named() {
+        let mut late = instance(1, 2);
+        late.started_at_unix += 3.0;
+        let (c, keep) = check(&[instance(0, 2), late.clone()], 2.0);
+        assert_eq!(keep.len(), 2);
+        assert!((c.start_skew_secs - 3.1).abs() < 1e-9);
+        assert_eq!(
+            c.problems,
+            vec!["start times differ by 3.100 s, more than --max-skew 2 s: r1.json started 3.100 s after r0.json".to_string()]
+        );
+        assert!(check(&[instance(0, 2), late], 5.0).0.problems.is_empty());
+    }
+
+    #[test]
+    fn independent_runs_are_not_checked_as_a_set_of_instances() {
+        let a = sample_blast_report();
+        let (c, keep) = check(&[a.clone(), a], 2.0);
+        assert_eq!((c.instances, c.problems.len(), keep.len()), (None, 0, 2));
+    }
+
+    #[test]
+    fn the_config_digest_ignores_key_order_and_tells_values_apart() {
+        let a = serde_json::json!({"a": 1, "b": [true, null, "x"], "c": {"y": 2.5, "x": 1}});
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"c": {"x": 1, "y": 2.5}, "b": [true, null, "x"], "a": 1}"#)
+                .unwrap();
+        assert_eq!(config_digest(&a), config_digest(&b));
+        assert_eq!(config_digest(&a).len(), 16);
+        let mut c = a.clone();
+        c["c"]["y"] = 2.6.into();
+        assert_ne!(config_digest(&a), config_digest(&c));
+        // Stable across versions and machines: a fixed value.
+        assert_eq!(config_digest(&serde_json::json!({})), "08f44b07b5901a25");
     }
 
     #[test]

@@ -64,8 +64,8 @@ pub use hlog::{HlogError, HlogWriter};
 pub use html::{html_string, write_html, HtmlError};
 pub use junit::{junit_string, write_junit, JunitError};
 pub use merge::{
-    baseline_checks, compare_baseline, merge_files, merge_reports, BaselineCheck, MergeError,
-    Regression,
+    baseline_checks, check_set, compare_baseline, config_digest, merge_files, merge_reports,
+    BaselineCheck, MergeError, Regression, PER_INSTANCE_CONFIG,
 };
 pub use metrics::{LiveMetrics, MetricsError, MetricsServer};
 pub use recorder::{
@@ -73,8 +73,8 @@ pub use recorder::{
     PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,
 };
 pub use report::{
-    load_report, AssertionResult, Bottleneck, CpuUsage, HostInfo, LatencySummary, OpenLoopReport,
-    Rates, Report, ReportError, ReportInput, Role,
+    load_report, AssertionResult, Bottleneck, CpuUsage, HostInfo, LatencySummary, MergeCheck,
+    OpenLoopReport, Rates, Report, ReportError, ReportInput, Role,
 };
 pub use summary::write_summary;
 pub use svg::{write_svg, SvgError};

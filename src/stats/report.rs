@@ -241,6 +241,34 @@ impl Bottleneck {
     }
 }
 
+/// What `merge` found about the set of reports it was given (JSON `merge`,
+/// merged reports only): a distributed run's instances `0..N-1` each
+/// exactly once, of one run configuration, started together.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MergeCheck {
+    /// Reports given.
+    pub inputs: usize,
+    /// Reports added (a doubled instance is added once).
+    pub merged: usize,
+    /// N of `--instance I/N`, as most inputs say; null when no input is
+    /// an instance of a distributed run (N = 1 or no `config.instance`:
+    /// independent runs, not checked as a set).
+    pub instances: Option<u32>,
+    /// Instances of `0..N-1` that no input is.
+    pub missing: Vec<u32>,
+    /// Instances given more than once (only the first was added).
+    pub duplicates: Vec<u32>,
+    /// Latest start minus earliest start of the inputs, seconds.
+    pub start_skew_secs: f64,
+    /// The bound on it (`--max-skew`), seconds.
+    pub max_skew_secs: f64,
+    /// One line per problem: each instance missing or doubled, another N,
+    /// another run configuration, an input that is no instance, the skew.
+    pub problems: Vec<String>,
+    /// Problems were found and the reports merged anyway (`--allow-partial`).
+    pub partial: bool,
+}
+
 /// Summary of one latency histogram (microseconds), with the histogram.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LatencySummary {
@@ -353,6 +381,9 @@ pub struct Report {
     /// Open loop: the schedule's outcome (set by the blaster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_loop: Option<OpenLoopReport>,
+    /// Merged reports: what the check of the input set found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merge: Option<MergeCheck>,
     /// `{"mail": {"250": n, ...}, ...}`.
     #[serde(default)]
     pub reply_codes: BTreeMap<String, BTreeMap<String, u64>>,
@@ -441,6 +472,7 @@ impl Report {
             latency_uncorrected,
             schedule_lag,
             open_loop: None,
+            merge: None,
             reply_codes,
             timeline,
             valid: input.invalid_reasons.is_empty(),

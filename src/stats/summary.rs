@@ -12,7 +12,7 @@
 use std::io::{self, Write};
 
 use super::recorder::Counts;
-use super::report::{Report, Role};
+use super::report::{MergeCheck, Report, Role};
 use super::units::{format_bytes_rate, format_rate, format_us};
 use crate::smtp::Phase;
 
@@ -63,6 +63,19 @@ fn write_run_lines<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
             o.messages_unsent,
         )?;
     }
+    let late = report
+        .config
+        .get("start_late_secs")
+        .and_then(|v| v.as_f64());
+    if let Some(late) = late.filter(|l| *l > 0.0) {
+        writeln!(
+            out,
+            "started {late:.3}s after --start-at (it had already passed)"
+        )?;
+    }
+    if let Some(m) = &report.merge {
+        write_merge_line(m, out)?;
+    }
     writeln!(
         out,
         "cpu: user {:.2}s, sys {:.2}s, {:.1}µs/session, {:.1}µs/message",
@@ -70,6 +83,28 @@ fn write_run_lines<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         report.cpu.sys_secs,
         report.cpu.cpu_us_per_session,
         report.cpu.cpu_us_per_message
+    )
+}
+
+/// What `merge` found about its inputs: one line, complete or not.
+fn write_merge_line<W: Write>(m: &MergeCheck, out: &mut W) -> io::Result<()> {
+    if m.partial || !m.problems.is_empty() {
+        return writeln!(
+            out,
+            "merge: PARTIAL, {} of {} reports added: {}",
+            m.merged,
+            m.inputs,
+            m.problems.join("; ")
+        );
+    }
+    let set = match m.instances {
+        Some(n) => format!("instances 0..{} of {n}, each once", n.saturating_sub(1)),
+        None => "independent runs (no --instance)".to_string(),
+    };
+    writeln!(
+        out,
+        "merge: {} reports, {set}, one configuration, started within {:.3}s (--max-skew {}s)",
+        m.merged, m.start_skew_secs, m.max_skew_secs
     )
 }
 
