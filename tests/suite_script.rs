@@ -34,6 +34,12 @@ fn run_script(fuzz: Run, rest: Run) -> Outcome {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/test.sh");
     std::fs::copy(&script, root.join("scripts/test.sh")).unwrap();
     std::fs::write(root.join("scripts/install-peers.sh"), "exit 0\n").unwrap();
+    // Two integration tests: the backend contract (which picks its own
+    // backends) and one that runs the binary.
+    std::fs::create_dir_all(root.join("tests")).unwrap();
+    for t in ["backend_contract", "open_loop"] {
+        std::fs::write(root.join(format!("tests/{t}.rs")), "").unwrap();
+    }
     let log = root.join("cargo.log");
     for (name, run) in [("fuzz", &fuzz), ("rest", &rest)] {
         std::fs::write(root.join(format!("{name}.out")), run.output).unwrap();
@@ -160,6 +166,8 @@ fn the_integration_tests_run_once_per_kernel_socket_backend() {
         .collect();
     assert_eq!(runs.len(), 2, "{:?}", o.calls);
     assert!(runs[0].ends_with("|io=epoll") && runs[0].contains("--lib"), "{runs:?}");
-    assert!(runs[1].ends_with("|io=uring") && runs[1].contains("--tests"), "{runs:?}");
+    assert!(runs[1].ends_with("|io=uring") && runs[1].contains("--test open_loop"), "{runs:?}");
     assert!(!runs[1].contains("--lib"), "unit tests run once: {runs:?}");
+    // The backend contract runs every backend itself: once, in the first pass.
+    assert!(!runs[1].contains("backend_contract"), "{runs:?}");
 }
