@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::super::wire;
 use super::super::{BareLfPolicy, CommandKind};
-use super::session::{enh_of, fault_text};
+use super::verdict::{enh_of, fault_text};
 use super::txn::Body;
 use super::{
     Canned, CloseReason, Flow, Held, MessageOutcome, Phase, ServerEvent, ServerHooks,

@@ -70,6 +70,7 @@ mod peer;
 mod session;
 mod txn;
 mod verbs;
+mod verdict;
 
 pub use peer::XCLIENT_ATTRIBUTES;
 
