@@ -36,8 +36,14 @@ pub fn free_port() -> u16 {
 pub fn wait_for_port(addr: SocketAddr, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            // A connect to a port of the ephemeral range that nothing
+            // listens on yet can pick that same port as its source and
+            // connect to itself (TCP simultaneous open): that is not the
+            // server, and while it lasts the server cannot bind the port.
+            Ok(s) if s.local_addr().ok() == Some(addr) => drop(s),
+            Ok(_) => return,
+            Err(_) => {}
         }
         if Instant::now() > deadline {
             panic!("nothing listening on {addr} after {within:?}");
