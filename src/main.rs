@@ -5,10 +5,14 @@
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
-use clap::Parser;
+use clap::FromArgMatches;
 
 fn main() -> ExitCode {
-    let cli = match smtpstorm::cli::Cli::try_parse() {
+    // The parser of `shell::command`: help texts keep their `{n}`.
+    let parsed = smtpstorm::shell::command()
+        .try_get_matches()
+        .and_then(|m| smtpstorm::cli::Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             return match e.kind() {

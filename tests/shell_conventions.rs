@@ -174,3 +174,43 @@ fn the_man_page_renders_with_subcommands_and_exit_codes() {
         "blast's page lists its flags"
     );
 }
+
+/// clap turns a literal `{n}` of a help text into a line break; every
+/// placeholder the templates accept must read as itself in `--help`, the
+/// man page and the completion scripts.
+#[test]
+fn every_template_placeholder_reads_right_in_help_man_and_completions() {
+    let text = |args: &[&str]| {
+        let out = run("smtpstorm", Command::new(bin()).args(args), LIMIT);
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let help = text(&["blast", "--help"]);
+    // The --from line names the placeholders on one line.
+    let from = help
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("--from"))
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        from.contains("{n} global sequence, {thread}, {rand}, {instance}"),
+        "--from help: {from:?}\n{help}"
+    );
+    for p in ["{n}", "{thread}", "{rand}", "{instance}", "{r}", "client{n}.example"] {
+        assert!(help.contains(p), "`blast --help` lacks {p}:\n{help}");
+    }
+    assert!(!help.contains('\u{1b}'), "escape codes in plain --help");
+    let man = text(&["man"]);
+    let zsh = text(&["completions", "zsh"]);
+    let fish = text(&["completions", "fish"]);
+    for (what, doc) in [("man", &man), ("zsh", &zsh), ("fish", &fish)] {
+        for p in ["{n}", "{thread}", "{rand}", "{instance}", "{r}"] {
+            assert!(doc.contains(p), "{what} lacks {p}");
+        }
+        assert!(!doc.contains('\u{1b}'), "escape codes in {what}");
+    }
+    assert!(
+        man.contains("{n} global sequence"),
+        "the man page keeps the --from text"
+    );
+}
