@@ -335,3 +335,68 @@ fn bad_data_paths_are_one_clear_error_before_the_run() {
         );
     }
 }
+
+/// An old-Mac file (CR line ends only) and one mixing CR, LF and CRLF are
+/// normalized: every line end arrives as CRLF, and the sink (which refuses
+/// bare CRs by default) accepts them byte for byte.
+#[test]
+fn bare_crs_in_data_files_are_sent_as_crlf_and_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = dir.path().join("cr");
+    std::fs::create_dir(&cdir).unwrap();
+    std::fs::write(
+        cdir.join("a.eml"),
+        b"Subject: old mac\r\rline one\rline two\r",
+    )
+    .unwrap();
+    std::fs::write(
+        cdir.join("b.eml"),
+        b"Subject: mixed\r\n\nbinary\x01\rcr\nlf\r\ncrlf\r\r\nend",
+    )
+    .unwrap();
+    let s = sink(dir.path(), "cr", false);
+    blast(
+        &s.addr,
+        &["--data", cdir.to_str().unwrap(), "-n", "2", "-c", "1"],
+    );
+    let mut caps = captured(&s.capture);
+    let report = s.stop();
+    assert_eq!(get_u64(&report, "counts.messages_accepted"), 2, "{report}");
+    assert_eq!(get_u64(&report, "counts.messages_rejected"), 0, "{report}");
+    caps.sort();
+    let mut want = vec![
+        b"Subject: old mac\r\n\r\nline one\r\nline two\r\n".to_vec(),
+        b"Subject: mixed\r\n\r\nbinary\x01\r\ncr\r\nlf\r\ncrlf\r\n\r\nend\r\n".to_vec(),
+    ];
+    want.sort();
+    assert_eq!(caps, want);
+}
+
+/// A 0-byte `.eml` is refused the same way named directly or found in a
+/// directory: one line naming the file, exit 2, before any connection.
+#[test]
+fn an_empty_eml_is_refused_alike_named_directly_or_inside_a_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = dir.path().join("c");
+    std::fs::create_dir(&cdir).unwrap();
+    std::fs::write(cdir.join("a.eml"), "Subject: fine\n\nbody\n").unwrap();
+    let empty = cdir.join("b.eml");
+    std::fs::write(&empty, "").unwrap();
+    let named = format!("--data {}: empty file (0 bytes)", empty.display());
+    for path in [&cdir, &empty] {
+        let out = run(
+            "smtpstorm blast",
+            Command::new(bin())
+                .args(["blast", "127.0.0.1:9", "-n", "1", "--quiet", "--data"])
+                .arg(path),
+            LIMIT,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {err}", path.display());
+        assert!(
+            err.contains(&named) && err.trim().lines().count() == 1,
+            "{}: {err}",
+            path.display()
+        );
+    }
+}

@@ -136,17 +136,18 @@ fn stuffed(raw: &[u8]) -> Arc<[u8]> {
     Arc::from(out)
 }
 
-/// `\n` not preceded by `\r` becomes `\r\n`; a missing final CRLF is added.
+/// `input` with every line end made CRLF: a lone LF and a lone CR each
+/// become CRLF (CRLF stays as is), and a missing final CRLF is added.
 pub fn normalize_crlf(input: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(input.len() + input.len() / 40 + 2);
-    let mut prev = 0u8;
-    for &b in input {
-        if b == b'\n' && prev != b'\r' {
-            out.push(b'\r');
-        }
-        out.push(b);
-        prev = b;
+    let mut rest = input;
+    while let Some(i) = memchr::memchr2(b'\r', b'\n', rest) {
+        out.extend_from_slice(&rest[..i]);
+        out.extend_from_slice(b"\r\n");
+        let crlf = rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n');
+        rest = &rest[i + 1 + usize::from(crlf)..];
     }
+    out.extend_from_slice(rest);
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }

@@ -5,8 +5,9 @@
 //! order, not recursive), or an mbox (a file whose first line starts with
 //! `From `: messages split at each `From ` line, mboxrd quoting undone, so
 //! `>From ` in a body becomes `From ` again and `>>From ` becomes `>From `).
-//! Each message is CRLF-normalized (a lone LF becomes CRLF, a missing final
-//! CRLF is added), then built once into a [`Body`]: as is for BDAT, and
+//! Each message is CRLF-normalized (a lone LF and a lone CR each become
+//! CRLF, so an old-Mac CR-only file reads as lines, a missing final CRLF is
+//! added: no bare CR or LF is ever sent), then built once into a [`Body`]: as is for BDAT, and
 //! dot-stuffed once with its final `.CRLF` for DATA. With `--verify` each
 //! message gets an `X-Smtpstorm-Digest` header line on top, the SHA-256 of
 //! what the sink's verifier hashes: every byte after the message's header
@@ -21,8 +22,9 @@
 //!
 //! Invariants: nothing is read, normalized, stuffed or hashed per message
 //! sent: [`Corpus::pick`] returns a shared body. Bad input (a missing path,
-//! an empty directory or file, a message without a header/body separator
-//! under `--verify`) is one clear error before the run.
+//! an empty directory or file, an empty `.eml` inside a directory, a
+//! message without a header/body separator under `--verify`) is one clear
+//! error before the run, naming the file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +45,8 @@ pub enum CorpusError {
         "--data {0}: no message in it (a directory needs *.eml files; a file must not be empty)"
     )]
     Empty(String),
+    #[error("--data {0}: empty file (0 bytes): an .eml must hold a message")]
+    EmptyFile(String),
     #[error("--data {path}: message {index} has no empty line between its header and body; --verify needs one to place the digest")]
     NoSeparator { path: String, index: usize },
 }
@@ -146,13 +150,22 @@ impl Corpus {
                 })
                 .collect();
             files.sort();
-            files.iter().map(|p| read(p)).collect::<Result<_, _>>()?
+            let mut raw = Vec::with_capacity(files.len());
+            for p in &files {
+                let text = read(p)?;
+                if text.is_empty() {
+                    // As refused as the same file named directly.
+                    return Err(CorpusError::EmptyFile(p.display().to_string()));
+                }
+                raw.push(text);
+            }
+            raw
         } else {
             let text = read(path)?;
             if text.starts_with(b"From ") {
                 split_mbox(&text)
             } else if text.is_empty() {
-                Vec::new()
+                return Err(CorpusError::EmptyFile(shown));
             } else {
                 vec![text]
             }
@@ -271,6 +284,15 @@ mod tests {
             seq(&corpus(DataOrder::Shuffle, 2)),
             "depends on the seed"
         );
+    }
+
+    #[test]
+    fn every_bare_cr_and_bare_lf_becomes_crlf() {
+        assert_eq!(normalize_crlf(b"a\nb\r\nc"), b"a\r\nb\r\nc\r\n");
+        assert_eq!(normalize_crlf(b"a\rb\rc\r"), b"a\r\nb\r\nc\r\n");
+        assert_eq!(normalize_crlf(b"a\r\r\nb\n\r"), b"a\r\n\r\nb\r\n\r\n");
+        assert_eq!(normalize_crlf(b"\r"), b"\r\n");
+        assert_eq!(normalize_crlf(b""), b"\r\n");
     }
 
     #[test]
