@@ -9,7 +9,7 @@ use clap::FromArgMatches;
 
 fn main() -> ExitCode {
     // The parser of `shell::command`: help texts keep their `{n}`.
-    let parsed = smtpstorm::shell::command()
+    let parsed = smtpstorm::cli::shell::command()
         .try_get_matches()
         .and_then(|m| smtpstorm::cli::Cli::from_arg_matches(&m));
     let cli = match parsed {

@@ -35,6 +35,14 @@ const DOT_LINE_EVERY: usize = 7;
 /// A body of exactly `len` bytes (at least 2: `CRLF`) of 78-column lines
 /// ending CRLF; every 7th line starts with `.`. Deterministic in `seed`.
 pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0; len.max(2)];
+    fill_body(&mut out, seed);
+    out
+}
+
+/// The body of [`make_body`] (`out.len()` bytes) written into `out`, so a
+/// large body can be built where it stays (no copy of it is ever made).
+pub fn fill_body(out: &mut [u8], seed: u64) {
     const WORDS: [&str; 16] = [
         "storm",
         "mail",
@@ -53,12 +61,16 @@ pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
         "message",
         "percentile",
     ];
-    let len = len.max(2);
+    let len = out.len();
     let mut rng = Rng::new(seed ^ len as u64);
-    let mut out = Vec::with_capacity(len);
+    let mut at = 0usize;
+    let mut put = |at: &mut usize, b: &[u8]| {
+        out[*at..*at + b.len()].copy_from_slice(b);
+        *at += b.len();
+    };
     let mut line_no = 0usize;
-    while out.len() < len {
-        let left = len - out.len();
+    while at < len {
+        let left = len - at;
         // A line of up to 78 characters plus CRLF; the last one takes what is
         // left (never leaving a lone byte that cannot hold CRLF).
         let take = if left <= BODY_LINE_CHARS + 2 {
@@ -68,34 +80,39 @@ pub fn make_body(len: usize, seed: u64) -> Vec<u8> {
         } else {
             BODY_LINE_CHARS + 2
         };
-        let chars = take - 2;
-        let start = out.len();
+        let chars = take.saturating_sub(2);
+        let start = at;
         if line_no % DOT_LINE_EVERY == DOT_LINE_EVERY - 1 && chars > 0 {
-            out.push(b'.');
+            put(&mut at, b".");
         }
-        while out.len() - start < chars {
+        while at - start < chars {
             let w = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize].as_bytes();
-            let room = chars - (out.len() - start);
-            let w = &w[..w.len().min(room)];
-            out.extend_from_slice(w);
-            if out.len() - start < chars {
-                out.push(b' ');
+            let room = chars - (at - start);
+            put(&mut at, &w[..w.len().min(room)]);
+            if at - start < chars {
+                put(&mut at, b" ");
             }
         }
-        out.extend_from_slice(b"\r\n");
+        let end = (len - at).min(2);
+        put(&mut at, &b"\r\n"[..end]);
         line_no += 1;
     }
-    debug_assert_eq!(out.len(), len);
-    out
 }
+
+/// Bodies up to this size also keep their DATA form, stuffed once; larger
+/// ones are held once and stuffed in place as they go out (see
+/// `smtp::client::STUFF_IN_PLACE_BYTES`), so sending a 50 MB message takes
+/// about 50 MB.
+pub const PRE_STUFF_MAX_BYTES: usize = crate::smtp::client::STUFF_IN_PLACE_BYTES - 1;
 
 /// A body built once and shared by every message of its size.
 #[derive(Debug)]
 pub struct Body {
     /// The body as the recipient gets it (and BDAT sends it).
     pub raw: Arc<[u8]>,
-    /// The DATA form: `raw` dot-stuffed, with the final `.CRLF`.
-    pub data: Arc<[u8]>,
+    /// The DATA form: `raw` dot-stuffed, with the final `.CRLF`; `None`
+    /// above [`PRE_STUFF_MAX_BYTES`] (the session stuffs it in place).
+    pub data: Option<Arc<[u8]>>,
     /// `X-Smtpstorm-Digest: sha256=…CRLF`: of `raw` for a generated body;
     /// for a `--data` message (with `--verify`) of the part after its
     /// header block, sent on top of it; empty for `--body`.
@@ -105,7 +122,12 @@ pub struct Body {
 impl Body {
     /// A generated body of `len` bytes, its digest and its DATA form.
     pub fn generated(len: usize, seed: u64) -> Arc<Body> {
-        let raw: Arc<[u8]> = Arc::from(make_body(len, seed));
+        // Allocated once where it stays (a Vec turned into an Arc would
+        // be copied: two bodies at the peak).
+        let mut raw: Arc<[u8]> = std::iter::repeat_n(0u8, len.max(2)).collect();
+        if let Some(buf) = Arc::get_mut(&mut raw) {
+            fill_body(buf, seed);
+        }
         let digest_line = crate::digest::header_line(&raw);
         Arc::new(Body {
             data: stuffed(&raw),
@@ -130,10 +152,13 @@ impl Body {
     }
 }
 
-fn stuffed(raw: &[u8]) -> Arc<[u8]> {
+fn stuffed(raw: &[u8]) -> Option<Arc<[u8]>> {
+    if raw.len() > PRE_STUFF_MAX_BYTES {
+        return None;
+    }
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 64 + 8);
     crate::smtp::client::dot_stuff(&mut out, &[raw]);
-    Arc::from(out)
+    Some(Arc::from(out))
 }
 
 /// `input` with every line end made CRLF: a lone LF and a lone CR each

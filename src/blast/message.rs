@@ -335,7 +335,7 @@ impl MessageBuilder {
             self.bodies_bytes = 0;
         }
         let body = Body::generated(len, self.seed);
-        self.bodies_bytes += body.raw.len() + body.data.len();
+        self.bodies_bytes += body.raw.len() + body.data.as_ref().map_or(0, |d| d.len());
         self.bodies.insert(len, Arc::clone(&body));
         body
     }
@@ -372,7 +372,7 @@ impl MessageBuilder {
                 rcpt_to,
                 header: body.digest_line.as_bytes().to_vec(),
                 body: Arc::clone(&body.raw),
-                data: Some(Arc::clone(&body.data)),
+                data: body.data.clone(),
             };
         }
         if let Some(file) = &self.body_file {
@@ -390,7 +390,7 @@ impl MessageBuilder {
                 rcpt_to,
                 header: Vec::new(),
                 body: Arc::clone(&body.raw),
-                data: Some(Arc::clone(&body.data)),
+                data: body.data.clone(),
             };
         }
         let total = self.rng.range(self.size.min, self.size.max) as usize;
@@ -413,7 +413,7 @@ impl MessageBuilder {
             rcpt_to,
             header,
             body: Arc::clone(&body.raw),
-            data: Some(Arc::clone(&body.data)),
+            data: body.data.clone(),
         }
     }
 
@@ -504,11 +504,11 @@ mod tests {
         b.use_shared_body(Arc::clone(&shared));
         let (ma, mb) = (a.next_message(), b.next_message());
         assert!(Arc::ptr_eq(&ma.body, &shared.raw) && Arc::ptr_eq(&mb.body, &shared.raw));
-        assert!(Arc::ptr_eq(ma.data.as_ref().unwrap(), &shared.data));
+        assert!(Arc::ptr_eq(ma.data.as_ref().unwrap(), shared.data.as_ref().unwrap()));
         let mut want = Vec::new();
         crate::smtp::client::dot_stuff(&mut want, &[&ma.header, &ma.body]);
         let mut got = ma.header.clone();
-        got.extend_from_slice(&shared.data);
+        got.extend_from_slice(shared.data.as_ref().unwrap());
         assert_eq!(got, want, "header ++ data is the DATA form of the message");
         assert_eq!(ma.len(), 5000);
         assert!(builder(1000, 0, 1, (0, 1)).shared_body().is_some());

@@ -99,7 +99,7 @@ mod session;
 mod stuff;
 mod txn;
 
-pub use stuff::dot_stuff;
+pub use stuff::{dot_stuff, STUFF_IN_PLACE_BYTES};
 
 use expect::Expect;
 use outq::OutQueue;

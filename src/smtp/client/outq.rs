@@ -62,6 +62,14 @@ impl OutQueue {
         }
     }
 
+    /// Queues `data[pos..end]` without copying it, however short.
+    pub(super) fn push_shared_exact(&mut self, data: &Arc<[u8]>, pos: usize, end: usize) {
+        if end > pos {
+            self.queued += (end - pos) as u64;
+            self.segs.push_back(Seg::Shared { data: Arc::clone(data), pos, end });
+        }
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.handed == self.queued
     }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::super::reply::{Capabilities, Reply};
 use super::super::{Outcome, Phase};
-use super::stuff::dot_stuff;
+use super::stuff::{dot_stuff, Stuffer, STUFF_IN_PLACE_BYTES};
 use super::expect::{Await, Expect};
 use super::txn::outcome_of;
 use super::{ClientError, ClientEvent, ClientSession, State};
@@ -225,6 +225,21 @@ impl ClientSession {
                             self.tx.extend_from_slice(&header);
                             self.messages[m].header = header;
                             self.tx.push_shared(&data, 0, data.len());
+                        }
+                        _ if msg.body.len() >= STUFF_IN_PLACE_BYTES => {
+                            // A large body is stuffed as it is queued: its
+                            // pieces between the lines that start with `.`
+                            // are queued from the shared body itself (each
+                            // such dot queued twice), so it is never copied.
+                            let mut st = Stuffer::default();
+                            let mut head = Vec::with_capacity(msg.header.len() + 8);
+                            st.feed(&mut head, &msg.header);
+                            self.tx.extend_from_slice(&head);
+                            let body = Arc::clone(&msg.body);
+                            st.feed_shared(&mut self.tx, &body);
+                            head.clear();
+                            st.finish(&mut head);
+                            self.tx.extend_from_slice(&head);
                         }
                         _ => {
                             let mut stuffed = Vec::with_capacity(msg.len() + msg.len() / 64 + 8);
