@@ -74,8 +74,9 @@ impl Sink {
     }
 }
 
-/// The `wait_for_port` probe is one session with no message.
-const PROBE_SESSIONS: u64 = 1;
+/// The `wait_for_port` probe connects and closes without a word: a
+/// connection without a session, not a session.
+const PROBE_SESSIONS: u64 = 0;
 
 #[track_caller]
 fn run_ok(name: &str, cmd: &mut Command) -> String {

@@ -51,6 +51,10 @@ pub struct OutputConfig {
     /// Allowed regression in percent (10.0 = 10%).
     pub max_regression_pct: f64,
     pub allow_invalid: bool,
+    /// `--max-failed` (a share, 0..=1; `None`: the default 1%).
+    pub max_failed: Option<f64>,
+    /// `--max-outage` in seconds (`None`: the default 3 s; 0: off).
+    pub max_outage_secs: Option<u64>,
     /// No live line (the summary is still printed).
     pub quiet: bool,
 }

@@ -14,11 +14,12 @@
 //! What happens is told to an [`Observer`]: the blaster records it, the
 //! probe prints it.
 //!
-//! Invariants: every message given to a connection gets exactly one
-//! outcome, whether the connect fails, the handshake fails or times out,
-//! or the session ends (then the session counts its own); a connection that
-//! had a session counts as one session when it ends, a TLS one only if a
-//! handshake completed.
+//! Invariants: every message given to a session gets exactly one outcome
+//! (the session counts its own); a connection that never got a session
+//! (the connect failed or timed out, the implicit TLS handshake failed, or
+//! it closed before) is told once as [`Observer::no_session`], and its
+//! messages were never attempted; a connection that had a session counts
+//! as one session when it ends, a TLS one only if a handshake completed.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
@@ -61,13 +62,12 @@ pub trait Observer {
     fn reply(&mut self, command: CommandKind, code: u16) {}
     /// A message's one outcome (`bytes`: its size, for accepted ones).
     fn outcome(&mut self, outcome: Outcome, recipients_accepted: u32, bytes: u64);
-    /// `n` messages that never reached a session share one outcome.
-    fn outcomes(&mut self, outcome: Outcome, n: u64) {
-        for _ in 0..n {
-            self.outcome(outcome, 0, 0);
-        }
-    }
+    /// The connection ended without a session: `outcome` says how
+    /// (connection error or timeout); its messages were never attempted.
+    fn no_session(&mut self, outcome: Outcome) {}
     fn error(&mut self, e: String);
+    /// The reply that refused a message (see `ClientEvent::Refused`).
+    fn refused(&mut self, reason: String) {}
     fn banner(&mut self, text: String) {}
     fn capabilities(&mut self, lines: Vec<String>) {}
     /// A connection that had a session ended.
@@ -120,6 +120,7 @@ fn tell<O: Observer>(obs: &mut O, open: bool, outcomes: &mut u64, ev: ClientEven
             obs.outcome(outcome, recipients_accepted, bytes);
         }
         ClientEvent::Error(e) => obs.error(e),
+        ClientEvent::Refused(r) => obs.refused(r),
         ClientEvent::Banner(b) => obs.banner(b),
         ClientEvent::Capabilities(c) => obs.capabilities(c),
         ClientEvent::StartTls => return Ask::StartTls,
@@ -148,7 +149,7 @@ pub struct BlastConn {
     out_base: u64,
     tls: TlsState,
     identity: Identity,
-    /// Failures before the session existed are counted once.
+    /// A failure before the session existed was told (once).
     failed: bool,
     closing: bool,
     /// Listed in the open loop's idle list.
@@ -448,11 +449,12 @@ impl BlastConn {
         }
     }
 
-    /// Counts every message given as `outcome` (before a session existed).
+    /// The connection ends before its session existed: told once, as a
+    /// connection without a session (its messages are not attempted).
     fn fail<O: Observer>(&mut self, obs: &mut O, outcome: Outcome) {
         if !self.failed && self.session.is_none() {
             self.failed = true;
-            obs.outcomes(outcome, self.given);
+            obs.no_session(outcome);
         }
     }
 

@@ -20,7 +20,9 @@
 //! rate (messages waited for a free connection) is valid, and the report
 //! says so beside the achieved rate. Sending more than 2% over the asked
 //! rate would be a bug, and is checked. A run in which no message was
-//! accepted is a failed run (exit 4). Ctrl-C ends the run early and
+//! accepted, more than `--max-failed` of the tries failed, or the target
+//! failed everything for `--max-outage`, is a failed run (exit 4, one line
+//! per reason on stderr). Ctrl-C ends the run early and
 //! everything measured so far is still reported.
 
 pub mod body;
@@ -61,8 +63,10 @@ pub const EXIT_INVALID: u8 = 3;
 /// (not waiting for events in its backend) is saturated: the run is invalid.
 pub const SATURATED_BUSY: f64 = 0.9;
 
-/// Exit code: the target accepted no message at all.
-pub const EXIT_NOTHING_ACCEPTED: u8 = 4;
+/// Exit code: a failed run (see [`crate::stats::Report::judge_failures`]):
+/// the target accepted nothing, more than `--max-failed` of the tries
+/// failed, or it failed everything for `--max-outage`.
+pub const EXIT_FAILED: u8 = 4;
 
 /// What [`execute`] measured.
 #[derive(Debug)]
@@ -186,14 +190,14 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         open,
     } = Merged::of(&results)?;
     debug_assert_eq!(
-        m.counts.messages_attempted,
+        m.counts.messages_attempted + m.counts.connections_without_session,
         m.counts.messages_accepted
             + m.counts.messages_tempfailed
             + m.counts.messages_rejected
             + m.counts.connection_errors
             + m.counts.timeouts
             + m.counts.protocol_errors,
-        "every attempted message has exactly one outcome"
+        "every attempted message and every connection without a session has exactly one outcome"
     );
     // The measured time: the configured duration when the run ran to it,
     // else the time until it stopped.
@@ -480,13 +484,18 @@ fn judge_open_loop(
     (report, reasons)
 }
 
-/// Evaluates assertions and the baseline, writes `--json`, `--hgrm` and the
-/// human summary (stdout, or stderr when the JSON goes to stdout), and
-/// returns the exit code: 99 failed assertion or regression, 3 invalid run
-/// (unless allowed), else 0.
+/// Evaluates assertions and the baseline, judges whether the run failed,
+/// writes `--json`, `--hgrm` and the human summary (stdout, or stderr when
+/// the JSON goes to stdout), and returns the exit code: 99 failed assertion
+/// or regression, 4 failed run, 3 invalid run (unless allowed), else 0.
 pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
     let mut report = run.report;
     report.evaluate_assertions(&out.asserts);
+    report.judge_failures(
+        out.max_failed.unwrap_or(crate::stats::DEFAULT_MAX_FAILED),
+        out.max_outage_secs
+            .unwrap_or(crate::stats::DEFAULT_MAX_OUTAGE_SECS),
+    );
     let mut failures: Vec<String> = report
         .assertions
         .iter()
@@ -521,12 +530,6 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
     let summary = {
         let mut v = Vec::new();
         write_summary(&report, &mut v)?;
-        if !run.errors.is_empty() {
-            let _ = writeln!(v, "errors seen (first {}):", run.errors.len());
-            for e in &run.errors {
-                let _ = writeln!(v, "  {e}");
-            }
-        }
         v
     };
     if json_on_stdout {
@@ -539,14 +542,16 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
         for f in &failures {
             eprintln!("{f}");
         }
+    }
+    // Said even when a failed check decides the exit code.
+    for why in &report.failed_reasons {
+        eprintln!("smtpstorm: failed run: {why}");
+    }
+    if !failures.is_empty() {
         return Ok(EXIT_ASSERT);
     }
-    if report.counts.messages_accepted == 0 {
-        eprintln!(
-            "smtpstorm: failed run: the target accepted none of {} messages attempted",
-            report.counts.messages_attempted
-        );
-        return Ok(EXIT_NOTHING_ACCEPTED);
+    if !report.failed_reasons.is_empty() {
+        return Ok(EXIT_FAILED);
     }
     if !report.valid && !out.allow_invalid {
         return Ok(EXIT_INVALID);

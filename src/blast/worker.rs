@@ -25,12 +25,21 @@
 //! in `schedule_lag`; one that had to wait for a connection counts as
 //! waiting on the target ([`OpenLoopCounts`]).
 //!
+//! A connection that ends without a session (refused, timed out, its
+//! implicit TLS handshake failed) is one connection without a session and
+//! one connection error (or timeout), and its messages are not attempted;
+//! its slot then backs off before connecting again: 10 ms, doubling with
+//! every such failure of the slot in a row up to 1 s, back to none once a
+//! connection of it gets a session. A slot backing off counts against
+//! `-c`, so a dead target costs a bounded number of connects, never a
+//! spin.
+//!
 //! Invariants:
 //! - Every message given to a session gets exactly one outcome counted,
-//!   whether the connect fails, times out, or the session ends; messages of
-//!   sessions aborted by the stop (Ctrl-C, end of the grace period) are not
-//!   counted at all, so `messages_attempted` always equals the sum of the
-//!   outcome counters.
+//!   whether the session ends, fails or times out; messages of sessions
+//!   aborted by the stop (Ctrl-C, end of the grace period) are not counted
+//!   at all, so `messages_attempted + connections_without_session` always
+//!   equals the sum of the outcome and error counters.
 //! - Phases are timed by the session from bytes actually written (every
 //!   flush is reported with `handle_written`); in open loop each phase is
 //!   also recorded corrected, from the intended time.
@@ -63,6 +72,20 @@ use super::schedule::Schedule;
 const READ_BUF_BYTES: usize = 16 * 1024;
 /// Longest the stop waits for in-flight sessions after `--duration` ends.
 const MAX_GRACE: Duration = Duration::from_secs(10);
+/// A connection slot whose connection ended without a session waits this
+/// long before its next connect, doubling with every such failure in a
+/// row up to [`BACKOFF_MAX`]; a session resets it.
+const BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// The next wait of a slot whose last wait was `last` (zero: none).
+fn next_backoff(last: Duration) -> Duration {
+    if last.is_zero() {
+        BACKOFF_FIRST
+    } else {
+        (last * 2).min(BACKOFF_MAX)
+    }
+}
 
 /// Times shared by all workers of one run.
 #[derive(Clone, Debug)]
@@ -170,22 +193,27 @@ impl Observer for Obs {
 
     fn outcome(&mut self, outcome: Outcome, recipients_accepted: u32, bytes: u64) {
         self.rec.count_outcome(outcome);
-        self.rec.count_recipients(u64::from(recipients_accepted));
+        // Recipients and bytes of accepted messages only (as the sink).
         if outcome == Outcome::Accepted {
+            self.rec.count_recipients(u64::from(recipients_accepted));
             self.rec.count_bytes(bytes);
         }
     }
 
-    fn outcomes(&mut self, outcome: Outcome, n: u64) {
-        for _ in 0..n {
-            self.rec.count_outcome(outcome);
-        }
+    fn no_session(&mut self, outcome: Outcome) {
+        self.rec.count_connection_without_session();
+        self.rec.count_session_error(outcome);
     }
 
     fn error(&mut self, e: String) {
+        self.rec.count_failure(&e);
         if self.errors.len() < 5 && !self.errors.contains(&e) {
             self.errors.push(e);
         }
+    }
+
+    fn refused(&mut self, reason: String) {
+        self.rec.count_failure(&reason);
     }
 
     fn session_end(&mut self, tls: TlsState) {
@@ -222,6 +250,16 @@ struct BlastHandler {
     /// Open loop: connections between messages (may hold stale ids;
     /// checked when taken).
     idle: Vec<ConnId>,
+    /// Per connection (by [`ConnId`]): the backoff its slot last waited
+    /// (zero after a session).
+    slot_backoff: Vec<Duration>,
+    /// Slots backing off after a connection without a session: when each
+    /// may connect again, and the wait it served. They count against the
+    /// connection cap.
+    cooling: Vec<(Instant, Duration)>,
+    /// Slots whose backoff ended, with the wait they served (the next
+    /// connect takes one, so a slot failing in a row waits longer).
+    cooled: Vec<Duration>,
     /// No more messages will come (end of the run or budget spent).
     draining: bool,
     measuring: bool,
@@ -352,6 +390,9 @@ impl BlastHandler {
             result: WorkerResult::default(),
             backlog: VecDeque::new(),
             idle: Vec::new(),
+            slot_backoff: Vec::new(),
+            cooling: Vec::new(),
+            cooled: Vec::new(),
             draining: false,
             measuring: false,
             tick_index: 0,
@@ -364,6 +405,32 @@ impl BlastHandler {
 
     fn open(&self) -> bool {
         self.schedule.is_some()
+    }
+
+    /// Connection slots taken: open connections and slots backing off.
+    fn slots_in_use(&self) -> usize {
+        self.open_conns + self.cooling.len()
+    }
+
+    /// The connection `id` (gone, or never opened: `id` None) ended
+    /// without a session: its slot backs off before the next connect.
+    fn back_off(&mut self, id: Option<ConnId>, last: Duration, now: Instant) {
+        let last = id.and_then(|i| self.slot_backoff.get(i).copied()).unwrap_or(last);
+        let wait = next_backoff(last);
+        self.cooling.push((now + wait, wait));
+    }
+
+    /// Slots whose backoff has ended become free.
+    fn cool(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.cooling.len() {
+            if self.cooling[i].0 <= now {
+                let (_, wait) = self.cooling.swap_remove(i);
+                self.cooled.push(wait);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     fn budget_left(&self) -> bool {
@@ -460,7 +527,7 @@ impl BlastHandler {
 
     /// Starts sessions while fewer than the cap are in flight.
     fn start_closed<B: Backend>(&mut self, be: &mut B) {
-        while self.open_conns < self.cap && self.budget_left() {
+        while self.slots_in_use() < self.cap && self.budget_left() {
             let k = self.cfg.messages_per_session;
             let n = match self.messages_left {
                 Some(left) => k.min(left),
@@ -555,7 +622,7 @@ impl BlastHandler {
             self.after(be, id, st, now);
             return true;
         }
-        if self.open_conns >= self.cap {
+        if self.slots_in_use() >= self.cap {
             return false;
         }
         let msg = self.builder.next_message();
@@ -617,7 +684,8 @@ impl BlastHandler {
             .identities
             .session(self.index as u64 + self.connects * self.threads as u64);
         self.connects += 1;
-        let given = pending.len() as u64;
+        // The slot's backoff so far (zero for a slot that is not failing).
+        let last_wait = self.cooled.pop().unwrap_or_default();
         let opts = ConnectOpts {
             source_ip,
             abort_close: self.cfg.abort_close,
@@ -627,19 +695,24 @@ impl BlastHandler {
                 if self.conns.len() <= id {
                     self.conns.resize_with(id + 1, || None);
                 }
+                if self.slot_backoff.len() <= id {
+                    self.slot_backoff.resize(id + 1, Duration::ZERO);
+                }
+                self.slot_backoff[id] = last_wait;
                 let mut c = BlastConn::new(pending, open, intended, now, identity);
                 c.arm(be, id, now + self.cfg.timeout);
                 self.conns[id] = Some(c);
                 self.open_conns += 1;
             }
             Err(e) if socket::is_addr_not_available(&e) => {
-                self.obs.outcomes(Outcome::ConnectionError, given);
+                self.obs.no_session(Outcome::ConnectionError);
                 self.result.fatal = Some(e.to_string());
                 self.stop.stop();
             }
             Err(e) => {
                 self.obs.error(format!("connect: {e}"));
-                self.obs.outcomes(Outcome::ConnectionError, given);
+                self.obs.no_session(Outcome::ConnectionError);
+                self.back_off(None, last_wait, now);
             }
         }
     }
@@ -677,6 +750,7 @@ impl Handler for BlastHandler {
         let st = self.with_conn(be, id, |c, io| c.connected(io, id, now, result));
         if failed {
             // The id is gone: no on_closed follows.
+            self.back_off(Some(id), Duration::ZERO, now);
             self.freed(be, id, now);
         } else {
             self.after(be, id, st, now);
@@ -712,6 +786,10 @@ impl Handler for BlastHandler {
         let stopped = matches!(why, Closed::Stopped);
         if let Some(c) = self.conns.get_mut(id).and_then(Option::take) {
             self.open_conns -= 1;
+            if c.session().is_none() && !stopped {
+                // No session (implicit TLS failed, or closed before it).
+                self.back_off(Some(id), Duration::ZERO, now);
+            }
             c.closed(&mut self.obs, now, why);
         }
         if !stopped && !self.backlog.is_empty() {
@@ -748,6 +826,12 @@ impl Handler for BlastHandler {
             self.result.interrupted = self.result.fatal.is_none();
             return stop;
         }
+        if !self.cooling.is_empty() {
+            self.cool(now);
+            if !self.backlog.is_empty() {
+                self.serve_backlog(be, now);
+            }
+        }
         let past_end = self.clock.end.is_some_and(|e| now >= e);
         let starting = !past_end && self.budget_left();
         if starting {
@@ -780,6 +864,10 @@ impl Handler for BlastHandler {
         if starting {
             if let Some(s) = &self.schedule {
                 wake = wake.min(s.peek());
+            }
+            // A slot's backoff ends.
+            if let Some(&(at, _)) = self.cooling.iter().min_by_key(|c| c.0) {
+                wake = wake.min(at);
             }
         }
         if let Some(e) = self.clock.end {

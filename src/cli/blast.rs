@@ -195,6 +195,14 @@ pub struct LoadArgs {
     /// Exit 0 even if the run could not keep its schedule.
     #[arg(long)]
     pub allow_invalid: bool,
+    /// Fail the run (exit 4) when more than this share of its tries failed: messages
+    /// not accepted, and connections that never got a session (100% = never).
+    #[arg(long, value_name = "PCT", default_value = "1%", value_parser = parse_percent)]
+    pub max_failed: f64,
+    /// Fail the run (exit 4) when for this long every second had failures and nothing
+    /// accepted (the target went down, or refused everything); 0 = never.
+    #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_duration)]
+    pub max_outage: Duration,
     /// This is instance I of N (0-based): rate, connections, sources and {n} are split.
     #[arg(long, value_name = "I/N", value_parser = parse_instance)]
     pub instance: Option<(u32, u32)>,
@@ -543,6 +551,8 @@ fn output(load: &LoadArgs, hgrm_phase: Option<Phase>) -> Result<OutputConfig, Co
         baseline: load.baseline.clone(),
         max_regression_pct: load.max_regression * 100.0,
         allow_invalid: load.allow_invalid,
+        max_failed: Some(load.max_failed),
+        max_outage_secs: Some(load.max_outage.as_secs_f64().ceil() as u64),
         quiet: load.quiet,
     })
 }

@@ -90,7 +90,7 @@ pub struct SinkArgs {
     /// Check the body digest header the blaster writes and count verified/corrupt messages.
     #[arg(long)]
     pub verify: bool,
-    /// Stop after this many accepted messages.
+    /// Stop after accepting exactly N messages (messages still in flight then get 451).
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub exit_after_messages: Option<u64>,
     /// Stop after this many ended sessions.

@@ -15,14 +15,19 @@
 //!   operation per command.
 //! - Every connection that ends counts as one session (a TLS one if a
 //!   handshake completed, a resumed one if it resumed), exactly once.
+//! - With `--exit-after-messages N` a message is accepted only with one of
+//!   the N slots claimed at its end of data ([`MessageLimit`]): past N it
+//!   gets 451, so the sink accepts exactly N however many are in flight.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::config::AuthPolicy;
 use crate::digest::{self, Verifier};
 use crate::net::backend::{Backend, Close, Closed, ConnId};
+use crate::net::runtime::StopSignal;
 use crate::net::tls_stream::TlsSide;
 use crate::smtp::server::{
     CloseReason, CommandInfo, MessageOutcome, ServerConfig, ServerEvent, ServerHooks,
@@ -34,18 +39,117 @@ use crate::stats::Recorder;
 use super::capture::{BodyBuffer, Capture};
 use super::faults::ThreadFaults;
 
+/// Where the connection's current message transaction is, from the
+/// sink's side (see [`Txn::on_reply`]): what makes one MAIL one message.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Txn {
+    /// No transaction.
+    #[default]
+    None,
+    /// A MAIL was read and awaits its reply (a fault may close instead).
+    MailPending,
+    /// MAIL accepted: RCPTs so far (`ok` accepted, `temp` whether a 4xx
+    /// refused one, `refused` whether any was refused).
+    Open { ok: u32, temp: bool, refused: bool },
+}
+
+impl Txn {
+    /// The outcome of a transaction whose every recipient was refused:
+    /// tempfailed if one got a 4xx, else rejected (the blaster's rule).
+    fn all_refused(self) -> Option<Outcome> {
+        match self {
+            Txn::Open { ok: 0, temp, refused: true } => {
+                Some(if temp { Outcome::TempFailed } else { Outcome::Rejected })
+            }
+            _ => None,
+        }
+    }
+
+    /// A reply was sent: the message outcome it decides, if any. The
+    /// message of a transaction ends with its end-of-data reply
+    /// ([`ServerEvent::Message`], counted there), with a refused MAIL, or —
+    /// every recipient refused — at whatever ends the transaction (DATA or
+    /// BDAT refused, RSET, a new hello, QUIT, the close). A transaction
+    /// the client abandons with recipients accepted and no data is no
+    /// message.
+    fn on_reply(&mut self, command: CommandKind, code: u16) -> Option<Outcome> {
+        let class = code / 100;
+        let refused = |class| if class == 4 { Outcome::TempFailed } else { Outcome::Rejected };
+        match (command, *self) {
+            (CommandKind::Mail, Txn::None | Txn::MailPending) => {
+                if class == 2 {
+                    *self = Txn::Open { ok: 0, temp: false, refused: false };
+                    None
+                } else {
+                    *self = Txn::None;
+                    (class >= 4).then(|| refused(class))
+                }
+            }
+            (CommandKind::Rcpt, Txn::Open { ok, temp, refused: r }) => {
+                *self = match class {
+                    2 => Txn::Open { ok: ok + 1, temp, refused: r },
+                    4 => Txn::Open { ok, temp: true, refused: true },
+                    _ => Txn::Open { ok, temp, refused: true },
+                };
+                None
+            }
+            (CommandKind::Data | CommandKind::Bdat, t @ Txn::Open { ok: 0, .. }) if class >= 4 => {
+                *self = Txn::None;
+                t.all_refused()
+            }
+            (
+                CommandKind::Rset
+                | CommandKind::Helo
+                | CommandKind::Ehlo
+                | CommandKind::Lhlo
+                | CommandKind::Quit,
+                t,
+            ) => {
+                *self = Txn::None;
+                t.all_refused()
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Per-connection state the hooks change.
 #[derive(Default)]
 pub struct ConnState {
-    in_message: bool,
+    txn: Txn,
     /// The body being received (`--capture` only), bounded by the size limit.
     body: Option<BodyBuffer>,
     verifier: Option<Box<Verifier>>,
     eof: bool,
+    /// The client sent something (a plaintext byte, or a completed TLS
+    /// handshake): the connection is a session.
+    spoke: bool,
     io_error: bool,
     close_reason: Option<CloseReason>,
     tls_established: bool,
     tls_resumed: bool,
+}
+
+/// `--exit-after-messages N`: the N acceptances every thread claims from.
+#[derive(Clone, Debug)]
+pub struct MessageLimit {
+    pub limit: u64,
+    /// Slots claimed so far, by every thread (may pass `limit`).
+    pub claimed: Arc<AtomicU64>,
+    /// Stopped when the last slot is claimed.
+    pub stop: StopSignal,
+}
+
+impl MessageLimit {
+    /// Claims one acceptance: false past the limit (then refuse the
+    /// message). One atomic add per message that would be accepted.
+    fn claim(&self) -> bool {
+        let n = self.claimed.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= self.limit && !self.stop.is_stopped() {
+            self.stop.stop();
+        }
+        n <= self.limit
+    }
 }
 
 /// One sink connection.
@@ -72,9 +176,9 @@ pub struct ThreadCtx {
     pub verify: bool,
     pub verify_missing: u64,
     pub capture_errors: u64,
-    /// Accepted messages / ended sessions not yet published (only with
-    /// `--exit-after-*`).
-    pub local_messages: u64,
+    /// `--exit-after-messages`.
+    pub message_limit: Option<MessageLimit>,
+    /// Ended sessions not yet published (only with `--exit-after-sessions`).
     pub local_sessions: u64,
     /// Scratch for the session's output.
     pub out: Vec<u8>,
@@ -83,6 +187,7 @@ pub struct ThreadCtx {
 /// The [`ServerHooks`] for one call into a session.
 struct Hooks<'a> {
     faults: &'a mut ThreadFaults,
+    message_limit: Option<&'a MessageLimit>,
     auth: Option<&'a AuthPolicy>,
     peer_ip: IpAddr,
     now: Instant,
@@ -95,10 +200,23 @@ struct Hooks<'a> {
 
 impl ServerHooks for Hooks<'_> {
     fn on_command(&mut self, cmd: CommandKind, info: &CommandInfo<'_>) -> Verdict {
-        if self.faults.is_empty() {
-            return Verdict::Proceed;
+        if cmd == CommandKind::Mail && self.st.txn == Txn::None {
+            self.st.txn = Txn::MailPending;
         }
-        self.faults.verdict(cmd, info, self.peer_ip, self.now)
+        let v = if self.faults.is_empty() {
+            Verdict::Proceed
+        } else {
+            self.faults.verdict(cmd, info, self.peer_ip, self.now)
+        };
+        // The end of data (or BDAT LAST) of a message about to be accepted
+        // (a delay ends in acceptance too) takes one of the limit's slots.
+        if let (CommandKind::Dot, Some(limit)) = (cmd, self.message_limit) {
+            let accepting = matches!(v, Verdict::Proceed | Verdict::Reply(0..=399) | Verdict::Delay(_));
+            if accepting && !limit.claim() {
+                return Verdict::Reply(451);
+            }
+        }
+        v
     }
 
     fn check_auth(&mut self, _authzid: &[u8], user: &[u8], pass: &[u8]) -> bool {
@@ -111,7 +229,6 @@ impl ServerHooks for Hooks<'_> {
     }
 
     fn on_message_start(&mut self) {
-        self.st.in_message = true;
         if let Some(b) = &mut self.st.body {
             b.start();
         }
@@ -130,7 +247,6 @@ impl ServerHooks for Hooks<'_> {
     }
 
     fn on_message_end(&mut self, accepted: bool) {
-        self.st.in_message = false;
         if let Some(v) = &mut self.st.verifier {
             if accepted {
                 match v.finish() {
@@ -158,6 +274,7 @@ impl ThreadCtx {
     fn hooks<'a>(&'a mut self, st: &'a mut ConnState, peer_ip: IpAddr, now: Instant) -> Hooks<'a> {
         Hooks {
             faults: &mut self.faults,
+            message_limit: self.message_limit.as_ref(),
             auth: self.auth.as_ref(),
             peer_ip,
             now,
@@ -224,6 +341,7 @@ impl SinkConn {
         if self.session.is_closed() {
             return;
         }
+        self.st.spoke |= !plain.is_empty();
         let mut out = std::mem::take(&mut ctx.out);
         {
             let mut hooks = ctx.hooks(&mut self.st, self.peer_ip, now);
@@ -264,8 +382,15 @@ impl SinkConn {
         self.settle(be, id);
     }
 
-    /// The connection is gone: counts it.
+    /// The connection is gone: counts it. One the client closed (or reset)
+    /// without a word — a readiness check — is a connection without a
+    /// session, neither a session nor an error.
     pub fn closed(self, ctx: &mut ThreadCtx, why: Closed) {
+        let silent = !self.st.spoke && !self.st.tls_established && self.st.close_reason.is_none();
+        if silent {
+            ctx.rec.count_connection_without_session();
+            return;
+        }
         let io_error = self.st.io_error || matches!(why, Closed::Error(_) | Closed::FlushTimeout);
         // Completed handshakes only: an implicit-TLS or STARTTLS client
         // whose handshake failed is a plaintext session that ended.
@@ -274,6 +399,24 @@ impl SinkConn {
             ctx.rec.count_tls_resumed();
         }
         ctx.local_sessions += 1;
+        // A transaction still open is a message the connection ended:
+        // every recipient refused decides it; else it is a connection
+        // error (a timeout if the sink timed out), and no error outside a
+        // message is counted besides.
+        let in_txn = match self.st.txn {
+            Txn::None => false,
+            t => {
+                let outcome = t.all_refused().unwrap_or(match self.st.close_reason {
+                    Some(CloseReason::Timeout) => Outcome::Timeout,
+                    _ => Outcome::ConnectionError,
+                });
+                ctx.rec.count_outcome(outcome);
+                t.all_refused().is_none()
+            }
+        };
+        if in_txn {
+            return;
+        }
         match self.st.close_reason {
             Some(CloseReason::Timeout) => ctx.rec.count_session_error(Outcome::Timeout),
             Some(CloseReason::ProxyError | CloseReason::TooManyErrors) => {
@@ -281,7 +424,7 @@ impl SinkConn {
             }
             _ => {}
         }
-        if self.st.in_message || (io_error && self.st.close_reason.is_none()) {
+        if io_error && self.st.close_reason.is_none() {
             ctx.rec.count_session_error(Outcome::ConnectionError);
         }
     }
@@ -294,20 +437,29 @@ impl SinkConn {
         }
         while let Some(ev) = self.session.poll_event() {
             match ev {
-                ServerEvent::Reply { command, code } => ctx.rec.count_reply(command, code),
+                ServerEvent::Reply { command, code } => {
+                    ctx.rec.count_reply(command, code);
+                    if let Some(o) = self.st.txn.on_reply(command, code) {
+                        ctx.rec.count_outcome(o);
+                    }
+                }
                 ServerEvent::Message {
                     outcome,
+                    code,
                     bytes,
                     recipients,
-                    ..
                 } => {
-                    ctx.rec.count_bytes(bytes);
+                    self.st.txn = Txn::None;
                     let o = match outcome {
                         MessageOutcome::Accepted => {
+                            // Recipients and bytes of accepted messages only.
                             ctx.rec.count_recipients(u64::from(recipients));
-                            ctx.local_messages += 1;
+                            ctx.rec.count_bytes(bytes);
                             Outcome::Accepted
                         }
+                        // Closed by a fault without a reply: what the
+                        // client sees is a connection error.
+                        _ if code == 0 => Outcome::ConnectionError,
                         MessageOutcome::TempFailed => Outcome::TempFailed,
                         MessageOutcome::Rejected => Outcome::Rejected,
                     };

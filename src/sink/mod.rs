@@ -199,7 +199,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             .unwrap_or(usize::MAX),
         exit_after_messages: cfg.exit_after_messages,
         exit_after_sessions: cfg.exit_after_sessions,
-        messages_done: AtomicU64::new(0),
+        messages_done: Arc::new(AtomicU64::new(0)),
         sessions_done: AtomicU64::new(0),
         started,
         duration: cfg.duration,

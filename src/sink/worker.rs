@@ -8,8 +8,9 @@
 //! Invariants:
 //! - Nothing shared is touched per message: the only cross-thread traffic is
 //!   the stop flag (one relaxed load per loop iteration), one snapshot per
-//!   second on a channel, and — only with `--exit-after-*` — one atomic add
-//!   per loop iteration that saw work. The greylist table is locked once per
+//!   second on a channel, and only with `--exit-after-sessions` one atomic
+//!   add per loop iteration that saw work, with `--exit-after-messages` one
+//!   per message about to be accepted (so the limit is exact). The greylist table is locked once per
 //!   RCPT, and only when a greylist rule exists. Each thread keeps its own
 //!   copy of the server and TLS configs.
 //! - Over `--max-connections` a connection gets `421` and is closed at once.
@@ -32,7 +33,7 @@ use crate::smtp::CommandKind;
 use crate::stats::{IntervalSnapshot, Measurements, Recorder};
 
 use super::capture::Capture;
-use super::conn::{SinkConn, ThreadCtx};
+use super::conn::{MessageLimit, SinkConn, ThreadCtx};
 use super::faults::{Greylist, ThreadFaults};
 
 /// Plaintext read buffer of a thread.
@@ -55,7 +56,8 @@ pub struct Shared {
     pub max_conns_per_thread: usize,
     pub exit_after_messages: Option<u64>,
     pub exit_after_sessions: Option<u64>,
-    pub messages_done: AtomicU64,
+    /// `--exit-after-messages` slots claimed (see `conn::MessageLimit`).
+    pub messages_done: Arc<AtomicU64>,
     pub sessions_done: AtomicU64,
     pub started: Instant,
     pub duration: Option<Duration>,
@@ -185,7 +187,7 @@ impl Handler for SinkHandler {
                 shared.stop.stop();
             }
         }
-        if self.limits && (self.ctx.local_messages > 0 || self.ctx.local_sessions > 0) {
+        if self.limits && self.ctx.local_sessions > 0 {
             publish_limits(shared, &mut self.ctx);
         }
         if self.stopped_at.is_none() && shared.stop.is_stopped() {
@@ -247,7 +249,11 @@ pub fn run(
             verify: shared.verify,
             verify_missing: 0,
             capture_errors: 0,
-            local_messages: 0,
+            message_limit: shared.exit_after_messages.map(|limit| MessageLimit {
+                limit,
+                claimed: Arc::clone(&shared.messages_done),
+                stop: shared.stop.clone(),
+            }),
             local_sessions: 0,
             server,
             tls: shared
@@ -264,7 +270,7 @@ pub fn run(
         next_tick: now + TICK,
         stopped_at: None,
         grace_end: None,
-        limits: shared.exit_after_messages.is_some() || shared.exit_after_sessions.is_some(),
+        limits: shared.exit_after_sessions.is_some(),
         max_conns: shared.max_conns_per_thread.max(1),
         shared: Arc::clone(&shared),
     };
@@ -287,16 +293,13 @@ pub fn run(
     })
 }
 
-/// Adds this thread's new counts to the shared totals and requests a stop
-/// when an `--exit-after-*` limit is reached.
+/// Adds this thread's ended sessions to the shared total and requests a
+/// stop when `--exit-after-sessions` is reached (`--exit-after-messages`
+/// is claimed per message: `conn::MessageLimit`).
 fn publish_limits(shared: &Shared, ctx: &mut ThreadCtx) {
-    let m = std::mem::take(&mut ctx.local_messages);
     let s = std::mem::take(&mut ctx.local_sessions);
-    let total_m = shared.messages_done.fetch_add(m, Ordering::Relaxed) + m;
     let total_s = shared.sessions_done.fetch_add(s, Ordering::Relaxed) + s;
-    let hit_m = shared.exit_after_messages.is_some_and(|n| total_m >= n);
-    let hit_s = shared.exit_after_sessions.is_some_and(|n| total_s >= n);
-    if (hit_m || hit_s) && !shared.stop.is_stopped() {
+    if shared.exit_after_sessions.is_some_and(|n| total_s >= n) && !shared.stop.is_stopped() {
         shared.stop.stop();
     }
 }

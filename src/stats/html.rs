@@ -252,7 +252,17 @@ fn verdicts(o: &mut String, report: &Report) {
             report.assertions.len()
         );
     }
-    if report.role == Role::Blast && report.counts.messages_accepted == 0 {
+    for why in &report.failed_reasons {
+        let _ = writeln!(
+            o,
+            "<div class=\"verdict bad\">Failed run: {}.</div>",
+            escape(why)
+        );
+    }
+    if report.role == Role::Blast
+        && report.failed_reasons.is_empty()
+        && report.counts.messages_accepted == 0
+    {
         let _ = writeln!(
             o,
             "<div class=\"verdict bad\">Failed run: the target accepted none of {} messages attempted.</div>",
@@ -416,6 +426,7 @@ fn outcomes_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
     )?;
     let _ = write!(o, "<div>");
     outcomes_table(o, report);
+    failures_table(o, report);
     reply_codes_table(o, report);
     let _ = writeln!(o, "</div></div>");
     Ok(())
@@ -455,12 +466,34 @@ fn outcomes_table(o: &mut String, report: &Report) {
         ("sessions", c.sessions),
         ("TLS sessions", c.tls_sessions),
         ("TLS resumed", c.tls_resumed),
+        ("connections without a session", c.connections_without_session),
         ("recipients", c.recipients),
         ("bytes", c.bytes),
         ("verified ok", c.verify_ok),
         ("verified corrupt", c.verify_corrupt),
     ] {
         let _ = writeln!(o, "<tr><td>{name}</td><td>{n}</td><td></td></tr>");
+    }
+    let _ = writeln!(o, "</table>");
+}
+
+/// The most frequent failures with their counts (reports with failures
+/// only).
+fn failures_table(o: &mut String, report: &Report) {
+    if report.failures.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "<table id=\"failures\"><tr><th>failure (most frequent)</th><th>count</th></tr>"
+    );
+    for f in &report.failures {
+        let _ = writeln!(
+            o,
+            "<tr><td>{}</td><td>{}</td></tr>",
+            escape(&f.reason),
+            f.count
+        );
     }
     let _ = writeln!(o, "</table>");
 }

@@ -136,15 +136,22 @@ fn cases(report: &Report, baseline: &[BaselineCheck]) -> Vec<Case> {
                 "{} of {} accepted",
                 c.messages_accepted, c.messages_attempted
             ),
-            threshold: "at least 1".into(),
-            failure: (c.messages_accepted == 0).then(|| {
-                (
-                    "nothing-accepted",
+            threshold: "at least 1, failures within --max-failed and --max-outage".into(),
+            failure: (!report.failed_reasons.is_empty() || c.messages_accepted == 0).then(|| {
+                let why = if report.failed_reasons.is_empty() {
                     format!(
                         "the target accepted none of {} messages attempted",
                         c.messages_attempted
-                    ),
-                )
+                    )
+                } else {
+                    report.failed_reasons.join("; ")
+                };
+                let kind = if c.messages_accepted == 0 {
+                    "nothing-accepted"
+                } else {
+                    "failed-run"
+                };
+                (kind, why)
             }),
         });
     }

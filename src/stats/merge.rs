@@ -82,12 +82,16 @@ pub fn merge_reports(reports: &[Report], assertions: &[Assertion]) -> Result<Rep
             e.messages += p.messages;
             e.sessions += p.sessions;
             e.errors += p.errors;
+            e.failed += p.failed;
             for (phase, l) in &p.latency {
                 e.latency
                     .entry(phase.clone())
                     .and_modify(|x| x.combine(l))
                     .or_insert(*l);
             }
+        }
+        for f in &r.failures {
+            m.failures.count_n(&f.reason, f.count);
         }
         cpu.user_secs += r.cpu.user_secs;
         cpu.sys_secs += r.cpu.sys_secs;

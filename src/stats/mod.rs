@@ -69,12 +69,13 @@ pub use merge::{
 };
 pub use metrics::{LiveMetrics, MetricsError, MetricsServer};
 pub use recorder::{
-    new_histogram, Counts, IntervalLatency, IntervalMerger, IntervalSnapshot, Measurements,
-    PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,
+    new_histogram, Counts, FailureTally, IntervalLatency, IntervalMerger, IntervalSnapshot,
+    Measurements, PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,
 };
 pub use report::{
-    load_report, AssertionResult, Bottleneck, CpuUsage, HostInfo, LatencySummary, MergeCheck,
-    OpenLoopReport, Rates, Report, ReportError, ReportInput, Role,
+    load_report, longest_outage, AssertionResult, Bottleneck, CpuUsage, FailureCount, HostInfo,
+    LatencySummary, MergeCheck, OpenLoopReport, Rates, Report, ReportError, ReportInput, Role,
+    DEFAULT_MAX_FAILED, DEFAULT_MAX_OUTAGE_SECS, TOP_FAILURES,
 };
 pub use summary::write_summary;
 pub use svg::{write_svg, SvgError};

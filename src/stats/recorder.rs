@@ -79,6 +79,15 @@ pub struct Counts {
     pub bytes: u64,
     pub verify_ok: u64,
     pub verify_corrupt: u64,
+    /// Connections that ended without an SMTP session. Blaster: the
+    /// connect failed or timed out, or the connection closed before its
+    /// session started (implicit TLS handshake); each is also one
+    /// `connection_errors` or `timeouts`, and its messages are not
+    /// attempted. Sink: the client sent nothing (a readiness check that
+    /// connects and closes); neither a session nor an error. Absent from
+    /// reports written before it existed, hence the default.
+    #[serde(default)]
+    pub connections_without_session: u64,
 }
 
 impl Counts {
@@ -117,6 +126,8 @@ impl Counts {
         self.bytes = f(self.bytes, o.bytes);
         self.verify_ok = f(self.verify_ok, o.verify_ok);
         self.verify_corrupt = f(self.verify_corrupt, o.verify_corrupt);
+        self.connections_without_session =
+            f(self.connections_without_session, o.connections_without_session);
     }
 
     /// Bumps the counter of `outcome` only (not `messages_attempted`).
@@ -270,6 +281,82 @@ impl ReplyCodes {
     }
 }
 
+/// Most distinct reasons a [`FailureTally`] keeps; past that, new reasons
+/// are counted under [`FAILURE_OTHER`].
+pub const FAILURE_REASONS_MAX: usize = 32;
+/// The key of reasons beyond [`FAILURE_REASONS_MAX`].
+pub const FAILURE_OTHER: &str = "(other reasons)";
+/// Longest reason kept, in bytes: a longer one is cut at a character
+/// boundary and ends with `…`.
+pub const FAILURE_REASON_MAX_BYTES: usize = 120;
+
+/// Why messages and connections failed, with counts: the first line of the
+/// reply that refused a message (`dot: 550 5.5.2 …`), or the error that
+/// ended a session or connection (`connect: Connection refused …`).
+/// Bounded ([`FAILURE_REASONS_MAX`] reasons of at most
+/// [`FAILURE_REASON_MAX_BYTES`]); nothing is allocated for a reason
+/// already counted, and nothing at all unless something failed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FailureTally {
+    entries: Vec<(String, u64)>,
+}
+
+impl FailureTally {
+    /// Counts one failure for `reason`.
+    pub fn count(&mut self, reason: &str) {
+        self.count_n(reason, 1);
+    }
+
+    /// Counts `n` failures for `reason`.
+    pub fn count_n(&mut self, reason: &str, n: u64) {
+        let reason = reason.trim();
+        let cut = if reason.len() > FAILURE_REASON_MAX_BYTES {
+            let mut end = FAILURE_REASON_MAX_BYTES;
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            Some(end)
+        } else {
+            None
+        };
+        let same = |e: &(String, u64)| match cut {
+            None => e.0 == reason,
+            Some(end) => e.0.strip_suffix('…') == Some(&reason[..end]),
+        };
+        if let Some(e) = self.entries.iter_mut().find(|e| same(e)) {
+            e.1 = e.1.saturating_add(n);
+            return;
+        }
+        if self.entries.len() + 1 >= FAILURE_REASONS_MAX && reason != FAILURE_OTHER {
+            return self.count_n(FAILURE_OTHER, n);
+        }
+        let key = match cut {
+            None => reason.to_string(),
+            Some(end) => format!("{}…", &reason[..end]),
+        };
+        self.entries.push((key, n));
+    }
+
+    /// Adds every count of `other`.
+    pub fn merge(&mut self, other: &FailureTally) {
+        for (reason, n) in &other.entries {
+            self.count_n(reason, *n);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The `k` most frequent reasons, most frequent first (ties by name).
+    pub fn top(&self, k: usize) -> Vec<(String, u64)> {
+        let mut v = self.entries.clone();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(k);
+        v
+    }
+}
+
 fn cmd_index(cmd: CommandKind) -> usize {
     // `CommandKind::ALL` lists the variants in declaration order.
     cmd as usize
@@ -290,6 +377,8 @@ pub struct Measurements {
     /// How late each scheduled start was, in microseconds (open loop only).
     pub schedule_lag: Option<Histogram<u64>>,
     pub reply_codes: ReplyCodes,
+    /// Why messages and connections failed.
+    pub failures: FailureTally,
 }
 
 impl Measurements {
@@ -303,6 +392,7 @@ impl Measurements {
             add_histogram(self.schedule_lag.get_or_insert_with(new_histogram), h);
         }
         self.reply_codes.merge(&other.reply_codes);
+        self.failures.merge(&other.failures);
     }
 }
 
@@ -445,6 +535,14 @@ impl Recorder {
         }
     }
 
+    /// Counts one connection that ended without an SMTP session (see
+    /// [`Counts::connections_without_session`]).
+    #[inline]
+    pub fn count_connection_without_session(&mut self) {
+        let c = &mut self.pending.counts;
+        c.connections_without_session = c.connections_without_session.saturating_add(1);
+    }
+
     /// Counts one session whose completed TLS handshake was a resumption
     /// (`Conn::tls_resumed()`); call it beside `count_session(true)`.
     #[inline]
@@ -484,6 +582,12 @@ impl Recorder {
     #[inline]
     pub fn count_reply(&mut self, cmd: CommandKind, code: u16) {
         self.pending.reply_codes.count(cmd, code);
+    }
+
+    /// Counts one failure for `reason` (see [`FailureTally`]); call it on
+    /// failures only.
+    pub fn count_failure(&mut self, reason: &str) {
+        self.pending.failures.count(reason);
     }
 
     /// Direct access to the counters of the current interval, for anything
@@ -578,6 +682,11 @@ pub struct TimelinePoint {
     pub sessions: u64,
     /// Connection errors + timeouts + protocol errors in this second.
     pub errors: u64,
+    /// Everything that failed in this second: messages tempfailed or
+    /// rejected, and every error (`errors`). Absent from reports written
+    /// before it existed.
+    #[serde(default)]
+    pub failed: u64,
     /// Latency per phase (`Phase::as_str`) in this second, phases with
     /// data only (the corrected figures). Absent from sink reports and
     /// from reports written before it existed.
@@ -630,6 +739,11 @@ impl IntervalMerger {
         p.messages = p.messages.saturating_add(c.messages_accepted);
         p.sessions = p.sessions.saturating_add(c.sessions);
         p.errors = p.errors.saturating_add(c.errors());
+        p.failed = p.failed.saturating_add(
+            c.errors()
+                .saturating_add(c.messages_tempfailed)
+                .saturating_add(c.messages_rejected),
+        );
         if snap.measurements.latency.iter().next().is_some() {
             self.open
                 .entry(t)

@@ -212,6 +212,27 @@ pub struct OpenLoopReport {
     pub bottleneck: Bottleneck,
 }
 
+/// The longest stretch of consecutive timeline seconds in which something
+/// failed and nothing was accepted: `(first second, length, failures)`.
+pub fn longest_outage(timeline: &[TimelinePoint]) -> Option<(u64, u64, u64)> {
+    let mut best: Option<(u64, u64, u64)> = None;
+    let mut cur: Option<(u64, u64, u64)> = None;
+    for p in timeline {
+        let down = p.messages == 0 && p.failed > 0;
+        cur = match cur {
+            Some((from, len, n)) if down && p.t == from + len => Some((from, len + 1, n + p.failed)),
+            _ if down => Some((p.t, 1, p.failed)),
+            _ => None,
+        };
+        if let Some(c) = cur {
+            if best.is_none_or(|b| c.1 > b.1) {
+                best = Some(c);
+            }
+        }
+    }
+    best
+}
+
 impl OpenLoopReport {
     /// Adds another instance's figures (rates recomputed over `duration_secs`).
     pub fn merge(&mut self, o: &OpenLoopReport, duration_secs: f64) {
@@ -392,10 +413,38 @@ pub struct Report {
     pub valid: bool,
     #[serde(default)]
     pub invalid_reasons: Vec<String>,
+    /// Why the run failed (exit 4), as [`Report::judge_failures`] found:
+    /// empty when it did not. Absent from passing runs and older reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_reasons: Vec<String>,
+    /// The most frequent reasons messages and connections failed, most
+    /// frequent first (at most [`TOP_FAILURES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<FailureCount>,
     #[serde(default)]
     pub assertions: Vec<AssertionResult>,
     pub cpu: CpuUsage,
 }
+
+/// Reasons a report lists in `failures`.
+pub const TOP_FAILURES: usize = 5;
+
+/// One reason messages or connections failed, and how often.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureCount {
+    /// The first line of the refusing reply, prefixed by the command it
+    /// answered (`rcpt: 451 4.7.1 …`), or the error that ended a session
+    /// or connection (`connect: Connection refused (os error 111)`).
+    pub reason: String,
+    pub count: u64,
+}
+
+/// `--max-failed` when none is given: a run in which more than 1% of the
+/// tries (messages attempted, and connections that never got a session)
+/// were not accepted has failed.
+pub const DEFAULT_MAX_FAILED: f64 = 0.01;
+/// `--max-outage` when none is given, in seconds.
+pub const DEFAULT_MAX_OUTAGE_SECS: u64 = 3;
 
 /// What the roles pass to [`Report::build`].
 #[derive(Clone, Debug)]
@@ -423,13 +472,7 @@ impl Report {
     /// ([`Report::evaluate_assertions`]). A sink report gets no latency.
     pub fn build(input: ReportInput) -> Result<Self, ReportError> {
         let m = &input.measurements;
-        let mut counts = m.counts;
-        if input.role == Role::Sink {
-            counts.messages_attempted = counts
-                .messages_accepted
-                .saturating_add(counts.messages_tempfailed)
-                .saturating_add(counts.messages_rejected);
-        }
+        let counts = m.counts;
         let (latency, latency_uncorrected, schedule_lag) = if input.role == Role::Blast {
             (
                 summarize(&m.latency)?,
@@ -477,8 +520,72 @@ impl Report {
             timeline,
             valid: input.invalid_reasons.is_empty(),
             invalid_reasons: input.invalid_reasons,
+            failed_reasons: Vec::new(),
+            failures: m
+                .failures
+                .top(TOP_FAILURES)
+                .into_iter()
+                .map(|(reason, count)| FailureCount { reason, count })
+                .collect(),
             assertions: Vec::new(),
         })
+    }
+
+    /// Judges whether a blast run failed and records why in
+    /// `failed_reasons` (empty: it did not). A run fails when
+    /// - the target accepted no message at all;
+    /// - more than `max_failed` (a share, 0..=1) of its tries failed: a try
+    ///   is a message attempted or a connection that never got a session,
+    ///   and every try not accepted failed;
+    /// - for `max_outage_secs` seconds or more in a row (0: never) every
+    ///   second of the timeline had failures and nothing accepted (the
+    ///   target went down, or refused everything).
+    ///
+    /// A sink report is never judged.
+    pub fn judge_failures(&mut self, max_failed: f64, max_outage_secs: u64) {
+        self.failed_reasons.clear();
+        if self.role != Role::Blast {
+            return;
+        }
+        let c = &self.counts;
+        let tries = c
+            .messages_attempted
+            .saturating_add(c.connections_without_session);
+        let failed = tries.saturating_sub(c.messages_accepted);
+        let top = self
+            .failures
+            .first()
+            .map(|f| format!("; most frequent: {} ({}×)", f.reason, f.count))
+            .unwrap_or_default();
+        if c.messages_accepted == 0 {
+            self.failed_reasons.push(format!(
+                "the target accepted none of {} messages attempted ({} connections without a session){top}",
+                c.messages_attempted, c.connections_without_session
+            ));
+            return;
+        }
+        let share = failed as f64 / tries.max(1) as f64;
+        if share > max_failed {
+            self.failed_reasons.push(format!(
+                "{failed} of {tries} tries failed ({:.2}%, above --max-failed {}%): {} tempfailed, {} rejected, {} connection errors, {} timeouts, {} protocol errors{top}",
+                share * 100.0,
+                max_failed * 100.0,
+                c.messages_tempfailed,
+                c.messages_rejected,
+                c.connection_errors,
+                c.timeouts,
+                c.protocol_errors
+            ));
+        }
+        if max_outage_secs > 0 {
+            if let Some((from, secs, n)) = longest_outage(&self.timeline) {
+                if secs >= max_outage_secs {
+                    self.failed_reasons.push(format!(
+                        "the target failed everything for {secs}s in a row (from second {from}: nothing accepted, {n} failures; --max-outage {max_outage_secs}s){top}"
+                    ));
+                }
+            }
+        }
     }
 
     /// True if any evaluated assertion failed (exit code 99).

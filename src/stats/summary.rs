@@ -22,8 +22,10 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     writeln!(out)?;
     write_outcome_table(&report.counts, out)?;
     write_latency_table(report, out)?;
+    write_failures(report, out)?;
     write_assertions(report, out)?;
-    write_invalid_reasons(report, out)
+    write_invalid_reasons(report, out)?;
+    write_failed_reasons(report, out)
 }
 
 /// The lines about the run as a whole: version, role, duration and host;
@@ -131,6 +133,13 @@ fn write_outcome_table<W: Write>(c: &Counts, out: &mut W) -> io::Result<()> {
     ] {
         writeln!(out, "{name:<20} {n:>12} {:>7.2}%", pct(n))?;
     }
+    if c.connections_without_session > 0 {
+        writeln!(
+            out,
+            "{:<20} {:>12}",
+            "no session", c.connections_without_session
+        )?;
+    }
     writeln!(out, "{:<20} {:>12}", "sessions", c.sessions)?;
     writeln!(out, "{:<20} {:>12}", "tls sessions", c.tls_sessions)?;
     if c.tls_resumed > 0 {
@@ -214,6 +223,33 @@ fn write_invalid_reasons<W: Write>(report: &Report, out: &mut W) -> io::Result<(
     writeln!(out)?;
     for why in &report.invalid_reasons {
         writeln!(out, "INVALID RUN: {why}")?;
+    }
+    Ok(())
+}
+
+/// One `FAILED RUN:` line per reason (failed runs only), preceded by a
+/// blank line.
+fn write_failed_reasons<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
+    if report.failed_reasons.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    for why in &report.failed_reasons {
+        writeln!(out, "FAILED RUN: {why}")?;
+    }
+    Ok(())
+}
+
+/// The most frequent reasons messages and connections failed (reports
+/// with failures only), preceded by a blank line.
+fn write_failures<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
+    if report.failures.is_empty() {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(out, "{:<12} failure (most frequent)", "count")?;
+    for f in &report.failures {
+        writeln!(out, "{:<12} {}", f.count, f.reason)?;
     }
     Ok(())
 }

@@ -226,6 +226,12 @@ pub enum ClientEvent {
     Capabilities(Vec<String>),
     /// A human-readable reason for an abnormal end.
     Error(String),
+    /// The reply that refused a message (4xx or 5xx), as a failure reason:
+    /// the command it answered and the reply's first line, e.g.
+    /// `dot: 550 5.5.2 Message contains bare LF or bare CR, rejected`.
+    /// Comes just before that message's [`ClientEvent::Message`]; made only
+    /// for refused messages (nothing is allocated for an accepted one).
+    Refused(String),
     /// The session is over: the driver closes the connection.
     Done,
 }
@@ -288,6 +294,8 @@ pub struct ClientSession {
     state: State,
     expects: VecDeque<Expect>,
     parser: ReplyParser,
+    /// The command the last reply answered (for [`ClientEvent::Refused`]).
+    last_reply_to: CommandKind,
     tx: OutQueue,
     /// Output offset written so far, as reported by the driver.
     written: u64,

@@ -22,6 +22,7 @@ impl ClientSession {
             return;
         };
         let command = exp.what.command();
+        self.last_reply_to = command;
         self.events.push_back(ClientEvent::Reply { command, code });
         if code == 421 && exp.what != Await::Quit {
             self.fail(Outcome::TempFailed, code, ClientError::ServiceClosing(code));

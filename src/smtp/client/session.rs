@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::super::reply::{Capabilities, ReplyParser};
-use super::super::{Outcome, Phase};
+use super::super::{CommandKind, Outcome, Phase};
 use super::expect::{Await, Expect};
 use super::outq::OutQueue;
 use super::txn::{outcome_of, Txn};
@@ -30,6 +30,7 @@ impl ClientSession {
             state: State::Greeting,
             expects: VecDeque::with_capacity(16),
             parser: ReplyParser::new(),
+            last_reply_to: CommandKind::Connect,
             tx: OutQueue::with_spare(1024),
             written: 0,
             bdat_starts: VecDeque::new(),
@@ -283,6 +284,16 @@ impl ClientSession {
         }
         t.finished = true;
         self.unfinished -= 1;
+        if matches!(outcome, Outcome::TempFailed | Outcome::Rejected) && code >= 400 {
+            let line = self.parser.lines().next().unwrap_or_default();
+            let reason = format!(
+                "{}: {code} {}",
+                self.last_reply_to.as_str(),
+                String::from_utf8_lossy(line)
+            );
+            self.events.push_back(ClientEvent::Refused(reason));
+        }
+        let t = &self.txns[m];
         let recipients_accepted = t.rcpt_ok;
         let bytes = self.messages[m].len() as u64;
         self.events.push_back(ClientEvent::Message { index: self.msg_base + m, outcome, code, recipients_accepted, bytes });
