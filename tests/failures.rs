@@ -231,7 +231,7 @@ fn refused_messages_show_their_reply_and_errors_in_text_json_and_html() {
         "{failures:?}"
     );
     assert_eq!(
-        count("connection closed while waiting for the DATA reply"),
+        count("connection closed while waiting for the data reply"),
         get_u64(&v, "counts.connection_errors"),
         "{failures:?}"
     );

@@ -82,6 +82,7 @@ fn metric_of(key: &str) -> &'static str {
         "sessions" => "smtpstorm_sessions_total",
         "tls_sessions" => "smtpstorm_tls_sessions_total",
         "tls_resumed" => "smtpstorm_tls_resumed_total",
+        "connections_without_session" => "smtpstorm_connections_without_session_total",
         "messages_attempted" => "smtpstorm_messages_attempted_total",
         "messages_accepted" => "smtpstorm_messages_total{outcome=\"accepted\"}",
         "messages_tempfailed" => "smtpstorm_messages_total{outcome=\"tempfailed\"}",

@@ -206,6 +206,9 @@ fn session_env(
     let mut blast_cmd = pair.cmd(&pair.b, &["blast", &listen, "--threads", "1", "--quiet"]);
     blast_cmd
         .args(io_args(blast_io, &pair.ib))
+        // These runs inject faults and loss on purpose: they check counts,
+        // not the failed-run verdict.
+        .args(["--max-failed", "100%", "--max-outage", "0"])
         .args(blast_extra)
         .envs(env.iter().copied())
         .arg("--json")

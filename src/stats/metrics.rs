@@ -14,7 +14,8 @@
 //! Exposed, all cumulative since the start (`counts.*` of the JSON report,
 //! one metric or label each, so a final scrape equals the report):
 //! `smtpstorm_sessions_total`, `smtpstorm_tls_sessions_total`,
-//! `smtpstorm_tls_resumed_total`, `smtpstorm_messages_attempted_total`,
+//! `smtpstorm_tls_resumed_total`, `smtpstorm_connections_without_session_total`,
+//! `smtpstorm_messages_attempted_total`,
 //! `smtpstorm_messages_total{outcome=accepted|tempfailed|rejected}`,
 //! `smtpstorm_errors_total{kind=connection_error|timeout|protocol_error}`,
 //! `smtpstorm_recipients_total`, `smtpstorm_message_bytes_total`,
@@ -212,6 +213,12 @@ fn encode_counts(enc: &mut DescriptorEncoder, c: &Counts) -> Result<(), std::fmt
         "smtpstorm_tls_resumed",
         "TLS handshakes that resumed an earlier session.",
         c.tls_resumed,
+    )?;
+    counter(
+        enc,
+        "smtpstorm_connections_without_session",
+        "Connections that ended without an SMTP session.",
+        c.connections_without_session,
     )?;
     counter(
         enc,
