@@ -200,7 +200,9 @@ fn every_template_placeholder_reads_right_in_help_man_and_completions() {
         assert!(help.contains(p), "`blast --help` lacks {p}:\n{help}");
     }
     assert!(!help.contains('\u{1b}'), "escape codes in plain --help");
-    let man = text(&["man"]);
+    let pages = tempfile::tempdir().unwrap();
+    text(&["man", "--out", pages.path().to_str().unwrap()]);
+    let man = std::fs::read_to_string(pages.path().join("smtpstorm-blast.1")).unwrap();
     let zsh = text(&["completions", "zsh"]);
     let fish = text(&["completions", "fish"]);
     for (what, doc) in [("man", &man), ("zsh", &zsh), ("fish", &fish)] {

@@ -233,7 +233,7 @@ print(json.dumps({"ok": ok, "limited": limited, "secs": time.time() - t0}))
 }
 
 #[test]
-fn data_disconnect_faults_are_counted_as_tempfailed_messages() {
+fn data_disconnect_faults_are_counted_as_messages_ended_by_a_connection_error() {
     let sink = Sink::start(&["--fault", "data:disconnect:50%", "--seed", "7"]);
     let seen = python(
         sink.port,
@@ -256,7 +256,10 @@ print(json.dumps({"ok": ok, "dropped": dropped}))
     assert!(dropped > 0 && ok > 0, "{seen}");
     let (v, _) = sink.stop();
     assert_eq!(get_u64(&v, "counts.messages_accepted"), ok);
-    assert_eq!(get_u64(&v, "counts.messages_tempfailed"), dropped);
+    // What the client saw: the connection closed (as the blaster counts it).
+    assert_eq!(get_u64(&v, "counts.connection_errors"), dropped);
+    assert_eq!(get_u64(&v, "counts.messages_tempfailed"), 0);
+    assert_eq!(get_u64(&v, "counts.messages_attempted"), 40);
 }
 
 #[test]

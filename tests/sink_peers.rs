@@ -217,7 +217,7 @@ fn swaks_starttls_implicit_tls_and_pipelining_are_accepted() {
 
 #[test]
 fn swaks_auth_plain_and_login_right_and_wrong_password() {
-    let sink = Sink::start(&["--auth", "bob:secret", "--exit-after-sessions", "5"]);
+    let sink = Sink::start(&["--auth", "bob:secret", "--exit-after-sessions", "4"]);
     for mech in ["PLAIN", "LOGIN"] {
         let t = run_ok(
             mech,
@@ -253,7 +253,7 @@ fn swaks_auth_plain_and_login_right_and_wrong_password() {
 
 #[test]
 fn smtplib_smtputf8_address_is_accepted_and_oversize_is_552() {
-    let sink = Sink::start(&["--max-message-size", "10000", "--exit-after-sessions", "4"]);
+    let sink = Sink::start(&["--max-message-size", "10000", "--exit-after-sessions", "3"]);
     let script = format!(
         r#"
 import smtplib, sys

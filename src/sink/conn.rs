@@ -386,7 +386,21 @@ impl SinkConn {
     /// without a word — a readiness check — is a connection without a
     /// session, neither a session nor an error.
     pub fn closed(self, ctx: &mut ThreadCtx, why: Closed) {
-        let silent = !self.st.spoke && !self.st.tls_established && self.st.close_reason.is_none();
+        // A reset is how some checks close; any other error (a failed TLS
+        // handshake) means the client did send something.
+        let quiet_close = match &why {
+            Closed::Error(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            ),
+            _ => !self.st.io_error,
+        };
+        let silent = !self.st.spoke
+            && !self.st.tls_established
+            && self.st.close_reason.is_none()
+            && quiet_close;
         if silent {
             ctx.rec.count_connection_without_session();
             return;
@@ -403,7 +417,19 @@ impl SinkConn {
         // every recipient refused decides it; else it is a connection
         // error (a timeout if the sink timed out), and no error outside a
         // message is counted besides.
-        let in_txn = match self.st.txn {
+        // A client that ends cleanly (or by QUIT) a transaction with no
+        // recipient accepted yet had nothing to deliver: no message.
+        let cut = io_error
+            || matches!(
+                self.st.close_reason,
+                Some(CloseReason::Fault | CloseReason::Timeout)
+            );
+        let txn = match self.st.txn {
+            Txn::MailPending if !cut => Txn::None,
+            Txn::Open { ok: 0, refused: false, .. } if !cut => Txn::None,
+            t => t,
+        };
+        let in_txn = match txn {
             Txn::None => false,
             t => {
                 let outcome = t.all_refused().unwrap_or(match self.st.close_reason {
