@@ -143,7 +143,11 @@ fn disagreement(
     };
     let mut compared: Vec<(&str, u64, u64)> = Vec::new();
     if !delays(true) {
-        compared.push(("messages_accepted", s.messages_accepted, b.messages_accepted));
+        compared.push((
+            "messages_accepted",
+            s.messages_accepted,
+            b.messages_accepted,
+        ));
     }
     let message_points = faults.iter().all(|f| {
         matches!(
@@ -153,16 +157,29 @@ fn disagreement(
     });
     if messages_per_session == 1 && message_points && !delays(false) {
         compared.extend([
-            ("messages_attempted", s.messages_attempted, b.messages_attempted),
-            ("messages_tempfailed", s.messages_tempfailed, b.messages_tempfailed),
-            ("messages_rejected", s.messages_rejected, b.messages_rejected),
+            (
+                "messages_attempted",
+                s.messages_attempted,
+                b.messages_attempted,
+            ),
+            (
+                "messages_tempfailed",
+                s.messages_tempfailed,
+                b.messages_tempfailed,
+            ),
+            (
+                "messages_rejected",
+                s.messages_rejected,
+                b.messages_rejected,
+            ),
             ("recipients", s.recipients, b.recipients),
             ("bytes", s.bytes, b.bytes),
         ]);
     }
-    compared.into_iter().find(|(_, x, y)| x != y).map(|(name, x, y)| {
-        format!("the sink counted {name} {x} but the blaster {y}")
-    })
+    compared
+        .into_iter()
+        .find(|(_, x, y)| x != y)
+        .map(|(name, x, y)| format!("the sink counted {name} {x} but the blaster {y}"))
 }
 
 /// `--json -`: the report goes to stdout.

@@ -103,13 +103,25 @@ fn a_sink_killed_mid_run_fails_the_blast_with_a_line_saying_why() {
     let json = dir.path().join("blast.json");
     let mut blast = spawn(
         &[
-            "blast", &s.addr, "-d", "6s", "-c", "4", "--threads", "1", "--quiet",
+            "blast",
+            &s.addr,
+            "-d",
+            "6s",
+            "-c",
+            "4",
+            "--threads",
+            "1",
+            "--quiet",
         ],
         &json,
     );
     // Kill the sink once it has accepted something.
     let deadline = Instant::now() + LIMIT;
-    while s.stats()["counts"]["messages_accepted"].as_u64().unwrap_or(0) < 100 {
+    while s.stats()["counts"]["messages_accepted"]
+        .as_u64()
+        .unwrap_or(0)
+        < 100
+    {
         assert!(Instant::now() < deadline, "the sink accepted nothing");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -127,7 +139,11 @@ fn a_sink_killed_mid_run_fails_the_blast_with_a_line_saying_why() {
         "{stderr}"
     );
     let v = read_json(&json);
-    assert!(get_u64(&v, "counts.messages_accepted") >= 100, "{}", v["counts"]);
+    assert!(
+        get_u64(&v, "counts.messages_accepted") >= 100,
+        "{}",
+        v["counts"]
+    );
     assert!(!v["failed_reasons"].as_array().unwrap().is_empty());
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("FAILED RUN: "),
@@ -148,13 +164,25 @@ fn a_dead_target_costs_a_bounded_number_of_connects_and_fails_the_run() {
     let connects = get_u64(&v, "counts.connections_without_session");
     // Per slot: 10 ms doubling to 1 s between refused connects, so about 9
     // in 3 s (without backoff: hundreds of thousands).
-    assert!((4..=4 * 15).contains(&connects), "{connects} connects: {}", v["counts"]);
+    assert!(
+        (4..=4 * 15).contains(&connects),
+        "{connects} connects: {}",
+        v["counts"]
+    );
     assert_eq!(get_u64(&v, "counts.connection_errors"), connects);
-    assert_eq!(get_u64(&v, "counts.messages_attempted"), 0, "{}", v["counts"]);
+    assert_eq!(
+        get_u64(&v, "counts.messages_attempted"),
+        0,
+        "{}",
+        v["counts"]
+    );
     assert_eq!(get_u64(&v, "counts.sessions"), 0);
     assert_eq!(v["failures"][0]["count"].as_u64(), Some(connects));
     let reason = v["failures"][0]["reason"].as_str().unwrap();
-    assert!(reason.starts_with("connect: Connection refused"), "{reason}");
+    assert!(
+        reason.starts_with("connect: Connection refused"),
+        "{reason}"
+    );
     let lines = failed_lines(&err);
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
@@ -266,7 +294,10 @@ fn refused_messages_show_their_reply_and_errors_in_text_json_and_html() {
 #[test]
 fn exit_after_messages_accepts_exactly_n_and_refuses_the_rest_with_451() {
     let dir = tempfile::tempdir().unwrap();
-    let s = sink(dir.path(), &["--exit-after-messages", "300", "--grace", "2s"]);
+    let s = sink(
+        dir.path(),
+        &["--exit-after-messages", "300", "--grace", "2s"],
+    );
     let json = dir.path().join("blast.json");
     // Pipelined sessions of 5 messages on 16 connections: many messages are
     // in flight when the 300th is accepted.
@@ -283,8 +314,18 @@ fn exit_after_messages_accepts_exactly_n_and_refuses_the_rest_with_451() {
     assert!(proc.wait(LIMIT).success(), "the sink stops by itself");
     let sv = read_json(&s.json);
     let b = read_json(&json);
-    assert_eq!(get_u64(&sv, "counts.messages_accepted"), 300, "{}", sv["counts"]);
-    assert_eq!(get_u64(&b, "counts.messages_accepted"), 300, "{}", b["counts"]);
+    assert_eq!(
+        get_u64(&sv, "counts.messages_accepted"),
+        300,
+        "{}",
+        sv["counts"]
+    );
+    assert_eq!(
+        get_u64(&b, "counts.messages_accepted"),
+        300,
+        "{}",
+        b["counts"]
+    );
     assert!(
         sv["reply_codes"]["dot"]["451"].as_u64().unwrap_or(0) > 0,
         "messages past the limit were in flight and got 451: {}",
@@ -304,9 +345,19 @@ fn bench_under_faults_finds_both_reports_counting_alike() {
         Command::new(bin())
             .args(["bench", "-n", "1500", "-c", "8", "--recipients", "2"])
             .args(["--sink-threads", "1", "--threads", "1", "--quiet"])
-            .args(["--sink-fault", "rcpt:451:10%", "--sink-fault", "rcpt:550:5%"])
+            .args([
+                "--sink-fault",
+                "rcpt:451:10%",
+                "--sink-fault",
+                "rcpt:550:5%",
+            ])
             .args(["--sink-fault", "mail:550:5%", "--sink-fault", "mail:421:2%"])
-            .args(["--sink-fault", "data:disconnect:5%", "--sink-fault", "dot:disconnect:3%"])
+            .args([
+                "--sink-fault",
+                "data:disconnect:5%",
+                "--sink-fault",
+                "dot:disconnect:3%",
+            ])
             .args(["--sink-fault", "dot:451:5%", "--seed", "11"])
             .args(["--max-failed", "100%", "--json"])
             .arg(&json),
@@ -336,8 +387,16 @@ fn bench_under_faults_finds_both_reports_counting_alike() {
         );
     }
     assert_eq!(get_u64(&b, "counts.messages_attempted"), 1500);
-    for k in ["messages_tempfailed", "messages_rejected", "connection_errors"] {
-        assert!(get_u64(&b, &format!("counts.{k}")) > 0, "{k}: {}", b["counts"]);
+    for k in [
+        "messages_tempfailed",
+        "messages_rejected",
+        "connection_errors",
+    ] {
+        assert!(
+            get_u64(&b, &format!("counts.{k}")) > 0,
+            "{k}: {}",
+            b["counts"]
+        );
     }
 }
 
@@ -352,10 +411,25 @@ fn a_bare_connect_and_close_is_a_connection_without_a_session() {
     let (code, _, err) = blast(dir.path(), &[&s.addr, "-n", "1", "-c", "1"]);
     assert_eq!(code, 0, "{err}");
     let v = s.stop();
-    assert_eq!(get_u64(&v, "counts.connections_without_session"), 3, "{}", v["counts"]);
+    assert_eq!(
+        get_u64(&v, "counts.connections_without_session"),
+        3,
+        "{}",
+        v["counts"]
+    );
     assert_eq!(get_u64(&v, "counts.sessions"), 1, "{}", v["counts"]);
-    assert_eq!(get_u64(&v, "counts.connection_errors"), 0, "{}", v["counts"]);
-    assert_eq!(get_u64(&v, "counts.messages_attempted"), 1, "{}", v["counts"]);
+    assert_eq!(
+        get_u64(&v, "counts.connection_errors"),
+        0,
+        "{}",
+        v["counts"]
+    );
+    assert_eq!(
+        get_u64(&v, "counts.messages_attempted"),
+        1,
+        "{}",
+        v["counts"]
+    );
 }
 
 /// `VmHWM` of a process that has exited is gone, so the blaster is watched

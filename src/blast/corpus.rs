@@ -306,7 +306,10 @@ mod tests {
         let c = Corpus::load(&f, DataOrder::RoundRobin, 1, true).unwrap();
         let b = &c.messages[0];
         assert_eq!(&b.raw[..], b"Subject: x\r\n\r\n.dot\r\nlast\r\n");
-        assert_eq!(&b.data.as_deref().unwrap()[..], b"Subject: x\r\n\r\n..dot\r\nlast\r\n.\r\n");
+        assert_eq!(
+            &b.data.as_deref().unwrap()[..],
+            b"Subject: x\r\n\r\n..dot\r\nlast\r\n.\r\n"
+        );
         assert_eq!(
             b.digest_line,
             crate::digest::header_line(b".dot\r\nlast\r\n")

@@ -504,7 +504,10 @@ mod tests {
         b.use_shared_body(Arc::clone(&shared));
         let (ma, mb) = (a.next_message(), b.next_message());
         assert!(Arc::ptr_eq(&ma.body, &shared.raw) && Arc::ptr_eq(&mb.body, &shared.raw));
-        assert!(Arc::ptr_eq(ma.data.as_ref().unwrap(), shared.data.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            ma.data.as_ref().unwrap(),
+            shared.data.as_ref().unwrap()
+        ));
         let mut want = Vec::new();
         crate::smtp::client::dot_stuff(&mut want, &[&ma.header, &ma.body]);
         let mut got = ma.header.clone();

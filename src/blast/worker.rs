@@ -415,7 +415,9 @@ impl BlastHandler {
     /// The connection `id` (gone, or never opened: `id` None) ended
     /// without a session: its slot backs off before the next connect.
     fn back_off(&mut self, id: Option<ConnId>, last: Duration, now: Instant) {
-        let last = id.and_then(|i| self.slot_backoff.get(i).copied()).unwrap_or(last);
+        let last = id
+            .and_then(|i| self.slot_backoff.get(i).copied())
+            .unwrap_or(last);
         let wait = next_backoff(last);
         self.cooling.push((now + wait, wait));
     }

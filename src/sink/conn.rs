@@ -58,9 +58,15 @@ impl Txn {
     /// tempfailed if one got a 4xx, else rejected (the blaster's rule).
     fn all_refused(self) -> Option<Outcome> {
         match self {
-            Txn::Open { ok: 0, temp, refused: true } => {
-                Some(if temp { Outcome::TempFailed } else { Outcome::Rejected })
-            }
+            Txn::Open {
+                ok: 0,
+                temp,
+                refused: true,
+            } => Some(if temp {
+                Outcome::TempFailed
+            } else {
+                Outcome::Rejected
+            }),
             _ => None,
         }
     }
@@ -74,22 +80,51 @@ impl Txn {
     /// message.
     fn on_reply(&mut self, command: CommandKind, code: u16) -> Option<Outcome> {
         let class = code / 100;
-        let refused = |class| if class == 4 { Outcome::TempFailed } else { Outcome::Rejected };
+        let refused = |class| {
+            if class == 4 {
+                Outcome::TempFailed
+            } else {
+                Outcome::Rejected
+            }
+        };
         match (command, *self) {
             (CommandKind::Mail, Txn::None | Txn::MailPending) => {
                 if class == 2 {
-                    *self = Txn::Open { ok: 0, temp: false, refused: false };
+                    *self = Txn::Open {
+                        ok: 0,
+                        temp: false,
+                        refused: false,
+                    };
                     None
                 } else {
                     *self = Txn::None;
                     (class >= 4).then(|| refused(class))
                 }
             }
-            (CommandKind::Rcpt, Txn::Open { ok, temp, refused: r }) => {
+            (
+                CommandKind::Rcpt,
+                Txn::Open {
+                    ok,
+                    temp,
+                    refused: r,
+                },
+            ) => {
                 *self = match class {
-                    2 => Txn::Open { ok: ok + 1, temp, refused: r },
-                    4 => Txn::Open { ok, temp: true, refused: true },
-                    _ => Txn::Open { ok, temp, refused: true },
+                    2 => Txn::Open {
+                        ok: ok + 1,
+                        temp,
+                        refused: r,
+                    },
+                    4 => Txn::Open {
+                        ok,
+                        temp: true,
+                        refused: true,
+                    },
+                    _ => Txn::Open {
+                        ok,
+                        temp,
+                        refused: true,
+                    },
                 };
                 None
             }
@@ -211,7 +246,10 @@ impl ServerHooks for Hooks<'_> {
         // The end of data (or BDAT LAST) of a message about to be accepted
         // (a delay ends in acceptance too) takes one of the limit's slots.
         if let (CommandKind::Dot, Some(limit)) = (cmd, self.message_limit) {
-            let accepting = matches!(v, Verdict::Proceed | Verdict::Reply(0..=399) | Verdict::Delay(_));
+            let accepting = matches!(
+                v,
+                Verdict::Proceed | Verdict::Reply(0..=399) | Verdict::Delay(_)
+            );
             if accepting && !limit.claim() {
                 return Verdict::Reply(451);
             }
@@ -426,7 +464,11 @@ impl SinkConn {
             );
         let txn = match self.st.txn {
             Txn::MailPending if !cut => Txn::None,
-            Txn::Open { ok: 0, refused: false, .. } if !cut => Txn::None,
+            Txn::Open {
+                ok: 0,
+                refused: false,
+                ..
+            } if !cut => Txn::None,
             t => t,
         };
         let in_txn = match txn {

@@ -466,7 +466,10 @@ fn outcomes_table(o: &mut String, report: &Report) {
         ("sessions", c.sessions),
         ("TLS sessions", c.tls_sessions),
         ("TLS resumed", c.tls_resumed),
-        ("connections without a session", c.connections_without_session),
+        (
+            "connections without a session",
+            c.connections_without_session,
+        ),
         ("recipients", c.recipients),
         ("bytes", c.bytes),
         ("verified ok", c.verify_ok),

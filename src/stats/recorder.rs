@@ -126,8 +126,10 @@ impl Counts {
         self.bytes = f(self.bytes, o.bytes);
         self.verify_ok = f(self.verify_ok, o.verify_ok);
         self.verify_corrupt = f(self.verify_corrupt, o.verify_corrupt);
-        self.connections_without_session =
-            f(self.connections_without_session, o.connections_without_session);
+        self.connections_without_session = f(
+            self.connections_without_session,
+            o.connections_without_session,
+        );
     }
 
     /// Bumps the counter of `outcome` only (not `messages_attempted`).

@@ -220,7 +220,9 @@ pub fn longest_outage(timeline: &[TimelinePoint]) -> Option<(u64, u64, u64)> {
     for p in timeline {
         let down = p.messages == 0 && p.failed > 0;
         cur = match cur {
-            Some((from, len, n)) if down && p.t == from + len => Some((from, len + 1, n + p.failed)),
+            Some((from, len, n)) if down && p.t == from + len => {
+                Some((from, len + 1, n + p.failed))
+            }
             _ if down => Some((p.t, 1, p.failed)),
             _ => None,
         };
