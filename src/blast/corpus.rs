@@ -307,7 +307,7 @@ mod tests {
         let b = &c.messages[0];
         assert_eq!(&b.raw[..], b"Subject: x\r\n\r\n.dot\r\nlast\r\n");
         assert_eq!(
-            &b.data.as_deref().unwrap()[..],
+            b.data.as_deref().unwrap(),
             b"Subject: x\r\n\r\n..dot\r\nlast\r\n.\r\n"
         );
         assert_eq!(
