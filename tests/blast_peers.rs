@@ -166,17 +166,19 @@ fn pipelining_off_with_mixed_sizes_is_accepted_by_smtp_sink() {
 }
 
 #[test]
-fn a_refused_connection_counts_every_planned_message_as_a_connection_error() {
+fn a_refused_connection_is_one_connection_error_and_its_messages_are_not_attempted() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
+    // 20 messages, 2 per session: 10 connections, each refused.
     let (code, v, err) = blast(
         dir.path(),
         &[&addr, "-n", "20", "-c", "2", "-k", "2", "--threads", "1"],
     );
     assert_eq!(code, 4, "{err}");
     assert_outcomes_add_up(&v);
-    assert_eq!(get_u64(&v, "counts.messages_attempted"), 20);
-    assert_eq!(get_u64(&v, "counts.connection_errors"), 20);
+    assert_eq!(get_u64(&v, "counts.messages_attempted"), 0);
+    assert_eq!(get_u64(&v, "counts.connections_without_session"), 10);
+    assert_eq!(get_u64(&v, "counts.connection_errors"), 10);
 }
 
 #[test]
