@@ -947,6 +947,7 @@ mod tests {
                 messages: 0,
                 sessions: 0,
                 errors: 1,
+                failed: 1,
                 ..Default::default()
             }
         );
