@@ -290,7 +290,7 @@ pub const FAILURE_REASONS_MAX: usize = 32;
 pub const FAILURE_OTHER: &str = "(other reasons)";
 /// Longest reason kept, in bytes: a longer one is cut at a character
 /// boundary and ends with `…`.
-pub const FAILURE_REASON_MAX_BYTES: usize = 120;
+pub const FAILURE_REASON_MAX_BYTES: usize = 256;
 
 /// Why messages and connections failed, with counts: the first line of the
 /// reply that refused a message (`dot: 550 5.5.2 …`), or the error that
