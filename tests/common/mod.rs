@@ -25,10 +25,35 @@ pub fn bin() -> PathBuf {
     }
 }
 
-/// A loopback port free right now (bind to port 0, read it, release it).
+/// A loopback port free right now, for a server the test starts.
+///
+/// Not one the kernel picks (port 0): those come from the ephemeral range,
+/// where two tests running at once could be handed the same port once the
+/// first released it (the sink binds with SO_REUSEPORT, so both servers
+/// would then share it and a test could reach the other's sink), and where
+/// every outgoing connection of a load test takes its source port. So the
+/// ports come from 10000..30000, below `ip_local_port_range` (32768..60999
+/// here), each process walking its own stretch (chosen by its PID) and
+/// handing each port out once; a port is given only if nothing holds it.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LO: u32 = 10_000;
+    const SPAN: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = (std::process::id() % 200) * 100;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..SPAN {
+        let port = (LO + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        let v4 = TcpListener::bind(("0.0.0.0", port)).is_ok();
+        let v6 = || match TcpListener::bind(("::1", port)) {
+            Ok(_) => true,
+            Err(e) => e.kind() != std::io::ErrorKind::AddrInUse,
+        };
+        if v4 && v6() {
+            return port;
+        }
+    }
+    panic!("no free port in {LO}..{}", LO + SPAN);
 }
 
 /// Wait until something accepts TCP connections on `addr`.
