@@ -22,8 +22,9 @@
 //!
 //! Exit codes (documented in `--help` and the man page): 0 success, 2 usage
 //! or runtime error, 3 invalid run (the blaster could not keep its
-//! schedule), 4 failed run (nothing accepted), 99 a failed `--assert` or
-//! `--baseline` check.
+//! schedule), 4 failed run (nothing accepted, more than `--max-failed` of
+//! the tries failed, or everything failed for `--max-outage`), 99 a failed
+//! `--assert` or `--baseline` check; the first in the order 2, 99, 4, 3.
 
 pub mod bench;
 pub mod blast;
@@ -61,8 +62,10 @@ pub use crate::sink::faults::{FaultAction, FaultPoint, FaultSpec};
     about = "Thread-per-core SMTP sink and load generator with honest latency figures",
     after_help = "Exit codes: 0 success, 2 usage or runtime error, 3 invalid run \
                   (the blaster could not keep its schedule; see --allow-invalid), \
-                  4 failed run (the target accepted no message), \
-                  99 a failed --assert or --baseline check."
+                  4 failed run (nothing accepted, more than --max-failed of the \
+                  tries failed, or everything failed for --max-outage), \
+                  99 a failed --assert or --baseline check. When several apply, \
+                  the first in the order 2, 99, 4, 3."
 )]
 pub struct Cli {
     #[command(subcommand)]
