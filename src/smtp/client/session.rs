@@ -380,11 +380,16 @@ impl ClientSession {
     }
 
     /// Reports a phase from `since` to `now`; `msg`: the message it belongs
-    /// to (corrected from its intended time), else the session's.
+    /// to (corrected from its intended time), else the session's. QUIT is
+    /// corrected from its own start: it is not on the schedule (it leaves
+    /// when the session's last message ends, whose wait that message's
+    /// phases already carry), so from the session's intended start it would
+    /// read as the whole session.
     pub(super) fn push_phase(&mut self, phase: Phase, since: Instant, now: Instant, msg: Option<usize>) {
         let latency = now.saturating_duration_since(since);
         let intended = match msg {
             Some(m) => self.txns.get(m).and_then(|t| t.intended),
+            None if phase == Phase::Quit => self.intended_start.map(|_| since),
             None => self.intended_start,
         };
         let corrected = intended.map(|i| now.saturating_duration_since(i));
