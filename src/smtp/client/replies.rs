@@ -251,11 +251,18 @@ impl ClientSession {
                     }
                     let remaining = if self.config.lmtp { t.rcpt_ok } else { 1 };
                     self.push_expect(Await::Dot { discard: false }, m, now, remaining);
-                } else {
+                } else if t.mail_ok && t.rcpt_ok == 0 {
                     // 354 although no recipient was accepted: end the empty
                     // DATA at once and ignore its reply.
                     self.tx.extend_from_slice(b".\r\n");
                     self.push_expect(Await::Dot { discard: true }, m, now, 1);
+                } else {
+                    // 354 for a transaction whose MAIL was refused: the
+                    // server has another one open (e.g. one a refused RSET
+                    // left behind), with recipients of its own, and ending
+                    // the DATA would commit a message nobody here counts.
+                    // Close without it: the server drops an unfinished DATA.
+                    return self.unexpected(exp, code);
                 }
                 if self.pipelining {
                     self.next_txn(now);
@@ -294,7 +301,15 @@ impl ClientSession {
 
     fn on_rset(&mut self, now: Instant, exp: Expect, code: u16, class: u16) {
         match class {
+            4 | 5 if !self.pipelining && self.state == State::Transactions => {
+                // The server did not reset: what it has open is unknown, so
+                // no further transaction is started on this session.
+                self.give_up(now, code, ClientError::Refused { command: "RSET", code });
+            }
             2 | 4 | 5 => {
+                // Pipelined, the next group left with the RSET: a MAIL it
+                // refuses ends that message, and a 354 for it closes the
+                // session (see `on_data`).
                 if !self.pipelining && self.state == State::Transactions {
                     self.next_txn(now);
                 }
