@@ -206,6 +206,29 @@ fn plain_session_without_pipelining_sends_one_command_at_a_time() {
 }
 
 #[test]
+fn a_refused_rset_ends_the_session_before_another_transaction_can_join_what_the_server_kept_open() {
+    let msgs = [msg(&["b@y"], b"1"), msg(&["c@y"], b"2"), msg(&["d@y"], b"3")];
+    let ev = check(
+        cfg(),
+        &msgs,
+        &[
+            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
+            (In::Bytes(EHLO_PIPE), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            // Message 1: its only recipient refused, DATA refused: RSET.
+            (In::Bytes(b"250 ok\r\n451 later\r\n554 no valid recipients\r\n"), b"RSET\r\n"),
+            // The server keeps its transaction: nothing more is sent but QUIT.
+            (In::Bytes(b"451 4.3.0 cannot reset\r\n"), b"QUIT\r\n"),
+            (In::Bytes(b"221 bye\r\n"), b""),
+        ],
+    );
+    assert_eq!(
+        outcomes(&ev),
+        vec![(0, Outcome::TempFailed, 451, 0), (1, Outcome::TempFailed, 451, 0), (2, Outcome::TempFailed, 451, 0)]
+    );
+    assert!(errors(&ev).iter().any(|e| e.contains("RSET refused with 451")), "{ev:?}");
+}
+
+#[test]
 fn pipelined_session_groups_commands_and_pipelines_the_next_transaction_after_the_body() {
     let msgs = [msg(&["b@y", "c@y"], b".dot\r\n"), msg(&["d@y"], b"x")];
     let ev = check(
@@ -242,12 +265,14 @@ fn pipelined_rcpt_failures_are_attributed() {
                 b"Subject: t\r\n\r\n1\r\n.\r\nMAIL FROM:<a@x>\r\nRCPT TO:<d@y>\r\nRCPT TO:<e@y>\r\nDATA\r\n",
             ),
             // Message 1: accepted for one recipient. Message 2: every RCPT
-            // fails (one 4xx) so DATA gets 554 and a RSET precedes message 3.
+            // fails (one 4xx) so DATA gets 554 and a RSET precedes message 3;
+            // message 3's group waits for the RSET's reply.
             (
                 In::Bytes(b"250 ok\r\n250 ok\r\n550 no\r\n451 later\r\n554 no valid recipients\r\n"),
-                b"RSET\r\nMAIL FROM:<a@x>\r\nRCPT TO:<f@y>\r\nDATA\r\n",
+                b"RSET\r\n",
             ),
-            (In::Bytes(b"250 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n3\r\n.\r\nQUIT\r\n"),
+            (In::Bytes(b"250 reset\r\n"), b"MAIL FROM:<a@x>\r\nRCPT TO:<f@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n3\r\n.\r\nQUIT\r\n"),
             (In::Bytes(b"550 5.7.1 spam\r\n221 bye\r\n"), b""),
         ],
     );

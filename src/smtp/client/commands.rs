@@ -88,12 +88,15 @@ impl ClientSession {
             return;
         }
         if self.rset_pending {
+            // RSET follows a failed transaction, and the next one waits for
+            // its reply even with PIPELINING: a server that refuses it has
+            // kept a transaction open that the next RCPT and data would
+            // join (BDAT commits it with no 354 to stop at). One round trip,
+            // only after a failure.
             self.rset_pending = false;
             self.tx.extend_from_slice(b"RSET\r\n");
             self.expect(Await::Rset, 0, now);
-            if !self.pipelining {
-                return;
-            }
+            return;
         }
         let m = self.next_msg;
         self.next_msg += 1;

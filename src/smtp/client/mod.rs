@@ -19,11 +19,13 @@
 //! - After `Done`, every `handle_*` call is a no-op.
 //!
 //! Pipelining groups (when advertised, or forced by
-//! [`PipeliningMode::On`]): `[RSET] MAIL RCPT… DATA` in one write; after 354
+//! [`PipeliningMode::On`]): `MAIL RCPT… DATA` in one write; after 354
 //! the dot-stuffed body, `.CRLF` and the next transaction's group (or QUIT)
-//! in one write. With BDAT: `[RSET] MAIL RCPT… BDAT n LAST <bytes>` in one
-//! write, and the next group after the final reply. Without pipelining every
-//! command waits for its reply.
+//! in one write. With BDAT: `MAIL RCPT… BDAT n LAST <bytes>` in one
+//! write, and the next group after the final reply. A RSET (after a failed
+//! transaction) goes alone and the next group waits for its reply: a server
+//! that refuses it kept a transaction the next group would join. Without
+//! pipelining every command waits for its reply.
 //!
 //! XCLIENT ([`ClientSession::set_xclient`], Postfix's extension): right
 //! after the first EHLO/LHLO reply, before STARTTLS and AUTH, the session
@@ -39,7 +41,10 @@
 //! (Timeout) or a close (ConnectionError) ends at once too; a close after
 //! QUIT with every message decided is a normal end. A refused MAIL needs no
 //! RSET; a transaction whose MAIL was accepted but which ended without data
-//! (no recipient, DATA or a BDAT chunk refused) is followed by RSET.
+//! (no recipient, DATA or a BDAT chunk refused) is followed by RSET, and a
+//! refused RSET fails every open message by its class and QUITs; a 354 for a
+//! transaction whose MAIL was refused closes at once (ending that DATA would
+//! commit a transaction the server kept open).
 //!
 //! Latency is defined by the bytes on the wire. The driver reports how much
 //! of the output has actually left (written to the socket, or for TLS: its

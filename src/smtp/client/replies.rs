@@ -301,16 +301,14 @@ impl ClientSession {
 
     fn on_rset(&mut self, now: Instant, exp: Expect, code: u16, class: u16) {
         match class {
-            4 | 5 if !self.pipelining && self.state == State::Transactions => {
+            4 | 5 if self.state == State::Transactions => {
                 // The server did not reset: what it has open is unknown, so
                 // no further transaction is started on this session.
                 self.give_up(now, code, ClientError::Refused { command: "RSET", code });
             }
             2 | 4 | 5 => {
-                // Pipelined, the next group left with the RSET: a MAIL it
-                // refuses ends that message, and a 354 for it closes the
-                // session (see `on_data`).
-                if !self.pipelining && self.state == State::Transactions {
+                // The next transaction waited for this reply (see `next_txn`).
+                if self.state == State::Transactions {
                     self.next_txn(now);
                 }
             }
