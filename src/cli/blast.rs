@@ -599,6 +599,7 @@ fn echo(
         "target": target.to_string(),
         "connections": shape.connections,
         "threads": match &shape.cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
+        "cpus": planned_cpus(&shape.cpus),
         "rate": shape.rate,
         "rate_unit": match load.rate_unit { RateUnit::Messages => "messages", RateUnit::Sessions => "sessions" },
         "duration_secs": shape.duration.map(|d| d.as_secs_f64()),
@@ -634,6 +635,18 @@ fn echo(
     with_config_digest(echo, load, ninst)
 }
 
+/// The CPUs the threads will be pinned to (the runtime's plan on this
+/// machine), for the report; `null` when the plan cannot be made (the run
+/// then fails at start and says why).
+pub fn planned_cpus(cpus: &Cpus) -> serde_json::Value {
+    match cpus.plan() {
+        Ok(plan) if plan.iter().all(Option::is_some) => {
+            plan.into_iter().flatten().collect::<Vec<_>>().into()
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// `echo` with `config_digest`: the digest of the run's configuration as
 /// every instance of it sees it (the echo with the split figures replaced
 /// by the run's totals, the index dropped and N kept), so `merge` can tell
@@ -647,6 +660,10 @@ fn with_config_digest(
     let mut run = echo.clone();
     if let Some(m) = run.as_object_mut() {
         m.remove("instance");
+        // Where each instance's threads were pinned is its machine's
+        // business; a digest made before (a retarget) is not an input.
+        m.remove("cpus");
+        m.remove("config_digest");
         m.insert("instances".into(), ninst.into());
         m.insert("connections".into(), whole.connections.into());
         m.insert("messages".into(), whole.max_messages.into());

@@ -193,6 +193,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         "listen": args.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "tls_listen": args.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
+        "cpus": super::blast::planned_cpus(&cpus),
         "max_connections": args.max_connections,
         "max_message_size": args.max_message_size,
         "max_recipients": args.max_recipients,
