@@ -16,6 +16,11 @@ have_py_module() { /usr/bin/python3 -c "import $1" >/dev/null 2>&1; }
 # Postfix: smtp-sink, smtp-source (load peers) and smtpd, postconf (a real MTA).
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] && command -v postconf >/dev/null 2>&1 ||
   want postfix
+# Dovecot's LMTP server: the blaster's peer over a unix socket (a private
+# instance per test, tests/unix_sockets.rs). dovecot-core has the master
+# and doveadm, dovecot-lmtpd the lmtp service.
+[ -x /usr/sbin/dovecot ] || want dovecot-core
+[ -x /usr/lib/dovecot/lmtp ] || want dovecot-lmtpd
 # swaks, and what its options need: --tls/--tlsc need Net::SSLeay (a
 # Recommends of swaks, so --no-install-recommends leaves it out: "TLS not
 # available: requires Net::SSLeay"); IPv6 targets need IO::Socket::INET6.
@@ -72,6 +77,8 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 # The package may try to start a system Postfix on port 25; the tests never use it.
 postfix stop >/dev/null 2>&1 || true
+# Likewise a system Dovecot (the tests start their own, by PID).
+if [ -x /usr/sbin/dovecot ]; then /usr/sbin/dovecot stop >/dev/null 2>&1 || true; fi
 fi
 # Debian's Python is "externally managed" (PEP 668): pip refuses to install
 # into it without --break-system-packages. The package only adds its own
@@ -85,6 +92,8 @@ fi
 # Check that what was installed now works, so a gap fails here and not in a test.
 missing=()
 [ -x /usr/sbin/smtp-sink ] || missing+=(smtp-sink)
+[ -x /usr/sbin/dovecot ] || missing+=(dovecot)
+[ -x /usr/lib/dovecot/lmtp ] || missing+=(dovecot-lmtpd)
 command -v swaks >/dev/null 2>&1 || missing+=(swaks)
 have_perl_module Net::SSLeay || missing+=(perl:Net::SSLeay)
 have_perl_module IO::Socket::INET6 || missing+=(perl:IO::Socket::INET6)

@@ -67,7 +67,8 @@ pub fn run(cfg: BenchConfig) -> anyhow::Result<u8> {
     };
     if !quiet {
         eprintln!(
-            "smtpstorm bench: sink on {target} (CPUs {sink_cpus:?}), blaster on CPUs {blast_cpus:?}"
+            "smtpstorm bench: sink on {target} (CPUs {sink_cpus:?}), blaster on CPUs {blast_cpus:?}, io {}",
+            bcfg.io.io.as_str()
         );
     }
     bcfg.retarget(target);

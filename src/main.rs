@@ -5,13 +5,11 @@
 use std::process::ExitCode;
 
 use clap::error::ErrorKind;
-use clap::FromArgMatches;
 
 fn main() -> ExitCode {
-    // The parser of `shell::command`: help texts keep their `{n}`.
-    let parsed = smtpstorm::cli::shell::command()
-        .try_get_matches()
-        .and_then(|m| smtpstorm::cli::Cli::from_arg_matches(&m));
+    // The parser of `shell::command`: help texts keep their `{n}`, flags
+    // read the environment too.
+    let parsed = smtpstorm::cli::shell::parse_from(std::env::args_os());
     let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {

@@ -57,23 +57,52 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
     Ok(r)
 }
 
-/// `30s`, `200ms`, `1.5s`, `5m`, `1h`, `100us`; a bare number is seconds.
+/// `30s`, `200ms`, `1.5s`, `5m`, `1h`, `100us`; a bare number is seconds;
+/// several parts add up, largest unit first, as people type them:
+/// `1m30s`, `1h30m`, `2m 30s`, `1s500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("expected a duration like 30s, 200ms, 5m or 1h, got `{s}`");
-    let (num, unit) = split_number_suffix(s.trim());
-    if num.is_empty() {
+    let err = || format!("expected a duration like 30s, 200ms, 1m30s or 1h, got `{s}`");
+    let mut rest = s.trim();
+    if rest.is_empty() {
         return Err(err());
     }
-    let v: f64 = num.parse().map_err(|_| err())?;
-    let secs = match unit {
-        "" | "s" | "sec" | "secs" => v,
-        "ms" => v / 1e3,
-        "us" | "µs" => v / 1e6,
-        "ns" => v / 1e9,
-        "m" | "min" => v * 60.0,
-        "h" => v * 3600.0,
-        _ => return Err(err()),
-    };
+    let mut secs = 0.0;
+    // Each part's unit must be smaller than the one before (`30s1m` and
+    // `1m1m` are typos, not durations).
+    let mut last_scale = f64::INFINITY;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let i = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(i);
+        if num.is_empty() {
+            return Err(err());
+        }
+        let j = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(j);
+        let v: f64 = num.replace('_', "").parse().map_err(|_| err())?;
+        let scale = match unit {
+            // A bare number is seconds, alone only.
+            "" if parts == 0 && tail.trim().is_empty() => 1.0,
+            "s" | "sec" | "secs" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        if scale >= last_scale {
+            return Err(err());
+        }
+        last_scale = scale;
+        secs += v * scale;
+        parts += 1;
+        rest = tail.trim_start();
+    }
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(err());
     }
@@ -118,4 +147,36 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
         return Err(err());
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_read_as_people_type_them() {
+        let d = |s: &str| parse_duration(s).unwrap();
+        assert_eq!(d("30s"), Duration::from_secs(30));
+        assert_eq!(d("30"), Duration::from_secs(30));
+        assert_eq!(d("200ms"), Duration::from_millis(200));
+        assert_eq!(d("1.5s"), Duration::from_millis(1500));
+        assert_eq!(d("1h"), Duration::from_secs(3600));
+        assert_eq!(d("5m"), Duration::from_secs(300));
+        assert_eq!(d("1m30s"), Duration::from_secs(90));
+        assert_eq!(d("1h30m"), Duration::from_secs(5400));
+        assert_eq!(d("1h2m3s"), Duration::from_secs(3723));
+        assert_eq!(d("2m 30s"), Duration::from_secs(150));
+        assert_eq!(d("1s500ms"), Duration::from_millis(1500));
+        assert_eq!(d(" 1m30s "), Duration::from_secs(90));
+    }
+
+    #[test]
+    fn durations_that_are_typos_name_the_expected_form() {
+        for bad in [
+            "", "s", "1m30", "30s1m", "1m1m", "1x", "1h-5m", "m30s", "1 2", "1d",
+        ] {
+            let e = parse_duration(bad).unwrap_err();
+            assert!(e.contains("1m30s"), "{bad}: {e}");
+        }
+    }
 }

@@ -256,7 +256,10 @@ fn run_backend<H: Handler>(
         }
     };
     let setup = Setup {
-        listeners,
+        listeners: listeners
+            .into_iter()
+            .map(|(l, tls)| (l.into(), tls))
+            .collect(),
         stop,
         read_buf_bytes: 16 * 1024,
         track_waiting: false,

@@ -75,6 +75,9 @@ pub enum LoadModel {
 #[derive(Clone, Debug)]
 pub struct BlastConfig {
     pub target: SocketAddr,
+    /// `blast unix:/path`: connect to this unix-domain socket instead
+    /// (`target` is then `0.0.0.0:0`, which nothing dials).
+    pub unix: Option<PathBuf>,
     /// Host name as given (for TLS SNI).
     pub target_host: String,
     pub cpus: Cpus,

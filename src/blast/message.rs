@@ -245,6 +245,13 @@ impl MessageBuilder {
         b
     }
 
+    /// The smallest message this builder makes: its header (padded to
+    /// the length it aims at), the blank line and the shortest body. A
+    /// `--size` below it cannot be honoured.
+    pub fn smallest_message(&self) -> u64 {
+        (self.header_target + 2 + 2) as u64
+    }
+
     /// Send the messages of `corpus` (`--data`) instead of generated ones.
     pub fn with_corpus(mut self, corpus: Option<Arc<super::corpus::Corpus>>) -> Self {
         self.corpus = corpus;

@@ -40,6 +40,8 @@ use super::identity::Identity;
 #[derive(Clone, Debug)]
 pub struct ProbeConfig {
     pub target: SocketAddr,
+    /// `probe unix:/path`: this unix-domain socket instead of `target`.
+    pub unix: Option<PathBuf>,
     /// Host name as given (for TLS SNI).
     pub target_host: String,
     /// Upgrade with STARTTLS.
@@ -317,6 +319,10 @@ struct ProbeHandler {
     out: Vec<u8>,
     conn: Option<(ConnId, BlastConn)>,
     target: std::net::SocketAddr,
+    /// `probe unix:/path`: dial this instead of `target`.
+    unix: Option<PathBuf>,
+    /// The target as messages show it.
+    shown: String,
     timeout: Duration,
     t0: Instant,
     /// Bound on the whole session.
@@ -353,7 +359,7 @@ impl Handler for ProbeHandler {
         result: io::Result<()>,
     ) {
         if let Err(e) = &result {
-            self.obs.r.error = Some(format!("connect to {} failed: {e}", self.target));
+            self.obs.r.error = Some(format!("connect to {} failed: {e}", self.shown));
             self.conn = None;
             self.done = true;
             return;
@@ -397,7 +403,7 @@ impl Handler for ProbeHandler {
         if connecting {
             self.obs.r.error = Some(format!(
                 "connect to {} timed out after {:?}",
-                self.target, self.timeout
+                self.shown, self.timeout
             ));
             self.obs.r.hint = port25_hint(self.target.port());
         }
@@ -419,7 +425,11 @@ impl Handler for ProbeHandler {
     fn on_tick<B: Backend>(&mut self, be: &mut B, now: Instant) -> Tick {
         if !self.started {
             self.started = true;
-            match be.connect(self.target, ConnectOpts::default()) {
+            let connected = match &self.unix {
+                Some(path) => be.connect_unix(path, ConnectOpts::default()),
+                None => be.connect(self.target, ConnectOpts::default()),
+            };
+            match connected {
                 Ok(id) => {
                     let mut c =
                         BlastConn::new(Vec::new(), false, self.t0, self.t0, Identity::default());
@@ -427,7 +437,7 @@ impl Handler for ProbeHandler {
                     self.conn = Some((id, c));
                 }
                 Err(e) => {
-                    self.obs.r.error = Some(format!("connect to {} failed: {e}", self.target));
+                    self.obs.r.error = Some(format!("connect to {} failed: {e}", self.shown));
                     self.done = true;
                 }
             }
@@ -446,6 +456,10 @@ impl Handler for ProbeHandler {
 /// Runs one probe session and returns its findings.
 pub fn probe(cfg: &ProbeConfig) -> Result<ProbeReport, ProbeError> {
     let addr = cfg.target;
+    let shown = match &cfg.unix {
+        Some(p) => format!("unix:{}", p.display()),
+        None => addr.to_string(),
+    };
     let timeout = cfg.timeout;
     let tls_cfg = if cfg.implicit_tls || cfg.starttls {
         Some((
@@ -478,7 +492,7 @@ pub fn probe(cfg: &ProbeConfig) -> Result<ProbeReport, ProbeError> {
         },
         obs: ProbeObs {
             r: ProbeReport {
-                target: addr.to_string(),
+                target: shown.clone(),
                 ..Default::default()
             },
             implicit_tls: cfg.implicit_tls,
@@ -487,6 +501,8 @@ pub fn probe(cfg: &ProbeConfig) -> Result<ProbeReport, ProbeError> {
         out: Vec::new(),
         conn: None,
         target: addr,
+        unix: cfg.unix.clone(),
+        shown,
         timeout,
         t0,
         hard_deadline: t0 + timeout * 8,

@@ -692,7 +692,11 @@ impl BlastHandler {
             source_ip,
             abort_close: self.cfg.abort_close,
         };
-        match be.connect(self.cfg.target, opts) {
+        let connected = match &self.cfg.unix {
+            Some(path) => be.connect_unix(path, opts),
+            None => be.connect(self.cfg.target, opts),
+        };
+        match connected {
             Ok(id) => {
                 if self.conns.len() <= id {
                     self.conns.resize_with(id + 1, || None);

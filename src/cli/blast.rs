@@ -106,8 +106,8 @@ pub struct LoadArgs {
     /// Upgrade with STARTTLS after EHLO.
     #[arg(long, conflicts_with = "tls")]
     pub starttls: bool,
-    /// Implicit TLS from the first byte (465-style).
-    #[arg(long)]
+    /// Implicit TLS from the first byte (465-style; swaks calls it --tls-on-connect).
+    #[arg(long, visible_alias = "tls-on-connect")]
     pub tls: bool,
     /// Verify the server certificate (off by default: test targets use self-signed certificates).
     #[arg(long)]
@@ -216,7 +216,8 @@ pub struct LoadArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct BlastArgs {
-    /// host:port of the server under test (port 25 if omitted).
+    /// host:port of the server under test (port 25 if omitted), or unix:/path for a
+    /// unix-domain socket (--io epoll or uring).
     #[arg(value_name = "TARGET")]
     pub target: String,
     #[command(flatten)]
@@ -305,10 +306,40 @@ pub fn resolve_target(target: &str) -> Result<(SocketAddr, String), ConfigError>
     Ok((addr, host.to_string()))
 }
 
-/// Validates `load` against `target` (resolved here).
+/// A target of `unix:/path` (the blaster and the probe): the path, the
+/// placeholder address the configuration carries beside it (`0.0.0.0:0`,
+/// which nothing dials) and the TLS server name (`localhost`).
+pub fn unix_target(target: &str) -> Option<Result<(PathBuf, SocketAddr, String), ConfigError>> {
+    let path = super::parse::parse_unix(target)?;
+    Some(
+        path.map(|p| (p, crate::net::backend::UNIX_PEER, "localhost".to_string()))
+            .map_err(|e| ConfigError::Resolve(target.to_string(), e)),
+    )
+}
+
+/// Validates `load` against `target` (resolved here; `unix:/path` is a
+/// unix-domain socket).
 pub fn config(target: &str, load: &LoadArgs) -> Result<BlastConfig, ConfigError> {
-    let (addr, target_host) = resolve_target(target)?;
-    config_for(addr, target_host, load)
+    let Some(unix) = unix_target(target) else {
+        let (addr, target_host) = resolve_target(target)?;
+        return config_for(addr, target_host, load);
+    };
+    let (path, addr, target_host) = unix?;
+    let mut cfg = config_for(addr, target_host, load)?;
+    if cfg.io.xdp.is_some() {
+        return Err(ConfigError::Io(format!(
+            "{target}: unix sockets need a kernel-socket backend (--io epoll or uring), not --io xdp"
+        )));
+    }
+    if !cfg.source_ips.is_empty() {
+        return Err(ConfigError::SourceIp(format!(
+            "{target} is a unix socket: a source address does not apply"
+        )));
+    }
+    cfg.echo["target"] = serde_json::Value::String(target.to_string());
+    cfg.echo = with_config_digest(std::mem::take(&mut cfg.echo), load, cfg.instance.1);
+    cfg.unix = Some(path);
+    Ok(cfg)
 }
 
 /// Validates `load` for an already resolved target (used by `bench`). The
@@ -349,8 +380,9 @@ pub fn config_for(
         &io,
         instance,
     );
-    Ok(BlastConfig {
+    let cfg = BlastConfig {
         target,
+        unix: None,
         target_host,
         cpus: shape.cpus,
         io,
@@ -390,6 +422,27 @@ pub fn config_for(
         start_at_unix: load.start_at,
         output,
         echo,
+    };
+    if let Some(w) = size_warning(&cfg, load) {
+        eprintln!("smtpstorm: warning: {w}");
+    }
+    Ok(cfg)
+}
+
+/// A `--size` below the message's own header: the messages come out
+/// larger than asked. Often `-s N` meant smtp-source's `-s` (a session
+/// count), so the warning says where that is here.
+pub fn size_warning(cfg: &BlastConfig, load: &LoadArgs) -> Option<String> {
+    if load.body.is_some() || load.data.is_some() {
+        return None;
+    }
+    let smallest = cfg.message_builder(0, 1).smallest_message();
+    (cfg.size.min < smallest).then(|| {
+        format!(
+            "--size {} is below the message's own header: every message will be at least {smallest} bytes \
+             (-s is the message size here; smtp-source's -s, a session count, is --connections)",
+            cfg.size.min
+        )
     })
 }
 
@@ -599,6 +652,7 @@ fn echo(
         "target": target.to_string(),
         "connections": shape.connections,
         "threads": match &shape.cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
+        "cpus": planned_cpus(&shape.cpus),
         "rate": shape.rate,
         "rate_unit": match load.rate_unit { RateUnit::Messages => "messages", RateUnit::Sessions => "sessions" },
         "duration_secs": shape.duration.map(|d| d.as_secs_f64()),
@@ -634,6 +688,18 @@ fn echo(
     with_config_digest(echo, load, ninst)
 }
 
+/// The CPUs the threads will be pinned to (the runtime's plan on this
+/// machine), for the report; `null` when the plan cannot be made (the run
+/// then fails at start and says why).
+pub fn planned_cpus(cpus: &Cpus) -> serde_json::Value {
+    match cpus.plan() {
+        Ok(plan) if plan.iter().all(Option::is_some) => {
+            plan.into_iter().flatten().collect::<Vec<_>>().into()
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
 /// `echo` with `config_digest`: the digest of the run's configuration as
 /// every instance of it sees it (the echo with the split figures replaced
 /// by the run's totals, the index dropped and N kept), so `merge` can tell
@@ -647,6 +713,10 @@ fn with_config_digest(
     let mut run = echo.clone();
     if let Some(m) = run.as_object_mut() {
         m.remove("instance");
+        // Where each instance's threads were pinned is its machine's
+        // business; a digest made before (a retarget) is not an input.
+        m.remove("cpus");
+        m.remove("config_digest");
         m.insert("instances".into(), ninst.into());
         m.insert("connections".into(), whole.connections.into());
         m.insert("messages".into(), whole.max_messages.into());
@@ -775,5 +845,54 @@ mod tests {
         );
         assert_eq!(resolve_target("localhost:26").unwrap().0.port(), 26);
         assert!(resolve_target("127.0.0.1:notaport").is_err());
+    }
+
+    #[test]
+    fn a_size_below_the_header_warns_and_names_smtp_sources_s() {
+        use clap::Parser;
+        let b = |args: &[&str]| {
+            let mut argv = vec!["smtpstorm", "blast", "127.0.0.1:25"];
+            argv.extend_from_slice(args);
+            let cli = super::super::Cli::try_parse_from(argv).unwrap();
+            let super::super::Command::Blast(b) = cli.command else {
+                unreachable!()
+            };
+            (config(&b.target, &b.load).unwrap(), b.load)
+        };
+        let (c, l) = b(&["-s", "16"]);
+        let w = size_warning(&c, &l).expect("a warning");
+        assert!(
+            w.contains("--size 16") && w.contains("--connections"),
+            "{w}"
+        );
+        let (c, l) = b(&["-s", "100..2KiB"]);
+        assert!(size_warning(&c, &l).is_some(), "the range's low end counts");
+        let (c, l) = b(&[]);
+        assert_eq!(
+            size_warning(&c, &l),
+            None,
+            "the default 1KiB is above the header"
+        );
+    }
+
+    #[test]
+    fn tls_on_connect_is_a_second_name_for_tls_and_unix_targets_parse() {
+        use clap::Parser;
+        let cli =
+            super::super::Cli::try_parse_from(["smtpstorm", "blast", "x:25", "--tls-on-connect"])
+                .unwrap();
+        let super::super::Command::Blast(b) = cli.command else {
+            unreachable!()
+        };
+        assert!(b.load.tls);
+        let cli =
+            super::super::Cli::try_parse_from(["smtpstorm", "blast", "unix:/run/x.sock"]).unwrap();
+        let super::super::Command::Blast(b) = cli.command else {
+            unreachable!()
+        };
+        let c = config(&b.target, &b.load).unwrap();
+        assert_eq!(c.unix.as_deref(), Some(std::path::Path::new("/run/x.sock")));
+        assert_eq!(c.echo["target"], "unix:/run/x.sock");
+        assert!(config("unix:", &b.load).is_err());
     }
 }

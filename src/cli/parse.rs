@@ -77,6 +77,45 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     Err(err())
 }
 
+/// Where a sink listens: a TCP address or, written `unix:/path`, a
+/// unix-domain stream socket (Postfix's `lmtp:unix:` transport, LMTP
+/// clients of Dovecot or Cyrus).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => a.fmt(f),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// The path of `unix:/path` (`None` for any other form); an empty path is
+/// an error that states the form.
+pub fn parse_unix(s: &str) -> Option<Result<std::path::PathBuf, String>> {
+    let path = s.strip_prefix("unix:")?;
+    Some(if path.is_empty() {
+        Err(format!("expected unix:/path/to/socket, got `{s}`"))
+    } else {
+        Ok(std::path::PathBuf::from(path))
+    })
+}
+
+/// `unix:/path`, or any form of [`parse_socket_addr`].
+pub fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    match parse_unix(s) {
+        Some(p) => p.map(ListenAddr::Unix),
+        None => parse_socket_addr(s)
+            .map(ListenAddr::Tcp)
+            .map_err(|e| format!("{e}, or unix:/path")),
+    }
+}
+
 pub(crate) fn parse_user_pass(s: &str) -> Result<(String, String), String> {
     match s.split_once(':') {
         Some((u, p)) if !u.is_empty() => Ok((u.to_string(), p.to_string())),

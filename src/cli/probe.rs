@@ -6,21 +6,21 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::blast::{resolve_target, AuthMechArg, ConfigError};
+use super::blast::{resolve_target, unix_target, AuthMechArg, ConfigError};
 use super::parse::{parse_duration, parse_user_pass};
 use crate::blast::probe::ProbeConfig;
 use crate::smtp::client::ClientAuth;
 
 #[derive(Debug, Clone, Args)]
 pub struct ProbeArgs {
-    /// host:port (port 25 if omitted).
+    /// host:port (port 25 if omitted), or unix:/path.
     #[arg(value_name = "TARGET")]
     pub target: String,
     /// Upgrade with STARTTLS.
     #[arg(long, conflicts_with = "tls")]
     pub starttls: bool,
-    /// Implicit TLS (465-style).
-    #[arg(long)]
+    /// Implicit TLS (465-style; swaks calls it --tls-on-connect).
+    #[arg(long, visible_alias = "tls-on-connect")]
     pub tls: bool,
     /// Authenticate as USER:PASS.
     #[arg(long, value_name = "USER:PASS", value_parser = parse_user_pass)]
@@ -39,9 +39,13 @@ pub struct ProbeArgs {
 
 /// Validates `args` into a probe (the target is resolved here).
 pub fn config(args: &ProbeArgs) -> Result<ProbeConfig, ConfigError> {
-    let (target, target_host) = resolve_target(&args.target)?;
+    let (target, target_host, unix) = match unix_target(&args.target) {
+        Some(u) => u.map(|(path, addr, host)| (addr, host, Some(path)))?,
+        None => resolve_target(&args.target).map(|(addr, host)| (addr, host, None))?,
+    };
     Ok(ProbeConfig {
         target,
+        unix,
         target_host,
         starttls: args.starttls,
         implicit_tls: args.tls,

@@ -61,9 +61,122 @@ fn stdout_result(r: std::io::Result<()>) -> Result<(), ShellError> {
 }
 
 /// The command line as the binary parses it: [`Cli`]'s definition with
-/// every `{n}` of a help text kept literal (see the module doc).
+/// every `{n}` of a help text kept literal (see the module doc), and every
+/// flag readable from the environment ([`with_env`]).
 pub fn command() -> clap::Command {
-    keep_placeholders(Cli::command())
+    with_env(keep_placeholders(Cli::command()))
+}
+
+/// The prefix of every flag's environment variable.
+pub const ENV_PREFIX: &str = "SMTPSTORM_";
+
+/// The environment variable of flag `--long`: `--max-connections` is
+/// `SMTPSTORM_MAX_CONNECTIONS`.
+pub fn env_name(long: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        long.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+/// Every flag (not the positional arguments, `--help` or `--version`) also
+/// read from its environment variable ([`env_name`]) when it is not on the
+/// command line; `--help` shows the name. A switch takes `true`/`false`
+/// (also `1`/`0`, `yes`/`no`, `on`/`off`). A flag that already names its
+/// variable (`--io`: `SMTPSTORM_IO`) keeps it. Flags of the same name in
+/// several commands share the variable. Done here, over the built
+/// definition, so a flag added anywhere gets its variable without a line
+/// of its own.
+pub fn with_env(cmd: clap::Command) -> clap::Command {
+    use clap::ArgAction;
+    cmd.mut_args(|a| {
+        let Some(long) = a.get_long() else {
+            return a;
+        };
+        if a.get_env().is_some()
+            || matches!(
+                a.get_action(),
+                ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong | ArgAction::Version
+            )
+        {
+            return a;
+        }
+        // Built once per process, for the life of the process (clap takes
+        // an owned name only with its `string` feature).
+        let name: &'static str = Box::leak(env_name(long).into_boxed_str());
+        match a.get_action() {
+            ArgAction::SetTrue | ArgAction::SetFalse => a
+                .env(name)
+                .value_parser(clap::builder::BoolishValueParser::new()),
+            _ => a.env(name),
+        }
+    })
+    .mut_subcommands(with_env)
+}
+
+/// Parses `argv` as the binary does ([`command`]). An error about a flag
+/// that came from the environment (not on the command line) says so and
+/// names the variable: clap's own message names only the flag.
+pub fn parse_from<I, T>(argv: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::FromArgMatches;
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    command()
+        .try_get_matches_from(&argv)
+        .and_then(|m| Cli::from_arg_matches(&m))
+        .map_err(|e| name_env_source(e, &argv))
+}
+
+/// `e` with a note naming the environment variable of each flag it
+/// mentions that was set there and not on the command line.
+fn name_env_source(e: clap::Error, argv: &[std::ffi::OsString]) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let mut flags: Vec<String> = Vec::new();
+    for kind in [ContextKind::InvalidArg, ContextKind::PriorArg] {
+        match e.get(kind) {
+            Some(ContextValue::String(s)) => flags.push(s.clone()),
+            Some(ContextValue::Strings(v)) => flags.extend(v.iter().cloned()),
+            _ => {}
+        }
+    }
+    let on_line = |long: &str| {
+        argv.iter().skip(1).any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == format!("--{long}") || a.starts_with(&format!("--{long}=")))
+        })
+    };
+    let mut notes = Vec::new();
+    for f in flags {
+        let Some(long) = f
+            .split_whitespace()
+            .next()
+            .and_then(|t| t.strip_prefix("--"))
+        else {
+            continue;
+        };
+        let name = env_name(long);
+        if let Some(v) = std::env::var_os(&name).filter(|_| !on_line(long)) {
+            notes.push(format!(
+                "--{long} comes from the environment: {name}={}",
+                v.to_string_lossy()
+            ));
+        }
+    }
+    if notes.is_empty() || e.kind() == clap::error::ErrorKind::DisplayHelp {
+        return e;
+    }
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty())
+        .collect();
+    let line = first.join(" ");
+    let line = line.trim_start_matches("error: ");
+    clap::Error::raw(e.kind(), format!("{line} ({})\n", notes.join("; ")))
 }
 
 /// `{n}` as clap shows it: the brace, an empty style reset (no output

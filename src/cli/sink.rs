@@ -15,8 +15,8 @@ use clap::Args;
 use thiserror::Error;
 
 use super::parse::{
-    parse_auth_policy, parse_bare_lf, parse_count, parse_duration, parse_fault, parse_size,
-    parse_socket_addr,
+    parse_auth_policy, parse_bare_lf, parse_count, parse_duration, parse_fault, parse_listen_addr,
+    parse_size, parse_socket_addr, ListenAddr,
 };
 use super::ThreadArgs;
 use crate::net::runtime::Cpus;
@@ -27,9 +27,10 @@ use crate::smtp::{BareLfPolicy, ServerTimeouts};
 
 #[derive(Debug, Clone, Args)]
 pub struct SinkArgs {
-    /// Address to accept plaintext SMTP on (repeatable; STARTTLS offered there).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2525", value_parser = parse_socket_addr)]
-    pub listen: Vec<SocketAddr>,
+    /// Address to accept plaintext SMTP on (repeatable; STARTTLS offered there), or
+    /// `unix:/path` for a unix-domain socket (--io epoll or uring; removed on exit).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:2525", value_parser = parse_listen_addr)]
+    pub listen: Vec<ListenAddr>,
     /// Address to accept implicit TLS on, 465-style (repeatable).
     #[arg(long, value_name = "ADDR", value_parser = parse_socket_addr)]
     pub tls_listen: Vec<SocketAddr>,
@@ -135,6 +136,8 @@ pub enum ConfigError {
     RequireTlsWithoutTls,
     #[error("{0}")]
     Io(String),
+    #[error("--listen {0}: unix sockets need a kernel-socket backend (--io epoll or uring), not --io xdp")]
+    UnixOnXdp(String),
 }
 
 /// Validates `args` into a configuration.
@@ -186,6 +189,12 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
     };
     let cpus = args.threads.cpus();
     let io = args.threads.io_config().map_err(ConfigError::Io)?;
+    let (tcp_listen, unix_listen) = split_listen(&args.listen);
+    if io.xdp.is_some() {
+        if let Some(p) = unix_listen.first() {
+            return Err(ConfigError::UnixOnXdp(format!("unix:{}", p.display())));
+        }
+    }
     let io_echo = io.echo();
     let echo = serde_json::json!({
         "io": io_echo["io"],
@@ -193,6 +202,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         "listen": args.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "tls_listen": args.tls_listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         "threads": match &cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
+        "cpus": super::blast::planned_cpus(&cpus),
         "max_connections": args.max_connections,
         "max_message_size": args.max_message_size,
         "max_recipients": args.max_recipients,
@@ -214,7 +224,8 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         "grace_secs": args.grace.as_secs_f64(),
     });
     Ok(SinkConfig {
-        listen: args.listen.clone(),
+        listen: tcp_listen,
+        unix_listen,
         tls_listen: args.tls_listen.clone(),
         cpus,
         io,
@@ -235,6 +246,19 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         metrics_listen: args.metrics_listen,
         echo,
     })
+}
+
+/// `--listen` split into TCP addresses and unix socket paths.
+fn split_listen(all: &[ListenAddr]) -> (Vec<SocketAddr>, Vec<PathBuf>) {
+    let mut tcp = Vec::new();
+    let mut unix = Vec::new();
+    for a in all {
+        match a {
+            ListenAddr::Tcp(a) => tcp.push(*a),
+            ListenAddr::Unix(p) => unix.push(p.clone()),
+        }
+    }
+    (tcp, unix)
 }
 
 /// A loopback sink on an ephemeral port with defaults (for tests and

@@ -41,7 +41,9 @@
 //!   [`Handler::on_closed`] itself.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
 use std::time::Instant;
 
 use super::tls::TlsInfo;
@@ -49,9 +51,10 @@ use super::tls_stream::{TlsSide, TlsStream};
 
 /// What a thread's backend starts with.
 pub struct Setup {
-    /// Listeners of this thread (`SO_REUSEPORT` ones), each with whether it
-    /// speaks TLS from the first byte.
-    pub listeners: Vec<(std::net::TcpListener, bool)>,
+    /// Listeners of this thread (TCP ones with `SO_REUSEPORT`; a unix one
+    /// shared by every thread, each holding a duplicate), each with whether
+    /// it speaks TLS from the first byte.
+    pub listeners: Vec<(Listener, bool)>,
     /// The run's stop signal: the loop is woken when it is set (the handler
     /// decides what a stop means in `on_tick`).
     pub stop: super::runtime::StopSignal,
@@ -60,6 +63,67 @@ pub struct Setup {
     /// Measure the time spent waiting for events ([`Backend::waited`]):
     /// one more clock read per turn, so only when the role uses it.
     pub track_waiting: bool,
+}
+
+/// A listening socket of a thread: TCP, or a unix-domain stream socket
+/// (`sink --listen unix:/path`; the kernel-socket backends only, xdp
+/// refuses it).
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// The peer address [`Handler::on_accept`] gets for a connection accepted
+/// on a unix-domain socket, which has no IP address: `0.0.0.0:0`.
+pub const UNIX_PEER: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
+
+impl From<std::net::TcpListener> for Listener {
+    fn from(l: std::net::TcpListener) -> Self {
+        Listener::Tcp(l)
+    }
+}
+
+impl From<std::os::unix::net::UnixListener> for Listener {
+    fn from(l: std::os::unix::net::UnixListener) -> Self {
+        Listener::Unix(l)
+    }
+}
+
+impl AsRawFd for Listener {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl Listener {
+    /// Sets `O_NONBLOCK` on (or off).
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(on),
+            Listener::Unix(l) => l.set_nonblocking(on),
+        }
+    }
+
+    /// The TCP listener, for a backend that has no unix sockets (xdp): a
+    /// unix one is an error that says which backends take it.
+    pub fn into_tcp(self) -> io::Result<std::net::TcpListener> {
+        match self {
+            Listener::Tcp(l) => Ok(l),
+            Listener::Unix(_) => Err(unix_unsupported()),
+        }
+    }
+}
+
+/// The error of a backend without unix-domain sockets.
+pub fn unix_unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "unix sockets need a kernel-socket backend (--io epoll or uring)",
+    )
 }
 
 /// What a finished run tells its role.
@@ -193,6 +257,13 @@ pub trait Backend {
     /// Starts a connection; [`Handler::on_connected`] follows. Errors are
     /// those of the attempt itself (e.g. `EADDRNOTAVAIL`: out of ports).
     fn connect(&mut self, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId>;
+    /// Like [`Backend::connect`], to the unix-domain stream socket at
+    /// `path` (`opts.source_ip` does not apply). A backend without unix
+    /// sockets (xdp) refuses with [`unix_unsupported`].
+    fn connect_unix(&mut self, path: &Path, opts: ConnectOpts) -> io::Result<ConnId> {
+        let _ = (path, opts);
+        Err(unix_unsupported())
+    }
     /// Connections open (accepted or connected, and not yet closed).
     fn open_connections(&self) -> usize;
     /// Closes every listener (no more accepts).
@@ -209,7 +280,7 @@ pub trait Backend {
 #[allow(unused_variables)]
 pub trait Handler {
     /// A listener accepted `id` from `peer` (`implicit_tls`: the listener
-    /// is a TLS one). Return false to refuse it: it is closed at once
+    /// is a TLS one; a unix-socket peer is [`UNIX_PEER`]). Return false to refuse it: it is closed at once
     /// (after what was written to it) and no `on_closed` follows.
     fn on_accept<B: Backend>(
         &mut self,

@@ -195,6 +195,14 @@ pub trait Transport: Sized {
     type Part: Part;
     fn local_addr(t: &Table<Self>, id: ConnId) -> Option<SocketAddr>;
     fn connect(t: &mut Table<Self>, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId>;
+    /// A connect to a unix-domain socket (the kernel-socket transports).
+    fn connect_unix(
+        _t: &mut Table<Self>,
+        _path: &std::path::Path,
+        _opts: ConnectOpts,
+    ) -> io::Result<ConnId> {
+        Err(super::backend::unix_unsupported())
+    }
     fn open_connections(t: &Table<Self>) -> usize;
     fn stop_listening(t: &mut Table<Self>);
     /// The handler stopped reading `id`.
@@ -465,6 +473,10 @@ impl<T: Transport> Backend for Table<T> {
 
     fn connect(&mut self, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId> {
         T::connect(self, target, opts)
+    }
+
+    fn connect_unix(&mut self, path: &std::path::Path, opts: ConnectOpts) -> io::Result<ConnId> {
+        T::connect_unix(self, path, opts)
     }
 
     fn open_connections(&self) -> usize {

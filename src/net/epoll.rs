@@ -1,5 +1,6 @@
 //! The epoll backend (through mio): one `Poll` per pinned thread driving a
-//! [`Handler`] over plain and TLS TCP connections.
+//! [`Handler`] over plain and TLS connections, TCP or unix-domain
+//! ([`Stream`]; a unix listener's peers are [`UNIX_PEER`]).
 //!
 //! What it keeps to itself (each detail learnt the hard way):
 //! - Every socket is registered once, for READABLE | WRITABLE,
@@ -41,10 +42,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::event::Source;
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
 
-use super::backend::{Close, Closed, ConnId, ConnectOpts, Handler, RunStats, Setup};
+use super::backend::{
+    Close, Closed, ConnId, ConnectOpts, Handler, Listener, RunStats, Setup, UNIX_PEER,
+};
 use super::conn_table::{
     self, is_fd_exhaustion, OutQueue, Part, PushOut, Settle, Table, Transport, ACCEPT_PAUSE,
 };
@@ -66,9 +70,129 @@ pub struct CipherIn {
     len: usize,
 }
 
+/// A connection's socket: TCP, or unix-domain (`unix:/path`).
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        match self {
+            Stream::Tcp(s) => s.take_error(),
+            Stream::Unix(s) => s.take_error(),
+        }
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Stream::Tcp(s) => s.local_addr().ok(),
+            Stream::Unix(_) => None,
+        }
+    }
+}
+
+impl Read for Stream {
+    #[inline]
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+
+    #[inline]
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Source for Stream {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.register(r, t, i),
+            Stream::Unix(s) => s.register(r, t, i),
+        }
+    }
+
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.reregister(r, t, i),
+            Stream::Unix(s) => s.reregister(r, t, i),
+        }
+    }
+
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.deregister(r),
+            Stream::Unix(s) => s.deregister(r),
+        }
+    }
+}
+
+/// A listener of the thread: TCP, or unix-domain.
+enum Listen {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listen {
+    /// The next connection and its peer ([`UNIX_PEER`] on a unix socket).
+    fn accept(&self) -> io::Result<(Stream, SocketAddr)> {
+        match self {
+            Listen::Tcp(l) => {
+                let (s, peer) = l.accept()?;
+                let _ = socket::prepare_accepted(&s);
+                Ok((Stream::Tcp(s), peer))
+            }
+            Listen::Unix(l) => l.accept().map(|(s, _)| (Stream::Unix(s), UNIX_PEER)),
+        }
+    }
+}
+
+impl Source for Listen {
+    fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listen::Tcp(l) => l.register(r, t, i),
+            Listen::Unix(l) => l.register(r, t, i),
+        }
+    }
+
+    fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
+        match self {
+            Listen::Tcp(l) => l.reregister(r, t, i),
+            Listen::Unix(l) => l.reregister(r, t, i),
+        }
+    }
+
+    fn deregister(&mut self, r: &Registry) -> io::Result<()> {
+        match self {
+            Listen::Tcp(l) => l.deregister(r),
+            Listen::Unix(l) => l.deregister(r),
+        }
+    }
+}
+
 /// A connection's socket and plaintext output.
 pub struct Sock {
-    stream: TcpStream,
+    stream: Stream,
     connecting: bool,
     /// Plaintext (or pre-TLS plaintext) waiting for the socket.
     out: OutQueue,
@@ -112,7 +236,7 @@ impl Part for Sock {
 
 type Conn = conn_table::Conn<Sock>;
 
-fn new_conn(stream: TcpStream, connecting: bool) -> Conn {
+fn new_conn(stream: Stream, connecting: bool) -> Conn {
     Conn::new(Sock {
         stream,
         connecting,
@@ -158,7 +282,7 @@ fn write_queued(c: &mut Conn) -> io::Result<bool> {
 /// The thread's poll and listeners.
 pub struct EpollIo {
     poll: Poll,
-    listeners: Vec<(Option<TcpListener>, bool)>,
+    listeners: Vec<(Option<Listen>, bool)>,
     accept_paused_until: Option<Instant>,
 }
 
@@ -169,20 +293,18 @@ impl Transport for EpollIo {
     type Part = Sock;
 
     fn local_addr(t: &Ops, id: ConnId) -> Option<SocketAddr> {
-        t.conns.get(id)?.io.stream.local_addr().ok()
+        t.conns.get(id)?.io.stream.local_addr()
     }
 
     fn connect(t: &mut Ops, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId> {
-        let mut stream = socket::connect(target, opts.source_ip, opts.abort_close)?;
-        let entry = t.conns.vacant_entry();
-        let id = entry.key();
-        t.io.poll.registry().register(
-            &mut stream,
-            Token(id),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        entry.insert(new_conn(stream, true));
-        Ok(id)
+        let stream = socket::connect(target, opts.source_ip, opts.abort_close)?;
+        add_connecting(t, Stream::Tcp(stream))
+    }
+
+    fn connect_unix(t: &mut Ops, path: &std::path::Path, _opts: ConnectOpts) -> io::Result<ConnId> {
+        // A unix connect completes at once or fails (EAGAIN: the
+        // listener's backlog is full); its first event says which.
+        add_connecting(t, Stream::Unix(UnixStream::connect(path)?))
     }
 
     fn open_connections(t: &Ops) -> usize {
@@ -196,6 +318,19 @@ impl Transport for EpollIo {
             }
         }
     }
+}
+
+/// Registers a connecting `stream` and gives it an id.
+fn add_connecting(t: &mut Ops, mut stream: Stream) -> io::Result<ConnId> {
+    let entry = t.conns.vacant_entry();
+    let id = entry.key();
+    t.io.poll.registry().register(
+        &mut stream,
+        Token(id),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    entry.insert(new_conn(stream, true));
+    Ok(id)
 }
 
 /// Runs `h` on epoll until its `on_tick` says stop.
@@ -227,7 +362,10 @@ impl Epoll {
         let mut listeners = Vec::with_capacity(setup.listeners.len());
         for (i, (l, tls)) in setup.listeners.into_iter().enumerate() {
             l.set_nonblocking(true)?;
-            let mut l = TcpListener::from_std(l);
+            let mut l = match l {
+                Listener::Tcp(l) => Listen::Tcp(TcpListener::from_std(l)),
+                Listener::Unix(l) => Listen::Unix(UnixListener::from_std(l)),
+            };
             poll.registry()
                 .register(&mut l, Token(LISTENER_BASE - i), Interest::READABLE)?;
             listeners.push((Some(l), tls));
@@ -369,7 +507,6 @@ impl Core {
             let implicit_tls = *implicit_tls;
             match l.accept() {
                 Ok((mut stream, peer)) => {
-                    let _ = socket::prepare_accepted(&stream);
                     let entry = self.ops.conns.vacant_entry();
                     let id = entry.key();
                     if self

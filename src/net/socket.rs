@@ -93,6 +93,58 @@ pub fn listen(
     Ok(socket.into())
 }
 
+/// A listening unix-domain stream socket at `path` (`--listen unix:/path`),
+/// blocking (each backend sets the mode it needs), with the removal of its
+/// file when the returned guard is dropped. A socket file already there
+/// that nobody listens on (left by a run that was killed) is replaced; a
+/// live one, or any other kind of file, is an error. The socket is made
+/// readable and writable by every local user (mode 0666), as a TCP port
+/// on loopback is open to all of them: an MTA's LMTP client runs as its
+/// own user.
+pub fn listen_unix(
+    path: &std::path::Path,
+    backlog: Option<i32>,
+) -> io::Result<(std::os::unix::net::UnixListener, UnixSocketFile)> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        let stale = meta.file_type().is_socket()
+            && matches!(
+                std::os::unix::net::UnixStream::connect(path),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused
+            );
+        if !stale {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "the path exists (a socket in use, or not a socket)",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    let guard = UnixSocketFile(path.to_path_buf());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    socket.listen(backlog.unwrap_or(DEFAULT_BACKLOG))?;
+    Ok((socket.into(), guard))
+}
+
+/// A unix socket file made by [`listen_unix`]: removed when dropped.
+#[derive(Debug)]
+pub struct UnixSocketFile(std::path::PathBuf);
+
+impl UnixSocketFile {
+    /// The socket's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for UnixSocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Sets `TCP_NODELAY` on an accepted stream (SMTP is request/reply: Nagle
 /// would add up to 40 ms to every pipelined reply batch).
 pub fn prepare_accepted(stream: &mio::net::TcpStream) -> io::Result<()> {
@@ -396,6 +448,28 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(stream.nodelay().unwrap());
+    }
+
+    #[test]
+    fn a_unix_listener_replaces_a_stale_socket_refuses_a_live_one_and_removes_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lmtp.sock");
+        // A stale socket file: bound, then its listener closed.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let (l, guard) = listen_unix(&path, None).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_ok());
+        // A live one is not taken over.
+        let e = listen_unix(&path, None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        // Nor is a regular file.
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(listen_unix(&file, None).is_err());
+        assert!(file.exists());
+        drop(l);
+        drop(guard);
+        assert!(!path.exists());
     }
 
     #[test]

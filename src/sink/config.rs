@@ -26,6 +26,10 @@ pub enum AuthPolicy {
 #[derive(Clone, Debug)]
 pub struct SinkConfig {
     pub listen: Vec<SocketAddr>,
+    /// Unix-domain stream sockets to listen on (`--listen unix:/path`):
+    /// made at start (a stale socket file nobody listens on is replaced),
+    /// removed when the sink ends.
+    pub unix_listen: Vec<PathBuf>,
     pub tls_listen: Vec<SocketAddr>,
     pub cpus: Cpus,
     /// The I/O backend every thread runs, and its options.

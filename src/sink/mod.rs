@@ -51,6 +51,11 @@ pub enum SinkError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on unix:{path}: {source}")]
+    ListenUnix {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("worker {index} failed: {source}")]
     Worker {
         index: usize,
@@ -96,6 +101,8 @@ impl LiveFigures {
 /// A sink running in this process.
 pub struct RunningSink {
     plain: Vec<SocketAddr>,
+    /// `--listen unix:/path` sockets; their files go when the sink does.
+    unix: Vec<socket::UnixSocketFile>,
     tls: Vec<SocketAddr>,
     stop: StopSignal,
     workers: Option<Workers<std::io::Result<WorkerResult>>>,
@@ -178,9 +185,22 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             let (resolved, ls) = bind_all(addr, threads)?;
             resolved_out.push(resolved);
             for (t, l) in ls.into_iter().enumerate() {
-                per_thread[t].push((l, implicit));
+                per_thread[t].push((l.into(), implicit));
             }
         }
+    }
+    let mut unix = Vec::new();
+    for path in &cfg.unix_listen {
+        let err = |source| SinkError::ListenUnix {
+            path: path.display().to_string(),
+            source,
+        };
+        let (l, file) = socket::listen_unix(path, None).map_err(err)?;
+        // One socket, shared: every thread accepts from its own duplicate.
+        for t in per_thread.iter_mut() {
+            t.push((l.try_clone().map_err(err)?.into(), false));
+        }
+        unix.push(file);
     }
     let all: Vec<SocketAddr> = plain.iter().chain(tls_addrs.iter()).copied().collect();
     let transport = Transport::open(&cfg.io, threads, &all, false)?;
@@ -238,6 +258,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
     transport.wait_ready(&stop, Duration::from_secs(10));
     Ok(RunningSink {
         plain,
+        unix,
         tls: tls_addrs,
         stop,
         workers: Some(workers),
@@ -261,6 +282,11 @@ impl RunningSink {
     /// The resolved plaintext listen addresses (port 0 replaced).
     pub fn plain_addrs(&self) -> &[SocketAddr] {
         &self.plain
+    }
+
+    /// The `--listen unix:/path` socket paths.
+    pub fn unix_paths(&self) -> Vec<&std::path::Path> {
+        self.unix.iter().map(socket::UnixSocketFile::path).collect()
     }
 
     /// Where `--metrics-listen` serves, if it was given.
@@ -404,6 +430,11 @@ pub fn run(cfg: SinkConfig) -> anyhow::Result<u8> {
             .iter()
             .map(|a| a.to_string())
             .chain(sink.tls_addrs().iter().map(|a| format!("{a} (TLS)")))
+            .chain(
+                sink.unix_paths()
+                    .iter()
+                    .map(|p| format!("unix:{}", p.display())),
+            )
             .collect();
         eprintln!("smtpstorm sink: listening on {}", addrs.join(", "));
         if let Some(m) = sink.metrics_addr() {

@@ -67,7 +67,7 @@ pub struct Shared {
 }
 
 /// One thread's listeners: `(listener, implicit TLS)`.
-pub type Listeners = Vec<(std::net::TcpListener, bool)>;
+pub type Listeners = Vec<(crate::net::backend::Listener, bool)>;
 
 /// What a worker sends the main thread once per second (and once at the end).
 #[derive(Debug)]

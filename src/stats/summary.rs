@@ -40,6 +40,7 @@ fn write_run_lines<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         "smtpstorm {} {role}: {:.2}s on {} ({} cores)",
         report.version, report.duration_secs, report.host.hostname, report.host.cores
     )?;
+    write_what_ran(&report.config, out)?;
     writeln!(
         out,
         "rates: {} msg/s, {} sessions/s, {}",
@@ -86,6 +87,63 @@ fn write_run_lines<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         report.cpu.cpu_us_per_session,
         report.cpu.cpu_us_per_message
     )
+}
+
+/// What ran, from the configuration the report echoes: the backend, the
+/// threads and the CPUs they were pinned to, the target or the listeners,
+/// and how TLS was asked for. (The suite a handshake negotiated is another
+/// line's job, once reports carry it.) Nothing is printed for a report
+/// whose configuration says none of it (older reports, merges of them).
+fn write_what_ran<W: Write>(config: &serde_json::Value, out: &mut W) -> io::Result<()> {
+    let text = |k: &str| config.get(k).and_then(|v| v.as_str());
+    let on = |k: &str| config.get(k).and_then(|v| v.as_bool()) == Some(true);
+    let mut parts = Vec::new();
+    if let Some(io) = text("io") {
+        parts.push(format!("io {io}"));
+    }
+    if let Some(n) = config.get("threads").and_then(|v| v.as_u64()) {
+        let cpus: Vec<String> = config
+            .get("cpus")
+            .and_then(|v| v.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_u64())
+                    .map(|c| c.to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let plural = if n == 1 { "" } else { "s" };
+        if cpus.is_empty() {
+            parts.push(format!("{n} thread{plural}"));
+        } else {
+            parts.push(format!("{n} thread{plural} on CPUs {}", cpus.join(",")));
+        }
+    }
+    if let Some(t) = text("target") {
+        parts.push(format!("target {t}"));
+    }
+    for (key, what) in [("listen", "listening on"), ("tls_listen", "TLS on")] {
+        let addrs: Vec<&str> = config
+            .get(key)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        if !addrs.is_empty() {
+            parts.push(format!("{what} {}", addrs.join(", ")));
+        }
+    }
+    if on("tls") {
+        parts.push("implicit TLS".into());
+    } else if on("starttls") && config.get("target").is_some() {
+        parts.push("STARTTLS".into());
+    }
+    if on("lmtp") {
+        parts.push("LMTP".into());
+    }
+    if parts.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "ran: {}", parts.join(", "))
 }
 
 /// What `merge` found about its inputs: one line, complete or not.
@@ -252,6 +310,38 @@ fn write_failures<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         writeln!(out, "{:<12} {}", f.count, f.reason)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod what_ran_tests {
+    use super::write_what_ran;
+
+    fn line(config: serde_json::Value) -> String {
+        let mut out = Vec::new();
+        write_what_ran(&config, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_first_lines_say_which_backend_ran_on_which_cpus_against_what() {
+        let l = line(serde_json::json!({
+            "io": "uring", "threads": 2, "cpus": [0, 1],
+            "target": "unix:/run/dovecot/lmtp", "tls": false, "starttls": true, "lmtp": true,
+        }));
+        assert_eq!(
+            l,
+            "ran: io uring, 2 threads on CPUs 0,1, target unix:/run/dovecot/lmtp, STARTTLS, LMTP\n"
+        );
+        let l = line(serde_json::json!({
+            "io": "epoll", "threads": 1, "listen": ["127.0.0.1:2525", "unix:/tmp/s.sock"],
+            "tls_listen": [], "starttls": true,
+        }));
+        assert_eq!(
+            l,
+            "ran: io epoll, 1 thread, listening on 127.0.0.1:2525, unix:/tmp/s.sock\n"
+        );
+        assert_eq!(line(serde_json::json!({"rate": 5})), "");
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Instant;
 use io_uring::cqueue;
 use socket2::SockRef;
 
-use super::super::backend::{Close, Closed, ConnId, Handler};
+use super::super::backend::{Close, Closed, ConnId, Handler, UNIX_PEER};
 use super::super::conn_table::{is_fd_exhaustion, ACCEPT_PAUSE};
 use super::super::socket;
 use super::{Uring, KEEP_SEND_BYTES};
@@ -289,14 +289,18 @@ impl Uring {
                 return;
             }
             let implicit_tls = l.implicit_tls;
-            let peer = match SockRef::from(&fd)
-                .peer_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-            {
-                Some(p) => p,
-                // The peer is already gone: next one.
-                None => return,
+            let peer = if l.unix {
+                UNIX_PEER
+            } else {
+                match SockRef::from(&fd)
+                    .peer_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                {
+                    Some(p) => p,
+                    // The peer is already gone: next one.
+                    None => return,
+                }
             };
             let id = self.ops.insert(fd);
             self.ops.io.open += 1;

@@ -1,5 +1,7 @@
 //! The io_uring backend: one ring per pinned thread driving a [`Handler`]
-//! over plain and TLS TCP connections, with the same observable behaviour
+//! over plain and TLS connections, TCP or unix-domain (the ring works on
+//! descriptors alike; a unix listener skips `getpeername`: its peers are
+//! [`super::backend::UNIX_PEER`]), with the same observable behaviour
 //! as [`super::epoll`] (see [`super::backend`] for the contract).
 //!
 //! How it talks to the kernel:
@@ -58,7 +60,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,7 +69,9 @@ use io_uring::types::{CancelBuilder, Fd, Fixed, SubmitArgs, Timespec};
 use io_uring::{cqueue, opcode, squeue, IoUring};
 use socket2::{SockAddr, SockRef};
 
-use super::backend::{Close, Closed, ConnId, ConnectOpts, Handler, RunStats, Setup};
+use super::backend::{
+    Close, Closed, ConnId, ConnectOpts, Handler, Listener as Listening, RunStats, Setup,
+};
 use super::conn_table::{self, Part, Settle, Table, Transport};
 use super::socket;
 
@@ -301,7 +305,9 @@ fn new_conn(fd: OwnedFd, fixed: bool, gen: u32) -> Conn {
 }
 
 struct Listener {
-    sock: Option<TcpListener>,
+    sock: Option<Listening>,
+    /// A unix-domain listener: its peers have no IP address.
+    unix: bool,
     implicit_tls: bool,
     armed: bool,
 }
@@ -579,27 +585,20 @@ impl Transport for UringIo {
 
     fn connect(t: &mut Ops, target: SocketAddr, opts: ConnectOpts) -> io::Result<ConnId> {
         let sock = socket::client_socket(target, opts.source_ip, opts.abort_close, false)?;
-        let id = t.insert(OwnedFd::from(sock));
         let dial = Dial {
             addr: SockAddr::from(target),
             source: opts.source_ip,
         };
-        let c = &mut t.conns[id];
-        // The address lives in the connection's boxed extra part until the
-        // connect completes.
-        let dial = &*c.extra().dial.insert(dial);
-        let (ptr, len) = (dial.addr.as_ptr().cast::<libc::sockaddr>(), dial.addr.len());
-        let e = on_fd!(c.io.fixed, id, c.raw(), |f| opcode::Connect::new(
-            f, ptr, len
-        )
-        .build())
-        .user_data(user_data(Op::Connect, id, c.io.gen));
-        c.io.connecting = true;
-        c.io.outgoing = true;
-        t.io.in_flight += 1;
-        t.io.open += 1;
-        t.push(e);
-        Ok(id)
+        Ok(dial_on(t, OwnedFd::from(sock), dial))
+    }
+
+    fn connect_unix(t: &mut Ops, path: &std::path::Path, _opts: ConnectOpts) -> io::Result<ConnId> {
+        let sock = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+        let dial = Dial {
+            addr: SockAddr::unix(path)?,
+            source: None,
+        };
+        Ok(dial_on(t, OwnedFd::from(sock), dial))
     }
 
     fn open_connections(t: &Ops) -> usize {
@@ -626,6 +625,27 @@ impl Transport for UringIo {
             t.cancel(Op::Recv, id, gen);
         }
     }
+}
+
+/// Starts the connect of `fd` to `dial` through the ring.
+fn dial_on(t: &mut Ops, fd: OwnedFd, dial: Dial) -> ConnId {
+    let id = t.insert(fd);
+    let c = &mut t.conns[id];
+    // The address lives in the connection's boxed extra part until the
+    // connect completes.
+    let dial = &*c.extra().dial.insert(dial);
+    let (ptr, len) = (dial.addr.as_ptr().cast::<libc::sockaddr>(), dial.addr.len());
+    let e = on_fd!(c.io.fixed, id, c.raw(), |f| opcode::Connect::new(
+        f, ptr, len
+    )
+    .build())
+    .user_data(user_data(Op::Connect, id, c.io.gen));
+    c.io.connecting = true;
+    c.io.outgoing = true;
+    t.io.in_flight += 1;
+    t.io.open += 1;
+    t.push(e);
+    id
 }
 
 /// One thread's io_uring loop.
@@ -712,9 +732,13 @@ impl Uring {
             // blocking (io_uring retries them itself) and inherit
             // TCP_NODELAY from the listener.
             l.set_nonblocking(false)?;
-            let _ = SockRef::from(&l).set_tcp_nodelay(true);
+            let unix = matches!(l, Listening::Unix(_));
+            if let Listening::Tcp(t) = &l {
+                let _ = SockRef::from(t).set_tcp_nodelay(true);
+            }
             listeners.push(Listener {
                 sock: Some(l),
+                unix,
                 implicit_tls,
                 armed: false,
             });

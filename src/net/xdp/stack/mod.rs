@@ -322,6 +322,7 @@ pub fn run<H: Handler>(x: super::XdpThread, setup: Setup, h: &mut H) -> io::Resu
     let mut listen_ports = Vec::new();
     let mut kernel = Vec::new();
     for (l, tls) in setup.listeners {
+        let l = l.into_tcp()?;
         let port = l.local_addr()?.port();
         // The kernel socket keeps the port bound but stops listening: a
         // SYN the program passes (no socket on its queue) gets an RST
