@@ -851,6 +851,11 @@ impl Handler for BlastHandler {
                 self.start_closed(be);
             }
         } else if !self.draining {
+            if self.open() && self.budget_left() {
+                // A wake-up late past the end: messages intended before it
+                // are still taken (late, and their lag says so).
+                self.take_due(be, now);
+            }
             self.begin_drain(be, now);
         }
         if past_end && self.grace_until.is_none() {
