@@ -46,6 +46,7 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Sink(a) => sink::run(cli::sink::config(&a)?),
         Command::Blast(a) => blast::run(cli::blast::config(&a.target, &a.load)?),
+        Command::Sweep(a) => blast::sweep::run(cli::sweep::config(&a)?),
         Command::Probe(a) => blast::probe::run(cli::probe::config(&a)?),
         Command::Bench(a) => bench::run(cli::bench::config(&a)?),
         Command::Merge(a) => offline::merge(

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use super::identity::Identities;
 use super::message::{SizeRange, Template};
+use super::profile::RateProfile;
 use crate::net::driver::IoConfig;
 use crate::net::runtime::Cpus;
 use crate::smtp::client::ClientConfig;
@@ -57,6 +58,9 @@ pub struct OutputConfig {
     pub max_outage_secs: Option<u64>,
     /// No live line (the summary is still printed).
     pub quiet: bool,
+    /// Nothing on stderr about the run's verdict either (a sweep's steps:
+    /// the sweep says what each step found).
+    pub silent: bool,
 }
 
 /// The load model.
@@ -65,7 +69,8 @@ pub enum LoadModel {
     /// `connections` sessions in flight, each starting the next when it ends.
     Closed,
     /// Messages are due on a fixed schedule of `messages_per_sec` (this
-    /// instance's share), each sent at its intended time on a free
+    /// instance's share; with `--stages`, the mean over the measured
+    /// window, the schedule following `BlastConfig::stages`), each sent at its intended time on a free
     /// connection (at most `connections` open; sessions carry up to `-k`
     /// messages and idle between them).
     Open { messages_per_sec: f64 },
@@ -87,6 +92,11 @@ pub struct BlastConfig {
     pub model: LoadModel,
     /// The rate as given (this instance's share), in `rate_unit`.
     pub rate_per_sec: Option<f64>,
+    /// `--stages`: the open loop's rate over time, in messages per second
+    /// of the **whole run** (all instances; the schedule splits it as it
+    /// splits `--rate`), from the run's start (warmup included). `None`:
+    /// the constant `LoadModel::Open` rate.
+    pub stages: Option<Arc<RateProfile>>,
     pub rate_unit: RateUnit,
     /// Measured time (after warmup); `None`: no time limit.
     pub duration: Option<Duration>,
@@ -150,6 +160,30 @@ impl BlastConfig {
             self.instance,
         )
         .with_corpus(self.corpus.clone())
+    }
+
+    /// The open loop's rate over time, all instances together, from the
+    /// run's start (`None`: closed loop).
+    pub fn profile(&self) -> Option<Arc<RateProfile>> {
+        match self.model {
+            LoadModel::Closed => None,
+            LoadModel::Open { messages_per_sec } => Some(match &self.stages {
+                Some(p) => Arc::clone(p),
+                None => Arc::new(RateProfile::constant(
+                    messages_per_sec * f64::from(self.instance.1.max(1)),
+                )),
+            }),
+        }
+    }
+
+    /// This instance's requested messages in `[from, to)` seconds after the
+    /// end of the warmup, within the measured window (`None`: closed loop).
+    pub fn requested_between(&self, from: f64, to: f64) -> Option<f64> {
+        let profile = self.profile()?;
+        let w = self.warmup.as_secs_f64();
+        let end = self.duration.map_or(f64::INFINITY, |d| d.as_secs_f64());
+        let (from, to) = (from.min(end), to.min(end));
+        Some(profile.between(w + from, w + to) / f64::from(self.instance.1.max(1)))
     }
 
     /// Number of worker threads this config will run.

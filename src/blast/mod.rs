@@ -32,8 +32,10 @@ pub mod corpus;
 pub mod identity;
 pub mod message;
 pub mod probe;
+pub mod profile;
 pub mod progress;
 pub mod schedule;
+pub mod sweep;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -49,7 +51,7 @@ use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
     baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
     CpuUsage, HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements,
-    MetricsServer, OpenLoopReport, Report, ReportInput, Role,
+    MetricsServer, OpenLoopReport, Report, ReportInput, Role, TimelinePoint,
 };
 
 pub use config::{BlastConfig, LoadModel, OutputConfig};
@@ -174,7 +176,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
             )
         })?
     };
-    let merger = merge_snapshots(&rx, threads, &live, &mut hlog, &mut progress)?;
+    let (merger, sent) = merge_snapshots(&rx, threads, &live, &mut hlog, &mut progress)?;
     progress.finish();
     live.finish();
     let results = workers.join()?;
@@ -212,7 +214,8 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         }
     }
     let (invalid_reasons, open_loop) = verdict(&cfg, &open, duration_secs, &m, interrupted);
-    let (_, timeline) = merger.into_parts();
+    let (_, mut timeline) = merger.into_parts();
+    rates_per_second(&cfg, &mut timeline, &sent);
     let mut report = Report::build(ReportInput {
         role: Role::Blast,
         config: cfg.echo.clone(),
@@ -274,14 +277,16 @@ fn serve_metrics(
 /// Receives the workers' snapshots until every worker ended, merging each
 /// second's once every thread has sent its own (what is left, at the end),
 /// and feeds each merged second to the live metrics, `--hlog` and the
-/// progress line. Returns the merged timeline.
+/// progress line. Returns the merged timeline, and the messages sent in
+/// each second (open loop).
 fn merge_snapshots<W: Write>(
     rx: &mpsc::Receiver<ThreadSnapshot>,
     threads: usize,
     live: &LiveMetrics,
     hlog: &mut Option<HlogWriter<W>>,
     progress: &mut progress::Progress,
-) -> anyhow::Result<IntervalMerger> {
+) -> anyhow::Result<(IntervalMerger, BTreeMap<u64, u64>)> {
+    let mut sent: BTreeMap<u64, u64> = BTreeMap::new();
     let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
     let mut merger = IntervalMerger::new();
     let mut open_by_thread = vec![0usize; threads];
@@ -298,6 +303,7 @@ fn merge_snapshots<W: Write>(
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(msg) => {
+                *sent.entry(msg.index).or_default() += msg.sent;
                 if let Some(o) = open_by_thread.get_mut(msg.thread) {
                     *o = msg.open_connections;
                 }
@@ -321,7 +327,23 @@ fn merge_snapshots<W: Write>(
     for (_, (_, snap)) in std::mem::take(&mut pending) {
         absorb(&snap, hlog)?;
     }
-    Ok(merger)
+    Ok((merger, sent))
+}
+
+/// Open loop: each second's requested messages (the profile's integral
+/// over it, this instance's share) and achieved ones (given to a
+/// connection) in the timeline.
+fn rates_per_second(cfg: &BlastConfig, timeline: &mut [TimelinePoint], sent: &BTreeMap<u64, u64>) {
+    if cfg.profile().is_none() {
+        return;
+    }
+    for p in timeline {
+        let t = p.t as f64;
+        p.requested = cfg
+            .requested_between(t, t + 1.0)
+            .map(|r| (r * 1e3).round() / 1e3);
+        p.achieved = Some(sent.get(&p.t).copied().unwrap_or(0));
+    }
 }
 
 /// The workers' results added up.
@@ -376,7 +398,8 @@ fn verdict(
     interrupted: bool,
 ) -> (Vec<String>, Option<OpenLoopReport>) {
     let mut invalid_reasons = Vec::new();
-    if interrupted {
+    let say = !cfg.output.silent;
+    if interrupted && say {
         eprintln!("smtpstorm: interrupted; reporting what was measured so far");
     }
     let open_loop = match cfg.model {
@@ -387,12 +410,12 @@ fn verdict(
             Some(report)
         }
     };
-    for r in &invalid_reasons {
+    for r in invalid_reasons.iter().filter(|_| say) {
         eprintln!("smtpstorm: invalid run: {r}");
     }
     if let Some(o) = open_loop
         .as_ref()
-        .filter(|o| o.bottleneck == Bottleneck::Target)
+        .filter(|o| say && o.bottleneck == Bottleneck::Target)
     {
         eprintln!("smtpstorm: {}", target_bottleneck_line(o));
     }

@@ -1,8 +1,10 @@
 //! The open-loop schedule: the intended time of every message.
 //!
 //! `--rate R` is R messages per second over the whole run, all threads and
-//! instances together. The global sequence numbers messages `0, 1, 2, …`,
-//! message `i` intended at `origin + i/R`. Instance `I` of `N` owns the
+//! instances together (`--stages`: a [`RateProfile`] of such rates). The
+//! global sequence numbers messages `0, 1, 2, …`, message `i` intended at
+//! `origin + i/R` (with stages: at the instant the profile's integral
+//! reaches `i`, [`RateProfile::time_of`]). Instance `I` of `N` owns the
 //! numbers `g·N + I` (`g` counts that instance's messages), so merged
 //! instances arrive evenly, never in bursts of N. Inside an instance with C
 //! connections over T threads, connection slot `j` (`0 ≤ j < C`) belongs to
@@ -12,19 +14,23 @@
 //! The intended time of every message is computed from its index (never by
 //! adding intervals), so rounding never accumulates.
 //!
-//! Invariants: `intended(k)` is strictly increasing in `k`; over all threads
-//! and instances the intended times are exactly `origin + i/R`, each once;
+//! Invariants: `intended(k)` is strictly increasing in `k` (far in the
+//! future past the profile's end); over all threads and instances the
+//! intended times are exactly `origin + time_of(i)`, each once;
 //! [`Schedule::due_between`] counts exactly the `k` with `intended(k)` in the
 //! window.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::profile::RateProfile;
 
 /// One thread's share of an open-loop schedule.
 #[derive(Clone, Debug)]
 pub struct Schedule {
     origin: Instant,
-    /// Seconds between two messages of the global sequence (`1/R`).
-    gap_secs: f64,
+    /// The rate of the whole run (all threads and instances) over time.
+    profile: Arc<RateProfile>,
     /// Connection slots of this instance (`C`): one round of its sequence.
     round: u64,
     /// The slots (`0 ≤ j < C`) this thread owns, ascending.
@@ -35,12 +41,12 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// `rate_per_sec`: messages per second of **all** instances together;
+    /// `profile`: messages per second of **all** instances together;
     /// `connections` and `threads`: this instance's; `thread` in
     /// `0..threads`, `instance` in `0..instances`.
     pub fn new(
         origin: Instant,
-        rate_per_sec: f64,
+        profile: Arc<RateProfile>,
         connections: u64,
         thread: usize,
         threads: usize,
@@ -53,7 +59,7 @@ impl Schedule {
             .collect();
         Schedule {
             origin,
-            gap_secs: 1.0 / rate_per_sec.max(1e-9),
+            profile,
             round,
             mine,
             instance: u64::from(instance.0),
@@ -76,11 +82,14 @@ impl Schedule {
 
     /// The intended time of this thread's `k`-th message.
     pub fn intended(&self, k: u64) -> Instant {
+        let never = self.origin + Duration::from_secs(1_000_000_000);
         if self.mine.is_empty() {
-            return self.origin + Duration::from_secs(1_000_000_000);
+            return never;
         }
-        let secs = self.global(k) as f64 * self.gap_secs;
-        self.origin + Duration::from_secs_f64(secs.min(1e9))
+        match self.profile.time_of(self.global(k) as f64) {
+            Some(secs) => self.origin + Duration::from_secs_f64(secs.min(1e9)),
+            None => never,
+        }
     }
 
     /// The next message not yet taken.
@@ -107,7 +116,7 @@ impl Schedule {
         }
         let secs = at.saturating_duration_since(self.origin).as_secs_f64();
         // Global numbers i = g·N + I with i·gap < secs.
-        let i_bound = secs / self.gap_secs;
+        let i_bound = self.profile.cumulative(secs);
         let g_bound = (i_bound - self.instance as f64) / self.instances as f64;
         if g_bound <= 0.0 {
             return 0;
@@ -142,6 +151,53 @@ impl Schedule {
 mod tests {
     use super::*;
 
+    fn constant(rate: f64) -> Arc<RateProfile> {
+        Arc::new(RateProfile::constant(rate))
+    }
+
+    #[test]
+    fn stages_split_over_threads_and_instances_give_each_message_its_integral_time() {
+        let profile = Arc::new(RateProfile::parse("1s:0..600,1s:600,1s:600..0").unwrap());
+        let total = profile.total() as u64;
+        assert_eq!(total, 1200);
+        let origin = Instant::now();
+        for (conns, threads, instances) in [(1u64, 1usize, 1u32), (4, 2, 3), (7, 3, 2)] {
+            let mut all = Vec::new();
+            for i in 0..instances {
+                for t in 0..threads {
+                    let mut s = Schedule::new(
+                        origin,
+                        Arc::clone(&profile),
+                        conns,
+                        t,
+                        threads,
+                        (i, instances),
+                    );
+                    let end = origin + Duration::from_secs(3);
+                    assert_eq!(
+                        s.due_before(end + Duration::from_secs(5)),
+                        s.due_before(end),
+                        "nothing is due past the last stage"
+                    );
+                    let n = s.due_before(end);
+                    for _ in 0..n {
+                        all.push((s.take() - origin).as_secs_f64());
+                    }
+                    assert!(s.peek() > origin + Duration::from_secs(1000));
+                }
+            }
+            all.sort_by(f64::total_cmp);
+            assert_eq!(all.len() as u64, total, "{conns}/{threads}/{instances}");
+            for (i, d) in all.iter().enumerate() {
+                let want = profile.time_of(i as f64).unwrap();
+                assert!((d - want).abs() < 1e-6, "{i}: {d} vs {want}");
+            }
+            // The middle second holds exactly its 600.
+            let mid = all.iter().filter(|&&t| (1.0..2.0).contains(&t)).count();
+            assert_eq!(mid, 600);
+        }
+    }
+
     /// Every intended time of `threads` threads and `instances` instances
     /// over `n` messages each, sorted, as seconds from the origin.
     fn merged(rate: f64, connections: u64, threads: usize, instances: u32, n: u64) -> Vec<f64> {
@@ -149,7 +205,14 @@ mod tests {
         let mut all = Vec::new();
         for i in 0..instances {
             for t in 0..threads {
-                let mut s = Schedule::new(origin, rate, connections, t, threads, (i, instances));
+                let mut s = Schedule::new(
+                    origin,
+                    constant(rate),
+                    connections,
+                    t,
+                    threads,
+                    (i, instances),
+                );
                 for _ in 0..n {
                     all.push((s.take() - origin).as_secs_f64());
                 }
@@ -195,8 +258,8 @@ mod tests {
         // thirds of the messages.
         let origin = Instant::now();
         let second = origin + Duration::from_secs(3);
-        let s0 = Schedule::new(origin, 300.0, 3, 0, 2, (0, 1));
-        let s1 = Schedule::new(origin, 300.0, 3, 1, 2, (0, 1));
+        let s0 = Schedule::new(origin, constant(300.0), 3, 0, 2, (0, 1));
+        let s1 = Schedule::new(origin, constant(300.0), 3, 1, 2, (0, 1));
         assert_eq!((s0.slots(), s1.slots()), (2, 1));
         assert_eq!(s0.due_before(second), 600);
         assert_eq!(s1.due_before(second), 300);
@@ -208,7 +271,7 @@ mod tests {
         for (conns, threads, inst) in [(2u64, 2usize, (1u32, 2u32)), (3, 2, (0, 1)), (7, 3, (2, 3))]
         {
             for t in 0..threads {
-                let s = Schedule::new(origin, 100.0, conns, t, threads, inst);
+                let s = Schedule::new(origin, constant(100.0), conns, t, threads, inst);
                 for ms in [0u64, 1, 9, 10, 11, 333, 1000, 2999] {
                     let at = origin + Duration::from_millis(ms);
                     let brute = (0..1000).filter(|&k| s.intended(k) < at).count() as u64;
@@ -220,7 +283,7 @@ mod tests {
                 }
             }
         }
-        let s = Schedule::new(origin, 100.0, 2, 1, 2, (0, 1));
+        let s = Schedule::new(origin, constant(100.0), 2, 1, 2, (0, 1));
         // Thread 1 of 2 at 100/s: messages at 10 ms, 30 ms, 50 ms, ...
         assert_eq!(s.due_between(origin, origin + Duration::from_secs(1)), 50);
         assert_eq!(s.due_between(origin, origin + Duration::from_millis(10)), 0);

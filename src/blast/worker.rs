@@ -107,6 +107,9 @@ pub struct ThreadSnapshot {
     pub snapshot: IntervalSnapshot,
     /// Connections open when the snapshot was taken (live metrics).
     pub open_connections: usize,
+    /// Open loop: measured messages given to a connection in the interval
+    /// (the timeline's achieved rate).
+    pub sent: u64,
 }
 
 /// What the open loop did with its messages (measured window only).
@@ -262,6 +265,8 @@ struct BlastHandler {
     cooled: Vec<Duration>,
     /// No more messages will come (end of the run or budget spent).
     draining: bool,
+    /// Measured messages sent since the last snapshot.
+    sent_in_interval: u64,
     measuring: bool,
     tick_index: u64,
     next_tick: Instant,
@@ -330,17 +335,16 @@ impl BlastHandler {
         } else {
             None
         };
-        let schedule = match cfg.model {
-            LoadModel::Closed => None,
-            LoadModel::Open { messages_per_sec } => Some(Schedule::new(
+        let schedule = cfg.profile().map(|profile| {
+            Schedule::new(
                 clock.start,
-                messages_per_sec * f64::from(cfg.instance.1.max(1)),
+                profile,
                 cfg.connections,
                 ctx.index,
                 ctx.count,
                 cfg.instance,
-            )),
-        };
+            )
+        });
         // The open loop's connection share follows its schedule's slots (the
         // same split as `share`).
         let cap = share(cfg.connections, i, n) as usize;
@@ -394,6 +398,7 @@ impl BlastHandler {
             cooling: Vec::new(),
             cooled: Vec::new(),
             draining: false,
+            sent_in_interval: 0,
             measuring: false,
             tick_index: 0,
             grace_until: None,
@@ -492,6 +497,7 @@ impl BlastHandler {
                 index: self.tick_index,
                 snapshot: snap,
                 open_connections: self.open_conns,
+                sent: std::mem::take(&mut self.sent_in_interval),
             });
             self.result.intervals = self.tick_index + 1;
         }
@@ -636,6 +642,7 @@ impl BlastHandler {
     fn count_sent(&mut self, intended: Instant) {
         if intended >= self.clock.measure_start {
             self.result.open_loop.sent += 1;
+            self.sent_in_interval += 1;
         }
     }
 
@@ -820,6 +827,7 @@ impl Handler for BlastHandler {
                 index: self.tick_index,
                 snapshot: snap,
                 open_connections: self.open_conns,
+                sent: std::mem::take(&mut self.sent_in_interval),
             });
             self.tick_index += 1;
             self.next_tick += Duration::from_secs(1);
@@ -847,6 +855,11 @@ impl Handler for BlastHandler {
                 self.start_closed(be);
             }
         } else if !self.draining {
+            if self.open() && self.budget_left() {
+                // A wake-up late past the end: messages intended before it
+                // are still taken (late, and their lag says so).
+                self.take_due(be, now);
+            }
             self.begin_drain(be, now);
         }
         if past_end && self.grace_until.is_none() {

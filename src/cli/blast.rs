@@ -27,13 +27,14 @@ use thiserror::Error;
 
 use super::parse::{
     parse_count, parse_count_nonzero, parse_duration, parse_instance, parse_percent, parse_rate,
-    parse_size_range, parse_socket_addr, parse_user_pass,
+    parse_size_range, parse_socket_addr, parse_stages, parse_user_pass,
 };
 use super::ThreadArgs;
 use crate::blast::config::{share, BlastConfig, LoadModel, OutputConfig, ProxyVersion, RateUnit};
 use crate::blast::corpus::{Corpus, CorpusError, DataOrder};
 use crate::blast::identity::{self, AddrRange, Identities, IdentityError, XclientAttr};
 use crate::blast::message::{normalize_crlf, SizeRange, Template};
+use crate::blast::profile::RateProfile;
 use crate::net::driver::IoConfig;
 use crate::net::runtime::Cpus;
 use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
@@ -51,6 +52,12 @@ pub struct LoadArgs {
     /// carry up to -k messages and idle between them.
     #[arg(short = 'r', long, value_name = "R", value_parser = parse_rate)]
     pub rate: Option<f64>,
+    /// Open loop whose rate moves: stages `DURATION:RATE` (held) or
+    /// `DURATION:FROM..TO` (a linear ramp), e.g. `30s:0..2000,2m:2000,30s:2000..0`;
+    /// message i is intended where the rate's integral reaches i. The run lasts the
+    /// stages (--warmup is their first part).
+    #[arg(long, value_name = "STAGES", value_parser = parse_stages, conflicts_with_all = ["rate", "duration"])]
+    pub stages: Option<RateProfile>,
     /// What --rate counts: messages, or sessions (then R × k messages per second).
     #[arg(long, value_name = "UNIT", default_value = "messages")]
     pub rate_unit: RateUnit,
@@ -268,6 +275,8 @@ pub enum ConfigError {
     Assertion(String),
     #[error("--tls-ca {0}: {1}")]
     Tls(String, String),
+    #[error("--warmup {0}s must be shorter than the --stages, which last {1}s")]
+    StagesWarmup(f64, f64),
     #[error("--start-at {0} is not a valid UNIX time")]
     StartAt(f64),
     #[error(transparent)]
@@ -352,6 +361,12 @@ pub fn config_for(
     load: &LoadArgs,
 ) -> Result<BlastConfig, ConfigError> {
     let instance = load.instance.unwrap_or((0, 1));
+    if let Some(p) = &load.stages {
+        let w = load.warmup.unwrap_or_default().as_secs_f64();
+        if w >= p.duration_secs() {
+            return Err(ConfigError::StagesWarmup(w, p.duration_secs()));
+        }
+    }
     let shape = Shape::of(load, instance);
     let source_ips = source_ips(load, instance, target)?;
     let content = Content::of(load)?;
@@ -389,6 +404,7 @@ pub fn config_for(
         connections: shape.connections,
         model: shape.model,
         rate_per_sec: shape.rate,
+        stages: shape.stages.clone(),
         rate_unit: load.rate_unit,
         duration: shape.duration,
         warmup: load.warmup.unwrap_or_default(),
@@ -449,8 +465,11 @@ pub fn size_warning(cfg: &BlastConfig, load: &LoadArgs) -> Option<String> {
 /// How much load, on how many threads, for how long: this instance's
 /// share of it.
 struct Shape {
-    /// The rate as given, this instance's share.
+    /// The rate as given, this instance's share (with `--stages`: the mean
+    /// of the measured window).
     rate: Option<f64>,
+    /// `--stages` in messages per second (all instances).
+    stages: Option<Arc<RateProfile>>,
     connections: u64,
     cpus: Cpus,
     model: LoadModel,
@@ -461,7 +480,25 @@ struct Shape {
 
 impl Shape {
     fn of(load: &LoadArgs, (inst, ninst): (u32, u32)) -> Shape {
-        let rate = load.rate.map(|r| r / f64::from(ninst));
+        let per_rate_unit = match load.rate_unit {
+            RateUnit::Messages => 1.0,
+            RateUnit::Sessions => load.messages_per_session as f64,
+        };
+        let warmup = load.warmup.unwrap_or_default().as_secs_f64();
+        let stages = load
+            .stages
+            .as_ref()
+            .map(|p| Arc::new(p.scaled(per_rate_unit)));
+        // With stages, the run lasts them; the warmup is their first part.
+        let stages_duration = load
+            .stages
+            .as_ref()
+            .map(|p| Duration::from_secs_f64((p.duration_secs() - warmup).max(0.0)));
+        let rate = match &load.stages {
+            Some(p) => Some(p.mean_rate(warmup, p.duration_secs())),
+            None => load.rate,
+        }
+        .map(|r| r / f64::from(ninst));
         let default_connections = if rate.is_some() { 1000 } else { 16 };
         let connections = share(
             load.connections.unwrap_or(default_connections),
@@ -473,19 +510,14 @@ impl Shape {
         let cpus = load.threads.cpus().at_most(connections as usize);
         let model = match rate {
             None => LoadModel::Closed,
-            Some(r) => {
-                let per_rate_unit = match load.rate_unit {
-                    RateUnit::Messages => 1.0,
-                    RateUnit::Sessions => load.messages_per_session as f64,
-                };
-                LoadModel::Open {
-                    messages_per_sec: r * per_rate_unit,
-                }
-            }
+            Some(r) => LoadModel::Open {
+                messages_per_sec: r * per_rate_unit,
+            },
         };
-        let duration = match (load.duration, load.messages, load.sessions) {
-            (None, None, None) => Some(Duration::from_secs(10)),
-            (d, _, _) => d,
+        let duration = match (stages_duration, load.duration, load.messages, load.sessions) {
+            (Some(d), ..) => Some(d),
+            (None, None, None, None) => Some(Duration::from_secs(10)),
+            (None, d, _, _) => d,
         };
         let max_messages = load
             .messages
@@ -495,6 +527,7 @@ impl Shape {
             .map(|n| share(n, u64::from(inst), u64::from(ninst)));
         Shape {
             rate,
+            stages,
             connections,
             cpus,
             model,
@@ -607,6 +640,7 @@ fn output(load: &LoadArgs, hgrm_phase: Option<Phase>) -> Result<OutputConfig, Co
         max_failed: Some(load.max_failed),
         max_outage_secs: Some(load.max_outage.as_secs_f64().ceil() as u64),
         quiet: load.quiet,
+        silent: false,
     })
 }
 
@@ -654,6 +688,7 @@ fn echo(
         "threads": match &shape.cpus { Cpus::Count(n) => *n, Cpus::List(l) => l.len() },
         "cpus": planned_cpus(&shape.cpus),
         "rate": shape.rate,
+        "stages": load.stages.as_ref().map(|p| p.to_string()),
         "rate_unit": match load.rate_unit { RateUnit::Messages => "messages", RateUnit::Sessions => "sessions" },
         "duration_secs": shape.duration.map(|d| d.as_secs_f64()),
         "warmup_secs": load.warmup.map(|d| d.as_secs_f64()).unwrap_or(0.0),
@@ -796,6 +831,58 @@ mod tests {
             blast(&["--rate", "2"]).max_lag_p99(),
             Some(Duration::from_secs(5))
         );
+    }
+
+    #[test]
+    fn stages_set_the_duration_the_mean_rate_and_each_second_s_request() {
+        let c = blast(&["--stages", "2s:0..100,3s:100", "--warmup", "1s"]);
+        assert_eq!(c.duration, Some(Duration::from_secs(4)));
+        // Measured window 1..5 s: 75 + 300 messages over 4 s.
+        assert_eq!(
+            c.model,
+            LoadModel::Open {
+                messages_per_sec: 93.75
+            }
+        );
+        assert_eq!(c.requested_between(0.0, 1.0), Some(75.0));
+        assert_eq!(c.requested_between(1.0, 2.0), Some(100.0));
+        assert_eq!(c.requested_between(4.0, 5.0), Some(0.0), "past the end");
+        let c = blast(&["--stages", "2s:0..100,3s:100", "--instance", "1/2"]);
+        assert_eq!(
+            c.requested_between(2.0, 3.0),
+            Some(50.0),
+            "an instance's share"
+        );
+        let c = blast(&["--stages", "1s:10", "-k", "4", "--rate-unit", "sessions"]);
+        assert_eq!(c.requested_between(0.0, 1.0), Some(40.0));
+        let constant = blast(&["--rate", "100", "-d", "2s"]);
+        assert_eq!(constant.requested_between(1.5, 2.5), Some(50.0));
+        use clap::Parser;
+        for (argv, want) in [
+            (&["--stages", "2s:10", "--warmup", "2s"][..], "--warmup"),
+            (
+                &["--stages", "2s:10", "--rate", "5"][..],
+                "cannot be used with",
+            ),
+            (
+                &["--stages", "2s:10", "-d", "5s"][..],
+                "cannot be used with",
+            ),
+            (&["--stages", "2s"][..], "expected stages like"),
+        ] {
+            let mut v = vec!["smtpstorm", "blast", "127.0.0.1:2525"];
+            v.extend_from_slice(argv);
+            let e = match super::super::Cli::try_parse_from(v) {
+                Err(e) => e.to_string(),
+                Ok(cli) => {
+                    let super::super::Command::Blast(b) = cli.command else {
+                        unreachable!()
+                    };
+                    config(&b.target, &b.load).unwrap_err().to_string()
+                }
+            };
+            assert!(e.contains(want), "{argv:?}: {e}");
+        }
     }
 
     #[test]

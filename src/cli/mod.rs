@@ -33,6 +33,7 @@ pub mod parse;
 pub mod probe;
 pub mod shell;
 pub mod sink;
+pub mod sweep;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -47,6 +48,7 @@ pub use parse::*;
 pub use probe::ProbeArgs;
 pub use shell::{CompletionsArgs, ManArgs};
 pub use sink::SinkArgs;
+pub use sweep::SweepArgs;
 
 // The validated types flags parse into live with the roles that use them
 // (nothing below the CLI imports from here).
@@ -78,6 +80,9 @@ pub enum Command {
     Sink(SinkArgs),
     /// Generate SMTP load against TARGET and measure every phase.
     Blast(BlastArgs),
+    /// Find the highest open-loop rate TARGET carries while every --slo holds
+    /// (steps of --step, the rate doubled then bisected).
+    Sweep(SweepArgs),
     /// Run one diagnostic session against TARGET and print what the server says.
     Probe(ProbeArgs),
     /// Run a sink and a blaster in one process on loopback and report (the embedded default).

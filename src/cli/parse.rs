@@ -11,11 +11,18 @@
 use std::net::SocketAddr;
 
 use crate::blast::message::SizeRange;
+use crate::blast::profile::RateProfile;
 use crate::sink::config::AuthPolicy;
 use crate::smtp::BareLfPolicy;
 
 pub use crate::sink::faults::parse_fault;
 pub use crate::units::{parse_count, parse_duration, parse_percent, parse_rate, parse_size};
+
+/// `--stages`: `30s:0..2000,2m:2000,30s:2000..0` (see
+/// [`crate::blast::profile`]).
+pub fn parse_stages(s: &str) -> Result<RateProfile, String> {
+    RateProfile::parse(s)
+}
 
 pub(crate) fn parse_count_nonzero(s: &str) -> Result<u64, String> {
     match parse_count(s)? {

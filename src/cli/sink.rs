@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use super::parse::{
     parse_auth_policy, parse_bare_lf, parse_count, parse_duration, parse_fault, parse_listen_addr,
-    parse_size, parse_socket_addr, ListenAddr,
+    parse_rate, parse_size, parse_socket_addr, ListenAddr,
 };
 use super::ThreadArgs;
 use crate::net::runtime::Cpus;
@@ -91,6 +91,10 @@ pub struct SinkArgs {
     /// Check the body digest header the blaster writes and count verified/corrupt messages.
     #[arg(long)]
     pub verify: bool,
+    /// Accept at most R messages per second (all threads): each final reply waits
+    /// its turn, 1/R apart, as a queueing server's would (a target of known capacity).
+    #[arg(long, value_name = "R", value_parser = parse_rate)]
+    pub max_rate: Option<f64>,
     /// Stop after accepting exactly N messages (messages still in flight then get 451).
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub exit_after_messages: Option<u64>,
@@ -219,6 +223,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         "capture": args.capture.as_ref().map(|p| p.display().to_string()),
         "verify": args.verify,
         "exit_after_messages": args.exit_after_messages,
+        "max_rate": args.max_rate,
         "exit_after_sessions": args.exit_after_sessions,
         "duration_secs": args.duration.map(|d| d.as_secs_f64()),
         "grace_secs": args.grace.as_secs_f64(),
@@ -238,6 +243,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         capture: args.capture.clone(),
         verify: args.verify,
         exit_after_messages: args.exit_after_messages,
+        max_rate: args.max_rate,
         exit_after_sessions: args.exit_after_sessions,
         duration: args.duration,
         grace: args.grace,

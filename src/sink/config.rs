@@ -45,6 +45,9 @@ pub struct SinkConfig {
     pub capture: Option<PathBuf>,
     pub verify: bool,
     pub exit_after_messages: Option<u64>,
+    /// `--max-rate`: at most this many messages accepted per second, each
+    /// final reply held until its turn (`sink::pacer`).
+    pub max_rate: Option<f64>,
     pub exit_after_sessions: Option<u64>,
     pub duration: Option<Duration>,
     pub grace: Duration,

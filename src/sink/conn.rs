@@ -38,6 +38,7 @@ use crate::stats::Recorder;
 
 use super::capture::{BodyBuffer, Capture};
 use super::faults::ThreadFaults;
+use super::pacer::Pacer;
 
 /// Where the connection's current message transaction is, from the
 /// sink's side (see [`Txn::on_reply`]): what makes one MAIL one message.
@@ -213,6 +214,8 @@ pub struct ThreadCtx {
     pub capture_errors: u64,
     /// `--exit-after-messages`.
     pub message_limit: Option<MessageLimit>,
+    /// `--max-rate`: the shared turns of final replies.
+    pub pacer: Option<Arc<Pacer>>,
     /// Ended sessions not yet published (only with `--exit-after-sessions`).
     pub local_sessions: u64,
     /// Scratch for the session's output.
@@ -223,6 +226,7 @@ pub struct ThreadCtx {
 struct Hooks<'a> {
     faults: &'a mut ThreadFaults,
     message_limit: Option<&'a MessageLimit>,
+    pacer: Option<&'a Pacer>,
     auth: Option<&'a AuthPolicy>,
     peer_ip: IpAddr,
     now: Instant,
@@ -252,6 +256,20 @@ impl ServerHooks for Hooks<'_> {
             );
             if accepting && !limit.claim() {
                 return Verdict::Reply(451);
+            }
+        }
+        // `--max-rate`: the final reply of a message to be accepted waits
+        // for its turn (after any fault delay).
+        if let (CommandKind::Dot, Some(p)) = (cmd, self.pacer) {
+            match v {
+                Verdict::Proceed => {
+                    let wait = p.claim(self.now);
+                    if !wait.is_zero() {
+                        return Verdict::Delay(wait);
+                    }
+                }
+                Verdict::Delay(d) => return Verdict::Delay(d + p.claim(self.now + d)),
+                _ => {}
             }
         }
         v
@@ -313,6 +331,7 @@ impl ThreadCtx {
         Hooks {
             faults: &mut self.faults,
             message_limit: self.message_limit.as_ref(),
+            pacer: self.pacer.as_deref(),
             auth: self.auth.as_ref(),
             peer_ip,
             now,

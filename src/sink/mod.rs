@@ -21,6 +21,7 @@ pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod faults;
+pub mod pacer;
 pub mod worker;
 
 use std::io::IsTerminal;
@@ -218,6 +219,9 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         max_conns_per_thread: usize::try_from(cfg.max_connections.div_ceil(threads as u64))
             .unwrap_or(usize::MAX),
         exit_after_messages: cfg.exit_after_messages,
+        pacer: cfg
+            .max_rate
+            .map(|r| Arc::new(pacer::Pacer::new(Instant::now(), r))),
         exit_after_sessions: cfg.exit_after_sessions,
         messages_done: Arc::new(AtomicU64::new(0)),
         sessions_done: AtomicU64::new(0),

@@ -55,6 +55,8 @@ pub struct Shared {
     pub verify: bool,
     pub max_conns_per_thread: usize,
     pub exit_after_messages: Option<u64>,
+    /// `--max-rate`: the turns every thread's final replies wait for.
+    pub pacer: Option<Arc<super::pacer::Pacer>>,
     pub exit_after_sessions: Option<u64>,
     /// `--exit-after-messages` slots claimed (see `conn::MessageLimit`).
     pub messages_done: Arc<AtomicU64>,
@@ -254,6 +256,7 @@ pub fn run(
                 claimed: Arc::clone(&shared.messages_done),
                 stop: shared.stop.clone(),
             }),
+            pacer: shared.pacer.clone(),
             local_sessions: 0,
             server,
             tls: shared

@@ -674,7 +674,7 @@ impl IntervalLatency {
 }
 
 /// One point of the throughput-over-time series (JSON `timeline`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimelinePoint {
     /// Seconds since the run start (start of the one-second bin).
     pub t: u64,
@@ -694,6 +694,15 @@ pub struct TimelinePoint {
     /// from reports written before it existed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub latency: BTreeMap<String, IntervalLatency>,
+    /// Open loop: messages the schedule asked for in this second (the
+    /// integral of `--rate` or `--stages` over it). Absent in closed loop,
+    /// sink reports and reports written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested: Option<f64>,
+    /// Open loop: messages given to a connection in this second (the
+    /// achieved rate, as `open_loop.achieved_per_sec` counts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub achieved: Option<u64>,
 }
 
 /// Seconds a timeline bin stays open for late snapshots of other threads
