@@ -36,6 +36,7 @@ pub mod rng;
 pub mod sink;
 pub mod smtp;
 pub mod stats;
+pub mod trace;
 pub mod units;
 
 /// Run the command the flags name; returns the process exit code. Each

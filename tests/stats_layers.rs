@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 const LAYERS: &[(&str, u32)] = &[
     ("units", 0),
     ("recorder", 1),
+    ("trace", 1),
     ("report", 2),
     ("assert", 3),
     ("merge", 4),

@@ -579,6 +579,7 @@ fn client(load: &LoadArgs) -> ClientConfig {
         timeouts: ClientTimeouts::uniform(load.timeout),
         send_quit: true,
         capture_text: false,
+        wall_anchor: None,
     }
 }
 

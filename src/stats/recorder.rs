@@ -694,6 +694,11 @@ pub struct TimelinePoint {
     /// from reports written before it existed.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub latency: BTreeMap<String, IntervalLatency>,
+    /// End to end (`bench --through`, `merge` of a blaster and a sink):
+    /// messages accepted so far minus messages delivered so far, at the
+    /// end of this second. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<i64>,
 }
 
 /// Seconds a timeline bin stays open for late snapshots of other threads
