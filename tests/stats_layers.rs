@@ -18,6 +18,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("report", 2),
     ("assert", 3),
     ("merge", 4),
+    ("e2e", 4),
     ("summary", 5),
     ("hgrm", 5),
     ("hlog", 5),

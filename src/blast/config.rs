@@ -115,6 +115,8 @@ pub struct BlastConfig {
     /// `(I, N)`: this is instance I of N.
     pub instance: (u32, u32),
     pub start_at_unix: Option<f64>,
+    /// `--trace`: the run id every message's trace header carries.
+    pub trace: Option<u64>,
     pub output: OutputConfig,
     /// The configuration echoed into the JSON report.
     pub echo: serde_json::Value,
@@ -147,6 +149,7 @@ impl BlastConfig {
             self.instance,
         )
         .with_corpus(self.corpus.clone())
+        .with_trace(self.trace)
     }
 
     /// Number of worker threads this config will run.

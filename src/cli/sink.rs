@@ -90,6 +90,11 @@ pub struct SinkArgs {
     /// Check the body digest header the blaster writes and count verified/corrupt messages.
     #[arg(long)]
     pub verify: bool,
+    /// Find the X-Smtpstorm-Trace header of `blast --trace` in each accepted message's
+    /// header section and record, per run id, deliveries, duplicates, the numbers
+    /// delivered and the delivery latency (messages without one count as untraced).
+    #[arg(long)]
+    pub trace: bool,
     /// Stop after accepting exactly N messages (messages still in flight then get 451).
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub exit_after_messages: Option<u64>,
@@ -208,6 +213,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         "seed": args.seed,
         "capture": args.capture.as_ref().map(|p| p.display().to_string()),
         "verify": args.verify,
+        "trace": args.trace,
         "exit_after_messages": args.exit_after_messages,
         "exit_after_sessions": args.exit_after_sessions,
         "duration_secs": args.duration.map(|d| d.as_secs_f64()),
@@ -226,6 +232,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         seed: args.seed,
         capture: args.capture.clone(),
         verify: args.verify,
+        trace: args.trace,
         exit_after_messages: args.exit_after_messages,
         exit_after_sessions: args.exit_after_sessions,
         duration: args.duration,

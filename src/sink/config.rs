@@ -40,6 +40,8 @@ pub struct SinkConfig {
     pub seed: u64,
     pub capture: Option<PathBuf>,
     pub verify: bool,
+    /// `--trace`: find each message's trace header and record deliveries.
+    pub trace: bool,
     pub exit_after_messages: Option<u64>,
     pub exit_after_sessions: Option<u64>,
     pub duration: Option<Duration>,

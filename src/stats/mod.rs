@@ -46,6 +46,7 @@
 
 pub mod assert;
 pub mod charts;
+pub mod e2e;
 pub mod hgrm;
 pub mod hlog;
 pub mod html;
@@ -60,6 +61,7 @@ pub mod trace;
 pub mod units;
 
 pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion};
+pub use e2e::{account as account_e2e, pair as pair_e2e, E2eError, E2eOptions};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use html::{html_string, write_html, HtmlError};
