@@ -314,7 +314,7 @@ fn e2e_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
     };
     let _ = writeln!(
         o,
-        "<h2>End to end</h2><p class="sub">Run {}: {}.</p><div class="cards" id="e2e">",
+        "<h2>End to end</h2><p class=\"sub\">Run {}: {}.</p><div class=\"cards\" id=\"e2e\">",
         escape(&e.run_id),
         escape(&e.clock_note)
     );
@@ -333,7 +333,7 @@ fn e2e_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
         card(o, &format_us(d.p50_us as f64), "p50 delivery");
         card(o, &format_us(d.p99_us as f64), "p99 delivery");
     }
-    let _ = writeln!(o, "</div><div class="charts wide">");
+    let _ = writeln!(o, "</div><div class=\"charts wide\">");
     figure(
         o,
         "chart-backlog",
