@@ -44,7 +44,10 @@ pub fn merge(files: &[PathBuf], rules: SetRules, out: &OutputConfig) -> anyhow::
         .enumerate()
         .partition(|(_, r)| r.role == stats::Role::Sink);
     if sinks.len() > 1 {
-        anyhow::bail!("merge takes at most one sink report (the end-to-end pairing); got {}", sinks.len());
+        anyhow::bail!(
+            "merge takes at most one sink report (the end-to-end pairing); got {}",
+            sinks.len()
+        );
     }
     if blasts.is_empty() {
         anyhow::bail!("merge needs at least one blast report");
@@ -111,7 +114,10 @@ fn merged_trace(blasts: &[stats::Report]) -> anyhow::Result<Option<stats::TraceR
     for t in blasts.iter().filter_map(|r| r.trace.as_ref()) {
         let id = t.run_id.clone().unwrap_or_default();
         if run.as_ref().is_some_and(|r| *r != id) {
-            anyhow::bail!("the blast reports carry different run ids ({} and {id})", run.unwrap_or_default());
+            anyhow::bail!(
+                "the blast reports carry different run ids ({} and {id})",
+                run.unwrap_or_default()
+            );
         }
         run = Some(id);
         if let Some(s) = &t.accepted_set {
@@ -149,7 +155,10 @@ pub fn report(
     }
     if let Some(p) = prometheus {
         if report.e2e.is_none() {
-            anyhow::bail!("{}: no end-to-end figures (bench --through, or merge with a sink report)", file.display());
+            anyhow::bail!(
+                "{}: no end-to-end figures (bench --through, or merge with a sink report)",
+                file.display()
+            );
         }
         std::fs::write(p, stats::metrics::e2e_prometheus_text(&report))
             .with_context(|| format!("writing {}", p.display()))?;

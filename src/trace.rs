@@ -91,26 +91,124 @@ pub fn anchor() -> (Instant, u64) {
 /// fields separated by white space; a 16-hex-digit run id, a decimal
 /// message number, a decimal nonzero send time of [`TIME_DIGITS`] digits.
 pub fn parse_value(v: &[u8]) -> Option<Trace> {
-    let mut fields = v
-        .split(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
-        .filter(|f| !f.is_empty());
-    let run = fields.next()?;
-    let n = fields.next()?;
-    let t = fields.next()?;
-    if fields.next().is_some() || run.len() != 16 || t.len() != TIME_DIGITS {
+    // The sink runs this per message: the layout the blaster writes
+    // (` <16 hex> <n> <19 digits>`, CR kept) is read straight off its
+    // positions; anything else takes the general path below.
+    if let Some(t) = parse_canonical(v) {
+        return Some(t);
+    }
+    let mut i = 0;
+    let run = field(v, &mut i);
+    let n = field(v, &mut i);
+    let t = field(v, &mut i);
+    if !field(v, &mut i).is_empty() || run.len() != 16 || t.len() != TIME_DIGITS {
         return None;
     }
-    let run = u64::from_str_radix(std::str::from_utf8(run).ok()?, 16).ok()?;
+    let r = hex16(run)?;
     let n = decimal(n)?;
     let sent_ns = decimal(t)?;
+    (sent_ns != 0).then_some(Trace { run: r, n, sent_ns })
+}
+
+/// The blaster's own layout: ` <16 hex> <n> <19 digits>` with an optional
+/// CR; `None` if `v` is laid out otherwise (not necessarily malformed).
+fn parse_canonical(v: &[u8]) -> Option<Trace> {
+    let v = v.strip_prefix(b" ")?;
+    let v = v.strip_suffix(b"\r").unwrap_or(v);
+    let len = v.len();
+    if len < 16 + 1 + 1 + 1 + TIME_DIGITS || v[16] != b' ' || v[len - TIME_DIGITS - 1] != b' ' {
+        return None;
+    }
+    let run = hex16(&v[..16])?;
+    let n = decimal(&v[17..len - TIME_DIGITS - 1])?;
+    let t = &v[len - TIME_DIGITS..];
+    // 19 digits: 8 + 8 + 3, each run of 8 in a few operations (SWAR).
+    let hi = digits8(t[..8].try_into().ok()?)?;
+    let mid = digits8(t[8..16].try_into().ok()?)?;
+    let lo = decimal(&t[16..])?;
+    let sent_ns = hi
+        .checked_mul(100_000_000_000)?
+        .checked_add(mid * 1000 + lo)?;
     (sent_ns != 0).then_some(Trace { run, n, sent_ns })
 }
 
-fn decimal(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 20 || !s.iter().all(u8::is_ascii_digit) {
+/// Eight ASCII decimal digits as a number (`None` if one is not a digit).
+fn digits8(b: [u8; 8]) -> Option<u64> {
+    let x = u64::from_le_bytes(b).wrapping_sub(0x3030_3030_3030_3030);
+    // Every byte a digit: no byte borrowed below '0' or above '9'.
+    if (x | x.wrapping_add(0x7676_7676_7676_7676)) & 0x8080_8080_8080_8080 != 0 {
         return None;
     }
-    std::str::from_utf8(s).ok()?.parse().ok()
+    let x = (x.wrapping_mul(10) + (x >> 8)) & 0x00ff_00ff_00ff_00ff;
+    let x = (x.wrapping_mul(100) + (x >> 16)) & 0x0000_ffff_0000_ffff;
+    Some((x.wrapping_mul(10_000) + (x >> 32)) & 0xffff_ffff)
+}
+
+/// Hex digit values by byte (either case), 0xff for the rest.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Sixteen hex digits (either case).
+fn hex16(s: &[u8]) -> Option<u64> {
+    let s: &[u8; 16] = s.try_into().ok()?;
+    let mut r = 0u64;
+    let mut bad = 0u8;
+    for &b in s {
+        let d = HEX_VALUE[usize::from(b)];
+        bad |= d;
+        r = (r << 4) | u64::from(d & 0x0f);
+    }
+    // A non-digit's 0xff sets the high bit; digits never do.
+    (bad & 0x80 == 0).then_some(r)
+}
+
+/// The next field of `v` from `*i` (white space skipped), empty at the end.
+fn field<'a>(v: &'a [u8], i: &mut usize) -> &'a [u8] {
+    let ws = |b: u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+    while *i < v.len() && ws(v[*i]) {
+        *i += 1;
+    }
+    let start = *i;
+    while *i < v.len() && !ws(v[*i]) {
+        *i += 1;
+    }
+    &v[start..*i]
+}
+
+fn decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    if s.len() == 20 {
+        // Only the largest numbers can overflow.
+        let head = decimal(&s[..19])?;
+        let d = s[19].wrapping_sub(b'0');
+        return (d < 10)
+            .then(|| head.checked_mul(10)?.checked_add(u64::from(d)))
+            .flatten();
+    }
+    let mut v = 0u64;
+    for &b in s {
+        let d = b.wrapping_sub(b'0');
+        if d >= 10 {
+            return None;
+        }
+        v = v * 10 + u64::from(d);
+    }
+    Some(v)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,6 +232,22 @@ enum St {
 
 /// `x-smtpstorm-trace:` (the name lowercased, with its colon).
 const NAME: &[u8] = b"x-smtpstorm-trace:";
+
+/// Whether `s` starts with the field name and its colon (any case).
+fn name_at(s: &[u8]) -> bool {
+    // Two words compared with every byte ORed with 0x20: a letter matches
+    // itself in either case and nothing else; `-` would also match CR, so
+    // the two dashes and the colon are compared exactly.
+    let word = |i: usize| s[i..i + 8].try_into().map(u64::from_le_bytes).unwrap_or(0);
+    let a = word(0) | 0x2020_2020_2020_2020;
+    let b = word(8) | 0x2020_2020_2020_2020;
+    a == u64::from_le_bytes(*b"x-smtpst")
+        && b == u64::from_le_bytes(*b"orm-trac")
+        && s[16] | 0x20 == b'e'
+        && s[1] == b'-'
+        && s[11] == b'-'
+        && s[17] == b':'
+}
 
 /// Streaming search for the trace header of one message at a time
 /// (see the module doc); [`Scanner::finish`] resets it for the next.
@@ -185,6 +299,18 @@ impl Scanner {
             match self.st {
                 St::Done => return,
                 St::LineStart => {
+                    // Fast path: the whole name is in this chunk.
+                    if chunk.len() - i >= NAME.len() && b | 0x20 == b'x' {
+                        if name_at(&chunk[i..]) {
+                            i += NAME.len();
+                            self.st = St::Value;
+                            self.len = 0;
+                            self.overflow = false;
+                        } else {
+                            self.st = St::Skip;
+                        }
+                        continue;
+                    }
                     self.st = match b {
                         b'\r' => St::BlankCr,
                         b'\n' => St::Done,
@@ -232,6 +358,21 @@ impl Scanner {
                         Some(j) => (&rest[..j], true),
                         None => (rest, false),
                     };
+                    // Fast path: the whole value and the byte after its line
+                    // (not a fold) are in this chunk: parse it in place.
+                    if eol
+                        && self.len == 0
+                        && piece.len() <= MAX_VALUE
+                        && rest
+                            .get(piece.len() + 1)
+                            .is_some_and(|&c| c != b' ' && c != b'\t')
+                    {
+                        if let Some(t) = parse_value(piece) {
+                            self.found = Some(t);
+                            self.st = St::Done;
+                            return;
+                        }
+                    }
                     self.push_value(piece);
                     i += piece.len();
                     if eol {
@@ -406,6 +547,46 @@ mod tests {
             every_split(stamped(42, WANT.sent_ns).as_bytes()),
             Some(WANT)
         );
+    }
+
+    #[test]
+    fn the_fast_paths_agree_with_the_general_ones() {
+        for v in [
+            1u64,
+            9,
+            10,
+            99_999_999,
+            100_000_000,
+            1_795_368_985_123_456_789,
+            9_999_999_999_999_999_999,
+        ] {
+            let line = format!(" {RUN:016x} 77 {v:019}\r");
+            let want = (v != 0).then_some(Trace {
+                run: RUN,
+                n: 77,
+                sent_ns: v,
+            });
+            assert_eq!(parse_value(line.as_bytes()), want, "{line}");
+            assert_eq!(parse_canonical(line.as_bytes()), want, "{line}");
+        }
+        for bad in ["/", ":", "a", " ", "\u{7f}"] {
+            let t = format!("17953689{bad}5123456789");
+            let t = &t[..19.min(t.len())];
+            let line = format!(" {RUN:016x} 77 {t:0>19}");
+            assert_eq!(parse_value(line.as_bytes()), None, "{line:?}");
+        }
+        for name in ["X-SMTPSTORM-TRACE:", "x-SmTpStOrM-tRaCe:"] {
+            assert!(name_at(format!("{name} rest").as_bytes()), "{name}");
+        }
+        for name in [
+            "x\rsmtpstorm-trace:",
+            "x-smtpstorm\rtrace:",
+            "x-smtpstorm-trace;",
+            "x-smtpstorm-tracex",
+            "y-smtpstorm-trace:",
+        ] {
+            assert!(!name_at(format!("{name} rest").as_bytes()), "{name:?}");
+        }
     }
 
     #[test]

@@ -120,7 +120,11 @@ fn each_figure_follows_its_definition() {
     assert_eq!(e.late, 1);
     let d = &b.latency["delivery"];
     assert_eq!(d.count, 11);
-    assert!(d.p50_us >= 1_490_000 && d.p50_us <= 1_510_000, "{}", d.p50_us);
+    assert!(
+        d.p50_us >= 1_490_000 && d.p50_us <= 1_510_000,
+        "{}",
+        d.p50_us
+    );
     // Backlog: 5 accepted in second 0, 10 by second 1; 8 first deliveries
     // in second 1, 2 more in second 2, the late one in second 5.
     let backlog: Vec<(u64, Option<i64>)> = b.timeline.iter().map(|p| (p.t, p.backlog)).collect();
@@ -139,7 +143,10 @@ fn each_figure_follows_its_definition() {
     assert_valid("sink", &s);
     // And back from JSON: the histogram of `delivery` decodes.
     let back = Report::from_json(&b.to_json(), "test").unwrap();
-    assert_eq!(back.latency["delivery"].histogram.as_ref().unwrap().len(), 11);
+    assert_eq!(
+        back.latency["delivery"].histogram.as_ref().unwrap().len(),
+        11
+    );
     assert_eq!(back.e2e, b.e2e);
 }
 
@@ -152,7 +159,11 @@ fn a_measured_clock_offset_is_taken_from_every_delivery_latency() {
     };
     account_e2e(&mut b, &sink(), &o).unwrap();
     let e = b.e2e.as_ref().unwrap();
-    assert!(!e.one_clock && e.clock_note.contains("--clock-offset"), "{}", e.clock_note);
+    assert!(
+        !e.one_clock && e.clock_note.contains("--clock-offset"),
+        "{}",
+        e.clock_note
+    );
     assert_eq!(e.late, 0, "no drain given: nothing is late");
     let p50 = b.latency["delivery"].p50_us;
     assert!((490_000..=510_000).contains(&p50), "{p50}");

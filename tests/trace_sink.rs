@@ -87,14 +87,24 @@ fn a_trace_after_a_thousand_header_lines_is_found() {
         msg.push_str(&format!("X-Filler-{i}: {}\n", "f".repeat(i % 60)));
     }
     // Folded, as an MTA may leave it.
-    msg.push_str(&format!("X-Smtpstorm-Trace: 00000000000000aa 7\n\t{STAMP}\n"));
+    msg.push_str(&format!(
+        "X-Smtpstorm-Trace: 00000000000000aa 7\n\t{STAMP}\n"
+    ));
     msg.push_str("Subject: deep\n\nbody\n");
     let f = dir.path().join("deep.eml");
     std::fs::write(&f, msg).unwrap();
     let (p, port, json) = sink(dir.path(), 3, &["--trace"]);
     let (code, _, err) = common::blast(
         dir.path(),
-        &[&format!("127.0.0.1:{port}"), "--body", f.to_str().unwrap(), "-n", "3", "-c", "1"],
+        &[
+            &format!("127.0.0.1:{port}"),
+            "--body",
+            f.to_str().unwrap(),
+            "-n",
+            "3",
+            "-c",
+            "1",
+        ],
     );
     assert_eq!(code, 0, "{err}");
     let v = finish(p, &json);

@@ -166,8 +166,8 @@ fn backlog(blast: &mut Report, accepted: u64, deliveries: &[(f64, u64)], drain_e
     let last_delivery = deliveries.iter().map(|(s, _)| *s).fold(f64::MIN, f64::max);
     let end = drain_end.unwrap_or(f64::MIN).max(last_delivery + 1.0);
     // The last one-second bin that starts before `end`.
-    let last_t = ((end - start).ceil().max(1.0) as u64 - 1)
-        .max(blast.timeline.last().map_or(0, |p| p.t));
+    let last_t =
+        ((end - start).ceil().max(1.0) as u64 - 1).max(blast.timeline.last().map_or(0, |p| p.t));
     let mut points = std::mem::take(&mut blast.timeline).into_iter().peekable();
     let mut out = Vec::new();
     let mut i = 0;

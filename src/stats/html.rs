@@ -22,8 +22,7 @@ use plotters::prelude::{DrawingArea, IntoDrawingArea, SVGBackend, WHITE};
 use super::assert::parse as parse_assertion;
 use super::charts::{
     draw_backlog, draw_latency_over_time, draw_outcomes, draw_spectrum, draw_throughput,
-    phases_over_time,
-    spectrum,
+    phases_over_time, spectrum,
 };
 use super::report::{Bottleneck, LatencySummary, Report, Role};
 use super::units::{format_bytes_rate, format_rate, format_unix_utc, format_us};

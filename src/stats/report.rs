@@ -481,6 +481,8 @@ pub struct TraceRun {
 impl TraceReport {
     /// The sink's `trace` from its threads' merged records.
     pub fn of_sink(rec: &TraceRecorder) -> Result<Self, ReportError> {
+        let mut rec = rec.clone();
+        rec.settle();
         let runs = rec
             .runs
             .iter()

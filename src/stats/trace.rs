@@ -85,8 +85,11 @@ pub struct RunDeliveries {
     /// Deliveries that seemed to arrive before they were sent (the
     /// clocks of two hosts disagree); recorded as 0 µs.
     pub negative: u64,
-    /// First deliveries per wall-clock second (Unix seconds).
+    /// First deliveries per wall-clock second (Unix seconds); the current
+    /// second is counted in `current` until the next one begins.
     pub per_second: BTreeMap<u64, u64>,
+    /// (second, first deliveries in it) not yet in `per_second`.
+    current: (u64, u64),
 }
 
 impl RunDeliveries {
@@ -100,10 +103,22 @@ impl RunDeliveries {
             delivery: delivery_histogram(),
             negative: 0,
             per_second: BTreeMap::new(),
+            current: (0, 0),
+        }
+    }
+
+    /// Moves the current second's count into `per_second`.
+    fn settle(&mut self) {
+        let (s, n) = std::mem::take(&mut self.current);
+        if n > 0 {
+            *self.per_second.entry(s).or_default() += n;
         }
     }
 
     fn add(&mut self, o: &RunDeliveries) {
+        self.settle();
+        let mut o = o.clone();
+        o.settle();
         let overlap = self.delivered.0.intersection_len(&o.delivered.0);
         self.messages += o.messages;
         self.recipients += o.recipients;
@@ -146,7 +161,12 @@ impl TraceRecorder {
         r.messages += 1;
         r.recipients += u64::from(recipients);
         if r.delivered.0.insert(n) {
-            *r.per_second.entry(now_ns / 1_000_000_000).or_default() += 1;
+            let sec = now_ns / 1_000_000_000;
+            if r.current.0 != sec {
+                r.settle();
+                r.current.0 = sec;
+            }
+            r.current.1 += 1;
         } else {
             r.duplicates += 1;
         }
@@ -160,13 +180,23 @@ impl TraceRecorder {
             .saturating_record(us.clamp(DELIVERY_LOW_US, DELIVERY_HIGH_US));
     }
 
+    /// Counts still held per run moved to where readers look (`merge`
+    /// does it too).
+    pub fn settle(&mut self) {
+        self.runs.iter_mut().for_each(RunDeliveries::settle);
+    }
+
     /// Adds another thread's records.
     pub fn merge(&mut self, o: &TraceRecorder) {
         self.untraced += o.untraced;
         for r in &o.runs {
             match self.runs.iter_mut().find(|m| m.run == r.run) {
                 Some(m) => m.add(r),
-                None => self.runs.push(r.clone()),
+                None => {
+                    let mut r = r.clone();
+                    r.settle();
+                    self.runs.push(r);
+                }
             }
         }
     }
