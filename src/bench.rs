@@ -19,6 +19,7 @@
 //! only; a refused greeting or EHLO fails messages the sink never saw.)
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
@@ -43,6 +44,9 @@ pub struct BenchConfig {
     /// The sink injects faults (see the module doc for what must agree).
     pub sink_faults: bool,
     pub quiet: bool,
+    /// `--through HOST:PORT` (the blaster's target): the drain after the
+    /// load. The sink receives what the server relays (see [`through`]).
+    pub through: Option<Duration>,
 }
 
 /// `smtpstorm bench`: the exit code (as `blast`).
@@ -56,7 +60,11 @@ pub fn run(cfg: BenchConfig) -> anyhow::Result<u8> {
         verify,
         sink_faults: _,
         quiet,
+        through: drain,
     } = cfg;
+    if let Some(drain) = drain {
+        return through(scfg, bcfg, drain, &sink_cpus, &blast_cpus, quiet);
+    }
     let faults = scfg.faults.clone();
     let (per_session, timeout) = (bcfg.messages_per_session, bcfg.timeout);
     let sink = sink::start(scfg).context("starting the embedded sink")?;
@@ -125,6 +133,78 @@ pub fn run(cfg: BenchConfig) -> anyhow::Result<u8> {
         bail!("the sink found {} corrupt messages", s.verify_corrupt);
     }
     Ok(code)
+}
+
+/// `bench --through`: the blaster loads the server under test (its
+/// configured target), which relays to the sink started here (on
+/// `--sink-listen`, printed); after the load the drain waits up to `drain`
+/// for deliveries (less once the sink has accepted as many messages as the
+/// server did), then the sink stops (its grace lets relay sessions in
+/// flight finish: what they deliver is late) and the blaster's report gets
+/// the end-to-end accounting ([`crate::stats::account_e2e`]). Both ends
+/// read one clock. The two sides' counts are not compared (the sink sees
+/// relayed mail, not the blaster's sessions).
+fn through(
+    scfg: SinkConfig,
+    bcfg: BlastConfig,
+    drain: Duration,
+    sink_cpus: &[usize],
+    blast_cpus: &[usize],
+    quiet: bool,
+) -> anyhow::Result<u8> {
+    let mut sink = sink::start(scfg).context("starting the embedded sink")?;
+    let relay_to = sink.plain_addrs()[0];
+    // Printed even with --quiet: the server under test must be pointed here.
+    eprintln!(
+        "smtpstorm bench: through {}: relay to the sink on {relay_to} (CPUs {sink_cpus:?}); blaster on CPUs {blast_cpus:?}",
+        bcfg.target
+    );
+    let output = bcfg.output.clone();
+    let mut run = blast::execute(bcfg)?;
+    let accepted = run
+        .report
+        .trace
+        .as_ref()
+        .and_then(|t| t.accepted)
+        .unwrap_or(0);
+    let drain_start = Instant::now();
+    if !quiet {
+        eprintln!(
+            "smtpstorm bench: draining: waiting up to {:.0}s for {accepted} deliveries",
+            drain.as_secs_f64()
+        );
+    }
+    while !run.interrupted && !sink.finished() {
+        let left = drain.saturating_sub(drain_start.elapsed());
+        if left.is_zero() || sink.accepted_so_far() >= accepted {
+            break;
+        }
+        let _ = sink.live(left.min(Duration::from_millis(250)));
+    }
+    let drained = drain_start.elapsed();
+    let drain_end_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    sink.stop();
+    let summary = sink
+        .wait()
+        .context("collecting the embedded sink's figures")?;
+    crate::stats::account_e2e(
+        &mut run.report,
+        &summary.report,
+        &crate::stats::E2eOptions {
+            drain_secs: drained.as_secs_f64(),
+            drain_end_unix: Some(drain_end_unix),
+            one_clock: true,
+            clock_offset_secs: 0.0,
+        },
+    )?;
+    if let Some(p) = &output.json {
+        if p.as_os_str() != "-" {
+            summary.report.write_json(&sink_json_path(p))?;
+        }
+    }
+    blast::finish(run, &output)
 }
 
 /// The first count the sink (`s`) and the blaster (`b`) should agree on

@@ -36,6 +36,7 @@ pub mod rng;
 pub mod sink;
 pub mod smtp;
 pub mod stats;
+pub mod trace;
 pub mod units;
 
 /// Run the command the flags name; returns the process exit code. Each
@@ -54,7 +55,12 @@ pub fn run(cli: cli::Cli) -> anyhow::Result<u8> {
             cli::offline::merge_rules(&a),
             &cli::offline::merge_output(&a)?,
         ),
-        Command::Report(a) => offline::report(&a.file, a.svg.as_deref(), a.html.as_deref()),
+        Command::Report(a) => offline::report(
+            &a.file,
+            a.svg.as_deref(),
+            a.html.as_deref(),
+            a.prometheus.as_deref(),
+        ),
         Command::Completions(a) => Ok(cli::shell::completions(&a)?),
         Command::Man(a) => Ok(cli::shell::man(&a)?),
     }

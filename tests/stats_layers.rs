@@ -14,9 +14,11 @@ use std::collections::BTreeMap;
 const LAYERS: &[(&str, u32)] = &[
     ("units", 0),
     ("recorder", 1),
+    ("trace", 1),
     ("report", 2),
     ("assert", 3),
     ("merge", 4),
+    ("e2e", 4),
     ("summary", 5),
     ("hgrm", 5),
     ("hlog", 5),

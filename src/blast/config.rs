@@ -128,6 +128,8 @@ pub struct BlastConfig {
     /// `(I, N)`: this is instance I of N.
     pub instance: (u32, u32),
     pub start_at_unix: Option<f64>,
+    /// `--trace`: the run id every message's trace header carries.
+    pub trace: Option<u64>,
     pub output: OutputConfig,
     /// The configuration echoed into the JSON report.
     pub echo: serde_json::Value,
@@ -160,6 +162,7 @@ impl BlastConfig {
             self.instance,
         )
         .with_corpus(self.corpus.clone())
+        .with_trace(self.trace)
     }
 
     /// The open loop's rate over time, all instances together, from the

@@ -72,6 +72,8 @@ pub trait Observer {
     fn capabilities(&mut self, lines: Vec<String>) {}
     /// A connection that had a session ended.
     fn session_end(&mut self, tls: TlsState) {}
+    /// A traced message (`--trace`) was accepted: its tag (`{n}`).
+    fn accepted(&mut self, tag: u64) {}
 }
 
 /// What a call left the connection as.
@@ -102,7 +104,13 @@ enum Ask {
 }
 
 /// Tells `obs` one session event (`open`: record corrected latencies).
-fn tell<O: Observer>(obs: &mut O, open: bool, outcomes: &mut u64, ev: ClientEvent) -> Ask {
+fn tell<O: Observer>(
+    obs: &mut O,
+    open: bool,
+    outcomes: &mut u64,
+    tags: &mut Vec<(u64, u64)>,
+    ev: ClientEvent,
+) -> Ask {
     match ev {
         ClientEvent::Phase {
             phase,
@@ -111,12 +119,21 @@ fn tell<O: Observer>(obs: &mut O, open: bool, outcomes: &mut u64, ev: ClientEven
         } => obs.phase(phase, latency, corrected.filter(|_| open)),
         ClientEvent::Reply { command, code } => obs.reply(command, code),
         ClientEvent::Message {
+            index,
             outcome,
             recipients_accepted,
             bytes,
             ..
         } => {
             *outcomes += 1;
+            if !tags.is_empty() {
+                if let Some(p) = tags.iter().position(|t| t.0 == index as u64) {
+                    let (_, tag) = tags.swap_remove(p);
+                    if outcome == Outcome::Accepted {
+                        obs.accepted(tag);
+                    }
+                }
+            }
             obs.outcome(outcome, recipients_accepted, bytes);
         }
         ClientEvent::Error(e) => obs.error(e),
@@ -138,6 +155,8 @@ pub struct BlastConn {
     /// Messages given to this connection (an outcome is owed for each).
     pub given: u64,
     outcomes: u64,
+    /// Traced messages without an outcome yet: (index in the session, tag).
+    tags: Vec<(u64, u64)>,
     /// An open-loop session (messages one at a time).
     pub open: bool,
     /// The session's intended start (open loop), else its actual start.
@@ -170,7 +189,14 @@ impl BlastConn {
         started: Instant,
         identity: Identity,
     ) -> Self {
+        let tags = pending
+            .iter()
+            .enumerate()
+            .filter(|(_, (m, _))| m.stamp.is_some())
+            .map(|(i, (m, _))| (i as u64, m.tag))
+            .collect();
         BlastConn {
+            tags,
             given: pending.len() as u64,
             pending,
             session: None,
@@ -390,6 +416,9 @@ impl BlastConn {
         msg: Message,
         intended: Instant,
     ) -> State {
+        if msg.stamp.is_some() {
+            self.tags.push((self.given, msg.tag));
+        }
         self.given += 1;
         if let Some(s) = &mut self.session {
             s.push_message(now, msg, Some(intended));
@@ -438,7 +467,7 @@ impl BlastConn {
                     }
                     s.handle_close(now);
                     while let Some(ev) = s.poll_event() {
-                        let _ = tell(obs, self.open, &mut self.outcomes, ev);
+                        let _ = tell(obs, self.open, &mut self.outcomes, &mut self.tags, ev);
                     }
                 }
                 if s.is_done() {
@@ -473,7 +502,7 @@ impl BlastConn {
         };
         let mut done = false;
         while let Some(ev) = s.poll_event() {
-            match tell(cx.obs, self.open, &mut self.outcomes, ev) {
+            match tell(cx.obs, self.open, &mut self.outcomes, &mut self.tags, ev) {
                 Ask::Nothing => {}
                 Ask::Done => done = true,
                 Ask::StartTls => {

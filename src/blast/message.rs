@@ -198,6 +198,8 @@ pub struct MessageBuilder {
     header_target: usize,
     date_secs: u64,
     date: String,
+    /// `--trace`: the run id every message's trace header carries.
+    trace_run: Option<u64>,
 }
 
 impl MessageBuilder {
@@ -237,11 +239,11 @@ impl MessageBuilder {
             header_target: 0,
             date_secs: u64::MAX,
             date: String::new(),
+            trace_run: None,
         };
         // Aim at the length of a header for a large sequence number plus
         // room, so that nearly every header can be padded up to it.
-        let probe = b.header_for(u64::MAX / 4, u64::MAX, &"x".repeat(64));
-        b.header_target = probe.len() + 32;
+        b.aim_header();
         b
     }
 
@@ -250,6 +252,41 @@ impl MessageBuilder {
     /// `--size` below it cannot be honoured.
     pub fn smallest_message(&self) -> u64 {
         (self.header_target + 2 + 2) as u64
+    }
+
+    /// Aims the header length at that of a large sequence number plus room.
+    fn aim_header(&mut self) {
+        let (probe, _) = self.header_for(u64::MAX / 4, u64::MAX, &"x".repeat(64));
+        self.header_target = probe.len() + 32;
+    }
+
+    /// `--trace`: every message carries the trace header of run `run`
+    /// (`crate::trace`), first in its header block, its send time stamped
+    /// by the session ([`Message::stamp`]). Call before
+    /// [`Self::shared_body`]: the header grows, so the body shrinks.
+    pub fn with_trace(mut self, run: Option<u64>) -> Self {
+        self.trace_run = run;
+        self.aim_header();
+        self
+    }
+
+    /// The trace line of message `n` and its stamp offset, with `--trace`.
+    fn trace_line(&self, n: u64) -> Option<(String, usize)> {
+        self.trace_run.map(|run| crate::trace::header_line(run, n))
+    }
+
+    /// `header` with the trace line of message `n` in front (with `--trace`),
+    /// and the offset of its stamp.
+    fn traced(&self, n: u64, header: Vec<u8>) -> (Vec<u8>, Option<usize>) {
+        match self.trace_line(n) {
+            None => (header, None),
+            Some((line, at)) => {
+                let mut h = Vec::with_capacity(line.len() + header.len());
+                h.extend_from_slice(line.as_bytes());
+                h.extend_from_slice(&header);
+                (h, Some(at))
+            }
+        }
     }
 
     /// Send the messages of `corpus` (`--data`) instead of generated ones.
@@ -266,7 +303,7 @@ impl MessageBuilder {
         .wrapping_add(u64::from(self.instance))
     }
 
-    fn header_for(&mut self, n: u64, rand: u64, digest_line: &str) -> Vec<u8> {
+    fn header_for(&mut self, n: u64, rand: u64, digest_line: &str) -> (Vec<u8>, Option<usize>) {
         let vars = Vars {
             n,
             thread: self.thread,
@@ -285,6 +322,10 @@ impl MessageBuilder {
             self.date = rfc5322_date(now);
         }
         let mut h = String::with_capacity(512);
+        let stamp = self.trace_line(n).map(|(line, at)| {
+            h.push_str(&line);
+            at
+        });
         h.push_str("From: <");
         h.push_str(&from);
         h.push_str(">\r\nTo: <");
@@ -302,7 +343,7 @@ impl MessageBuilder {
         let _ = write!(h, "{n}");
         h.push_str("\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n");
         h.push_str(digest_line);
-        h.into_bytes()
+        (h.into_bytes(), stamp)
     }
 
     /// Body length for a message of `total` bytes.
@@ -373,13 +414,17 @@ impl MessageBuilder {
         });
         if let Some(corpus) = &self.corpus {
             let body = &corpus.messages[corpus.index(n, &mut self.corpus_pass)];
+            let (raw, data) = (Arc::clone(&body.raw), body.data.clone());
+            let (header, stamp) = self.traced(n, body.digest_line.as_bytes().to_vec());
             return Message {
                 mail_from,
                 mail_params: String::new(),
                 rcpt_to,
-                header: body.digest_line.as_bytes().to_vec(),
-                body: Arc::clone(&body.raw),
-                data: body.data.clone(),
+                header,
+                body: raw,
+                data,
+                stamp,
+                tag: n,
             };
         }
         if let Some(file) = &self.body_file {
@@ -391,19 +436,22 @@ impl MessageBuilder {
                     b
                 }
             };
+            let (header, stamp) = self.traced(n, Vec::new());
             return Message {
                 mail_from,
                 mail_params: String::new(),
                 rcpt_to,
-                header: Vec::new(),
+                header,
                 body: Arc::clone(&body.raw),
                 data: body.data.clone(),
+                stamp,
+                tag: n,
             };
         }
         let total = self.rng.range(self.size.min, self.size.max) as usize;
         let body_len = self.body_len(total);
         let body = self.body(body_len);
-        let mut header = self.header_for(n, rand, &body.digest_line);
+        let (mut header, stamp) = self.header_for(n, rand, &body.digest_line);
         // Pad to the target so header + blank line + body = total.
         let want = total.saturating_sub(body_len + 2);
         const PAD: &[u8] = b"X-Smtpstorm-Pad: ";
@@ -421,6 +469,8 @@ impl MessageBuilder {
             header,
             body: Arc::clone(&body.raw),
             data: body.data.clone(),
+            stamp,
+            tag: n,
         }
     }
 

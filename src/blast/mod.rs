@@ -190,6 +190,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         errors,
         interrupted,
         open,
+        accepted,
     } = Merged::of(&results)?;
     debug_assert_eq!(
         m.counts.messages_attempted + m.counts.connections_without_session,
@@ -228,6 +229,9 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         host: None,
     })?;
     report.open_loop = open_loop;
+    if let Some(run) = cfg.trace {
+        report.trace = Some(crate::stats::TraceReport::of_blast(run, accepted));
+    }
     if let (Some(late), Some(c)) = (start_late_secs, report.config.as_object_mut()) {
         c.insert(
             "start_late_secs".into(),
@@ -353,6 +357,8 @@ struct Merged {
     errors: Vec<String>,
     interrupted: bool,
     open: OpenLoopCounts,
+    /// `--trace`: every thread's accepted numbers.
+    accepted: crate::stats::NumberSet,
 }
 
 impl Merged {
@@ -363,8 +369,10 @@ impl Merged {
         let mut interrupted = false;
         let mut open = OpenLoopCounts::default();
         let mut fatal = None;
+        let mut accepted = crate::stats::NumberSet::default();
         for r in results {
             m.merge(&r.measurements);
+            accepted.0 |= &r.accepted.0;
             for e in &r.errors {
                 if errors.len() < 5 && !errors.contains(e) {
                     errors.push(e.clone());
@@ -384,6 +392,7 @@ impl Merged {
             errors,
             interrupted,
             open,
+            accepted,
         })
     }
 }

@@ -61,7 +61,7 @@ use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::net::{socket, tls};
 use crate::smtp::client::Message;
 use crate::smtp::{CommandKind, Outcome, Phase};
-use crate::stats::{IntervalSnapshot, Measurements, Recorder};
+use crate::stats::{IntervalSnapshot, Measurements, NumberSet, Recorder};
 
 use super::config::{share, BlastConfig, LoadModel};
 use super::conn::{BlastConn, ConnConfig, ConnCtx, Observer, State};
@@ -167,6 +167,8 @@ pub struct WorkerResult {
     pub interrupted: bool,
     /// Intervals sent (the last one may be partial).
     pub intervals: u64,
+    /// `--trace`: the numbers of the messages accepted.
+    pub accepted: NumberSet,
 }
 
 fn us(d: Duration) -> u64 {
@@ -177,6 +179,8 @@ fn us(d: Duration) -> u64 {
 struct Obs {
     rec: Recorder,
     errors: Vec<String>,
+    /// `--trace`: the numbers of the messages accepted.
+    accepted: NumberSet,
 }
 
 impl Observer for Obs {
@@ -217,6 +221,10 @@ impl Observer for Obs {
 
     fn refused(&mut self, reason: String) {
         self.rec.count_failure(&reason);
+    }
+
+    fn accepted(&mut self, tag: u64) {
+        self.accepted.0.insert(tag);
     }
 
     fn session_end(&mut self, tls: TlsState) {
@@ -383,6 +391,7 @@ impl BlastHandler {
             obs: Obs {
                 rec: Recorder::new(),
                 errors: Vec::new(),
+                accepted: NumberSet::default(),
             },
             out: Vec::with_capacity(4096),
             conns: Vec::with_capacity(cap.min(65_536)),
@@ -502,6 +511,7 @@ impl BlastHandler {
             self.result.intervals = self.tick_index + 1;
         }
         self.result.errors = std::mem::take(&mut self.obs.errors);
+        self.result.accepted = std::mem::take(&mut self.obs.accepted);
         self.result.measurements = std::mem::take(&mut self.obs.rec).finish();
         self.result
     }

@@ -8,10 +8,11 @@
 //! ([`crate::blast::BlastConfig::retarget`]).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::{Args, Parser};
 
-use super::parse::{parse_cpu_list, parse_fault, parse_threads};
+use super::parse::{parse_cpu_list, parse_duration, parse_fault, parse_socket_addr, parse_threads};
 use super::{Cli, Command, LoadArgs};
 use crate::bench::BenchConfig;
 use crate::net::affinity::available_cores;
@@ -35,7 +36,23 @@ pub struct BenchArgs {
     /// Faults for the embedded sink (same forms as `sink --fault`).
     #[arg(long = "sink-fault", value_name = "SPEC", value_parser = parse_fault)]
     pub sink_faults: Vec<FaultSpec>,
+    /// Measure a mail server end to end: blast HOST:PORT, which relays to this
+    /// process's sink (--sink-listen); every message is traced (`--trace`) and the
+    /// report accounts for each one (delivered, lost, late, duplicates, unexpected).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub through: Option<String>,
+    /// With --through: where the sink listens for the relayed mail [default: an
+    /// ephemeral loopback port, printed at start].
+    #[arg(long, value_name = "ADDR", requires = "through", value_parser = parse_socket_addr)]
+    pub sink_listen: Option<SocketAddr>,
+    /// With --through: how long to wait for deliveries after the load (less if the
+    /// sink has by then accepted as many messages as the server did).
+    #[arg(long, value_name = "D", value_parser = parse_duration, requires = "through")]
+    pub drain: Option<Duration>,
 }
+
+/// `--drain` when none is given.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(60);
 
 /// Splits the usable cores: sink first half (at least one), blaster the
 /// rest; on one core both share it.
@@ -54,9 +71,28 @@ fn split_cores(cores: &[usize], sink_threads: Option<usize>) -> (Vec<usize>, Vec
 /// blaster will speak.
 fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig> {
     let load = &args.load;
-    let mut argv: Vec<String> = ["smtpstorm", "sink", "--listen", "127.0.0.1:0", "--quiet"]
+    let listen = match (&args.through, args.sink_listen) {
+        (Some(_), Some(a)) => a.to_string(),
+        _ => "127.0.0.1:0".to_string(),
+    };
+    let mut argv: Vec<String> = ["smtpstorm", "sink", "--listen", &listen, "--quiet"]
         .map(String::from)
         .to_vec();
+    if args.through.is_some() {
+        // The sink receives what the server under test relays: plain SMTP,
+        // traced; the blaster's TLS, AUTH, LMTP and PROXY are the target's.
+        argv.push("--trace".into());
+        if args.load.verify {
+            argv.push("--verify".into());
+        }
+        let Command::Sink(sink_args) = Cli::try_parse_from(&argv)?.command else {
+            unreachable!("argv names the sink subcommand")
+        };
+        let mut cfg = super::sink::config(&sink_args)?;
+        cfg.cpus = Cpus::List(cpus);
+        cfg.faults = args.sink_faults.clone();
+        return Ok(cfg);
+    }
     if load.tls {
         argv.extend(["--tls-listen".into(), "127.0.0.1:0".into()]);
     }
@@ -104,8 +140,16 @@ pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
     let mut load = args.load.clone();
     load.threads.threads = None;
     load.threads.cpus = Some(blast_cpus.clone());
-    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let blast = super::blast::config_for(loopback, "localhost".to_string(), &load)?;
+    let blast = match &args.through {
+        Some(target) => {
+            load.trace = true;
+            super::blast::config(target, &load)?
+        }
+        None => {
+            let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+            super::blast::config_for(loopback, "localhost".to_string(), &load)?
+        }
+    };
     Ok(BenchConfig {
         sink,
         blast,
@@ -115,6 +159,10 @@ pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
         verify: args.load.verify,
         sink_faults: !args.sink_faults.is_empty(),
         quiet: args.load.quiet,
+        through: args
+            .through
+            .as_ref()
+            .map(|_| args.drain.unwrap_or(DEFAULT_DRAIN)),
     })
 }
 

@@ -101,6 +101,15 @@ pub struct LoadArgs {
     /// always do; --data messages get one on top); bench: the embedded sink verifies.
     #[arg(long)]
     pub verify: bool,
+    /// Every message carries `X-Smtpstorm-Trace: <run id> <n> <send time ns>` (first in
+    /// its header) and the report lists the numbers the target accepted, for end-to-end
+    /// accounting against a `sink --trace` (`merge BLAST.json SINK.json`).
+    #[arg(long)]
+    pub trace: bool,
+    /// The run id --trace writes (16 hex digits) [default: random; with --instance,
+    /// derived from the run's configuration and --start-at, so its instances agree].
+    #[arg(long, value_name = "HEX", requires = "trace", value_parser = parse_run_id)]
+    pub run_id: Option<u64>,
     /// Envelope sender template: {n} global sequence, {thread}, {rand}, {instance}.
     #[arg(long, value_name = "T", default_value = "sender{n}@smtpstorm.test")]
     pub from: String,
@@ -378,7 +387,10 @@ pub fn config_for(
             return Err(ConfigError::StartAt(t));
         }
     }
-    let client = client(load);
+    let mut client = client(load);
+    if load.trace {
+        client.wall_anchor = Some(crate::trace::anchor());
+    }
     let io = load.threads.io_config().map_err(ConfigError::Io)?;
     if io.xdp.is_some() && !source_ips.is_empty() {
         // The xdp backend sends from the interface's own address.
@@ -386,7 +398,7 @@ pub fn config_for(
             "--source-ip does not apply to --io xdp (it sends from the interface's address); drop one of them".into(),
         ));
     }
-    let echo = echo(
+    let mut echo = echo(
         load,
         target,
         &shape,
@@ -395,6 +407,10 @@ pub fn config_for(
         &io,
         instance,
     );
+    let trace = load.trace.then(|| run_id(load, &echo, instance));
+    if let (Some(run), Some(m)) = (trace, echo.as_object_mut()) {
+        m.insert("run_id".into(), crate::trace::run_id_hex(run).into());
+    }
     let cfg = BlastConfig {
         target,
         unix: None,
@@ -436,6 +452,7 @@ pub fn config_for(
         seed: load.seed,
         instance,
         start_at_unix: load.start_at,
+        trace,
         output,
         echo,
     };
@@ -460,6 +477,37 @@ pub fn size_warning(cfg: &BlastConfig, load: &LoadArgs) -> Option<String> {
             cfg.size.min
         )
     })
+}
+
+/// `--run-id`: 16 hex digits.
+fn parse_run_id(s: &str) -> Result<u64, String> {
+    crate::trace::parse_run_id(s).ok_or_else(|| format!("expected 16 hex digits, got `{s}`"))
+}
+
+/// The run id of `--trace`: `--run-id`; with `--instance`, one every
+/// instance derives alike (from the configuration digest, which leaves the
+/// instance index out, and `--start-at`); else random.
+fn run_id(load: &LoadArgs, echo: &serde_json::Value, (_, ninst): (u32, u32)) -> u64 {
+    if let Some(r) = load.run_id {
+        return r;
+    }
+    let mix = |mut z: u64| {
+        // splitmix64's finalizer.
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    if ninst > 1 {
+        let digest = echo["config_digest"].as_str().unwrap_or_default();
+        let start = load.start_at.map_or(0, f64::to_bits);
+        return digest
+            .bytes()
+            .fold(mix(start), |h, b| mix(h ^ u64::from(b)));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    mix(now ^ (u64::from(std::process::id()) << 32))
 }
 
 /// How much load, on how many threads, for how long: this instance's
@@ -666,6 +714,7 @@ fn client(load: &LoadArgs) -> ClientConfig {
         timeouts: ClientTimeouts::uniform(load.timeout),
         send_quit: true,
         capture_text: false,
+        wall_anchor: None,
     }
 }
 
@@ -703,6 +752,7 @@ fn echo(
         "data_messages": content.corpus.as_ref().map(|c| c.len()),
         "data_order": load.data.as_ref().map(|_| format!("{:?}", load.data_order).to_lowercase()),
         "verify": load.verify,
+        "trace": load.trace,
         "starttls": load.starttls,
         "tls": load.tls,
         "tls_resume": load.tls_resume,

@@ -95,6 +95,11 @@ pub struct SinkArgs {
     /// its turn, 1/R apart, as a queueing server's would (a target of known capacity).
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     pub max_rate: Option<f64>,
+    /// Find the X-Smtpstorm-Trace header of `blast --trace` in each accepted message's
+    /// header section and record, per run id, deliveries, duplicates, the numbers
+    /// delivered and the delivery latency (messages without one count as untraced).
+    #[arg(long)]
+    pub trace: bool,
     /// Stop after accepting exactly N messages (messages still in flight then get 451).
     #[arg(long, value_name = "N", value_parser = parse_count)]
     pub exit_after_messages: Option<u64>,
@@ -222,6 +227,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         "seed": args.seed,
         "capture": args.capture.as_ref().map(|p| p.display().to_string()),
         "verify": args.verify,
+        "trace": args.trace,
         "exit_after_messages": args.exit_after_messages,
         "max_rate": args.max_rate,
         "exit_after_sessions": args.exit_after_sessions,
@@ -242,6 +248,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         seed: args.seed,
         capture: args.capture.clone(),
         verify: args.verify,
+        trace: args.trace,
         exit_after_messages: args.exit_after_messages,
         max_rate: args.max_rate,
         exit_after_sessions: args.exit_after_sessions,

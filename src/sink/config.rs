@@ -44,6 +44,8 @@ pub struct SinkConfig {
     pub seed: u64,
     pub capture: Option<PathBuf>,
     pub verify: bool,
+    /// `--trace`: find each message's trace header and record deliveries.
+    pub trace: bool,
     pub exit_after_messages: Option<u64>,
     /// `--max-rate`: at most this many messages accepted per second, each
     /// final reply held until its turn (`sink::pacer`).

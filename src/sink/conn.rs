@@ -34,7 +34,8 @@ use crate::smtp::server::{
     ServerSession, Verdict,
 };
 use crate::smtp::{CommandKind, Outcome};
-use crate::stats::Recorder;
+use crate::stats::{Recorder, TraceRecorder};
+use crate::trace::Scanner;
 
 use super::capture::{BodyBuffer, Capture};
 use super::faults::ThreadFaults;
@@ -156,6 +157,8 @@ pub struct ConnState {
     /// The body being received (`--capture` only), bounded by the size limit.
     body: Option<BodyBuffer>,
     verifier: Option<Box<Verifier>>,
+    /// `--trace`: the header-section scan of the message being received.
+    scanner: Option<Box<Scanner>>,
     eof: bool,
     /// The client sent something (a plaintext byte, or a completed TLS
     /// handshake): the connection is a session.
@@ -164,6 +167,9 @@ pub struct ConnState {
     close_reason: Option<CloseReason>,
     tls_established: bool,
     tls_resumed: bool,
+    /// A `dot:stored=CODE` fault refused the message being ended: it still
+    /// counts as delivered for `--trace`.
+    stored: bool,
 }
 
 /// `--exit-after-messages N`: the N acceptances every thread claims from.
@@ -210,6 +216,8 @@ pub struct ThreadCtx {
     pub capture: Option<Capture>,
     pub capture_on: bool,
     pub verify: bool,
+    /// `--trace`: this thread's deliveries.
+    pub trace: Option<TraceRecorder>,
     pub verify_missing: u64,
     pub capture_errors: u64,
     /// `--exit-after-messages`.
@@ -233,6 +241,7 @@ struct Hooks<'a> {
     st: &'a mut ConnState,
     capture: Option<&'a mut Capture>,
     rec: &'a mut Recorder,
+    trace: Option<&'a mut TraceRecorder>,
     verify_missing: &'a mut u64,
     capture_errors: &'a mut u64,
 }
@@ -245,7 +254,9 @@ impl ServerHooks for Hooks<'_> {
         let v = if self.faults.is_empty() {
             Verdict::Proceed
         } else {
-            self.faults.verdict(cmd, info, self.peer_ip, self.now)
+            let v = self.faults.verdict(cmd, info, self.peer_ip, self.now);
+            self.st.stored = self.faults.take_stored();
+            v
         };
         // The end of data (or BDAT LAST) of a message about to be accepted
         // (a delay ends in acceptance too) takes one of the limit's slots.
@@ -291,6 +302,9 @@ impl ServerHooks for Hooks<'_> {
         if let Some(v) = &mut self.st.verifier {
             v.reset();
         }
+        if let Some(s) = &mut self.st.scanner {
+            s.reset();
+        }
     }
 
     fn on_body(&mut self, chunk: &[u8]) {
@@ -300,9 +314,29 @@ impl ServerHooks for Hooks<'_> {
         if let Some(v) = &mut self.st.verifier {
             v.feed(chunk);
         }
+        if let Some(s) = &mut self.st.scanner {
+            if !s.done() {
+                s.feed(chunk);
+            }
+        }
     }
 
     fn on_message_end(&mut self, accepted: bool) {
+        if let (Some(s), Some(t)) = (&mut self.st.scanner, self.trace.as_deref_mut()) {
+            let stored = accepted || std::mem::take(&mut self.st.stored);
+            match (stored, s.finish()) {
+                (false, _) => {}
+                (true, None) => t.untraced(),
+                (true, Some(tr)) => {
+                    let recipients = match self.st.txn {
+                        Txn::Open { ok, .. } => ok,
+                        _ => 0,
+                    };
+                    let now_ns = crate::trace::unix_ns(self.now);
+                    t.delivered(tr.run, tr.n, recipients, tr.sent_ns, now_ns);
+                }
+            }
+        }
         if let Some(v) = &mut self.st.verifier {
             if accepted {
                 match v.finish() {
@@ -338,6 +372,7 @@ impl ThreadCtx {
             st,
             capture: self.capture.as_mut(),
             rec: &mut self.rec,
+            trace: self.trace.as_mut(),
             verify_missing: &mut self.verify_missing,
             capture_errors: &mut self.capture_errors,
         }
@@ -367,6 +402,7 @@ impl SinkConn {
                 .capture_on
                 .then(|| BodyBuffer::new(ctx.server.max_message_size)),
             verifier: ctx.verify.then(|| Box::new(Verifier::new())),
+            scanner: ctx.trace.is_some().then(|| Box::new(Scanner::new())),
             ..ConnState::default()
         };
         let mut c = SinkConn {

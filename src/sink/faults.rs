@@ -53,6 +53,11 @@ pub enum FaultAction {
     Greylist { window: Duration },
     /// More than `per_sec` new sessions in a second get `421` (token bucket).
     RateLimit { per_sec: u64 },
+    /// `dot:stored=CODE`: take the whole message, then answer CODE as a
+    /// server that stored it and failed before acknowledging would; with
+    /// `--trace` the message counts as delivered, so a relay that retries
+    /// delivers it twice (a duplicate).
+    Stored(u16),
 }
 
 /// One `--fault` flag.
@@ -74,7 +79,7 @@ impl FromStr for FaultSpec {
 /// Grammar: `POINT:ACTION[:PROBABILITY]` where POINT is one of connect, ehlo
 /// (also helo/lhlo), mail, rcpt, data, dot (also bdat), quit and ACTION is a
 /// reply code (4xx/5xx), `disconnect`, `disconnect421`, `delay=D` or
-/// `delay=D..D`, `greylist[=WINDOW]`, `ratelimit=N`.
+/// `delay=D..D`, `greylist[=WINDOW]`, `ratelimit=N`, `stored=CODE` (dot only).
 pub fn parse_fault(s: &str) -> Result<FaultSpec, String> {
     let form = "expected POINT:ACTION[:PCT] like rcpt:451:5%, data:disconnect:1%, \
                 ehlo:delay=200ms, rcpt:greylist or connect:ratelimit=100";
@@ -127,6 +132,16 @@ pub fn parse_fault(s: &str) -> Result<FaultSpec, String> {
             return Err(err("ratelimit applies to connect only"));
         }
         FaultAction::RateLimit { per_sec }
+    } else if let Some(c) = action_s.strip_prefix("stored=") {
+        let code = c
+            .parse::<u16>()
+            .map_err(|_| err("stored=CODE needs a reply code"))?;
+        if !(400..=599).contains(&code) || point != FaultPoint::Dot {
+            return Err(err(
+                "stored=CODE applies to dot only, with a 4xx or 5xx code",
+            ));
+        }
+        FaultAction::Stored(code)
     } else if let Ok(code) = action_s.parse::<u16>() {
         if !(400..=599).contains(&code) {
             return Err(err("reply code must be 4xx or 5xx"));
@@ -246,6 +261,9 @@ pub struct ThreadFaults {
     buckets: Vec<Option<TokenBucket>>,
     rng: SplitMix64,
     greylist: Arc<Greylist>,
+    /// A `stored=CODE` rule decided the last verdict (read and cleared by
+    /// the connection with [`ThreadFaults::take_stored`]).
+    stored: bool,
 }
 
 impl ThreadFaults {
@@ -275,12 +293,18 @@ impl ThreadFaults {
             buckets,
             rng,
             greylist,
+            stored: false,
         }
     }
 
     /// True if no rule is configured.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
+    }
+
+    /// Whether a `stored=CODE` rule decided the last verdict; clears it.
+    pub fn take_stored(&mut self) -> bool {
+        std::mem::take(&mut self.stored)
     }
 
     /// The verdict for `kind` from a client at `ip`.
@@ -307,6 +331,10 @@ impl ThreadFaults {
             }
             let v = match rule.action {
                 FaultAction::Reply(code) => Verdict::Reply(code),
+                FaultAction::Stored(code) => {
+                    self.stored = true;
+                    Verdict::Reply(code)
+                }
                 FaultAction::Delay { min, max } => {
                     let span = max.saturating_sub(min);
                     let extra = if span.is_zero() {

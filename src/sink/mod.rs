@@ -39,6 +39,7 @@ use crate::net::runtime::{spawn_workers, StopSignal, Workers};
 use crate::net::{socket, tls};
 use crate::stats::{
     CpuUsage, IntervalMerger, LiveMetrics, Measurements, MetricsServer, Report, ReportInput, Role,
+    TraceRecorder, TraceReport,
 };
 
 pub use config::SinkConfig;
@@ -115,6 +116,8 @@ pub struct RunningSink {
     started_at_unix: f64,
     cpu_start: CpuUsage,
     disconnected: bool,
+    /// `--trace`.
+    trace: bool,
     /// Live metrics, fed from the snapshots in [`RunningSink::live`].
     metrics: Arc<LiveMetrics>,
     /// Serves `metrics` (`--metrics-listen`); stops when the sink is dropped.
@@ -216,6 +219,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         seed: cfg.seed,
         capture: cfg.capture.clone(),
         verify: cfg.verify,
+        trace: cfg.trace,
         max_conns_per_thread: usize::try_from(cfg.max_connections.div_ceil(threads as u64))
             .unwrap_or(usize::MAX),
         exit_after_messages: cfg.exit_after_messages,
@@ -277,6 +281,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             .unwrap_or(0.0),
         cpu_start: process_cpu(),
         disconnected: false,
+        trace: cfg.trace,
         metrics,
         metrics_server,
     })
@@ -361,6 +366,11 @@ impl RunningSink {
         })
     }
 
+    /// Messages accepted so far, as of the snapshots [`Self::live`] took in.
+    pub fn accepted_so_far(&self) -> u64 {
+        self.merger.totals().counts.messages_accepted
+    }
+
     /// True once every worker has ended (as seen by [`RunningSink::live`]).
     pub fn finished(&self) -> bool {
         self.disconnected
@@ -381,12 +391,16 @@ impl RunningSink {
         let mut m = Measurements::default();
         let mut verify_missing = 0;
         let mut capture_errors = 0;
+        let mut trace = self.trace.then(TraceRecorder::default);
         let mut stopped_at: Option<Instant> = None;
         for (index, r) in results.into_iter().enumerate() {
             let r = r.map_err(|source| SinkError::Worker { index, source })?;
             m.merge(&r.totals);
             verify_missing += r.verify_missing;
             capture_errors += r.capture_errors;
+            if let (Some(t), Some(rt)) = (trace.as_mut(), r.trace.as_ref()) {
+                t.merge(rt);
+            }
             stopped_at = match (stopped_at, r.stopped_at) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -394,7 +408,7 @@ impl RunningSink {
         }
         let end = stopped_at.unwrap_or_else(Instant::now);
         let (_, timeline) = std::mem::take(&mut self.merger).into_parts();
-        let report = Report::build(ReportInput {
+        let mut report = Report::build(ReportInput {
             role: Role::Sink,
             config: self.echo.clone(),
             started_at_unix: self.started_at_unix,
@@ -405,6 +419,9 @@ impl RunningSink {
             cpu: process_cpu().since(&self.cpu_start),
             host: None,
         })?;
+        if let Some(t) = &trace {
+            report.trace = Some(TraceReport::of_sink(t)?);
+        }
         Ok(SinkSummary {
             report,
             verify_missing,

@@ -30,7 +30,7 @@ use crate::net::driver;
 use crate::net::runtime::{StopSignal, WorkerCtx};
 use crate::smtp::server::ServerConfig;
 use crate::smtp::CommandKind;
-use crate::stats::{IntervalSnapshot, Measurements, Recorder};
+use crate::stats::{IntervalSnapshot, Measurements, Recorder, TraceRecorder};
 
 use super::capture::Capture;
 use super::conn::{MessageLimit, SinkConn, ThreadCtx};
@@ -53,6 +53,7 @@ pub struct Shared {
     pub seed: u64,
     pub capture: Option<std::path::PathBuf>,
     pub verify: bool,
+    pub trace: bool,
     pub max_conns_per_thread: usize,
     pub exit_after_messages: Option<u64>,
     /// `--max-rate`: the turns every thread's final replies wait for.
@@ -86,6 +87,8 @@ pub struct WorkerResult {
     /// Accepted messages without a digest header (with `--verify`).
     pub verify_missing: u64,
     pub capture_errors: u64,
+    /// `--trace`: this thread's deliveries.
+    pub trace: Option<TraceRecorder>,
     /// When this worker saw the stop request.
     pub stopped_at: Option<Instant>,
 }
@@ -249,6 +252,7 @@ pub fn run(
             capture,
             capture_on: shared.capture.is_some(),
             verify: shared.verify,
+            trace: shared.trace.then(TraceRecorder::default),
             verify_missing: 0,
             capture_errors: 0,
             message_limit: shared.exit_after_messages.map(|limit| MessageLimit {
@@ -292,6 +296,7 @@ pub fn run(
         totals: h.ctx.rec.finish(),
         verify_missing: h.ctx.verify_missing,
         capture_errors: h.ctx.capture_errors,
+        trace: h.ctx.trace.take(),
         stopped_at: h.stopped_at,
     })
 }

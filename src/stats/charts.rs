@@ -187,6 +187,45 @@ pub fn draw_throughput<DB: DrawingBackend>(
     Ok(())
 }
 
+/// End to end: the backlog (accepted so far minus delivered so far) of
+/// each second that has one; the number of series drawn (0 or 1).
+pub fn draw_backlog<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    report: &Report,
+) -> Result<usize, String> {
+    let e = |x: &dyn std::fmt::Display| x.to_string();
+    let pts: Vec<(f64, f64)> = report
+        .timeline
+        .iter()
+        .filter_map(|p| p.backlog.map(|b| (p.t as f64, b as f64)))
+        .collect();
+    let t_max = pts.iter().map(|p| p.0 + 1.0).fold(1.0, f64::max);
+    let hi = pts.iter().map(|p| p.1).fold(0.0, f64::max);
+    let lo = pts.iter().map(|p| p.1).fold(0.0, f64::min);
+    let hi = if hi > lo { hi * 1.1 } else { lo + 1.0 };
+    let mut chart = ChartBuilder::on(area)
+        .caption("Backlog: accepted minus delivered", ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0_f64..t_max, lo.min(0.0)..hi)
+        .map_err(|x| e(&x))?;
+    chart
+        .configure_mesh()
+        .x_desc("time (s)")
+        .y_desc("messages")
+        .draw()
+        .map_err(|x| e(&x))?;
+    if pts.is_empty() {
+        return Ok(0);
+    }
+    let color = Palette99::pick(0).to_rgba();
+    chart
+        .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+        .map_err(|x| e(&x))?;
+    Ok(1)
+}
+
 /// The series of [`draw_latency_over_time`]: name and field.
 type LatencyField = fn(&super::recorder::IntervalLatency) -> Option<u64>;
 

@@ -21,8 +21,8 @@ use plotters::prelude::{DrawingArea, IntoDrawingArea, SVGBackend, WHITE};
 
 use super::assert::parse as parse_assertion;
 use super::charts::{
-    draw_latency_over_time, draw_outcomes, draw_spectrum, draw_throughput, phases_over_time,
-    spectrum,
+    draw_backlog, draw_latency_over_time, draw_outcomes, draw_spectrum, draw_throughput,
+    phases_over_time, spectrum,
 };
 use super::report::{Bottleneck, LatencySummary, Report, Role};
 use super::units::{format_bytes_rate, format_rate, format_unix_utc, format_us};
@@ -159,6 +159,7 @@ pub fn html_string(report: &Report) -> Result<String, HtmlError> {
     verdicts(&mut o, report);
     key_figures(&mut o, report);
     open_loop_section(&mut o, report);
+    e2e_section(&mut o, report)?;
     throughput_section(&mut o, report)?;
     latency_section(&mut o, report)?;
     latency_over_time_section(&mut o, report)?;
@@ -304,6 +305,45 @@ fn key_figures(o: &mut String, report: &Report) {
     let _ = writeln!(o, "</div>");
 }
 
+/// The "End to end" section (`bench --through`, `merge` with a sink's
+/// report): the accounting as cards, the delivery latency, the backlog chart.
+fn e2e_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
+    let Some(e) = &report.e2e else {
+        return Ok(());
+    };
+    let _ = writeln!(
+        o,
+        "<h2>End to end</h2><p class=\"sub\">Run {}: {}.</p><div class=\"cards\" id=\"e2e\">",
+        escape(&e.run_id),
+        escape(&e.clock_note)
+    );
+    for (v, label) in [
+        (e.accepted, "accepted by the server"),
+        (e.delivered, "delivered"),
+        (e.lost, "lost"),
+        (e.late, "late"),
+        (e.duplicates, "duplicates"),
+        (e.unexpected, "unexpected"),
+        (e.untraced, "untraced"),
+    ] {
+        card(o, &v.to_string(), label);
+    }
+    if let Some(d) = report.latency.get("delivery") {
+        card(o, &format_us(d.p50_us as f64), "p50 delivery");
+        card(o, &format_us(d.p99_us as f64), "p99 delivery");
+    }
+    let _ = writeln!(o, "</div><div class=\"charts wide\">");
+    figure(
+        o,
+        "chart-backlog",
+        "Messages accepted so far minus delivered so far, per second (the drain included)",
+        (1100, 340),
+        |a| draw_backlog(a, report),
+    )?;
+    let _ = writeln!(o, "</div>");
+    Ok(())
+}
+
 /// The "Open loop" section (open-loop runs only): the verdict on who was
 /// the bottleneck and the table of due, sent, waiting and unsent messages.
 fn open_loop_section(o: &mut String, report: &Report) {
@@ -367,6 +407,9 @@ fn latency_section(o: &mut String, report: &Report) -> Result<(), HtmlError> {
     }
     if let Some(s) = &report.schedule_lag {
         latency_row(o, "schedule lag", s);
+    }
+    if let Some(s) = report.latency.get("delivery") {
+        latency_row(o, "delivery", s);
     }
     let _ = writeln!(o, "</table><div class=\"charts wide\">");
     let spectra = Phase::ALL

@@ -430,6 +430,97 @@ fn route(metrics: &LiveMetrics, path: &str) -> http::Response {
     }
 }
 
+/// Delivery latency buckets (seconds): relays take longer than phases.
+pub const DELIVERY_BUCKETS_SECS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+];
+
+/// A report's end-to-end figures (`e2e`, `latency.delivery`, the last
+/// and the largest `backlog`) as Prometheus text exposition, for a
+/// node_exporter textfile collector (`smtpstorm report --prometheus`);
+/// empty when the report has no `e2e`.
+pub fn e2e_prometheus_text(report: &super::report::Report) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let Some(e) = &report.e2e else {
+        return o;
+    };
+    let run = &e.run_id;
+    for (name, help, v) in [
+        (
+            "accepted",
+            "Traced messages the server under test accepted.",
+            e.accepted,
+        ),
+        (
+            "delivered",
+            "Distinct traced messages delivered to the sink.",
+            e.delivered,
+        ),
+        ("lost", "Accepted and never delivered.", e.lost),
+        ("late", "Delivered after the drain ended.", e.late),
+        (
+            "duplicates",
+            "Deliveries of a message already delivered.",
+            e.duplicates,
+        ),
+        (
+            "unexpected",
+            "Delivered but not seen as accepted.",
+            e.unexpected,
+        ),
+        (
+            "untraced",
+            "Messages the sink accepted without this run's trace.",
+            e.untraced,
+        ),
+    ] {
+        let _ = writeln!(o, "# HELP smtpstorm_e2e_{name} {help}");
+        let _ = writeln!(o, "# TYPE smtpstorm_e2e_{name} gauge");
+        let _ = writeln!(o, "smtpstorm_e2e_{name}{{run_id=\"{run}\"}} {v}");
+    }
+    let backlogs: Vec<i64> = report.timeline.iter().filter_map(|p| p.backlog).collect();
+    if let (Some(last), Some(max)) = (backlogs.last(), backlogs.iter().max()) {
+        let _ = writeln!(o, "# HELP smtpstorm_e2e_backlog Accepted so far minus delivered so far, at the end of the run.");
+        let _ = writeln!(o, "# TYPE smtpstorm_e2e_backlog gauge");
+        let _ = writeln!(o, "smtpstorm_e2e_backlog{{run_id=\"{run}\"}} {last}");
+        let _ = writeln!(
+            o,
+            "# HELP smtpstorm_e2e_backlog_max The largest backlog of any second."
+        );
+        let _ = writeln!(o, "# TYPE smtpstorm_e2e_backlog_max gauge");
+        let _ = writeln!(o, "smtpstorm_e2e_backlog_max{{run_id=\"{run}\"}} {max}");
+    }
+    if let Some(h) = report
+        .latency
+        .get("delivery")
+        .and_then(|d| d.histogram.as_ref())
+    {
+        let name = "smtpstorm_delivery_latency_seconds";
+        let _ = writeln!(
+            o,
+            "# HELP {name} Send time to the last byte of the relayed message read by the sink."
+        );
+        let _ = writeln!(o, "# TYPE {name} histogram");
+        for b in DELIVERY_BUCKETS_SECS {
+            let n = h.count_between(0, (b * 1e6) as u64);
+            let _ = writeln!(o, "{name}_bucket{{run_id=\"{run}\",le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
+            "{name}_bucket{{run_id=\"{run}\",le=\"+Inf\"}} {}",
+            h.len()
+        );
+        let _ = writeln!(
+            o,
+            "{name}_sum{{run_id=\"{run}\"}} {}",
+            h.mean() * h.len() as f64 / 1e6
+        );
+        let _ = writeln!(o, "{name}_count{{run_id=\"{run}\"}} {}", h.len());
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

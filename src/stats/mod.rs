@@ -46,6 +46,7 @@
 
 pub mod assert;
 pub mod charts;
+pub mod e2e;
 pub mod hgrm;
 pub mod hlog;
 pub mod html;
@@ -56,9 +57,11 @@ pub mod recorder;
 pub mod report;
 pub mod summary;
 pub mod svg;
+pub mod trace;
 pub mod units;
 
 pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion};
+pub use e2e::{account as account_e2e, pair as pair_e2e, E2eError, E2eOptions};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use html::{html_string, write_html, HtmlError};
@@ -73,9 +76,11 @@ pub use recorder::{
     Measurements, PhaseHistograms, Recorder, ReplyCodes, TimelinePoint,
 };
 pub use report::{
-    load_report, longest_outage, AssertionResult, Bottleneck, CpuUsage, FailureCount, HostInfo,
-    LatencySummary, MergeCheck, OpenLoopReport, Rates, Report, ReportError, ReportInput, Role,
-    DEFAULT_MAX_FAILED, DEFAULT_MAX_OUTAGE_SECS, TOP_FAILURES,
+    load_report, longest_outage, AssertionResult, Bottleneck, CpuUsage, E2e, FailureCount,
+    HostInfo, LatencySummary, MergeCheck, OpenLoopReport, Rates, Report, ReportError, ReportInput,
+    Role, TraceReport, TraceRun, DEFAULT_MAX_FAILED, DEFAULT_MAX_OUTAGE_SECS, E2E_LISTED,
+    TOP_FAILURES,
 };
 pub use summary::write_summary;
 pub use svg::{write_svg, SvgError};
+pub use trace::{NumberSet, TraceRecorder};

@@ -703,6 +703,11 @@ pub struct TimelinePoint {
     /// achieved rate, as `open_loop.achieved_per_sec` counts it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub achieved: Option<u64>,
+    /// End to end (`bench --through`, `merge` of a blaster and a sink):
+    /// messages accepted so far minus messages delivered so far, at the
+    /// end of this second. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<i64>,
 }
 
 /// Seconds a timeline bin stays open for late snapshots of other threads

@@ -22,6 +22,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::recorder::{Counts, Measurements, PhaseHistograms, TimelinePoint};
+use super::trace::{NumberSet, TraceRecorder};
 use crate::smtp::Phase;
 
 /// Version of the JSON layout.
@@ -426,7 +427,137 @@ pub struct Report {
     #[serde(default)]
     pub assertions: Vec<AssertionResult>,
     pub cpu: CpuUsage,
+    /// `--trace`: the blaster's accepted set, or the sink's deliveries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceReport>,
+    /// End-to-end accounting (`bench --through`, `merge` of a blaster's
+    /// and a sink's report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub e2e: Option<E2e>,
 }
+
+/// `trace` of a report: a blaster's (`run_id`, `accepted`,
+/// `accepted_set`) or a sink's (`runs`, `untraced`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TraceReport {
+    /// The run id every message's trace header carried (16 hex digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Traced messages the target accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<u64>,
+    /// Their numbers (`{n}`): base64 of a Roaring bitmap (64-bit portable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_set: Option<NumberSet>,
+    /// Sink: the deliveries of each run id seen.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<TraceRun>,
+    /// Sink: accepted messages without a well-formed trace header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub untraced: Option<u64>,
+}
+
+/// A sink's deliveries of one run id.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TraceRun {
+    pub run_id: String,
+    /// Deliveries, duplicates included.
+    pub messages: u64,
+    pub recipients: u64,
+    /// Deliveries of a number already delivered.
+    pub duplicates: u64,
+    /// Distinct numbers delivered.
+    pub delivered: u64,
+    pub delivered_set: NumberSet,
+    /// Send time (from the header) to the last byte read by the sink.
+    pub delivery: LatencySummary,
+    /// Deliveries that seemed to arrive before they were sent (two hosts'
+    /// clocks disagree), recorded as 0.
+    pub negative: u64,
+    /// `[unix second, first deliveries in it]`, ascending.
+    pub per_second: Vec<[u64; 2]>,
+}
+
+impl TraceReport {
+    /// The sink's `trace` from its threads' merged records.
+    pub fn of_sink(rec: &TraceRecorder) -> Result<Self, ReportError> {
+        let mut rec = rec.clone();
+        rec.settle();
+        let runs = rec
+            .runs
+            .iter()
+            .map(|r| {
+                Ok(TraceRun {
+                    run_id: crate::trace::run_id_hex(r.run),
+                    messages: r.messages,
+                    recipients: r.recipients,
+                    duplicates: r.duplicates,
+                    delivered: r.delivered.len(),
+                    delivered_set: r.delivered.clone(),
+                    delivery: LatencySummary::from_histogram(&r.delivery)?,
+                    negative: r.negative,
+                    per_second: r.per_second.iter().map(|(s, n)| [*s, *n]).collect(),
+                })
+            })
+            .collect::<Result<Vec<_>, ReportError>>()?;
+        Ok(TraceReport {
+            runs,
+            untraced: Some(rec.untraced),
+            ..Default::default()
+        })
+    }
+
+    /// The blaster's `trace`: run `run`, the numbers accepted.
+    pub fn of_blast(run: u64, accepted: NumberSet) -> Self {
+        TraceReport {
+            run_id: Some(crate::trace::run_id_hex(run)),
+            accepted: Some(accepted.len()),
+            accepted_set: Some(accepted),
+            ..Default::default()
+        }
+    }
+}
+
+/// End-to-end accounting of one run id: what the target accepted (the
+/// blaster's set) against what reached the sink (the sink's set).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct E2e {
+    pub run_id: String,
+    /// Traced messages the server under test accepted.
+    pub accepted: u64,
+    /// Distinct numbers of this run delivered to the sink (late ones included).
+    pub delivered: u64,
+    /// Accepted and never delivered.
+    pub lost: u64,
+    /// Delivered after the drain ended.
+    pub late: u64,
+    /// Deliveries of a number already delivered.
+    pub duplicates: u64,
+    /// Delivered but not seen as accepted (a reply lost after the server
+    /// had queued the message).
+    pub unexpected: u64,
+    /// Messages the sink accepted without this run's trace (none, a
+    /// malformed one, or another run's).
+    pub untraced: u64,
+    /// The first lost numbers (at most [`E2E_LISTED`]), ascending.
+    #[serde(default)]
+    pub lost_numbers: Vec<u64>,
+    /// The first unexpected numbers (at most [`E2E_LISTED`]), ascending.
+    #[serde(default)]
+    pub unexpected_numbers: Vec<u64>,
+    /// The wait for deliveries after the load (`--drain`), seconds.
+    pub drain_secs: f64,
+    /// Both ends read one clock (one process).
+    pub one_clock: bool,
+    /// The clock offset (sink minus blaster, seconds) subtracted from
+    /// every delivery latency (`merge --clock-offset`); 0 with one clock.
+    pub clock_offset_secs: f64,
+    /// What the delivery latency includes, in words.
+    pub clock_note: String,
+}
+
+/// Numbers an [`E2e`] lists at most.
+pub const E2E_LISTED: usize = 100;
 
 /// Reasons a report lists in `failures`.
 pub const TOP_FAILURES: usize = 5;
@@ -530,6 +661,8 @@ impl Report {
                 .map(|(reason, count)| FailureCount { reason, count })
                 .collect(),
             assertions: Vec::new(),
+            trace: None,
+            e2e: None,
         })
     }
 
@@ -678,6 +811,14 @@ impl Report {
         }
         if let Some(s) = r.schedule_lag.as_mut() {
             decode("schedule_lag".to_string(), s)?;
+        }
+        if let Some(t) = r.trace.as_mut() {
+            for run in t.runs.iter_mut() {
+                decode(
+                    format!("trace.runs[{}].delivery", run.run_id),
+                    &mut run.delivery,
+                )?;
+            }
         }
         Ok(r)
     }

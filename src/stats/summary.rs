@@ -22,6 +22,7 @@ pub fn write_summary<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     writeln!(out)?;
     write_outcome_table(&report.counts, out)?;
     write_latency_table(report, out)?;
+    write_trace(report, out)?;
     write_failures(report, out)?;
     write_assertions(report, out)?;
     write_invalid_reasons(report, out)?;
@@ -236,6 +237,9 @@ fn write_latency_table<W: Write>(report: &Report, out: &mut W) -> io::Result<()>
     if let Some(s) = &report.schedule_lag {
         rows.push(("schedule lag".to_string(), s));
     }
+    if let Some(s) = report.latency.get("delivery") {
+        rows.push(("delivery".to_string(), s));
+    }
     for (name, s) in rows {
         writeln!(
             out,
@@ -247,6 +251,56 @@ fn write_latency_table<W: Write>(report: &Report, out: &mut W) -> io::Result<()>
             format_us(s.p999_us as f64),
             format_us(s.max_us as f64)
         )?;
+    }
+    Ok(())
+}
+
+/// `--trace` and end to end, preceded by a blank line: the blaster's
+/// accepted count, the sink's deliveries per run id, the `e2e` accounting.
+fn write_trace<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
+    let Some(t) = &report.trace else {
+        return Ok(());
+    };
+    writeln!(out)?;
+    if let (Some(run), Some(n)) = (&t.run_id, t.accepted) {
+        writeln!(out, "trace: run {run}, {n} traced messages accepted")?;
+    }
+    for r in &t.runs {
+        writeln!(
+            out,
+            "trace: run {}: {} delivered ({} distinct, {} duplicates, {} recipients), delivery p50 {} p99 {}",
+            r.run_id,
+            r.messages,
+            r.delivered,
+            r.duplicates,
+            r.recipients,
+            format_us(r.delivery.p50_us as f64),
+            format_us(r.delivery.p99_us as f64)
+        )?;
+    }
+    if let Some(u) = t.untraced {
+        writeln!(out, "trace: {u} messages untraced")?;
+    }
+    if let Some(e) = &report.e2e {
+        writeln!(
+            out,
+            "end to end: {} accepted, {} delivered, {} lost, {} late, {} duplicates, {} unexpected, {} untraced (drain {:.1}s)",
+            e.accepted, e.delivered, e.lost, e.late, e.duplicates, e.unexpected, e.untraced, e.drain_secs
+        )?;
+        if !e.lost_numbers.is_empty() {
+            let shown: Vec<String> = e.lost_numbers.iter().take(10).map(u64::to_string).collect();
+            writeln!(
+                out,
+                "end to end: lost {}{}",
+                shown.join(", "),
+                if e.lost > 10 { ", ..." } else { "" }
+            )?;
+        }
+        let peak = report.timeline.iter().filter_map(|p| p.backlog).max();
+        if let Some(peak) = peak {
+            writeln!(out, "end to end: backlog peaked at {peak} messages")?;
+        }
+        writeln!(out, "end to end: {}", e.clock_note)?;
     }
     Ok(())
 }

@@ -502,7 +502,8 @@ impl Pair {
                     assert!(self.server_tls.is_none(), "server StartTls twice");
                     let cfg = self.server_tls_cfg.clone().expect("server TLS config");
                     self.tls_from_s2c = Some(self.wire_s2c.len());
-                    self.server_tls = Some(TlsStream::new(TlsSide::Server(cfg)).expect("server TLS"));
+                    self.server_tls =
+                        Some(TlsStream::new(TlsSide::Server(cfg)).expect("server TLS"));
                 }
                 ServerEvent::Close(_) => self.server_closed = true,
                 _ => {}
@@ -675,6 +676,8 @@ pub fn message(from: &str, rcpts: &[&str], header: &[u8], body: &[u8]) -> Messag
         header: header.to_vec(),
         body: Arc::from(body),
         data: None,
+        stamp: None,
+        tag: 0,
     }
 }
 

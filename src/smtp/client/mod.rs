@@ -159,6 +159,10 @@ pub struct ClientConfig {
     pub send_quit: bool,
     /// Emit [`ClientEvent::Banner`] and [`ClientEvent::Capabilities`] (probe).
     pub capture_text: bool,
+    /// The wall clock, as an `Instant` and the Unix nanoseconds read with
+    /// it: what a [`Message::stamp`] is written from (the session reads no
+    /// clock). `None`: stamps are left as the builder wrote them.
+    pub wall_anchor: Option<(Instant, u64)>,
 }
 
 impl Default for ClientConfig {
@@ -175,6 +179,7 @@ impl Default for ClientConfig {
             timeouts: ClientTimeouts::default(),
             send_quit: true,
             capture_text: false,
+            wall_anchor: None,
         }
     }
 }
@@ -195,7 +200,20 @@ pub struct Message {
     /// line starting with `.` (the builder's never do). `None`: the session
     /// stuffs `header ++ body` itself.
     pub data: Option<Arc<[u8]>>,
+    /// Offset in `header` of a field of [`STAMP_DIGITS`] decimal digits the
+    /// session overwrites with the wall-clock time (Unix nanoseconds, from
+    /// [`ClientConfig::wall_anchor`]) at which it queues the message's data
+    /// for the connection: at the 354 with DATA (the whole message, final
+    /// `.CRLF` included, is queued then), with the first chunk with BDAT.
+    /// `None`: the header is sent as built.
+    pub stamp: Option<usize>,
+    /// An opaque number the driver names the message by (the blaster's
+    /// `{n}`); the session never reads it.
+    pub tag: u64,
 }
+
+/// Digits of a [`Message::stamp`] field.
+pub const STAMP_DIGITS: usize = 19;
 
 impl Message {
     /// Bytes of the message (`header ++ body`), before dot-stuffing.
@@ -215,7 +233,11 @@ pub enum ClientEvent {
     /// A phase ended: `latency` from its start (see the module doc) to its
     /// end; `corrected` from the intended time of its message (or of the
     /// session, for session phases) when the driver gave one.
-    Phase { phase: Phase, latency: Duration, corrected: Option<Duration> },
+    Phase {
+        phase: Phase,
+        latency: Duration,
+        corrected: Option<Duration>,
+    },
     /// A reply arrived for `command`.
     Reply { command: CommandKind, code: u16 },
     /// STARTTLS got 220: flush output, start the TLS client handshake, then
@@ -224,7 +246,13 @@ pub enum ClientEvent {
     /// The one outcome of message `index` (counted from 0 over the whole
     /// session, pushed messages included); `bytes` is its size (`header ++
     /// body`).
-    Message { index: usize, outcome: Outcome, code: u16, recipients_accepted: u32, bytes: u64 },
+    Message {
+        index: usize,
+        outcome: Outcome,
+        code: u16,
+        recipients_accepted: u32,
+        bytes: u64,
+    },
     /// The greeting's text lines joined by `\n` (only with `capture_text`).
     Banner(String),
     /// The EHLO/LHLO reply lines (only with `capture_text`).
@@ -284,7 +312,6 @@ enum State {
     Closing,
     Done,
 }
-
 
 /// One client SMTP session (see the module doc).
 pub struct ClientSession {
