@@ -157,6 +157,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     let live = LiveMetrics::new(Role::Blast);
     let _metrics_server = serve_metrics(&cfg.output, &live)?;
     let transport = Transport::open(&cfg.io, threads, &[], true)?;
+    let backend = transport.clone();
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<ThreadSnapshot>();
     let workers = {
@@ -225,6 +226,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         host: None,
     })?;
     report.open_loop = open_loop;
+    report.xdp = backend.stats();
     if let (Some(late), Some(c)) = (start_late_secs, report.config.as_object_mut()) {
         c.insert(
             "start_late_secs".into(),

@@ -111,6 +111,8 @@ pub struct RunningSink {
     metrics: Arc<LiveMetrics>,
     /// Serves `metrics` (`--metrics-listen`); stops when the sink is dropped.
     metrics_server: Option<MetricsServer>,
+    /// The backend, for what it counted (the report's `xdp`).
+    transport: Transport,
 }
 
 /// CPU time of this process so far (`getrusage`); zero if it cannot be
@@ -254,6 +256,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         disconnected: false,
         metrics,
         metrics_server,
+        transport,
     })
 }
 
@@ -364,7 +367,7 @@ impl RunningSink {
         }
         let end = stopped_at.unwrap_or_else(Instant::now);
         let (_, timeline) = std::mem::take(&mut self.merger).into_parts();
-        let report = Report::build(ReportInput {
+        let mut report = Report::build(ReportInput {
             role: Role::Sink,
             config: self.echo.clone(),
             started_at_unix: self.started_at_unix,
@@ -375,6 +378,7 @@ impl RunningSink {
             cpu: process_cpu().since(&self.cpu_start),
             host: None,
         })?;
+        report.xdp = self.transport.stats();
         Ok(SinkSummary {
             report,
             verify_missing,

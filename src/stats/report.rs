@@ -426,6 +426,11 @@ pub struct Report {
     #[serde(default)]
     pub assertions: Vec<AssertionResult>,
     pub cpu: CpuUsage,
+    /// `--io xdp`: what the backend counted (frames each way; with
+    /// `--xdp-faults`, the faults and the retransmissions). Set by the
+    /// role after the run; absent for the other backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<serde_json::Value>,
 }
 
 /// Reasons a report lists in `failures`.
@@ -530,6 +535,7 @@ impl Report {
                 .map(|(reason, count)| FailureCount { reason, count })
                 .collect(),
             assertions: Vec::new(),
+            xdp: None,
         })
     }
 

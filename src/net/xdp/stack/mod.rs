@@ -347,7 +347,7 @@ pub fn run<H: Handler>(x: super::XdpThread, setup: Setup, h: &mut H) -> io::Resu
         asked: Vec::new(),
         scratch: Vec::with_capacity(MTU),
         dropped: 0,
-        faults: LinkFaults::from_env(0x5eed ^ x.index as u64),
+        faults: LinkFaults::new(&run.faults, 0x5eed ^ x.index as u64),
     };
     // Sequence numbers, and where the source ports start.
     let wall = std::time::SystemTime::now()
@@ -383,7 +383,14 @@ pub fn run<H: Handler>(x: super::XdpThread, setup: Setup, h: &mut H) -> io::Resu
     };
     core.open_listeners(0);
     let mut events = Events::with_capacity(16);
-    core.run(h, &mut poll, &mut events)?;
+    let r = core.run(h, &mut poll, &mut events);
+    // Held and delayed frames go back to the UMEM with the port.
+    run.add_counts(
+        core.link.port.rx_frames,
+        core.link.port.tx_frames,
+        core.link.faults.as_ref().map(|f| &f.counts),
+    );
+    r?;
     Ok(RunStats {
         waited: core.ops.waited,
     })
@@ -478,6 +485,9 @@ impl Core {
             if !self.link.waiting.is_empty() {
                 wake = wake.min(now + ARP_RETRY);
             }
+            if let Some(at) = self.link.faults.as_ref().and_then(|f| f.next_due()) {
+                wake = wake.min(at);
+            }
             let before = Instant::now();
             // Frames left in the RX ring (budget spent), or a TX batch the
             // kernel did not take: come straight back.
@@ -535,34 +545,68 @@ impl Core {
             }
             taken += n;
             while let Some(p) = self.link.port.next_rx() {
-                match self.link.faults.as_mut().map(|f| f.on_rx()) {
-                    Some(Fault::Drop) => {
-                        self.link.port.release(p);
-                        continue;
-                    }
-                    Some(Fault::Hold) if self.held.is_none() => {
-                        self.held = Some(p);
-                        continue;
-                    }
-                    _ => {}
+                if self.link.faults.is_none() {
+                    self.frame(&p, now);
+                    self.link.port.release(p);
+                    continue;
                 }
-                self.frame(&p, now);
-                self.link.port.release(p);
-                // A held frame arrives after the one that followed it.
-                if let Some(h) = self.held.take() {
-                    self.frame(&h, now);
-                    self.link.port.release(h);
-                }
+                self.faulty_rx(p, now);
             }
         }
-        if taken == 0 {
-            // Nothing followed the held frame this turn: deliver it late.
-            if let Some(h) = self.held.take() {
-                self.frame(&h, now);
-                self.link.port.release(h);
+        if self.link.faults.is_some() {
+            if taken == 0 {
+                // Nothing followed the held frame this turn: deliver it late.
+                if let Some(h) = self.held.take() {
+                    self.pass(h, now);
+                }
+            }
+            while let Some(p) = self.link.faults.as_mut().and_then(|f| f.due(now)) {
+                self.frame(&p, now);
+                self.link.port.release(p);
             }
         }
         self.rx_more = taken >= RX_BUDGET;
+    }
+
+    /// A received frame under `--xdp-faults`: lost, held behind the next
+    /// one, or passed on.
+    fn faulty_rx(&mut self, p: Packet, now: Instant) {
+        let Some(f) = self.link.faults.as_mut() else {
+            return;
+        };
+        match f.on_rx(&p) {
+            Fault::Drop => {
+                self.link.port.release(p);
+                return;
+            }
+            Fault::Hold if self.held.is_none() => {
+                f.counts.reordered += 1;
+                self.held = Some(p);
+                return;
+            }
+            _ => {}
+        }
+        self.pass(p, now);
+        // A held frame arrives after the one that followed it.
+        if let Some(h) = self.held.take() {
+            self.pass(h, now);
+        }
+    }
+
+    /// To TCP now, or after `delay=`.
+    fn pass(&mut self, p: Packet, now: Instant) {
+        let p = match self.link.faults.as_mut() {
+            Some(f) if !f.delay.is_zero() => match f.delay(p, now) {
+                Ok(()) => return,
+                Err(p) => {
+                    self.link.port.release(p);
+                    return;
+                }
+            },
+            _ => p,
+        };
+        self.frame(&p, now);
+        self.link.port.release(p);
     }
 
     fn frame(&mut self, p: &Packet, now: Instant) {
