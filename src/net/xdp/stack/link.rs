@@ -290,6 +290,7 @@ impl TxToken for Tx<'_, '_> {
         match self.link.port.alloc(wire::ETH_LEN + len) {
             Some(mut p) => {
                 let r = f(&mut p[wire::ETH_LEN..]);
+                wire::fill_checksums(&mut p[wire::ETH_LEN..]);
                 self.link.send_ip(p, self.now);
                 r
             }
@@ -307,9 +308,11 @@ pub(super) fn caps() -> DeviceCapabilities {
     c.medium = Medium::Ip;
     c.max_transmission_unit = MTU;
     // Received checksums are checked in `wire::classify` (which accepts a
-    // peer's unfinished TX offload); smoltcp fills in ours.
-    c.checksum.ipv4 = Checksum::Tx;
-    c.checksum.tcp = Checksum::Tx;
+    // peer's unfinished TX offload); ours are filled in by
+    // `wire::fill_checksums` as a frame leaves (64-bit words, where
+    // smoltcp sums 16-bit ones).
+    c.checksum.ipv4 = Checksum::None;
+    c.checksum.tcp = Checksum::None;
     c
 }
 

@@ -11,7 +11,9 @@
 //! currently listens, whose listening socket then becomes the connection
 //! and is replaced at once by a free socket of that shard. Sockets are made
 //! once, with their buffers, and recycled: a closed connection's socket
-//! returns to its shard's free list (after its RST, if any, went out).
+//! returns to its shard's spare list, out of smoltcp's `SocketSet` (after
+//! its RST, if any, went out), so smoltcp's per-socket scans visit only
+//! the sockets in use.
 //! Segments of no flow go to shard 0, whose smoltcp answers with RST.
 //!
 //! TCP settings: Nagle off, delayed ACK off, [`SOCKET_BUFFER`] bytes each
@@ -306,6 +308,11 @@ struct Core {
     /// A received frame held back by [`LinkFaults`].
     held: Option<Packet>,
     next_sweep: Instant,
+    /// Wall-clock milliseconds at `epoch` (the TCP timestamp clock).
+    wall_at_epoch: u32,
+    /// The last `now` turned into smoltcp's time, and that time (every
+    /// frame of a turn has the same `now`).
+    smol_memo: (Instant, smoltcp::time::Instant),
 }
 
 /// Runs `h` on AF_XDP (the thread's queue from `x`).
@@ -380,7 +387,10 @@ pub fn run<H: Handler>(x: super::XdpThread, setup: Setup, h: &mut H) -> io::Resu
         rx_more: false,
         held: None,
         next_sweep: now + Duration::from_secs(1),
+        wall_at_epoch: shard::wall_ms(),
+        smol_memo: (now, smol_now(now, now)),
     };
+    shard::set_tsval(core.wall_at_epoch, now, now);
     core.open_listeners(0);
     let mut events = Events::with_capacity(16);
     let r = core.run(h, &mut poll, &mut events);
@@ -503,6 +513,7 @@ impl Core {
             }
             let now = Instant::now();
             self.ops.waited += now.saturating_duration_since(before);
+            shard::set_tsval(self.wall_at_epoch, self.epoch, now);
             // 1. Ingress.
             self.ingress(now);
             self.link.port.refill()?;
@@ -659,8 +670,17 @@ impl Core {
         }
     }
 
+    /// smoltcp's time at `now` (computed once per turn).
+    #[inline]
+    fn smol_at(&mut self, now: Instant) -> smoltcp::time::Instant {
+        if self.smol_memo.0 != now {
+            self.smol_memo = (now, smol_now(self.epoch, now));
+        }
+        self.smol_memo.1
+    }
+
     fn deliver(&mut self, shard: usize, ip: &[u8], now: Instant) {
-        let t = smol_now(self.epoch, now);
+        let t = self.smol_at(now);
         let sh = &mut self.shards[shard];
         let mut dev = Dev {
             link: &mut self.link,
@@ -762,10 +782,10 @@ impl Core {
 
     /// A shard with a free socket (`prefer` first), made if none has one.
     fn shard_with_free(&mut self, prefer: usize) -> usize {
-        if self.shards.get(prefer).is_some_and(|s| !s.free.is_empty()) {
+        if self.shards.get(prefer).is_some_and(|s| s.has_free()) {
             return prefer;
         }
-        if let Some(i) = self.shards.iter().position(|s| !s.free.is_empty()) {
+        if let Some(i) = self.shards.iter().position(|s| s.has_free()) {
             return i;
         }
         let now = Instant::now();
@@ -806,7 +826,7 @@ impl Core {
             let s = self.shard_with_free(self.connect_shard);
             self.connect_shard = s;
             let sh = &mut self.shards[s];
-            let Some(handle) = sh.free.pop() else {
+            let Some(handle) = sh.take() else {
                 continue;
             };
             let remote = match peer {
@@ -836,7 +856,7 @@ impl Core {
                     );
                 }
                 Err(e) => {
-                    sh.free.push(handle);
+                    sh.give_back(handle);
                     self.ops.conns.remove(id);
                     self.ops.timers.cancel(id);
                     self.ops.io.ports.give(local.port());
@@ -1133,7 +1153,7 @@ impl Core {
     // ---- egress ---------------------------------------------------------------
 
     fn egress(&mut self, now: Instant) {
-        let t = smol_now(self.epoch, now);
+        let t = self.smol_at(now);
         for (i, sh) in self.shards.iter_mut().enumerate() {
             if !sh.dirty {
                 continue;
@@ -1149,11 +1169,8 @@ impl Core {
                     break;
                 }
             }
-            // Sockets whose RST is out are free now.
-            let Shard {
-                resetting, free, ..
-            } = sh;
-            free.append(resetting);
+            // Sockets whose RST is out are spare now (out of the set).
+            sh.recycle_reset();
             let next = sh
                 .iface
                 .poll_at(t, &sh.sockets)
