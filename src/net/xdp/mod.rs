@@ -33,6 +33,7 @@ pub mod bpf;
 pub mod faults;
 pub mod nic;
 pub mod port;
+pub mod rss;
 pub mod stack;
 pub mod wire;
 

@@ -80,10 +80,10 @@ struct Channels {
 const ETHTOOL_GCHANNELS: u32 = 0x3c;
 
 /// Runs ethtool command `data` (its first `u32` is the command) on `iface`.
-fn ethtool<T>(iface: &str, data: &mut T) -> io::Result<()> {
+fn ethtool<T: ?Sized>(iface: &str, data: &mut T) -> io::Result<()> {
     let s = ioctl_socket()?;
     let mut r = ifreq(iface).ok_or_else(|| io::Error::from_raw_os_error(libc::ENODEV))?;
-    r.ifr_ifru.ifru_data = (data as *mut T).cast();
+    r.ifr_ifru.ifru_data = (data as *mut T).cast::<libc::c_char>();
     // SAFETY: SIOCETHTOOL reads and writes `data`, which outlives the call
     // and is the structure its command expects.
     let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCETHTOOL, &mut r) };
@@ -104,6 +104,37 @@ pub fn rx_queues(iface: &str) -> Option<u32> {
     ethtool(iface, &mut c).ok()?;
     let n = c.rx_count.max(c.combined_count);
     (n > 0).then_some(n)
+}
+
+const ETHTOOL_GRSSH: u32 = 0x46;
+/// `struct ethtool_rxfh` up to `rss_config`, in 32-bit words.
+const RXFH_HEADER_WORDS: usize = 6;
+
+/// The device's RSS indirection table and hash key (ethtool `-x`), for
+/// [`super::rss`]; an error where the driver has none (a veth).
+pub fn rss(iface: &str) -> io::Result<(Vec<u32>, Vec<u8>)> {
+    // First the sizes, then the table and the key behind the header.
+    let mut head = [0u32; RXFH_HEADER_WORDS];
+    head[0] = ETHTOOL_GRSSH;
+    ethtool(iface, &mut head)?;
+    let (indir, key) = (head[2] as usize, head[3] as usize);
+    if indir > 1 << 16 || key > 1 << 10 {
+        return Err(io::Error::other("implausible RSS table or key size"));
+    }
+    let mut buf = vec![0u32; RXFH_HEADER_WORDS + indir + key.div_ceil(4)];
+    buf[0] = ETHTOOL_GRSSH;
+    buf[2] = indir as u32;
+    buf[3] = key as u32;
+    // SAFETY (inside `ethtool`): the buffer holds the header, the table
+    // and the key the kernel said it would write.
+    ethtool(iface, &mut buf[..])?;
+    let table = buf[RXFH_HEADER_WORDS..RXFH_HEADER_WORDS + indir].to_vec();
+    let key_bytes: Vec<u8> = buf[RXFH_HEADER_WORDS + indir..]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .take(key)
+        .collect();
+    Ok((table, key_bytes))
 }
 
 /// Routes of one interface in this thread's namespace: (destination, mask,
@@ -139,5 +170,7 @@ mod tests {
         assert_eq!(ifindex("nosuch0"), None);
         assert_eq!(hw_addr("nosuch0"), None);
         assert_eq!(ifreq("a-name-longer-than-ifnamsiz").map(|_| ()), None);
+        // Loopback has no RSS: an error, not a table.
+        assert!(rss("lo").is_err());
     }
 }
