@@ -10,6 +10,10 @@
 //! "partial" (on a virtual link nothing can corrupt it), and smoltcp never
 //! looks at the field. Every other bad checksum is dropped.
 //!
+//! Checksums on transmit: smoltcp leaves them zero and [`fill_checksums`]
+//! fills them in as the frame leaves (64-bit words; smoltcp sums 16-bit
+//! ones).
+//!
 //! Invariants: no function panics on any input (every length is checked);
 //! nothing allocates.
 
