@@ -2,7 +2,8 @@
 # Instructions per session of the sink on --io xdp (callgrind), kernel blaster (epoll) outside, in a
 # namespace pair (deleted on exit). Differential 500 -> 2500 one-message
 # sessions, 4 in parallel (results/xdp.md). Prints "session IR".
-# Usage: scripts/callgrind-xdp.sh BIN   (as root; env N1/N2 change the counts)
+# Usage: scripts/callgrind-xdp.sh BIN   (as root; env N1/N2 change the counts,
+# KEEP=DIR keeps the two callgrind outputs there, for callgrind_annotate)
 # Traffic stays inside the two namespaces it makes (198.18.0.0/24), which
 # are deleted on exit; each run is bounded by its session count and timeouts.
 set -uo pipefail
@@ -34,4 +35,5 @@ run() {
   callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }'
 }
 x=$(run "$n1"); y=$(run "$n2")
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP"; cp "$work/cg.$n1" "$work/cg.$n2" "$KEEP/"; fi
 echo "xdp_sink_session $(( (y - x) / (n2 - n1) )) ($x $y)"

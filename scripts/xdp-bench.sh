@@ -10,9 +10,14 @@
 #   blast-new   the blaster measured, against a kernel sink
 #   sink-pipe   the sink measured; 100 pipelined messages per session
 #   blast-pipe  the blaster measured; 100 pipelined messages per session
+#   pair-new    both ends on the same backend (xdp<->xdp against
+#               epoll<->epoll), one 1 KB message per session, 16 in parallel,
+#               PAIR_N (20000) sessions; measured: the whole machine's busy
+#               CPU from /proc/stat (both processes and all softirq work)
 # Figures: sessions/s (the blaster's), CPU µs per session or per message of
-# the measured process (utime+stime, from its own report). Each process is
-# pinned: sink on CPU 0, blaster on CPU 1.
+# the measured process (utime+stime, from its own report), or of the whole
+# machine for pair-new. Each process is pinned: sink on CPU 0, blaster on
+# CPU 1. CASES="pair-new" (space-separated) runs only those cases.
 #
 # Only the namespaces' own addresses (198.18.0.0/24) carry traffic; the
 # namespaces are deleted on exit. Every run is bounded by its message count
@@ -22,6 +27,7 @@ bin=$(realpath "${1:?usage: xdp-bench.sh BIN [ROUNDS]}")
 rounds=${2:-3}
 new_n=${NEW_N:-40000}
 pipe_n=${PIPE_N:-100000}
+pair_n=${PAIR_N:-20000}
 here=$(cd "$(dirname "$0")/.." && pwd)
 out_json=${OUT_JSON:-$here/results/xdp-bench.json}
 work=$(mktemp -d)
@@ -57,8 +63,14 @@ run_case() {
     sink-*) [ "$io" = xdp ] && sink_io=(--io xdp --xdp-iface "$ia"); measured=sink ;;
     blast-*) [ "$io" = xdp ] && blast_io=(--io xdp --xdp-iface "$ib"); measured=blast ;;
   esac
+  case $case in
+    pair-*)
+      [ "$io" = xdp ] && sink_io=(--io xdp --xdp-iface "$ia") && blast_io=(--io xdp --xdp-iface "$ib")
+      measured=machine ;;
+  esac
   local load sessions
   case $case in
+    pair-new) load=(--messages "$pair_n" -k 1 -c 16); sessions=$pair_n ;;
     *-new) load=(--messages "$new_n" -k 1 -c 16); sessions=$new_n ;;
     *-pipe) load=(--messages "$pipe_n" -k 100 -c 4 --pipelining on); sessions=$((pipe_n / 100)) ;;
   esac
@@ -70,6 +82,9 @@ run_case() {
     grep -q "listening on" "$work/sink.err" 2>/dev/null && break
     sleep 0.02
   done
+  # Whole-machine busy jiffies (all CPUs: user..steal, minus idle and iowait).
+  busy() { awk '/^cpu / { print $2+$3+$4+$7+$8+$9 }' /proc/stat; }
+  local busy0; busy0=$(busy)
   timeout 120 ip netns exec "$b" "$bin" blast 198.18.0.1:2525 "${blast_io[@]}" --cpus 1 \
     "${load[@]}" --timeout 5s --quiet --json "$work/blast.json" >/dev/null 2>&1 || true
   # The sink ends itself after its sessions (bounded by timeout's 120 s too).
@@ -77,13 +92,31 @@ run_case() {
   while kill -0 "$sink_pid" 2>/dev/null && [ $waited -lt 600 ]; do sleep 0.05; waited=$((waited + 1)); done
   kill "$sink_pid" 2>/dev/null || true
   wait "$sink_pid" 2>/dev/null || true
-  python3 - "$case" "$io" "$round" "$measured" "$work" >>"$work/runs.jsonl" <<'EOF'
+  local busy1; busy1=$(busy)
+  python3 - "$case" "$io" "$round" "$measured" "$work" "$((busy1 - busy0))" "$(getconf CLK_TCK)" >>"$work/runs.jsonl" <<'EOF'
 import json, sys
 case, io, rnd, measured, work = sys.argv[1:6]
+busy_jiffies, hz = int(sys.argv[6]), int(sys.argv[7])
 try:
     s = json.load(open(f"{work}/sink.json")); b = json.load(open(f"{work}/blast.json"))
 except Exception as e:
     print(json.dumps({"case": case, "io": io, "round": int(rnd), "failed": str(e)})); sys.exit()
+if measured == "machine":
+    # The machine's busy time from the blaster's start to the sink's end.
+    n = max(1, b["counts"]["sessions"])
+    print(json.dumps({
+        "case": case, "io": io, "round": int(rnd),
+        "sessions_per_sec": b["rates"]["sessions_per_sec"],
+        "messages_per_sec": b["rates"]["messages_per_sec"],
+        "cpu_us_per_session": busy_jiffies * 1e6 / hz / n,
+        "cpu_us_per_message": busy_jiffies * 1e6 / hz / max(1, b["counts"]["messages_accepted"]),
+        "user_us_per_session": None, "sys_us_per_session": None,
+        "machine_busy_secs": busy_jiffies / hz,
+        "accepted": b["counts"]["messages_accepted"],
+        "attempted": b["counts"]["messages_attempted"],
+        "sink_accepted": s["counts"]["messages_accepted"],
+    }))
+    sys.exit()
 m = s if measured == "sink" else b
 print(json.dumps({
     "case": case, "io": io, "round": int(rnd),
@@ -100,7 +133,7 @@ print(json.dumps({
 EOF
 }
 
-cases=(sink-new blast-new sink-pipe blast-pipe)
+read -r -a cases <<<"${CASES:-sink-new blast-new sink-pipe blast-pipe pair-new}"
 for r in $(seq 1 "$rounds"); do
   for i in "${!cases[@]}"; do
     c=${cases[$(((i + r) % ${#cases[@]}))]}
@@ -121,18 +154,23 @@ out = {"rounds": int(sys.argv[3]), "kernel": platform.release(), "cpus": os.cpu_
 json.dump(out, open(sys.argv[2], "w"), indent=1)
 ok = [r for r in runs if "failed" not in r]
 def med(case, io, key):
-    v = [r[key] for r in ok if r["case"] == case and r["io"] == io]
+    v = [r[key] for r in ok if r["case"] == case and r["io"] == io and r.get(key) is not None]
     return statistics.median(v) if v else float("nan")
 print("| case | io | sessions/s | CPU µs/session | of it user | of it system | CPU µs/message |")
 print("|---|---|---:|---:|---:|---:|---:|")
-for case in ["sink-new", "blast-new", "sink-pipe", "blast-pipe"]:
+for case in ["sink-new", "blast-new", "sink-pipe", "blast-pipe", "pair-new"]:
+    if not any(r["case"] == case for r in ok):
+        continue
     for io in ["xdp", "epoll"]:
         print(f"| {case} | {io} | {med(case, io, 'sessions_per_sec'):.0f} | {med(case, io, 'cpu_us_per_session'):.1f} "
               f"| {med(case, io, 'user_us_per_session'):.1f} | {med(case, io, 'sys_us_per_session'):.1f} "
               f"| {med(case, io, 'cpu_us_per_message'):.1f} |")
-for case in ["sink-new", "blast-new"]:
+for case in ["sink-new", "blast-new", "pair-new"]:
+    if not any(r["case"] == case for r in ok):
+        continue
     x, e = med(case, "xdp", "cpu_us_per_session"), med(case, "epoll", "cpu_us_per_session")
-    print(f"\n{case}: sessions per CPU-second, xdp / epoll = {e / x:.2f}")
+    print(f"\n{case}: sessions per CPU-second, xdp / epoll = {e / x:.2f}; CPU per session, xdp / epoll = {x / e:.2f}")
+print(f"\nload average at the end: {os.getloadavg()}")
 failed = [r for r in runs if "failed" in r]
 print(f"\nfailed runs: {len(failed)}")
 EOF

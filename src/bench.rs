@@ -5,7 +5,9 @@
 //! (`cli::bench`: the CPUs split between the roles, the sink's defaults
 //! adjusted to what the blaster will speak), starts the sink, points the
 //! blaster at it, and reports the blaster's figures (with the same exit
-//! codes), followed by what the sink counted.
+//! codes), followed by what the sink counted. With `netns` (`--io xdp`) the
+//! sink starts in one namespace of a fresh veth pair and the blaster in the
+//! other ([`crate::net::netns`]), each on AF_XDP.
 //!
 //! Both sides count by the README's definitions ("What the numbers mean"),
 //! so they must agree, and a disagreement is a bug in one of them that
@@ -24,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 
 use crate::blast::{self, BlastConfig};
+use crate::net::netns::{self, Side, VethPair};
 use crate::sink::faults::{FaultAction, FaultPoint, FaultSpec};
 use crate::sink::{self, SinkConfig};
 use crate::stats::Counts;
@@ -47,6 +50,10 @@ pub struct BenchConfig {
     /// `--through HOST:PORT` (the blaster's target): the drain after the
     /// load. The sink receives what the server relays (see [`through`]).
     pub through: Option<Duration>,
+    /// The sink and the blaster each in a network namespace of its own,
+    /// joined by a veth pair made for the run (`--io xdp`: see
+    /// [`crate::net::netns`]); removed when the run ends.
+    pub netns: bool,
 }
 
 /// `smtpstorm bench`: the exit code (as `blast`).
@@ -61,13 +68,25 @@ pub fn run(cfg: BenchConfig) -> anyhow::Result<u8> {
         sink_faults: _,
         quiet,
         through: drain,
+        netns: in_namespaces,
     } = cfg;
     if let Some(drain) = drain {
         return through(scfg, bcfg, drain, &sink_cpus, &blast_cpus, quiet);
     }
     let faults = scfg.faults.clone();
     let (per_session, timeout) = (bcfg.messages_per_session, bcfg.timeout);
-    let sink = sink::start(scfg).context("starting the embedded sink")?;
+    // Both namespaces (and the veth, and the XDP programs on it) end with
+    // the last of their threads and of these descriptors.
+    let pair = if in_namespaces {
+        Some(VethPair::create(1).context("bench --io xdp: making the veth pair")?)
+    } else {
+        None
+    };
+    let sink = {
+        // The sink's sockets and threads start in namespace a.
+        let _in = pair.as_ref().map(|p| p.enter(Side::A)).transpose()?;
+        sink::start(scfg).context("starting the embedded sink")?
+    };
     let target = if implicit_tls {
         sink.tls_addrs()[0]
     } else {
@@ -75,13 +94,25 @@ pub fn run(cfg: BenchConfig) -> anyhow::Result<u8> {
     };
     if !quiet {
         eprintln!(
-            "smtpstorm bench: sink on {target} (CPUs {sink_cpus:?}), blaster on CPUs {blast_cpus:?}, io {}",
-            bcfg.io.io.as_str()
+            "smtpstorm bench: sink on {target} (CPUs {sink_cpus:?}), blaster on CPUs {blast_cpus:?}, io {}{}",
+            bcfg.io.io.as_str(),
+            if in_namespaces {
+                format!(
+                    "; each on AF_XDP in its own network namespace, joined by the veth pair {}/{}",
+                    netns::A_IFACE,
+                    netns::B_IFACE
+                )
+            } else {
+                String::new()
+            }
         );
     }
     bcfg.retarget(target);
     let output = bcfg.output.clone();
-    let run = blast::execute(bcfg);
+    let run = {
+        let _in = pair.as_ref().map(|p| p.enter(Side::B)).transpose()?;
+        blast::execute(bcfg)
+    };
     sink.stop();
     let summary = sink
         .wait()

@@ -159,6 +159,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     let live = LiveMetrics::new(Role::Blast);
     let _metrics_server = serve_metrics(&cfg.output, &live)?;
     let transport = Transport::open(&cfg.io, threads, &[], true)?;
+    let backend = transport.clone();
     let cfg = Arc::new(cfg);
     let (tx, rx) = mpsc::channel::<ThreadSnapshot>();
     let workers = {
@@ -232,6 +233,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     if let Some(run) = cfg.trace {
         report.trace = Some(crate::stats::TraceReport::of_blast(run, accepted));
     }
+    report.xdp = backend.stats();
     if let (Some(late), Some(c)) = (start_late_secs, report.config.as_object_mut()) {
         c.insert(
             "start_late_secs".into(),

@@ -6,6 +6,11 @@
 //! of `smtpstorm sink` adjusted to what the blaster will speak; the blaster
 //! takes every blast option and is pointed at the sink once it listens
 //! ([`crate::blast::BlastConfig::retarget`]).
+//!
+//! `--io xdp` (as root): the sink and the blaster each run on AF_XDP in a
+//! network namespace of their own, joined by a veth pair the run makes and
+//! removes ([`crate::net::netns`]); one thread each (the veth has one
+//! queue each way). Without the privileges, one line names what is missing.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,9 +18,10 @@ use std::time::Duration;
 use clap::{Args, Parser};
 
 use super::parse::{parse_cpu_list, parse_duration, parse_fault, parse_socket_addr, parse_threads};
-use super::{Cli, Command, LoadArgs};
+use super::{Cli, Command, IoArg, LoadArgs, XdpModeArg};
 use crate::bench::BenchConfig;
 use crate::net::affinity::available_cores;
+use crate::net::netns;
 use crate::net::runtime::Cpus;
 use crate::sink::faults::FaultSpec;
 use crate::sink::SinkConfig;
@@ -71,11 +77,20 @@ fn split_cores(cores: &[usize], sink_threads: Option<usize>) -> (Vec<usize>, Vec
 /// blaster will speak.
 fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig> {
     let load = &args.load;
-    let listen = match (&args.through, args.sink_listen) {
-        (Some(_), Some(a)) => a.to_string(),
-        _ => "127.0.0.1:0".to_string(),
+    let xdp = load.threads.io == IoArg::Xdp;
+    let (plain, tls) = if xdp {
+        (
+            format!("{}:25", netns::A_IP),
+            format!("{}:465", netns::A_IP),
+        )
+    } else {
+        let listen = match (&args.through, args.sink_listen) {
+            (Some(_), Some(a)) => a.to_string(),
+            _ => "127.0.0.1:0".to_string(),
+        };
+        (listen, "127.0.0.1:0".to_string())
     };
-    let mut argv: Vec<String> = ["smtpstorm", "sink", "--listen", &listen, "--quiet"]
+    let mut argv: Vec<String> = ["smtpstorm", "sink", "--listen", &plain, "--quiet"]
         .map(String::from)
         .to_vec();
     if args.through.is_some() {
@@ -93,8 +108,18 @@ fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig>
         cfg.faults = args.sink_faults.clone();
         return Ok(cfg);
     }
+    if xdp {
+        let x = &load.threads.xdp;
+        argv.extend(["--io", "xdp", "--xdp-iface", netns::A_IFACE].map(String::from));
+        if x.xdp_mode == XdpModeArg::Native {
+            argv.extend(["--xdp-mode".into(), "native".into()]);
+        }
+        if let Some(f) = &x.xdp_faults {
+            argv.extend(["--xdp-faults".into(), f.to_string()]);
+        }
+    }
     if load.tls {
-        argv.extend(["--tls-listen".into(), "127.0.0.1:0".into()]);
+        argv.extend(["--tls-listen".into(), tls]);
     }
     if load.lmtp {
         argv.push("--lmtp".into());
@@ -124,8 +149,17 @@ fn sink_config(args: &BenchArgs, cpus: Vec<usize>) -> anyhow::Result<SinkConfig>
 /// blaster's target is the sink's loopback address, its port set when the
 /// sink listens).
 pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
+    let xdp = args.load.threads.io == IoArg::Xdp;
+    if xdp {
+        check_xdp(args)?;
+    }
     let cores = available_cores();
-    let (auto_sink, auto_blast) = split_cores(&cores, args.sink_threads);
+    let (mut auto_sink, mut auto_blast) = split_cores(&cores, args.sink_threads);
+    if xdp {
+        // One thread a side: the veth pair has one queue each way.
+        auto_sink.truncate(1);
+        auto_blast.truncate(1);
+    }
     let sink_cpus = args.sink_cpus.clone().unwrap_or(auto_sink);
     let blast_cpus = match (
         &args.blast_cpus,
@@ -137,6 +171,14 @@ pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
         (None, None, None) => auto_blast,
     };
     let sink = sink_config(args, sink_cpus.clone())?;
+    if xdp && (sink_cpus.len() != 1 || blast_cpus.len() != 1) {
+        anyhow::bail!(
+            "bench --io xdp runs one thread per side (its veth pair has one queue each way): \
+             got {} sink and {} blaster CPUs",
+            sink_cpus.len(),
+            blast_cpus.len()
+        );
+    }
     let mut load = args.load.clone();
     load.threads.threads = None;
     load.threads.cpus = Some(blast_cpus.clone());
@@ -144,6 +186,11 @@ pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
         Some(target) => {
             load.trace = true;
             super::blast::config(target, &load)?
+        }
+        None if xdp => {
+            load.threads.xdp.xdp_iface = Some(netns::B_IFACE.to_string());
+            let target = SocketAddr::from((netns::A_IP, 25));
+            super::blast::config_for(target, target.ip().to_string(), &load)?
         }
         None => {
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -163,7 +210,25 @@ pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
             .through
             .as_ref()
             .map(|_| args.drain.unwrap_or(DEFAULT_DRAIN)),
+        netns: xdp,
     })
+}
+
+/// What `bench --io xdp` needs before it starts: the privileges to make
+/// namespaces and run AF_XDP, and no interface of the user's.
+fn check_xdp(args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(missing) = netns::missing_privileges() {
+        anyhow::bail!(
+            "bench --io xdp needs root: it makes two network namespaces and a veth pair \
+             and runs AF_XDP on them; missing {missing}"
+        );
+    }
+    if args.load.threads.xdp.xdp_iface.is_some() || args.load.threads.xdp.xdp_queues.is_some() {
+        anyhow::bail!(
+            "bench --io xdp makes its own veth pair: --xdp-iface and --xdp-queues are for sink and blast"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

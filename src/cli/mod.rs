@@ -136,6 +136,10 @@ pub struct XdpArgs {
     /// --io xdp: the NIC queue of each thread, in thread order (e.g. `0-3`) [default: 0..threads].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub xdp_queues: Option<std::vec::Vec<usize>>,
+    /// --io xdp: inject faults on the AF_XDP path: `loss=1%,reorder=2%,delay=5ms` (any of them;
+    /// loss each way, reorder and delay on receive); echoed in the report's config.xdp.faults.
+    #[arg(long, value_name = "SPEC", value_parser = crate::net::xdp::XdpFaults::parse)]
+    pub xdp_faults: Option<crate::net::xdp::XdpFaults>,
 }
 
 /// `--xdp-mode`.
@@ -160,6 +164,7 @@ impl XdpArgs {
                 .xdp_queues
                 .as_ref()
                 .map(|q| q.iter().map(|&x| x as u32).collect()),
+            faults: self.xdp_faults.unwrap_or_default(),
         }
     }
 }

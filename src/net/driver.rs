@@ -162,6 +162,13 @@ impl Transport {
         }
     }
 
+    /// What the backend counted over the run, for the report (`xdp`:
+    /// frames, and what `--xdp-faults` did); `None` for the kernel
+    /// backends. Complete once every worker thread ended.
+    pub fn stats(&self) -> Option<serde_json::Value> {
+        self.xdp.as_ref().map(|run| run.stats())
+    }
+
     /// Waits (bounded by `within`, or until `stop` is set) until every
     /// thread's backend takes its traffic: with xdp, until each thread's
     /// socket is in the program's map (before that a queue's SYNs reach

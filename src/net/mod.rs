@@ -34,6 +34,7 @@ pub mod backend;
 pub mod conn_table;
 pub mod driver;
 pub mod epoll;
+pub mod netns;
 pub mod proc;
 pub mod runtime;
 pub mod socket;

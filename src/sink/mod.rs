@@ -122,6 +122,8 @@ pub struct RunningSink {
     metrics: Arc<LiveMetrics>,
     /// Serves `metrics` (`--metrics-listen`); stops when the sink is dropped.
     metrics_server: Option<MetricsServer>,
+    /// The backend, for what it counted (the report's `xdp`).
+    transport: Transport,
 }
 
 /// CPU time of this process so far (`getrusage`); zero if it cannot be
@@ -284,6 +286,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
         trace: cfg.trace,
         metrics,
         metrics_server,
+        transport,
     })
 }
 
@@ -422,6 +425,7 @@ impl RunningSink {
         if let Some(t) = &trace {
             report.trace = Some(TraceReport::of_sink(t)?);
         }
+        report.xdp = self.transport.stats();
         Ok(SinkSummary {
             report,
             verify_missing,

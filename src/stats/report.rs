@@ -434,6 +434,11 @@ pub struct Report {
     /// and a sink's report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub e2e: Option<E2e>,
+    /// `--io xdp`: what the backend counted (frames each way; with
+    /// `--xdp-faults`, the faults and the retransmissions). Set by the
+    /// role after the run; absent for the other backends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xdp: Option<serde_json::Value>,
 }
 
 /// `trace` of a report: a blaster's (`run_id`, `accepted`,
@@ -663,6 +668,7 @@ impl Report {
             assertions: Vec::new(),
             trace: None,
             e2e: None,
+            xdp: None,
         })
     }
 

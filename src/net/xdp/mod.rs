@@ -30,7 +30,10 @@
 //! an RST) while the XDP program takes their traffic.
 
 pub mod bpf;
+pub mod faults;
+pub mod nic;
 pub mod port;
+pub mod rss;
 pub mod stack;
 pub mod wire;
 
@@ -45,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+pub use faults::XdpFaults;
 pub use stack::run;
 use wire::Mac;
 
@@ -81,6 +85,8 @@ pub struct XdpOptions {
     pub zerocopy: bool,
     /// One queue per worker thread, in thread order (`None`: 0..threads).
     pub queues: Option<Vec<u32>>,
+    /// `--xdp-faults` (none by default).
+    pub faults: XdpFaults,
 }
 
 impl XdpOptions {
@@ -91,6 +97,7 @@ impl XdpOptions {
             "mode": self.mode.to_string(),
             "zerocopy": self.zerocopy,
             "queues": self.queues,
+            "faults": (!self.faults.is_none()).then(|| self.faults.echo()),
         })
     }
 }
@@ -165,6 +172,10 @@ pub struct XdpRun {
     pub port_blocks: Vec<(u16, u16)>,
     /// Neighbours learnt by any thread (ARP is answered on one queue).
     pub neighbors: Mutex<HashMap<Ipv4Addr, Mac>>,
+    /// `--xdp-faults`.
+    pub faults: XdpFaults,
+    /// What the threads counted, added as each one ends.
+    counts: Mutex<RunCounts>,
     /// Threads whose socket is in the map (see [`XdpRun::wait_ready`]).
     ready: AtomicUsize,
     map: OwnedFd,
@@ -184,18 +195,20 @@ impl fmt::Debug for XdpRun {
     }
 }
 
+/// A run's frames and, with `--xdp-faults`, what the faults did.
+#[derive(Clone, Copy, Debug, Default)]
+struct RunCounts {
+    frames_rx: u64,
+    frames_tx: u64,
+    faults: Option<faults::FaultCounts>,
+}
+
 /// What one worker thread's `driver::ThreadTransport` carries for xdp.
 #[derive(Clone, Debug)]
 pub struct XdpThread {
     pub run: Arc<XdpRun>,
     /// The worker's index (its queue is `run.queues[index]`).
     pub index: usize,
-}
-
-fn sys(iface: &str, what: &str) -> Option<String> {
-    std::fs::read_to_string(format!("/sys/class/net/{iface}/{what}"))
-        .ok()
-        .map(|s| s.trim().to_string())
 }
 
 /// Effective capabilities of this process (`CapEff` of /proc/self/status).
@@ -219,15 +232,6 @@ pub fn privileged(caps: u64) -> bool {
     has(CAP_NET_ADMIN) && has(CAP_NET_RAW) && (has(CAP_BPF) || has(CAP_SYS_ADMIN))
 }
 
-fn parse_mac(s: &str) -> Option<Mac> {
-    let mut m = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in m.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(m)
-}
-
 /// The IPv4 address and prefix of `iface` (the first one), from the kernel.
 fn iface_ipv4(ifindex: u32) -> io::Result<Option<(Ipv4Addr, u8)>> {
     let (v4, _) = xdp::nic::NicIndex::new(ifindex).addresses()?;
@@ -236,28 +240,10 @@ fn iface_ipv4(ifindex: u32) -> io::Result<Option<(Ipv4Addr, u8)>> {
     Ok(Some((ip, connected_prefix(ifindex, ip).unwrap_or(32))))
 }
 
-/// Routes of /proc/net/route for one interface: (destination, mask, gateway).
-fn routes(iface: &str) -> Vec<(u32, u32, u32)> {
-    let text = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() < 8 || f[0] != iface {
-                return None;
-            }
-            let hex = |s: &str| u32::from_str_radix(s, 16).ok();
-            // The file prints each network-order word as a host integer.
-            let addr = |s: &str| hex(s).map(|v| u32::from_be_bytes(v.to_ne_bytes()));
-            Some((addr(f[1])?, addr(f[7])?, addr(f[2])?))
-        })
-        .collect()
-}
-
 fn connected_prefix(ifindex: u32, ip: Ipv4Addr) -> Option<u8> {
     let name = xdp::nic::NicIndex::new(ifindex).name().ok()?;
     let ip = u32::from(ip);
-    routes(name.as_str()?)
+    nic::routes(name.as_str()?)
         .into_iter()
         .filter(|&(dst, mask, gw)| gw == 0 && mask != 0 && ip & mask == dst)
         .map(|(_, mask, _)| mask.count_ones() as u8)
@@ -265,7 +251,7 @@ fn connected_prefix(ifindex: u32, ip: Ipv4Addr) -> Option<u8> {
 }
 
 fn default_gateway(iface: &str) -> Option<Ipv4Addr> {
-    routes(iface)
+    nic::routes(iface)
         .into_iter()
         .find(|&(dst, mask, gw)| dst == 0 && mask == 0 && gw != 0)
         .map(|(_, _, gw)| Ipv4Addr::from(gw))
@@ -284,11 +270,16 @@ fn thread_queues(opts: &XdpOptions, threads: usize, iface: &str) -> Result<Vec<u
         Some(q) => q.clone(),
         None => (0..threads as u32).collect(),
     };
-    let have = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                .count() as u32
+    // A driver without ethtool channels: what sysfs lists, or one.
+    let have = nic::rx_queues(iface)
+        .or_else(|| {
+            std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
+                .ok()
+                .map(|d| {
+                    d.filter_map(Result::ok)
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                        .count() as u32
+                })
         })
         .unwrap_or(1)
         .max(1);
@@ -381,12 +372,8 @@ impl XdpRun {
             return Err(XdpError::NotPrivileged);
         }
         let iface = opts.iface.clone();
-        let ifindex: u32 = sys(&iface, "ifindex")
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| XdpError::NoSuchIface(iface.clone()))?;
-        let mac = sys(&iface, "address")
-            .and_then(|s| parse_mac(&s))
-            .ok_or_else(|| XdpError::NoSuchIface(iface.clone()))?;
+        let ifindex = nic::ifindex(&iface).ok_or_else(|| XdpError::NoSuchIface(iface.clone()))?;
+        let mac = nic::hw_addr(&iface).ok_or_else(|| XdpError::NoSuchIface(iface.clone()))?;
         let (ip, prefix_len) =
             iface_ipv4(ifindex)?.ok_or_else(|| XdpError::NoAddress(iface.clone()))?;
         let queues = thread_queues(opts, threads, &iface)?;
@@ -420,6 +407,8 @@ impl XdpRun {
             queues,
             port_blocks,
             neighbors: Mutex::new(HashMap::new()),
+            faults: opts.faults,
+            counts: Mutex::new(RunCounts::default()),
             ready: AtomicUsize::new(0),
             map,
             _link: link,
@@ -463,6 +452,34 @@ impl XdpRun {
             std::thread::sleep(Duration::from_millis(1));
         }
         true
+    }
+
+    /// Adds one ended thread's counts.
+    pub fn add_counts(&self, rx: u64, tx: u64, faults: Option<&faults::FaultCounts>) {
+        let mut c = match self.counts.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        c.frames_rx += rx;
+        c.frames_tx += tx;
+        if let Some(f) = faults {
+            c.faults.get_or_insert_with(Default::default).add(f);
+        }
+    }
+
+    /// What the run counted, for the report's `xdp` (once the threads
+    /// ended): frames each way and, with `--xdp-faults`, the faults and
+    /// the retransmissions (see [`faults`]).
+    pub fn stats(&self) -> serde_json::Value {
+        let c = match self.counts.lock() {
+            Ok(c) => *c,
+            Err(p) => *p.into_inner(),
+        };
+        serde_json::json!({
+            "frames_rx": c.frames_rx,
+            "frames_tx": c.frames_tx,
+            "faults": c.faults.map(|f| f.echo()),
+        })
     }
 
     /// Whether `ip` is on the interface's subnet (else: via the gateway).
@@ -519,15 +536,5 @@ mod tests {
         assert!(!privileged(bit(CAP_NET_ADMIN) | bit(CAP_BPF)));
         assert!(!privileged(bit(CAP_NET_RAW) | bit(CAP_BPF)));
         assert!(!privileged(0));
-    }
-
-    #[test]
-    fn a_mac_parses_from_sysfs_text() {
-        assert_eq!(
-            parse_mac("02:aa:00:00:00:0f"),
-            Some([2, 0xaa, 0, 0, 0, 0x0f])
-        );
-        assert_eq!(parse_mac("02:aa:00"), None);
-        assert_eq!(parse_mac("02:aa:00:00:00:0f:01"), None);
     }
 }

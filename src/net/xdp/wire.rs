@@ -10,6 +10,10 @@
 //! "partial" (on a virtual link nothing can corrupt it), and smoltcp never
 //! looks at the field. Every other bad checksum is dropped.
 //!
+//! Checksums on transmit: smoltcp leaves them zero and [`fill_checksums`]
+//! fills them in as the frame leaves (64-bit words; smoltcp sums 16-bit
+//! ones).
+//!
 //! Invariants: no function panics on any input (every length is checked);
 //! nothing allocates.
 
@@ -50,25 +54,62 @@ fn be16(b: &[u8], at: usize) -> u16 {
 }
 
 /// The ones' complement sum of `data` added to `sum`, folded to 32 bits
-/// (not to 16). Big-endian 32-bit words at a time: 2^16 is 1 modulo
-/// 0xffff, so this folds to the same 16-bit sum as 16-bit words would.
+/// (not to 16). Big-endian 64-bit words at a time, the carry of each add
+/// added back: 2^16 is 1 modulo 0xffff, so this folds to the same 16-bit
+/// sum as 16-bit words would.
 fn sum(data: &[u8], acc: u32) -> u32 {
     let mut s = u64::from(acc);
-    let mut chunks = data.chunks_exact(4);
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        s += u64::from(u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+        let w = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let (r, carry) = s.overflowing_add(w);
+        s = r + u64::from(carry);
     }
-    let mut rest = chunks.remainder().chunks_exact(2);
-    for c in &mut rest {
-        s += u64::from(u16::from_be_bytes([c[0], c[1]]));
+    // At most 33 bits now: the tail's adds cannot overflow.
+    s = (s & 0xffff_ffff) + (s >> 32);
+    let rest = chunks.remainder();
+    let mut i = 0;
+    if rest.len() >= 4 {
+        s += u64::from(u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]));
+        i = 4;
     }
-    if let [last] = rest.remainder() {
-        s += u64::from(*last) << 8;
+    if rest.len() >= i + 2 {
+        s += u64::from(u16::from_be_bytes([rest[i], rest[i + 1]]));
+        i += 2;
+    }
+    // An odd last byte is the high byte of its 16-bit word.
+    if let Some(&last) = rest.get(i) {
+        s += u64::from(last) << 8;
     }
     while s >> 32 != 0 {
         s = (s & 0xffff_ffff) + (s >> 32);
     }
     s as u32
+}
+
+/// Fills in the IPv4 header checksum and the TCP checksum of the IPv4
+/// packet `ip` (as smoltcp left it: both fields zero). Anything but a
+/// whole TCP/IPv4 packet is left as it is.
+pub fn fill_checksums(ip: &mut [u8]) {
+    if ip.len() < 20 || ip[0] >> 4 != 4 {
+        return;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(be16(ip, 2));
+    if ihl < 20 || total < ihl || total > ip.len() {
+        return;
+    }
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = !fold(sum(&ip[..ihl], 0));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    if ip[9] != 6 || total < ihl + 20 {
+        return;
+    }
+    let ph = pseudo(&ip[12..16], &ip[16..20], total - ihl);
+    let tcp = &mut ip[ihl..total];
+    tcp[16..18].copy_from_slice(&[0, 0]);
+    let c = !fold(sum(tcp, u32::from(ph)));
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
 }
 
 fn fold(mut acc: u32) -> u16 {
@@ -80,8 +121,10 @@ fn fold(mut acc: u32) -> u16 {
 
 /// The TCP pseudo-header sum (folded, not complemented).
 fn pseudo(src: &[u8], dst: &[u8], tcp_len: usize) -> u16 {
-    let acc = u32::from(fold(sum(src, 0))) + u32::from(fold(sum(dst, 0))) + 6 + tcp_len as u32;
-    fold(acc)
+    let word = |b: &[u8]| u64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    let s = word(src) + word(dst) + 6 + tcp_len as u64;
+    let s = (s & 0xffff_ffff) + (s >> 32);
+    fold(((s & 0xffff_ffff) + (s >> 32)) as u32)
 }
 
 /// Classifies a frame received for `our_ip`, checking its checksums.
@@ -197,6 +240,57 @@ pub fn put_arp(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filled_checksums_are_what_smoltcp_computes() {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{
+            IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr,
+            TcpSeqNumber,
+        };
+        for payload_len in [0usize, 1, 2, 3, 7, 8, 9, 15, 16, 17, 1000, 1459] {
+            let payload: Vec<u8> = (0..payload_len).map(|i| (i * 37 + 11) as u8).collect();
+            let (src, dst) = (
+                Ipv4Address::new(198, 18, 0, 1),
+                Ipv4Address::new(198, 18, 0, 2),
+            );
+            let tcp = TcpRepr {
+                src_port: 2525,
+                dst_port: 10001,
+                control: TcpControl::Psh,
+                seq_number: TcpSeqNumber(0x1234_5678),
+                ack_number: Some(TcpSeqNumber(0x0fed_cba9)),
+                window_len: 4000,
+                window_scale: None,
+                max_seg_size: None,
+                sack_permitted: false,
+                sack_ranges: [None, None, None],
+                timestamp: None,
+                payload: &payload,
+            };
+            let ip = Ipv4Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: IpProtocol::Tcp,
+                payload_len: tcp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut want = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+            let caps = ChecksumCapabilities::default();
+            ip.emit(&mut Ipv4Packet::new_unchecked(&mut want[..]), &caps);
+            tcp.emit(
+                &mut TcpPacket::new_unchecked(&mut want[20..]),
+                &src.into(),
+                &dst.into(),
+                &caps,
+            );
+            let mut got = want.clone();
+            got[10..12].copy_from_slice(&[0, 0]);
+            got[36..38].copy_from_slice(&[0, 0]);
+            fill_checksums(&mut got);
+            assert_eq!(got, want, "payload {payload_len}");
+        }
+    }
 
     const US: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
     const PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);

@@ -1,16 +1,16 @@
 //! Below IP: the AF_XDP port, Ethernet, ARP and next hops, and smoltcp's
-//! view of the link ([`Dev`]); loss and reordering injected for tests
-//! ([`LinkFaults`]).
+//! view of the link ([`Dev`]); `--xdp-faults` at work ([`LinkFaults`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use smoltcp::phy::{Checksum, Device, DeviceCapabilities, Medium, RxToken, TxToken};
 use smoltcp::time::Instant as SInstant;
 use xdp::Packet;
 
+use super::super::faults::{self, FaultCounts, Resends, XdpFaults, DELAY_LIMIT};
 use super::super::port::Port;
 use super::super::wire::{self, Mac};
 use super::super::XdpRun;
@@ -32,7 +32,7 @@ pub(super) struct Link {
     pub(super) scratch: Vec<u8>,
     /// Frames dropped for want of a frame or of a neighbour.
     pub dropped: u64,
-    /// Loss and reordering injected for tests (see [`LinkFaults`]).
+    /// `--xdp-faults` (see [`LinkFaults`]).
     pub(super) faults: Option<LinkFaults>,
 }
 
@@ -45,36 +45,37 @@ pub(super) enum Fault {
     Hold,
 }
 
-/// Loss and reordering on the link, for tests where `tc netem` is not
-/// available (and it could not act on AF_XDP frames anyway: copy-mode TX
-/// bypasses the qdisc): `SMTPSTORM_XDP_LOSS=PCT` drops that share of
-/// frames each way, `SMTPSTORM_XDP_REORDER=PCT` delays that share of
-/// received frames behind the next one. A fixed-seed xorshift, so a run
-/// is repeatable in what it draws.
-#[derive(Clone, Debug)]
+/// `--xdp-faults` at work on one thread's link (see [`super::super::faults`]):
+/// a fixed-seed xorshift draws each frame's fate; received frames that
+/// must wait (`delay=`) queue here; what happened is counted, and so are
+/// the TCP segments sent again on either side.
 pub struct LinkFaults {
     pub(super) state: u64,
     pub(super) loss_ppm: u64,
     pub(super) reorder_ppm: u64,
+    pub(super) delay: Duration,
+    /// Received frames waiting for their time (oldest first).
+    pub(super) delayed: VecDeque<(Instant, Packet)>,
+    pub(super) counts: FaultCounts,
+    sent: Resends,
+    received: Resends,
 }
 
 impl LinkFaults {
-    /// From the environment (`None` when neither variable is set).
-    pub fn from_env(seed: u64) -> Option<LinkFaults> {
-        let pct = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.trim_end_matches('%').parse::<f64>().ok())
-                .map(|p| (p.clamp(0.0, 100.0) * 10_000.0) as u64)
-        };
-        let (loss, reorder) = (pct("SMTPSTORM_XDP_LOSS"), pct("SMTPSTORM_XDP_REORDER"));
-        if loss.is_none() && reorder.is_none() {
+    /// The faults of `spec` (`None` when it injects nothing).
+    pub fn new(spec: &XdpFaults, seed: u64) -> Option<LinkFaults> {
+        if spec.is_none() {
             return None;
         }
         Some(LinkFaults {
             state: seed | 1,
-            loss_ppm: loss.unwrap_or(0),
-            reorder_ppm: reorder.unwrap_or(0),
+            loss_ppm: u64::from(spec.loss_ppm),
+            reorder_ppm: u64::from(spec.reorder_ppm),
+            delay: spec.delay,
+            delayed: VecDeque::new(),
+            counts: FaultCounts::default(),
+            sent: Resends::default(),
+            received: Resends::default(),
         })
     }
 
@@ -85,9 +86,17 @@ impl LinkFaults {
         self.state % 1_000_000
     }
 
-    pub(super) fn on_rx(&mut self) -> Fault {
+    /// The fate of a received frame (`frame`: from its Ethernet header);
+    /// a segment the peer sent again is counted first.
+    pub(super) fn on_rx(&mut self, frame: &[u8]) -> Fault {
+        if let Some(s) = frame.get(wire::ETH_LEN..).and_then(faults::seg) {
+            if self.received.again(&s) {
+                self.counts.received_again += 1;
+            }
+        }
         let d = self.draw();
         if d < self.loss_ppm {
+            self.counts.lost_rx += 1;
             Fault::Drop
         } else if d < self.loss_ppm + self.reorder_ppm {
             Fault::Hold
@@ -96,8 +105,41 @@ impl LinkFaults {
         }
     }
 
-    pub(super) fn on_tx(&mut self) -> bool {
-        self.draw() < self.loss_ppm
+    /// Whether a frame we send (`ip`: its IP packet) is lost; a segment we
+    /// send again is counted first.
+    pub(super) fn on_tx(&mut self, ip: &[u8]) -> bool {
+        if let Some(s) = faults::seg(ip) {
+            if self.sent.again(&s) {
+                self.counts.resent += 1;
+            }
+        }
+        let lost = self.draw() < self.loss_ppm;
+        self.counts.lost_tx += u64::from(lost);
+        lost
+    }
+
+    /// Queues a received frame for `delay` (`Err`: the queue is full).
+    pub(super) fn delay(&mut self, p: Packet, now: Instant) -> Result<(), Packet> {
+        if self.delayed.len() >= DELAY_LIMIT {
+            self.counts.delay_overflow += 1;
+            return Err(p);
+        }
+        self.counts.delayed += 1;
+        self.delayed.push_back((now + self.delay, p));
+        Ok(())
+    }
+
+    /// The oldest waiting frame, if its time has come.
+    pub(super) fn due(&mut self, now: Instant) -> Option<Packet> {
+        match self.delayed.front() {
+            Some((at, _)) if *at <= now => self.delayed.pop_front().map(|(_, p)| p),
+            _ => None,
+        }
+    }
+
+    /// When the oldest waiting frame is due.
+    pub(super) fn next_due(&self) -> Option<Instant> {
+        self.delayed.front().map(|(at, _)| *at)
     }
 }
 
@@ -117,7 +159,10 @@ impl Link {
 
     /// Sends a frame whose IP packet starts at byte 14.
     pub(super) fn send_ip(&mut self, mut p: Packet, now: Instant) {
-        let lost = self.faults.as_mut().is_some_and(|f| f.on_tx());
+        let lost = match self.faults.as_mut() {
+            Some(f) => f.on_tx(&p[wire::ETH_LEN..]),
+            None => false,
+        };
         let Some(dst) = wire::ipv4_dst(&p[wire::ETH_LEN..]).filter(|_| !lost) else {
             self.port.release(p);
             return;
@@ -245,6 +290,7 @@ impl TxToken for Tx<'_, '_> {
         match self.link.port.alloc(wire::ETH_LEN + len) {
             Some(mut p) => {
                 let r = f(&mut p[wire::ETH_LEN..]);
+                wire::fill_checksums(&mut p[wire::ETH_LEN..]);
                 self.link.send_ip(p, self.now);
                 r
             }
@@ -262,9 +308,11 @@ pub(super) fn caps() -> DeviceCapabilities {
     c.medium = Medium::Ip;
     c.max_transmission_unit = MTU;
     // Received checksums are checked in `wire::classify` (which accepts a
-    // peer's unfinished TX offload); smoltcp fills in ours.
-    c.checksum.ipv4 = Checksum::Tx;
-    c.checksum.tcp = Checksum::Tx;
+    // peer's unfinished TX offload); ours are filled in by
+    // `wire::fill_checksums` as a frame leaves (64-bit words, where
+    // smoltcp sums 16-bit ones).
+    c.checksum.ipv4 = Checksum::None;
+    c.checksum.tcp = Checksum::None;
     c
 }
 
@@ -309,20 +357,17 @@ mod tests {
 
     #[test]
     fn injected_loss_and_reordering_hit_the_shares_asked_for() {
-        let mut f = LinkFaults {
-            state: 0x5eed | 1,
-            loss_ppm: 10_000,
-            reorder_ppm: 20_000,
-        };
+        let spec = XdpFaults::parse("loss=1%,reorder=2%").unwrap();
+        let mut f = LinkFaults::new(&spec, 0x5eed).unwrap();
         let n = 1_000_000;
         let (mut drop, mut hold, mut lost_tx) = (0, 0, 0);
         for _ in 0..n {
-            match f.on_rx() {
+            match f.on_rx(&[]) {
                 Fault::Drop => drop += 1,
                 Fault::Hold => hold += 1,
                 Fault::Deliver => {}
             }
-            lost_tx += u32::from(f.on_tx());
+            lost_tx += u32::from(f.on_tx(&[]));
         }
         for (got, want) in [(drop, 10_000), (hold, 20_000), (lost_tx, 10_000)] {
             assert!(
@@ -330,5 +375,7 @@ mod tests {
                 "{got} not near {want}"
             );
         }
+        assert_eq!(f.counts.lost_rx, drop as u64);
+        assert_eq!(f.counts.lost_tx, lost_tx as u64);
     }
 }

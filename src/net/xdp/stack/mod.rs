@@ -11,7 +11,9 @@
 //! currently listens, whose listening socket then becomes the connection
 //! and is replaced at once by a free socket of that shard. Sockets are made
 //! once, with their buffers, and recycled: a closed connection's socket
-//! returns to its shard's free list (after its RST, if any, went out).
+//! returns to its shard's spare list, out of smoltcp's `SocketSet` (after
+//! its RST, if any, went out), so smoltcp's per-socket scans visit only
+//! the sockets in use.
 //! Segments of no flow go to shard 0, whose smoltcp answers with RST.
 //!
 //! TCP settings: Nagle off, delayed ACK off, [`SOCKET_BUFFER`] bytes each
@@ -306,6 +308,11 @@ struct Core {
     /// A received frame held back by [`LinkFaults`].
     held: Option<Packet>,
     next_sweep: Instant,
+    /// Wall-clock milliseconds at `epoch` (the TCP timestamp clock).
+    wall_at_epoch: u32,
+    /// The last `now` turned into smoltcp's time, and that time (every
+    /// frame of a turn has the same `now`).
+    smol_memo: (Instant, smoltcp::time::Instant),
 }
 
 /// Runs `h` on AF_XDP (the thread's queue from `x`).
@@ -348,7 +355,7 @@ pub fn run<H: Handler>(x: super::XdpThread, setup: Setup, h: &mut H) -> io::Resu
         asked: Vec::new(),
         scratch: Vec::with_capacity(MTU),
         dropped: 0,
-        faults: LinkFaults::from_env(0x5eed ^ x.index as u64),
+        faults: LinkFaults::new(&run.faults, 0x5eed ^ x.index as u64),
     };
     // Sequence numbers, and where the source ports start.
     let wall = std::time::SystemTime::now()
@@ -381,10 +388,20 @@ pub fn run<H: Handler>(x: super::XdpThread, setup: Setup, h: &mut H) -> io::Resu
         rx_more: false,
         held: None,
         next_sweep: now + Duration::from_secs(1),
+        wall_at_epoch: shard::wall_ms(),
+        smol_memo: (now, smol_now(now, now)),
     };
+    shard::set_tsval(core.wall_at_epoch, now, now);
     core.open_listeners(0);
     let mut events = Events::with_capacity(16);
-    core.run(h, &mut poll, &mut events)?;
+    let r = core.run(h, &mut poll, &mut events);
+    // Held and delayed frames go back to the UMEM with the port.
+    run.add_counts(
+        core.link.port.rx_frames,
+        core.link.port.tx_frames,
+        core.link.faults.as_ref().map(|f| &f.counts),
+    );
+    r?;
     Ok(RunStats {
         waited: core.ops.waited,
     })
@@ -479,6 +496,9 @@ impl Core {
             if !self.link.waiting.is_empty() {
                 wake = wake.min(now + ARP_RETRY);
             }
+            if let Some(at) = self.link.faults.as_ref().and_then(|f| f.next_due()) {
+                wake = wake.min(at);
+            }
             let before = Instant::now();
             // Frames left in the RX ring (budget spent), or a TX batch the
             // kernel did not take: come straight back.
@@ -494,6 +514,7 @@ impl Core {
             }
             let now = Instant::now();
             self.ops.waited += now.saturating_duration_since(before);
+            shard::set_tsval(self.wall_at_epoch, self.epoch, now);
             // 1. Ingress.
             self.ingress(now);
             self.link.port.refill()?;
@@ -536,34 +557,68 @@ impl Core {
             }
             taken += n;
             while let Some(p) = self.link.port.next_rx() {
-                match self.link.faults.as_mut().map(|f| f.on_rx()) {
-                    Some(Fault::Drop) => {
-                        self.link.port.release(p);
-                        continue;
-                    }
-                    Some(Fault::Hold) if self.held.is_none() => {
-                        self.held = Some(p);
-                        continue;
-                    }
-                    _ => {}
+                if self.link.faults.is_none() {
+                    self.frame(&p, now);
+                    self.link.port.release(p);
+                    continue;
                 }
-                self.frame(&p, now);
-                self.link.port.release(p);
-                // A held frame arrives after the one that followed it.
-                if let Some(h) = self.held.take() {
-                    self.frame(&h, now);
-                    self.link.port.release(h);
-                }
+                self.faulty_rx(p, now);
             }
         }
-        if taken == 0 {
-            // Nothing followed the held frame this turn: deliver it late.
-            if let Some(h) = self.held.take() {
-                self.frame(&h, now);
-                self.link.port.release(h);
+        if self.link.faults.is_some() {
+            if taken == 0 {
+                // Nothing followed the held frame this turn: deliver it late.
+                if let Some(h) = self.held.take() {
+                    self.pass(h, now);
+                }
+            }
+            while let Some(p) = self.link.faults.as_mut().and_then(|f| f.due(now)) {
+                self.frame(&p, now);
+                self.link.port.release(p);
             }
         }
         self.rx_more = taken >= RX_BUDGET;
+    }
+
+    /// A received frame under `--xdp-faults`: lost, held behind the next
+    /// one, or passed on.
+    fn faulty_rx(&mut self, p: Packet, now: Instant) {
+        let Some(f) = self.link.faults.as_mut() else {
+            return;
+        };
+        match f.on_rx(&p) {
+            Fault::Drop => {
+                self.link.port.release(p);
+                return;
+            }
+            Fault::Hold if self.held.is_none() => {
+                f.counts.reordered += 1;
+                self.held = Some(p);
+                return;
+            }
+            _ => {}
+        }
+        self.pass(p, now);
+        // A held frame arrives after the one that followed it.
+        if let Some(h) = self.held.take() {
+            self.pass(h, now);
+        }
+    }
+
+    /// To TCP now, or after `delay=`.
+    fn pass(&mut self, p: Packet, now: Instant) {
+        let p = match self.link.faults.as_mut() {
+            Some(f) if !f.delay.is_zero() => match f.delay(p, now) {
+                Ok(()) => return,
+                Err(p) => {
+                    self.link.port.release(p);
+                    return;
+                }
+            },
+            _ => p,
+        };
+        self.frame(&p, now);
+        self.link.port.release(p);
     }
 
     fn frame(&mut self, p: &Packet, now: Instant) {
@@ -616,8 +671,17 @@ impl Core {
         }
     }
 
+    /// smoltcp's time at `now` (computed once per turn).
+    #[inline]
+    fn smol_at(&mut self, now: Instant) -> smoltcp::time::Instant {
+        if self.smol_memo.0 != now {
+            self.smol_memo = (now, smol_now(self.epoch, now));
+        }
+        self.smol_memo.1
+    }
+
     fn deliver(&mut self, shard: usize, ip: &[u8], now: Instant) {
-        let t = smol_now(self.epoch, now);
+        let t = self.smol_at(now);
         let sh = &mut self.shards[shard];
         let mut dev = Dev {
             link: &mut self.link,
@@ -719,10 +783,10 @@ impl Core {
 
     /// A shard with a free socket (`prefer` first), made if none has one.
     fn shard_with_free(&mut self, prefer: usize) -> usize {
-        if self.shards.get(prefer).is_some_and(|s| !s.free.is_empty()) {
+        if self.shards.get(prefer).is_some_and(|s| s.has_free()) {
             return prefer;
         }
-        if let Some(i) = self.shards.iter().position(|s| !s.free.is_empty()) {
+        if let Some(i) = self.shards.iter().position(|s| s.has_free()) {
             return i;
         }
         let now = Instant::now();
@@ -763,7 +827,7 @@ impl Core {
             let s = self.shard_with_free(self.connect_shard);
             self.connect_shard = s;
             let sh = &mut self.shards[s];
-            let Some(handle) = sh.free.pop() else {
+            let Some(handle) = sh.take() else {
                 continue;
             };
             let remote = match peer {
@@ -793,7 +857,7 @@ impl Core {
                     );
                 }
                 Err(e) => {
-                    sh.free.push(handle);
+                    sh.give_back(handle);
                     self.ops.conns.remove(id);
                     self.ops.timers.cancel(id);
                     self.ops.io.ports.give(local.port());
@@ -1090,7 +1154,7 @@ impl Core {
     // ---- egress ---------------------------------------------------------------
 
     fn egress(&mut self, now: Instant) {
-        let t = smol_now(self.epoch, now);
+        let t = self.smol_at(now);
         for (i, sh) in self.shards.iter_mut().enumerate() {
             if !sh.dirty {
                 continue;
@@ -1106,11 +1170,8 @@ impl Core {
                     break;
                 }
             }
-            // Sockets whose RST is out are free now.
-            let Shard {
-                resetting, free, ..
-            } = sh;
-            free.append(resetting);
+            // Sockets whose RST is out are spare now (out of the set).
+            sh.recycle_reset();
             let next = sh
                 .iface
                 .poll_at(t, &sh.sockets)

@@ -1,5 +1,11 @@
-//! A shard: one smoltcp `Interface` and `SocketSet` of [`SHARD_SOCKETS`]
-//! sockets, made once and recycled, and the clocks between smoltcp and us.
+//! A shard: one smoltcp `Interface` and `SocketSet` of at most
+//! [`SHARD_SOCKETS`] sockets, made once and recycled, and the clocks
+//! between smoltcp and us.
+//!
+//! Only sockets in use (listening, connected, closing, or sending their
+//! RST) are in the `SocketSet`: smoltcp visits every socket of the set for
+//! each segment it receives, each egress and each `poll_at`, so a spare
+//! socket waits outside it ([`Shard::spare`]) and costs nothing there.
 
 use std::time::{Duration, Instant};
 
@@ -14,8 +20,9 @@ use super::{FlowKey, SHARD_SOCKETS, SOCKET_BUFFER};
 pub(super) struct Shard {
     pub(super) iface: Interface,
     pub(super) sockets: SocketSet<'static>,
-    /// Closed sockets ready for a connection or a listener.
-    pub(super) free: Vec<SocketHandle>,
+    /// Closed sockets ready for a connection or a listener, outside the
+    /// set.
+    spare: Vec<tcp::Socket<'static>>,
     /// Aborted sockets whose RST goes out at the next egress.
     pub(super) resetting: Vec<SocketHandle>,
     /// The listening socket of each listening port.
@@ -63,14 +70,12 @@ impl Shard {
             // Every destination is "on link" for smoltcp: next hops are ours.
             let _ = a.push(IpCidr::new(IpAddress::Ipv4(ip), 0));
         });
-        let mut sockets = SocketSet::new(Vec::with_capacity(SHARD_SOCKETS));
-        let free = (0..SHARD_SOCKETS)
-            .map(|_| sockets.add(new_socket()))
-            .collect();
+        let sockets = SocketSet::new(Vec::with_capacity(SHARD_SOCKETS));
+        let spare = (0..SHARD_SOCKETS).map(|_| new_socket()).collect();
         Shard {
             iface,
             sockets,
-            free,
+            spare,
             resetting: Vec::new(),
             listeners: Vec::new(),
             closing: Vec::new(),
@@ -90,23 +95,69 @@ impl Shard {
         self.dirty = true;
     }
 
+    /// Whether the shard has a socket to spare.
+    pub(super) fn has_free(&self) -> bool {
+        !self.spare.is_empty()
+    }
+
+    /// A spare socket, put in the set (closed, ready to connect or listen).
+    pub(super) fn take(&mut self) -> Option<SocketHandle> {
+        let s = self.spare.pop()?;
+        Some(self.sockets.add(s))
+    }
+
+    /// Takes `h` out of the set again (it must be closed).
+    pub(super) fn give_back(&mut self, h: SocketHandle) {
+        match self.sockets.remove(h) {
+            smoltcp::socket::Socket::Tcp(s) => self.spare.push(s),
+            #[allow(unreachable_patterns)]
+            _ => self.spare.push(new_socket()),
+        }
+    }
+
+    /// The sockets whose RST went out (an egress ran) are spare again.
+    pub(super) fn recycle_reset(&mut self) {
+        while let Some(h) = self.resetting.pop() {
+            self.give_back(h);
+        }
+    }
+
     /// A free socket listening on `port`, if the shard has one to spare.
     pub(super) fn listen(&mut self, port: u16) -> Option<SocketHandle> {
-        let h = self.free.pop()?;
+        let h = self.take()?;
         if self.sock(h).listen(port).is_err() {
-            self.free.push(h);
+            self.give_back(h);
             return None;
         }
         Some(h)
     }
 }
 
-/// TCP timestamp value: wall-clock milliseconds (wrapping).
-pub(super) fn tsval() -> u32 {
+thread_local! {
+    /// This thread's TCP timestamp clock: wall-clock milliseconds (wrapping)
+    /// as of the loop's turn ([`set_tsval`]), so an emitted segment costs
+    /// no clock read.
+    static TSVAL: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Wall-clock milliseconds now (wrapping).
+pub(super) fn wall_ms() -> u32 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u32)
         .unwrap_or(0)
+}
+
+/// Sets the timestamp clock for this turn: `wall_at_epoch` plus the time
+/// since `epoch`.
+pub(super) fn set_tsval(wall_at_epoch: u32, epoch: Instant, now: Instant) {
+    let ms = now.saturating_duration_since(epoch).as_millis() as u32;
+    TSVAL.with(|c| c.set(wall_at_epoch.wrapping_add(ms)));
+}
+
+/// TCP timestamp value: wall-clock milliseconds as of this turn.
+pub(super) fn tsval() -> u32 {
+    TSVAL.with(|c| c.get())
 }
 
 pub(super) fn smol_now(epoch: Instant, now: Instant) -> SInstant {
