@@ -528,7 +528,7 @@ def write_tls(doc, out):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "tls.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    cmds = sorted({re.sub(r"^\S*/smtpstorm ", "smtpstorm ",
+    cmds = sorted({re.sub(r"^\S*/smtpstorm\S* ", "smtpstorm ",
                           re.sub(r"--json \S+", "--json FILE",
                                  re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", r["command"])))
                    for r in doc["runs"] if "command" in r})
