@@ -59,11 +59,19 @@ fn the_sink_picks_the_cheapest_suite_from_openssls_offer_and_reports_what_was_ne
     // A client that offers only SHA-384 and P-384 still gets in.
     let (ok, text) = s_client(
         &sink.addr(),
-        &["-ciphersuites", "TLS_AES_256_GCM_SHA384", "-groups", "P-384"],
+        &[
+            "-ciphersuites",
+            "TLS_AES_256_GCM_SHA384",
+            "-groups",
+            "P-384",
+        ],
     );
     assert!(ok && text.contains("221 "), "{text}");
     assert_eq!(brief(&text, "Ciphersuite:"), "TLS_AES_256_GCM_SHA384");
-    assert!(brief(&text, "Server Temp Key:").contains("secp384r1"), "{text}");
+    assert!(
+        brief(&text, "Server Temp Key:").contains("secp384r1"),
+        "{text}"
+    );
     let v = sink.stop();
     let neg = &v["counts"]["tls_negotiated"];
     let first = format!("{} X25519", suite.replacen("TLS_", "TLS13_", 1));
@@ -85,7 +93,10 @@ fn sink_tls_suites_and_groups_limit_what_a_real_client_can_negotiate() {
     let (ok, text) = s_client(&sink.addr(), &[]);
     assert!(ok && text.contains("221 "), "{text}");
     assert_eq!(brief(&text, "Ciphersuite:"), "TLS_CHACHA20_POLY1305_SHA256");
-    assert!(brief(&text, "Server Temp Key:").contains("prime256v1"), "{text}");
+    assert!(
+        brief(&text, "Server Temp Key:").contains("prime256v1"),
+        "{text}"
+    );
     // A client offering only what the sink left out cannot complete.
     let (_, text) = s_client(&sink.addr(), &["-ciphersuites", "TLS_AES_128_GCM_SHA256"]);
     assert!(!text.contains("Ciphersuite:"), "{text}");
@@ -108,7 +119,16 @@ fn blast_tls_suites_and_groups_are_what_it_offers_and_both_reports_say_what_was_
     let mut p = Proc::spawn(
         "smtpstorm blast",
         Command::new(bin())
-            .args(["blast", &sink.addr(), "-n", "3", "-c", "1", "--threads", "1"])
+            .args([
+                "blast",
+                &sink.addr(),
+                "-n",
+                "3",
+                "-c",
+                "1",
+                "--threads",
+                "1",
+            ])
             .args(["--starttls", "--tls-suites", "TLS_AES_256_GCM_SHA384"])
             .args(["--tls-groups", "secp384r1,x25519", "--json"])
             .arg(&json)
@@ -144,17 +164,29 @@ fn blast_tls_suites_and_groups_are_what_it_offers_and_both_reports_say_what_was_
 #[test]
 fn a_bad_suite_or_group_name_is_one_line_that_lists_the_valid_ones() {
     for (cmd, flag, bad, valid) in [
-        ("sink", "--tls-suites", "RC4-MD5", "TLS13_AES_128_GCM_SHA256"),
+        (
+            "sink",
+            "--tls-suites",
+            "RC4-MD5",
+            "TLS13_AES_128_GCM_SHA256",
+        ),
         ("blast", "--tls-groups", "x448", "X25519, secp256r1"),
     ] {
         let mut args = vec![cmd];
         if cmd == "blast" {
             args.push("127.0.0.1:1");
         }
-        let out = Command::new(bin()).args(&args).args([flag, bad]).output().unwrap();
+        let out = Command::new(bin())
+            .args(&args)
+            .args([flag, bad])
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{out:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains(flag) && err.contains(bad) && err.contains(valid), "{err}");
+        assert!(
+            err.contains(flag) && err.contains(bad) && err.contains(valid),
+            "{err}"
+        );
     }
 }

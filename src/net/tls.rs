@@ -279,7 +279,12 @@ impl rustls::crypto::hmac::Hmac for PadHmac {
 }
 
 impl rustls::crypto::hmac::Key for PadHmacKey {
-    fn sign_concat(&self, first: &[u8], middle: &[&[u8]], last: &[u8]) -> rustls::crypto::hmac::Tag {
+    fn sign_concat(
+        &self,
+        first: &[u8],
+        middle: &[&[u8]],
+        last: &[u8],
+    ) -> rustls::crypto::hmac::Tag {
         let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.0);
         ctx.update(first);
         for d in middle {
@@ -836,7 +841,12 @@ mod tests {
         let tls = server_config(Some((&cert_path, &key_path)), &TlsChoice::default()).unwrap();
         assert!(!tls.self_signed);
         // The same PEM works as a CA file for the verifying client.
-        client_config(&ClientVerify::CaFile(cert_path.clone()), 0, &TlsChoice::default()).unwrap();
+        client_config(
+            &ClientVerify::CaFile(cert_path.clone()),
+            0,
+            &TlsChoice::default(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -977,23 +987,47 @@ mod tests {
     fn suite_and_group_lists_take_rustls_and_openssl_names_and_refuse_others_with_the_valid_ones() {
         let suites = parse_suites("TLS_AES_128_GCM_SHA256, tls13_aes_256_gcm_sha384").unwrap();
         let names: Vec<String> = suites.iter().map(|s| suite_name(*s)).collect();
-        assert_eq!(names, ["TLS13_AES_128_GCM_SHA256", "TLS13_AES_256_GCM_SHA384"]);
+        assert_eq!(
+            names,
+            ["TLS13_AES_128_GCM_SHA256", "TLS13_AES_256_GCM_SHA384"]
+        );
         let groups = parse_groups("x25519,P-256,secp384r1,X25519MLKEM768").unwrap();
         let names: Vec<String> = groups.iter().map(|g| group_name(*g)).collect();
-        assert_eq!(names, ["X25519", "secp256r1", "secp384r1", "X25519MLKEM768"]);
+        assert_eq!(
+            names,
+            ["X25519", "secp256r1", "secp384r1", "X25519MLKEM768"]
+        );
         let e = parse_suites("TLS13_AES_128_GCM_SHA256,RC4").unwrap_err();
-        assert!(e.starts_with("unknown TLS cipher suite `RC4`; valid: "), "{e}");
-        assert!(e.contains("TLS13_CHACHA20_POLY1305_SHA256") && !e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with("unknown TLS cipher suite `RC4`; valid: "),
+            "{e}"
+        );
+        assert!(
+            e.contains("TLS13_CHACHA20_POLY1305_SHA256") && !e.contains('\n'),
+            "{e}"
+        );
         let e = parse_groups("x448").unwrap_err();
-        assert!(e.contains("`x448`") && e.contains("X25519, secp256r1"), "{e}");
+        assert!(
+            e.contains("`x448`") && e.contains("X25519, secp256r1"),
+            "{e}"
+        );
         assert!(parse_suites(" , ").is_err());
     }
 
     #[test]
     fn the_server_prefers_a_sha256_suite_and_aes_128_when_the_cpu_has_aes() {
-        let order: Vec<String> = server_suite_order().iter().map(|s| suite_name(*s)).collect();
-        assert!(order[0].starts_with("TLS13_") && order[0].ends_with("SHA256"), "{order:?}");
-        let sha384 = order.iter().position(|n| n == "TLS13_AES_256_GCM_SHA384").unwrap();
+        let order: Vec<String> = server_suite_order()
+            .iter()
+            .map(|s| suite_name(*s))
+            .collect();
+        assert!(
+            order[0].starts_with("TLS13_") && order[0].ends_with("SHA256"),
+            "{order:?}"
+        );
+        let sha384 = order
+            .iter()
+            .position(|n| n == "TLS13_AES_256_GCM_SHA384")
+            .unwrap();
         assert!(sha384 > 1, "{order:?}");
         if aes_in_hardware() {
             assert_eq!(order[0], "TLS13_AES_128_GCM_SHA256");
@@ -1006,8 +1040,14 @@ mod tests {
     fn the_precomputed_pad_hkdf_gives_the_same_keys_as_aws_lc_hkdf() {
         use rustls::crypto::aws_lc_rs::cipher_suite as cs;
         for (ours, theirs) in [
-            (with_pad_hkdf(cs::TLS13_AES_128_GCM_SHA256), cs::TLS13_AES_128_GCM_SHA256),
-            (with_pad_hkdf(cs::TLS13_AES_256_GCM_SHA384), cs::TLS13_AES_256_GCM_SHA384),
+            (
+                with_pad_hkdf(cs::TLS13_AES_128_GCM_SHA256),
+                cs::TLS13_AES_128_GCM_SHA256,
+            ),
+            (
+                with_pad_hkdf(cs::TLS13_AES_256_GCM_SHA384),
+                cs::TLS13_AES_256_GCM_SHA384,
+            ),
         ] {
             let (a, b) = (
                 ours.tls13().unwrap().hkdf_provider,
@@ -1020,13 +1060,19 @@ mod tests {
                 b.extract_from_secret(Some(b"salt"), &secret),
             );
             let info: &[&[u8]] = &[b"\x00\x20", b"\x0dtls13 c hs traffic", b"\x20", &[9; 32]];
-            assert_eq!(ea.expand_block(info).as_ref(), eb.expand_block(info).as_ref());
+            assert_eq!(
+                ea.expand_block(info).as_ref(),
+                eb.expand_block(info).as_ref()
+            );
             let (mut oa, mut ob) = ([0u8; 12], [0u8; 12]);
             ea.expand_slice(info, &mut oa).unwrap();
             eb.expand_slice(info, &mut ob).unwrap();
             assert_eq!(oa, ob);
             let (za, zb) = (a.extract_from_zero_ikm(None), b.extract_from_zero_ikm(None));
-            assert_eq!(za.expand_block(info).as_ref(), zb.expand_block(info).as_ref());
+            assert_eq!(
+                za.expand_block(info).as_ref(),
+                zb.expand_block(info).as_ref()
+            );
             let okm = eb.expand_block(info);
             assert_eq!(
                 a.hmac_sign(&okm, b"transcript").as_ref(),

@@ -374,8 +374,14 @@ mod tests {
         assert_eq!(s.negotiated(), c.negotiated(), "both ends agree");
         let (suite, group) = s.negotiated();
         (
-            rustls::CipherSuite::from(suite).as_str().unwrap().to_string(),
-            rustls::NamedGroup::from(group).as_str().unwrap().to_string(),
+            rustls::CipherSuite::from(suite)
+                .as_str()
+                .unwrap()
+                .to_string(),
+            rustls::NamedGroup::from(group)
+                .as_str()
+                .unwrap()
+                .to_string(),
         )
     }
 
@@ -401,7 +407,10 @@ mod tests {
             suites: tls::parse_suites("TLS13_CHACHA20_POLY1305_SHA256").unwrap(),
             groups: Vec::new(),
         };
-        assert_eq!(negotiate(&default, &chacha).0, "TLS13_CHACHA20_POLY1305_SHA256");
+        assert_eq!(
+            negotiate(&default, &chacha).0,
+            "TLS13_CHACHA20_POLY1305_SHA256"
+        );
     }
 
     #[test]

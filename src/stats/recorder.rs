@@ -167,7 +167,11 @@ impl TlsNegotiated {
             out.add(s.0, s.1, f(s.2, theirs));
         }
         for t in o.slots.iter().filter(|t| t.2 > 0) {
-            if !self.slots.iter().any(|s| s.2 > 0 && (s.0, s.1) == (t.0, t.1)) {
+            if !self
+                .slots
+                .iter()
+                .any(|s| s.2 > 0 && (s.0, s.1) == (t.0, t.1))
+            {
                 out.add(t.0, t.1, f(0, t.2));
             }
         }
