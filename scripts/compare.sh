@@ -4,8 +4,14 @@
 # {smtpstorm sink, Postfix smtp-sink} for new sessions (1 KB), persistent
 # sessions (100 messages) and 100 KB messages; then memory per idle
 # connection (10,000 connections), sink thread scaling, and STARTTLS costs
-# (full vs resumed handshakes vs plaintext). Writes results/compare.json,
-# results/compare.svg and results/README.md.
+# (full vs resumed handshakes vs plaintext, beside the public-key floor: the
+# same operations timed alone with the same library, examples/tls_floor.rs).
+# Writes results/compare.json, results/compare.svg and results/README.md.
+#
+# With --tls it runs only the STARTTLS costs and the floor (issue 21): the
+# sink on CPU 0, the blaster on CPU 1, plaintext / full / resumed sessions
+# interleaved, the load average beside each run. Writes results/tls.json and
+# results/tls-compare.md.
 #
 # With --backends it runs instead epoll against io_uring (issue 11): the
 # same workloads with `--io epoll` and `--io uring`, sink and blaster each,
@@ -14,10 +20,14 @@
 # RLIMIT_NOFILE allows one process that many). Writes results/backends.json
 # and its section of results/README.md.
 #
-# Usage: scripts/compare.sh [--quick] [--backends] [--rounds N] [--bin PATH] [--out DIR] [--no-build]
+# Usage: scripts/compare.sh [--quick] [--backends] [--tls] [--rounds N] [--tls-sessions N]
+#                           [--bin PATH] [--out DIR] [--no-build]
 #   --quick     about 2 minutes (default: at most about 10 minutes)
 #   --backends  epoll against io_uring only (needs strace for system calls)
-#   --bin       smtpstorm binary (default: $CARGO_TARGET_DIR/release/smtpstorm, built here)
+#   --tls       STARTTLS costs and the public-key floor only
+#   --tls-sessions N  sessions per TLS run (default 1000; 200 with --quick)
+#   --bin       smtpstorm binary (default: $CARGO_TARGET_DIR/release/smtpstorm, built here);
+#               the floor binary is examples/tls_floor beside it
 #   --no-build  do not run cargo build --release
 #
 # Needs root for installing Postfix when missing (scripts/install-peers.sh)
@@ -29,6 +39,7 @@ cd "$(dirname "$0")/.."
 
 QUICK=()
 BACKENDS=()
+TLS=()
 ROUNDS=()
 BIN=""
 OUT=results
@@ -38,11 +49,13 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=(--quick) ;;
         --backends) BACKENDS=(--backends) ;;
+        --tls) TLS=(--tls) ;;
+        --tls-sessions) TLS+=(--tls-sessions "$2"); shift ;;
         --rounds) ROUNDS=(--rounds "$2"); shift ;;
         --bin) BIN=$2; BUILD=0; shift ;;
         --out) OUT=$2; shift ;;
         --no-build) BUILD=0 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument $1" >&2; exit 2 ;;
     esac
     shift
@@ -50,7 +63,7 @@ done
 
 [ -x /usr/sbin/smtp-sink ] && [ -x /usr/sbin/smtp-source ] || bash scripts/install-peers.sh
 if [ "$BUILD" = 1 ]; then
-    cargo build --release --bin smtpstorm >&2
+    cargo build --release --bin smtpstorm --example tls_floor >&2
 fi
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/smtpstorm}
 [ -x "$BIN" ] || { echo "compare.sh: no smtpstorm binary at $BIN" >&2; exit 2; }
@@ -70,7 +83,7 @@ cleanup() {
     fi
 }
 trap cleanup EXIT INT TERM
-python3 scripts/compare/suite.py --bin "$BIN" --out "$OUT" "${QUICK[@]}" "${BACKENDS[@]}" "${ROUNDS[@]}" \
+python3 scripts/compare/suite.py --bin "$BIN" --out "$OUT" "${QUICK[@]}" "${BACKENDS[@]}" "${TLS[@]}" "${ROUNDS[@]}" \
     --command "scripts/compare.sh $ARGS" &
 SUITE_PID=$!
 wait "$SUITE_PID"

@@ -93,11 +93,8 @@ def build(runs, meta):
                            sessions_per_s=med([r["sessions_per_s"] for r in sc if r["sink_threads"] == t]),
                            sink_cpu_us_per_session=med([r["sink_cpu_us_per_session"] for r in sc if r["sink_threads"] == t]))
                       for t in sorted({r["sink_threads"] for r in sc})]
-    tl = [r for r in runs if r["kind"] == "tls" and good(r)]
-    doc["tls"] = {m: dict(sessions_per_s=med([r["sessions_per_s"] for r in tl if r["mode"] == m]),
-                          sink_cpu_us_per_session=med([r["sink_cpu_us_per_session"] for r in tl if r["mode"] == m]),
-                          client_cpu_us_per_session=med([r["client_cpu_us_per_session"] for r in tl if r["mode"] == m]))
-                  for m in ("plaintext", "starttls_full", "starttls_resumed")}
+    doc["tls"] = tls_modes(runs)
+    doc["tls_floor"] = tls_floor(runs)
     R = pairings
     ss, bl = "sinks (client smtp-source)", "sinks (client smtpstorm)"
     g, gp = "generators (sink smtpstorm)", "generators (sink smtp-sink)"
@@ -246,12 +243,12 @@ def readme(doc):
           "Postfix has no TLS load tool (smtp-source and smtp-sink do not speak STARTTLS), so TLS is "
           "compared with our own plaintext only. Both reports count completed handshakes "
           "(`counts.tls_sessions`) and resumed ones (`counts.tls_resumed`), so the resumed mode is "
-          "confirmed from them. TLS 1.3 resumption "
-          "still does an ECDHE exchange, so it saves only the certificate signature and verification: "
-          "expect a small difference, easily inside the noise of a shared machine. Per-round values are in the JSON.", "",
-          "| mode | sessions/s | sink µs/session | client µs/session |", "|---|---:|---:|---:|"]
-    for mode, v in doc["tls"].items():
-        L.append(f"| {mode} | {fmt(v['sessions_per_s'], 0)} | {fmt(v['sink_cpu_us_per_session'])} | {fmt(v['client_cpu_us_per_session'])} |")
+          "confirmed from them, and what each handshake negotiated (`counts.tls_negotiated`). TLS 1.3 resumption "
+          "still does an ECDHE exchange, so it saves only the certificate signature and verification. "
+          "The *floor* rows are the public-key operations of one handshake timed alone with the same "
+          "library (`examples/tls_floor.rs`, on the sink's CPU): a TLS row minus the plaintext row, "
+          "minus the floor, is what TLS costs beyond its public-key crypto. Per-round values are in the JSON.", ""]
+    L += tls_table(doc)
     cmds = []
     seen = set()
     for r in doc["runs"]:
@@ -457,6 +454,91 @@ def xdp_lines(out):
     return ["", "## Kernel bypass (`--io xdp`)", "",
             "xdp against epoll on a veth pair, what this machine can and cannot show, and a callgrind "
             "breakdown of where the time goes: [xdp.md](xdp.md) (`scripts/xdp-bench.sh`).", ""]
+
+
+def tls_modes(runs):
+    """Median per STARTTLS mode of the good `tls` runs, with the suites and
+    groups the blaster's reports counted and the load average seen."""
+    tl = [r for r in runs if r["kind"] == "tls" and good(r)]
+    out = {}
+    for m in ("plaintext", "starttls_full", "starttls_resumed"):
+        rs = [r for r in tl if r["mode"] == m]
+        negotiated = {}
+        for r in rs:
+            for k, n in (r.get("blast_counts") or {}).get("tls_negotiated", {}).items():
+                negotiated[k] = negotiated.get(k, 0) + n
+        out[m] = dict(sessions_per_s=med([r["sessions_per_s"] for r in rs]),
+                      sink_cpu_us_per_session=med([r["sink_cpu_us_per_session"] for r in rs]),
+                      client_cpu_us_per_session=med([r["client_cpu_us_per_session"] for r in rs]),
+                      negotiated=negotiated,
+                      load1=med([r["load1"][0] for r in rs if "load1" in r]))
+    return out
+
+
+def tls_floor(runs):
+    fl = [r for r in runs if r["kind"] == "tls_floor"]
+    return fl[-1] if fl else None
+
+
+def tls_table(doc):
+    """The STARTTLS table: each mode, its ratio to plaintext, what it
+    negotiated; then the public-key floor."""
+    t = doc["tls"]
+    plain = t["plaintext"]
+    L = ["| mode | sessions/s | sink µs/session | × plaintext | client µs/session | × plaintext | negotiated | load |",
+         "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for mode, v in t.items():
+        def ratio(k):
+            return fmt(v[k] / plain[k], 2) if v[k] and plain[k] else "-"
+        neg = ", ".join(f"{k} ({n})" for k, n in sorted(v.get("negotiated", {}).items())) or "-"
+        L.append(f"| {mode} | {fmt(v['sessions_per_s'], 0)} | {fmt(v['sink_cpu_us_per_session'])} | "
+                 f"{ratio('sink_cpu_us_per_session')} | {fmt(v['client_cpu_us_per_session'])} | "
+                 f"{ratio('client_cpu_us_per_session')} | {neg} | {fmt(v.get('load1'), 1)} |")
+    full, res = t["starttls_full"], t["starttls_resumed"]
+    for side, k in (("sink", "sink_cpu_us_per_session"), ("client", "client_cpu_us_per_session")):
+        if full[k] and res[k]:
+            L.append(f"| resumed vs full, {side} | | | {fmt(1 - res[k] / full[k], 3)} cheaper | | | | |")
+    f = doc.get("tls_floor")
+    if f and "error" not in f:
+        L += ["", "Public-key floor per handshake (µs of CPU, the operations alone, same library):", "",
+              "| side | full | resumed |", "|---|---:|---:|",
+              f"| sink (X25519 + P-256 sign) | {fmt(f['sink_full_us'])} | {fmt(f['sink_resumed_us'])} |",
+              f"| blaster (X25519 + P-256 verify) | {fmt(f['blast_full_us'])} | {fmt(f['blast_resumed_us'])} |",
+              "",
+              f"X25519 key generation and agreement {fmt(f['x25519_keygen_and_agree_us'])} µs, "
+              f"P-256 sign {fmt(f['p256_sign_us'])} µs, verify {fmt(f['p256_verify_us'])} µs; "
+              f"transcript hash per KiB: SHA-256 {fmt(f['sha256_per_kib_us'], 2)} µs, "
+              f"SHA-384 {fmt(f['sha384_per_kib_us'], 2)} µs."]
+    elif f:
+        L += ["", f"Public-key floor: not measured ({f['error']})."]
+    return L
+
+
+def build_tls(runs, meta):
+    """`scripts/compare.sh --tls`: the STARTTLS modes and the floor only."""
+    doc = dict(meta)
+    doc["host"] = dict(cores=os.cpu_count(), machine=platform.machine())
+    doc["tls"] = tls_modes(runs)
+    doc["tls_floor"] = tls_floor(runs)
+    doc["runs"] = runs
+    return doc
+
+
+def write_tls(doc, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "tls.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+    cmds = sorted({re.sub(r"^\S*/smtpstorm\S* ", "smtpstorm ",
+                          re.sub(r"--json \S+", "--json FILE",
+                                 re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", r["command"])))
+                   for r in doc["runs"] if "command" in r})
+    text = "\n".join(["## STARTTLS costs (`scripts/compare.sh --tls`)", ""] + tls_table(doc) +
+                      ["", "```", doc["tool"],
+                       "smtpstorm sink --listen 127.0.0.1:PORT --quiet --max-connections 200000 --cpus 0"] +
+                      cmds + ["```", ""])
+    with open(os.path.join(out, "tls-compare.md"), "w") as f:
+        f.write(text)
+    print(text)
 
 
 def write(doc, out):

@@ -428,6 +428,7 @@ class Suite:
     def tls(self):
         modes = [("plaintext", []), ("starttls_full", ["--starttls"]),
                  ("starttls_resumed", ["--starttls", "--tls-resume"])]
+        self.tls_floor()
         p, port = self.start_sink("smtpstorm", starttls=True)
         try:
             for rnd in range(self.a.side_rounds):
@@ -435,16 +436,37 @@ class Suite:
                     break
                 for mode, extra in (modes if rnd % 2 == 0 else modes[::-1]):
                     n = self.a.n_tls
+                    load0 = os.getloadavg()[0]
                     cmd, js = self.client_cmd("smtpstorm", port, "new", n, 20, extra=extra)
                     r = self.measure(cmd, p, n, n, 1000)
                     r.update(kind="tls", round=rnd, mode=mode, command=" ".join(cmd),
-                             blast_counts=self.blast_counts(js))
+                             blast_counts=self.blast_counts(js),
+                             load1=[load0, os.getloadavg()[0]])
                     self.runs.append(r)
                     log(f"tls r{rnd} {mode:17s} {r['sessions_per_s']:8.0f} sess/s "
                         f"sink {r['sink_cpu_us_per_session']:7.1f} us/sess "
-                        f"client {r['client_cpu_us_per_session']:7.1f} us/sess exit {r['exit']}")
+                        f"client {r['client_cpu_us_per_session']:7.1f} us/sess exit {r['exit']} "
+                        f"load {load0:.1f}")
         finally:
             stop(p)
+
+    def tls_floor(self):
+        """The public-key floor (examples/tls_floor.rs, the same library
+        timed alone), run once on the sink's CPU; recorded as a run of
+        kind tls_floor, or the reason it is missing."""
+        floor = self.a.floor or os.path.join(os.path.dirname(self.bin), "examples", "tls_floor")
+        r = dict(kind="tls_floor", command=f"taskset -c {self.sink_cpu} {floor}",
+                 load1=os.getloadavg()[0])
+        try:
+            out = subprocess.run(["taskset", "-c", self.sink_cpu, floor], capture_output=True,
+                                 text=True, timeout=120, check=True).stdout
+            r.update(json.loads(out))
+            log(f"tls floor: sink full {r['sink_full_us']:.1f} us, resumed "
+                f"{r['sink_resumed_us']:.1f} us; blaster full {r['blast_full_us']:.1f} us")
+        except Exception as e:  # recorded, not fatal
+            r["error"] = f"{floor}: {e}"
+            log(f"tls floor: {r['error']}")
+        self.runs.append(r)
 
 
 def strace_totals(path):
@@ -480,7 +502,13 @@ def main():
     ap.add_argument("--command", default="scripts/compare.sh")
     ap.add_argument("--backends", action="store_true",
                     help="only epoll against io_uring (results/backends.json)")
+    ap.add_argument("--tls", action="store_true",
+                    help="only the STARTTLS costs and the public-key floor (results/tls.json)")
+    ap.add_argument("--tls-sessions", type=int, help="sessions per TLS run")
+    ap.add_argument("--floor", help="the tls_floor example binary "
+                    "(default: examples/tls_floor beside --bin)")
     a = ap.parse_args()
+    user_rounds = a.rounds
     if a.quick:
         a.rounds = a.rounds or 2
         a.n_new, a.n_persistent, a.n_large, a.n_idle, a.n_tls = 1000, 3000, 300, 10000, 200
@@ -499,8 +527,25 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    if a.tls_sessions:
+        a.n_tls = a.tls_sessions
+    if a.tls and user_rounds:
+        a.side_rounds = user_rounds
     s = Suite(a)
     t0 = time.time()
+    if a.tls:
+        try:
+            s.tls()
+        finally:
+            kill_all()
+            shutil.rmtree(s.work, ignore_errors=True)
+        sys.path.insert(0, os.path.dirname(__file__))
+        import report
+        doc = report.build_tls(s.runs, dict(
+            tool=a.command, quick=a.quick, started_unix=t0, duration_s=time.time() - t0,
+            tls_sessions=a.n_tls, rounds=a.side_rounds))
+        report.write_tls(doc, a.out)
+        return
     if a.backends:
         try:
             rounds = s.backends()

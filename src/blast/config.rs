@@ -117,6 +117,8 @@ pub struct BlastConfig {
     pub starttls: bool,
     pub tls_ca: Option<PathBuf>,
     pub tls_resume: bool,
+    /// `--tls-suites`, `--tls-groups`: what the client offers.
+    pub tls_choice: crate::net::tls::TlsChoice,
     pub proxy: Option<ProxyVersion>,
     /// Per-session PROXY source and XCLIENT claims (`--proxy-source`,
     /// `--xclient`), this instance's share.

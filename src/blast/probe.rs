@@ -463,7 +463,7 @@ pub fn probe(cfg: &ProbeConfig) -> Result<ProbeReport, ProbeError> {
     let timeout = cfg.timeout;
     let tls_cfg = if cfg.implicit_tls || cfg.starttls {
         Some((
-            tls::client_config(&tls::ClientVerify::Off, 0)?,
+            tls::client_config(&tls::ClientVerify::Off, 0, &tls::TlsChoice::default())?,
             tls::server_name(&cfg.target_host)?,
         ))
     } else {

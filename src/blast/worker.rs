@@ -233,6 +233,9 @@ impl Observer for Obs {
         if tls.resumed {
             self.rec.count_tls_resumed();
         }
+        if tls.established {
+            self.rec.count_tls_negotiated(tls.suite, tls.group);
+        }
     }
 }
 
@@ -337,7 +340,8 @@ impl BlastHandler {
                 None => tls::ClientVerify::Off,
             };
             let resumption = if cfg.tls_resume { 256 } else { 0 };
-            let config = tls::client_config(&verify, resumption).map_err(io::Error::other)?;
+            let config = tls::client_config(&verify, resumption, &cfg.tls_choice)
+                .map_err(io::Error::other)?;
             let name = tls::server_name(&cfg.target_host).map_err(io::Error::other)?;
             Some((config, name))
         } else {

@@ -134,6 +134,8 @@ pub struct LoadArgs {
     /// Resume TLS sessions (measures resumed handshakes).
     #[arg(long)]
     pub tls_resume: bool,
+    #[command(flatten)]
+    pub tls_choice: super::TlsChoiceArgs,
     /// Authenticate as USER:PASS.
     #[arg(long, value_name = "USER:PASS", value_parser = parse_user_pass)]
     pub auth: Option<(String, String)>,
@@ -444,6 +446,7 @@ pub fn config_for(
             None
         },
         tls_resume: load.tls_resume,
+        tls_choice: load.tls_choice.choice(),
         proxy: load.proxy,
         identities,
         source_ips,
@@ -756,6 +759,8 @@ fn echo(
         "starttls": load.starttls,
         "tls": load.tls,
         "tls_resume": load.tls_resume,
+        "tls_suites": load.tls_choice.echo()["suites"],
+        "tls_groups": load.tls_choice.echo()["groups"],
         "auth": load.auth.is_some(),
         "pipelining": format!("{:?}", load.pipelining).to_lowercase(),
         "bdat": load.bdat,

@@ -121,6 +121,53 @@ pub struct ThreadArgs {
     pub xdp: XdpArgs,
 }
 
+/// `--tls-suites` and `--tls-groups`, the same for the sink and the
+/// blaster (so a sink can mirror the clients it expects, and a blaster the
+/// clients it stands for).
+#[derive(Debug, Clone, Args, Default)]
+pub struct TlsChoiceArgs {
+    /// TLS cipher suites, most preferred first, comma-separated (e.g.
+    /// TLS13_AES_128_GCM_SHA256,TLS13_AES_256_GCM_SHA384). Sink: the suites it accepts, its
+    /// order decides [default: all, cheapest on this CPU first]; blaster: what it offers
+    /// [default: rustls' offer].
+    #[arg(long, value_name = "LIST", value_parser = parse_tls_suites)]
+    // `std::vec::Vec`: one value holding the list (see `ThreadArgs::cpus`).
+    pub tls_suites: Option<std::vec::Vec<rustls::SupportedCipherSuite>>,
+    /// TLS key-exchange groups, most preferred first, comma-separated (e.g. X25519,secp256r1).
+    /// The client's order decides among those both sides have [default: rustls' list].
+    #[arg(long, value_name = "LIST", value_parser = parse_tls_groups)]
+    pub tls_groups: Option<std::vec::Vec<&'static dyn rustls::crypto::SupportedKxGroup>>,
+}
+
+impl TlsChoiceArgs {
+    /// The choice as the TLS layer takes it (empty lists: the defaults).
+    pub fn choice(&self) -> crate::net::tls::TlsChoice {
+        crate::net::tls::TlsChoice {
+            suites: self.tls_suites.clone().unwrap_or_default(),
+            groups: self.tls_groups.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The flags as given, for the report's config (`null`: the default).
+    pub fn echo(&self) -> serde_json::Value {
+        use crate::net::tls::{group_name, suite_name};
+        serde_json::json!({
+            "suites": self.tls_suites.as_ref().map(|l| l.iter().map(|s| suite_name(*s)).collect::<Vec<_>>()),
+            "groups": self.tls_groups.as_ref().map(|l| l.iter().map(|g| group_name(*g)).collect::<Vec<_>>()),
+        })
+    }
+}
+
+fn parse_tls_suites(s: &str) -> Result<std::vec::Vec<rustls::SupportedCipherSuite>, String> {
+    crate::net::tls::parse_suites(s)
+}
+
+fn parse_tls_groups(
+    s: &str,
+) -> Result<std::vec::Vec<&'static dyn rustls::crypto::SupportedKxGroup>, String> {
+    crate::net::tls::parse_groups(s)
+}
+
 /// The `--io xdp` flags.
 #[derive(Debug, Clone, Args, Default)]
 pub struct XdpArgs {

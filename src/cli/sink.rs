@@ -45,6 +45,8 @@ pub struct SinkArgs {
     /// Do not offer STARTTLS.
     #[arg(long)]
     pub no_starttls: bool,
+    #[command(flatten)]
+    pub tls_choice: super::TlsChoiceArgs,
     /// Connections open at once; past it new ones get `421 4.7.0` and are closed.
     #[arg(long, value_name = "N", default_value = "100000", value_parser = parse_count)]
     pub max_connections: u64,
@@ -218,6 +220,8 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         "auth": args.auth.as_ref().map(|a| match a { AuthPolicy::Any => "any", AuthPolicy::Only { .. } => "user:pass" }),
         "require_tls": args.require_tls,
         "starttls": starttls,
+        "tls_suites": args.tls_choice.echo()["suites"],
+        "tls_groups": args.tls_choice.echo()["groups"],
         "lmtp": args.lmtp,
         "bare_lf": format!("{:?}", args.bare_lf).to_ascii_lowercase(),
         "proxy_protocol": args.proxy_protocol,
@@ -241,6 +245,7 @@ pub fn config(args: &SinkArgs) -> Result<SinkConfig, ConfigError> {
         cpus,
         io,
         tls_cert_key: args.tls_cert.clone().zip(args.tls_key.clone()),
+        tls_choice: args.tls_choice.choice(),
         server,
         auth: args.auth.clone(),
         max_connections: args.max_connections,

@@ -212,16 +212,25 @@ pub struct TlsState {
     pub established: bool,
     /// That handshake was a resumption.
     pub resumed: bool,
+    /// The cipher suite it negotiated (IANA code point; 0 without TLS).
+    pub suite: u16,
+    /// The key-exchange group it negotiated (IANA code point; 0 if none).
+    pub group: u16,
 }
 
 impl TlsState {
     /// The facts of a connection's TLS stream, if it has one.
     pub fn of(stream: Option<&TlsStream>) -> Self {
         match stream {
-            Some(t) if !t.is_handshaking() => Self {
-                established: true,
-                resumed: t.is_resumed(),
-            },
+            Some(t) if !t.is_handshaking() => {
+                let (suite, group) = t.negotiated();
+                Self {
+                    established: true,
+                    resumed: t.is_resumed(),
+                    suite,
+                    group,
+                }
+            }
             _ => Self::default(),
         }
     }

@@ -37,7 +37,7 @@ use std::sync::{Arc, Once};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, SupportedKxGroup};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
@@ -46,7 +46,7 @@ use rustls::pki_types::{
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, HandshakeKind, OtherError,
-    PeerMisbehaved, RootCertStore, ServerConfig, SignatureScheme,
+    PeerMisbehaved, RootCertStore, ServerConfig, SignatureScheme, SupportedCipherSuite,
 };
 use thiserror::Error;
 
@@ -94,6 +94,253 @@ pub enum TlsError {
 /// The provider every config here uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Which cipher suites and key-exchange groups one side uses, in preference
+/// order (`--tls-suites`, `--tls-groups`). An empty list keeps the default:
+/// for a client, rustls' own offer (what a rustls-based client sends); for
+/// a server, every suite, cheapest on this CPU first ([`server_suite_order`]).
+#[derive(Clone, Debug, Default)]
+pub struct TlsChoice {
+    /// Cipher suites, most preferred first.
+    pub suites: Vec<SupportedCipherSuite>,
+    /// Key-exchange groups, most preferred first.
+    pub groups: Vec<&'static dyn SupportedKxGroup>,
+}
+
+/// The name of a suite as rustls spells it (`TLS13_AES_128_GCM_SHA256`).
+pub fn suite_name(s: SupportedCipherSuite) -> String {
+    let id = s.suite();
+    id.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{id:?}"))
+}
+
+/// The name of a key-exchange group as rustls spells it (`X25519`).
+pub fn group_name(g: &dyn SupportedKxGroup) -> String {
+    let id = g.name();
+    id.as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{id:?}"))
+}
+
+/// Names compared loosely: case, `-` and `_` do not matter, and the IANA /
+/// OpenSSL spelling of a TLS 1.3 suite (`TLS_AES_128_GCM_SHA256`) means
+/// rustls' `TLS13_AES_128_GCM_SHA256`; `P-256`/`P-384` name the curves.
+fn loose(name: &str) -> String {
+    let n: String = name
+        .chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    match n.as_str() {
+        "P256" | "PRIME256V1" => "SECP256R1".into(),
+        "P384" => "SECP384R1".into(),
+        _ => match n.strip_prefix("TLS") {
+            Some(rest) if !rest.starts_with("13") && !rest.starts_with("ECDHE") => {
+                format!("TLS13{rest}")
+            }
+            _ => n,
+        },
+    }
+}
+
+/// Parses a comma-separated list against `all`; an unknown name is one line
+/// that lists the valid ones. Duplicates are dropped; the list may not be
+/// empty.
+fn parse_list<T: Copy>(
+    list: &str,
+    what: &str,
+    all: &[T],
+    name: impl Fn(T) -> String,
+) -> Result<Vec<T>, String> {
+    let valid = || all.iter().map(|t| name(*t)).collect::<Vec<_>>().join(", ");
+    let mut out: Vec<T> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let found = all
+            .iter()
+            .copied()
+            .find(|t| loose(&name(*t)) == loose(item))
+            .ok_or_else(|| format!("unknown TLS {what} `{item}`; valid: {}", valid()))?;
+        if !out.iter().any(|t| name(*t) == name(found)) {
+            out.push(found);
+        }
+    }
+    if out.is_empty() {
+        return Err(format!("empty list of TLS {what}s; valid: {}", valid()));
+    }
+    Ok(out)
+}
+
+/// Parses `--tls-suites` (comma-separated, most preferred first).
+pub fn parse_suites(list: &str) -> Result<Vec<SupportedCipherSuite>, String> {
+    parse_list(
+        list,
+        "cipher suite",
+        rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES,
+        suite_name,
+    )
+}
+
+/// Parses `--tls-groups` (comma-separated, most preferred first).
+pub fn parse_groups(list: &str) -> Result<Vec<&'static dyn SupportedKxGroup>, String> {
+    parse_list(
+        list,
+        "key-exchange group",
+        rustls::crypto::aws_lc_rs::ALL_KX_GROUPS,
+        |g| group_name(g),
+    )
+}
+
+/// True if this CPU has AES and carry-less multiply instructions (AES-GCM
+/// in hardware); without them ChaCha20-Poly1305 is the cheaper cipher.
+fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// Every suite the provider enables by default, cheapest on this CPU first:
+/// what an SMTP session pays for is mostly its handshake, whose transcript
+/// hash and key schedule run on the suite's hash, so SHA-256 suites come
+/// before SHA-384 ones (aws-lc has SHA-256 in hardware on x86 CPUs with the
+/// SHA extensions and only a portable SHA-512 on AMD ones); then AES-128
+/// before AES-256 (fewer rounds), and AES-GCM before ChaCha20-Poly1305 when
+/// the CPU has AES instructions (after it when not); TLS 1.3 before 1.2.
+pub fn server_suite_order() -> Vec<SupportedCipherSuite> {
+    let aes = aes_in_hardware();
+    let mut suites = provider().cipher_suites.clone();
+    suites.sort_by_key(|s| {
+        let name = suite_name(*s);
+        let tls12 = name.starts_with("TLS_");
+        let sha384 = name.ends_with("SHA384");
+        let cipher = match (name.contains("CHACHA20"), name.contains("AES_256"), aes) {
+            (false, false, true) => 0,
+            (true, _, true) => 1,
+            (false, true, true) => 2,
+            (true, _, false) => 0,
+            (false, false, false) => 1,
+            (false, true, false) => 2,
+        };
+        (tls12, sha384, cipher)
+    });
+    suites
+}
+
+/// The provider with `choice` applied; for a server with no suites chosen,
+/// [`server_suite_order`]. TLS 1.3 suites run their key schedule on
+/// [`PadHkdf`] (same results, fewer hash compressions).
+fn provider_for(choice: &TlsChoice, server: bool) -> CryptoProvider {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    if !choice.suites.is_empty() {
+        p.cipher_suites = choice.suites.clone();
+    } else if server {
+        p.cipher_suites = server_suite_order();
+    }
+    for s in &mut p.cipher_suites {
+        *s = with_pad_hkdf(*s);
+    }
+    if !choice.groups.is_empty() {
+        p.kx_groups = choice.groups.clone();
+    }
+    p
+}
+
+/// HMAC whose key's inner and outer pads are hashed once, when the key is
+/// made, so that each tag costs two hash compressions (for short input)
+/// instead of four: aws-lc's `HKDF_expand`, which rustls' aws-lc-rs suites
+/// call for every `HKDF-Expand-Label`, sets the key up again each time,
+/// and a TLS 1.3 key schedule expands most of its secrets two to four
+/// times (traffic key and IV, the next secrets). Same output: RFC 5869
+/// HKDF on RFC 2104 HMAC either way (rustls' own `HkdfUsingHmac`).
+struct PadHmac(aws_lc_rs::hmac::Algorithm);
+
+struct PadHmacKey(aws_lc_rs::hmac::Key);
+
+impl rustls::crypto::hmac::Hmac for PadHmac {
+    fn with_key(&self, key: &[u8]) -> Box<dyn rustls::crypto::hmac::Key> {
+        Box::new(PadHmacKey(aws_lc_rs::hmac::Key::new(self.0, key)))
+    }
+
+    fn hash_output_len(&self) -> usize {
+        self.0.digest_algorithm().output_len()
+    }
+}
+
+impl rustls::crypto::hmac::Key for PadHmacKey {
+    fn sign_concat(
+        &self,
+        first: &[u8],
+        middle: &[&[u8]],
+        last: &[u8],
+    ) -> rustls::crypto::hmac::Tag {
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&self.0);
+        ctx.update(first);
+        for d in middle {
+            ctx.update(d);
+        }
+        ctx.update(last);
+        rustls::crypto::hmac::Tag::new(ctx.sign().as_ref())
+    }
+
+    fn tag_len(&self) -> usize {
+        self.0.algorithm().digest_algorithm().output_len()
+    }
+}
+
+static PAD_HMAC_SHA256: PadHmac = PadHmac(aws_lc_rs::hmac::HMAC_SHA256);
+static PAD_HMAC_SHA384: PadHmac = PadHmac(aws_lc_rs::hmac::HMAC_SHA384);
+static PAD_HKDF_SHA256: rustls::crypto::tls13::HkdfUsingHmac<'static> =
+    rustls::crypto::tls13::HkdfUsingHmac(&PAD_HMAC_SHA256);
+static PAD_HKDF_SHA384: rustls::crypto::tls13::HkdfUsingHmac<'static> =
+    rustls::crypto::tls13::HkdfUsingHmac(&PAD_HMAC_SHA384);
+
+/// `s` with its key schedule on [`PadHmac`] (TLS 1.3 suites of SHA-256
+/// and SHA-384; anything else as it is). Made once per suite per process.
+fn with_pad_hkdf(s: SupportedCipherSuite) -> SupportedCipherSuite {
+    use rustls::crypto::hash::HashAlgorithm;
+    static MADE: std::sync::OnceLock<Vec<SupportedCipherSuite>> = std::sync::OnceLock::new();
+    let made = MADE.get_or_init(|| {
+        rustls::crypto::aws_lc_rs::ALL_CIPHER_SUITES
+            .iter()
+            .filter_map(|s| {
+                let base = s.tls13()?;
+                let hkdf: &'static dyn rustls::crypto::tls13::Hkdf =
+                    match base.common.hash_provider.algorithm() {
+                        HashAlgorithm::SHA256 => &PAD_HKDF_SHA256,
+                        HashAlgorithm::SHA384 => &PAD_HKDF_SHA384,
+                        _ => return None,
+                    };
+                let suite: &'static rustls::Tls13CipherSuite =
+                    Box::leak(Box::new(rustls::Tls13CipherSuite {
+                        common: rustls::crypto::CipherSuiteCommon {
+                            suite: base.common.suite,
+                            hash_provider: base.common.hash_provider,
+                            confidentiality_limit: base.common.confidentiality_limit,
+                        },
+                        hkdf_provider: hkdf,
+                        aead_alg: base.aead_alg,
+                        quic: base.quic,
+                    }));
+                Some(SupportedCipherSuite::Tls13(suite))
+            })
+            .collect()
+    });
+    made.iter()
+        .copied()
+        .find(|m| m.suite() == s.suite())
+        .unwrap_or(s)
 }
 
 /// Installs aws-lc-rs as the process-default crypto provider and seeds its
@@ -146,7 +393,16 @@ fn read_pem_certs(
 /// Server config from PEM files (`cert_key = Some((chain, key))`) or, with
 /// `None`, from a fresh self-signed certificate for localhost. Any X.509
 /// version works (v1 included); the key must be the certificate's.
-pub fn server_config(cert_key: Option<(&Path, &Path)>) -> Result<ServerTls, TlsError> {
+///
+/// The server picks the suite by its own order ([`TlsChoice::suites`], by
+/// default [`server_suite_order`]: cheapest on this CPU first) among those
+/// the client offers, not by the client's; the group is the client's first
+/// one among [`TlsChoice::groups`]. One TLS 1.3 ticket is sent per
+/// handshake (rustls sends two by default; a client resumes with one).
+pub fn server_config(
+    cert_key: Option<(&Path, &Path)>,
+    choice: &TlsChoice,
+) -> Result<ServerTls, TlsError> {
     install_crypto_provider();
     let (chain, key, self_signed, origin) = match cert_key {
         Some((cert_path, key_path)) => {
@@ -168,12 +424,17 @@ pub fn server_config(cert_key: Option<(&Path, &Path)>) -> Result<ServerTls, TlsE
             (chain, key, true, (generated.clone(), generated))
         }
     };
-    let provider = provider();
+    let provider = Arc::new(provider_for(choice, true));
     let certified = certified_key(chain, key, &provider, origin)?;
-    let config = ServerConfig::builder_with_provider(provider)
+    let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    config.ignore_client_order = true;
+    config.send_tls13_tickets = 1;
+    // RFC 9149: a client that asks for fewer (e.g. none: it will not
+    // resume) gets what it asked for.
+    config.max_tls13_tickets = 1;
     Ok(ServerTls {
         config: Arc::new(config),
         self_signed,
@@ -243,13 +504,15 @@ pub enum ClientVerify {
 
 /// Client config. `resumption_sessions = 0` disables session resumption;
 /// otherwise up to that many sessions are cached in memory and shared by every
-/// connection built from the returned config.
+/// connection built from the returned config. `choice` is what the client
+/// offers, in its order (empty: rustls' default offer).
 pub fn client_config(
     verify: &ClientVerify,
     resumption_sessions: usize,
+    choice: &TlsChoice,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     install_crypto_provider();
-    let provider = provider();
+    let provider = Arc::new(provider_for(choice, false));
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()?;
     let mut config = match verify {
@@ -563,7 +826,7 @@ mod tests {
 
     #[test]
     fn self_signed_server_config_says_so() {
-        let tls = server_config(None).unwrap();
+        let tls = server_config(None, &TlsChoice::default()).unwrap();
         assert!(tls.self_signed);
     }
 
@@ -575,10 +838,15 @@ mod tests {
         let key_path = dir.path().join("key.pem");
         std::fs::write(&cert_path, cert).unwrap();
         std::fs::write(&key_path, key).unwrap();
-        let tls = server_config(Some((&cert_path, &key_path))).unwrap();
+        let tls = server_config(Some((&cert_path, &key_path)), &TlsChoice::default()).unwrap();
         assert!(!tls.self_signed);
         // The same PEM works as a CA file for the verifying client.
-        client_config(&ClientVerify::CaFile(cert_path.clone()), 0).unwrap();
+        client_config(
+            &ClientVerify::CaFile(cert_path.clone()),
+            0,
+            &TlsChoice::default(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -587,14 +855,14 @@ mod tests {
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
         let missing = dir.path().join("missing.pem");
-        let err = server_config(Some((&missing, &missing)))
+        let err = server_config(Some((&missing, &missing)), &TlsChoice::default())
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("certificate chain") && err.contains("missing.pem"),
             "{err}"
         );
-        let err = server_config(Some((&empty, &empty)))
+        let err = server_config(Some((&empty, &empty)), &TlsChoice::default())
             .unwrap_err()
             .to_string();
         assert!(err.contains("no CERTIFICATE"), "{err}");
@@ -698,7 +966,7 @@ mod tests {
         let key_path = dir.path().join("b.key");
         std::fs::write(&cert_path, a_cert).unwrap();
         std::fs::write(&key_path, b_key).unwrap();
-        let err = server_config(Some((&cert_path, &key_path)))
+        let err = server_config(Some((&cert_path, &key_path)), &TlsChoice::default())
             .unwrap_err()
             .to_string();
         assert!(
@@ -713,6 +981,104 @@ mod tests {
         assert!(server_name("127.0.0.1").is_ok());
         assert!(server_name("[::1]").is_ok());
         assert!(server_name("bad name!").is_err());
+    }
+
+    #[test]
+    fn suite_and_group_lists_take_rustls_and_openssl_names_and_refuse_others_with_the_valid_ones() {
+        let suites = parse_suites("TLS_AES_128_GCM_SHA256, tls13_aes_256_gcm_sha384").unwrap();
+        let names: Vec<String> = suites.iter().map(|s| suite_name(*s)).collect();
+        assert_eq!(
+            names,
+            ["TLS13_AES_128_GCM_SHA256", "TLS13_AES_256_GCM_SHA384"]
+        );
+        let groups = parse_groups("x25519,P-256,secp384r1,X25519MLKEM768").unwrap();
+        let names: Vec<String> = groups.iter().map(|g| group_name(*g)).collect();
+        assert_eq!(
+            names,
+            ["X25519", "secp256r1", "secp384r1", "X25519MLKEM768"]
+        );
+        let e = parse_suites("TLS13_AES_128_GCM_SHA256,RC4").unwrap_err();
+        assert!(
+            e.starts_with("unknown TLS cipher suite `RC4`; valid: "),
+            "{e}"
+        );
+        assert!(
+            e.contains("TLS13_CHACHA20_POLY1305_SHA256") && !e.contains('\n'),
+            "{e}"
+        );
+        let e = parse_groups("x448").unwrap_err();
+        assert!(
+            e.contains("`x448`") && e.contains("X25519, secp256r1"),
+            "{e}"
+        );
+        assert!(parse_suites(" , ").is_err());
+    }
+
+    #[test]
+    fn the_server_prefers_a_sha256_suite_and_aes_128_when_the_cpu_has_aes() {
+        let order: Vec<String> = server_suite_order()
+            .iter()
+            .map(|s| suite_name(*s))
+            .collect();
+        assert!(
+            order[0].starts_with("TLS13_") && order[0].ends_with("SHA256"),
+            "{order:?}"
+        );
+        let sha384 = order
+            .iter()
+            .position(|n| n == "TLS13_AES_256_GCM_SHA384")
+            .unwrap();
+        assert!(sha384 > 1, "{order:?}");
+        if aes_in_hardware() {
+            assert_eq!(order[0], "TLS13_AES_128_GCM_SHA256");
+        }
+        // Every default suite is still there.
+        assert_eq!(order.len(), provider().cipher_suites.len());
+    }
+
+    #[test]
+    fn the_precomputed_pad_hkdf_gives_the_same_keys_as_aws_lc_hkdf() {
+        use rustls::crypto::aws_lc_rs::cipher_suite as cs;
+        for (ours, theirs) in [
+            (
+                with_pad_hkdf(cs::TLS13_AES_128_GCM_SHA256),
+                cs::TLS13_AES_128_GCM_SHA256,
+            ),
+            (
+                with_pad_hkdf(cs::TLS13_AES_256_GCM_SHA384),
+                cs::TLS13_AES_256_GCM_SHA384,
+            ),
+        ] {
+            let (a, b) = (
+                ours.tls13().unwrap().hkdf_provider,
+                theirs.tls13().unwrap().hkdf_provider,
+            );
+            assert!(!std::ptr::addr_eq(a, b), "the suite was replaced");
+            let secret = [7u8; 48];
+            let (ea, eb) = (
+                a.extract_from_secret(Some(b"salt"), &secret),
+                b.extract_from_secret(Some(b"salt"), &secret),
+            );
+            let info: &[&[u8]] = &[b"\x00\x20", b"\x0dtls13 c hs traffic", b"\x20", &[9; 32]];
+            assert_eq!(
+                ea.expand_block(info).as_ref(),
+                eb.expand_block(info).as_ref()
+            );
+            let (mut oa, mut ob) = ([0u8; 12], [0u8; 12]);
+            ea.expand_slice(info, &mut oa).unwrap();
+            eb.expand_slice(info, &mut ob).unwrap();
+            assert_eq!(oa, ob);
+            let (za, zb) = (a.extract_from_zero_ikm(None), b.extract_from_zero_ikm(None));
+            assert_eq!(
+                za.expand_block(info).as_ref(),
+                zb.expand_block(info).as_ref()
+            );
+            let okm = eb.expand_block(info);
+            assert_eq!(
+                a.hmac_sign(&okm, b"transcript").as_ref(),
+                b.hmac_sign(&okm, b"transcript").as_ref()
+            );
+        }
     }
 
     #[test]

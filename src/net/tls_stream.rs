@@ -258,6 +258,20 @@ impl TlsStream {
             )
     }
 
+    /// The IANA code points of the negotiated cipher suite and key-exchange
+    /// group (0 for what is not known yet).
+    pub fn negotiated(&self) -> (u16, u16) {
+        let suite = self
+            .conn
+            .negotiated_cipher_suite()
+            .map_or(0, |s| u16::from(s.suite()));
+        let group = self
+            .conn
+            .negotiated_key_exchange_group()
+            .map_or(0, |g| u16::from(g.name()));
+        (suite, group)
+    }
+
     /// What the handshake negotiated (`None` before it is done).
     pub fn info(&self) -> Option<TlsInfo> {
         TlsInfo::from_connection(&self.conn)
@@ -276,8 +290,10 @@ mod tests {
 
     fn pair() -> (TlsStream, TlsStream) {
         tls::install_crypto_provider();
-        let s = tls::server_config(None).unwrap().config;
-        let c = tls::client_config(&tls::ClientVerify::Off, 0).unwrap();
+        let s = tls::server_config(None, &tls::TlsChoice::default())
+            .unwrap()
+            .config;
+        let c = tls::client_config(&tls::ClientVerify::Off, 0, &tls::TlsChoice::default()).unwrap();
         let name = tls::server_name("localhost").unwrap();
         (
             TlsStream::new(TlsSide::Server(s)).unwrap(),
@@ -339,6 +355,62 @@ mod tests {
             assert_eq!(cp, big, "chunk {chunk}");
             assert!(s.info().is_some() && c.info().is_some());
         }
+    }
+
+    /// A handshake between a client offering `client` and a server
+    /// accepting `server`: the negotiated (suite, group) names.
+    fn negotiate(client: &tls::TlsChoice, server: &tls::TlsChoice) -> (String, String) {
+        tls::install_crypto_provider();
+        let s = tls::server_config(None, server).unwrap().config;
+        let c = tls::client_config(&tls::ClientVerify::Off, 0, client).unwrap();
+        let name = tls::server_name("localhost").unwrap();
+        let mut s = TlsStream::new(TlsSide::Server(s)).unwrap();
+        let mut c = TlsStream::new(TlsSide::Client(c, name)).unwrap();
+        let (mut sp, mut cp, mut se, mut ce) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..4 {
+            pump(&mut c, &mut s, usize::MAX, &mut sp, &mut se);
+            pump(&mut s, &mut c, usize::MAX, &mut cp, &mut ce);
+        }
+        assert_eq!(s.negotiated(), c.negotiated(), "both ends agree");
+        let (suite, group) = s.negotiated();
+        (
+            rustls::CipherSuite::from(suite)
+                .as_str()
+                .unwrap()
+                .to_string(),
+            rustls::NamedGroup::from(group)
+                .as_str()
+                .unwrap()
+                .to_string(),
+        )
+    }
+
+    #[test]
+    fn the_server_picks_its_cheapest_suite_among_the_clients_offer() {
+        let default = tls::TlsChoice::default();
+        // rustls' client offers TLS13_AES_256_GCM_SHA384 first.
+        let (suite, group) = negotiate(&default, &default);
+        assert_eq!(suite, tls::suite_name(tls::server_suite_order()[0]));
+        assert!(suite.ends_with("SHA256"), "{suite}");
+        assert_eq!(group, "X25519");
+        // A client that offers only one suite and one group gets them.
+        let only = tls::TlsChoice {
+            suites: tls::parse_suites("TLS13_AES_256_GCM_SHA384").unwrap(),
+            groups: tls::parse_groups("secp256r1").unwrap(),
+        };
+        assert_eq!(
+            negotiate(&only, &default),
+            ("TLS13_AES_256_GCM_SHA384".into(), "secp256r1".into())
+        );
+        // A server limited to ChaCha20 gets it from a default client.
+        let chacha = tls::TlsChoice {
+            suites: tls::parse_suites("TLS13_CHACHA20_POLY1305_SHA256").unwrap(),
+            groups: Vec::new(),
+        };
+        assert_eq!(
+            negotiate(&default, &chacha).0,
+            "TLS13_CHACHA20_POLY1305_SHA256"
+        );
     }
 
     #[test]

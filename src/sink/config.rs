@@ -35,6 +35,8 @@ pub struct SinkConfig {
     /// The I/O backend every thread runs, and its options.
     pub io: IoConfig,
     pub tls_cert_key: Option<(PathBuf, PathBuf)>,
+    /// `--tls-suites`, `--tls-groups`: what the sink accepts, in its order.
+    pub tls_choice: crate::net::tls::TlsChoice,
     /// The protocol engine's settings, shared by every session.
     pub server: ServerConfig,
     pub auth: Option<AuthPolicy>,

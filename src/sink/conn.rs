@@ -170,6 +170,8 @@ pub struct ConnState {
     /// A `dot:stored=CODE` fault refused the message being ended: it still
     /// counts as delivered for `--trace`.
     stored: bool,
+    /// The suite and group it negotiated (IANA code points).
+    tls_negotiated: (u16, u16),
 }
 
 /// `--exit-after-messages N`: the N acceptances every thread claims from.
@@ -450,6 +452,7 @@ impl SinkConn {
         let t = be.tls_state(id);
         self.st.tls_established = t.established;
         self.st.tls_resumed = t.resumed;
+        self.st.tls_negotiated = (t.suite, t.group);
         self.session.handle_tls_established(now);
         self.settle(be, id);
     }
@@ -504,6 +507,10 @@ impl SinkConn {
         ctx.rec.count_session(self.st.tls_established);
         if self.st.tls_resumed {
             ctx.rec.count_tls_resumed();
+        }
+        if self.st.tls_established {
+            let (suite, group) = self.st.tls_negotiated;
+            ctx.rec.count_tls_negotiated(suite, group);
         }
         ctx.local_sessions += 1;
         // A transaction still open is a message the connection ended:

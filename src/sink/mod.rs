@@ -169,7 +169,7 @@ pub fn start_with_stop(cfg: SinkConfig, stop: StopSignal) -> anyhow::Result<Runn
             .tls_cert_key
             .as_ref()
             .map(|(c, k)| (c.as_path(), k.as_path()));
-        let st = tls::server_config(ck).context("TLS configuration")?;
+        let st = tls::server_config(ck, &cfg.tls_choice).context("TLS configuration")?;
         if st.self_signed && !cfg.quiet {
             eprintln!("smtpstorm sink: no --tls-cert given; using a self-signed certificate made in memory");
         }

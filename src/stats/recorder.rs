@@ -88,6 +88,147 @@ pub struct Counts {
     /// reports written before it existed, hence the default.
     #[serde(default)]
     pub connections_without_session: u64,
+    /// Completed TLS handshakes by the cipher suite and key-exchange group
+    /// they negotiated (`"TLS13_AES_128_GCM_SHA256 X25519": n`). Absent
+    /// when there was no TLS, and from reports written before it existed.
+    #[serde(default, skip_serializing_if = "TlsNegotiated::is_empty")]
+    pub tls_negotiated: TlsNegotiated,
+}
+
+/// Completed TLS handshakes counted by `(suite, group)` (IANA code points),
+/// in a few fixed slots so that [`Counts`] stays `Copy` and counting never
+/// allocates. A run negotiates one or two pairs (one sink configuration,
+/// one blaster configuration); past [`TlsNegotiated::SLOTS`] distinct pairs,
+/// the rest are added to the last slot's pair, which is then `other`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsNegotiated {
+    slots: [(u16, u16, u64); TlsNegotiated::SLOTS],
+}
+
+impl TlsNegotiated {
+    /// Distinct pairs kept.
+    pub const SLOTS: usize = 4;
+    /// The code point pair of the overflow slot (not a real suite/group).
+    const OTHER: (u16, u16) = (0, 0);
+
+    /// True if nothing was counted.
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(|s| s.2 == 0)
+    }
+
+    /// Adds `n` handshakes that negotiated `suite` and `group`.
+    pub fn add(&mut self, suite: u16, group: u16, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let i = self
+            .slots
+            .iter()
+            .position(|s| s.2 > 0 && (s.0, s.1) == (suite, group))
+            .or_else(|| self.slots.iter().position(|s| s.2 == 0));
+        match i {
+            Some(i) => {
+                let s = &mut self.slots[i];
+                *s = (suite, group, s.2.saturating_add(n));
+            }
+            None => {
+                let last = &mut self.slots[Self::SLOTS - 1];
+                *last = (Self::OTHER.0, Self::OTHER.1, last.2.saturating_add(n));
+            }
+        }
+    }
+
+    /// The pairs counted, most frequent first: `(suite name, group name, n)`.
+    pub fn entries(&self) -> Vec<(String, String, u64)> {
+        let mut v: Vec<(String, String, u64)> = self
+            .slots
+            .iter()
+            .filter(|s| s.2 > 0)
+            .map(|&(suite, group, n)| {
+                if (suite, group) == Self::OTHER {
+                    ("other".into(), "other".into(), n)
+                } else {
+                    (suite_name(suite), group_name(group), n)
+                }
+            })
+            .collect();
+        v.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        v
+    }
+
+    fn zip_with(&mut self, o: &TlsNegotiated, f: fn(u64, u64) -> u64) {
+        let mut out = TlsNegotiated::default();
+        for s in self.slots.iter().filter(|s| s.2 > 0) {
+            let theirs = o
+                .slots
+                .iter()
+                .find(|t| t.2 > 0 && (t.0, t.1) == (s.0, s.1))
+                .map_or(0, |t| t.2);
+            out.add(s.0, s.1, f(s.2, theirs));
+        }
+        for t in o.slots.iter().filter(|t| t.2 > 0) {
+            if !self
+                .slots
+                .iter()
+                .any(|s| s.2 > 0 && (s.0, s.1) == (t.0, t.1))
+            {
+                out.add(t.0, t.1, f(0, t.2));
+            }
+        }
+        *self = out;
+    }
+}
+
+fn suite_str(code: u16) -> Option<&'static str> {
+    rustls::CipherSuite::from(code).as_str()
+}
+
+fn group_str(code: u16) -> Option<&'static str> {
+    rustls::NamedGroup::from(code).as_str()
+}
+
+fn suite_name(code: u16) -> String {
+    suite_str(code).map_or_else(|| format!("0x{code:04x}"), str::to_string)
+}
+
+fn group_name(code: u16) -> String {
+    group_str(code).map_or_else(|| format!("0x{code:04x}"), str::to_string)
+}
+
+/// A name back to its code point: rustls' name, or `0x....` as written for
+/// an unnamed one.
+fn code_of(name: &str, of: fn(u16) -> Option<&'static str>) -> Option<u16> {
+    if let Some(hex) = name.strip_prefix("0x") {
+        return u16::from_str_radix(hex, 16).ok();
+    }
+    (1..=u16::MAX).find(|&c| of(c) == Some(name))
+}
+
+impl Serialize for TlsNegotiated {
+    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let entries = self.entries();
+        let mut m = ser.serialize_map(Some(entries.len()))?;
+        for (suite, group, n) in entries {
+            m.serialize_entry(&format!("{suite} {group}"), &n)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for TlsNegotiated {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        let map = BTreeMap::<String, u64>::deserialize(de)?;
+        let mut t = TlsNegotiated::default();
+        for (key, n) in map {
+            let (suite, group) = key.split_once(' ').unwrap_or((key.as_str(), ""));
+            match (code_of(suite, suite_str), code_of(group, group_str)) {
+                (Some(s), Some(g)) => t.add(s, g, n),
+                _ => t.add(TlsNegotiated::OTHER.0, TlsNegotiated::OTHER.1, n),
+            }
+        }
+        Ok(t)
+    }
 }
 
 impl Counts {
@@ -130,6 +271,7 @@ impl Counts {
             self.connections_without_session,
             o.connections_without_session,
         );
+        self.tls_negotiated.zip_with(&o.tls_negotiated, f);
     }
 
     /// Bumps the counter of `outcome` only (not `messages_attempted`).
@@ -551,6 +693,14 @@ impl Recorder {
     pub fn count_tls_resumed(&mut self) {
         let c = &mut self.pending.counts;
         c.tls_resumed = c.tls_resumed.saturating_add(1);
+    }
+
+    /// Counts what one completed TLS handshake negotiated (IANA code
+    /// points of the suite and the group); call it beside
+    /// `count_session(true)`.
+    #[inline]
+    pub fn count_tls_negotiated(&mut self, suite: u16, group: u16) {
+        self.pending.counts.tls_negotiated.add(suite, group, 1);
     }
 
     /// Counts recipients sent (blaster) or accepted (sink).

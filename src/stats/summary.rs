@@ -87,6 +87,27 @@ fn write_run_lines<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
         report.cpu.sys_secs,
         report.cpu.cpu_us_per_session,
         report.cpu.cpu_us_per_message
+    )?;
+    write_tls_line(&report.counts, out)
+}
+
+/// What the TLS handshakes negotiated, when there were any: each suite and
+/// group with its count, most frequent first, and how many resumed.
+fn write_tls_line<W: Write>(c: &Counts, out: &mut W) -> io::Result<()> {
+    let entries = c.tls_negotiated.entries();
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let pairs: Vec<String> = entries
+        .iter()
+        .map(|(suite, group, n)| format!("{suite} {group} ({n})"))
+        .collect();
+    writeln!(
+        out,
+        "tls: {}; {} of {} resumed",
+        pairs.join(", "),
+        c.tls_resumed,
+        c.tls_sessions
     )
 }
 
@@ -426,5 +447,35 @@ mod tests {
         assert!(text.contains("schedule lag"));
         assert!(text.contains("assert ok   errors == 0"));
         assert!(text.contains("INVALID RUN: schedule fell behind"));
+        assert!(!text.contains("tls:"), "no TLS, no TLS line: {text}");
+    }
+
+    #[test]
+    fn the_run_lines_say_what_tls_negotiated_and_the_json_counts_it() {
+        let mut r = sample_blast_report();
+        // TLS13_AES_128_GCM_SHA256 (0x1301) and X25519 (0x001d), then
+        // TLS13_AES_256_GCM_SHA384 (0x1302) with secp256r1 (0x0017).
+        r.counts.tls_negotiated.add(0x1301, 0x001d, 7);
+        r.counts.tls_negotiated.add(0x1302, 0x0017, 2);
+        r.counts.tls_sessions = 9;
+        r.counts.tls_resumed = 3;
+        let mut buf = Vec::new();
+        write_summary(&r, &mut buf).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let line = text.lines().find(|l| l.starts_with("tls:")).unwrap();
+        assert_eq!(
+            line,
+            "tls: TLS13_AES_128_GCM_SHA256 X25519 (7), TLS13_AES_256_GCM_SHA384 secp256r1 (2); 3 of 9 resumed"
+        );
+        assert!(text.find("cpu:").unwrap() < text.find("tls:").unwrap());
+        let json = serde_json::to_value(r.counts).unwrap();
+        assert_eq!(json["tls_negotiated"]["TLS13_AES_128_GCM_SHA256 X25519"], 7);
+        let back: Counts = serde_json::from_value(json).unwrap();
+        assert_eq!(back.tls_negotiated, r.counts.tls_negotiated);
+        // Added up (merge) and subtracted (intervals) pair by pair.
+        let mut twice = back;
+        twice.add(&back);
+        assert_eq!(twice.tls_negotiated.entries()[0].2, 14);
+        assert_eq!(twice.delta_since(&back).tls_negotiated, back.tls_negotiated);
     }
 }
