@@ -168,6 +168,7 @@ pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
         sink_faults: !args.sink_faults.is_empty(),
         quiet: args.load.quiet,
         netns: xdp,
+        lossy: xdp && args.load.threads.xdp.xdp_faults.is_some(),
     })
 }
 
