@@ -211,6 +211,7 @@ pub fn config(args: &BenchArgs) -> anyhow::Result<BenchConfig> {
             .as_ref()
             .map(|_| args.drain.unwrap_or(DEFAULT_DRAIN)),
         netns: xdp,
+        lossy: xdp && args.load.threads.xdp.xdp_faults.is_some(),
     })
 }
 

@@ -185,7 +185,7 @@ pub fn missing_caps(caps: u64) -> Option<String> {
     let missing: Vec<&str> = NEEDED
         .iter()
         // CAP_SYS_ADMIN also allows what CAP_BPF does.
-        .filter(|&&(c, _)| !has(c) && !(c == 39 && has(21)))
+        .filter(|&&(c, _)| !(has(c) || c == 39 && has(21)))
         .map(|&(_, n)| n)
         .collect();
     (!missing.is_empty()).then(|| missing.join(", "))
