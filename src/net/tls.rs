@@ -188,7 +188,7 @@ pub fn parse_groups(list: &str) -> Result<Vec<&'static dyn SupportedKxGroup>, St
         list,
         "key-exchange group",
         rustls::crypto::aws_lc_rs::ALL_KX_GROUPS,
-        |g| group_name(g),
+        group_name,
     )
 }
 
