@@ -612,7 +612,7 @@ fn read_exact_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
 }
 
 fn tls_client(sock: TcpStream) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let cfg = tls::client_config(&tls::ClientVerify::Off, 0).unwrap();
+    let cfg = tls::client_config(&tls::ClientVerify::Off, 0, &tls::TlsChoice::default()).unwrap();
     let conn = rustls::ClientConnection::new(cfg, tls::server_name("localhost").unwrap()).unwrap();
     rustls::StreamOwned::new(conn, sock)
 }
@@ -645,7 +645,7 @@ fn pattern(seed: u64, from: usize, n: usize) -> Vec<u8> {
 }
 
 fn server_tls() -> TlsSide {
-    TlsSide::Server(tls::server_config(None).unwrap().config)
+    TlsSide::Server(tls::server_config(None, &tls::TlsChoice::default()).unwrap().config)
 }
 
 // ---- bytes cross intact, on_written reports progress ------------------------------
@@ -1349,7 +1349,7 @@ impl Handler for Loop {
             return;
         }
         if self.tls {
-            let cfg = tls::client_config(&tls::ClientVerify::Off, 0).unwrap();
+            let cfg = tls::client_config(&tls::ClientVerify::Off, 0, &tls::TlsChoice::default()).unwrap();
             let name = tls::server_name("localhost").unwrap();
             be.start_tls(id, TlsSide::Client(cfg, name)).unwrap();
         } else {

@@ -466,7 +466,7 @@ fn starttls_drops_pipelined_plaintext() {
     }
     // The handshake works: the dropped bytes were not taken for TLS.
     c.s.set_read_timeout(Some(Duration::from_secs(4))).unwrap();
-    let cfg = smtpstorm::net::tls::client_config(&smtpstorm::net::tls::ClientVerify::Off, 0)
+    let cfg = smtpstorm::net::tls::client_config(&smtpstorm::net::tls::ClientVerify::Off, 0, &Default::default())
         .expect("client config");
     let name = smtpstorm::net::tls::server_name("localhost").unwrap();
     let conn = rustls::ClientConnection::new(cfg, name).unwrap();

@@ -375,7 +375,7 @@ fn handshake(
 #[test]
 fn handshake_signatures_are_checked_against_the_v1_certificates_key_in_tls_1_2_and_1_3() {
     let dir = tempfile::tempdir().unwrap();
-    let client_config = tls::client_config(&ClientVerify::Off, 0).unwrap();
+    let client_config = tls::client_config(&ClientVerify::Off, 0, &Default::default()).unwrap();
     for kind in ["rsa", "ec"] {
         let (cert, key) = v1_cert(dir.path(), kind, kind);
         let (_, other_key) = v1_cert(dir.path(), &format!("{kind}-other"), kind);

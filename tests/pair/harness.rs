@@ -180,8 +180,8 @@ impl Pair {
         let t0 = Instant::now();
         let needs_tls = server_cfg.starttls_available || client_cfg.starttls;
         let (server_tls_cfg, client_tls_cfg) = if needs_tls {
-            let s = tls::server_config(None).expect("self-signed server config");
-            let c = tls::client_config(&tls::ClientVerify::Off, 0).expect("client config");
+            let s = tls::server_config(None, &tls::TlsChoice::default()).expect("self-signed server config");
+            let c = tls::client_config(&tls::ClientVerify::Off, 0, &tls::TlsChoice::default()).expect("client config");
             (Some(s.config), Some(c))
         } else {
             (None, None)
