@@ -39,7 +39,7 @@ pub fn merge(files: &[PathBuf], rules: SetRules, out: &OutputConfig) -> anyhow::
         .iter()
         .map(|p| stats::load_report(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let (sinks, blasts): (Vec<(usize, stats::Report)>, Vec<(usize, stats::Report)>) = all
+    let (sinks, blasts): (Vec<_>, Vec<_>) = all
         .into_iter()
         .enumerate()
         .partition(|(_, r)| r.role == stats::Role::Sink);

@@ -19,7 +19,8 @@
 //! delivered but not in the accepted set; `untraced` = messages the sink
 //! accepted without this run's trace (none, malformed, or another run's).
 //! The per-second figures come from the sink's seconds of first delivery,
-//! so `late` and `backlog` have a one-second resolution.
+//! so `late` and `backlog` have a one-second resolution (a delivery is
+//! counted in the backlog once its second has ended).
 
 use hdrhistogram::Histogram;
 
@@ -182,7 +183,10 @@ fn backlog(blast: &mut Report, accepted: u64, deliveries: &[(f64, u64)], drain_e
         };
         acc += p.messages as i64;
         let until = start + t as f64 + 1.0;
-        while i < deliveries.len() && deliveries[i].0 < until {
+        // A delivery counts once its whole second has passed, so it is never
+        // counted before the acceptance of its message (the backlog of a
+        // run without unexpected deliveries is never negative).
+        while i < deliveries.len() && deliveries[i].0 + 1.0 <= until {
             del += deliveries[i].1 as i64;
             i += 1;
         }
