@@ -56,6 +56,8 @@ pub fn config(args: &SweepArgs) -> anyhow::Result<SweepConfig> {
         ("--junit", l.junit.is_some()),
         ("--metrics-listen", l.metrics_listen.is_some()),
         ("--start-at", l.start_at.is_some()),
+        ("--csv", l.csv.is_some()),
+        ("--abort-on", !l.abort_on.is_empty()),
     ];
     if let Some((flag, _)) = refused.iter().find(|(_, given)| *given) {
         anyhow::bail!(

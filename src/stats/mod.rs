@@ -46,6 +46,7 @@
 
 pub mod assert;
 pub mod charts;
+pub mod csv;
 pub mod hgrm;
 pub mod hlog;
 pub mod html;
@@ -59,6 +60,7 @@ pub mod svg;
 pub mod units;
 
 pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion};
+pub use csv::{write_csv, write_csv_file};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use html::{html_string, write_html, HtmlError};
