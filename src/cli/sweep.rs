@@ -67,7 +67,7 @@ pub fn config(args: &SweepArgs) -> anyhow::Result<SweepConfig> {
     if args.step < Duration::from_secs(1) {
         anyhow::bail!("--step must be at least 1s (a step's achieved rate is counted per second)");
     }
-    if !(args.precision > 0.0) {
+    if args.precision <= 0.0 || args.precision.is_nan() {
         anyhow::bail!("--precision must be above 0%");
     }
     let slos =

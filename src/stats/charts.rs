@@ -24,6 +24,8 @@ use crate::smtp::Phase;
 
 /// Picks one series out of a timeline point.
 type PointField = fn(&TimelinePoint) -> u64;
+/// Picks an open-loop rate out of a timeline point (absent in closed loop).
+type RateField = fn(&TimelinePoint) -> Option<f64>;
 
 /// `(1/(1-q), latency_ms)` points of one phase's percentile spectrum.
 pub fn spectrum(s: &LatencySummary) -> Vec<(f64, f64)> {
@@ -183,7 +185,7 @@ pub fn draw_throughput<DB: DrawingBackend>(
                 });
         }
         // Open loop: what the schedule asked for, and what was sent.
-        let rates: [(&str, fn(&TimelinePoint) -> Option<f64>); 2] = [
+        let rates: [(&str, RateField); 2] = [
             ("requested/s", |p| p.requested),
             ("achieved/s", |p| p.achieved.map(|a| a as f64)),
         ];
