@@ -113,6 +113,7 @@ fn a_stage_ramp_achieves_each_second_s_requested_rate_within_five_percent() {
     }
     assert_eq!(get_u64(&v, "counts.messages_accepted"), 3500);
     assert_eq!(get_u64(&v, "open_loop.messages_due"), 3500);
+    assert_valid("blast", &v);
     let sv = s.stop();
     assert_eq!(get_u64(&sv, "counts.messages_accepted"), 3500);
 }
@@ -177,8 +178,8 @@ fn a_sink_with_max_rate_accepts_no_more_than_r_a_second_and_queues_the_rest() {
     assert_eq!(sv["config"]["max_rate"].as_f64(), Some(200.0));
 }
 
-fn sweep_schema() -> jsonschema::Validator {
-    let path = format!("{}/schemas/sweep.schema.json", env!("CARGO_MANIFEST_DIR"));
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = format!("{}/schemas/{name}.schema.json", env!("CARGO_MANIFEST_DIR"));
     let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert!(jsonschema::meta::is_valid(&schema), "{path}");
     jsonschema::draft202012::new(&schema).unwrap()
@@ -207,13 +208,18 @@ fn sweep_against(cap: u32, extra: &[&str]) -> (i32, Value, String, String) {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(json.exists(), "exit {code}: {stderr}");
     let v = read_json(&json);
-    let errors: Vec<String> = sweep_schema()
-        .iter_errors(&v)
-        .map(|e| format!("{e} at {}", e.instance_path))
-        .collect();
-    assert!(errors.is_empty(), "schema errors: {errors:#?}");
+    assert_valid("sweep", &v);
     s.stop();
     (code, v, stdout, stderr)
+}
+
+#[track_caller]
+fn assert_valid(name: &str, v: &Value) {
+    let errors: Vec<String> = schema(name)
+        .iter_errors(v)
+        .map(|e| format!("{e} at {}", e.instance_path))
+        .collect();
+    assert!(errors.is_empty(), "{name} schema errors: {errors:#?}");
 }
 
 #[track_caller]
@@ -277,4 +283,93 @@ fn sweep_finds_the_capacity_of_a_sink_with_max_rate_300_over_starttls_with_ten_m
     assert_eq!(code, 0, "{stderr}");
     assert_max_rate_near(&v, 300.0);
     assert_eq!(v["config"]["starttls"], true);
+}
+
+#[test]
+fn csv_has_one_row_per_second_of_the_timeline_with_requested_and_achieved() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), &[]);
+    let csv = dir.path().join("run.csv");
+    let csv_s = csv.to_str().unwrap();
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &s.addr,
+            "--rate",
+            "100",
+            "-d",
+            "3s",
+            "--threads",
+            "1",
+            "--csv",
+            csv_s,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split(',').collect()).collect();
+    let header = &rows[0];
+    assert_eq!(
+        header[..7],
+        [
+            "t",
+            "requested",
+            "achieved",
+            "messages",
+            "sessions",
+            "errors",
+            "failed"
+        ]
+    );
+    assert!(header.contains(&"message_p99_us"), "{header:?}");
+    let tl = timeline(&v);
+    assert_eq!(rows.len(), tl.len() + 1, "{text}");
+    for (row, p) in rows[1..].iter().zip(tl) {
+        assert_eq!(row.len(), header.len(), "{text}");
+        assert_eq!(row[0], p["t"].to_string());
+        assert_eq!(row[3], p["messages"].to_string());
+        assert_eq!(row[2], p["achieved"].to_string());
+    }
+    assert_eq!(rows[2][1], "100", "second 1 asked for 100: {text}");
+    s.stop();
+}
+
+#[test]
+fn abort_on_stops_the_run_early_with_exit_99_and_says_why() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let s = sink(dir.path(), &["--fault", "mail:550"]);
+    let started = std::time::Instant::now();
+    let (code, v, err) = blast(
+        dir.path(),
+        &[
+            &s.addr,
+            "--rate",
+            "100",
+            "-d",
+            "30s",
+            "--threads",
+            "1",
+            "--abort-on",
+            "p99(message) > 3000s",
+            "--abort-on",
+            "rejected > 10",
+        ],
+    );
+    assert_eq!(code, 99, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "stopped early, not at the end of the 30 s"
+    );
+    assert!(
+        err.contains("aborted: --abort-on `rejected > 10` held after"),
+        "{err}"
+    );
+    assert!(!err.contains("interrupted"), "{err}");
+    let why = v["aborted"].as_str().expect("the reason in the report");
+    assert!(why.contains("rejected > 10"), "{why}");
+    assert!(v["duration_secs"].as_f64().unwrap() < 20.0);
+    assert_valid("blast", &v);
+    s.stop();
 }

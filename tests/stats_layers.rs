@@ -25,6 +25,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("charts", 5),
     ("metrics", 5),
     ("junit", 5),
+    ("csv", 5),
     ("svg", 6),
     ("html", 6),
 ];

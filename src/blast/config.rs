@@ -43,6 +43,11 @@ pub struct OutputConfig {
     pub hgrm: Option<PathBuf>,
     pub hgrm_phase: Option<Phase>,
     pub hlog: Option<PathBuf>,
+    /// `--csv`: the timeline, one row per second.
+    pub csv: Option<PathBuf>,
+    /// `--abort-on`: checked once a second on the totals so far; the first
+    /// that holds stops the run (exit 99).
+    pub abort_on: Vec<crate::stats::Assertion>,
     /// `--junit`: the checks as JUnit XML.
     pub junit: Option<PathBuf>,
     /// `--metrics-listen`: serve live metrics here during the run.

@@ -49,8 +49,8 @@ use anyhow::Context as _;
 use crate::net::driver::Transport;
 use crate::net::runtime::{spawn_workers, StopSignal};
 use crate::stats::{
-    baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Bottleneck,
-    CpuUsage, HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements,
+    baseline_checks, load_report, write_hgrm_file, write_junit, write_summary, Assertion,
+    Bottleneck, CpuUsage, HlogWriter, IntervalMerger, IntervalSnapshot, LiveMetrics, Measurements,
     MetricsServer, OpenLoopReport, Report, ReportInput, Role, TimelinePoint,
 };
 
@@ -177,7 +177,18 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
             )
         })?
     };
-    let (merger, sent) = merge_snapshots(&rx, threads, &live, &mut hlog, &mut progress)?;
+    let Snapshots {
+        merger,
+        sent,
+        aborted,
+    } = merge_snapshots(
+        &rx,
+        threads,
+        &live,
+        &mut hlog,
+        &mut progress,
+        (&cfg.output.abort_on, &stop),
+    )?;
     progress.finish();
     live.finish();
     let results = workers.join()?;
@@ -193,6 +204,8 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         open,
         accepted,
     } = Merged::of(&results)?;
+    // A stop by --abort-on is no interruption.
+    let interrupted = interrupted && aborted.is_none();
     debug_assert_eq!(
         m.counts.messages_attempted + m.counts.connections_without_session,
         m.counts.messages_accepted
@@ -234,6 +247,7 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
         report.trace = Some(crate::stats::TraceReport::of_blast(run, accepted));
     }
     report.xdp = backend.stats();
+    report.aborted = aborted;
     if let (Some(late), Some(c)) = (start_late_secs, report.config.as_object_mut()) {
         c.insert(
             "start_late_secs".into(),
@@ -291,14 +305,24 @@ fn merge_snapshots<W: Write>(
     live: &LiveMetrics,
     hlog: &mut Option<HlogWriter<W>>,
     progress: &mut progress::Progress,
-) -> anyhow::Result<(IntervalMerger, BTreeMap<u64, u64>)> {
+    (abort_on, stop): (&[Assertion], &StopSignal),
+) -> anyhow::Result<Snapshots> {
     let mut sent: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut aborted: Option<String> = None;
+    let mut seconds = 0u64;
     let mut pending: BTreeMap<u64, (usize, IntervalSnapshot)> = BTreeMap::new();
     let mut merger = IntervalMerger::new();
     let mut open_by_thread = vec![0usize; threads];
     let mut absorb =
         |snap: &IntervalSnapshot, hlog: &mut Option<HlogWriter<W>>| -> anyhow::Result<()> {
             merger.absorb(snap);
+            seconds += 1;
+            if aborted.is_none() && !abort_on.is_empty() {
+                aborted = abort_reason(abort_on, merger.totals(), seconds);
+                if aborted.is_some() {
+                    stop.stop();
+                }
+            }
             live.absorb(snap);
             if let Some(h) = hlog {
                 h.write_snapshot(snap)?;
@@ -333,7 +357,53 @@ fn merge_snapshots<W: Write>(
     for (_, (_, snap)) in std::mem::take(&mut pending) {
         absorb(&snap, hlog)?;
     }
-    Ok((merger, sent))
+    Ok(Snapshots {
+        merger,
+        sent,
+        aborted,
+    })
+}
+
+/// What [`merge_snapshots`] gathered.
+struct Snapshots {
+    merger: IntervalMerger,
+    /// Open loop: messages sent in each second.
+    sent: BTreeMap<u64, u64>,
+    /// `--abort-on`: why the run was stopped early.
+    aborted: Option<String>,
+}
+
+/// `--abort-on`: the first condition that holds on the totals of the
+/// first `seconds` seconds, said as the report and stderr say it.
+fn abort_reason(abort_on: &[Assertion], totals: &Measurements, seconds: u64) -> Option<String> {
+    let mut report = Report::build(ReportInput {
+        role: Role::Blast,
+        config: serde_json::Value::Null,
+        started_at_unix: 0.0,
+        duration_secs: seconds as f64,
+        measurements: totals.clone(),
+        timeline: Vec::new(),
+        invalid_reasons: Vec::new(),
+        cpu: CpuUsage::default(),
+        host: Some(crate::stats::HostInfo::default()),
+    })
+    .ok()?;
+    report.evaluate_assertions(abort_on);
+    report
+        .assertions
+        .iter()
+        .zip(abort_on)
+        .find(|(r, _)| r.ok)
+        .map(|(r, a)| {
+            let v = r
+                .value
+                .map(|v| a.format_value(v))
+                .unwrap_or_else(|| "no data".into());
+            format!(
+                "--abort-on `{}` held after {seconds}s (measured {v})",
+                r.expr
+            )
+        })
 }
 
 /// Open loop: each second's requested messages (the profile's integral
@@ -553,6 +623,10 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
     if let Some(p) = &out.json {
         report.write_json(p)?;
     }
+    if let Some(p) = &out.csv {
+        crate::stats::write_csv_file(&report, p)
+            .with_context(|| format!("cannot write --csv {}", p.display()))?;
+    }
     if let Some(p) = &out.junit {
         write_junit(&report, &baseline, p)?;
     }
@@ -580,6 +654,10 @@ pub fn finish(run: BlastRun, out: &OutputConfig) -> anyhow::Result<u8> {
     // Said even when a failed check decides the exit code.
     for why in &report.failed_reasons {
         eprintln!("smtpstorm: failed run: {why}");
+    }
+    if let Some(why) = &report.aborted {
+        eprintln!("smtpstorm: aborted: {why}");
+        return Ok(EXIT_ASSERT);
     }
     if !failures.is_empty() {
         return Ok(EXIT_ASSERT);

@@ -573,7 +573,7 @@ mod tests {
         let (rates, max) = search(100.0, 1000.0, 0.05);
         assert_eq!(&rates[..5], &[100.0, 200.0, 400.0, 800.0, 1600.0]);
         let max = max.unwrap();
-        assert!(max <= 1000.0 && max >= 1000.0 / 1.05, "{max} {rates:?}");
+        assert!((1000.0 / 1.05..=1000.0).contains(&max), "{max} {rates:?}");
         let (rates, max) = search(5000.0, 1000.0, 0.05);
         assert_eq!(&rates[..4], &[5000.0, 2500.0, 1250.0, 625.0]);
         assert!(max.unwrap() >= 1000.0 / 1.05, "{rates:?}");

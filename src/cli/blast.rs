@@ -191,6 +191,14 @@ pub struct LoadArgs {
         requires = "hgrm"
     )]
     pub hgrm_phase: String,
+    /// Write the timeline as CSV here: one row per second (requested and achieved
+    /// rates, messages, sessions, errors, failed, per-phase p50/p90/p99/max).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Stop the run early, exit 99, when this holds (repeatable; the --assert language,
+    /// checked once a second on the totals so far): `errors > 100`, `p99(message) > 2s`.
+    #[arg(long = "abort-on", value_name = "EXPR")]
+    pub abort_on: Vec<String>,
     /// Write an HdrHistogram interval log (one tagged line per phase per second) here.
     #[arg(long, value_name = "FILE")]
     pub hlog: Option<PathBuf>,
@@ -677,8 +685,12 @@ fn hgrm_phase(load: &LoadArgs) -> Result<Option<Phase>, ConfigError> {
 fn output(load: &LoadArgs, hgrm_phase: Option<Phase>) -> Result<OutputConfig, ConfigError> {
     let asserts = crate::stats::parse_assertions(&load.asserts)
         .map_err(|e| ConfigError::Assertion(format!("--assert: {e}")))?;
+    let abort_on = crate::stats::parse_assertions(&load.abort_on)
+        .map_err(|e| ConfigError::Assertion(format!("--abort-on: {e}")))?;
     Ok(OutputConfig {
         json: load.json.clone(),
+        csv: load.csv.clone(),
+        abort_on,
         hgrm: load.hgrm.clone(),
         hgrm_phase,
         hlog: load.hlog.clone(),

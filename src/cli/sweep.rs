@@ -56,6 +56,8 @@ pub fn config(args: &SweepArgs) -> anyhow::Result<SweepConfig> {
         ("--junit", l.junit.is_some()),
         ("--metrics-listen", l.metrics_listen.is_some()),
         ("--start-at", l.start_at.is_some()),
+        ("--csv", l.csv.is_some()),
+        ("--abort-on", !l.abort_on.is_empty()),
     ];
     if let Some((flag, _)) = refused.iter().find(|(_, given)| *given) {
         anyhow::bail!(
@@ -65,7 +67,7 @@ pub fn config(args: &SweepArgs) -> anyhow::Result<SweepConfig> {
     if args.step < Duration::from_secs(1) {
         anyhow::bail!("--step must be at least 1s (a step's achieved rate is counted per second)");
     }
-    if !(args.precision > 0.0) {
+    if args.precision <= 0.0 || args.precision.is_nan() {
         anyhow::bail!("--precision must be above 0%");
     }
     let slos =

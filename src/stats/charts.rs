@@ -24,6 +24,8 @@ use crate::smtp::Phase;
 
 /// Picks one series out of a timeline point.
 type PointField = fn(&TimelinePoint) -> u64;
+/// Picks an open-loop rate out of a timeline point (absent in closed loop).
+type RateField = fn(&TimelinePoint) -> Option<f64>;
 
 /// `(1/(1-q), latency_ms)` points of one phase's percentile spectrum.
 pub fn spectrum(s: &LatencySummary) -> Vec<(f64, f64)> {
@@ -129,7 +131,8 @@ pub fn draw_spectrum<DB: DrawingBackend>(
     Ok(())
 }
 
-/// Draws messages, sessions and errors per second over the run.
+/// Draws messages, sessions and errors per second over the run (and, in
+/// open loop, the requested and achieved rates of each second).
 pub fn draw_throughput<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     report: &Report,
@@ -140,7 +143,12 @@ pub fn draw_throughput<DB: DrawingBackend>(
     let t_max = tl.iter().map(|p| p.t + 1).max().unwrap_or(1).max(1) as f64;
     let m_max = tl
         .iter()
-        .map(|p| p.messages.max(p.sessions))
+        .map(|p| {
+            p.messages
+                .max(p.sessions)
+                .max(p.achieved.unwrap_or(0))
+                .max(p.requested.unwrap_or(0.0).ceil() as u64)
+        })
         .max()
         .unwrap_or(0) as f64;
     let m_max = if m_max > 0.0 { m_max * 1.1 } else { 1.0 };
@@ -174,6 +182,27 @@ pub fn draw_throughput<DB: DrawingBackend>(
                 .label(name)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        // Open loop: what the schedule asked for, and what was sent.
+        let rates: [(&str, RateField); 2] = [
+            ("requested/s", |p| p.requested),
+            ("achieved/s", |p| p.achieved.map(|a| a as f64)),
+        ];
+        for (i, (name, f)) in rates.into_iter().enumerate() {
+            if tl.iter().all(|p| f(p).is_none()) {
+                continue;
+            }
+            let color = Palette99::pick(3 + i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    tl.iter().filter_map(|p| f(p).map(|v| (p.t as f64, v))),
+                    color.stroke_width(1),
+                ))
+                .map_err(|x| e(&x))?
+                .label(name)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(1))
                 });
         }
         chart

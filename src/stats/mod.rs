@@ -47,6 +47,7 @@
 pub mod assert;
 pub mod charts;
 pub mod e2e;
+pub mod csv;
 pub mod hgrm;
 pub mod hlog;
 pub mod html;
@@ -62,6 +63,7 @@ pub mod units;
 
 pub use assert::{parse as parse_assertion, parse_all as parse_assertions, AssertError, Assertion};
 pub use e2e::{account as account_e2e, pair as pair_e2e, E2eError, E2eOptions};
+pub use csv::{write_csv, write_csv_file};
 pub use hgrm::{hgrm_string, write_hgrm, write_hgrm_file};
 pub use hlog::{HlogError, HlogWriter};
 pub use html::{html_string, write_html, HtmlError};

@@ -420,6 +420,10 @@ pub struct Report {
     /// empty when it did not. Absent from passing runs and older reports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_reasons: Vec<String>,
+    /// `--abort-on`: the condition that held and stopped the run early
+    /// (exit 99), with when and what was measured. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
     /// The most frequent reasons messages and connections failed, most
     /// frequent first (at most [`TOP_FAILURES`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -659,6 +663,7 @@ impl Report {
             valid: input.invalid_reasons.is_empty(),
             invalid_reasons: input.invalid_reasons,
             failed_reasons: Vec::new(),
+            aborted: None,
             failures: m
                 .failures
                 .top(TOP_FAILURES)

@@ -66,6 +66,7 @@ fn write_run_lines<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
             o.max_backlog,
             o.messages_unsent,
         )?;
+        write_stage_rates(report, out)?;
     }
     let late = report
         .config
@@ -383,6 +384,40 @@ fn write_failures<W: Write>(report: &Report, out: &mut W) -> io::Result<()> {
     writeln!(out, "{:<12} failure (most frequent)", "count")?;
     for f in &report.failures {
         writeln!(out, "{:<12} {}", f.count, f.reason)?;
+    }
+    Ok(())
+}
+
+/// With `--stages`: each second's requested and achieved rate (at most
+/// 30 seconds shown, evenly spaced, 6 to a line).
+fn write_stage_rates(report: &Report, out: &mut impl Write) -> std::io::Result<()> {
+    if report.config.get("stages").is_none_or(|s| s.is_null()) {
+        return Ok(());
+    }
+    let points: Vec<_> = report
+        .timeline
+        .iter()
+        .filter(|p| p.requested.is_some())
+        .collect();
+    if points.is_empty() {
+        return Ok(());
+    }
+    let every = points.len().div_ceil(30);
+    writeln!(out, "stages, messages/s per second (requested/achieved):")?;
+    let cells: Vec<String> = points
+        .iter()
+        .step_by(every)
+        .map(|p| {
+            format!(
+                "{:>4}s {}/{}",
+                p.t,
+                format_rate(p.requested.unwrap_or(0.0)),
+                format_rate(p.achieved.unwrap_or(0) as f64)
+            )
+        })
+        .collect();
+    for line in cells.chunks(6) {
+        writeln!(out, "  {}", line.join("   "))?;
     }
     Ok(())
 }
