@@ -96,6 +96,8 @@ pub struct BlastConfig {
     pub messages_per_session: u64,
     pub recipients: u64,
     pub size: SizeRange,
+    /// `--size` given as a distribution (`size` then holds its bounds).
+    pub size_dist: Option<Arc<super::size::SizeDist>>,
     /// `--body FILE`, LF normalized to CRLF.
     pub body_file: Option<Arc<[u8]>>,
     /// `--data PATH`: the messages, loaded once.
@@ -150,6 +152,7 @@ impl BlastConfig {
             self.instance,
         )
         .with_corpus(self.corpus.clone())
+        .with_size_dist(self.size_dist.clone())
     }
 
     /// Number of worker threads this config will run.

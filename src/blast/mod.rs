@@ -34,6 +34,7 @@ pub mod message;
 pub mod probe;
 pub mod progress;
 pub mod schedule;
+pub mod size;
 pub mod worker;
 
 use std::collections::BTreeMap;

@@ -72,9 +72,10 @@ pub struct LoadArgs {
     /// Recipients per message.
     #[arg(long, value_name = "R", default_value = "1", value_parser = parse_count_nonzero)]
     pub recipients: u64,
-    /// Message size, or a range drawn uniformly (`1KiB`, `512..64KiB`).
-    #[arg(short = 's', long, value_name = "S[..S]", default_value = "1KiB", value_parser = parse_size_range)]
-    pub size: SizeRange,
+    /// Message size, a range drawn uniformly (`1KiB`, `512..64KiB`), or a
+    /// distribution drawn by weight (`1KiB:50%,16KiB:35%,256KiB:12%,4MiB:3%`).
+    #[arg(short = 's', long, value_name = "S[..S]|S:W%,...", default_value = "1KiB", value_parser = crate::blast::size::parse_size_spec)]
+    pub size: crate::blast::size::SizeSpec,
     /// Send this file as the message (headers and body as given).
     #[arg(long, value_name = "FILE", conflicts_with = "data")]
     pub body: Option<PathBuf>,
@@ -396,7 +397,8 @@ pub fn config_for(
         max_sessions: shape.max_sessions,
         messages_per_session: load.messages_per_session,
         recipients: load.recipients,
-        size: load.size,
+        size: load.size.range,
+        size_dist: load.size.dist.clone(),
         body_file: content.body_file,
         corpus: content.corpus,
         from: content.from,
@@ -661,8 +663,9 @@ fn echo(
         "sessions": shape.max_sessions,
         "messages_per_session": load.messages_per_session,
         "recipients": load.recipients,
-        "size_min": load.size.min,
-        "size_max": load.size.max,
+        "size_min": load.size.range.min,
+        "size_max": load.size.range.max,
+        "size": load.size.echo(),
         "body_file": load.body.as_ref().map(|p| p.display().to_string()),
         "data": load.data.as_ref().map(|p| p.display().to_string()),
         "data_messages": content.corpus.as_ref().map(|c| c.len()),
