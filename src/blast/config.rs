@@ -74,6 +74,8 @@ pub enum LoadModel {
 /// The validated configuration of one blaster run (this instance's share).
 #[derive(Clone, Debug)]
 pub struct BlastConfig {
+    /// `--scenario`: weighted profiles, one per session.
+    pub scenario: Option<Arc<super::scenario::Scenario>>,
     pub target: SocketAddr,
     /// `blast unix:/path`: connect to this unix-domain socket instead
     /// (`target` is then `0.0.0.0:0`, which nothing dials).
@@ -153,6 +155,11 @@ impl BlastConfig {
         )
         .with_corpus(self.corpus.clone())
         .with_size_dist(self.size_dist.clone())
+    }
+
+    /// Whether any session may speak TLS (a flag, or a scenario profile).
+    pub fn uses_tls(&self) -> bool {
+        self.implicit_tls || self.starttls || self.scenario.as_ref().is_some_and(|s| s.uses_tls())
     }
 
     /// Number of worker threads this config will run.

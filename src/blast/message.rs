@@ -455,6 +455,12 @@ impl MessageBuilder {
         }
     }
 
+    /// Number the next message as the `k`-th of this thread (a scenario's
+    /// profiles share one count, so `{n}` stays unique).
+    pub fn continue_from(&mut self, k: u64) {
+        self.built = k;
+    }
+
     /// Messages built so far.
     pub fn built(&self) -> u64 {
         self.built

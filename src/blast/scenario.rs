@@ -21,12 +21,20 @@
 //! positive weights; a draw takes one `u64` from the caller's generator;
 //! nothing here runs on the hot path of a run without `--scenario`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use serde::Deserialize;
 
-use super::body::Rng;
+use super::body::{Body, Rng};
+use super::config::BlastConfig;
+use super::conn::ConnConfig;
+use super::message::MessageBuilder;
 use super::size::{parse_size_spec, SizeSpec};
+use crate::smtp::client::Message;
+use crate::stats::recorder::Measurements;
+use crate::stats::report::{ProfileReport, ReportError};
 
 /// A profile's TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -60,13 +68,15 @@ pub struct Defaults {
 }
 
 /// A loaded scenario.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Scenario {
     /// The file, as given.
     pub path: String,
     pub profiles: Vec<Profile>,
     /// Cumulative shares; the last is 1.
     cum: Vec<f64>,
+    /// Per profile, the body its messages share (built by [`Self::prepare`]).
+    shared: OnceLock<Vec<Option<Arc<Body>>>>,
 }
 
 /// `size` in a file: parsed as `--size` is, its error carrying the span.
@@ -145,7 +155,9 @@ impl Scenario {
             {
                 return Err(at(
                     p.name.span(),
-                    format!("expected a profile name of letters, digits, `_` and `-`, got `{name}`"),
+                    format!(
+                        "expected a profile name of letters, digits, `_` and `-`, got `{name}`"
+                    ),
                 ));
             }
             if profiles.iter().any(|q| &q.name == name) {
@@ -196,6 +208,7 @@ impl Scenario {
             path: path.to_string(),
             profiles,
             cum,
+            shared: OnceLock::new(),
         })
     }
 
@@ -227,6 +240,158 @@ impl Scenario {
                 "bdat": p.bdat,
             })).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// One worker thread's side of a scenario: per profile the connection
+/// settings and the message builder, the profile of each connection, and
+/// the generator that picks a profile per session.
+pub struct ScenarioRun {
+    scenario: Arc<Scenario>,
+    rng: Rng,
+    /// Per profile: what its connections share.
+    pub conn_cfgs: Vec<ConnConfig>,
+    builders: Vec<MessageBuilder>,
+    /// Messages this thread built over every profile (`{n}` stays unique).
+    built: u64,
+    /// Per connection (by `ConnId`): its profile.
+    conn_profile: Vec<u16>,
+}
+
+impl ScenarioRun {
+    /// Thread `thread` of `threads`; `base`: the run's connection settings,
+    /// which each profile adjusts.
+    pub fn new(
+        cfg: &BlastConfig,
+        scenario: &Arc<Scenario>,
+        base: &ConnConfig,
+        thread: usize,
+        threads: usize,
+    ) -> Self {
+        let builders = scenario
+            .profiles
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut b = profile_builder(cfg, p, thread, threads);
+                if let Some(body) = scenario.shared.get().and_then(|s| s[i].clone()) {
+                    b.use_shared_body(body);
+                }
+                b
+            })
+            .collect();
+        let conn_cfgs = scenario
+            .profiles
+            .iter()
+            .map(|p| {
+                let mut client = (*base.client).clone();
+                client.starttls = p.tls == TlsMode::Starttls;
+                client.bdat = p.bdat;
+                ConnConfig {
+                    client: Arc::new(client),
+                    implicit_tls: p.tls == TlsMode::Implicit,
+                    messages_per_session: p.messages_per_session,
+                    ..base.clone()
+                }
+            })
+            .collect();
+        ScenarioRun {
+            scenario: Arc::clone(scenario),
+            rng: Rng::new(
+                (cfg.seed ^ 0x5CE7_A210_0F11_E5A5)
+                    .wrapping_mul(0x100_0000_01B3)
+                    .wrapping_add(thread as u64 + 1),
+            ),
+            conn_cfgs,
+            builders,
+            built: 0,
+            conn_profile: Vec::new(),
+        }
+    }
+
+    /// The profile of the next session, drawn by weight.
+    pub fn pick(&mut self) -> usize {
+        self.scenario.pick(&mut self.rng)
+    }
+
+    /// `-k` of profile `p`.
+    pub fn messages_per_session(&self, p: usize) -> u64 {
+        self.conn_cfgs[p].messages_per_session
+    }
+
+    /// The next message of profile `p`.
+    pub fn next_message(&mut self, p: usize) -> Message {
+        let b = &mut self.builders[p];
+        b.continue_from(self.built);
+        self.built += 1;
+        b.next_message()
+    }
+
+    /// Connection `id` carries a session of profile `p`.
+    pub fn set_profile(&mut self, id: usize, p: usize) {
+        if self.conn_profile.len() <= id {
+            self.conn_profile.resize(id + 1, 0);
+        }
+        self.conn_profile[id] = p as u16;
+    }
+
+    /// The profile of connection `id`.
+    pub fn profile_of(&self, id: usize) -> usize {
+        self.conn_profile.get(id).map_or(0, |&p| usize::from(p))
+    }
+}
+
+/// The message builder of profile `p` on thread `thread` of `threads`.
+fn profile_builder(
+    cfg: &BlastConfig,
+    p: &Profile,
+    thread: usize,
+    threads: usize,
+) -> MessageBuilder {
+    MessageBuilder::new(
+        cfg.from.clone(),
+        cfg.to.clone(),
+        p.recipients,
+        p.size.range,
+        cfg.body_file.clone(),
+        cfg.seed,
+        thread,
+        threads,
+        cfg.instance,
+    )
+    .with_corpus(cfg.corpus.clone())
+    .with_size_dist(p.size.dist.clone())
+}
+
+impl Scenario {
+    /// Builds the bodies every thread shares (a fixed size, the sizes of
+    /// a distribution) once, before the run's clock starts.
+    pub fn prepare(&self, cfg: &BlastConfig, threads: usize) {
+        self.shared.get_or_init(|| {
+            self.profiles
+                .iter()
+                .map(|p| profile_builder(cfg, p, 0, threads).shared_body())
+                .collect()
+        });
+    }
+
+    /// Each profile's report, from the workers' per-profile measurements
+    /// (`per_worker[w][p]`).
+    pub fn reports(
+        &self,
+        per_worker: &[&[Measurements]],
+    ) -> Result<BTreeMap<String, ProfileReport>, ReportError> {
+        let mut out = BTreeMap::new();
+        for (i, p) in self.profiles.iter().enumerate() {
+            let mut m = Measurements::default();
+            for w in per_worker {
+                if let Some(x) = w.get(i) {
+                    m.merge(x);
+                }
+            }
+            out.insert(p.name.clone(), ProfileReport::of(&m)?);
+        }
+        Ok(out)
     }
 }
 
@@ -266,7 +431,12 @@ bdat = true
         assert_eq!(s.profiles.len(), 2);
         let (a, b) = (&s.profiles[0], &s.profiles[1]);
         assert_eq!(
-            (a.name.as_str(), a.weight, a.recipients, a.messages_per_session),
+            (
+                a.name.as_str(),
+                a.weight,
+                a.recipients,
+                a.messages_per_session
+            ),
             ("small", 3.0, 1, 5)
         );
         assert_eq!(a.size.dist.as_ref().unwrap().sizes(), &[1024, 16384]);
@@ -302,17 +472,41 @@ bdat = true
     fn a_bad_file_names_the_file_the_line_and_what_was_expected() {
         let cases = [
             // (text, line, words the message must hold)
-            ("[[profile]]\nname = \"a\"\nweight = 1\ntls = \"ssl\"\n", 4, "none"),
-            ("[[profile]]\nname = \"a\"\nweight = 1\nsize = \"1KiB:50%\"\n", 4, "SIZE:WEIGHT%"),
-            ("[[profile]]\nname = \"a\"\nweight = 0\n", 3, "positive weight"),
-            ("[[profile]]\nname = \"a b\"\nweight = 1\n", 2, "profile name"),
-            ("[[profile]]\nname = \"a\"\nweight = 1\ncolour = 2\n", 4, "colour"),
+            (
+                "[[profile]]\nname = \"a\"\nweight = 1\ntls = \"ssl\"\n",
+                4,
+                "none",
+            ),
+            (
+                "[[profile]]\nname = \"a\"\nweight = 1\nsize = \"1KiB:50%\"\n",
+                4,
+                "SIZE:WEIGHT%",
+            ),
+            (
+                "[[profile]]\nname = \"a\"\nweight = 0\n",
+                3,
+                "positive weight",
+            ),
+            (
+                "[[profile]]\nname = \"a b\"\nweight = 1\n",
+                2,
+                "profile name",
+            ),
+            (
+                "[[profile]]\nname = \"a\"\nweight = 1\ncolour = 2\n",
+                4,
+                "colour",
+            ),
             (
                 "[[profile]]\nname = \"a\"\nweight = 1\n\n[[profile]]\nname = \"a\"\nweight = 1\n",
                 6,
                 "unique",
             ),
-            ("[[profile]]\nname = \"a\"\nweight = 1\nrecipients = 0\n", 4, "at least 1"),
+            (
+                "[[profile]]\nname = \"a\"\nweight = 1\nrecipients = 0\n",
+                4,
+                "at least 1",
+            ),
             ("[[profile]]\nname = \"a\"\nweight = = 1\n", 3, ""),
         ];
         for (text, line, words) in cases {

@@ -27,13 +27,13 @@ use thiserror::Error;
 
 use super::parse::{
     parse_count, parse_count_nonzero, parse_duration, parse_instance, parse_percent, parse_rate,
-    parse_size_range, parse_socket_addr, parse_user_pass,
+    parse_socket_addr, parse_user_pass,
 };
 use super::ThreadArgs;
 use crate::blast::config::{share, BlastConfig, LoadModel, OutputConfig, ProxyVersion, RateUnit};
 use crate::blast::corpus::{Corpus, CorpusError, DataOrder};
 use crate::blast::identity::{self, AddrRange, Identities, IdentityError, XclientAttr};
-use crate::blast::message::{normalize_crlf, SizeRange, Template};
+use crate::blast::message::{normalize_crlf, Template};
 use crate::net::driver::IoConfig;
 use crate::net::runtime::Cpus;
 use crate::smtp::client::{AuthMech, ClientAuth, ClientConfig, PipeliningMode};
@@ -131,6 +131,10 @@ pub struct LoadArgs {
     /// Send bodies with BDAT (CHUNKING) instead of DATA.
     #[arg(long)]
     pub bdat: bool,
+    /// Mixed traffic: weighted profiles (size, recipients, -k, TLS, BDAT),
+    /// one chosen per session (README: "Mixed traffic").
+    #[arg(long, value_name = "FILE.toml")]
+    pub scenario: Option<PathBuf>,
     /// Speak LMTP (LHLO, one reply per recipient).
     #[arg(long)]
     pub lmtp: bool,
@@ -277,6 +281,8 @@ pub enum ConfigError {
     Io(String),
     #[error(transparent)]
     Corpus(#[from] CorpusError),
+    #[error("{0}")]
+    Scenario(String),
 }
 
 /// `host:port`, `[v6]:port`, or `host` (port 25).
@@ -364,6 +370,7 @@ pub fn config_for(
             return Err(ConfigError::StartAt(t));
         }
     }
+    let scenario = super::scenario::load(load).map_err(ConfigError::Scenario)?;
     let client = client(load);
     let io = load.threads.io_config().map_err(ConfigError::Io)?;
     if io.xdp.is_some() && !source_ips.is_empty() {
@@ -372,7 +379,7 @@ pub fn config_for(
             "--source-ip does not apply to --io xdp (it sends from the interface's address); drop one of them".into(),
         ));
     }
-    let echo = echo(
+    let mut echo = echo(
         load,
         target,
         &shape,
@@ -381,7 +388,12 @@ pub fn config_for(
         &io,
         instance,
     );
+    if let Some(s) = &scenario {
+        echo["scenario"] = s.echo();
+        echo = with_config_digest(echo, load, instance.1);
+    }
     let cfg = BlastConfig {
+        scenario,
         target,
         unix: None,
         target_host,

@@ -426,6 +426,29 @@ pub struct Report {
     #[serde(default)]
     pub assertions: Vec<AssertionResult>,
     pub cpu: CpuUsage,
+    /// `--scenario`: each profile's counts and latency, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub profiles: BTreeMap<String, ProfileReport>,
+}
+
+/// `--scenario`: one profile's share of a run (the totals hold every
+/// profile's).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProfileReport {
+    pub counts: Counts,
+    /// Per phase, as the report's `latency`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency: BTreeMap<String, LatencySummary>,
+}
+
+impl ProfileReport {
+    /// The report of one profile's merged measurements.
+    pub fn of(m: &Measurements) -> Result<Self, ReportError> {
+        Ok(ProfileReport {
+            counts: m.counts,
+            latency: summarize(&m.latency)?,
+        })
+    }
 }
 
 /// Reasons a report lists in `failures`.
@@ -530,6 +553,7 @@ impl Report {
                 .map(|(reason, count)| FailureCount { reason, count })
                 .collect(),
             assertions: Vec::new(),
+            profiles: BTreeMap::new(),
         })
     }
 

@@ -51,7 +51,14 @@ impl ClientSession {
             auth_started: None,
             deadline: None,
         };
-        s.expects.push_back(Expect { what: Await::Greeting, msg: 0, queued_at: now, end: 0, written_at: Some(now), remaining: 1 });
+        s.expects.push_back(Expect {
+            what: Await::Greeting,
+            msg: 0,
+            queued_at: now,
+            end: 0,
+            written_at: Some(now),
+            remaining: 1,
+        });
         s.update_deadline();
         s
     }
@@ -86,7 +93,10 @@ impl ClientSession {
             self.next_msg = 0;
         }
         self.messages.push(msg);
-        self.txns.push(Txn { intended, ..Txn::default() });
+        self.txns.push(Txn {
+            intended,
+            ..Txn::default()
+        });
         self.unfinished += 1;
         if self.awaiting_message && (self.pipelining || self.expects.is_empty()) {
             self.awaiting_message = false;
@@ -153,7 +163,10 @@ impl ClientSession {
             }
             if e.written_at.is_none() {
                 self.expects[i].written_at = Some(now);
-                if matches!(e.what, Await::Dot { discard: false } | Await::Bdat { last: true }) {
+                if matches!(
+                    e.what,
+                    Await::Dot { discard: false } | Await::Bdat { last: true }
+                ) {
                     self.report_body(e.msg, now);
                 }
             }
@@ -276,7 +289,6 @@ impl ClientSession {
 
     // ---- endings ----------------------------------------------------------
 
-
     pub(super) fn finish(&mut self, m: usize, outcome: Outcome, code: u16) {
         let t = &mut self.txns[m];
         if t.finished {
@@ -296,7 +308,13 @@ impl ClientSession {
         let t = &self.txns[m];
         let recipients_accepted = t.rcpt_ok;
         let bytes = self.messages[m].len() as u64;
-        self.events.push_back(ClientEvent::Message { index: self.msg_base + m, outcome, code, recipients_accepted, bytes });
+        self.events.push_back(ClientEvent::Message {
+            index: self.msg_base + m,
+            outcome,
+            code,
+            recipients_accepted,
+            bytes,
+        });
     }
 
     fn finish_all(&mut self, outcome: Outcome, code: u16) {
@@ -311,7 +329,13 @@ impl ClientSession {
         self.give_up_with(now, outcome_of(code / 100), code, err);
     }
 
-    pub(super) fn give_up_with(&mut self, now: Instant, outcome: Outcome, code: u16, err: ClientError) {
+    pub(super) fn give_up_with(
+        &mut self,
+        now: Instant,
+        outcome: Outcome,
+        code: u16,
+        err: ClientError,
+    ) {
         self.finish_all(outcome, code);
         self.events.push_back(ClientEvent::Error(err.to_string()));
         self.quit(now);
@@ -329,7 +353,11 @@ impl ClientSession {
 
     pub(super) fn unexpected(&mut self, exp: Expect, code: u16) {
         let command = exp.what.command().as_str();
-        self.fail(Outcome::ProtocolError, 0, ClientError::UnexpectedReply { command, code });
+        self.fail(
+            Outcome::ProtocolError,
+            0,
+            ClientError::UnexpectedReply { command, code },
+        );
     }
 
     pub(super) fn finish_session(&mut self) {
@@ -348,7 +376,6 @@ impl ClientSession {
 
     // ---- helpers ------------------------------------------------------------
 
-
     pub(super) fn expect(&mut self, what: Await, msg: usize, now: Instant) {
         self.push_expect(what, msg, now, 1);
     }
@@ -358,7 +385,14 @@ impl ClientSession {
     pub(super) fn push_expect(&mut self, what: Await, msg: usize, now: Instant, remaining: u32) {
         let end = self.tx.queued;
         let written_at = (end <= self.written).then_some(now);
-        self.expects.push_back(Expect { what, msg, queued_at: now, end, written_at, remaining });
+        self.expects.push_back(Expect {
+            what,
+            msg,
+            queued_at: now,
+            end,
+            written_at,
+            remaining,
+        });
     }
 
     /// Reports message `m`'s `body` phase once, ending at `end`.
@@ -385,7 +419,13 @@ impl ClientSession {
     /// when the session's last message ends, whose wait that message's
     /// phases already carry), so from the session's intended start it would
     /// read as the whole session.
-    pub(super) fn push_phase(&mut self, phase: Phase, since: Instant, now: Instant, msg: Option<usize>) {
+    pub(super) fn push_phase(
+        &mut self,
+        phase: Phase,
+        since: Instant,
+        now: Instant,
+        msg: Option<usize>,
+    ) {
         let latency = now.saturating_duration_since(since);
         let intended = match msg {
             Some(m) => self.txns.get(m).and_then(|t| t.intended),
@@ -393,7 +433,11 @@ impl ClientSession {
             None => self.intended_start,
         };
         let corrected = intended.map(|i| now.saturating_duration_since(i));
-        self.events.push_back(ClientEvent::Phase { phase, latency, corrected });
+        self.events.push_back(ClientEvent::Phase {
+            phase,
+            latency,
+            corrected,
+        });
     }
 
     pub(super) fn joined_lines(&self, sep: &str) -> String {
@@ -419,7 +463,9 @@ impl ClientSession {
         self.deadline = match (self.state, self.expects.front()) {
             (State::Done, _) => None,
             (State::TlsHandshake, _) => Some(self.tls_wait_since + self.config.timeouts.command),
-            (_, Some(e)) => Some(e.queued_at.max(self.last_progress) + e.what.timeout(&self.config.timeouts)),
+            (_, Some(e)) => {
+                Some(e.queued_at.max(self.last_progress) + e.what.timeout(&self.config.timeouts))
+            }
             (_, None) => None,
         };
     }
