@@ -860,6 +860,9 @@ impl Handler for BlastHandler {
                 // No session (implicit TLS failed, or closed before it).
                 self.back_off(Some(id), Duration::ZERO, now);
             }
+            if let Some(s) = &self.scen {
+                self.obs.cur = s.profile_of(id);
+            }
             c.closed(&mut self.obs, now, why);
         }
         if !stopped && !self.backlog.is_empty() {
