@@ -50,11 +50,7 @@ fn bench_commands(c: &mut Criterion) {
 
 fn bench_data(c: &mut Criterion) {
     let mut g = c.benchmark_group("data_scan");
-    for (name, size) in [
-        ("1KiB", 1024usize),
-        ("64KiB", 64 * 1024),
-        ("1MiB", 1024 * 1024),
-    ] {
+    for (name, size) in [("1KiB", 1024usize), ("64KiB", 64 * 1024), ("1MiB", 1024 * 1024)] {
         let input = body(size);
         g.throughput(Throughput::Bytes(input.len() as u64));
         for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize] {

@@ -460,25 +460,14 @@ fn a_target_that_cannot_absorb_the_rate_is_a_valid_answer_with_the_achieved_rate
         ],
     );
     assert_eq!(code, 0, "{err}");
-    assert_eq!(
-        v["valid"],
-        serde_json::Value::Bool(true),
-        "{}",
-        v["invalid_reasons"]
-    );
+    assert_eq!(v["valid"], serde_json::Value::Bool(true), "{}", v["invalid_reasons"]);
     let o = &v["open_loop"];
     assert_eq!(o["bottleneck"], "target", "{o}");
     assert_eq!(o["requested_per_sec"].as_f64(), Some(800.0), "{o}");
     let achieved = o["achieved_per_sec"].as_f64().unwrap();
-    assert!(
-        achieved < 760.0,
-        "achieved {achieved}/s: the target held it back"
-    );
+    assert!(achieved < 760.0, "achieved {achieved}/s: the target held it back");
     assert!(get_u64(&v, "open_loop.messages_waited") > 0, "{o}");
-    assert!(
-        err.contains("the target could not absorb 800.0 messages/s"),
-        "{err}"
-    );
+    assert!(err.contains("the target could not absorb 800.0 messages/s"), "{err}");
     // Corrected from the intended time: the 2 s DATA delay and the wait
     // for a connection are in it.
     assert!(get_u64(&v, "latency.message.p99_us") > 2_000_000);

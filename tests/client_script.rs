@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use smtpstorm::smtp::client::{
-    dot_stuff, AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, Message,
-    PipeliningMode,
+    dot_stuff, AuthMech, ClientAuth, ClientConfig, ClientEvent, ClientSession, Message, PipeliningMode,
 };
 use smtpstorm::smtp::{ClientTimeouts, CommandKind, Outcome, Phase};
 
@@ -88,10 +87,7 @@ fn run(
             events.push(e);
         }
     }
-    Run {
-        events,
-        done: s.is_done(),
-    }
+    Run { events, done: s.is_done() }
 }
 
 /// Run the script whole, byte by byte and split in two everywhere; all runs
@@ -103,12 +99,7 @@ fn check(cfg: ClientConfig, msgs: &[Message], script: &[Step]) -> Vec<ClientEven
 
 /// [`check`] for a session that claims an identity with XCLIENT.
 #[track_caller]
-fn check_xclient(
-    cfg: ClientConfig,
-    xclient: Option<&[u8]>,
-    msgs: &[Message],
-    script: &[Step],
-) -> Vec<ClientEvent> {
+fn check_xclient(cfg: ClientConfig, xclient: Option<&[u8]>, msgs: &[Message], script: &[Step]) -> Vec<ClientEvent> {
     let cfg = Arc::new(cfg);
     let whole = run(&cfg, xclient, msgs, script, &|_, _| vec![]);
     let bytewise = run(&cfg, xclient, msgs, script, &|_, n| (1..n).collect());
@@ -116,13 +107,7 @@ fn check_xclient(
     for (step, (input, _)) in script.iter().enumerate() {
         if let In::Bytes(b) = input {
             for k in 0..=b.len() {
-                let r = run(&cfg, xclient, msgs, script, &|i, _| {
-                    if i == step {
-                        vec![k]
-                    } else {
-                        vec![]
-                    }
-                });
+                let r = run(&cfg, xclient, msgs, script, &|i, _| if i == step { vec![k] } else { vec![] });
                 assert_eq!(r, whole, "split of step {step} at {k} differs");
             }
         }
@@ -155,13 +140,9 @@ fn outcomes(events: &[ClientEvent]) -> Vec<(usize, Outcome, u16, u32)> {
     let mut v: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
-            ClientEvent::Message {
-                index,
-                outcome,
-                code,
-                recipients_accepted,
-                ..
-            } => Some((*index, *outcome, *code, *recipients_accepted)),
+            ClientEvent::Message { index, outcome, code, recipients_accepted, .. } => {
+                Some((*index, *outcome, *code, *recipients_accepted))
+            }
             _ => None,
         })
         .collect();
@@ -170,29 +151,11 @@ fn outcomes(events: &[ClientEvent]) -> Vec<(usize, Outcome, u16, u32)> {
 }
 
 fn errors(events: &[ClientEvent]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| {
-            if let ClientEvent::Error(s) = e {
-                Some(s.clone())
-            } else {
-                None
-            }
-        })
-        .collect()
+    events.iter().filter_map(|e| if let ClientEvent::Error(s) = e { Some(s.clone()) } else { None }).collect()
 }
 
 fn phases(events: &[ClientEvent]) -> Vec<(Phase, Duration)> {
-    events
-        .iter()
-        .filter_map(|e| {
-            if let ClientEvent::Phase { phase, latency, .. } = e {
-                Some((*phase, *latency))
-            } else {
-                None
-            }
-        })
-        .collect()
+    events.iter().filter_map(|e| if let ClientEvent::Phase { phase, latency, .. } = e { Some((*phase, *latency)) } else { None }).collect()
 }
 
 fn msg(rcpts: &[&str], body: &[u8]) -> Message {
@@ -207,10 +170,7 @@ fn msg(rcpts: &[&str], body: &[u8]) -> Message {
 }
 
 fn cfg() -> ClientConfig {
-    ClientConfig {
-        helo_name: "c.test".into(),
-        ..Default::default()
-    }
+    ClientConfig { helo_name: "c.test".into(), ..Default::default() }
 }
 
 const EHLO_PIPE: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 8BITMIME\r\n";
@@ -237,55 +197,25 @@ fn plain_session_without_pipelining_sends_one_command_at_a_time() {
     let names: Vec<Phase> = p.iter().map(|x| x.0).collect();
     assert_eq!(
         names,
-        vec![
-            Phase::Banner,
-            Phase::Ehlo,
-            Phase::Mail,
-            Phase::Rcpt,
-            Phase::Data,
-            Phase::Body,
-            Phase::Message,
-            Phase::Quit
-        ]
+        vec![Phase::Banner, Phase::Ehlo, Phase::Mail, Phase::Rcpt, Phase::Data, Phase::Body, Phase::Message, Phase::Quit]
     );
     // Banner counts from creation (one step), every reply one step after its
     // command; the body went out at once with the 354 that asked for it.
-    assert!(
-        p.iter().all(|x| x.1
-            == if x.0 == Phase::Body {
-                Duration::ZERO
-            } else {
-                STEP
-            }),
-        "{p:?}"
-    );
-    assert!(ev.contains(&ClientEvent::Reply {
-        command: CommandKind::Dot,
-        code: 250
-    }));
+    assert!(p.iter().all(|x| x.1 == if x.0 == Phase::Body { Duration::ZERO } else { STEP }), "{p:?}");
+    assert!(ev.contains(&ClientEvent::Reply { command: CommandKind::Dot, code: 250 }));
 }
 
 #[test]
 fn a_refused_rset_ends_the_session_before_another_transaction_can_join_what_the_server_kept_open() {
-    let msgs = [
-        msg(&["b@y"], b"1"),
-        msg(&["c@y"], b"2"),
-        msg(&["d@y"], b"3"),
-    ];
+    let msgs = [msg(&["b@y"], b"1"), msg(&["c@y"], b"2"), msg(&["d@y"], b"3")];
     let ev = check(
         cfg(),
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PIPE),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
+            (In::Bytes(EHLO_PIPE), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
             // Message 1: its only recipient refused, DATA refused: RSET.
-            (
-                In::Bytes(b"250 ok\r\n451 later\r\n554 no valid recipients\r\n"),
-                b"RSET\r\n",
-            ),
+            (In::Bytes(b"250 ok\r\n451 later\r\n554 no valid recipients\r\n"), b"RSET\r\n"),
             // The server keeps its transaction: nothing more is sent but QUIT.
             (In::Bytes(b"451 4.3.0 cannot reset\r\n"), b"QUIT\r\n"),
             (In::Bytes(b"221 bye\r\n"), b""),
@@ -293,18 +223,9 @@ fn a_refused_rset_ends_the_session_before_another_transaction_can_join_what_the_
     );
     assert_eq!(
         outcomes(&ev),
-        vec![
-            (0, Outcome::TempFailed, 451, 0),
-            (1, Outcome::TempFailed, 451, 0),
-            (2, Outcome::TempFailed, 451, 0)
-        ]
+        vec![(0, Outcome::TempFailed, 451, 0), (1, Outcome::TempFailed, 451, 0), (2, Outcome::TempFailed, 451, 0)]
     );
-    assert!(
-        errors(&ev)
-            .iter()
-            .any(|e| e.contains("RSET refused with 451")),
-        "{ev:?}"
-    );
+    assert!(errors(&ev).iter().any(|e| e.contains("RSET refused with 451")), "{ev:?}");
 }
 
 #[test]
@@ -315,46 +236,24 @@ fn pipelined_session_groups_commands_and_pipelines_the_next_transaction_after_th
         &msgs,
         &[
             (In::Bytes(b"220 mx.test\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PIPE),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n",
-            ),
+            (In::Bytes(EHLO_PIPE), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<c@y>\r\nDATA\r\n"),
             (
                 In::Bytes(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
                 b"Subject: t\r\n\r\n..dot\r\n.\r\nMAIL FROM:<a@x>\r\nRCPT TO:<d@y>\r\nDATA\r\n",
             ),
-            (
-                In::Bytes(b"250 queued 1\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
-                b"Subject: t\r\n\r\nx\r\n.\r\nQUIT\r\n",
-            ),
+            (In::Bytes(b"250 queued 1\r\n250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\nx\r\n.\r\nQUIT\r\n"),
             (In::Bytes(b"250 queued 2\r\n221 bye\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::Accepted, 250, 2),
-            (1, Outcome::Accepted, 250, 1)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 2), (1, Outcome::Accepted, 250, 1)]);
     // The first message's final reply came one step after its body was sent.
-    let msg_phases: Vec<_> = phases(&ev)
-        .into_iter()
-        .filter(|p| p.0 == Phase::Message)
-        .collect();
-    assert_eq!(
-        msg_phases,
-        vec![(Phase::Message, STEP), (Phase::Message, STEP)]
-    );
+    let msg_phases: Vec<_> = phases(&ev).into_iter().filter(|p| p.0 == Phase::Message).collect();
+    assert_eq!(msg_phases, vec![(Phase::Message, STEP), (Phase::Message, STEP)]);
 }
 
 #[test]
 fn pipelined_rcpt_failures_are_attributed() {
-    let msgs = [
-        msg(&["b@y", "c@y"], b"1"),
-        msg(&["d@y", "e@y"], b"2"),
-        msg(&["f@y"], b"3"),
-    ];
+    let msgs = [msg(&["b@y", "c@y"], b"1"), msg(&["d@y", "e@y"], b"2"), msg(&["f@y"], b"3")];
     let ev = check(
         cfg(),
         &msgs,
@@ -379,24 +278,9 @@ fn pipelined_rcpt_failures_are_attributed() {
     );
     assert_eq!(
         outcomes(&ev),
-        vec![
-            (0, Outcome::Accepted, 250, 1),
-            (1, Outcome::TempFailed, 451, 0),
-            (2, Outcome::Rejected, 550, 1)
-        ]
+        vec![(0, Outcome::Accepted, 250, 1), (1, Outcome::TempFailed, 451, 0), (2, Outcome::Rejected, 550, 1)]
     );
-    let rcpt_replies = ev
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                ClientEvent::Reply {
-                    command: CommandKind::Rcpt,
-                    ..
-                }
-            )
-        })
-        .count();
+    let rcpt_replies = ev.iter().filter(|e| matches!(e, ClientEvent::Reply { command: CommandKind::Rcpt, .. })).count();
     assert_eq!(rcpt_replies, 5);
 }
 
@@ -417,48 +301,24 @@ fn pipelined_mail_failure_consumes_the_503s_and_continues_without_rset() {
             (In::Bytes(b"250 ok\r\n221 bye\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::TempFailed, 451, 0),
-            (1, Outcome::Accepted, 250, 1)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::TempFailed, 451, 0), (1, Outcome::Accepted, 250, 1)]);
 }
 
 #[test]
 fn a_354_without_any_valid_recipient_gets_a_lone_dot() {
     let msgs = [msg(&["b@y"], b"secret"), msg(&["c@y"], b"2")];
     let ev = check(
-        ClientConfig {
-            pipelining: PipeliningMode::On,
-            ..cfg()
-        },
+        ClientConfig { pipelining: PipeliningMode::On, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PLAIN),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
-            (
-                In::Bytes(b"250 ok\r\n550 no\r\n354 go anyway\r\n"),
-                b".\r\nMAIL FROM:<a@x>\r\nRCPT TO:<c@y>\r\nDATA\r\n",
-            ),
-            (
-                In::Bytes(b"250 empty\r\n250 ok\r\n250 ok\r\n354 go\r\n"),
-                b"Subject: t\r\n\r\n2\r\n.\r\nQUIT\r\n",
-            ),
+            (In::Bytes(EHLO_PLAIN), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n550 no\r\n354 go anyway\r\n"), b".\r\nMAIL FROM:<a@x>\r\nRCPT TO:<c@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 empty\r\n250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n2\r\n.\r\nQUIT\r\n"),
             (In::Bytes(b"250 ok\r\n221 bye\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::Rejected, 550, 0),
-            (1, Outcome::Accepted, 250, 1)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Rejected, 550, 0), (1, Outcome::Accepted, 250, 1)]);
 }
 
 #[test]
@@ -477,23 +337,14 @@ fn unpipelined_all_rcpts_failing_sends_rset_not_data() {
             (In::Bytes(b"221 bye\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::Rejected, 550, 0),
-            (1, Outcome::Rejected, 550, 0)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Rejected, 550, 0), (1, Outcome::Rejected, 550, 0)]);
 }
 
 #[test]
 fn ehlo_5xx_falls_back_to_helo() {
     let msgs = [msg(&["b@y"], b"1")];
     let ev = check(
-        ClientConfig {
-            pipelining: PipeliningMode::Auto,
-            ..cfg()
-        },
+        ClientConfig { pipelining: PipeliningMode::Auto, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 old\r\n"), b"EHLO c.test\r\n"),
@@ -507,10 +358,7 @@ fn ehlo_5xx_falls_back_to_helo() {
         ],
     );
     assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
-    assert!(ev.contains(&ClientEvent::Reply {
-        command: CommandKind::Helo,
-        code: 250
-    }));
+    assert!(ev.contains(&ClientEvent::Reply { command: CommandKind::Helo, code: 250 }));
 }
 
 #[test]
@@ -526,13 +374,7 @@ fn garbage_reply_is_protocol_error() {
             (In::Bytes(b"250 ignored after the end\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::ProtocolError, 0, 0),
-            (1, Outcome::ProtocolError, 0, 0)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::ProtocolError, 0, 0), (1, Outcome::ProtocolError, 0, 0)]);
     assert_eq!(errors(&ev).len(), 1);
 }
 
@@ -542,11 +384,7 @@ fn unexpected_reply_class_is_protocol_error() {
     let ev = check(
         cfg(),
         &msgs,
-        &[
-            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (In::Bytes(EHLO_PLAIN), b"MAIL FROM:<a@x>\r\n"),
-            (In::Bytes(b"354 eh?\r\n"), b""),
-        ],
+        &[(In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"), (In::Bytes(EHLO_PLAIN), b"MAIL FROM:<a@x>\r\n"), (In::Bytes(b"354 eh?\r\n"), b"")],
     );
     assert_eq!(outcomes(&ev), vec![(0, Outcome::ProtocolError, 0, 0)]);
 }
@@ -554,11 +392,7 @@ fn unexpected_reply_class_is_protocol_error() {
 #[test]
 fn multiline_reply_split_anywhere() {
     let msgs = [msg(&["b@y"], b"1")];
-    let cfg = ClientConfig {
-        capture_text: true,
-        send_quit: false,
-        ..cfg()
-    };
+    let cfg = ClientConfig { capture_text: true, send_quit: false, ..cfg() };
     let ev = check(
         cfg,
         &msgs,
@@ -572,12 +406,8 @@ fn multiline_reply_split_anywhere() {
             (In::Bytes(b"250-2.0.0 queued\r\n250 2.0.0 as X\r\n"), b""),
         ],
     );
-    assert!(ev.contains(&ClientEvent::Banner(
-        "mx.test ESMTP\nsecond line\nlast".into()
-    )));
-    assert!(ev.iter().any(
-        |e| matches!(e, ClientEvent::Capabilities(l) if l.len() == 5 && l[2] == "SIZE 52428800")
-    ));
+    assert!(ev.contains(&ClientEvent::Banner("mx.test ESMTP\nsecond line\nlast".into())));
+    assert!(ev.iter().any(|e| matches!(e, ClientEvent::Capabilities(l) if l.len() == 5 && l[2] == "SIZE 52428800")));
     assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
     assert_eq!(ev.last(), Some(&ClientEvent::Done));
 }
@@ -587,10 +417,7 @@ fn capabilities_are_parsed_from_ehlo() {
     let cfg = Arc::new(cfg());
     let t0 = Instant::now();
     let mut s = ClientSession::new(cfg, vec![], t0);
-    s.handle_input(
-        t0,
-        b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250-SIZE 100\r\n250-CHUNKING\r\n250 AUTH LOGIN\r\n",
-    );
+    s.handle_input(t0, b"220 mx\r\n250-mx\r\n250-PIPELINING\r\n250-SIZE 100\r\n250-CHUNKING\r\n250 AUTH LOGIN\r\n");
     let caps = s.capabilities();
     assert!(caps.pipelining && caps.chunking && caps.auth_login && !caps.auth_plain);
     assert_eq!(caps.size, Some(100));
@@ -599,21 +426,8 @@ fn capabilities_are_parsed_from_ehlo() {
 #[test]
 fn greeting_554_rejects_every_message_and_quits() {
     let msgs = [msg(&["b@y"], b"1"), msg(&["c@y"], b"2")];
-    let ev = check(
-        cfg(),
-        &msgs,
-        &[
-            (In::Bytes(b"554 go away\r\n"), b"QUIT\r\n"),
-            (In::Bytes(b"221 bye\r\n"), b""),
-        ],
-    );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::Rejected, 554, 0),
-            (1, Outcome::Rejected, 554, 0)
-        ]
-    );
+    let ev = check(cfg(), &msgs, &[(In::Bytes(b"554 go away\r\n"), b"QUIT\r\n"), (In::Bytes(b"221 bye\r\n"), b"")]);
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Rejected, 554, 0), (1, Outcome::Rejected, 554, 0)]);
 }
 
 #[test]
@@ -632,20 +446,11 @@ fn a_421_mid_pipeline_tempfails_the_open_messages() {
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PIPE),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
+            (In::Bytes(EHLO_PIPE), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
             (In::Bytes(b"250 ok\r\n421 shutting down\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::TempFailed, 421, 0),
-            (1, Outcome::TempFailed, 421, 0)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::TempFailed, 421, 0), (1, Outcome::TempFailed, 421, 0)]);
 }
 
 const EHLO_XCLIENT: &[u8] = b"250-mx.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 XCLIENT NAME ADDR PORT PROTO HELO LOGIN\r\n";
@@ -660,27 +465,15 @@ fn xclient_is_sent_after_the_first_ehlo_and_the_session_says_ehlo_again() {
         &msgs,
         &[
             (In::Bytes(b"220 mx ESMTP\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_XCLIENT),
-                b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n",
-            ),
+            (In::Bytes(EHLO_XCLIENT), b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n"),
             (In::Bytes(b"220 mx ESMTP\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(b"250-mx.test\r\n250 PIPELINING\r\n"),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
-            (
-                In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"),
-                b"Subject: t\r\n\r\n1\r\n.\r\nQUIT\r\n",
-            ),
+            (In::Bytes(b"250-mx.test\r\n250 PIPELINING\r\n"), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n1\r\n.\r\nQUIT\r\n"),
             (In::Bytes(b"250 queued\r\n221 bye\r\n"), b""),
         ],
     );
     assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
-    assert!(ev.contains(&ClientEvent::Reply {
-        command: CommandKind::Xclient,
-        code: 220
-    }));
+    assert!(ev.contains(&ClientEvent::Reply { command: CommandKind::Xclient, code: 220 }));
     let ehlos = phases(&ev).iter().filter(|p| p.0 == Phase::Ehlo).count();
     assert_eq!(ehlos, 2, "EHLO before and after XCLIENT");
 }
@@ -689,20 +482,12 @@ fn xclient_is_sent_after_the_first_ehlo_and_the_session_says_ehlo_again() {
 fn xclient_comes_before_starttls_and_is_not_repeated_after_it() {
     let msgs = [msg(&["b@y"], b"1")];
     let ev = check_xclient(
-        ClientConfig {
-            starttls: true,
-            send_quit: false,
-            pipelining: PipeliningMode::Off,
-            ..cfg()
-        },
+        ClientConfig { starttls: true, send_quit: false, pipelining: PipeliningMode::Off, ..cfg() },
         Some(XCLIENT_ATTRS),
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_XCLIENT),
-                b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n",
-            ),
+            (In::Bytes(EHLO_XCLIENT), b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n"),
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
             (In::Bytes(EHLO_XCLIENT), b"STARTTLS\r\n"),
             (In::Bytes(b"220 go ahead\r\n"), b""),
@@ -730,33 +515,20 @@ fn xclient_required_but_not_offered_rejects_every_message() {
             (In::Bytes(b"221 bye\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![(0, Outcome::Rejected, 0, 0), (1, Outcome::Rejected, 0, 0)]
-    );
-    assert_eq!(
-        errors(&ev),
-        vec!["XCLIENT required but not offered".to_string()]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Rejected, 0, 0), (1, Outcome::Rejected, 0, 0)]);
+    assert_eq!(errors(&ev), vec!["XCLIENT required but not offered".to_string()]);
 }
 
 #[test]
 fn xclient_refused_fails_every_message_by_the_reply_class() {
     let msgs = [msg(&["b@y"], b"1")];
     for (reply, outcome, code) in [
-        (
-            &b"550 5.7.0 Error: insufficient authorization\r\n"[..],
-            Outcome::Rejected,
-            550,
-        ),
+        (&b"550 5.7.0 Error: insufficient authorization\r\n"[..], Outcome::Rejected, 550),
         (&b"451 4.3.0 try later\r\n"[..], Outcome::TempFailed, 451),
     ] {
         let script: Vec<Step> = vec![
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_XCLIENT),
-                b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n",
-            ),
+            (In::Bytes(EHLO_XCLIENT), b"XCLIENT ADDR=198.51.100.7 NAME=client7.example\r\n"),
             (In::Bytes(reply), b"QUIT\r\n"),
             (In::Bytes(b"221 bye\r\n"), b""),
         ];
@@ -770,10 +542,7 @@ fn xclient_refused_fails_every_message_by_the_reply_class() {
 fn starttls_required_but_not_offered_rejects_every_message() {
     let msgs = [msg(&["b@y"], b"1")];
     let ev = check(
-        ClientConfig {
-            starttls: true,
-            ..cfg()
-        },
+        ClientConfig { starttls: true, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
@@ -782,42 +551,23 @@ fn starttls_required_but_not_offered_rejects_every_message() {
         ],
     );
     assert_eq!(outcomes(&ev), vec![(0, Outcome::Rejected, 0, 0)]);
-    assert_eq!(
-        errors(&ev),
-        vec!["STARTTLS required but not offered".to_string()]
-    );
+    assert_eq!(errors(&ev), vec!["STARTTLS required but not offered".to_string()]);
 }
 
 #[test]
 fn starttls_drops_pipelined_plaintext_and_ehlos_again() {
     let msgs = [msg(&["b@y"], b"1")];
     let ev = check(
-        ClientConfig {
-            starttls: true,
-            send_quit: false,
-            ..cfg()
-        },
+        ClientConfig { starttls: true, send_quit: false, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"),
-                b"STARTTLS\r\n",
-            ),
+            (In::Bytes(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n"), b"STARTTLS\r\n"),
             // The injected 250s after the 220 must not be taken as replies.
-            (
-                In::Bytes(b"220 go ahead\r\n250-injected\r\n250 PIPELINING\r\n"),
-                b"",
-            ),
+            (In::Bytes(b"220 go ahead\r\n250-injected\r\n250 PIPELINING\r\n"), b""),
             (In::Tls, b"EHLO c.test\r\n"),
-            (
-                In::Bytes(b"250-mx\r\n250 PIPELINING\r\n"),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
-            (
-                In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"),
-                b"Subject: t\r\n\r\n1\r\n.\r\n",
-            ),
+            (In::Bytes(b"250-mx\r\n250 PIPELINING\r\n"), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n1\r\n.\r\n"),
             (In::Bytes(b"250 ok\r\n"), b""),
         ],
     );
@@ -829,25 +579,13 @@ fn starttls_drops_pipelined_plaintext_and_ehlos_again() {
 #[test]
 fn auth_plain_succeeds_with_235() {
     let msgs = [msg(&["b@y"], b"1")];
-    let auth = ClientAuth {
-        mech: AuthMech::Plain,
-        user: "u".into(),
-        pass: "p".into(),
-    };
+    let auth = ClientAuth { mech: AuthMech::Plain, user: "u".into(), pass: "p".into() };
     let ev = check(
-        ClientConfig {
-            auth: Some(auth),
-            send_quit: false,
-            pipelining: PipeliningMode::Off,
-            ..cfg()
-        },
+        ClientConfig { auth: Some(auth), send_quit: false, pipelining: PipeliningMode::Off, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(b"250-mx\r\n250 AUTH PLAIN\r\n"),
-                b"AUTH PLAIN AHUAcA==\r\n",
-            ),
+            (In::Bytes(b"250-mx\r\n250 AUTH PLAIN\r\n"), b"AUTH PLAIN AHUAcA==\r\n"),
             (In::Bytes(b"235 2.7.0 ok\r\n"), b"MAIL FROM:<a@x>\r\n"),
             (In::Close, b""),
         ],
@@ -859,23 +597,13 @@ fn auth_plain_succeeds_with_235() {
 #[test]
 fn auth_login_535_rejects_every_message() {
     let msgs = [msg(&["b@y"], b"1")];
-    let auth = ClientAuth {
-        mech: AuthMech::Login,
-        user: "u".into(),
-        pass: "p".into(),
-    };
+    let auth = ClientAuth { mech: AuthMech::Login, user: "u".into(), pass: "p".into() };
     let ev = check(
-        ClientConfig {
-            auth: Some(auth),
-            ..cfg()
-        },
+        ClientConfig { auth: Some(auth), ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(b"250-mx\r\n250 AUTH LOGIN\r\n"),
-                b"AUTH LOGIN\r\n",
-            ),
+            (In::Bytes(b"250-mx\r\n250 AUTH LOGIN\r\n"), b"AUTH LOGIN\r\n"),
             (In::Bytes(b"334 VXNlcm5hbWU6\r\n"), b"dQ==\r\n"),
             (In::Bytes(b"334 UGFzc3dvcmQ6\r\n"), b"cA==\r\n"),
             (In::Bytes(b"535 5.7.8 bad credentials\r\n"), b"QUIT\r\n"),
@@ -901,25 +629,14 @@ fn bdat_with_pipelining_sends_exact_octets_in_one_write() {
             (In::Bytes(b"221 bye\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::Accepted, 250, 1),
-            (1, Outcome::TempFailed, 452, 1)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1), (1, Outcome::TempFailed, 452, 1)]);
 }
 
 #[test]
 fn bdat_chunk_size_splits_the_message_and_waits_without_pipelining() {
     let msgs = [msg(&["b@y"], b"0123456789X")];
     let ev = check(
-        ClientConfig {
-            bdat: true,
-            bdat_chunk_size: 12,
-            pipelining: PipeliningMode::Off,
-            ..cfg()
-        },
+        ClientConfig { bdat: true, bdat_chunk_size: 12, pipelining: PipeliningMode::Off, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
@@ -939,26 +656,16 @@ fn bdat_chunk_size_splits_the_message_and_waits_without_pipelining() {
 fn bdat_required_but_chunking_not_offered_rejects_every_message() {
     let msgs = [msg(&["b@y"], b"1")];
     let ev = check(
-        ClientConfig {
-            bdat: true,
-            ..cfg()
-        },
+        ClientConfig { bdat: true, ..cfg() },
         &msgs,
-        &[
-            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (In::Bytes(EHLO_PLAIN), b"QUIT\r\n"),
-            (In::Close, b""),
-        ],
+        &[(In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"), (In::Bytes(EHLO_PLAIN), b"QUIT\r\n"), (In::Close, b"")],
     );
     assert_eq!(outcomes(&ev), vec![(0, Outcome::Rejected, 0, 0)]);
 }
 
 #[test]
 fn lmtp_gets_one_final_reply_per_accepted_recipient_and_the_worst_wins() {
-    let msgs = [
-        msg(&["a@y", "b@y", "c@y"], b"1"),
-        msg(&["d@y", "e@y"], b"2"),
-    ];
+    let msgs = [msg(&["a@y", "b@y", "c@y"], b"1"), msg(&["d@y", "e@y"], b"2")];
     let ev = check(
         ClientConfig { lmtp: true, ..cfg() },
         &msgs,
@@ -977,25 +684,8 @@ fn lmtp_gets_one_final_reply_per_accepted_recipient_and_the_worst_wins() {
             (In::Bytes(b"250 d ok\r\n250 e ok\r\n221 bye\r\n"), b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::TempFailed, 452, 2),
-            (1, Outcome::Accepted, 250, 2)
-        ]
-    );
-    let dots = ev
-        .iter()
-        .filter(|e| {
-            matches!(
-                e,
-                ClientEvent::Reply {
-                    command: CommandKind::Dot,
-                    ..
-                }
-            )
-        })
-        .count();
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::TempFailed, 452, 2), (1, Outcome::Accepted, 250, 2)]);
+    let dots = ev.iter().filter(|e| matches!(e, ClientEvent::Reply { command: CommandKind::Dot, .. })).count();
     assert_eq!(dots, 4);
 }
 
@@ -1007,25 +697,13 @@ fn close_before_the_final_reply_is_a_connection_error() {
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PIPE),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
-            (
-                In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"),
-                b"Subject: t\r\n\r\n1\r\n.\r\nMAIL FROM:<a@x>\r\nRCPT TO:<c@y>\r\nDATA\r\n",
-            ),
+            (In::Bytes(EHLO_PIPE), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n1\r\n.\r\nMAIL FROM:<a@x>\r\nRCPT TO:<c@y>\r\nDATA\r\n"),
             (In::Bytes(b"250 ok\r\n"), b""),
             (In::Close, b""),
         ],
     );
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::Accepted, 250, 1),
-            (1, Outcome::ConnectionError, 0, 0)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1), (1, Outcome::ConnectionError, 0, 0)]);
     assert_eq!(errors(&ev).len(), 1);
 }
 
@@ -1033,21 +711,12 @@ fn close_before_the_final_reply_is_a_connection_error() {
 fn close_after_quit_is_a_normal_end() {
     let msgs = [msg(&["b@y"], b"1")];
     let ev = check(
-        ClientConfig {
-            pipelining: PipeliningMode::On,
-            ..cfg()
-        },
+        ClientConfig { pipelining: PipeliningMode::On, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PLAIN),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
-            (
-                In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"),
-                b"Subject: t\r\n\r\n1\r\n.\r\nQUIT\r\n",
-            ),
+            (In::Bytes(EHLO_PLAIN), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n1\r\n.\r\nQUIT\r\n"),
             (In::Bytes(b"250 ok\r\n"), b""),
             (In::Close, b""),
         ],
@@ -1060,10 +729,7 @@ fn close_after_quit_is_a_normal_end() {
 #[test]
 fn data_init_timeout_times_out_the_open_messages() {
     let msgs = [msg(&["b@y"], b"1")];
-    let timeouts = ClientTimeouts {
-        data_init: Duration::from_secs(7),
-        ..ClientTimeouts::uniform(Duration::from_secs(60))
-    };
+    let timeouts = ClientTimeouts { data_init: Duration::from_secs(7), ..ClientTimeouts::uniform(Duration::from_secs(60)) };
     let cfg = ClientConfig { timeouts, ..cfg() };
     let ev = check(
         cfg.clone(),
@@ -1077,10 +743,7 @@ fn data_init_timeout_times_out_the_open_messages() {
         ],
     );
     assert_eq!(outcomes(&ev), vec![(0, Outcome::Timeout, 0, 1)]);
-    assert_eq!(
-        errors(&ev),
-        vec!["timeout waiting for the data reply".to_string()]
-    );
+    assert_eq!(errors(&ev), vec!["timeout waiting for the data reply".to_string()]);
     // The deadline is the data_init bound after DATA was sent.
     let t0 = Instant::now();
     let mut s = ClientSession::new(Arc::new(cfg), msgs.to_vec(), t0);
@@ -1096,22 +759,12 @@ fn data_init_timeout_times_out_the_open_messages() {
 fn no_quit_mode_ends_after_the_last_final_reply() {
     let msgs = [msg(&["b@y"], b"1")];
     let ev = check(
-        ClientConfig {
-            send_quit: false,
-            pipelining: PipeliningMode::On,
-            ..cfg()
-        },
+        ClientConfig { send_quit: false, pipelining: PipeliningMode::On, ..cfg() },
         &msgs,
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PLAIN),
-                b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n",
-            ),
-            (
-                In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"),
-                b"Subject: t\r\n\r\n1\r\n.\r\n",
-            ),
+            (In::Bytes(EHLO_PLAIN), b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
+            (In::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n"), b"Subject: t\r\n\r\n1\r\n.\r\n"),
             (In::Bytes(b"250 ok\r\n"), b""),
         ],
     );
@@ -1124,11 +777,7 @@ fn a_session_without_messages_just_quits() {
     let ev = check(
         cfg(),
         &[],
-        &[
-            (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (In::Bytes(EHLO_PIPE), b"QUIT\r\n"),
-            (In::Bytes(b"221 bye\r\n"), b""),
-        ],
+        &[(In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"), (In::Bytes(EHLO_PIPE), b"QUIT\r\n"), (In::Bytes(b"221 bye\r\n"), b"")],
     );
     assert_eq!(ev.last(), Some(&ClientEvent::Done));
 }
@@ -1143,10 +792,7 @@ fn mail_params_are_sent_after_the_path() {
         &[m],
         &[
             (In::Bytes(b"220 mx\r\n"), b"EHLO c.test\r\n"),
-            (
-                In::Bytes(EHLO_PLAIN),
-                b"MAIL FROM:<> SIZE=20 BODY=8BITMIME\r\n",
-            ),
+            (In::Bytes(EHLO_PLAIN), b"MAIL FROM:<> SIZE=20 BODY=8BITMIME\r\n"),
             (In::Close, b""),
         ],
     );
@@ -1165,11 +811,7 @@ fn unstuff(wire: &[u8]) -> Option<Vec<u8>> {
         if line == b"." {
             return if rest.is_empty() { Some(out) } else { None };
         }
-        let line = if line.first() == Some(&b'.') {
-            &line[1..]
-        } else {
-            line
-        };
+        let line = if line.first() == Some(&b'.') { &line[1..] } else { line };
         out.extend_from_slice(line);
         out.extend_from_slice(b"\r\n");
     }
@@ -1214,43 +856,22 @@ fn act_strategy() -> impl Strategy<Value = Act> {
 }
 
 fn config_strategy() -> impl Strategy<Value = ClientConfig> {
-    (
-        any::<bool>(),
-        0u8..3,
-        any::<bool>(),
-        0u8..3,
-        any::<bool>(),
-        0usize..3,
-        any::<bool>(),
-    )
-        .prop_map(
-            |(lmtp, pipe, starttls, auth, bdat, chunk, send_quit)| ClientConfig {
-                lmtp,
-                pipelining: [
-                    PipeliningMode::Auto,
-                    PipeliningMode::On,
-                    PipeliningMode::Off,
-                ][pipe as usize],
-                starttls,
-                auth: match auth {
-                    0 => None,
-                    1 => Some(ClientAuth {
-                        mech: AuthMech::Plain,
-                        user: "u".into(),
-                        pass: "p".into(),
-                    }),
-                    _ => Some(ClientAuth {
-                        mech: AuthMech::Login,
-                        user: "u".into(),
-                        pass: "p".into(),
-                    }),
-                },
-                bdat,
-                bdat_chunk_size: chunk * 7,
-                send_quit,
-                ..ClientConfig::default()
+    (any::<bool>(), 0u8..3, any::<bool>(), 0u8..3, any::<bool>(), 0usize..3, any::<bool>()).prop_map(
+        |(lmtp, pipe, starttls, auth, bdat, chunk, send_quit)| ClientConfig {
+            lmtp,
+            pipelining: [PipeliningMode::Auto, PipeliningMode::On, PipeliningMode::Off][pipe as usize],
+            starttls,
+            auth: match auth {
+                0 => None,
+                1 => Some(ClientAuth { mech: AuthMech::Plain, user: "u".into(), pass: "p".into() }),
+                _ => Some(ClientAuth { mech: AuthMech::Login, user: "u".into(), pass: "p".into() }),
             },
-        )
+            bdat,
+            bdat_chunk_size: chunk * 7,
+            send_quit,
+            ..ClientConfig::default()
+        },
+    )
 }
 
 proptest! {
@@ -1332,21 +953,11 @@ fn a_one_megabyte_body_is_sent_whole_and_stuffed() {
     }
     let msgs = vec![msg(&["b@y"], &body)];
     let t0 = Instant::now();
-    let mut s = ClientSession::new(
-        Arc::new(ClientConfig {
-            pipelining: PipeliningMode::On,
-            ..cfg()
-        }),
-        msgs.clone(),
-        t0,
-    );
+    let mut s = ClientSession::new(Arc::new(ClientConfig { pipelining: PipeliningMode::On, ..cfg() }), msgs.clone(), t0);
     let mut out = Vec::new();
     s.handle_input(t0, b"220 mx\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n");
     s.poll_transmit(t0, &mut out);
-    let start = out
-        .windows(12)
-        .position(|w| w == b"Subject: t\r\n")
-        .unwrap();
+    let start = out.windows(12).position(|w| w == b"Subject: t\r\n").unwrap();
     let end = out.len() - b"QUIT\r\n".len();
     let mut expected = msgs[0].header.clone();
     expected.extend_from_slice(&body);
@@ -1397,8 +1008,7 @@ impl FakeServer {
     }
 
     fn reply(&mut self, code: u16) {
-        self.out
-            .extend_from_slice(format!("{code} x\r\n").as_bytes());
+        self.out.extend_from_slice(format!("{code} x\r\n").as_bytes());
     }
 
     fn decide(&mut self, outcome: Outcome, code: u16) {
@@ -1422,14 +1032,7 @@ impl FakeServer {
         if let Some(t) = &self.txn {
             let (mail_ok, rcpt_ok, temp, perm) = (t.mail_ok, t.rcpt_ok, t.temp, t.perm);
             if mail_ok && rcpt_ok == 0 && (temp | perm) != 0 {
-                self.decide(
-                    if temp != 0 {
-                        Outcome::TempFailed
-                    } else {
-                        Outcome::Rejected
-                    },
-                    if temp != 0 { temp } else { perm },
-                );
+                self.decide(if temp != 0 { Outcome::TempFailed } else { Outcome::Rejected }, if temp != 0 { temp } else { perm });
             }
         }
         self.txn = None;
@@ -1437,31 +1040,15 @@ impl FakeServer {
 
     /// Final replies after a complete body: one, or one per accepted RCPT.
     fn final_replies(&mut self) {
-        let n = if self.lmtp {
-            self.txn.as_ref().map_or(1, |t| t.rcpt_ok)
-        } else {
-            1
-        };
+        let n = if self.lmtp { self.txn.as_ref().map_or(1, |t| t.rcpt_ok) } else { 1 };
         let (mut ok, mut temp, mut perm) = (0, 0, 0);
         for _ in 0..n {
             let code = self.pick(&[250, 250, 451, 554]);
             self.reply(code);
-            let slot = match code / 100 {
-                2 => &mut ok,
-                4 => &mut temp,
-                _ => &mut perm,
-            };
-            if *slot == 0 {
-                *slot = code;
-            }
+            let slot = match code / 100 { 2 => &mut ok, 4 => &mut temp, _ => &mut perm };
+            if *slot == 0 { *slot = code; }
         }
-        let (o, c) = if perm != 0 {
-            (Outcome::Rejected, perm)
-        } else if temp != 0 {
-            (Outcome::TempFailed, temp)
-        } else {
-            (Outcome::Accepted, ok)
-        };
+        let (o, c) = if perm != 0 { (Outcome::Rejected, perm) } else if temp != 0 { (Outcome::TempFailed, temp) } else { (Outcome::Accepted, ok) };
         self.decide(o, c);
         self.txn = None;
     }
@@ -1481,14 +1068,7 @@ impl FakeServer {
             if temp | perm == 0 {
                 self.decide(Outcome::Rejected, 554);
             } else {
-                self.decide(
-                    if temp != 0 {
-                        Outcome::TempFailed
-                    } else {
-                        Outcome::Rejected
-                    },
-                    if temp != 0 { temp } else { perm },
-                );
+                self.decide(if temp != 0 { Outcome::TempFailed } else { Outcome::Rejected }, if temp != 0 { temp } else { perm });
             }
             return Some(554);
         }
@@ -1503,18 +1083,13 @@ impl FakeServer {
                     let n = left.min(self.inbuf.len());
                     self.inbuf.drain(..n);
                     if n < left {
-                        self.mode = Mode::Bdat {
-                            left: left - n,
-                            last,
-                        };
+                        self.mode = Mode::Bdat { left: left - n, last };
                         return;
                     }
                     self.mode = Mode::Cmd;
                     if let Some(code) = self.refuse_data() {
                         self.reply(code);
-                        if last {
-                            self.txn = None;
-                        }
+                        if last { self.txn = None; }
                     } else if last {
                         self.final_replies();
                     } else {
@@ -1522,16 +1097,12 @@ impl FakeServer {
                         self.reply(code);
                         if code >= 400 {
                             self.decide(Self::class_outcome(code), code);
-                            if let Some(t) = &mut self.txn {
-                                t.chunk_failed = true;
-                            }
+                            if let Some(t) = &mut self.txn { t.chunk_failed = true; }
                         }
                     }
                 }
                 Mode::Cmd | Mode::Body => {
-                    let Some(end) = self.inbuf.windows(2).position(|w| w == b"\r\n") else {
-                        return;
-                    };
+                    let Some(end) = self.inbuf.windows(2).position(|w| w == b"\r\n") else { return };
                     let line: Vec<u8> = self.inbuf.drain(..end + 2).take(end).collect();
                     if matches!(self.mode, Mode::Body) {
                         if line == b"." {
@@ -1550,34 +1121,22 @@ impl FakeServer {
         let verb = line.split(' ').next().unwrap_or("");
         match verb {
             "EHLO" | "LHLO" => {
-                let pipe = if self.advertise_pipelining {
-                    "250-PIPELINING\r\n"
-                } else {
-                    ""
-                };
-                self.out.extend_from_slice(
-                    format!("250-mx\r\n{pipe}250-CHUNKING\r\n250 8BITMIME\r\n").as_bytes(),
-                );
+                let pipe = if self.advertise_pipelining { "250-PIPELINING\r\n" } else { "" };
+                self.out.extend_from_slice(format!("250-mx\r\n{pipe}250-CHUNKING\r\n250 8BITMIME\r\n").as_bytes());
             }
             "MAIL" => {
                 self.end_txn();
                 let idx = self.mails_seen;
                 self.mails_seen += 1;
                 let code = self.pick(&[250, 250, 250, 451, 550]);
-                self.txn = Some(SrvTxn {
-                    idx,
-                    mail_ok: code < 400,
-                    ..Default::default()
-                });
+                self.txn = Some(SrvTxn { idx, mail_ok: code < 400, ..Default::default() });
                 if code >= 400 {
                     self.decide(Self::class_outcome(code), code);
                 }
                 self.reply(code);
             }
             "RCPT" => {
-                let Some(t) = &self.txn else {
-                    return self.reply(503);
-                };
+                let Some(t) = &self.txn else { return self.reply(503) };
                 if !t.mail_ok {
                     return self.reply(503);
                 }
@@ -1731,11 +1290,7 @@ fn check_open(script: &[Open]) -> (Vec<ClientEvent>, Vec<bool>) {
                 }
             };
             s.poll_transmit(now, &mut out);
-            assert_eq!(
-                String::from_utf8_lossy(&out),
-                String::from_utf8_lossy(expected),
-                "after step {i} ({step:?})"
-            );
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(expected), "after step {i} ({step:?})");
             out.clear();
             while let Some(e) = s.poll_event() {
                 events.push(e);
@@ -1744,19 +1299,11 @@ fn check_open(script: &[Open]) -> (Vec<ClientEvent>, Vec<bool>) {
         (events, idle, s.is_done())
     };
     let whole = play(&|_, _| vec![]);
-    assert_eq!(
-        play(&|_, n| (1..n).collect()),
-        whole,
-        "byte-at-a-time replay differs"
-    );
+    assert_eq!(play(&|_, n| (1..n).collect()), whole, "byte-at-a-time replay differs");
     for (step, s) in script.iter().enumerate() {
         if let Open::Bytes(b, _) = s {
             for k in 0..=b.len() {
-                assert_eq!(
-                    play(&|i, _| if i == step { vec![k] } else { vec![] }),
-                    whole,
-                    "split of step {step} at {k}"
-                );
+                assert_eq!(play(&|i, _| if i == step { vec![k] } else { vec![] }), whole, "split of step {step} at {k}");
             }
         }
     }
@@ -1770,47 +1317,27 @@ fn an_open_session_idles_between_messages_without_a_deadline_then_quits() {
         // No message yet: nothing is sent after EHLO.
         Open::Bytes(EHLO_PIPE, b""),
         Open::Push(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
-        Open::Bytes(
-            b"250 ok\r\n250 ok\r\n354 go\r\n",
-            b"Subject: t\r\n\r\nhi\r\n.\r\n",
-        ),
+        Open::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n"),
         Open::Bytes(b"250 queued\r\n", b""),
         Open::Push(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
-        Open::Bytes(
-            b"250 ok\r\n250 ok\r\n354 go\r\n",
-            b"Subject: t\r\n\r\nhi\r\n.\r\n",
-        ),
+        Open::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n"),
         Open::Bytes(b"250 queued\r\n", b""),
         Open::NoMore(b"QUIT\r\n"),
         Open::Bytes(b"221 bye\r\n", b""),
     ]);
-    assert_eq!(
-        outcomes(&ev),
-        vec![
-            (0, Outcome::Accepted, 250, 1),
-            (1, Outcome::Accepted, 250, 1)
-        ]
-    );
+    assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1), (1, Outcome::Accepted, 250, 1)]);
     assert_eq!(ev.last(), Some(&ClientEvent::Done));
     assert!(errors(&ev).is_empty(), "{ev:?}");
     // Idle (and no deadline) exactly between the messages: before each push
     // and before NoMore.
-    assert_eq!(
-        idle,
-        vec![false, false, true, false, false, true, false, false, true, false]
-    );
+    assert_eq!(idle, vec![false, false, true, false, false, true, false, false, true, false]);
     // Corrected latencies count from the intended time given with the
     // message (here the push itself), session phases from the session's;
     // QUIT from its own start (it is not on the schedule: it leaves when
     // the last message ends), so its corrected figure is its latency.
     let mut quits = 0;
     for e in &ev {
-        if let ClientEvent::Phase {
-            phase,
-            latency,
-            corrected,
-        } = e
-        {
+        if let ClientEvent::Phase { phase, latency, corrected } = e {
             if *phase == Phase::Quit {
                 quits += 1;
                 assert_eq!(*corrected, Some(*latency), "{e:?}");
@@ -1824,11 +1351,7 @@ fn an_open_session_idles_between_messages_without_a_deadline_then_quits() {
     // The session phases before the first message are corrected from the
     // session's intended start: the banner's includes the whole wait.
     let banner = ev.iter().find_map(|e| match e {
-        ClientEvent::Phase {
-            phase: Phase::Banner,
-            corrected,
-            ..
-        } => *corrected,
+        ClientEvent::Phase { phase: Phase::Banner, corrected, .. } => *corrected,
         _ => None,
     });
     assert!(banner.is_some(), "{ev:?}");
@@ -1840,17 +1363,11 @@ fn a_server_closing_an_idle_open_session_ends_it_normally() {
         Open::Bytes(b"220 mx.test ESMTP\r\n", b"EHLO c.test\r\n"),
         Open::Bytes(EHLO_PIPE, b""),
         Open::Push(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\n"),
-        Open::Bytes(
-            b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n",
-            b"Subject: t\r\n\r\nhi\r\n.\r\n",
-        ),
+        Open::Bytes(b"250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n", b"Subject: t\r\n\r\nhi\r\n.\r\n"),
         Open::Close,
     ]);
     assert_eq!(outcomes(&ev), vec![(0, Outcome::Accepted, 250, 1)]);
-    assert!(
-        errors(&ev).is_empty(),
-        "an idle close is not an error: {ev:?}"
-    );
+    assert!(errors(&ev).is_empty(), "an idle close is not an error: {ev:?}");
     assert_eq!(ev.last(), Some(&ClientEvent::Done));
 }
 
@@ -1901,17 +1418,9 @@ fn written_offsets_stamp_each_command_when_its_last_byte_leaves() {
     s.handle_input(t0 + ms(20), EHLO_PLAIN);
     let ehlo: Vec<_> = std::iter::from_fn(|| s.poll_event())
         .filter_map(|e| match e {
-            ClientEvent::Phase {
-                phase: Phase::Ehlo,
-                latency,
-                ..
-            } => Some(latency),
+            ClientEvent::Phase { phase: Phase::Ehlo, latency, .. } => Some(latency),
             _ => None,
         })
         .collect();
-    assert_eq!(
-        ehlo,
-        vec![ms(5)],
-        "from the last byte written, not the first or the queueing"
-    );
+    assert_eq!(ehlo, vec![ms(5)], "from the last byte written, not the first or the queueing");
 }

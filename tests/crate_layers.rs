@@ -75,27 +75,15 @@ fn offences(places: &[&str], forbidden: &[&str]) -> Vec<String> {
 
 #[track_caller]
 fn assert_none(found: Vec<String>) {
-    assert!(
-        found.is_empty(),
-        "upward or sideways imports:\n{}",
-        found.join("\n")
-    );
+    assert!(found.is_empty(), "upward or sideways imports:\n{}", found.join("\n"));
 }
 
 #[test]
 fn nothing_below_the_command_line_imports_it() {
     assert_none(offences(
         &[
-            "sink",
-            "blast",
-            "bench.rs",
-            "offline.rs",
-            "net",
-            "smtp",
-            "stats",
-            "digest.rs",
-            "rng.rs",
-            "units.rs",
+            "sink", "blast", "bench.rs", "offline.rs", "net", "smtp", "stats", "digest.rs",
+            "rng.rs", "units.rs",
         ],
         &["crate::cli", "super::cli"],
     ));
@@ -106,13 +94,8 @@ fn roles_name_no_backend() {
     assert_none(offences(
         &["sink", "blast", "bench.rs", "offline.rs"],
         &[
-            "net::xdp",
-            "net::epoll",
-            "net::uring",
-            "net::conn_table",
-            "XdpOptions",
-            "XdpRun",
-            "XdpThread",
+            "net::xdp", "net::epoll", "net::uring", "net::conn_table", "XdpOptions",
+            "XdpRun", "XdpThread",
         ],
     ));
 }
@@ -143,10 +126,7 @@ fn the_sink_and_the_blaster_do_not_import_each_other() {
 
 #[test]
 fn no_backend_imports_another_and_the_seam_names_none() {
-    assert_none(offences(
-        &["net/epoll.rs"],
-        &["::uring", "::xdp", "::driver"],
-    ));
+    assert_none(offences(&["net/epoll.rs"], &["::uring", "::xdp", "::driver"]));
     assert_none(offences(&["net/uring"], &["::epoll", "::xdp", "::driver"]));
     assert_none(offences(&["net/xdp"], &["::epoll", "::uring", "::driver"]));
     assert_none(offences(

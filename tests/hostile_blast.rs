@@ -108,11 +108,7 @@ fn blast(port: u16, messages: u64, extra: &[&str]) -> Value {
     );
     let v = read_json(&json);
     // A run in which nothing was accepted is a failed run (exit 4).
-    let want = if get_u64(&v, "counts.messages_accepted") == 0 {
-        4
-    } else {
-        0
-    };
+    let want = if get_u64(&v, "counts.messages_accepted") == 0 { 4 } else { 0 };
     assert_eq!(
         out.status.code(),
         Some(want),

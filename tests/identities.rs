@@ -80,9 +80,7 @@ fn swaks_sends_xclient_to_the_sink_and_its_message_is_accepted() {
     );
     assert_eq!(code, 0, "{t}");
     assert!(
-        t.contains(
-            "<-  250 XCLIENT NAME ADDR PORT PROTO HELO REVERSE_NAME LOGIN DESTADDR DESTPORT\n"
-        ),
+        t.contains("<-  250 XCLIENT NAME ADDR PORT PROTO HELO REVERSE_NAME LOGIN DESTADDR DESTPORT\n"),
         "XCLIENT advertised: {t}"
     );
     let after = t

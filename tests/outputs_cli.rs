@@ -444,11 +444,7 @@ fn invalid_run_exits_3() {
     assert_schema_valid(&v);
     assert_eq!(v["valid"], Value::Bool(false));
     assert!(!v["invalid_reasons"].as_array().unwrap().is_empty());
-    assert_eq!(
-        v["open_loop"]["bottleneck"], "blaster",
-        "{}",
-        v["open_loop"]
-    );
+    assert_eq!(v["open_loop"]["bottleneck"], "blaster", "{}", v["open_loop"]);
     let (code, _, err) = smtpstorm(&[&shape[..], &["--allow-invalid"]].concat());
     assert_eq!(code, 0, "{err}");
 }

@@ -623,16 +623,10 @@ fn each_phase_runs_from_its_command_written_to_its_reply() {
         CommandKind::Dot => Verdict::Delay(ms(7)),
         _ => Verdict::Proceed,
     };
-    let client = ClientConfig {
-        pipelining: PipeliningMode::On,
-        ..ClientConfig::default()
-    };
+    let client = ClientConfig { pipelining: PipeliningMode::On, ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), client, msgs.clone())
         .with_link(16 * 1024, ms(1))
-        .with_hooks(Recorder {
-            fault: Some(Box::new(fault)),
-            ..Recorder::default()
-        });
+        .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() });
     p.drive();
     assert_all_delivered(&p, &msgs, false);
     let one = |phase| {
@@ -666,17 +660,10 @@ fn bdat_body_runs_from_its_first_byte_written() {
         CommandKind::Dot => Verdict::Delay(ms(7)),
         _ => Verdict::Proceed,
     };
-    let client = ClientConfig {
-        bdat: true,
-        pipelining: PipeliningMode::On,
-        ..ClientConfig::default()
-    };
+    let client = ClientConfig { bdat: true, pipelining: PipeliningMode::On, ..ClientConfig::default() };
     let mut p = Pair::new(ServerConfig::default(), client, msgs.clone())
         .with_link(16 * 1024, ms(1))
-        .with_hooks(Recorder {
-            fault: Some(Box::new(fault)),
-            ..Recorder::default()
-        });
+        .with_hooks(Recorder { fault: Some(Box::new(fault)), ..Recorder::default() });
     p.drive();
     assert_all_delivered(&p, &msgs, true);
     let lat = |phase| p.phase_latencies(phase);

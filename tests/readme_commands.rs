@@ -175,20 +175,8 @@ fn the_readme_shows_commands_to_check() {
     let subs: Vec<&str> = cmds.iter().map(|(_, w)| w[1].as_str()).collect();
     // Every subcommand appears at least once, so none of them escapes the
     // checks below.
-    for sub in [
-        "sink",
-        "blast",
-        "probe",
-        "bench",
-        "merge",
-        "report",
-        "completions",
-        "man",
-    ] {
-        assert!(
-            subs.contains(&sub),
-            "no `smtpstorm {sub}` in a README code block: {subs:?}"
-        );
+    for sub in ["sink", "blast", "probe", "bench", "merge", "report", "completions", "man"] {
+        assert!(subs.contains(&sub), "no `smtpstorm {sub}` in a README code block: {subs:?}");
     }
 }
 
@@ -207,10 +195,7 @@ fn every_command_in_a_readme_code_block_parses_and_validates() {
             Ok(c) => c,
             Err(e) => {
                 let text = e.to_string();
-                failures.push(format!(
-                    "README line {line}: `{shown}`: {}",
-                    text.lines().next().unwrap_or("")
-                ));
+                failures.push(format!("README line {line}: `{shown}`: {}", text.lines().next().unwrap_or("")));
                 continue;
             }
         };
@@ -220,10 +205,7 @@ fn every_command_in_a_readme_code_block_parses_and_validates() {
                 // The README's example hosts (mx.test, 192.0.2.10) stand
                 // for the reader's server: validate the flags against a
                 // resolved address instead of looking the name up.
-                let addr: SocketAddr = a
-                    .target
-                    .parse()
-                    .unwrap_or_else(|_| "127.0.0.1:25".parse().unwrap());
+                let addr: SocketAddr = a.target.parse().unwrap_or_else(|_| "127.0.0.1:25".parse().unwrap());
                 cli::blast::config_for(addr, addr.ip().to_string(), &a.load)
                     .map(drop)
                     .map_err(|e| e.to_string())
@@ -235,11 +217,7 @@ fn every_command_in_a_readme_code_block_parses_and_validates() {
         }
     }
     let _ = std::fs::remove_dir_all(&corpus);
-    assert!(
-        failures.is_empty(),
-        "README commands that do not work as shown:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "README commands that do not work as shown:\n{}", failures.join("\n"));
 }
 
 #[test]
@@ -247,9 +225,7 @@ fn the_ci_example_gate_parses() {
     // scripts/ci-example.yml: `./target/release/smtpstorm ...` lines, the
     // optional `$( [ -f F ] && echo FLAGS )` taken as present.
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ci-example.yml");
-    let text = std::fs::read_to_string(path)
-        .unwrap()
-        .replace("./target/release/smtpstorm ", "smtpstorm ");
+    let text = std::fs::read_to_string(path).unwrap().replace("./target/release/smtpstorm ", "smtpstorm ");
     let mut joined = String::new();
     let mut seen = Vec::new();
     for line in text.lines() {
@@ -274,11 +250,7 @@ fn the_ci_example_gate_parses() {
             seen.push(argv[1].clone());
         }
     }
-    assert_eq!(
-        seen,
-        ["bench", "report"],
-        "the gate and the HTML report step"
-    );
+    assert_eq!(seen, ["bench", "report"], "the gate and the HTML report step");
 }
 
 #[test]
@@ -286,10 +258,7 @@ fn every_flag_of_an_inline_readme_command_exists() {
     let cli = Cli::command();
     let mut failures = Vec::new();
     let flags = inline_flags(&readme());
-    assert!(
-        !flags.is_empty(),
-        "no inline `smtpstorm SUB --flag` spans found"
-    );
+    assert!(!flags.is_empty(), "no inline `smtpstorm SUB --flag` spans found");
     for (line, sub, flag) in flags {
         let Some(cmd) = cli.find_subcommand(&sub) else {
             failures.push(format!("README line {line}: no subcommand `{sub}`"));
@@ -297,13 +266,11 @@ fn every_flag_of_an_inline_readme_command_exists() {
         };
         let name = flag.trim_start_matches("--");
         let known = name == "help"
-            || cmd.get_arguments().any(|a| {
-                a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|v| v.contains(&name))
-            });
+            || cmd
+                .get_arguments()
+                .any(|a| a.get_long() == Some(name) || a.get_all_aliases().is_some_and(|v| v.contains(&name)));
         if !known {
-            failures.push(format!(
-                "README line {line}: `smtpstorm {sub}` has no {flag}"
-            ));
+            failures.push(format!("README line {line}: `smtpstorm {sub}` has no {flag}"));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -312,31 +279,16 @@ fn every_flag_of_an_inline_readme_command_exists() {
 #[test]
 fn the_checks_catch_a_wrong_flag_and_a_wrong_value() {
     // The checks above would pass vacuously if parsing accepted anything.
-    let bad =
-        "```sh\nsmtpstorm blast 127.0.0.1:25 --rate fast\nsmtpstorm sink --no-such-flag\n```\n";
+    let bad = "```sh\nsmtpstorm blast 127.0.0.1:25 --rate fast\nsmtpstorm sink --no-such-flag\n```\n";
     let cmds = block_commands(bad);
     assert_eq!(cmds.len(), 2);
     for (_, argv) in cmds {
         assert!(Cli::try_parse_from(&argv).is_err(), "{argv:?} parsed");
     }
     let w = words("smtpstorm blast h --assert 'p99(message) < 20ms' --x \"a b\" && man x # c");
-    assert_eq!(
-        w,
-        [
-            "smtpstorm",
-            "blast",
-            "h",
-            "--assert",
-            "p99(message) < 20ms",
-            "--x",
-            "a b"
-        ]
-    );
+    assert_eq!(w, ["smtpstorm", "blast", "h", "--assert", "p99(message) < 20ms", "--x", "a b"]);
     let inline = inline_flags("run `smtpstorm sink --listen A --nope` then `other --x`");
     assert_eq!(inline.len(), 2);
     assert_eq!(inline[1].2, "--nope");
-    assert_eq!(
-        words("source <(smtpstorm completions bash)  # or zsh"),
-        ["source", "<(smtpstorm", "completions", "bash"]
-    );
+    assert_eq!(words("source <(smtpstorm completions bash)  # or zsh"), ["source", "<(smtpstorm", "completions", "bash"]);
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use smtpstorm::smtp::server::{
-    CloseReason, CommandInfo, Extensions, MessageOutcome, ServerConfig, ServerEvent, ServerHooks,
-    ServerSession, Verdict, MAX_PENDING_INPUT,
+    CloseReason, CommandInfo, Extensions, MessageOutcome, ServerConfig, ServerEvent,
+    ServerHooks, ServerSession, Verdict, MAX_PENDING_INPUT,
 };
 use smtpstorm::smtp::{auth, proxy, wire, BareLfPolicy, CommandKind};
 
@@ -31,8 +31,7 @@ struct Hooks {
 impl ServerHooks for Hooks {
     fn on_command(&mut self, cmd: CommandKind, info: &CommandInfo<'_>) -> Verdict {
         if let Some(r) = info.rcpt_to {
-            self.log
-                .push(format!("rcpt {}", String::from_utf8_lossy(r)));
+            self.log.push(format!("rcpt {}", String::from_utf8_lossy(r)));
         }
         if self.log_peer && cmd == CommandKind::Mail {
             self.log.push(format!("mail from peer {:?}", info.peer));
@@ -105,12 +104,7 @@ impl Transcript {
     }
 }
 
-fn drive(
-    cfg: &Arc<ServerConfig>,
-    hooks: &Hooks,
-    steps: &[Step],
-    cut: &dyn Fn(usize, usize) -> Vec<usize>,
-) -> Transcript {
+fn drive(cfg: &Arc<ServerConfig>, hooks: &Hooks, steps: &[Step], cut: &dyn Fn(usize, usize) -> Vec<usize>) -> Transcript {
     let mut now = Instant::now();
     let mut s = ServerSession::new(cfg.clone(), now);
     let mut h = hooks.clone();
@@ -163,13 +157,7 @@ fn run_with(cfg: ServerConfig, hooks: Hooks, steps: &[Step]) -> Transcript {
     for (i, step) in steps.iter().enumerate() {
         if let In(bytes) = step {
             for c in 1..bytes.len() {
-                let split = drive(&cfg, &hooks, steps, &|j, _| {
-                    if j == i {
-                        vec![c]
-                    } else {
-                        Vec::new()
-                    }
-                });
+                let split = drive(&cfg, &hooks, steps, &|j, _| if j == i { vec![c] } else { Vec::new() });
                 assert_eq!(whole, split, "split of step {i} at {c} differs");
             }
         }
@@ -183,10 +171,7 @@ fn run(steps: &[Step]) -> Transcript {
 }
 
 fn cfg() -> ServerConfig {
-    ServerConfig {
-        hostname: "mx.test".into(),
-        ..ServerConfig::default()
-    }
+    ServerConfig { hostname: "mx.test".into(), ..ServerConfig::default() }
 }
 
 const HELLO: &[u8] = b"EHLO client.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n";
@@ -201,12 +186,7 @@ fn greeting_names_the_host() {
 
 #[test]
 fn ehlo_advertises_every_extension_by_default() {
-    let c = ServerConfig {
-        starttls_available: true,
-        auth_enabled: true,
-        max_message_size: 1000,
-        ..cfg()
-    };
+    let c = ServerConfig { starttls_available: true, auth_enabled: true, max_message_size: 1000, ..cfg() };
     let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\n")]);
     let want = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n\
                 250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-DSN\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n";
@@ -215,37 +195,17 @@ fn ehlo_advertises_every_extension_by_default() {
 
 #[test]
 fn disabled_extensions_are_not_advertised_and_codes_become_plain() {
-    let ext = Extensions {
-        pipelining: false,
-        chunking: false,
-        enhancedstatuscodes: false,
-        ..Extensions::default()
-    };
-    let t = run_with(
-        ServerConfig { ext, ..cfg() },
-        Hooks::default(),
-        &[In(b"EHLO x\r\nNOOP\r\n")],
-    );
-    assert!(
-        !t.out.contains("PIPELINING") && !t.out.contains("CHUNKING") && !t.out.contains("ENHANCED")
-    );
+    let ext = Extensions { pipelining: false, chunking: false, enhancedstatuscodes: false, ..Extensions::default() };
+    let t = run_with(ServerConfig { ext, ..cfg() }, Hooks::default(), &[In(b"EHLO x\r\nNOOP\r\n")]);
+    assert!(!t.out.contains("PIPELINING") && !t.out.contains("CHUNKING") && !t.out.contains("ENHANCED"));
     assert!(t.out.contains("250 DSN\r\n"));
     assert!(t.has_line("250 OK"));
 }
 
 #[test]
 fn auth_is_advertised_only_after_tls_when_required() {
-    let c = ServerConfig {
-        starttls_available: true,
-        auth_enabled: true,
-        auth_requires_tls: true,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(b"EHLO x\r\nSTARTTLS\r\n"), Tls, In(b"EHLO x\r\n")],
-    );
+    let c = ServerConfig { starttls_available: true, auth_enabled: true, auth_requires_tls: true, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nSTARTTLS\r\n"), Tls, In(b"EHLO x\r\n")]);
     let (before, after) = t.out.split_once("220 2.0.0").unwrap();
     assert!(before.contains("STARTTLS") && !before.contains("AUTH"));
     assert!(!after.contains("STARTTLS") && after.contains("AUTH PLAIN LOGIN"));
@@ -259,15 +219,10 @@ fn helo_gets_a_one_line_reply() {
 
 #[test]
 fn simple_commands_have_their_codes() {
-    let t = run(&[In(
-        b"EHLO x\r\nNOOP\r\nVRFY bob\r\nEXPN list\r\nHELP\r\nRSET\r\nQUIT\r\n",
-    )]);
+    let t = run(&[In(b"EHLO x\r\nNOOP\r\nVRFY bob\r\nEXPN list\r\nHELP\r\nRSET\r\nQUIT\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 252, 502, 214, 250, 221]);
     assert!(t.closed);
-    assert_eq!(
-        t.events.last(),
-        Some(&ServerEvent::Close(CloseReason::Quit))
-    );
+    assert_eq!(t.events.last(), Some(&ServerEvent::Close(CloseReason::Quit)));
 }
 
 #[test]
@@ -287,10 +242,7 @@ fn unknown_command_is_500_and_empty_line_too() {
 fn too_many_errors_close_with_421() {
     let t = run(&[In(&b"X\r\n".repeat(25))]);
     assert_eq!(t.codes().len(), 1 + 20 + 1);
-    assert_eq!(
-        t.events.last(),
-        Some(&ServerEvent::Close(CloseReason::TooManyErrors))
-    );
+    assert_eq!(t.events.last(), Some(&ServerEvent::Close(CloseReason::TooManyErrors)));
 }
 
 // ---- sequencing -----------------------------------------------------------------
@@ -321,17 +273,8 @@ fn nested_mail_is_503() {
 
 #[test]
 fn data_with_only_refused_recipients_is_554() {
-    let hooks = Hooks {
-        verdicts: vec![(CommandKind::Rcpt, Verdict::Reply(550))],
-        ..Hooks::default()
-    };
-    let t = run_with(
-        cfg(),
-        hooks,
-        &[In(
-            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n",
-        )],
-    );
+    let hooks = Hooks { verdicts: vec![(CommandKind::Rcpt, Verdict::Reply(550))], ..Hooks::default() };
+    let t = run_with(cfg(), hooks, &[In(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 550, 554]);
     assert!(t.has_line("554 5.5.1 No valid recipients"));
 }
@@ -359,9 +302,7 @@ fn over_long_path_is_501_5_1_3() {
 
 #[test]
 fn non_ascii_path_needs_smtputf8() {
-    let t = run(&[In(
-        "EHLO x\r\nMAIL FROM:<jö@b>\r\nMAIL FROM:<jö@b> SMTPUTF8\r\nRCPT TO:<ü@d>\r\n".as_bytes(),
-    )]);
+    let t = run(&[In("EHLO x\r\nMAIL FROM:<jö@b>\r\nMAIL FROM:<jö@b> SMTPUTF8\r\nRCPT TO:<ü@d>\r\n".as_bytes())]);
     assert_eq!(t.codes(), [220, 250, 553, 250, 250]);
     assert!(t.has_line("553 5.6.7 Non-ASCII address requires SMTPUTF8"));
 }
@@ -374,53 +315,23 @@ fn invalid_utf8_path_is_501() {
 
 #[test]
 fn size_param_over_the_limit_is_552() {
-    let c = ServerConfig {
-        max_message_size: 100,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(
-            b"EHLO x\r\nMAIL FROM:<a@b> SIZE=101\r\nMAIL FROM:<a@b> SIZE=100\r\n",
-        )],
-    );
+    let c = ServerConfig { max_message_size: 100, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nMAIL FROM:<a@b> SIZE=101\r\nMAIL FROM:<a@b> SIZE=100\r\n")]);
     assert_eq!(t.codes(), [220, 250, 552, 250]);
 }
 
 #[test]
 fn too_many_recipients_is_452() {
-    let c = ServerConfig {
-        max_recipients: 2,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(
-            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@b>\r\nRCPT TO:<2@b>\r\nRCPT TO:<3@b>\r\n",
-        )],
-    );
+    let c = ServerConfig { max_recipients: 2, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@b>\r\nRCPT TO:<2@b>\r\nRCPT TO:<3@b>\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 250, 452]);
     assert!(t.has_line("452 4.5.3 Too many recipients"));
 }
 
 #[test]
 fn require_tls_refuses_mail_before_starttls_with_530() {
-    let c = ServerConfig {
-        require_tls: true,
-        starttls_available: true,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[
-            In(b"EHLO x\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\n"),
-            Tls,
-            In(b"EHLO x\r\nMAIL FROM:<a@b>\r\n"),
-        ],
-    );
+    let c = ServerConfig { require_tls: true, starttls_available: true, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nMAIL FROM:<a@b>\r\nSTARTTLS\r\n"), Tls, In(b"EHLO x\r\nMAIL FROM:<a@b>\r\n")]);
     assert_eq!(t.codes(), [220, 250, 530, 220, 250, 250]);
 }
 
@@ -444,19 +355,11 @@ fn long_command_line_is_500_and_the_session_continues() {
 
 #[test]
 fn a_full_transaction_is_accepted_and_the_body_streamed() {
-    let t = run(&[
-        In(HELLO),
-        In(b"DATA\r\nSubject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n"),
-    ]);
+    let t = run(&[In(HELLO), In(b"DATA\r\nSubject: hi\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 354, 250, 221]);
     assert_eq!(t.body, b"Subject: hi\r\n\r\n.dot\r\nbody\r\n");
     assert_eq!(t.messages(), [(MessageOutcome::Accepted, 250)]);
-    assert!(t.events.contains(&ServerEvent::Message {
-        outcome: MessageOutcome::Accepted,
-        code: 250,
-        bytes: 27,
-        recipients: 1
-    }));
+    assert!(t.events.contains(&ServerEvent::Message { outcome: MessageOutcome::Accepted, code: 250, bytes: 27, recipients: 1 }));
     assert_eq!(t.log, ["rcpt c@d.test", "start", "end true"]);
 }
 
@@ -470,24 +373,14 @@ fn dot_right_after_354_ends_an_empty_message() {
 #[test]
 fn two_messages_in_one_session_reset_the_transaction() {
     let t = run(&[In(HELLO), In(b"DATA\r\nx\r\n.\r\nRCPT TO:<c@d>\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\ny\r\n.\r\n")]);
-    assert_eq!(
-        t.codes(),
-        [220, 250, 250, 250, 354, 250, 503, 250, 250, 354, 250]
-    );
+    assert_eq!(t.codes(), [220, 250, 250, 250, 354, 250, 503, 250, 250, 354, 250]);
     assert_eq!(t.body, b"x\r\ny\r\n");
 }
 
 #[test]
 fn body_over_the_limit_is_552_at_the_end() {
-    let c = ServerConfig {
-        max_message_size: 10,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(HELLO), In(b"DATA\r\n0123456789abc\r\n.\r\nNOOP\r\n")],
-    );
+    let c = ServerConfig { max_message_size: 10, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(HELLO), In(b"DATA\r\n0123456789abc\r\n.\r\nNOOP\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 354, 552, 250]);
     assert_eq!(t.messages(), [(MessageOutcome::Rejected, 552)]);
 }
@@ -512,15 +405,8 @@ fn lf_dot_lf_does_not_end_data() {
 
 #[test]
 fn normalize_delivers_bare_lf_as_crlf() {
-    let c = ServerConfig {
-        bare_lf: BareLfPolicy::Normalize,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(HELLO), In(b"DATA\r\na\nb\rc\r\n.\r\n")],
-    );
+    let c = ServerConfig { bare_lf: BareLfPolicy::Normalize, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(HELLO), In(b"DATA\r\na\nb\rc\r\n.\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 354, 250]);
     assert_eq!(t.body, b"a\r\nb\r\nc\r\n");
 }
@@ -537,34 +423,20 @@ fn every_policy_and_smuggling_sequence_behaves_as_documented() {
         ("CR CR LF", b"\r\r\n", false),
     ];
     for (name, seq, ends_under_accept) in seqs {
-        for policy in [
-            BareLfPolicy::Reject,
-            BareLfPolicy::Normalize,
-            BareLfPolicy::Accept,
-        ] {
+        for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize, BareLfPolicy::Accept] {
             let mut input = b"DATA\r\nhdr: 1\r\n\r\na".to_vec();
             input.extend_from_slice(seq);
-            input
-                .extend_from_slice(b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nevil\r\n.\r\n");
-            let c = ServerConfig {
-                bare_lf: policy,
-                ..cfg()
-            };
+            input.extend_from_slice(b"MAIL FROM:<evil@x>\r\nRCPT TO:<v@x>\r\nDATA\r\nevil\r\n.\r\n");
+            let c = ServerConfig { bare_lf: policy, ..cfg() };
             let t = run_with(c, Hooks::default(), &[In(HELLO), In(&input)]);
             let msgs = t.messages();
             match policy {
-                BareLfPolicy::Reject => {
-                    assert_eq!(msgs, [(MessageOutcome::Rejected, 550)], "{name}")
-                }
-                BareLfPolicy::Normalize => {
-                    assert_eq!(msgs, [(MessageOutcome::Accepted, 250)], "{name}")
-                }
+                BareLfPolicy::Reject => assert_eq!(msgs, [(MessageOutcome::Rejected, 550)], "{name}"),
+                BareLfPolicy::Normalize => assert_eq!(msgs, [(MessageOutcome::Accepted, 250)], "{name}"),
                 BareLfPolicy::Accept if ends_under_accept => {
                     assert_eq!(msgs.len(), 2, "{name}: Accept lets LF.LF end DATA");
                 }
-                BareLfPolicy::Accept => {
-                    assert_eq!(msgs, [(MessageOutcome::Accepted, 250)], "{name}")
-                }
+                BareLfPolicy::Accept => assert_eq!(msgs, [(MessageOutcome::Accepted, 250)], "{name}"),
             }
         }
     }
@@ -578,12 +450,7 @@ fn bdat_chunks_make_one_message() {
     assert_eq!(t.codes(), [220, 250, 250, 250, 250, 250, 250]);
     assert!(t.has_line("250 2.0.0 5 octets received"));
     assert_eq!(t.body, b"helloabc");
-    assert!(t.events.contains(&ServerEvent::Message {
-        outcome: MessageOutcome::Accepted,
-        code: 250,
-        bytes: 8,
-        recipients: 1
-    }));
+    assert!(t.events.contains(&ServerEvent::Message { outcome: MessageOutcome::Accepted, code: 250, bytes: 8, recipients: 1 }));
 }
 
 #[test]
@@ -602,15 +469,8 @@ fn rejected_bdat_chunk_is_still_read_off_the_wire() {
 
 #[test]
 fn bdat_over_the_size_limit_is_552_after_the_chunk() {
-    let c = ServerConfig {
-        max_message_size: 4,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(HELLO), In(b"BDAT 6\r\nQUIT\r\nNOOP\r\n")],
-    );
+    let c = ServerConfig { max_message_size: 4, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(HELLO), In(b"BDAT 6\r\nQUIT\r\nNOOP\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 552, 250]);
     assert_eq!(t.messages(), [(MessageOutcome::Rejected, 552)]);
     assert_eq!(t.log.last().unwrap(), "end false");
@@ -624,18 +484,8 @@ fn data_after_bdat_is_503() {
 
 #[test]
 fn bdat_is_refused_when_chunking_is_off_but_the_chunk_is_skipped() {
-    let c = ServerConfig {
-        ext: Extensions {
-            chunking: false,
-            ..Extensions::default()
-        },
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(HELLO), In(b"BDAT 6\r\nQUIT\r\nNOOP\r\n")],
-    );
+    let c = ServerConfig { ext: Extensions { chunking: false, ..Extensions::default() }, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(HELLO), In(b"BDAT 6\r\nQUIT\r\nNOOP\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 502, 250]);
 }
 
@@ -643,10 +493,7 @@ fn bdat_is_refused_when_chunking_is_off_but_the_chunk_is_skipped() {
 
 #[test]
 fn lmtp_replies_once_per_recipient() {
-    let c = ServerConfig {
-        lmtp: true,
-        ..cfg()
-    };
+    let c = ServerConfig { lmtp: true, ..cfg() };
     let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nLHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@b>\r\nRCPT TO:<2@b>\r\nDATA\r\nhi\r\n.\r\n")]);
     assert_eq!(t.codes(), [220, 500, 250, 250, 250, 250, 354, 250, 250]);
     assert!(t.has_line("250 2.0.0 <1@b> Delivered") && t.has_line("250 2.0.0 <2@b> Delivered"));
@@ -657,27 +504,16 @@ fn lmtp_replies_once_per_recipient() {
 
 #[test]
 fn starttls_drops_pipelined_plaintext() {
-    let c = ServerConfig {
-        starttls_available: true,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[
-            In(b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<a@b>\r\n"),
-            In(b"RCPT TO:<c@d>\r\n"),
-            Tls,
-            In(b"MAIL FROM:<a@b>\r\nEHLO x\r\n"),
-        ],
-    );
+    let c = ServerConfig { starttls_available: true, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[
+        In(b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<a@b>\r\n"),
+        In(b"RCPT TO:<c@d>\r\n"),
+        Tls,
+        In(b"MAIL FROM:<a@b>\r\nEHLO x\r\n"),
+    ]);
     assert_eq!(t.codes(), [220, 250, 220, 503, 250]);
     assert!(t.events.contains(&ServerEvent::StartTls));
-    let after = t
-        .out
-        .split_once("220 2.0.0 Ready to start TLS\r\n")
-        .unwrap()
-        .1;
+    let after = t.out.split_once("220 2.0.0 Ready to start TLS\r\n").unwrap().1;
     assert!(!after.contains("STARTTLS"));
 }
 
@@ -685,10 +521,7 @@ fn starttls_drops_pipelined_plaintext() {
 fn starttls_when_unavailable_or_active_is_refused() {
     let t = run(&[In(b"STARTTLS\r\n")]);
     assert_eq!(t.codes(), [220, 502]);
-    let c = ServerConfig {
-        starttls_available: true,
-        ..cfg()
-    };
+    let c = ServerConfig { starttls_available: true, ..cfg() };
     let cfg = Arc::new(c);
     let now = Instant::now();
     let mut s = ServerSession::new(cfg, now);
@@ -701,10 +534,7 @@ fn starttls_when_unavailable_or_active_is_refused() {
 }
 
 fn auth_cfg() -> ServerConfig {
-    ServerConfig {
-        auth_enabled: true,
-        ..cfg()
-    }
+    ServerConfig { auth_enabled: true, ..cfg() }
 }
 
 #[test]
@@ -718,10 +548,7 @@ fn auth_plain_with_an_initial_response_succeeds() {
 
 #[test]
 fn auth_plain_without_initial_response_prompts_334() {
-    let line = format!(
-        "EHLO x\r\nAUTH PLAIN\r\n{}\r\n",
-        auth::encode_plain("u", "p")
-    );
+    let line = format!("EHLO x\r\nAUTH PLAIN\r\n{}\r\n", auth::encode_plain("u", "p"));
     let t = run_with(auth_cfg(), Hooks::default(), &[In(line.as_bytes())]);
     assert_eq!(t.codes(), [220, 250, 334, 235]);
 }
@@ -736,25 +563,15 @@ fn auth_login_walks_both_prompts() {
     let t = run_with(auth_cfg(), Hooks::default(), &[In(line.as_bytes())]);
     assert!(t.has_line("334 VXNlcm5hbWU6") && t.has_line("334 UGFzc3dvcmQ6"));
     assert_eq!(t.codes(), [220, 250, 334, 334, 235]);
-    let line = format!(
-        "EHLO x\r\nAUTH LOGIN {}\r\n{}\r\n",
-        auth::encode_login_step("u"),
-        auth::encode_login_step("p")
-    );
+    let line = format!("EHLO x\r\nAUTH LOGIN {}\r\n{}\r\n", auth::encode_login_step("u"), auth::encode_login_step("p"));
     let t = run_with(auth_cfg(), Hooks::default(), &[In(line.as_bytes())]);
     assert_eq!(t.codes(), [220, 250, 334, 235]);
 }
 
 #[test]
 fn auth_cancel_and_bad_base64_are_501_and_wrong_password_535() {
-    let hooks = Hooks {
-        password: Some(b"right"),
-        ..Hooks::default()
-    };
-    let line = format!(
-        "EHLO x\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN !!!\r\nAUTH PLAIN {}\r\nAUTH LOGIN\r\n*\r\n",
-        auth::encode_plain("u", "wrong")
-    );
+    let hooks = Hooks { password: Some(b"right"), ..Hooks::default() };
+    let line = format!("EHLO x\r\nAUTH PLAIN\r\n*\r\nAUTH PLAIN !!!\r\nAUTH PLAIN {}\r\nAUTH LOGIN\r\n*\r\n", auth::encode_plain("u", "wrong"));
     let t = run_with(auth_cfg(), hooks, &[In(line.as_bytes())]);
     assert_eq!(t.codes(), [220, 250, 334, 501, 501, 535, 334, 501]);
     assert!(t.has_line("535 5.7.8 Authentication credentials invalid"));
@@ -762,25 +579,14 @@ fn auth_cancel_and_bad_base64_are_501_and_wrong_password_535() {
 
 #[test]
 fn auth_before_tls_when_required_is_538() {
-    let c = ServerConfig {
-        auth_requires_tls: true,
-        ..auth_cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(b"EHLO x\r\nAUTH PLAIN AHUAcA==\r\n")],
-    );
+    let c = ServerConfig { auth_requires_tls: true, ..auth_cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nAUTH PLAIN AHUAcA==\r\n")]);
     assert_eq!(t.codes(), [220, 250, 538]);
 }
 
 #[test]
 fn ehlo_advertises_xclient_with_its_attributes_only_when_enabled() {
-    let c = ServerConfig {
-        xclient: true,
-        auth_enabled: true,
-        ..cfg()
-    };
+    let c = ServerConfig { xclient: true, auth_enabled: true, ..cfg() };
     let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\n")]);
     assert!(t.out.ends_with("250-AUTH PLAIN LOGIN\r\n250 XCLIENT NAME ADDR PORT PROTO HELO REVERSE_NAME LOGIN DESTADDR DESTPORT\r\n"), "{}", t.out);
     let t = run(&[In(b"EHLO x\r\n")]);
@@ -789,14 +595,8 @@ fn ehlo_advertises_xclient_with_its_attributes_only_when_enabled() {
 
 #[test]
 fn xclient_with_every_advertised_attribute_claims_the_address_for_what_follows() {
-    let c = ServerConfig {
-        xclient: true,
-        ..cfg()
-    };
-    let hooks = Hooks {
-        log_peer: true,
-        ..Hooks::default()
-    };
+    let c = ServerConfig { xclient: true, ..cfg() };
+    let hooks = Hooks { log_peer: true, ..Hooks::default() };
     let t = run_with(
         c,
         hooks,
@@ -808,10 +608,7 @@ fn xclient_with_every_advertised_attribute_claims_the_address_for_what_follows()
             In(b"XCLIENT ADDR=[UNAVAILABLE] NAME=[TEMPUNAVAIL]\r\nEHLO x\r\nMAIL FROM:<a@b>\r\n"),
         ],
     );
-    assert_eq!(
-        t.codes(),
-        [220, 250, 250, 250, 220, 250, 250, 250, 220, 250, 250, 250, 220, 250, 250]
-    );
+    assert_eq!(t.codes(), [220, 250, 250, 250, 220, 250, 250, 250, 220, 250, 250, 250, 220, 250, 250]);
     assert_eq!(
         t.log,
         [
@@ -825,51 +622,26 @@ fn xclient_with_every_advertised_attribute_claims_the_address_for_what_follows()
 
 #[test]
 fn xclient_with_an_unknown_or_malformed_attribute_is_501_and_claims_nothing() {
-    let c = ServerConfig {
-        xclient: true,
-        ..cfg()
-    };
-    let hooks = Hooks {
-        log_peer: true,
-        ..Hooks::default()
-    };
+    let c = ServerConfig { xclient: true, ..cfg() };
+    let hooks = Hooks { log_peer: true, ..Hooks::default() };
     let t = run_with(
         c,
         hooks,
-        &[In(
-            b"EHLO x\r\nXCLIENT ADDR=192.0.2.9 FOO=1\r\nXCLIENT ADDR=not-an-ip\r\nXCLIENT ADDR\r\n\
-               XCLIENT ADDR=192.0.2.9 PORT=70000\r\nXCLIENT\r\nMAIL FROM:<a@b>\r\n",
-        )],
+        &[In(b"EHLO x\r\nXCLIENT ADDR=192.0.2.9 FOO=1\r\nXCLIENT ADDR=not-an-ip\r\nXCLIENT ADDR\r\n\
+               XCLIENT ADDR=192.0.2.9 PORT=70000\r\nXCLIENT\r\nMAIL FROM:<a@b>\r\n")],
     );
     assert_eq!(t.codes(), [220, 250, 501, 501, 501, 501, 501, 250]);
-    assert!(
-        t.has_line("501 5.5.4 Bad XCLIENT attribute name"),
-        "{}",
-        t.out
-    );
+    assert!(t.has_line("501 5.5.4 Bad XCLIENT attribute name"), "{}", t.out);
     assert!(t.has_line("501 5.5.4 Bad XCLIENT ADDR syntax"), "{}", t.out);
-    assert!(
-        t.has_line("501 5.5.4 Bad XCLIENT attribute syntax, expected NAME=VALUE"),
-        "{}",
-        t.out
-    );
+    assert!(t.has_line("501 5.5.4 Bad XCLIENT attribute syntax, expected NAME=VALUE"), "{}", t.out);
     assert!(t.has_line("501 5.5.4 Bad XCLIENT PORT syntax"), "{}", t.out);
     assert_eq!(t.log, ["mail from peer None"]);
 }
 
 #[test]
 fn xclient_replies_220_and_resets() {
-    let c = ServerConfig {
-        xclient: true,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(
-            b"EHLO x\r\nXCLIENT ADDR=192.0.2.1 PORT=4000 NAME=x\r\nMAIL FROM:<a@b>\r\n",
-        )],
-    );
+    let c = ServerConfig { xclient: true, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\nXCLIENT ADDR=192.0.2.1 PORT=4000 NAME=x\r\nMAIL FROM:<a@b>\r\n")]);
     assert_eq!(t.codes(), [220, 250, 220, 503]);
     let t = run(&[In(b"XCLIENT ADDR=1.2.3.4\r\n")]);
     assert_eq!(t.codes(), [220, 502]);
@@ -877,49 +649,26 @@ fn xclient_replies_220_and_resets() {
 
 #[test]
 fn proxy_v1_header_comes_before_the_greeting() {
-    let c = ServerConfig {
-        proxy_protocol: true,
-        ..cfg()
-    };
-    let t = run_with(
-        c,
-        Hooks::default(),
-        &[In(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\nEHLO x\r\n")],
-    );
+    let c = ServerConfig { proxy_protocol: true, ..cfg() };
+    let t = run_with(c, Hooks::default(), &[In(b"PROXY TCP4 192.0.2.1 192.0.2.2 1234 25\r\nEHLO x\r\n")]);
     assert_eq!(t.codes(), [220, 250]);
     assert!(t.out.starts_with("220 mx.test ESMTP smtpstorm\r\n"));
-    assert_eq!(
-        t.events[0],
-        ServerEvent::Proxy(proxy::ProxyHeader {
-            src: Some("192.0.2.1:1234".parse().unwrap()),
-            dst: Some("192.0.2.2:25".parse().unwrap())
-        })
-    );
+    assert_eq!(t.events[0], ServerEvent::Proxy(proxy::ProxyHeader { src: Some("192.0.2.1:1234".parse().unwrap()), dst: Some("192.0.2.2:25".parse().unwrap()) }));
 }
 
 #[test]
 fn proxy_v2_header_is_parsed_and_the_peer_given_to_hooks() {
     let mut input = Vec::new();
-    proxy::write_v2(
-        "[2001:db8::1]:5000".parse().unwrap(),
-        "[2001:db8::2]:25".parse().unwrap(),
-        &mut input,
-    );
+    proxy::write_v2("[2001:db8::1]:5000".parse().unwrap(), "[2001:db8::2]:25".parse().unwrap(), &mut input);
     input.extend_from_slice(b"NOOP\r\n");
-    let c = ServerConfig {
-        proxy_protocol: true,
-        ..cfg()
-    };
+    let c = ServerConfig { proxy_protocol: true, ..cfg() };
     let t = run_with(c, Hooks::default(), &[In(&input)]);
     assert_eq!(t.codes(), [220, 250]);
 }
 
 #[test]
 fn bad_proxy_header_closes_without_a_greeting() {
-    let c = ServerConfig {
-        proxy_protocol: true,
-        ..cfg()
-    };
+    let c = ServerConfig { proxy_protocol: true, ..cfg() };
     let t = run_with(c, Hooks::default(), &[In(b"EHLO x\r\n")]);
     assert_eq!(t.out, "");
     assert_eq!(t.events, [ServerEvent::Close(CloseReason::ProxyError)]);
@@ -936,32 +685,15 @@ fn short_timeouts() -> ServerConfig {
 
 #[test]
 fn command_timeout_writes_421_and_closes() {
-    let t = run_with(
-        short_timeouts(),
-        Hooks::default(),
-        &[
-            In(b"EHLO x\r\n"),
-            Wait(9_999),
-            In(b"NOOP\r\n"),
-            Wait(9_999),
-            Wait(2),
-        ],
-    );
+    let t = run_with(short_timeouts(), Hooks::default(), &[In(b"EHLO x\r\n"), Wait(9_999), In(b"NOOP\r\n"), Wait(9_999), Wait(2)]);
     assert_eq!(t.codes(), [220, 250, 250, 421]);
     assert!(t.has_line("421 4.4.2 mx.test Error: timeout exceeded"));
-    assert_eq!(
-        t.events.last(),
-        Some(&ServerEvent::Close(CloseReason::Timeout))
-    );
+    assert_eq!(t.events.last(), Some(&ServerEvent::Close(CloseReason::Timeout)));
 }
 
 #[test]
 fn data_block_timeout_applies_inside_a_body() {
-    let t = run_with(
-        short_timeouts(),
-        Hooks::default(),
-        &[In(HELLO), In(b"DATA\r\npartial"), Wait(3_001)],
-    );
+    let t = run_with(short_timeouts(), Hooks::default(), &[In(HELLO), In(b"DATA\r\npartial"), Wait(3_001)]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 354, 421]);
     assert_eq!(t.log.last().unwrap(), "end false");
 }
@@ -984,159 +716,84 @@ fn poll_timeout_reports_the_current_deadline() {
 // ---- fault verdicts ------------------------------------------------------------------------------
 
 fn with(v: Vec<(CommandKind, Verdict)>) -> Hooks {
-    Hooks {
-        verdicts: v,
-        ..Hooks::default()
-    }
+    Hooks { verdicts: v, ..Hooks::default() }
 }
 
 #[test]
 fn rcpt_fault_451_does_not_add_the_recipient() {
     let h = with(vec![(CommandKind::Rcpt, Verdict::Reply(451))]);
-    let t = run_with(
-        cfg(),
-        h,
-        &[In(
-            b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@b>\r\nRCPT TO:<2@b>\r\nDATA\r\nx\r\n.\r\n",
-        )],
-    );
+    let t = run_with(cfg(), h, &[In(b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<1@b>\r\nRCPT TO:<2@b>\r\nDATA\r\nx\r\n.\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 451, 250, 354, 250]);
-    assert!(t
-        .events
-        .iter()
-        .any(|e| matches!(e, ServerEvent::Message { recipients: 1, .. })));
+    assert!(t.events.iter().any(|e| matches!(e, ServerEvent::Message { recipients: 1, .. })));
 }
 
 #[test]
 fn connect_fault_421_closes_after_the_reply() {
-    let t = run_with(
-        cfg(),
-        with(vec![(CommandKind::Connect, Verdict::Reply(421))]),
-        &[In(b"EHLO x\r\n")],
-    );
+    let t = run_with(cfg(), with(vec![(CommandKind::Connect, Verdict::Reply(421))]), &[In(b"EHLO x\r\n")]);
     assert_eq!(t.codes(), [421]);
     assert!(t.closed);
 }
 
 #[test]
 fn connect_fault_554_refuses_everything_but_quit() {
-    let t = run_with(
-        cfg(),
-        with(vec![(CommandKind::Connect, Verdict::Reply(554))]),
-        &[In(b"EHLO x\r\nQUIT\r\n")],
-    );
+    let t = run_with(cfg(), with(vec![(CommandKind::Connect, Verdict::Reply(554))]), &[In(b"EHLO x\r\nQUIT\r\n")]);
     assert_eq!(t.codes(), [554, 503, 221]);
 }
 
 #[test]
 fn disconnect_closes_without_a_reply_and_disconnect421_with_one() {
-    let t = run_with(
-        cfg(),
-        with(vec![(CommandKind::Mail, Verdict::Disconnect)]),
-        &[In(b"EHLO x\r\nMAIL FROM:<a@b>\r\nNOOP\r\n")],
-    );
+    let t = run_with(cfg(), with(vec![(CommandKind::Mail, Verdict::Disconnect)]), &[In(b"EHLO x\r\nMAIL FROM:<a@b>\r\nNOOP\r\n")]);
     assert_eq!(t.codes(), [220, 250]);
-    assert_eq!(
-        t.events.last(),
-        Some(&ServerEvent::Close(CloseReason::Fault))
-    );
-    let t = run_with(
-        cfg(),
-        with(vec![(CommandKind::Ehlo, Verdict::Disconnect421)]),
-        &[In(b"EHLO x\r\nNOOP\r\n")],
-    );
+    assert_eq!(t.events.last(), Some(&ServerEvent::Close(CloseReason::Fault)));
+    let t = run_with(cfg(), with(vec![(CommandKind::Ehlo, Verdict::Disconnect421)]), &[In(b"EHLO x\r\nNOOP\r\n")]);
     assert_eq!(t.codes(), [220, 421]);
     assert!(t.has_line("421 4.3.2 mx.test Service not available, closing transmission channel"));
 }
 
 #[test]
 fn dot_fault_decides_the_message_outcome() {
-    let t = run_with(
-        cfg(),
-        with(vec![(CommandKind::Dot, Verdict::Reply(554))]),
-        &[In(HELLO), In(b"DATA\r\nx\r\n.\r\n")],
-    );
+    let t = run_with(cfg(), with(vec![(CommandKind::Dot, Verdict::Reply(554))]), &[In(HELLO), In(b"DATA\r\nx\r\n.\r\n")]);
     assert_eq!(t.messages(), [(MessageOutcome::Rejected, 554)]);
     assert_eq!(t.log.last().unwrap(), "end false");
-    let t = run_with(
-        cfg(),
-        with(vec![(CommandKind::Dot, Verdict::Reply(451))]),
-        &[In(HELLO), In(b"DATA\r\nx\r\n.\r\n")],
-    );
+    let t = run_with(cfg(), with(vec![(CommandKind::Dot, Verdict::Reply(451))]), &[In(HELLO), In(b"DATA\r\nx\r\n.\r\n")]);
     assert_eq!(t.messages(), [(MessageOutcome::TempFailed, 451)]);
 }
 
 #[test]
 fn data_fault_refuses_the_message_without_354() {
-    let t = run_with(
-        cfg(),
-        with(vec![(CommandKind::Data, Verdict::Reply(451))]),
-        &[In(HELLO), In(b"DATA\r\nMAIL FROM:<a@b>\r\n")],
-    );
+    let t = run_with(cfg(), with(vec![(CommandKind::Data, Verdict::Reply(451))]), &[In(HELLO), In(b"DATA\r\nMAIL FROM:<a@b>\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 451, 250]);
     assert_eq!(t.messages(), [(MessageOutcome::TempFailed, 451)]);
 }
 
 #[test]
 fn delay_holds_the_reply_and_buffers_later_input() {
-    let h = with(vec![(
-        CommandKind::Ehlo,
-        Verdict::Delay(Duration::from_millis(200)),
-    )]);
-    let t = run_with(
-        cfg(),
-        h,
-        &[In(b"EHLO x\r\nNOOP\r\n"), In(b"NOOP\r\n"), Wait(199)],
-    );
+    let h = with(vec![(CommandKind::Ehlo, Verdict::Delay(Duration::from_millis(200)))]);
+    let t = run_with(cfg(), h, &[In(b"EHLO x\r\nNOOP\r\n"), In(b"NOOP\r\n"), Wait(199)]);
     assert_eq!(t.codes(), [220]);
-    let h = with(vec![(
-        CommandKind::Ehlo,
-        Verdict::Delay(Duration::from_millis(200)),
-    )]);
-    let t = run_with(
-        cfg(),
-        h,
-        &[
-            In(b"EHLO x\r\nNOOP\r\n"),
-            In(b"NOOP\r\n"),
-            Wait(200),
-            In(b"QUIT\r\n"),
-        ],
-    );
+    let h = with(vec![(CommandKind::Ehlo, Verdict::Delay(Duration::from_millis(200)))]);
+    let t = run_with(cfg(), h, &[In(b"EHLO x\r\nNOOP\r\n"), In(b"NOOP\r\n"), Wait(200), In(b"QUIT\r\n")]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 221]);
 }
 
 #[test]
 fn delay_at_connect_holds_the_greeting() {
-    let h = with(vec![(
-        CommandKind::Connect,
-        Verdict::Delay(Duration::from_millis(50)),
-    )]);
+    let h = with(vec![(CommandKind::Connect, Verdict::Delay(Duration::from_millis(50)))]);
     let t = run_with(cfg(), h, &[In(b"NOOP\r\n"), Wait(50)]);
     assert_eq!(t.codes(), [220, 250]);
 }
 
 #[test]
 fn delay_at_dot_holds_the_final_reply() {
-    let h = with(vec![(
-        CommandKind::Dot,
-        Verdict::Delay(Duration::from_millis(100)),
-    )]);
-    let t = run_with(
-        cfg(),
-        h,
-        &[In(HELLO), In(b"DATA\r\nx\r\n.\r\nNOOP\r\n"), Wait(100)],
-    );
+    let h = with(vec![(CommandKind::Dot, Verdict::Delay(Duration::from_millis(100)))]);
+    let t = run_with(cfg(), h, &[In(HELLO), In(b"DATA\r\nx\r\n.\r\nNOOP\r\n"), Wait(100)]);
     assert_eq!(t.codes(), [220, 250, 250, 250, 354, 250, 250]);
     assert_eq!(t.messages(), [(MessageOutcome::Accepted, 250)]);
 }
 
 #[test]
 fn a_full_delay_buffer_stops_reading() {
-    let h = &mut with(vec![(
-        CommandKind::Noop,
-        Verdict::Delay(Duration::from_secs(1)),
-    )]);
+    let h = &mut with(vec![(CommandKind::Noop, Verdict::Delay(Duration::from_secs(1)))]);
     let now = Instant::now();
     let mut s = ServerSession::new(Arc::new(cfg()), now);
     let mut out = Vec::new();
@@ -1146,9 +803,7 @@ fn a_full_delay_buffer_stops_reading() {
     while s.wants_read() {
         s.handle_input(now, &filler, &mut out, h);
     }
-    assert!(
-        s.buffered_bytes() >= MAX_PENDING_INPUT && s.buffered_bytes() < MAX_PENDING_INPUT + 2048
-    );
+    assert!(s.buffered_bytes() >= MAX_PENDING_INPUT && s.buffered_bytes() < MAX_PENDING_INPUT + 2048);
     s.handle_timeout(now + Duration::from_secs(1), &mut out, h);
     assert!(s.wants_read());
 }
@@ -1171,12 +826,7 @@ fn stuff(body: &[u8]) -> Vec<u8> {
 
 fn replay_chunks(input: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<ServerEvent>, Vec<u8>) {
     let now = Instant::now();
-    let c = ServerConfig {
-        auth_enabled: true,
-        starttls_available: true,
-        xclient: true,
-        ..cfg()
-    };
+    let c = ServerConfig { auth_enabled: true, starttls_available: true, xclient: true, ..cfg() };
     let mut s = ServerSession::new(Arc::new(c), now);
     let mut h = Hooks::default();
     let mut out = Vec::new();

@@ -196,14 +196,7 @@ fn every_template_placeholder_reads_right_in_help_man_and_completions() {
         from.contains("{n} global sequence, {thread}, {rand}, {instance}"),
         "--from help: {from:?}\n{help}"
     );
-    for p in [
-        "{n}",
-        "{thread}",
-        "{rand}",
-        "{instance}",
-        "{r}",
-        "client{n}.example",
-    ] {
+    for p in ["{n}", "{thread}", "{rand}", "{instance}", "{r}", "client{n}.example"] {
         assert!(help.contains(p), "`blast --help` lacks {p}:\n{help}");
     }
     assert!(!help.contains('\u{1b}'), "escape codes in plain --help");

@@ -143,8 +143,7 @@ fn proxy_header_comes_before_the_greeting() {
     cfg.server.proxy_protocol = true;
     let s = sink::start(cfg).unwrap();
     let (mut r, mut w) = connect(s.plain_addrs()[0]);
-    w.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 25\r\n")
-        .unwrap();
+    w.write_all(b"PROXY TCP4 192.0.2.1 192.0.2.2 40000 25\r\n").unwrap();
     assert!(reply(&mut r).starts_with("220 "));
     w.write_all(b"QUIT\r\n").unwrap();
     assert!(reply(&mut r).starts_with("221 "));
@@ -161,8 +160,7 @@ fn lmtp_answers_once_per_recipient_after_data() {
     assert!(reply(&mut r).starts_with("220 "));
     w.write_all(b"LHLO t\r\n").unwrap();
     assert!(reply(&mut r).contains("250 "));
-    w.write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n")
-        .unwrap();
+    w.write_all(b"MAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nRCPT TO:<e@f>\r\nDATA\r\n").unwrap();
     for _ in 0..4 {
         reply(&mut r);
     }

@@ -108,34 +108,14 @@ fn the_blaster_and_the_sink_agree_on_tls_and_resumed_sessions() {
     let dir = tempfile::tempdir().unwrap();
     let (code, v, err) = common::blast(
         dir.path(),
-        &[
-            &sink.addr(),
-            "-n",
-            "30",
-            "-c",
-            "1",
-            "--threads",
-            "1",
-            "--starttls",
-            "--tls-resume",
-        ],
+        &[&sink.addr(), "-n", "30", "-c", "1", "--threads", "1", "--starttls", "--tls-resume"],
     );
     assert_eq!(code, 0, "{err}");
     let s = sink.stop();
     for (who, r) in [("blast", &v), ("sink", &s)] {
         assert_eq!(get_u64(r, "counts.sessions"), 30, "{who}: {}", r["counts"]);
-        assert_eq!(
-            get_u64(r, "counts.tls_sessions"),
-            30,
-            "{who}: {}",
-            r["counts"]
-        );
-        assert_eq!(
-            get_u64(r, "counts.tls_resumed"),
-            29,
-            "{who}: {}",
-            r["counts"]
-        );
+        assert_eq!(get_u64(r, "counts.tls_sessions"), 30, "{who}: {}", r["counts"]);
+        assert_eq!(get_u64(r, "counts.tls_resumed"), 29, "{who}: {}", r["counts"]);
     }
 }
 

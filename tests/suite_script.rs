@@ -165,14 +165,8 @@ fn the_integration_tests_run_once_per_kernel_socket_backend() {
         .filter(|c| !c.contains("--ignored"))
         .collect();
     assert_eq!(runs.len(), 2, "{:?}", o.calls);
-    assert!(
-        runs[0].ends_with("|io=epoll") && runs[0].contains("--lib"),
-        "{runs:?}"
-    );
-    assert!(
-        runs[1].ends_with("|io=uring") && runs[1].contains("--test open_loop"),
-        "{runs:?}"
-    );
+    assert!(runs[0].ends_with("|io=epoll") && runs[0].contains("--lib"), "{runs:?}");
+    assert!(runs[1].ends_with("|io=uring") && runs[1].contains("--test open_loop"), "{runs:?}");
     assert!(!runs[1].contains("--lib"), "unit tests run once: {runs:?}");
     // The backend contract runs every backend itself: once, in the first pass.
     assert!(!runs[1].contains("backend_contract"), "{runs:?}");

@@ -38,9 +38,7 @@ pub fn decode_b64<'b>(input: &[u8], buf: &'b mut Vec<u8>) -> Result<&'b [u8], Au
         b"*" => Err(AuthError::Cancelled),
         b"=" | b"" => Ok(&buf[..]),
         _ => {
-            STANDARD
-                .decode_vec(input, buf)
-                .map_err(|_| AuthError::Base64)?;
+            STANDARD.decode_vec(input, buf).map_err(|_| AuthError::Base64)?;
             Ok(&buf[..])
         }
     }
@@ -56,11 +54,7 @@ pub fn decode_plain<'b>(input: &[u8], buf: &'b mut Vec<u8>) -> Result<Plain<'b>,
     if user.is_empty() || pass.contains(&0) {
         return Err(AuthError::Malformed);
     }
-    Ok(Plain {
-        authzid,
-        user,
-        pass,
-    })
+    Ok(Plain { authzid, user, pass })
 }
 
 /// The PLAIN initial response for `user`/`pass` (empty authzid).
@@ -87,14 +81,7 @@ mod tests {
         let enc = encode_plain("user", "pa ss");
         let mut buf = Vec::new();
         let p = decode_plain(enc.as_bytes(), &mut buf).unwrap();
-        assert_eq!(
-            p,
-            Plain {
-                authzid: b"",
-                user: b"user",
-                pass: b"pa ss"
-            }
-        );
+        assert_eq!(p, Plain { authzid: b"", user: b"user", pass: b"pa ss" });
     }
 
     #[test]
@@ -103,10 +90,7 @@ mod tests {
         assert_eq!(decode_plain(b"*", &mut buf), Err(AuthError::Cancelled));
         assert_eq!(decode_plain(b"!!!", &mut buf), Err(AuthError::Base64));
         let no_nul = STANDARD.encode("usepass");
-        assert_eq!(
-            decode_plain(no_nul.as_bytes(), &mut buf),
-            Err(AuthError::Malformed)
-        );
+        assert_eq!(decode_plain(no_nul.as_bytes(), &mut buf), Err(AuthError::Malformed));
         assert_eq!(decode_b64(b"=", &mut buf), Ok(&b""[..]));
     }
 }

@@ -151,10 +151,9 @@ impl DataScanner {
         let n = rest.len();
         let mut k = 0usize;
         while k + 65 <= n {
-            let (Ok(a), Ok(b)) = (
-                <&[u8; 64]>::try_from(&rest[k..k + 64]),
-                <&[u8; 64]>::try_from(&rest[k + 1..k + 65]),
-            ) else {
+            let (Ok(a), Ok(b)) =
+                (<&[u8; 64]>::try_from(&rest[k..k + 64]), <&[u8; 64]>::try_from(&rest[k + 1..k + 65]))
+            else {
                 break;
             };
             let mut flags = 0u8;
@@ -177,11 +176,7 @@ impl DataScanner {
             // The line starting at `ls` must end (LF) before `limit`.
             let lo = (ls.max(abs0) - abs0) as usize;
             let limit = ls + MAX_TEXT_LINE as u64;
-            let hi = if limit > abs0 {
-                (limit - abs0) as usize
-            } else {
-                lo
-            };
+            let hi = if limit > abs0 { (limit - abs0) as usize } else { lo };
             ls = match memrchr(b'\n', &r[lo..hi]) {
                 Some(k) => abs0 + (lo + k + 1) as u64,
                 None => {
@@ -237,11 +232,7 @@ impl DataScanner {
                                 from = p + 1;
                             }
                             i = p + 1;
-                            self.state = if accept {
-                                State::Start { bare: true }
-                            } else {
-                                State::Mid
-                            };
+                            self.state = if accept { State::Start { bare: true } } else { State::Mid };
                         }
                     }
                 },
@@ -291,11 +282,7 @@ impl DataScanner {
                         put(&mut emit, &mut body, DOT);
                         put(&mut emit, &mut body, if normalize { CRLF } else { LF });
                         from = i;
-                        self.state = if accept {
-                            State::Start { bare: true }
-                        } else {
-                            State::Mid
-                        };
+                        self.state = if accept { State::Start { bare: true } } else { State::Mid };
                     }
                     // A stuffed dot: dropped (already skipped by `from`).
                     _ => self.state = State::Mid,
@@ -357,11 +344,7 @@ mod tests {
     #[test]
     fn every_split_gives_the_same_body() {
         let input: &[u8] = b"a\r\n..b\r\n\r\n.\rx\n.\nq\r\n.\r\nrest";
-        for policy in [
-            BareLfPolicy::Reject,
-            BareLfPolicy::Normalize,
-            BareLfPolicy::Accept,
-        ] {
+        for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize, BareLfPolicy::Accept] {
             let (whole, wo, ws) = run(policy, input);
             for cut in 0..=input.len() {
                 let mut s = DataScanner::new(policy);
@@ -409,15 +392,7 @@ mod tests {
             base.extend_from_slice(line);
         }
         let mut cases: Vec<Vec<u8>> = vec![base.clone()];
-        for (at, ins) in [
-            (300usize, &b"\n"[..]),
-            (76, b"\n\n"),
-            (150, b"x\n"),
-            (1500, b"\r"),
-            (2000, b"\n.\n"),
-            (777, &[b'x'; 1100][..]),
-            (5, b"\r\r\n"),
-        ] {
+        for (at, ins) in [(300usize, &b"\n"[..]), (76, b"\n\n"), (150, b"x\n"), (1500, b"\r"), (2000, b"\n.\n"), (777, &[b'x'; 1100][..]), (5, b"\r\r\n")] {
             let mut v = base.clone();
             v.splice(at..at, ins.iter().copied());
             cases.push(v);
@@ -427,11 +402,7 @@ mod tests {
         cases.push(long_first);
         for mut c in cases {
             c.extend_from_slice(b"\r\n.\r\n");
-            for policy in [
-                BareLfPolicy::Reject,
-                BareLfPolicy::Normalize,
-                BareLfPolicy::Accept,
-            ] {
+            for policy in [BareLfPolicy::Reject, BareLfPolicy::Normalize, BareLfPolicy::Accept] {
                 let reference = {
                     let mut s = DataScanner::new(policy);
                     let mut body = Vec::new();
@@ -443,30 +414,14 @@ mod tests {
                             break;
                         }
                     }
-                    (
-                        body,
-                        used,
-                        s.saw_bare_lf(),
-                        s.saw_bare_cr(),
-                        s.saw_long_line(),
-                    )
+                    (body, used, s.saw_bare_lf(), s.saw_bare_cr(), s.saw_long_line())
                 };
                 for cut in (0..c.len()).step_by(97).chain([c.len()]) {
                     let mut s = DataScanner::new(policy);
                     let mut body = Vec::new();
                     let o1 = s.scan(&c[..cut], |x| body.extend_from_slice(x));
-                    let used = if o1.ended {
-                        o1.consumed
-                    } else {
-                        cut + s.scan(&c[cut..], |x| body.extend_from_slice(x)).consumed
-                    };
-                    let got = (
-                        body,
-                        used,
-                        s.saw_bare_lf(),
-                        s.saw_bare_cr(),
-                        s.saw_long_line(),
-                    );
+                    let used = if o1.ended { o1.consumed } else { cut + s.scan(&c[cut..], |x| body.extend_from_slice(x)).consumed };
+                    let got = (body, used, s.saw_bare_lf(), s.saw_bare_cr(), s.saw_long_line());
                     assert_eq!(got, reference, "{policy:?} cut {cut}");
                 }
             }

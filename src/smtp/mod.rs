@@ -88,25 +88,9 @@ pub enum CommandKind {
 
 impl CommandKind {
     pub const ALL: [CommandKind; 19] = [
-        Self::Connect,
-        Self::Helo,
-        Self::Ehlo,
-        Self::Lhlo,
-        Self::Mail,
-        Self::Rcpt,
-        Self::Data,
-        Self::Dot,
-        Self::Bdat,
-        Self::Rset,
-        Self::Noop,
-        Self::Vrfy,
-        Self::Expn,
-        Self::Help,
-        Self::Quit,
-        Self::StartTls,
-        Self::Auth,
-        Self::Xclient,
-        Self::Unknown,
+        Self::Connect, Self::Helo, Self::Ehlo, Self::Lhlo, Self::Mail, Self::Rcpt, Self::Data,
+        Self::Dot, Self::Bdat, Self::Rset, Self::Noop, Self::Vrfy, Self::Expn, Self::Help,
+        Self::Quit, Self::StartTls, Self::Auth, Self::Xclient, Self::Unknown,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -162,18 +146,8 @@ pub enum Phase {
 
 impl Phase {
     pub const ALL: [Phase; 12] = [
-        Self::Connect,
-        Self::Banner,
-        Self::Ehlo,
-        Self::StartTls,
-        Self::Auth,
-        Self::Mail,
-        Self::Rcpt,
-        Self::Data,
-        Self::Body,
-        Self::Message,
-        Self::Quit,
-        Self::Session,
+        Self::Connect, Self::Banner, Self::Ehlo, Self::StartTls, Self::Auth, Self::Mail,
+        Self::Rcpt, Self::Data, Self::Body, Self::Message, Self::Quit, Self::Session,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -237,10 +211,7 @@ pub struct ServerTimeouts {
 
 impl Default for ServerTimeouts {
     fn default() -> Self {
-        Self {
-            command: Duration::from_secs(300),
-            data_block: Duration::from_secs(180),
-        }
+        Self { command: Duration::from_secs(300), data_block: Duration::from_secs(180) }
     }
 }
 
@@ -274,12 +245,6 @@ impl Default for ClientTimeouts {
 impl ClientTimeouts {
     /// Every phase gets the same bound (the blaster's `--timeout D`).
     pub fn uniform(d: Duration) -> Self {
-        Self {
-            greeting: d,
-            command: d,
-            data_init: d,
-            data_block: d,
-            data_term: d,
-        }
+        Self { greeting: d, command: d, data_init: d, data_block: d, data_term: d }
     }
 }

@@ -44,11 +44,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     }
     let n = buf.len().min(12);
     if buf[..n] == V2_SIG[..n] {
-        return if buf.len() < 16 {
-            Ok(None)
-        } else {
-            parse_v2(buf)
-        };
+        return if buf.len() < 16 { Ok(None) } else { parse_v2(buf) };
     }
     let n = buf.len().min(6);
     if buf[..n] == b"PROXY "[..n] {
@@ -60,11 +56,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
 fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     let window = &buf[..buf.len().min(V1_MAX)];
     let Some(lf) = memchr::memchr(b'\n', window) else {
-        return if buf.len() >= V1_MAX {
-            Err(ProxyError::TooLong)
-        } else {
-            Ok(None)
-        };
+        return if buf.len() >= V1_MAX { Err(ProxyError::TooLong) } else { Ok(None) };
     };
     if lf == 0 || window[lf - 1] != b'\r' {
         return Err(ProxyError::BadV1);
@@ -73,13 +65,7 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     let mut it = line.split(' ');
     let proto = it.next().ok_or(ProxyError::BadV1)?;
     if proto == "UNKNOWN" {
-        return Ok(Some((
-            ProxyHeader {
-                src: None,
-                dst: None,
-            },
-            lf + 1,
-        )));
+        return Ok(Some((ProxyHeader { src: None, dst: None }, lf + 1)));
     }
     let (s, d, sp, dp) = (it.next(), it.next(), it.next(), it.next());
     let (Some(s), Some(d), Some(sp), Some(dp), None) = (s, d, sp, dp, it.next()) else {
@@ -87,14 +73,8 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     };
     let ip = |t: &str| -> Result<IpAddr, ProxyError> {
         match proto {
-            "TCP4" => t
-                .parse::<Ipv4Addr>()
-                .map(IpAddr::V4)
-                .map_err(|_| ProxyError::BadV1),
-            "TCP6" => t
-                .parse::<Ipv6Addr>()
-                .map(IpAddr::V6)
-                .map_err(|_| ProxyError::BadV1),
+            "TCP4" => t.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| ProxyError::BadV1),
+            "TCP6" => t.parse::<Ipv6Addr>().map(IpAddr::V6).map_err(|_| ProxyError::BadV1),
             _ => Err(ProxyError::BadV1),
         }
     };
@@ -106,13 +86,7 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     };
     let src = SocketAddr::new(ip(s)?, port(sp)?);
     let dst = SocketAddr::new(ip(d)?, port(dp)?);
-    Ok(Some((
-        ProxyHeader {
-            src: Some(src),
-            dst: Some(dst),
-        },
-        lf + 1,
-    )))
+    Ok(Some((ProxyHeader { src: Some(src), dst: Some(dst) }, lf + 1)))
 }
 
 fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
@@ -132,13 +106,7 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     let total = 16 + len;
     if ver_cmd & 0x0f == 0 {
         // LOCAL: health check etc.; addresses (if any) are ignored.
-        return Ok(Some((
-            ProxyHeader {
-                src: None,
-                dst: None,
-            },
-            total,
-        )));
+        return Ok(Some((ProxyHeader { src: None, dst: None }, total)));
     }
     let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
     let hdr = match fam >> 4 {
@@ -167,10 +135,7 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
             }
         }
         // AF_UNSPEC / AF_UNIX: no IP addresses to report.
-        0 | 3 => ProxyHeader {
-            src: None,
-            dst: None,
-        },
+        0 | 3 => ProxyHeader { src: None, dst: None },
         _ => return Err(ProxyError::BadV2),
     };
     Ok(Some((hdr, total)))
@@ -190,12 +155,7 @@ pub fn write_v1(src: SocketAddr, dst: SocketAddr, out: &mut Vec<u8>) {
     let (s, d) = same_family(src, dst);
     let proto = if s.is_ipv4() { "TCP4" } else { "TCP6" };
     // Writing to a Vec cannot fail.
-    let _ = write!(
-        out,
-        "PROXY {proto} {s} {d} {} {}\r\n",
-        src.port(),
-        dst.port()
-    );
+    let _ = write!(out, "PROXY {proto} {s} {d} {} {}\r\n", src.port(), dst.port());
 }
 
 /// Append a v2 header (PROXY command, TCP over IPv4/IPv6, no TLVs).
@@ -230,14 +190,8 @@ mod tests {
 
     fn addrs() -> [(SocketAddr, SocketAddr); 2] {
         [
-            (
-                "10.0.0.1:1234".parse().unwrap(),
-                "10.0.0.2:25".parse().unwrap(),
-            ),
-            (
-                "[2001:db8::1]:40000".parse().unwrap(),
-                "[::1]:25".parse().unwrap(),
-            ),
+            ("10.0.0.1:1234".parse().unwrap(), "10.0.0.2:25".parse().unwrap()),
+            ("[2001:db8::1]:40000".parse().unwrap(), "[::1]:25".parse().unwrap()),
         ]
     }
 
@@ -246,11 +200,7 @@ mod tests {
         for (s, d) in addrs() {
             for v2 in [false, true] {
                 let mut buf = Vec::new();
-                if v2 {
-                    write_v2(s, d, &mut buf)
-                } else {
-                    write_v1(s, d, &mut buf)
-                }
+                if v2 { write_v2(s, d, &mut buf) } else { write_v1(s, d, &mut buf) }
                 buf.extend_from_slice(b"EHLO x\r\n");
                 let hlen = buf.len() - 8;
                 for cut in 0..hlen {
@@ -258,13 +208,7 @@ mod tests {
                 }
                 let (h, n) = parse(&buf).unwrap().unwrap();
                 assert_eq!(n, hlen);
-                assert_eq!(
-                    h,
-                    ProxyHeader {
-                        src: Some(s),
-                        dst: Some(d)
-                    }
-                );
+                assert_eq!(h, ProxyHeader { src: Some(s), dst: Some(d) });
             }
         }
     }
@@ -272,23 +216,11 @@ mod tests {
     #[test]
     fn garbage_is_rejected_early() {
         assert_eq!(parse(b"EHLO"), Err(ProxyError::NotProxy));
-        assert_eq!(
-            parse(b"PROXY TCP4 1.2.3.4 x 1 2\r\n"),
-            Err(ProxyError::BadV1)
-        );
+        assert_eq!(parse(b"PROXY TCP4 1.2.3.4 x 1 2\r\n"), Err(ProxyError::BadV1));
         assert_eq!(parse(&[b'P'; 1][..]), Ok(None));
         let mut long = b"PROXY ".to_vec();
         long.extend(std::iter::repeat_n(b'1', 200));
         assert_eq!(parse(&long), Err(ProxyError::TooLong));
-        assert_eq!(
-            parse(b"PROXY UNKNOWN\r\n"),
-            Ok(Some((
-                ProxyHeader {
-                    src: None,
-                    dst: None
-                },
-                15
-            )))
-        );
+        assert_eq!(parse(b"PROXY UNKNOWN\r\n"), Ok(Some((ProxyHeader { src: None, dst: None }, 15))));
     }
 }

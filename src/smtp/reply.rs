@@ -153,13 +153,8 @@ impl ReplyParser {
     /// The text lines of the last complete reply (or of the reply being
     /// parsed), without code, separator and line end.
     pub fn lines(&self) -> impl Iterator<Item = &[u8]> {
-        let text = if self.text.is_empty() {
-            &self.text[..0]
-        } else {
-            &self.text[..self.text.len() - 1]
-        };
-        text.split(|&b| b == b'\n')
-            .filter(move |_| !self.text.is_empty())
+        let text = if self.text.is_empty() { &self.text[..0] } else { &self.text[..self.text.len() - 1] };
+        text.split(|&b| b == b'\n').filter(move |_| !self.text.is_empty())
     }
 
     /// Parse the complete line in `self.line`.
@@ -176,9 +171,7 @@ impl ReplyParser {
         if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
             return Err(ReplyError::BadCode);
         }
-        let code = u16::from(line[0] - b'0') * 100
-            + u16::from(line[1] - b'0') * 10
-            + u16::from(line[2] - b'0');
+        let code = u16::from(line[0] - b'0') * 100 + u16::from(line[1] - b'0') * 10 + u16::from(line[2] - b'0');
         if !(100..=599).contains(&code) {
             return Err(ReplyError::BadCode);
         }
@@ -189,9 +182,7 @@ impl ReplyParser {
         };
         let text = line.get(4..).unwrap_or(&[]);
         match self.code {
-            Some(first) if first != code => {
-                return Err(ReplyError::CodeMismatch { first, next: code })
-            }
+            Some(first) if first != code => return Err(ReplyError::CodeMismatch { first, next: code }),
             Some(_) => {}
             None => {
                 self.code = Some(code);
@@ -209,10 +200,7 @@ impl ReplyParser {
         }
         self.code = None;
         self.reply_done = true;
-        Ok(Some(Reply {
-            code,
-            enhanced: self.enhanced.take(),
-        }))
+        Ok(Some(Reply { code, enhanced: self.enhanced.take() }))
     }
 }
 
@@ -225,26 +213,17 @@ fn parse_enhanced(text: &[u8], code: u16) -> Option<EnhancedCode> {
     let class = parse_num(parts.next()?, 1)?;
     let subject = parse_num(parts.next()?, 3)?;
     let detail = parse_num(parts.next()?, 3)?;
-    if parts.next().is_some() || !matches!(class, 2 | 4 | 5) || u16::from(class as u8) != code / 100
-    {
+    if parts.next().is_some() || !matches!(class, 2 | 4 | 5) || u16::from(class as u8) != code / 100 {
         return None;
     }
-    Some(EnhancedCode {
-        class: class as u8,
-        subject,
-        detail,
-    })
+    Some(EnhancedCode { class: class as u8, subject, detail })
 }
 
 fn parse_num(digits: &[u8], max_len: usize) -> Option<u16> {
     if digits.is_empty() || digits.len() > max_len || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(
-        digits
-            .iter()
-            .fold(0u16, |n, &d| n * 10 + u16::from(d - b'0')),
-    )
+    Some(digits.iter().fold(0u16, |n, &d| n * 10 + u16::from(d - b'0')))
 }
 
 /// The ESMTP extensions a server advertised in its EHLO (or LHLO) reply.
@@ -276,24 +255,15 @@ impl Capabilities {
     /// domain and is skipped). Unknown keywords are ignored; keywords and
     /// mechanisms are case-insensitive.
     pub fn from_ehlo_lines<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Self {
-        let mut caps = Capabilities {
-            esmtp: true,
-            ..Default::default()
-        };
+        let mut caps = Capabilities { esmtp: true, ..Default::default() };
         for line in lines.into_iter().skip(1) {
-            let mut words = line
-                .split(|&b| b == b' ' || b == b'=')
-                .filter(|w| !w.is_empty());
-            let Some(keyword) = words.next() else {
-                continue;
-            };
+            let mut words = line.split(|&b| b == b' ' || b == b'=').filter(|w| !w.is_empty());
+            let Some(keyword) = words.next() else { continue };
             let is = |k: &str| keyword.eq_ignore_ascii_case(k.as_bytes());
             if is("PIPELINING") {
                 caps.pipelining = true;
             } else if is("SIZE") {
-                let limit = words
-                    .next()
-                    .and_then(|w| std::str::from_utf8(w).ok()?.parse().ok());
+                let limit = words.next().and_then(|w| std::str::from_utf8(w).ok()?.parse().ok());
                 caps.size = Some(limit.unwrap_or(0));
             } else if is("8BITMIME") {
                 caps.eight_bit_mime = true;
@@ -354,14 +324,7 @@ mod tests {
         let s = b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 1000\r\n354 go\r\n";
         let whole = parse_all(&[s]);
         assert_eq!(whole.0.len(), 2);
-        assert_eq!(
-            whole.0[0].1,
-            vec![
-                b"mx.example".to_vec(),
-                b"PIPELINING".to_vec(),
-                b"SIZE 1000".to_vec()
-            ]
-        );
+        assert_eq!(whole.0[0].1, vec![b"mx.example".to_vec(), b"PIPELINING".to_vec(), b"SIZE 1000".to_vec()]);
         for k in 0..=s.len() {
             assert_eq!(parse_all(&[&s[..k], &s[k..]]), whole, "split at {k}");
         }
@@ -373,18 +336,8 @@ mod tests {
     fn enhanced_code_is_parsed_when_class_matches() {
         let mut p = ReplyParser::new();
         let mut pos = 0;
-        let r = p
-            .parse(b"550 5.1.1 no such user\r\n", &mut pos)
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            r.enhanced,
-            Some(EnhancedCode {
-                class: 5,
-                subject: 1,
-                detail: 1
-            })
-        );
+        let r = p.parse(b"550 5.1.1 no such user\r\n", &mut pos).unwrap().unwrap();
+        assert_eq!(r.enhanced, Some(EnhancedCode { class: 5, subject: 1, detail: 1 }));
         let mut pos = 0;
         let r = p.parse(b"250 5.1.1 odd\r\n", &mut pos).unwrap().unwrap();
         assert_eq!(r.enhanced, None);
@@ -392,23 +345,14 @@ mod tests {
 
     #[test]
     fn mismatched_codes_across_lines_are_an_error() {
-        assert_eq!(
-            parse_all(&[b"250-a\r\n251 b\r\n"]).1,
-            Some(ReplyError::CodeMismatch {
-                first: 250,
-                next: 251
-            })
-        );
+        assert_eq!(parse_all(&[b"250-a\r\n251 b\r\n"]).1, Some(ReplyError::CodeMismatch { first: 250, next: 251 }));
     }
 
     #[test]
     fn non_digit_code_is_an_error() {
         assert_eq!(parse_all(&[b"25x ok\r\n"]).1, Some(ReplyError::BadCode));
         assert_eq!(parse_all(&[b"ok\r\n"]).1, Some(ReplyError::BadCode));
-        assert_eq!(
-            parse_all(&[b"250_ok\r\n"]).1,
-            Some(ReplyError::BadSeparator)
-        );
+        assert_eq!(parse_all(&[b"250_ok\r\n"]).1, Some(ReplyError::BadSeparator));
     }
 
     #[test]

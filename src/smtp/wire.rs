@@ -22,20 +22,11 @@ pub enum Command<'a> {
     Ehlo(&'a [u8]),
     Lhlo(&'a [u8]),
     /// `MAIL FROM:<path> params`; `path` is empty for the null sender.
-    Mail {
-        path: &'a [u8],
-        params: &'a [u8],
-    },
+    Mail { path: &'a [u8], params: &'a [u8] },
     /// `RCPT TO:<path> params`; `path` is never empty.
-    Rcpt {
-        path: &'a [u8],
-        params: &'a [u8],
-    },
+    Rcpt { path: &'a [u8], params: &'a [u8] },
     Data,
-    Bdat {
-        size: u64,
-        last: bool,
-    },
+    Bdat { size: u64, last: bool },
     Rset,
     Noop,
     Vrfy(&'a [u8]),
@@ -43,10 +34,7 @@ pub enum Command<'a> {
     Help,
     Quit,
     StartTls,
-    Auth {
-        mechanism: &'a [u8],
-        initial: Option<&'a [u8]>,
-    },
+    Auth { mechanism: &'a [u8], initial: Option<&'a [u8]> },
     Xclient(&'a [u8]),
 }
 
@@ -216,19 +204,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, WireError> {
         b"RSET" => no_args(arg, Command::Rset),
         b"NOOP" => Ok(Command::Noop),
         b"VRFY" | b"EXPN" => {
-            let kind = if v[0] == b'V' {
-                CommandKind::Vrfy
-            } else {
-                CommandKind::Expn
-            };
+            let kind = if v[0] == b'V' { CommandKind::Vrfy } else { CommandKind::Expn };
             if arg.is_empty() {
                 return Err(WireError::Syntax(kind));
             }
-            Ok(if kind == CommandKind::Vrfy {
-                Command::Vrfy(arg)
-            } else {
-                Command::Expn(arg)
-            })
+            Ok(if kind == CommandKind::Vrfy { Command::Vrfy(arg) } else { Command::Expn(arg) })
         }
         b"HELP" => Ok(Command::Help),
         b"QUIT" => no_args(arg, Command::Quit),
@@ -243,15 +223,9 @@ pub fn parse_command(line: &[u8]) -> Result<Command<'_>, WireError> {
                     if initial.contains(&b' ') {
                         return Err(WireError::Syntax(CommandKind::Auth));
                     }
-                    Command::Auth {
-                        mechanism: &arg[..sp],
-                        initial: Some(initial),
-                    }
+                    Command::Auth { mechanism: &arg[..sp], initial: Some(initial) }
                 }
-                None => Command::Auth {
-                    mechanism: arg,
-                    initial: None,
-                },
+                None => Command::Auth { mechanism: arg, initial: None },
             })
         }
         b"XCLIENT" => {
@@ -389,33 +363,15 @@ mod tests {
     #[test]
     fn mail_from_parses_path_and_params() {
         let c = parse_command(b"mail from:<a@b.c> SIZE=10 BODY=8BITMIME").unwrap();
-        assert_eq!(
-            c,
-            Command::Mail {
-                path: b"a@b.c",
-                params: b"SIZE=10 BODY=8BITMIME"
-            }
-        );
+        assert_eq!(c, Command::Mail { path: b"a@b.c", params: b"SIZE=10 BODY=8BITMIME" });
         let p: Vec<_> = params(b"SIZE=10 SMTPUTF8").collect();
-        assert_eq!(
-            p,
-            vec![(&b"SIZE"[..], Some(&b"10"[..])), (&b"SMTPUTF8"[..], None)]
-        );
+        assert_eq!(p, vec![(&b"SIZE"[..], Some(&b"10"[..])), (&b"SMTPUTF8"[..], None)]);
     }
 
     #[test]
     fn null_sender_is_allowed_but_not_as_recipient() {
-        assert_eq!(
-            parse_command(b"MAIL FROM:<>").unwrap(),
-            Command::Mail {
-                path: b"",
-                params: b""
-            }
-        );
-        assert_eq!(
-            parse_command(b"RCPT TO:<>"),
-            Err(WireError::Syntax(CommandKind::Rcpt))
-        );
+        assert_eq!(parse_command(b"MAIL FROM:<>").unwrap(), Command::Mail { path: b"", params: b"" });
+        assert_eq!(parse_command(b"RCPT TO:<>"), Err(WireError::Syntax(CommandKind::Rcpt)));
     }
 
     #[test]
@@ -423,10 +379,7 @@ mod tests {
         let mut line = b"RCPT TO:<".to_vec();
         line.extend(std::iter::repeat_n(b'a', 300));
         line.push(b'>');
-        assert_eq!(
-            parse_command(&line),
-            Err(WireError::PathTooLong(CommandKind::Rcpt))
-        );
+        assert_eq!(parse_command(&line), Err(WireError::PathTooLong(CommandKind::Rcpt)));
         assert_eq!(
             parse_command(b"MAIL FROM:<\xff@x>"),
             Err(WireError::InvalidUtf8(CommandKind::Mail))
@@ -435,20 +388,8 @@ mod tests {
 
     #[test]
     fn bdat_parses_size_and_last() {
-        assert_eq!(
-            parse_command(b"BDAT 10 last").unwrap(),
-            Command::Bdat {
-                size: 10,
-                last: true
-            }
-        );
-        assert_eq!(
-            parse_command(b"BDAT 0").unwrap(),
-            Command::Bdat {
-                size: 0,
-                last: false
-            }
-        );
+        assert_eq!(parse_command(b"BDAT 10 last").unwrap(), Command::Bdat { size: 10, last: true });
+        assert_eq!(parse_command(b"BDAT 0").unwrap(), Command::Bdat { size: 0, last: false });
         assert!(parse_command(b"BDAT x").is_err());
         assert!(parse_command(b"BDAT 99999999999999999999").is_err());
     }

@@ -502,8 +502,7 @@ impl Pair {
                     assert!(self.server_tls.is_none(), "server StartTls twice");
                     let cfg = self.server_tls_cfg.clone().expect("server TLS config");
                     self.tls_from_s2c = Some(self.wire_s2c.len());
-                    self.server_tls =
-                        Some(TlsStream::new(TlsSide::Server(cfg)).expect("server TLS"));
+                    self.server_tls = Some(TlsStream::new(TlsSide::Server(cfg)).expect("server TLS"));
                 }
                 ServerEvent::Close(_) => self.server_closed = true,
                 _ => {}

@@ -11,13 +11,10 @@ use super::expect::Await;
 use super::{AuthMech, ClientError, ClientSession, PipeliningMode, State};
 
 impl ClientSession {
+
     pub(super) fn send_hello(&mut self, now: Instant) {
         self.state = State::Hello;
-        let (verb, what): (&[u8], _) = if self.config.lmtp {
-            (b"LHLO ", Await::Lhlo)
-        } else {
-            (b"EHLO ", Await::Ehlo)
-        };
+        let (verb, what): (&[u8], _) = if self.config.lmtp { (b"LHLO ", Await::Lhlo) } else { (b"EHLO ", Await::Ehlo) };
         let config = Arc::clone(&self.config);
         self.write_line(&[verb, config.helo_name.as_bytes()]);
         self.expect(what, 0, now);
@@ -147,8 +144,7 @@ impl ClientSession {
 
     pub(super) fn write_rcpt(&mut self, m: usize, i: usize, now: Instant) {
         self.tx.extend_from_slice(b"RCPT TO:<");
-        self.tx
-            .extend_from_slice(self.messages[m].rcpt_to[i].as_bytes());
+        self.tx.extend_from_slice(self.messages[m].rcpt_to[i].as_bytes());
         self.tx.extend_from_slice(b">\r\n");
         self.expect(Await::Rcpt, m, now);
     }
@@ -169,11 +165,7 @@ impl ClientSession {
             self.bdat_starts.push_back((self.tx.queued, m));
         }
         // Writing into the queue cannot fail.
-        let _ = write!(
-            self.tx,
-            "BDAT {size}{}\r\n",
-            if last { " LAST" } else { "" }
-        );
+        let _ = write!(self.tx, "BDAT {size}{}\r\n", if last { " LAST" } else { "" });
         let header_len = msg.header.len();
         let end = off + size;
         if off < header_len {
@@ -182,8 +174,7 @@ impl ClientSession {
         }
         if end > header_len {
             let body = Arc::clone(&self.messages[m].body);
-            self.tx
-                .push_shared(&body, off.max(header_len) - header_len, end - header_len);
+            self.tx.push_shared(&body, off.max(header_len) - header_len, end - header_len);
         }
         self.txns[m].bdat_off = end;
         // For LAST the number of replies is known only when they come (LMTP:

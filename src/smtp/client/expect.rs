@@ -25,12 +25,8 @@ pub(super) enum Await {
     Rcpt,
     Data,
     /// End of data; `discard` when it only closes a DATA no recipient wanted.
-    Dot {
-        discard: bool,
-    },
-    Bdat {
-        last: bool,
-    },
+    Dot { discard: bool },
+    Bdat { last: bool },
     Rset,
     Quit,
 }

@@ -215,11 +215,7 @@ pub enum ClientEvent {
     /// A phase ended: `latency` from its start (see the module doc) to its
     /// end; `corrected` from the intended time of its message (or of the
     /// session, for session phases) when the driver gave one.
-    Phase {
-        phase: Phase,
-        latency: Duration,
-        corrected: Option<Duration>,
-    },
+    Phase { phase: Phase, latency: Duration, corrected: Option<Duration> },
     /// A reply arrived for `command`.
     Reply { command: CommandKind, code: u16 },
     /// STARTTLS got 220: flush output, start the TLS client handshake, then
@@ -228,13 +224,7 @@ pub enum ClientEvent {
     /// The one outcome of message `index` (counted from 0 over the whole
     /// session, pushed messages included); `bytes` is its size (`header ++
     /// body`).
-    Message {
-        index: usize,
-        outcome: Outcome,
-        code: u16,
-        recipients_accepted: u32,
-        bytes: u64,
-    },
+    Message { index: usize, outcome: Outcome, code: u16, recipients_accepted: u32, bytes: u64 },
     /// The greeting's text lines joined by `\n` (only with `capture_text`).
     Banner(String),
     /// The EHLO/LHLO reply lines (only with `capture_text`).
@@ -294,6 +284,7 @@ enum State {
     Closing,
     Done,
 }
+
 
 /// One client SMTP session (see the module doc).
 pub struct ClientSession {

@@ -9,11 +9,7 @@ use std::sync::Arc;
 #[derive(Debug)]
 enum Seg {
     Bytes(Vec<u8>),
-    Shared {
-        data: Arc<[u8]>,
-        pos: usize,
-        end: usize,
-    },
+    Shared { data: Arc<[u8]>, pos: usize, end: usize },
 }
 
 /// Shared bodies shorter than this are copied into the command bytes.
@@ -34,10 +30,7 @@ pub(super) struct OutQueue {
 impl OutQueue {
     /// An empty queue whose first command buffer holds `capacity` bytes.
     pub(super) fn with_spare(capacity: usize) -> Self {
-        Self {
-            spare: Vec::with_capacity(capacity),
-            ..Self::default()
-        }
+        Self { spare: Vec::with_capacity(capacity), ..Self::default() }
     }
 
     pub(super) fn extend_from_slice(&mut self, b: &[u8]) {
@@ -65,11 +58,7 @@ impl OutQueue {
             self.extend_from_slice(&data[pos..end]);
         } else {
             self.queued += (end - pos) as u64;
-            self.segs.push_back(Seg::Shared {
-                data: Arc::clone(data),
-                pos,
-                end,
-            });
+            self.segs.push_back(Seg::Shared { data: Arc::clone(data), pos, end });
         }
     }
 
@@ -77,11 +66,7 @@ impl OutQueue {
     pub(super) fn push_shared_exact(&mut self, data: &Arc<[u8]>, pos: usize, end: usize) {
         if end > pos {
             self.queued += (end - pos) as u64;
-            self.segs.push_back(Seg::Shared {
-                data: Arc::clone(data),
-                pos,
-                end,
-            });
+            self.segs.push_back(Seg::Shared { data: Arc::clone(data), pos, end });
         }
     }
 
@@ -98,9 +83,7 @@ impl OutQueue {
     pub(super) fn drain_into(&mut self, out: &mut Vec<u8>, limit: usize) {
         let mut room = limit;
         while room > 0 {
-            let Some(front) = self.segs.front_mut() else {
-                break;
-            };
+            let Some(front) = self.segs.front_mut() else { break };
             let taken = match front {
                 Seg::Bytes(v) => {
                     if v.len() <= room {

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use super::super::reply::{Capabilities, Reply};
 use super::super::{Outcome, Phase};
-use super::expect::{Await, Expect};
 use super::stuff::{dot_stuff, Stuffer, STUFF_IN_PLACE_BYTES};
+use super::expect::{Await, Expect};
 use super::txn::outcome_of;
 use super::{ClientError, ClientEvent, ClientSession, State};
 
@@ -62,21 +62,11 @@ impl ClientSession {
         }
         match class {
             2 => self.send_hello(now),
-            4 | 5 => self.give_up(
-                now,
-                code,
-                ClientError::Refused {
-                    command: "greeting",
-                    code,
-                },
-            ),
+            4 | 5 => self.give_up(now, code, ClientError::Refused { command: "greeting", code }),
             _ => self.fail(
                 Outcome::ProtocolError,
                 0,
-                ClientError::UnexpectedReply {
-                    command: "greeting",
-                    code,
-                },
+                ClientError::UnexpectedReply { command: "greeting", code },
             ),
         }
     }
@@ -91,11 +81,7 @@ impl ClientSession {
                     Capabilities::from_ehlo_lines(self.parser.lines())
                 };
                 if self.config.capture_text {
-                    let lines = self
-                        .parser
-                        .lines()
-                        .map(|l| String::from_utf8_lossy(l).into_owned())
-                        .collect();
+                    let lines = self.parser.lines().map(|l| String::from_utf8_lossy(l).into_owned()).collect();
                     self.events.push_back(ClientEvent::Capabilities(lines));
                 }
                 self.after_hello(now);
@@ -117,14 +103,7 @@ impl ClientSession {
         match class {
             // The 220 is a new greeting: hello again, capabilities anew.
             2 => self.send_hello(now),
-            4 | 5 => self.give_up(
-                now,
-                code,
-                ClientError::Refused {
-                    command: "XCLIENT",
-                    code,
-                },
-            ),
+            4 | 5 => self.give_up(now, code, ClientError::Refused { command: "XCLIENT", code }),
             _ => self.unexpected(exp, code),
         }
     }
@@ -138,14 +117,7 @@ impl ClientSession {
                 self.parser.reset();
                 self.events.push_back(ClientEvent::StartTls);
             }
-            4 | 5 => self.give_up(
-                now,
-                code,
-                ClientError::Refused {
-                    command: "STARTTLS",
-                    code,
-                },
-            ),
+            4 | 5 => self.give_up(now, code, ClientError::Refused { command: "STARTTLS", code }),
             _ => self.unexpected(exp, code),
         }
     }
@@ -158,9 +130,7 @@ impl ClientSession {
         match (exp.what, class) {
             (Await::AuthLoginUser | Await::AuthLoginPass, 3) => {
                 let auth = self.config.auth.clone();
-                let Some(auth) = auth else {
-                    return self.unexpected(exp, code);
-                };
+                let Some(auth) = auth else { return self.unexpected(exp, code) };
                 let (secret, next) = if exp.what == Await::AuthLoginUser {
                     (auth.user.as_str(), Await::AuthLoginPass)
                 } else {
@@ -178,14 +148,7 @@ impl ClientSession {
             }
             (_, 4 | 5) => {
                 self.push_phase(Phase::Auth, auth_started, now, None);
-                self.give_up(
-                    now,
-                    code,
-                    ClientError::Refused {
-                        command: "AUTH",
-                        code,
-                    },
-                );
+                self.give_up(now, code, ClientError::Refused { command: "AUTH", code });
             }
             _ => self.unexpected(exp, code),
         }
@@ -341,14 +304,7 @@ impl ClientSession {
             4 | 5 if self.state == State::Transactions => {
                 // The server did not reset: what it has open is unknown, so
                 // no further transaction is started on this session.
-                self.give_up(
-                    now,
-                    code,
-                    ClientError::Refused {
-                        command: "RSET",
-                        code,
-                    },
-                );
+                self.give_up(now, code, ClientError::Refused { command: "RSET", code });
             }
             2 | 4 | 5 => {
                 // The next transaction waited for this reply (see `next_txn`).
@@ -371,15 +327,9 @@ impl ClientSession {
             self.expects.pop_front();
             return self.unexpected(exp, code);
         }
-        let Some(front) = self.expects.front_mut() else {
-            return;
-        };
+        let Some(front) = self.expects.front_mut() else { return };
         if front.remaining == 0 {
-            front.remaining = if live && self.config.lmtp {
-                t.rcpt_ok
-            } else {
-                1
-            };
+            front.remaining = if live && self.config.lmtp { t.rcpt_ok } else { 1 };
         }
         front.remaining -= 1;
         let last = front.remaining == 0;
@@ -415,11 +365,7 @@ impl ClientSession {
         } else if !self.txns[m].finished {
             // Only a message with no recipient at all gets here (a 354 or a
             // BDAT reply nothing else decided): its final reply decides.
-            let outcome = if class == 2 {
-                Outcome::Accepted
-            } else {
-                outcome_of(class)
-            };
+            let outcome = if class == 2 { Outcome::Accepted } else { outcome_of(class) };
             self.finish(m, outcome, code);
         }
         if is_bdat {

@@ -51,14 +51,7 @@ impl ClientSession {
             auth_started: None,
             deadline: None,
         };
-        s.expects.push_back(Expect {
-            what: Await::Greeting,
-            msg: 0,
-            queued_at: now,
-            end: 0,
-            written_at: Some(now),
-            remaining: 1,
-        });
+        s.expects.push_back(Expect { what: Await::Greeting, msg: 0, queued_at: now, end: 0, written_at: Some(now), remaining: 1 });
         s.update_deadline();
         s
     }
@@ -93,10 +86,7 @@ impl ClientSession {
             self.next_msg = 0;
         }
         self.messages.push(msg);
-        self.txns.push(Txn {
-            intended,
-            ..Txn::default()
-        });
+        self.txns.push(Txn { intended, ..Txn::default() });
         self.unfinished += 1;
         if self.awaiting_message && (self.pipelining || self.expects.is_empty()) {
             self.awaiting_message = false;
@@ -163,10 +153,7 @@ impl ClientSession {
             }
             if e.written_at.is_none() {
                 self.expects[i].written_at = Some(now);
-                if matches!(
-                    e.what,
-                    Await::Dot { discard: false } | Await::Bdat { last: true }
-                ) {
+                if matches!(e.what, Await::Dot { discard: false } | Await::Bdat { last: true }) {
                     self.report_body(e.msg, now);
                 }
             }
@@ -289,6 +276,7 @@ impl ClientSession {
 
     // ---- endings ----------------------------------------------------------
 
+
     pub(super) fn finish(&mut self, m: usize, outcome: Outcome, code: u16) {
         let t = &mut self.txns[m];
         if t.finished {
@@ -308,13 +296,7 @@ impl ClientSession {
         let t = &self.txns[m];
         let recipients_accepted = t.rcpt_ok;
         let bytes = self.messages[m].len() as u64;
-        self.events.push_back(ClientEvent::Message {
-            index: self.msg_base + m,
-            outcome,
-            code,
-            recipients_accepted,
-            bytes,
-        });
+        self.events.push_back(ClientEvent::Message { index: self.msg_base + m, outcome, code, recipients_accepted, bytes });
     }
 
     fn finish_all(&mut self, outcome: Outcome, code: u16) {
@@ -329,13 +311,7 @@ impl ClientSession {
         self.give_up_with(now, outcome_of(code / 100), code, err);
     }
 
-    pub(super) fn give_up_with(
-        &mut self,
-        now: Instant,
-        outcome: Outcome,
-        code: u16,
-        err: ClientError,
-    ) {
+    pub(super) fn give_up_with(&mut self, now: Instant, outcome: Outcome, code: u16, err: ClientError) {
         self.finish_all(outcome, code);
         self.events.push_back(ClientEvent::Error(err.to_string()));
         self.quit(now);
@@ -353,11 +329,7 @@ impl ClientSession {
 
     pub(super) fn unexpected(&mut self, exp: Expect, code: u16) {
         let command = exp.what.command().as_str();
-        self.fail(
-            Outcome::ProtocolError,
-            0,
-            ClientError::UnexpectedReply { command, code },
-        );
+        self.fail(Outcome::ProtocolError, 0, ClientError::UnexpectedReply { command, code });
     }
 
     pub(super) fn finish_session(&mut self) {
@@ -376,6 +348,7 @@ impl ClientSession {
 
     // ---- helpers ------------------------------------------------------------
 
+
     pub(super) fn expect(&mut self, what: Await, msg: usize, now: Instant) {
         self.push_expect(what, msg, now, 1);
     }
@@ -385,14 +358,7 @@ impl ClientSession {
     pub(super) fn push_expect(&mut self, what: Await, msg: usize, now: Instant, remaining: u32) {
         let end = self.tx.queued;
         let written_at = (end <= self.written).then_some(now);
-        self.expects.push_back(Expect {
-            what,
-            msg,
-            queued_at: now,
-            end,
-            written_at,
-            remaining,
-        });
+        self.expects.push_back(Expect { what, msg, queued_at: now, end, written_at, remaining });
     }
 
     /// Reports message `m`'s `body` phase once, ending at `end`.
@@ -419,13 +385,7 @@ impl ClientSession {
     /// when the session's last message ends, whose wait that message's
     /// phases already carry), so from the session's intended start it would
     /// read as the whole session.
-    pub(super) fn push_phase(
-        &mut self,
-        phase: Phase,
-        since: Instant,
-        now: Instant,
-        msg: Option<usize>,
-    ) {
+    pub(super) fn push_phase(&mut self, phase: Phase, since: Instant, now: Instant, msg: Option<usize>) {
         let latency = now.saturating_duration_since(since);
         let intended = match msg {
             Some(m) => self.txns.get(m).and_then(|t| t.intended),
@@ -433,11 +393,7 @@ impl ClientSession {
             None => self.intended_start,
         };
         let corrected = intended.map(|i| now.saturating_duration_since(i));
-        self.events.push_back(ClientEvent::Phase {
-            phase,
-            latency,
-            corrected,
-        });
+        self.events.push_back(ClientEvent::Phase { phase, latency, corrected });
     }
 
     pub(super) fn joined_lines(&self, sep: &str) -> String {
@@ -463,9 +419,7 @@ impl ClientSession {
         self.deadline = match (self.state, self.expects.front()) {
             (State::Done, _) => None,
             (State::TlsHandshake, _) => Some(self.tls_wait_since + self.config.timeouts.command),
-            (_, Some(e)) => {
-                Some(e.queued_at.max(self.last_progress) + e.what.timeout(&self.config.timeouts))
-            }
+            (_, Some(e)) => Some(e.queued_at.max(self.last_progress) + e.what.timeout(&self.config.timeouts)),
             (_, None) => None,
         };
     }

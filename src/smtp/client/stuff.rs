@@ -30,10 +30,7 @@ pub(super) struct Stuffer {
 
 impl Default for Stuffer {
     fn default() -> Self {
-        Self {
-            at_line_start: true,
-            prev: 0,
-        }
+        Self { at_line_start: true, prev: 0 }
     }
 }
 
@@ -47,11 +44,7 @@ impl Stuffer {
             }
             match memchr::memchr(b'\n', rest) {
                 Some(i) => {
-                    let crlf = if i > 0 {
-                        rest[i - 1] == b'\r'
-                    } else {
-                        self.prev == b'\r'
-                    };
+                    let crlf = if i > 0 { rest[i - 1] == b'\r' } else { self.prev == b'\r' };
                     out.extend_from_slice(&rest[..=i]);
                     self.at_line_start = crlf;
                     self.prev = b'\n';
@@ -154,15 +147,9 @@ mod tests {
 
     #[test]
     fn dot_stuffing_doubles_leading_dots_and_adds_final_crlf() {
-        assert_eq!(
-            stuffed(&[b".a\r\n", b"..b\r\nc"]),
-            b"..a\r\n...b\r\nc\r\n.\r\n"
-        );
+        assert_eq!(stuffed(&[b".a\r\n", b"..b\r\nc"]), b"..a\r\n...b\r\nc\r\n.\r\n");
         assert_eq!(stuffed(&[]), b".\r\n");
-        assert_eq!(
-            stuffed(&[b"x\r", b"\n.y\n.z\r\n"]),
-            b"x\r\n..y\n.z\r\n.\r\n"
-        );
+        assert_eq!(stuffed(&[b"x\r", b"\n.y\n.z\r\n"]), b"x\r\n..y\n.z\r\n.\r\n");
         assert_eq!(stuffed(&[b"a\r\n", b"", b".\r\n"]), b"a\r\n..\r\n.\r\n");
     }
 }

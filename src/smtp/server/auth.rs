@@ -40,13 +40,7 @@ impl ServerSession {
             return Flow::Done;
         }
         if requires_tls && !self.tls {
-            self.reply(
-                out,
-                kind,
-                538,
-                "5.7.11",
-                "Encryption required for requested authentication mechanism",
-            );
+            self.reply(out, kind, 538, "5.7.11", "Encryption required for requested authentication mechanism");
             return Flow::Done;
         }
         let plain = mechanism.eq_ignore_ascii_case(b"PLAIN");
@@ -75,12 +69,7 @@ impl ServerSession {
     }
 
     /// A line answering a 334 (the phase says which).
-    pub(super) fn auth_line<H: ServerHooks>(
-        &mut self,
-        line: &[u8],
-        out: &mut Vec<u8>,
-        hooks: &mut H,
-    ) {
+    pub(super) fn auth_line<H: ServerHooks>(&mut self, line: &[u8], out: &mut Vec<u8>, hooks: &mut H) {
         let phase = self.phase;
         self.phase = Phase::Command;
         match phase {
@@ -138,13 +127,7 @@ impl ServerSession {
             self.reply(out, kind, 235, "2.7.0", "Authentication successful");
             self.events.push_back(ServerEvent::Authenticated);
         } else {
-            self.reply(
-                out,
-                kind,
-                535,
-                "5.7.8",
-                "Authentication credentials invalid",
-            );
+            self.reply(out, kind, 535, "5.7.8", "Authentication credentials invalid");
         }
     }
 }

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use super::super::wire;
 use super::super::{BareLfPolicy, CommandKind};
-use super::txn::Body;
 use super::verdict::{enh_of, fault_text};
+use super::txn::Body;
 use super::{
     Canned, CloseReason, Flow, Held, MessageOutcome, Phase, ServerEvent, ServerHooks,
     ServerSession, Step, Verdict,
@@ -59,10 +59,7 @@ impl ServerSession {
                 return Flow::Done;
             }
         }
-        if matches!(
-            v,
-            Verdict::Disconnect | Verdict::Disconnect421 | Verdict::Reply(421)
-        ) {
+        if matches!(v, Verdict::Disconnect | Verdict::Disconnect421 | Verdict::Reply(421)) {
             // The DATA refused by a closing fault still ends its
             // transaction with one Message (code 0 = no reply).
             let code = if v == Verdict::Disconnect { 0 } else { 421 };
@@ -134,12 +131,7 @@ impl ServerSession {
             }
             self.begin_bdat_message(hooks);
         }
-        self.chunk = Chunk {
-            remaining: size,
-            last,
-            error,
-            error_ends_message: ends_message,
-        };
+        self.chunk = Chunk { remaining: size, last, error, error_ends_message: ends_message };
         self.phase = Phase::Bdat;
         Flow::Done
     }
@@ -229,11 +221,7 @@ impl ServerSession {
         let pre: Option<Canned> = if self.config.bare_lf == BareLfPolicy::Reject
             && (sc.saw_bare_lf() || sc.saw_bare_cr())
         {
-            Some((
-                550,
-                "5.5.2",
-                "Message contains bare LF or bare CR, rejected",
-            ))
+            Some((550, "5.5.2", "Message contains bare LF or bare CR, rejected"))
         } else if sc.saw_long_line() {
             Some((500, "5.5.2", "Message line too long"))
         } else if max > 0 && bytes > max {
@@ -260,11 +248,7 @@ impl ServerSession {
         }
         match self.verdict(hooks, CommandKind::Dot, b"", None, None) {
             Verdict::Proceed | Verdict::Reply(0..=399) => {
-                let text = if self.config.lmtp {
-                    "Delivered"
-                } else {
-                    "Message accepted"
-                };
+                let text = if self.config.lmtp { "Delivered" } else { "Message accepted" };
                 self.finish_message(out, hooks, kind, (250, "2.0.0", text), bytes);
                 Flow::Done
             }
@@ -275,13 +259,7 @@ impl ServerSession {
                 Flow::Done
             }
             Verdict::Reply(code) => {
-                self.finish_message(
-                    out,
-                    hooks,
-                    kind,
-                    (code, enh_of(code), fault_text(code)),
-                    bytes,
-                );
+                self.finish_message(out, hooks, kind, (code, enh_of(code), fault_text(code)), bytes);
                 Flow::Done
             }
             Verdict::Delay(d) => {
@@ -327,10 +305,7 @@ impl ServerSession {
             let enh = self.enh(enh);
             for path in self.txn.recipient_paths() {
                 wire::write_reply_parts(out, code, enh, &[b"<", path, b"> ", text.as_bytes()]);
-                self.events.push_back(ServerEvent::Reply {
-                    command: kind,
-                    code,
-                });
+                self.events.push_back(ServerEvent::Reply { command: kind, code });
             }
             if (500..=504).contains(&code) {
                 self.errors += 1;

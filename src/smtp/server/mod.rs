@@ -230,17 +230,9 @@ pub enum ServerEvent {
     StartTls,
     Authenticated,
     /// One per DATA/BDAT-LAST transaction (code 0 = closed by a fault).
-    Message {
-        outcome: MessageOutcome,
-        code: u16,
-        bytes: u64,
-        recipients: u32,
-    },
+    Message { outcome: MessageOutcome, code: u16, bytes: u64, recipients: u32 },
     /// Every reply written, for tallies.
-    Reply {
-        command: CommandKind,
-        code: u16,
-    },
+    Reply { command: CommandKind, code: u16 },
     /// After flushing `out`, close the connection.
     Close(CloseReason),
 }

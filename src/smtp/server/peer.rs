@@ -16,17 +16,8 @@ use super::{CloseReason, Flow, ServerEvent, ServerHooks, ServerSession, Step};
 /// them (Postfix's names). `ADDR` and `PORT` set the client address that
 /// faults (greylisting, per-client limits) see; the others are checked for
 /// form and otherwise ignored.
-pub const XCLIENT_ATTRIBUTES: [&str; 9] = [
-    "NAME",
-    "ADDR",
-    "PORT",
-    "PROTO",
-    "HELO",
-    "REVERSE_NAME",
-    "LOGIN",
-    "DESTADDR",
-    "DESTPORT",
-];
+pub const XCLIENT_ATTRIBUTES: [&str; 9] =
+    ["NAME", "ADDR", "PORT", "PROTO", "HELO", "REVERSE_NAME", "LOGIN", "DESTADDR", "DESTPORT"];
 
 /// The EHLO line for [`XCLIENT_ATTRIBUTES`].
 pub(super) const XCLIENT_ADVERTISED: &str =
@@ -65,10 +56,7 @@ fn xclient_unavailable(v: &[u8]) -> bool {
 fn parse_xclient(attrs: &[u8]) -> Result<XclientClaim, &'static str> {
     let mut claim = XclientClaim::default();
     for (k, v) in wire::params(attrs) {
-        if !XCLIENT_ATTRIBUTES
-            .iter()
-            .any(|a| k.eq_ignore_ascii_case(a.as_bytes()))
-        {
+        if !XCLIENT_ATTRIBUTES.iter().any(|a| k.eq_ignore_ascii_case(a.as_bytes())) {
             return Err("Bad XCLIENT attribute name");
         }
         let Some(v) = v else {
@@ -78,14 +66,8 @@ fn parse_xclient(attrs: &[u8]) -> Result<XclientClaim, &'static str> {
             claim.addr = Some(if xclient_unavailable(v) {
                 None
             } else {
-                let v = if v.len() > 5 && v[..5].eq_ignore_ascii_case(b"IPV6:") {
-                    &v[5..]
-                } else {
-                    v
-                };
-                let ip = std::str::from_utf8(v)
-                    .ok()
-                    .and_then(|s| s.parse::<IpAddr>().ok());
+                let v = if v.len() > 5 && v[..5].eq_ignore_ascii_case(b"IPV6:") { &v[5..] } else { v };
+                let ip = std::str::from_utf8(v).ok().and_then(|s| s.parse::<IpAddr>().ok());
                 Some(ip.ok_or("Bad XCLIENT ADDR syntax")?)
             });
         } else if k.eq_ignore_ascii_case(b"PORT") {
@@ -140,13 +122,7 @@ impl ServerSession {
             return Flow::Done;
         }
         if self.txn.active {
-            self.reply(
-                out,
-                kind,
-                503,
-                "5.5.1",
-                "XCLIENT not allowed in a mail transaction",
-            );
+            self.reply(out, kind, 503, "5.5.1", "XCLIENT not allowed in a mail transaction");
             return Flow::Done;
         }
         let claim = match parse_xclient(attrs) {

@@ -17,8 +17,8 @@ use super::super::wire;
 use super::super::{CommandKind, MAX_COMMAND_LINE};
 use super::auth::AuthBuffers;
 use super::body::Chunk;
-use super::txn::Txn;
 use super::verdict::{enh_of, fault_text};
+use super::txn::Txn;
 use super::{
     CloseReason, CommandInfo, Flow, Held, Phase, ServerConfig, ServerEvent, ServerHooks,
     ServerSession, Step, Verdict, MAX_ERRORS, MAX_PENDING_INPUT,
@@ -144,13 +144,7 @@ impl ServerSession {
             return;
         }
         if self.phase != Phase::TlsHandshake {
-            self.reply_host(
-                out,
-                CommandKind::Unknown,
-                421,
-                "4.4.2",
-                b" Error: timeout exceeded",
-            );
+            self.reply_host(out, CommandKind::Unknown, 421, "4.4.2", b" Error: timeout exceeded");
         }
         self.close(CloseReason::Timeout, hooks);
     }
@@ -307,13 +301,7 @@ impl ServerSession {
             }
         }
         if self.errors >= MAX_ERRORS && self.phase != Phase::Closed {
-            self.reply_host(
-                out,
-                CommandKind::Unknown,
-                421,
-                "4.7.0",
-                b" Error: too many errors",
-            );
+            self.reply_host(out, CommandKind::Unknown, 421, "4.7.0", b" Error: too many errors");
             self.close(CloseReason::TooManyErrors, hooks);
         }
         Step::Go(line_len)
@@ -326,10 +314,7 @@ impl ServerSession {
     }
 
     pub(super) fn note_reply(&mut self, kind: CommandKind, code: u16) {
-        self.events.push_back(ServerEvent::Reply {
-            command: kind,
-            code,
-        });
+        self.events.push_back(ServerEvent::Reply { command: kind, code });
         if (500..=504).contains(&code) {
             self.errors += 1;
         }
@@ -358,23 +343,12 @@ impl ServerSession {
         enh: &'static str,
         suffix: &[u8],
     ) {
-        wire::write_reply_parts(
-            out,
-            code,
-            self.enh(enh),
-            &[self.config.hostname.as_bytes(), suffix],
-        );
+        wire::write_reply_parts(out, code, self.enh(enh), &[self.config.hostname.as_bytes(), suffix]);
         self.note_reply(kind, code);
     }
 
     pub(super) fn reply_closing(&mut self, out: &mut Vec<u8>, kind: CommandKind) {
-        self.reply_host(
-            out,
-            kind,
-            421,
-            "4.3.2",
-            b" Service not available, closing transmission channel",
-        );
+        self.reply_host(out, kind, 421, "4.3.2", b" Service not available, closing transmission channel");
     }
 
     /// The 220 that opens the session (and answers XCLIENT).
@@ -413,15 +387,7 @@ impl ServerSession {
             None if self.txn.active => Some(&self.txn.mail_from[..]),
             None => None,
         };
-        hooks.on_command(
-            kind,
-            &CommandInfo {
-                arg,
-                mail_from,
-                rcpt_to,
-                peer: self.peer,
-            },
-        )
+        hooks.on_command(kind, &CommandInfo { arg, mail_from, rcpt_to, peer: self.peer })
     }
 
     /// Apply a verdict for an ordinary command: `Go` = act normally.

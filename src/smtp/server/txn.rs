@@ -129,13 +129,7 @@ impl ServerSession {
             return Flow::Done;
         }
         if self.config.require_tls && !self.tls {
-            self.reply(
-                out,
-                kind,
-                530,
-                "5.7.0",
-                "Must issue a STARTTLS command first",
-            );
+            self.reply(out, kind, 530, "5.7.0", "Must issue a STARTTLS command first");
             return Flow::Done;
         }
         let mut utf8 = false;
@@ -143,13 +137,7 @@ impl ServerSession {
             let ok = if k.eq_ignore_ascii_case(b"SIZE") && ext.size {
                 match v.and_then(wire::parse_u64) {
                     Some(n) if max_size > 0 && n > max_size => {
-                        self.reply(
-                            out,
-                            kind,
-                            552,
-                            "5.3.4",
-                            "Message size exceeds fixed maximum",
-                        );
+                        self.reply(out, kind, 552, "5.3.4", "Message size exceeds fixed maximum");
                         return Flow::Done;
                     }
                     Some(_) => true,
@@ -175,13 +163,7 @@ impl ServerSession {
             }
         }
         if !path.is_ascii() && !utf8 {
-            self.reply(
-                out,
-                kind,
-                553,
-                "5.6.7",
-                "Non-ASCII address requires SMTPUTF8",
-            );
+            self.reply(out, kind, 553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
             return Flow::Done;
         }
         let v = self.verdict(hooks, kind, arg, Some(path), None);
@@ -230,13 +212,7 @@ impl ServerSession {
             }
         }
         if !path.is_ascii() && !self.txn.utf8 {
-            self.reply(
-                out,
-                kind,
-                553,
-                "5.6.7",
-                "Non-ASCII address requires SMTPUTF8",
-            );
+            self.reply(out, kind, 553, "5.6.7", "Non-ASCII address requires SMTPUTF8");
             return Flow::Done;
         }
         if max_recipients > 0 && self.txn.rcpt_ends.len() >= max_recipients {

@@ -22,10 +22,7 @@ impl ServerSession {
         out: &mut Vec<u8>,
         hooks: &mut H,
     ) -> Flow {
-        if matches!(
-            self.phase,
-            Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass
-        ) {
+        if matches!(self.phase, Phase::AuthPlain | Phase::AuthLoginUser | Phase::AuthLoginPass) {
             self.auth_line(line, out, hooks);
             return Flow::Done;
         }
@@ -71,13 +68,9 @@ impl ServerSession {
         let kind = e.kind();
         match e {
             WireError::Unknown => self.reply(out, kind, 500, "5.5.2", "Command unrecognized"),
-            WireError::Syntax(_) => self.reply(
-                out,
-                kind,
-                501,
-                "5.5.4",
-                "Syntax error in parameters or arguments",
-            ),
+            WireError::Syntax(_) => {
+                self.reply(out, kind, 501, "5.5.4", "Syntax error in parameters or arguments")
+            }
             WireError::PathTooLong(_) => self.reply(out, kind, 501, "5.1.3", "Path too long"),
             WireError::InvalidUtf8(_) => {
                 self.reply(out, kind, 501, "5.6.7", "Invalid UTF-8 in address")
@@ -96,11 +89,7 @@ impl ServerSession {
     ) -> Flow {
         let lmtp = self.config.lmtp;
         if lmtp != (kind == CommandKind::Lhlo) {
-            let text = if lmtp {
-                "Use LHLO in LMTP mode"
-            } else {
-                "Command unrecognized"
-            };
+            let text = if lmtp { "Use LHLO in LMTP mode" } else { "Command unrecognized" };
             self.reply(out, kind, 500, "5.5.1", text);
             return Flow::Done;
         }
@@ -129,10 +118,7 @@ impl ServerSession {
         if ext.size {
             if cfg.max_message_size > 0 {
                 let mut nb = [0u8; 20];
-                line(
-                    out,
-                    &[b"SIZE ", wire::fmt_u64(cfg.max_message_size, &mut nb)],
-                );
+                line(out, &[b"SIZE ", wire::fmt_u64(cfg.max_message_size, &mut nb)]);
             } else {
                 line(out, &[b"SIZE"]);
             }
@@ -165,13 +151,7 @@ impl ServerSession {
         self.note_reply(kind, 250);
     }
 
-    fn rset<H: ServerHooks>(
-        &mut self,
-        now: Instant,
-        arg: &[u8],
-        out: &mut Vec<u8>,
-        hooks: &mut H,
-    ) -> Flow {
+    fn rset<H: ServerHooks>(&mut self, now: Instant, arg: &[u8], out: &mut Vec<u8>, hooks: &mut H) -> Flow {
         let kind = CommandKind::Rset;
         gate!(self, hooks, kind, arg, now, out);
         self.reset_txn(hooks);
@@ -179,26 +159,14 @@ impl ServerSession {
         Flow::Done
     }
 
-    fn noop<H: ServerHooks>(
-        &mut self,
-        now: Instant,
-        arg: &[u8],
-        out: &mut Vec<u8>,
-        hooks: &mut H,
-    ) -> Flow {
+    fn noop<H: ServerHooks>(&mut self, now: Instant, arg: &[u8], out: &mut Vec<u8>, hooks: &mut H) -> Flow {
         let kind = CommandKind::Noop;
         gate!(self, hooks, kind, arg, now, out);
         self.reply(out, kind, 250, "2.0.0", "OK");
         Flow::Done
     }
 
-    fn vrfy<H: ServerHooks>(
-        &mut self,
-        now: Instant,
-        arg: &[u8],
-        out: &mut Vec<u8>,
-        hooks: &mut H,
-    ) -> Flow {
+    fn vrfy<H: ServerHooks>(&mut self, now: Instant, arg: &[u8], out: &mut Vec<u8>, hooks: &mut H) -> Flow {
         let kind = CommandKind::Vrfy;
         gate!(self, hooks, kind, arg, now, out);
         let text = "Cannot VRFY user, but will accept message and attempt delivery";
@@ -206,39 +174,21 @@ impl ServerSession {
         Flow::Done
     }
 
-    fn expn<H: ServerHooks>(
-        &mut self,
-        now: Instant,
-        arg: &[u8],
-        out: &mut Vec<u8>,
-        hooks: &mut H,
-    ) -> Flow {
+    fn expn<H: ServerHooks>(&mut self, now: Instant, arg: &[u8], out: &mut Vec<u8>, hooks: &mut H) -> Flow {
         let kind = CommandKind::Expn;
         gate!(self, hooks, kind, arg, now, out);
         self.reply(out, kind, 502, "5.5.1", "EXPN not supported");
         Flow::Done
     }
 
-    fn help<H: ServerHooks>(
-        &mut self,
-        now: Instant,
-        arg: &[u8],
-        out: &mut Vec<u8>,
-        hooks: &mut H,
-    ) -> Flow {
+    fn help<H: ServerHooks>(&mut self, now: Instant, arg: &[u8], out: &mut Vec<u8>, hooks: &mut H) -> Flow {
         let kind = CommandKind::Help;
         gate!(self, hooks, kind, arg, now, out);
         self.reply(out, kind, 214, "2.0.0", "See RFC 5321 (smtpstorm)");
         Flow::Done
     }
 
-    fn quit<H: ServerHooks>(
-        &mut self,
-        now: Instant,
-        arg: &[u8],
-        out: &mut Vec<u8>,
-        hooks: &mut H,
-    ) -> Flow {
+    fn quit<H: ServerHooks>(&mut self, now: Instant, arg: &[u8], out: &mut Vec<u8>, hooks: &mut H) -> Flow {
         let kind = CommandKind::Quit;
         gate!(self, hooks, kind, arg, now, out);
         self.reply_host(out, kind, 221, "2.0.0", b" closing connection");
