@@ -26,6 +26,9 @@
 //! - `units`: reading quantities as people type them (`10k`, `30s`,
 //!   `64KiB`, `5%`), for the command line and the roles' own grammars.
 
+// The blaster's config echo is one `serde_json::json!` with every flag.
+#![recursion_limit = "256"]
+
 pub mod bench;
 pub mod blast;
 pub mod cli;

@@ -84,6 +84,8 @@ pub enum LoadModel {
 /// The validated configuration of one blaster run (this instance's share).
 #[derive(Clone, Debug)]
 pub struct BlastConfig {
+    /// `--scenario`: weighted profiles, one per session.
+    pub scenario: Option<Arc<super::scenario::Scenario>>,
     pub target: SocketAddr,
     /// `blast unix:/path`: connect to this unix-domain socket instead
     /// (`target` is then `0.0.0.0:0`, which nothing dials).
@@ -111,6 +113,8 @@ pub struct BlastConfig {
     pub messages_per_session: u64,
     pub recipients: u64,
     pub size: SizeRange,
+    /// `--size` given as a distribution (`size` then holds its bounds).
+    pub size_dist: Option<Arc<super::size::SizeDist>>,
     /// `--body FILE`, LF normalized to CRLF.
     pub body_file: Option<Arc<[u8]>>,
     /// `--data PATH`: the messages, loaded once.
@@ -170,6 +174,7 @@ impl BlastConfig {
         )
         .with_corpus(self.corpus.clone())
         .with_trace(self.trace)
+        .with_size_dist(self.size_dist.clone())
     }
 
     /// The open loop's rate over time, all instances together, from the
@@ -194,6 +199,11 @@ impl BlastConfig {
         let end = self.duration.map_or(f64::INFINITY, |d| d.as_secs_f64());
         let (from, to) = (from.min(end), to.min(end));
         Some(profile.between(w + from, w + to) / f64::from(self.instance.1.max(1)))
+    }
+
+    /// Whether any session may speak TLS (a flag, or a scenario profile).
+    pub fn uses_tls(&self) -> bool {
+        self.implicit_tls || self.starttls || self.scenario.as_ref().is_some_and(|s| s.uses_tls())
     }
 
     /// Number of worker threads this config will run.

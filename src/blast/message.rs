@@ -175,6 +175,8 @@ pub struct MessageBuilder {
     to: Template,
     recipients: u64,
     size: SizeRange,
+    /// `--size` as a distribution (sizes drawn by weight; see `size.rs`).
+    size_dist: Option<Arc<super::size::SizeDist>>,
     body_file: Option<Arc<[u8]>>,
     /// `--data`: whole messages, one picked per message sent.
     corpus: Option<Arc<super::corpus::Corpus>>,
@@ -220,6 +222,7 @@ impl MessageBuilder {
             to,
             recipients: recipients.max(1),
             size,
+            size_dist: None,
             body_file,
             corpus: None,
             corpus_pass: None,
@@ -295,6 +298,13 @@ impl MessageBuilder {
         self
     }
 
+    /// Draw each message's size from `dist` (by weight) instead of
+    /// `size`.
+    pub fn with_size_dist(mut self, dist: Option<Arc<super::size::SizeDist>>) -> Self {
+        self.size_dist = dist;
+        self
+    }
+
     /// The `{n}` of the `k`-th message of this thread.
     pub fn global_n(&self, k: u64) -> u64 {
         (k.wrapping_mul(self.threads)
@@ -354,12 +364,18 @@ impl MessageBuilder {
     /// The body every message shares when there is only one (a fixed
     /// `--size`, or a `--body` file): build it once before the run and give
     /// it to every thread's builder with [`Self::use_shared_body`].
+    /// With a size distribution, this builds the bodies of its sizes
+    /// instead (kept in the distribution, which every thread shares).
     pub fn shared_body(&self) -> Option<Arc<Body>> {
         if self.corpus.is_some() {
             return None;
         }
         if let Some(f) = &self.body_file {
             return Some(Body::file(Arc::clone(f)));
+        }
+        if let Some(d) = &self.size_dist {
+            d.bodies(|size| Body::generated(self.body_len(size as usize), self.seed));
+            return None;
         }
         (self.size.min == self.size.max)
             .then(|| Body::generated(self.body_len(self.size.min as usize), self.seed))
@@ -448,9 +464,24 @@ impl MessageBuilder {
                 tag: n,
             };
         }
-        let total = self.rng.range(self.size.min, self.size.max) as usize;
-        let body_len = self.body_len(total);
-        let body = self.body(body_len);
+        let (total, body) = match &self.size_dist {
+            None => {
+                let total = self.rng.range(self.size.min, self.size.max) as usize;
+                (total, self.body(self.body_len(total)))
+            }
+            Some(d) => {
+                let i = d.pick(&mut self.rng);
+                let total = d.size(i) as usize;
+                match d.built_bodies() {
+                    Some(b) => (total, Arc::clone(&b[i])),
+                    None => {
+                        let d = Arc::clone(d);
+                        (total, self.body(self.body_len(d.size(i) as usize)))
+                    }
+                }
+            }
+        };
+        let body_len = body.raw.len();
         let (mut header, stamp) = self.header_for(n, rand, &body.digest_line);
         // Pad to the target so header + blank line + body = total.
         let want = total.saturating_sub(body_len + 2);
@@ -472,6 +503,12 @@ impl MessageBuilder {
             stamp,
             tag: n,
         }
+    }
+
+    /// Number the next message as the `k`-th of this thread (a scenario's
+    /// profiles share one count, so `{n}` stays unique).
+    pub fn continue_from(&mut self, k: u64) {
+        self.built = k;
     }
 
     /// Messages built so far.

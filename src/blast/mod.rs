@@ -34,8 +34,10 @@ pub mod message;
 pub mod probe;
 pub mod profile;
 pub mod progress;
+pub mod scenario;
 pub mod schedule;
 pub mod sweep;
+pub mod size;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -141,7 +143,10 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     // makes the schedule late: the body every message shares, and the TLS
     // library's first random draw (40-90 ms once per process, see net::tls).
     let body = cfg.message_builder(0, threads).shared_body();
-    if cfg.starttls || cfg.implicit_tls {
+    if let Some(s) = &cfg.scenario {
+        s.prepare(&cfg, threads);
+    }
+    if cfg.uses_tls() {
         crate::net::tls::install_crypto_provider();
     }
     let mut hlog = open_hlog(&cfg)?;
@@ -248,6 +253,10 @@ pub fn execute(cfg: BlastConfig) -> anyhow::Result<BlastRun> {
     }
     report.xdp = backend.stats();
     report.aborted = aborted;
+    if let Some(s) = &cfg.scenario {
+        let per_worker: Vec<&[Measurements]> = results.iter().map(|r| &r.profiles[..]).collect();
+        report.profiles = s.reports(&per_worker)?;
+    }
     if let (Some(late), Some(c)) = (start_late_secs, report.config.as_object_mut()) {
         c.insert(
             "start_late_secs".into(),

@@ -66,6 +66,7 @@ use crate::stats::{IntervalSnapshot, Measurements, NumberSet, Recorder};
 use super::config::{share, BlastConfig, LoadModel};
 use super::conn::{BlastConn, ConnConfig, ConnCtx, Observer, State};
 use super::message::{Body, MessageBuilder};
+use super::scenario::ScenarioRun;
 use super::schedule::Schedule;
 
 /// The thread's plaintext read buffer (SMTP replies are small).
@@ -169,6 +170,8 @@ pub struct WorkerResult {
     pub intervals: u64,
     /// `--trace`: the numbers of the messages accepted.
     pub accepted: NumberSet,
+    /// `--scenario`: each profile's measurements (empty without one).
+    pub profiles: Vec<Measurements>,
 }
 
 fn us(d: Duration) -> u64 {
@@ -181,6 +184,10 @@ struct Obs {
     errors: Vec<String>,
     /// `--trace`: the numbers of the messages accepted.
     accepted: NumberSet,
+    /// `--scenario`: one recorder per profile (empty without one), and the
+    /// profile of the connection being handled.
+    profiles: Vec<Recorder>,
+    cur: usize,
 }
 
 impl Observer for Obs {
@@ -191,6 +198,9 @@ impl Observer for Obs {
                 self.rec.record_uncorrected(phase, us(latency));
             }
             None => self.rec.record(phase, us(latency)),
+        }
+        if let Some(p) = self.profiles.get_mut(self.cur) {
+            p.record(phase, us(corrected.unwrap_or(latency)));
         }
     }
 
@@ -205,11 +215,22 @@ impl Observer for Obs {
             self.rec.count_recipients(u64::from(recipients_accepted));
             self.rec.count_bytes(bytes);
         }
+        if let Some(p) = self.profiles.get_mut(self.cur) {
+            p.count_outcome(outcome);
+            if outcome == Outcome::Accepted {
+                p.count_recipients(u64::from(recipients_accepted));
+                p.count_bytes(bytes);
+            }
+        }
     }
 
     fn no_session(&mut self, outcome: Outcome) {
         self.rec.count_connection_without_session();
         self.rec.count_session_error(outcome);
+        if let Some(p) = self.profiles.get_mut(self.cur) {
+            p.count_connection_without_session();
+            p.count_session_error(outcome);
+        }
     }
 
     fn error(&mut self, e: String) {
@@ -236,6 +257,9 @@ impl Observer for Obs {
         if tls.established {
             self.rec.count_tls_negotiated(tls.suite, tls.group);
         }
+        if let Some(p) = self.profiles.get_mut(self.cur) {
+            p.count_session(tls.established);
+        }
     }
 }
 
@@ -253,6 +277,10 @@ struct BlastHandler {
     conns: Vec<Option<BlastConn>>,
     open_conns: usize,
     builder: MessageBuilder,
+    /// `--scenario`: the profiles' settings and builders on this thread.
+    scen: Option<ScenarioRun>,
+    /// The profile of the session `connect` opens next.
+    next_profile: usize,
     schedule: Option<Schedule>,
     cap: usize,
     messages_left: Option<u64>,
@@ -334,7 +362,7 @@ impl BlastHandler {
         snapshots: Sender<ThreadSnapshot>,
     ) -> io::Result<Self> {
         let (i, n) = (ctx.index as u64, ctx.count as u64);
-        let tls = if cfg.implicit_tls || cfg.starttls {
+        let tls = if cfg.uses_tls() {
             let verify = match &cfg.tls_ca {
                 Some(p) => tls::ClientVerify::CaFile(p.clone()),
                 None => tls::ClientVerify::Off,
@@ -383,7 +411,14 @@ impl BlastHandler {
             timeout: cfg.timeout,
             messages_per_session: cfg.messages_per_session,
         };
+        let scen = cfg
+            .scenario
+            .as_ref()
+            .map(|s| ScenarioRun::new(&cfg, s, &conn_cfg, ctx.index, ctx.count));
+        let profiles = cfg.scenario.as_ref().map_or(0, |s| s.profiles.len());
         Ok(BlastHandler {
+            scen,
+            next_profile: 0,
             messages_left,
             sessions_left,
             conn_cfg,
@@ -396,6 +431,8 @@ impl BlastHandler {
                 rec: Recorder::new(),
                 errors: Vec::new(),
                 accepted: NumberSet::default(),
+                profiles: (0..profiles).map(|_| Recorder::new()).collect(),
+                cur: 0,
             },
             out: Vec::with_capacity(4096),
             conns: Vec::with_capacity(cap.min(65_536)),
@@ -465,8 +502,15 @@ impl BlastHandler {
         f: impl FnOnce(&mut BlastConn, &mut ConnCtx<'_, B, Obs>) -> R,
     ) -> Option<R> {
         let c = self.conns.get_mut(id)?.as_mut()?;
+        let cfg = match &self.scen {
+            None => &self.conn_cfg,
+            Some(s) => {
+                self.obs.cur = s.profile_of(id);
+                &s.conn_cfgs[self.obs.cur]
+            }
+        };
         let mut cx = ConnCtx {
-            cfg: &self.conn_cfg,
+            cfg,
             be,
             obs: &mut self.obs,
             out: &mut self.out,
@@ -517,6 +561,7 @@ impl BlastHandler {
         self.result.errors = std::mem::take(&mut self.obs.errors);
         self.result.accepted = std::mem::take(&mut self.obs.accepted);
         self.result.measurements = std::mem::take(&mut self.obs.rec).finish();
+        self.result.profiles = self.obs.profiles.drain(..).map(Recorder::finish).collect();
         self.result
     }
 
@@ -550,7 +595,13 @@ impl BlastHandler {
     /// Starts sessions while fewer than the cap are in flight.
     fn start_closed<B: Backend>(&mut self, be: &mut B) {
         while self.slots_in_use() < self.cap && self.budget_left() {
-            let k = self.cfg.messages_per_session;
+            let (p, k) = match &mut self.scen {
+                None => (0, self.cfg.messages_per_session),
+                Some(s) => {
+                    let p = s.pick();
+                    (p, s.messages_per_session(p))
+                }
+            };
             let n = match self.messages_left {
                 Some(left) => k.min(left),
                 None => k,
@@ -562,9 +613,8 @@ impl BlastHandler {
                 *left -= 1;
             }
             // Messages are made before the session's clock starts.
-            let pending = (0..n)
-                .map(|_| (self.builder.next_message(), None))
-                .collect();
+            let pending = (0..n).map(|_| (self.message_for(p), None)).collect();
+            self.next_profile = p;
             let now = Instant::now();
             self.connect(be, pending, false, now, now);
             if self.result.fatal.is_some() {
@@ -638,7 +688,8 @@ impl BlastHandler {
             if !c.session().is_some_and(|s| s.is_idle()) {
                 continue;
             }
-            let msg = self.builder.next_message();
+            let p = self.scen.as_ref().map_or(0, |s| s.profile_of(id));
+            let msg = self.message_for(p);
             self.count_sent(intended);
             let st = self.with_conn(be, id, |c, io| c.push(io, id, now, msg, intended));
             self.after(be, id, st, now);
@@ -647,10 +698,19 @@ impl BlastHandler {
         if self.slots_in_use() >= self.cap {
             return false;
         }
-        let msg = self.builder.next_message();
+        self.next_profile = self.scen.as_mut().map_or(0, |s| s.pick());
+        let msg = self.message_for(self.next_profile);
         self.count_sent(intended);
         self.connect(be, vec![(msg, Some(intended))], true, intended, now);
         true
+    }
+
+    /// The next message of a session of profile `p` (0 without a scenario).
+    fn message_for(&mut self, p: usize) -> Message {
+        match &mut self.scen {
+            None => self.builder.next_message(),
+            Some(s) => s.next_message(p),
+        }
     }
 
     fn count_sent(&mut self, intended: Instant) {
@@ -707,6 +767,7 @@ impl BlastHandler {
             .identities
             .session(self.index as u64 + self.connects * self.threads as u64);
         self.connects += 1;
+        self.obs.cur = self.next_profile;
         // The slot's backoff so far (zero for a slot that is not failing).
         let last_wait = self.cooled.pop().unwrap_or_default();
         let opts = ConnectOpts {
@@ -726,6 +787,9 @@ impl BlastHandler {
                     self.slot_backoff.resize(id + 1, Duration::ZERO);
                 }
                 self.slot_backoff[id] = last_wait;
+                if let Some(s) = &mut self.scen {
+                    s.set_profile(id, self.next_profile);
+                }
                 let mut c = BlastConn::new(pending, open, intended, now, identity);
                 c.arm(be, id, now + self.cfg.timeout);
                 self.conns[id] = Some(c);
@@ -817,6 +881,9 @@ impl Handler for BlastHandler {
                 // No session (implicit TLS failed, or closed before it).
                 self.back_off(Some(id), Duration::ZERO, now);
             }
+            if let Some(s) = &self.scen {
+                self.obs.cur = s.profile_of(id);
+            }
             c.closed(&mut self.obs, now, why);
         }
         if !stopped && !self.backlog.is_empty() {
@@ -829,6 +896,10 @@ impl Handler for BlastHandler {
             // Everything before this instant was warmup.
             self.measuring = true;
             self.obs.rec = Recorder::new();
+            self.obs
+                .profiles
+                .iter_mut()
+                .for_each(|r| *r = Recorder::new());
             self.waited_at_start = be.waited();
         }
         while self.measuring && now >= self.next_tick {

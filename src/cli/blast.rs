@@ -27,13 +27,13 @@ use thiserror::Error;
 
 use super::parse::{
     parse_count, parse_count_nonzero, parse_duration, parse_instance, parse_percent, parse_rate,
-    parse_size_range, parse_socket_addr, parse_stages, parse_user_pass,
+    parse_socket_addr, parse_stages, parse_user_pass,
 };
 use super::ThreadArgs;
 use crate::blast::config::{share, BlastConfig, LoadModel, OutputConfig, ProxyVersion, RateUnit};
 use crate::blast::corpus::{Corpus, CorpusError, DataOrder};
 use crate::blast::identity::{self, AddrRange, Identities, IdentityError, XclientAttr};
-use crate::blast::message::{normalize_crlf, SizeRange, Template};
+use crate::blast::message::{normalize_crlf, Template};
 use crate::blast::profile::RateProfile;
 use crate::net::driver::IoConfig;
 use crate::net::runtime::Cpus;
@@ -79,9 +79,10 @@ pub struct LoadArgs {
     /// Recipients per message.
     #[arg(long, value_name = "R", default_value = "1", value_parser = parse_count_nonzero)]
     pub recipients: u64,
-    /// Message size, or a range drawn uniformly (`1KiB`, `512..64KiB`).
-    #[arg(short = 's', long, value_name = "S[..S]", default_value = "1KiB", value_parser = parse_size_range)]
-    pub size: SizeRange,
+    /// Message size, a range drawn uniformly (`1KiB`, `512..64KiB`), or a
+    /// distribution drawn by weight (`1KiB:50%,16KiB:35%,256KiB:12%,4MiB:3%`).
+    #[arg(short = 's', long, value_name = "S[..S]|S:W%,...", default_value = "1KiB", value_parser = crate::blast::size::parse_size_spec)]
+    pub size: crate::blast::size::SizeSpec,
     /// Send this file as the message (headers and body as given).
     #[arg(long, value_name = "FILE", conflicts_with = "data")]
     pub body: Option<PathBuf>,
@@ -148,6 +149,10 @@ pub struct LoadArgs {
     /// Send bodies with BDAT (CHUNKING) instead of DATA.
     #[arg(long)]
     pub bdat: bool,
+    /// Mixed traffic: weighted profiles (size, recipients, -k, TLS, BDAT),
+    /// one chosen per session (README: "Mixed traffic").
+    #[arg(long, value_name = "FILE.toml")]
+    pub scenario: Option<PathBuf>,
     /// Speak LMTP (LHLO, one reply per recipient).
     #[arg(long)]
     pub lmtp: bool,
@@ -304,6 +309,8 @@ pub enum ConfigError {
     Io(String),
     #[error(transparent)]
     Corpus(#[from] CorpusError),
+    #[error("{0}")]
+    Scenario(String),
 }
 
 /// `host:port`, `[v6]:port`, or `host` (port 25).
@@ -397,6 +404,7 @@ pub fn config_for(
             return Err(ConfigError::StartAt(t));
         }
     }
+    let scenario = super::scenario::load(load).map_err(ConfigError::Scenario)?;
     let mut client = client(load);
     if load.trace {
         client.wall_anchor = Some(crate::trace::anchor());
@@ -417,11 +425,16 @@ pub fn config_for(
         &io,
         instance,
     );
+    if let Some(s) = &scenario {
+        echo["scenario"] = s.echo();
+        echo = with_config_digest(echo, load, instance.1);
+    }
     let trace = load.trace.then(|| run_id(load, &echo, instance));
     if let (Some(run), Some(m)) = (trace, echo.as_object_mut()) {
         m.insert("run_id".into(), crate::trace::run_id_hex(run).into());
     }
     let cfg = BlastConfig {
+        scenario,
         target,
         unix: None,
         target_host,
@@ -438,7 +451,8 @@ pub fn config_for(
         max_sessions: shape.max_sessions,
         messages_per_session: load.messages_per_session,
         recipients: load.recipients,
-        size: load.size,
+        size: load.size.range,
+        size_dist: load.size.dist.clone(),
         body_file: content.body_file,
         corpus: content.corpus,
         from: content.from,
@@ -760,8 +774,9 @@ fn echo(
         "sessions": shape.max_sessions,
         "messages_per_session": load.messages_per_session,
         "recipients": load.recipients,
-        "size_min": load.size.min,
-        "size_max": load.size.max,
+        "size_min": load.size.range.min,
+        "size_max": load.size.range.max,
+        "size": load.size.echo(),
         "body_file": load.body.as_ref().map(|p| p.display().to_string()),
         "data": load.data.as_ref().map(|p| p.display().to_string()),
         "data_messages": content.corpus.as_ref().map(|c| c.len()),

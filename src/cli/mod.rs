@@ -31,6 +31,7 @@ pub mod blast;
 pub mod offline;
 pub mod parse;
 pub mod probe;
+pub mod scenario;
 pub mod shell;
 pub mod sink;
 pub mod sweep;

@@ -443,6 +443,29 @@ pub struct Report {
     /// role after the run; absent for the other backends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xdp: Option<serde_json::Value>,
+    /// `--scenario`: each profile's counts and latency, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub profiles: BTreeMap<String, ProfileReport>,
+}
+
+/// `--scenario`: one profile's share of a run (the totals hold every
+/// profile's).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ProfileReport {
+    pub counts: Counts,
+    /// Per phase, as the report's `latency`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub latency: BTreeMap<String, LatencySummary>,
+}
+
+impl ProfileReport {
+    /// The report of one profile's merged measurements.
+    pub fn of(m: &Measurements) -> Result<Self, ReportError> {
+        Ok(ProfileReport {
+            counts: m.counts,
+            latency: summarize(&m.latency)?,
+        })
+    }
 }
 
 /// `trace` of a report: a blaster's (`run_id`, `accepted`,
@@ -674,6 +697,7 @@ impl Report {
             trace: None,
             e2e: None,
             xdp: None,
+            profiles: BTreeMap::new(),
         })
     }
 
