@@ -8,37 +8,10 @@ mod common;
 mod sinkproc;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, get_u64, Proc};
+use common::{free_port, get_u64, openssl_starttls};
 use sinkproc::{Client, Sink};
-
-/// `openssl s_client -starttls smtp` against `addr` that says QUIT once TLS
-/// is up and waits for the server to close; returns (exit success, stdout +
-/// stderr). Bounded: killed after 20 s.
-fn s_client(addr: &str, extra: &[&str]) -> (bool, String) {
-    let child = Command::new("openssl")
-        .args(["s_client", "-connect", addr, "-starttls", "smtp", "-crlf"])
-        .args(["-ign_eof", "-servername", "localhost"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl s_client");
-    let mut p = Proc {
-        child: Some(child),
-        name: "openssl s_client".into(),
-    };
-    let mut stdin = p.child.as_mut().unwrap().stdin.take().unwrap();
-    stdin.write_all(b"QUIT\n").unwrap();
-    drop(stdin);
-    let out = p.wait_output(Duration::from_secs(20));
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
-}
 
 #[test]
 fn failed_handshakes_are_not_tls_sessions_and_a_completed_one_is() {
@@ -63,14 +36,14 @@ fn failed_handshakes_are_not_tls_sessions_and_a_completed_one_is() {
 
     // STARTTLS from openssl offering only a cipher suite rustls lacks
     // (TLS 1.2, RSA key exchange, CBC).
-    let (ok, text) = s_client(&sink.addr(), &["-tls1_2", "-cipher", "AES128-SHA"]);
+    let (ok, text) = openssl_starttls(&sink.addr(), &["-tls1_2", "-cipher", "AES128-SHA"]);
     assert!(
         !ok || !text.contains("Cipher is AES128-SHA"),
         "the impossible cipher was negotiated: {text}"
     );
 
     // One handshake that completes.
-    let (ok, text) = s_client(&sink.addr(), &[]);
+    let (ok, text) = openssl_starttls(&sink.addr(), &[]);
     assert!(ok && text.contains("221 "), "good session: {text}");
 
     let v = sink.stop();
@@ -86,9 +59,9 @@ fn an_openssl_session_resumed_with_sess_in_counts_as_tls_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let sess = dir.path().join("session.pem");
     let sess = sess.to_str().unwrap();
-    let (ok, first) = s_client(&sink.addr(), &["-sess_out", sess]);
+    let (ok, first) = openssl_starttls(&sink.addr(), &["-sess_out", sess]);
     assert!(ok && first.contains("New, TLS"), "first session: {first}");
-    let (ok, second) = s_client(&sink.addr(), &["-sess_in", sess]);
+    let (ok, second) = openssl_starttls(&sink.addr(), &["-sess_in", sess]);
     assert!(
         ok && second.contains("Reused, TLS"),
         "second session: {second}"

@@ -7,36 +7,17 @@
 mod common;
 mod sinkproc;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{bin, get_u64, read_json, Proc};
+use common::{bin, get_u64, openssl_starttls, read_json, Proc};
 use sinkproc::Sink;
 
-/// `openssl s_client -starttls smtp -brief EXTRA` that says QUIT once TLS is
-/// up; returns (exit success, stdout + stderr). Bounded: killed after 20 s.
+/// `openssl s_client -starttls smtp -brief EXTRA` (see
+/// [`common::openssl_starttls`]).
 fn s_client(addr: &str, extra: &[&str]) -> (bool, String) {
-    let child = Command::new("openssl")
-        .args(["s_client", "-connect", addr, "-starttls", "smtp", "-crlf"])
-        .args(["-brief", "-ign_eof", "-servername", "localhost"])
-        .args(extra)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl s_client");
-    let mut p = Proc {
-        child: Some(child),
-        name: "openssl s_client".into(),
-    };
-    let mut stdin = p.child.as_mut().unwrap().stdin.take().unwrap();
-    stdin.write_all(b"QUIT\n").unwrap();
-    drop(stdin);
-    let out = p.wait_output(Duration::from_secs(20));
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    let args: Vec<&str> = ["-brief"].into_iter().chain(extra.iter().copied()).collect();
+    openssl_starttls(addr, &args)
 }
 
 /// The value of `key` in `-brief` output (`Ciphersuite: TLS_...`).

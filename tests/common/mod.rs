@@ -592,3 +592,31 @@ fn chmod(p: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
 }
+
+/// `openssl s_client -starttls smtp EXTRA` against `addr` that says QUIT once
+/// TLS is up and waits for the server to close; returns (exit success,
+/// stdout + stderr). Bounded: killed after 20 s.
+#[track_caller]
+pub fn openssl_starttls(addr: &str, extra: &[&str]) -> (bool, String) {
+    use std::io::Write;
+    let child = Command::new("openssl")
+        .args(["s_client", "-connect", addr, "-starttls", "smtp", "-crlf"])
+        .args(["-ign_eof", "-servername", "localhost"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client");
+    let mut p = Proc {
+        child: Some(child),
+        name: "openssl s_client".into(),
+    };
+    let mut stdin = p.child.as_mut().unwrap().stdin.take().unwrap();
+    stdin.write_all(b"QUIT\n").unwrap();
+    drop(stdin);
+    let out = p.wait_output(Duration::from_secs(20));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
